@@ -1,0 +1,708 @@
+"""Settings: one frozen dataclass, filled from flags and ``CHAT_*`` env vars.
+
+Only this module (and ``__main__``) reads the environment; everything else
+receives a :class:`Settings`.
+
+Every command-line flag has a ``CHAT_*`` environment variable named after it
+(``--redirect-port`` is ``CHAT_REDIRECT_PORT``); a flag given on the command
+line wins over its variable, and the variable wins over the default shown in
+``--help``. Every validation failure is a :class:`~tornado_chat.errors.ConfigError`
+whose message is one line naming the flag or variable at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from tornado_chat import __version__
+from tornado_chat.errors import ConfigError
+
+DEFAULT_PORT = 8443
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server needs to know, validated once at start-up."""
+
+    # Network
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    redirect_port: int | None = None
+    processes: int = 1
+    # TLS: with no certfile/keyfile the local CA in ``caroot`` mints a leaf.
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    caroot: Path = Path("certs")
+    # State
+    data_dir: Path = Path("data")
+    db: str | None = None
+    broker: str | None = None
+    # Auth
+    jwt_secret_file: Path | None = None
+    jwt_algorithm: str = "HS256"
+    jwt_issuer: str = "tornado_chat"
+    jwt_audience: str = "tornado_chat"
+    access_ttl: int = 900
+    refresh_ttl: int = 30 * 24 * 3600
+    ticket_ttl: int = 30
+    reauth_grace: float = 5.0
+    bcrypt_rounds: int = 12
+    allow_query_token: bool = True
+    allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    # Limits
+    max_frame_bytes: int = 64 * 1024
+    max_body_chars: int = 4000
+    rate_per_sec: float = 5.0
+    rate_burst: int = 20
+    max_sockets_per_user: int = 20
+    max_sockets: int = 10_000
+    handshake_timeout: float = 10.0
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    outbox_bytes: int = 1024 * 1024
+    shutdown_timeout: float = 10.0
+    # Logging
+    log_level: str = "info"
+
+    @property
+    def db_url(self) -> str:
+        """The SQLAlchemy URL, defaulting to SQLite in the data directory."""
+        if self.db:
+            return self.db
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'chat.db').resolve()}"
+
+    @property
+    def jwt_secret_path(self) -> Path:
+        """Where the HMAC signing secret lives (generated on first run)."""
+        return self.jwt_secret_file or self.data_dir / "jwt-secret"
+
+    @property
+    def uses_sqlite(self) -> bool:
+        """Whether the database is SQLite (the default), which one process must own."""
+        return _backend_name(self.db_url) == "sqlite"
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (used by tests and the CLI)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# Value converters. Each takes the raw text of a flag or environment variable
+# and returns the typed value, or raises ArgumentTypeError with a short reason
+# (argparse prefixes flag errors with "argument --flag:"; env errors get the
+# variable's name). Reasons never repeat a database or broker URL, which may
+# carry a password.
+# --------------------------------------------------------------------------
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_JWT_ALGORITHMS = ("HS256", "ES256")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+# RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range {low}..{high}")
+        return value
+
+    return convert
+
+
+def _seconds(low: float, high: float, *, whole: bool) -> Callable[[str], Any]:
+    """A duration in seconds, optionally with an s/m/h/d suffix (``15m``, ``30d``)."""
+
+    def convert(text: str) -> float | int:
+        match = _DURATION.match(text.lower())
+        if not match:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a duration (seconds, or a number with s, m, h or d)"
+            )
+        value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value:g} s is out of range {low:g}..{high:g} s")
+        if whole:
+            if value != int(value):
+                raise argparse.ArgumentTypeError(f"{value:g} s is not a whole number of seconds")
+            return int(value)
+        return value
+
+    return convert
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text.strip()} must be a number above 0")
+    return value
+
+
+def _port(text: str) -> int:
+    return _int_in(0, 65535)(text)
+
+
+def _optional_port(text: str) -> int | None:
+    if text.strip().lower() in ("", "off", "none"):
+        return None
+    return _port(text)
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a path cannot be empty")
+    return Path(text).expanduser()
+
+
+def _host(text: str) -> str:
+    """A host name or IP literal to bind to; ``[::1]`` is accepted for ``::1``."""
+    host = text.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    name = host.lower().rstrip(".")
+    if name and len(name) <= 253 and all(_LABEL.match(label) for label in name.split(".")):
+        return name
+    raise argparse.ArgumentTypeError(f"{text!r} is not a host name or IP address")
+
+
+def _backend_name(url: str) -> str:
+    try:
+        return make_url(url).get_backend_name()
+    except (ArgumentError, ValueError):
+        raise argparse.ArgumentTypeError("not a valid SQLAlchemy database URL") from None
+
+
+def _database_url(text: str) -> str:
+    url = text.strip()
+    backend = _backend_name(url)
+    if backend not in ("sqlite", "postgresql"):
+        raise argparse.ArgumentTypeError(
+            f"unsupported database {backend!r}: use sqlite+aiosqlite:///... "
+            "or postgresql+asyncpg://..."
+        )
+    return url
+
+
+def _broker_url(text: str) -> str:
+    url = text.strip()
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in ("redis", "rediss", "unix"):
+        raise argparse.ArgumentTypeError(
+            "the broker must be a redis://, rediss:// or unix:// URL "
+            "(leave it unset for the in-process broker)"
+        )
+    try:
+        urlsplit(url).port  # noqa: B018 - property access validates the port
+    except ValueError:
+        raise argparse.ArgumentTypeError("the broker URL has an invalid port") from None
+    return url
+
+
+def _choice(options: Sequence[str], *, fold: Callable[[str], str]) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        value = fold(text.strip())
+        if value not in options:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(options)}")
+        return value
+
+    return convert
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (1/0, true/false, yes/no)")
+
+
+def normalize_origin(text: str) -> str:
+    """Validate one web origin and return its canonical form.
+
+    The canonical form is what browsers send in the ``Origin`` header: a
+    lower-case scheme and host, the host in its ASCII (IDNA) form, IPv6
+    literals in brackets, and the port only when it is not the scheme's default.
+
+    Args:
+        text: ``scheme://host[:port]`` with scheme ``http`` or ``https``; one
+            trailing ``/`` is tolerated and dropped.
+
+    Returns:
+        The normalised origin, e.g. ``https://chat.example.com:8443``.
+
+    Raises:
+        argparse.ArgumentTypeError: the text is not exactly an origin.
+    """
+    raw = text.strip()
+    candidate = raw[:-1] if raw.endswith("/") and raw.count("/") == 3 else raw
+    try:
+        parts = urlsplit(candidate)
+        port = parts.port
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a valid origin") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.netloc:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not an origin: expected http(s)://host[:port]"
+        )
+    if parts.path or parts.query or parts.fragment or "#" in candidate or "?" in candidate:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not an origin: no path, query or fragment allowed"
+        )
+    if "@" in parts.netloc:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not an origin: no user info allowed")
+    hostname = parts.hostname or ""
+    try:
+        address = ipaddress.ip_address(hostname)
+    except ValueError:
+        try:
+            host = hostname.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            raise argparse.ArgumentTypeError(f"{raw!r} has an invalid host name") from None
+        if not all(_LABEL.match(label) for label in host.split(".")):
+            raise argparse.ArgumentTypeError(f"{raw!r} has an invalid host name")
+    else:
+        host = f"[{address}]" if address.version == 6 else str(address)
+    if port is None or port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} has port 0")
+    return f"{scheme}://{host}:{port}"
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins: list[str] = []
+    for item in text.split(","):
+        if item.strip():
+            origin = normalize_origin(item)
+            if origin not in origins:
+                origins.append(origin)
+    return tuple(origins)
+
+
+# --------------------------------------------------------------------------
+# The option table: one row per flag. The default comes from Settings, so the
+# help text can never disagree with what the server actually does.
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Option:
+    flag: str
+    dest: str
+    convert: Callable[[str], Any]
+    help: str
+    metavar: str | None = None
+    group: str = "network"
+
+    @property
+    def env(self) -> str:
+        return "CHAT_" + self.flag[2:].upper().replace("-", "_")
+
+
+_GROUPS = {
+    "network": "network",
+    "tls": "TLS (without --certfile/--keyfile the local CA mints a certificate)",
+    "state": "state",
+    "auth": "authentication",
+    "limits": "limits",
+    "logging": "logging",
+}
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option("--host", "host", _host, "address to listen on", "HOST"),
+    _Option("--port", "port", _port, "HTTPS/WSS port (0 picks a free one)", "PORT"),
+    _Option(
+        "--redirect-port",
+        "redirect_port",
+        _optional_port,
+        "plain-HTTP port that only answers 301 to HTTPS ('off' disables it)",
+        "PORT",
+    ),
+    _Option(
+        "--processes",
+        "processes",
+        _int_in(1, 256),
+        "worker processes sharing the port; more than 1 needs --broker and PostgreSQL",
+        "N",
+    ),
+    _Option("--certfile", "certfile", _path, "PEM certificate chain to serve", "PATH", "tls"),
+    _Option("--keyfile", "keyfile", _path, "PEM private key of --certfile", "PATH", "tls"),
+    _Option("--caroot", "caroot", _path, "directory of the local CA", "DIR", "tls"),
+    _Option(
+        "--data-dir", "data_dir", _path, "directory for the database and secrets", "DIR", "state"
+    ),
+    _Option(
+        "--db",
+        "db",
+        _database_url,
+        "SQLAlchemy URL (default: SQLite in --data-dir)",
+        "URL",
+        "state",
+    ),
+    _Option(
+        "--broker",
+        "broker",
+        _broker_url,
+        "redis:// URL for fan-out between processes (default: in-process)",
+        "URL",
+        "state",
+    ),
+    _Option(
+        "--jwt-secret-file",
+        "jwt_secret_file",
+        _path,
+        "JWT signing secret, created on first run (default: DATA_DIR/jwt-secret)",
+        "PATH",
+        "auth",
+    ),
+    _Option(
+        "--jwt-algorithm",
+        "jwt_algorithm",
+        _choice(_JWT_ALGORITHMS, fold=str.upper),
+        "JWT signature algorithm: " + " or ".join(_JWT_ALGORITHMS),
+        "ALG",
+        "auth",
+    ),
+    _Option(
+        "--access-ttl",
+        "access_ttl",
+        _seconds(10, 86400, whole=True),
+        "access token lifetime, seconds or with s/m/h/d",
+        "SECONDS",
+        "auth",
+    ),
+    _Option(
+        "--refresh-ttl",
+        "refresh_ttl",
+        _seconds(60, 366 * 86400, whole=True),
+        "refresh token lifetime, seconds or with s/m/h/d",
+        "SECONDS",
+        "auth",
+    ),
+    _Option(
+        "--allowed-origins",
+        "allowed_origins",
+        _origins,
+        "comma-separated extra origins allowed to open sockets, each scheme://host[:port]",
+        "ORIGINS",
+        "auth",
+    ),
+    _Option(
+        "--bcrypt-rounds",
+        "bcrypt_rounds",
+        _int_in(4, 31),
+        "bcrypt cost factor (4..31; below 10 is for tests only)",
+        "N",
+        "auth",
+    ),
+    _Option(
+        "--max-frame-bytes",
+        "max_frame_bytes",
+        _int_in(1024, 16 * 1024 * 1024),
+        "largest WebSocket frame accepted; larger closes with 1009",
+        "BYTES",
+        "limits",
+    ),
+    _Option(
+        "--max-body-chars",
+        "max_body_chars",
+        _int_in(1, 1_000_000),
+        "longest chat message body",
+        "CHARS",
+        "limits",
+    ),
+    _Option(
+        "--rate-per-sec",
+        "rate_per_sec",
+        _positive_float,
+        "messages per second per user (token bucket refill)",
+        "RATE",
+        "limits",
+    ),
+    _Option(
+        "--rate-burst",
+        "rate_burst",
+        _int_in(1, 1_000_000),
+        "message burst per user (token bucket size)",
+        "N",
+        "limits",
+    ),
+    _Option(
+        "--max-sockets-per-user",
+        "max_sockets_per_user",
+        _int_in(1, 1_000_000),
+        "open WebSockets per user",
+        "N",
+        "limits",
+    ),
+    _Option(
+        "--max-sockets",
+        "max_sockets",
+        _int_in(1, 10_000_000),
+        "open WebSockets per process",
+        "N",
+        "limits",
+    ),
+    _Option(
+        "--handshake-timeout",
+        "handshake_timeout",
+        _seconds(0.1, 3600, whole=False),
+        "seconds a client has to finish the WebSocket handshake and authenticate",
+        "SECONDS",
+        "limits",
+    ),
+    _Option(
+        "--ping-interval",
+        "ping_interval",
+        _seconds(0.1, 3600, whole=False),
+        "seconds between WebSocket pings",
+        "SECONDS",
+        "limits",
+    ),
+    _Option(
+        "--ping-timeout",
+        "ping_timeout",
+        _seconds(0.1, 3600, whole=False),
+        "seconds without a pong before a socket is closed",
+        "SECONDS",
+        "limits",
+    ),
+    _Option(
+        "--outbox-bytes",
+        "outbox_bytes",
+        _int_in(1024, 1024 * 1024 * 1024),
+        "pending outbound bytes per socket before it closes with 4408",
+        "BYTES",
+        "limits",
+    ),
+    _Option(
+        "--shutdown-timeout",
+        "shutdown_timeout",
+        _seconds(0.1, 3600, whole=False),
+        "seconds a graceful shutdown may take",
+        "SECONDS",
+        "limits",
+    ),
+    _Option(
+        "--log-level",
+        "log_level",
+        _choice(_LOG_LEVELS, fold=str.lower),
+        "one of " + ", ".join(_LOG_LEVELS),
+        "LEVEL",
+        "logging",
+    ),
+)
+
+# --no-query-token is the one switch; its variable takes a boolean.
+_NO_QUERY_TOKEN_FLAG = "--no-query-token"
+_NO_QUERY_TOKEN_ENV = "CHAT_NO_QUERY_TOKEN"
+
+
+def env_names() -> tuple[str, ...]:
+    """Every ``CHAT_*`` environment variable the parser reads."""
+    return (*(option.env for option in _OPTIONS), _NO_QUERY_TOKEN_ENV)
+
+
+def _default_of(dest: str) -> Any:
+    for item in dataclasses.fields(Settings):
+        if item.name == dest:
+            if item.default is not dataclasses.MISSING:
+                return item.default
+            if item.default_factory is not dataclasses.MISSING:
+                return item.default_factory()
+    raise KeyError(dest)  # pragma: no cover - the option table names real fields
+
+
+def _show_default(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(value) if value else "none"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are ConfigError (one line) instead of exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise instead of printing usage, so every error is one line."""
+        raise ConfigError(message.replace("\n", " "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; its help shows each default and environment variable."""
+    parser = _Parser(
+        prog="tornado-chat",
+        description=(
+            "A real-time chat server over HTTPS and WSS only, with JWT authentication "
+            "and its own local certificate authority."
+        ),
+        epilog=(
+            "Every option can also be set with the CHAT_* environment variable named "
+            "after it; an option on the command line wins over its variable."
+        ),
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    groups = {key: parser.add_argument_group(title) for key, title in _GROUPS.items()}
+    for option in _OPTIONS:
+        default = _show_default(_default_of(option.dest))
+        groups[option.group].add_argument(
+            option.flag,
+            dest=option.dest,
+            type=option.convert,
+            metavar=option.metavar,
+            help=f"{option.help} (default: {default}; env {option.env})".replace("%", "%%"),
+        )
+    groups["auth"].add_argument(
+        _NO_QUERY_TOKEN_FLAG,
+        dest="no_query_token",
+        action="store_true",
+        help=(
+            "refuse ?token=<JWT> on WebSocket URLs; tickets and subprotocols still work "
+            f"(default: accepted; env {_NO_QUERY_TOKEN_ENV}=1)"
+        ),
+    )
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
+    """Build validated :class:`Settings` from command-line flags and ``CHAT_*`` variables.
+
+    Args:
+        argv: the arguments after the program name (``None`` reads ``sys.argv[1:]``).
+        environ: the environment to read ``CHAT_*`` variables from.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ConfigError: a flag, a variable or a combination of them is invalid; the
+            message is one line.
+        SystemExit: ``--help`` or ``--version`` was printed (code 0).
+    """
+    parser = build_parser()
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
+    values: dict[str, Any] = {}
+    for option in _OPTIONS:
+        if option.dest in args:
+            values[option.dest] = args[option.dest]
+        elif option.env in environ:
+            values[option.dest] = _from_env(option.env, environ[option.env], option.convert)
+    if args.get("no_query_token"):
+        values["allow_query_token"] = False
+    elif _NO_QUERY_TOKEN_ENV in environ:
+        no_query = _from_env(_NO_QUERY_TOKEN_ENV, environ[_NO_QUERY_TOKEN_ENV], _boolean)
+        values["allow_query_token"] = not no_query
+    settings = Settings(**values)
+    validate_settings(settings)
+    return settings
+
+
+def _from_env(name: str, raw: str, convert: Callable[[str], Any]) -> Any:
+    try:
+        return convert(raw)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def validate_settings(settings: Settings) -> None:
+    """Check the rules that involve more than one setting.
+
+    Args:
+        settings: the settings to check.
+
+    Raises:
+        ConfigError: one line explaining the conflict and how to fix it.
+    """
+    if (settings.certfile is None) != (settings.keyfile is None):
+        given, missing = (
+            ("--certfile", "--keyfile") if settings.certfile else ("--keyfile", "--certfile")
+        )
+        raise ConfigError(
+            f"{given} needs {missing} as well: give both, or neither to use the local CA"
+        )
+    if settings.processes > 1 and not settings.broker:
+        # Each worker fans out only to its own sockets; without a shared broker a
+        # user on one worker would never see messages posted on another.
+        raise ConfigError(
+            f"--processes {settings.processes} needs --broker redis://...: each worker "
+            "only reaches its own sockets, so workers must share a broker"
+        )
+    if settings.processes > 1 and settings.uses_sqlite:
+        # SQLite serialises writers on one file lock; per-room seq must be assigned
+        # by a database server that all workers talk to (DESIGN.md, Scale-out).
+        raise ConfigError(
+            f"--processes {settings.processes} cannot share a SQLite database: "
+            "use --db postgresql+asyncpg://..."
+        )
+    if (
+        settings.redirect_port is not None
+        and settings.redirect_port == settings.port
+        and settings.port != 0
+    ):
+        raise ConfigError(
+            f"--redirect-port {settings.redirect_port} is the HTTPS port: choose another one"
+        )
+    if settings.access_ttl > settings.refresh_ttl:
+        raise ConfigError(
+            f"--access-ttl {settings.access_ttl} is longer than --refresh-ttl "
+            f"{settings.refresh_ttl}: an access token must not outlive its refresh token"
+        )
+    if settings.outbox_bytes < settings.max_frame_bytes:
+        raise ConfigError(
+            f"--outbox-bytes {settings.outbox_bytes} is smaller than --max-frame-bytes "
+            f"{settings.max_frame_bytes}: one full frame must fit in a socket's outbox"
+        )
+    if settings.log_level not in _LOG_LEVELS:
+        raise ConfigError(f"--log-level {settings.log_level!r} is not one of {_LOG_LEVELS}")
+
+
+def settings_warnings(settings: Settings) -> list[str]:
+    """Settings that work but deserve a warning at start-up, one line each.
+
+    Args:
+        settings: validated settings.
+
+    Returns:
+        Warning lines, empty when there is nothing to say.
+    """
+    warnings: list[str] = []
+    if settings.bcrypt_rounds < 10:
+        warnings.append(
+            f"--bcrypt-rounds {settings.bcrypt_rounds} is below 10: password hashes "
+            "are cheap to brute-force; use 12 (the default) outside tests"
+        )
+    return warnings

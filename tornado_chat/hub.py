@@ -1,0 +1,401 @@
+"""Rooms, membership, presence and fan-out, without sockets.
+
+A :class:`Member` is one WebSocket in one room. The hub encodes each message
+once per audience (everyone, and the sender's copy carrying its
+``client_id``), queues the ready frame on every member's outbox and writes
+each outbox once per event-loop turn, so one broadcast costs one ``bytes``
+concatenation and one ``write`` per connection however many messages arrived
+in that turn. Nothing here awaits a client.
+
+Ordering: every room delivers ``seq`` strictly in order. A message that
+arrives ahead of a gap (another node's publish still in flight, or lost) is
+held; if the gap is not filled within ``gap_wait`` seconds the missing
+messages are fetched from the database, so the broker can lose notifications
+without clients losing messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from tornado_chat import protocol
+
+if TYPE_CHECKING:
+    from tornado_chat.storage import StoredMessage
+
+log = logging.getLogger("tornado_chat.hub")
+
+FetchSince = Callable[[str, int], Awaitable[Sequence["StoredMessage"]]]
+
+
+class Peer(Protocol):
+    """What the hub needs from a socket."""
+
+    def write_raw(self, data: bytes) -> bool:
+        """Write ready WebSocket frames; False when the socket must go (outbox full)."""
+        ...
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Close the socket with a close code."""
+        ...
+
+
+class Member:
+    """One socket's membership of one room, with its pending outbound frames."""
+
+    __slots__ = (
+        "_held",
+        "_out",
+        "last_seq",
+        "peer",
+        "room",
+        "session_id",
+        "user_id",
+        "username",
+    )
+
+    def __init__(self, peer: Peer, room: str, user_id: int, username: str, session_id: str) -> None:
+        self.peer = peer
+        self.room = room
+        self.user_id = user_id
+        self.username = username
+        self.session_id = session_id
+        # Highest seq queued to this socket; anything at or below is a duplicate.
+        self.last_seq = 0
+        self._out: list[bytes] = []
+        # While the socket is being set up (welcome, replay), live frames wait here.
+        self._held: list[tuple[int, bytes]] | None = []
+
+    @property
+    def ready(self) -> bool:
+        """Whether live frames go straight to the outbox."""
+        return self._held is None
+
+    def queue(self, frame: bytes, seq: int = 0) -> bool:
+        """Queue a frame; ``seq`` > 0 marks a message frame (deduplicated).
+
+        Returns:
+            True when the outbox went from empty to non-empty (needs a flush).
+        """
+        if self._held is not None:
+            self._held.append((seq, frame))
+            return False
+        if seq:
+            if seq <= self.last_seq:
+                return False
+            self.last_seq = seq
+        self._out.append(frame)
+        return len(self._out) == 1
+
+    def start(self, frames: Sequence[tuple[int, bytes]]) -> None:
+        """Send the set-up frames (welcome, replay), then release held live frames."""
+        held, self._held = self._held or [], None
+        for seq, frame in frames:
+            self.queue(frame, seq)
+        for seq, frame in held:
+            self.queue(frame, seq)
+
+    def flush(self) -> None:
+        """Write all queued frames in one write."""
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        if not self.peer.write_raw(data):
+            self.peer.close_with(protocol.CLOSE_TOO_SLOW, "outbound queue overflowed")
+
+
+class Room:
+    """Members of one room on this node and the delivery cursor."""
+
+    __slots__ = ("delivered", "gap_timer", "members", "name", "online", "pending")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: set[Member] = set()
+        # username -> number of this user's sockets in the room
+        self.online: dict[str, int] = {}
+        # Highest seq delivered here; None until the first message or join fixes it.
+        self.delivered: int | None = None
+        self.pending: dict[int, tuple[StoredMessage, Member | None]] = {}
+        self.gap_timer: asyncio.TimerHandle | None = None
+
+    def online_users(self) -> list[str]:
+        """Sorted usernames with at least one socket in the room."""
+        return sorted(self.online)
+
+
+class Hub:
+    """All rooms of this node.
+
+    Args:
+        fetch_since: loads a room's stored messages with ``seq`` greater than a
+            value, in order; used to fill gaps.
+        gap_wait: seconds a gap may stay open before it is filled from storage.
+    """
+
+    def __init__(self, fetch_since: FetchSince | None = None, *, gap_wait: float = 0.5) -> None:
+        self.rooms: dict[str, Room] = {}
+        self.sessions: dict[str, set[Member]] = {}
+        self.users: dict[int, int] = {}  # user_id -> open sockets on this node
+        self._fetch_since = fetch_since
+        self._gap_wait = gap_wait
+        self._dirty: list[Member] = []
+        self._flush_scheduled = False
+        self._fills: set[asyncio.Task[None]] = set()
+        self.total = 0
+
+    # -- membership ---------------------------------------------------------
+
+    def join(self, member: Member) -> bool:
+        """Add a member (its frames are held until :meth:`Member.start`).
+
+        Returns:
+            True when the member's user was not online in the room before.
+        """
+        room = self.rooms.get(member.room)
+        if room is None:
+            room = self.rooms[member.room] = Room(member.room)
+        room.members.add(member)
+        self.sessions.setdefault(member.session_id, set()).add(member)
+        self.users[member.user_id] = self.users.get(member.user_id, 0) + 1
+        self.total += 1
+        count = room.online.get(member.username, 0)
+        room.online[member.username] = count + 1
+        return count == 0
+
+    def leave(self, member: Member) -> bool:
+        """Remove a member; returns True when its user is no longer online in the room."""
+        room = self.rooms.get(member.room)
+        if room is None or member not in room.members:
+            return False
+        room.members.discard(member)
+        self.total -= 1
+        session = self.sessions.get(member.session_id)
+        if session is not None:
+            session.discard(member)
+            if not session:
+                del self.sessions[member.session_id]
+        left = self.users.get(member.user_id, 1) - 1
+        if left:
+            self.users[member.user_id] = left
+        else:
+            self.users.pop(member.user_id, None)
+        count = room.online.get(member.username, 1) - 1
+        if count:
+            room.online[member.username] = count
+        else:
+            room.online.pop(member.username, None)
+        if not room.members:
+            if room.gap_timer is not None:
+                room.gap_timer.cancel()
+            del self.rooms[member.room]
+        return count == 0
+
+    def rebind(self, member: Member, session_id: str) -> None:
+        """Move a member to another session (after a reauth with a new login)."""
+        if member.session_id == session_id:
+            return
+        old = self.sessions.get(member.session_id)
+        if old is not None:
+            old.discard(member)
+            if not old:
+                del self.sessions[member.session_id]
+        member.session_id = session_id
+        self.sessions.setdefault(session_id, set()).add(member)
+
+    def online(self, room: str) -> list[str]:
+        """Usernames online in ``room`` on this node."""
+        r = self.rooms.get(room)
+        return r.online_users() if r else []
+
+    def online_counts(self) -> dict[str, int]:
+        """Number of online users per room on this node."""
+        return {name: len(room.online) for name, room in self.rooms.items()}
+
+    def sockets_of(self, user_id: int) -> int:
+        """Open sockets of a user on this node."""
+        return self.users.get(user_id, 0)
+
+    def note_last_seq(self, room: str, seq: int) -> None:
+        """Fix a room's delivery cursor from storage when it is not known yet."""
+        r = self.rooms.get(room)
+        if r is not None and r.delivered is None:
+            r.delivered = seq
+            self._drain_pending(r)
+            if r.pending and r.gap_timer is None:
+                loop = asyncio.get_running_loop()
+                r.gap_timer = loop.call_later(self._gap_wait, self._start_fill, r.name)
+
+    # -- fan-out ------------------------------------------------------------
+
+    def broadcast(self, room: str, frame: bytes, *, exclude: Member | None = None) -> None:
+        """Queue a non-message frame (presence) for every member of a room."""
+        r = self.rooms.get(room)
+        if r is None:
+            return
+        dirty = self._dirty
+        for m in r.members:
+            if m is not exclude and m.queue(frame):
+                dirty.append(m)
+        self._schedule_flush()
+
+    def deliver(self, msg: StoredMessage, origin: Member | None = None) -> None:
+        """Deliver a stored message to its room, in ``seq`` order.
+
+        Args:
+            msg: the stored message.
+            origin: the sender's member on this node, which gets ``client_id``.
+        """
+        room = self.rooms.get(msg.room)
+        if room is None:
+            return
+        if room.delivered is None:
+            # The joining socket has not read the room's cursor from storage
+            # yet; note_last_seq() releases this in order.
+            room.pending[msg.seq] = (msg, origin)
+        elif msg.seq == room.delivered + 1:
+            self._fan_out(room, msg, origin)
+            self._drain_pending(room)
+        elif msg.seq > room.delivered + 1:
+            room.pending[msg.seq] = (msg, origin)
+            if room.gap_timer is None:
+                loop = asyncio.get_running_loop()
+                room.gap_timer = loop.call_later(self._gap_wait, self._start_fill, room.name)
+        # else: already delivered (a duplicate notification)
+
+    def _fan_out(self, room: Room, msg: StoredMessage, origin: Member | None) -> None:
+        room.delivered = msg.seq
+        frame = protocol.text_frame(
+            protocol.encode_json(
+                protocol.message_payload(
+                    room=msg.room,
+                    seq=msg.seq,
+                    msg_id=msg.id,
+                    user=msg.user,
+                    body=msg.body,
+                    ts=msg.ts,
+                )
+            )
+        )
+        own: bytes | None = None
+        if origin is not None and msg.client_id is not None:
+            own = protocol.text_frame(
+                protocol.encode_json(
+                    protocol.message_payload(
+                        room=msg.room,
+                        seq=msg.seq,
+                        msg_id=msg.id,
+                        user=msg.user,
+                        body=msg.body,
+                        ts=msg.ts,
+                        client_id=msg.client_id,
+                    )
+                )
+            )
+        dirty = self._dirty
+        seq = msg.seq
+        for m in room.members:
+            if m.queue(own if own is not None and m is origin else frame, seq):
+                dirty.append(m)
+        self._schedule_flush()
+
+    def _drain_pending(self, room: Room) -> None:
+        while room.pending and room.delivered is not None:
+            nxt = room.pending.pop(room.delivered + 1, None)
+            if nxt is None:
+                # Drop anything that the cursor has already passed.
+                for seq in [s for s in room.pending if s <= room.delivered]:
+                    del room.pending[seq]
+                break
+            self._fan_out(room, *nxt)
+        if not room.pending and room.gap_timer is not None:
+            room.gap_timer.cancel()
+            room.gap_timer = None
+
+    def _start_fill(self, room_name: str) -> None:
+        room = self.rooms.get(room_name)
+        if room is None:
+            return
+        room.gap_timer = None
+        task = asyncio.ensure_future(self._fill(room_name))
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def _fill(self, room_name: str) -> None:
+        room = self.rooms.get(room_name)
+        if room is None or room.delivered is None or not room.pending:
+            return
+        if self._fetch_since is None:
+            # Nothing to fill from: skip ahead rather than stall the room.
+            log.warning("room %s: gap after seq %d skipped", room_name, room.delivered)
+            room.delivered = min(room.pending) - 1
+            self._drain_pending(room)
+            return
+        try:
+            missing = await self._fetch_since(room_name, room.delivered)
+        except Exception:  # the database may be down; retry on the next gap tick
+            log.warning("room %s: gap fill failed, retrying", room_name, exc_info=True)
+            room = self.rooms.get(room_name)
+            if room is not None and room.pending and room.gap_timer is None:
+                loop = asyncio.get_running_loop()
+                room.gap_timer = loop.call_later(self._gap_wait, self._start_fill, room_name)
+            return
+        room = self.rooms.get(room_name)
+        if room is None:
+            return
+        for msg in missing:
+            if room.delivered is not None and msg.seq == room.delivered + 1:
+                held = room.pending.pop(msg.seq, None)
+                self._fan_out(room, msg, held[1] if held else None)
+        self._drain_pending(room)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._dirty:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every dirty member's outbox once (runs once per loop turn)."""
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for m in dirty:
+            m.flush()
+
+    def start_member(self, member: Member, frames: Sequence[tuple[int, bytes]]) -> None:
+        """Release a member's set-up frames and held live frames, then flush."""
+        member.start(frames)
+        self._dirty.append(member)
+        self._schedule_flush()
+
+    def send(self, member: Member, frame: bytes) -> None:
+        """Queue one frame (an error frame) for one member."""
+        if member.queue(frame):
+            self._dirty.append(member)
+            self._schedule_flush()
+
+    # -- closing ------------------------------------------------------------
+
+    def close_session(self, session_id: str, code: int, reason: str) -> int:
+        """Close every socket of a session on this node; returns how many."""
+        members = list(self.sessions.get(session_id, ()))
+        for m in members:
+            m.peer.close_with(code, reason)
+        return len(members)
+
+    def members(self) -> list[Member]:
+        """Every member on this node."""
+        return [m for room in self.rooms.values() for m in room.members]
+
+    async def shutdown(
+        self, code: int = protocol.CLOSE_GOING_AWAY, reason: str = "server shutting down"
+    ) -> None:
+        """Close every socket (flushing what is queued first)."""
+        self.flush()
+        for m in self.members():
+            m.peer.close_with(code, reason)
+        for task in list(self._fills):
+            task.cancel()

@@ -1,0 +1,200 @@
+"""The WebSocket wire format, without I/O.
+
+Client frames are parsed and validated into small dataclasses; server frames
+are built as ready-to-send bytes: the JSON is encoded once and wrapped in a
+WebSocket frame header once, so a broadcast writes the same bytes to every
+recipient (RFC 6455 server frames are unmasked, and compression is off).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+# Close codes: 4000 + the HTTP status that means the same (DESIGN.md).
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL: Final = 1011
+CLOSE_UNAUTHORIZED: Final = 4401
+CLOSE_FORBIDDEN: Final = 4403
+CLOSE_TOO_SLOW: Final = 4408
+CLOSE_RATE_LIMITED: Final = 4429
+
+SUBPROTOCOL: Final = "chat.v1"
+BEARER_PREFIX: Final = "bearer."
+TICKET_PREFIX: Final = "ticket."
+
+ROOM_PATTERN: Final = r"[A-Za-z0-9_.\-]{3,32}"
+_ROOM_RE: Final = re.compile(ROOM_PATTERN)
+MAX_CLIENT_ID_CHARS: Final = 64
+MAX_TOKEN_CHARS: Final = 4096
+
+# Characters that are valid JSON but cannot be stored or shown safely: NUL
+# (PostgreSQL text rejects it) and lone surrogates (not encodable as UTF-8).
+_FORBIDDEN_CHARS: Final = re.compile("[\x00\ud800-\udfff]")
+
+
+class ProtocolError(ValueError):
+    """A client frame was rejected; answered with an error frame, the socket stays open.
+
+    Args:
+        code: the error frame's machine-readable code.
+        message: what the client did wrong.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """A client's ``{"type": "message"}`` frame."""
+
+    body: str
+    client_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reauth:
+    """A client's ``{"type": "reauth"}`` frame carrying a fresh access token."""
+
+    token: str
+
+
+ClientFrame = ChatMessage | Reauth
+
+
+def is_valid_room(name: str) -> bool:
+    """Whether ``name`` is an acceptable room name (same rules as usernames)."""
+    return _ROOM_RE.fullmatch(name) is not None
+
+
+def parse_client_frame(data: str | bytes, *, max_body_chars: int) -> ClientFrame:
+    """Parse and validate one client frame.
+
+    Args:
+        data: the frame payload; ``bytes`` means a binary frame.
+        max_body_chars: the longest message body accepted.
+
+    Returns:
+        The validated frame.
+
+    Raises:
+        ProtocolError: with the code of the error frame to send back.
+    """
+    if isinstance(data, bytes):
+        raise ProtocolError("bad_frame", "binary frames are not supported; send JSON text")
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        # ValueError covers JSONDecodeError and ints beyond the digit limit;
+        # RecursionError covers pathological nesting.
+        raise ProtocolError("invalid_json", "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_frame", "frame must be a JSON object")
+    kind = obj.get("type")
+    if kind == "message":
+        return _parse_message(obj, max_body_chars)
+    if kind == "reauth":
+        token = obj.get("token")
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+            raise ProtocolError("invalid_token", "reauth needs a token string")
+        return Reauth(token)
+    raise ProtocolError("unknown_type", "type must be 'message' or 'reauth'")
+
+
+def _parse_message(obj: Mapping[str, Any], max_body_chars: int) -> ChatMessage:
+    body = obj.get("body")
+    if not isinstance(body, str):
+        raise ProtocolError("bad_body", "body must be a string")
+    if not body.strip():
+        raise ProtocolError("empty_body", "body is empty")
+    if len(body) > max_body_chars:
+        raise ProtocolError("body_too_long", f"body is longer than {max_body_chars} characters")
+    if _FORBIDDEN_CHARS.search(body):
+        raise ProtocolError("bad_body", "body contains NUL or unpaired surrogate characters")
+    client_id = obj.get("client_id")
+    if client_id is not None and (
+        not isinstance(client_id, str)
+        or not 0 < len(client_id) <= MAX_CLIENT_ID_CHARS
+        or _FORBIDDEN_CHARS.search(client_id)
+    ):
+        raise ProtocolError(
+            "bad_client_id", f"client_id must be a string of 1-{MAX_CLIENT_ID_CHARS} characters"
+        )
+    return ChatMessage(body, client_id)
+
+
+def encode_json(obj: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, the one encoding every server frame uses."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def text_frame(payload: bytes) -> bytes:
+    """Wrap a UTF-8 payload in an unmasked, final WebSocket text frame (RFC 6455 5.2)."""
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x81, n)
+    elif n <= 0xFFFF:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
+
+
+def message_payload(
+    *,
+    room: str,
+    seq: int,
+    msg_id: int,
+    user: str,
+    body: str,
+    ts: str,
+    client_id: str | None = None,
+) -> dict[str, Any]:
+    """The ``message`` frame's fields; ``client_id`` only for the sender's copy."""
+    frame: dict[str, Any] = {
+        "type": "message",
+        "room": room,
+        "seq": seq,
+        "id": msg_id,
+        "user": user,
+        "body": body,
+        "ts": ts,
+    }
+    if client_id is not None:
+        frame["client_id"] = client_id
+    return frame
+
+
+def welcome_frame(room: str, user: str, last_seq: int, online: Iterable[str]) -> bytes:
+    """The first frame on every socket."""
+    return text_frame(
+        encode_json(
+            {
+                "type": "welcome",
+                "room": room,
+                "user": user,
+                "last_seq": last_seq,
+                "online": list(online),
+            }
+        )
+    )
+
+
+def presence_frame(event: str, user: str, online: Iterable[str]) -> bytes:
+    """A ``presence`` frame: ``event`` is ``join`` or ``leave``."""
+    return text_frame(
+        encode_json({"type": "presence", "event": event, "user": user, "online": list(online)})
+    )
+
+
+def error_frame(code: str, message: str) -> bytes:
+    """An ``error`` frame for bad input that does not end the socket."""
+    return text_frame(encode_json({"type": "error", "code": code, "message": message}))

@@ -1,0 +1,97 @@
+"""Group commit of chat messages.
+
+Sockets submit messages; one drain task stores everything submitted since the
+last commit in a single transaction (one fsync for many messages), then hands
+the stored messages, in ``seq`` order, to the fan-out. A message is therefore
+durable before anyone, its sender included, receives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from tornado_chat.errors import StorageError
+
+if TYPE_CHECKING:
+    from tornado_chat.storage import Storage, StoredMessage
+
+log = logging.getLogger("tornado_chat.writer")
+
+O = TypeVar("O")
+Item = tuple[str, int, str, str, "str | None"]
+OnStored = Callable[[Sequence[tuple["StoredMessage", O | None]]], None]
+
+
+class MessageWriter(Generic[O]):
+    """Batches message inserts; ``O`` is whatever identifies the sender (a hub member).
+
+    Args:
+        storage: where messages are stored.
+        on_stored: called with each committed batch, in order, before the
+            submitters are answered.
+        max_batch: the most messages one transaction takes.
+    """
+
+    def __init__(self, storage: Storage, on_stored: OnStored[O], *, max_batch: int = 256) -> None:
+        self._storage = storage
+        self._on_stored = on_stored
+        self._max_batch = max_batch
+        self._queue: list[tuple[Item, O | None, asyncio.Future[StoredMessage]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def submit(
+        self,
+        room: str,
+        user_id: int,
+        username: str,
+        body: str,
+        client_id: str | None,
+        origin: O | None = None,
+    ) -> StoredMessage:
+        """Store one message (with others in the same turn) and return it.
+
+        Raises:
+            StorageError: the message was not stored; it must not be acknowledged.
+        """
+        if self._closed:
+            raise StorageError("server is shutting down")
+        fut: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
+        self._queue.append(((room, user_id, username, body, client_id), origin, fut))
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                try:
+                    stored = await self._storage.append_messages([item for item, _, _ in batch])
+                except Exception as exc:  # every failure must reach the submitters
+                    err = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+                    if not isinstance(exc, StorageError):
+                        log.error("storing %d messages failed", len(batch), exc_info=exc)
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(err)
+                    continue
+                try:
+                    self._on_stored([(msg, origin) for msg, (_, origin, _) in zip(stored, batch)])
+                except Exception:  # fan-out trouble must not un-acknowledge a stored message
+                    log.exception("fan-out of stored messages failed")
+                for msg, (_, _, fut) in zip(stored, batch):
+                    if not fut.done():
+                        fut.set_result(msg)
+        finally:
+            self._task = None
+
+    async def close(self) -> None:
+        """Refuse new messages and wait for pending ones to be stored."""
+        self._closed = True
+        while self._task is not None:
+            await asyncio.shield(self._task)
