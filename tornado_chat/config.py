@@ -287,9 +287,9 @@ def normalize_origin(text: str) -> str:
         try:
             host = hostname.encode("idna").decode("ascii").lower()
         except UnicodeError:
+            host = ""
+        if not host or not all(_LABEL.match(label) for label in host.split(".")):
             raise argparse.ArgumentTypeError(f"{raw!r} has an invalid host name") from None
-        if not all(_LABEL.match(label) for label in host.split(".")):
-            raise argparse.ArgumentTypeError(f"{raw!r} has an invalid host name")
     else:
         host = f"[{address}]" if address.version == 6 else str(address)
     if port is None or port == _DEFAULT_PORTS[scheme]:
@@ -323,6 +323,8 @@ class _Option:
     help: str
     metavar: str | None = None
     group: str = "network"
+    # What --help says when the Settings default (None) needs words.
+    shown_default: str | None = None
 
     @property
     def env(self) -> str:
@@ -345,8 +347,9 @@ _OPTIONS: tuple[_Option, ...] = (
         "--redirect-port",
         "redirect_port",
         _optional_port,
-        "plain-HTTP port that only answers 301 to HTTPS ('off' disables it)",
+        "plain-HTTP port that only answers 301 to HTTPS; 0 picks a free one",
         "PORT",
+        shown_default="off",
     ),
     _Option(
         "--processes",
@@ -355,8 +358,24 @@ _OPTIONS: tuple[_Option, ...] = (
         "worker processes sharing the port; more than 1 needs --broker and PostgreSQL",
         "N",
     ),
-    _Option("--certfile", "certfile", _path, "PEM certificate chain to serve", "PATH", "tls"),
-    _Option("--keyfile", "keyfile", _path, "PEM private key of --certfile", "PATH", "tls"),
+    _Option(
+        "--certfile",
+        "certfile",
+        _path,
+        "PEM certificate chain to serve",
+        "PATH",
+        "tls",
+        shown_default="minted by the local CA",
+    ),
+    _Option(
+        "--keyfile",
+        "keyfile",
+        _path,
+        "PEM private key of --certfile",
+        "PATH",
+        "tls",
+        shown_default="minted by the local CA",
+    ),
     _Option("--caroot", "caroot", _path, "directory of the local CA", "DIR", "tls"),
     _Option(
         "--data-dir", "data_dir", _path, "directory for the database and secrets", "DIR", "state"
@@ -365,25 +384,28 @@ _OPTIONS: tuple[_Option, ...] = (
         "--db",
         "db",
         _database_url,
-        "SQLAlchemy URL (default: SQLite in --data-dir)",
+        "SQLAlchemy URL: sqlite+aiosqlite:///PATH or postgresql+asyncpg://...",
         "URL",
         "state",
+        shown_default="SQLite in DATA_DIR/chat.db",
     ),
     _Option(
         "--broker",
         "broker",
         _broker_url,
-        "redis:// URL for fan-out between processes (default: in-process)",
+        "redis:// URL for fan-out between processes and machines",
         "URL",
         "state",
+        shown_default="in-process",
     ),
     _Option(
         "--jwt-secret-file",
         "jwt_secret_file",
         _path,
-        "JWT signing secret, created on first run (default: DATA_DIR/jwt-secret)",
+        "JWT signing secret, created on first run with mode 0600",
         "PATH",
         "auth",
+        shown_default="DATA_DIR/jwt-secret",
     ),
     _Option(
         "--jwt-algorithm",
@@ -524,8 +546,8 @@ _OPTIONS: tuple[_Option, ...] = (
 )
 
 # --no-query-token is the one switch; its variable takes a boolean.
-_NO_QUERY_TOKEN_FLAG = "--no-query-token"
-_NO_QUERY_TOKEN_ENV = "CHAT_NO_QUERY_TOKEN"
+_NO_QUERY_TOKEN_FLAG = "--no-query-token"  # noqa: S105 - a flag name, not a secret
+_NO_QUERY_TOKEN_ENV = "CHAT_NO_QUERY_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 
 def env_names() -> tuple[str, ...]:
@@ -578,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     groups = {key: parser.add_argument_group(title) for key, title in _GROUPS.items()}
     for option in _OPTIONS:
-        default = _show_default(_default_of(option.dest))
+        default = option.shown_default or _show_default(_default_of(option.dest))
         groups[option.group].add_argument(
             option.flag,
             dest=option.dest,
