@@ -269,33 +269,10 @@ class Hub:
 
     def _fan_out(self, room: Room, msg: StoredMessage, origin: Member | None) -> None:
         room.delivered = msg.seq
-        frame = protocol.text_frame(
-            protocol.encode_json(
-                protocol.message_payload(
-                    room=msg.room,
-                    seq=msg.seq,
-                    msg_id=msg.id,
-                    user=msg.user,
-                    body=msg.body,
-                    ts=msg.ts,
-                )
-            )
-        )
+        frame = protocol.message_frame(msg)
         own: bytes | None = None
         if origin is not None and msg.client_id is not None:
-            own = protocol.text_frame(
-                protocol.encode_json(
-                    protocol.message_payload(
-                        room=msg.room,
-                        seq=msg.seq,
-                        msg_id=msg.id,
-                        user=msg.user,
-                        body=msg.body,
-                        ts=msg.ts,
-                        client_id=msg.client_id,
-                    )
-                )
-            )
+            own = protocol.message_frame(msg, with_client_id=True)
         dirty = self._dirty
         seq = msg.seq
         for m in room.members:

@@ -13,7 +13,7 @@ import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 # Close codes: 4000 + the HTTP status that means the same (DESIGN.md).
 CLOSE_GOING_AWAY: Final = 1001
@@ -171,6 +171,42 @@ def message_payload(
     if client_id is not None:
         frame["client_id"] = client_id
     return frame
+
+
+class MessageLike(Protocol):
+    """The fields of a stored message that go on the wire."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def room(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def body(self) -> str: ...
+    @property
+    def ts(self) -> str: ...
+    @property
+    def client_id(self) -> str | None: ...
+
+
+def message_frame(msg: MessageLike, *, with_client_id: bool = False) -> bytes:
+    """A ready ``message`` frame; ``client_id`` is included only for its sender."""
+    return text_frame(
+        encode_json(
+            message_payload(
+                room=msg.room,
+                seq=msg.seq,
+                msg_id=msg.id,
+                user=msg.user,
+                body=msg.body,
+                ts=msg.ts,
+                client_id=msg.client_id if with_client_id else None,
+            )
+        )
+    )
 
 
 def welcome_frame(room: str, user: str, last_seq: int, online: Iterable[str]) -> bytes:

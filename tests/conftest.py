@@ -1,0 +1,67 @@
+"""Shared fixtures: one toolkit-minted CA per run, real TLS servers on port 0."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Client, LiveServer
+from tornado_chat.config import Settings
+from tornado_chat.pki import ServerCertificate, ensure_server_certificate
+
+SERVER_NAMES = ["localhost", "127.0.0.1", "::1"]
+
+
+@pytest.fixture(scope="session")
+def server_cert(tmp_path_factory: pytest.TempPathFactory) -> ServerCertificate:
+    """A local CA and a localhost leaf, minted once per test run by the toolkit."""
+    return ensure_server_certificate(tmp_path_factory.mktemp("caroot"), SERVER_NAMES)
+
+
+@pytest.fixture(scope="session")
+def ca_file(server_cert: ServerCertificate) -> Path:
+    """The test CA certificate."""
+    return server_cert.ca_cert_path
+
+
+@pytest.fixture(scope="session")
+def client_ssl(ca_file: Path) -> ssl.SSLContext:
+    """A client context trusting only the test CA (hostname checked, as always)."""
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    return ctx
+
+
+def make_settings(server_cert: ServerCertificate, data_dir: Path, **changes: object) -> Settings:
+    """Test settings: ephemeral port, toolkit certificate, cheap bcrypt."""
+    base = Settings(
+        host="127.0.0.1",
+        port=0,
+        certfile=server_cert.cert_path,
+        keyfile=server_cert.key_path,
+        caroot=server_cert.ca_cert_path.parent,
+        data_dir=data_dir,
+        bcrypt_rounds=4,
+    )
+    return base.replace(**changes)
+
+
+@pytest.fixture(scope="module")
+def server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """One server shared by a module (tests use distinct usernames and rooms)."""
+    live = LiveServer(make_settings(server_cert, tmp_path_factory.mktemp("data"))).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+async def client(server: LiveServer, client_ssl: ssl.SSLContext) -> AsyncIterator[Client]:
+    """An HTTPS/WSS client of the module's server."""
+    c = Client(server, client_ssl)
+    yield c
+    c.close()

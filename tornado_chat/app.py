@@ -1,0 +1,206 @@
+"""The application factory: builds every shared object and the route table.
+
+No module-level state: two applications (with their own database, hub and
+keys) can live in one process, which is what the tests do.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tornado.web
+
+from tornado_chat import protocol
+from tornado_chat.broker import Broker, LocalBroker
+from tornado_chat.config import Settings
+from tornado_chat.handlers.auth import (
+    AuthLoginHandler,
+    AuthLogoutHandler,
+    AuthMeHandler,
+    AuthRefreshHandler,
+    AuthRegisterHandler,
+    AuthTicketHandler,
+)
+from tornado_chat.handlers.base import NotFoundHandler, request_summary
+from tornado_chat.handlers.pages import StaticHandler
+from tornado_chat.handlers.rooms import (
+    HealthHandler,
+    ReadyHandler,
+    RoomHistoryHandler,
+    RoomListHandler,
+)
+from tornado_chat.handlers.socket import ChatSocketHandler
+from tornado_chat.hub import Hub, Member
+from tornado_chat.limits import TokenBucket
+from tornado_chat.logs import install_redaction
+from tornado_chat.security import (
+    AuthService,
+    KeyRing,
+    LoginThrottle,
+    PasswordHasher,
+    TokenService,
+)
+from tornado_chat.storage import Storage, StoredMessage
+from tornado_chat.writer import MessageWriter
+
+STATIC_DIR = Path(__file__).parent / "static"
+access_log = logging.getLogger("tornado.access")
+
+
+@dataclass
+class Services:
+    """Everything the handlers share, built once per application."""
+
+    settings: Settings
+    storage: Storage
+    auth: AuthService
+    hub: Hub
+    broker: Broker
+    writer: MessageWriter[Member]
+    executor: concurrent.futures.Executor
+    buckets: dict[int, TokenBucket] = field(default_factory=dict)
+
+    def bucket(self, user_id: int) -> TokenBucket:
+        """The user's message-rate bucket (shared by all of the user's sockets)."""
+        b = self.buckets.get(user_id)
+        if b is None:
+            s = self.settings
+            b = self.buckets[user_id] = TokenBucket(s.rate_per_sec, s.rate_burst)
+        return b
+
+    def forget_bucket(self, user_id: int) -> None:
+        """Drop the bucket of a user with no socket left (bounded memory)."""
+        self.buckets.pop(user_id, None)
+
+    def online_counts(self) -> dict[str, int]:
+        """Online users per room."""
+        return self.hub.online_counts()
+
+    def on_stored(self, batch: Sequence[tuple[StoredMessage, Member | None]]) -> None:
+        """Fan a committed batch out locally, then tell the other nodes."""
+        for msg, origin in batch:
+            self.hub.deliver(msg, origin)
+            self.broker.publish_message(msg)
+
+    def on_revoked(self, session_id: str) -> None:
+        """Close the session's sockets here and on every other node."""
+        self.hub.close_session(session_id, protocol.CLOSE_UNAUTHORIZED, "session revoked")
+        self.broker.publish_revoke(session_id)
+
+    async def close(self) -> None:
+        """Store pending messages, then close the broker and the database."""
+        await self.writer.close()
+        await self.broker.close()
+        await self.storage.close()
+        self.executor.shutdown(wait=False)
+
+
+async def create_services(settings: Settings) -> Services:
+    """Open the database (migrating it), load the keys, build the hub.
+
+    Raises:
+        StorageError: the database cannot be opened.
+        ConfigError: the signing key file is unusable.
+    """
+    if settings.db is None:
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keyring = KeyRing.load_or_create(settings.jwt_secret_path, settings.jwt_algorithm)
+    storage = await Storage.open(settings.db_url)
+    # bcrypt releases the GIL, so a small pool gives real parallel hashing
+    # without starving the event loop thread.
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="bcrypt"
+    )
+    tokens = TokenService(
+        keyring,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        access_ttl=settings.access_ttl,
+    )
+    auth = AuthService(
+        storage,
+        tokens,
+        PasswordHasher(settings.bcrypt_rounds, executor),
+        LoginThrottle(),
+        refresh_ttl=settings.refresh_ttl,
+        ticket_ttl=settings.ticket_ttl,
+    )
+
+    async def fetch_since(room: str, seq: int) -> Sequence[StoredMessage]:
+        return await storage.messages(room, since=seq, limit=1000)
+
+    hub = Hub(fetch_since)
+    broker: Broker = LocalBroker()
+    services = Services(
+        settings=settings,
+        storage=storage,
+        auth=auth,
+        hub=hub,
+        broker=broker,
+        writer=MessageWriter(storage, lambda batch: services.on_stored(batch)),
+        executor=executor,
+    )
+    broker.message_listeners.append(hub.deliver)
+    broker.revoke_listeners.append(
+        lambda sid: hub.close_session(sid, protocol.CLOSE_UNAUTHORIZED, "session revoked")
+    )
+    auth.add_revoke_listener(services.on_revoked)
+    await broker.start()
+    return services
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """The access log: status, method, redacted URI, address, time. Never headers."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    access_log.log(
+        level,
+        "%d %s %.1fms",
+        status,
+        request_summary(handler),
+        1000.0 * handler.request.request_time(),
+    )
+
+
+def make_app(settings: Settings, services: Services) -> tornado.web.Application:
+    """Build the Tornado application and its route table."""
+    install_redaction()
+    room = protocol.ROOM_PATTERN
+    deps = {"services": services, "settings": settings}
+    routes: list[tornado.web.URLSpec] = [
+        tornado.web.url(r"/api/register", AuthRegisterHandler, deps),
+        tornado.web.url(r"/api/login", AuthLoginHandler, deps),
+        tornado.web.url(r"/api/token/refresh", AuthRefreshHandler, deps),
+        tornado.web.url(r"/api/logout", AuthLogoutHandler, deps),
+        tornado.web.url(r"/api/me", AuthMeHandler, deps),
+        tornado.web.url(r"/api/ws-ticket", AuthTicketHandler, deps),
+        tornado.web.url(r"/api/rooms", RoomListHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/messages", RoomHistoryHandler, deps),
+        tornado.web.url(rf"/ws/({room})", ChatSocketHandler, deps),
+        tornado.web.url(r"/healthz", HealthHandler, deps),
+        tornado.web.url(r"/readyz", ReadyHandler, deps),
+        tornado.web.url(
+            r"/()",
+            StaticHandler,
+            {"path": str(STATIC_DIR), "default_filename": "index.html"},
+        ),
+        tornado.web.url(r"/static/(.+)", StaticHandler, {"path": str(STATIC_DIR)}),
+    ]
+    return tornado.web.Application(
+        routes,
+        default_handler_class=NotFoundHandler,
+        default_handler_args=deps,
+        log_function=log_request,
+        websocket_max_message_size=settings.max_frame_bytes,
+        websocket_ping_interval=settings.ping_interval,
+        websocket_ping_timeout=settings.ping_timeout,
+        compress_response=False,
+        xsrf_cookies=False,  # the API uses Bearer tokens, never cookies
+    )
+
+

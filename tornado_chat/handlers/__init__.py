@@ -1,0 +1,1 @@
+"""Tornado handlers: thin translations between HTTP/WebSocket and the chat modules."""

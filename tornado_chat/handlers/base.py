@@ -1,0 +1,169 @@
+"""The base JSON handler: security headers, body parsing and the one error mapping."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import tornado.web
+
+from tornado_chat.errors import (
+    ApiError,
+    BadRequest,
+    InvalidToken,
+    ServiceUnavailable,
+    StorageError,
+    Unauthorized,
+)
+from tornado_chat.logs import redact
+
+if TYPE_CHECKING:
+    from tornado_chat.app import Services
+    from tornado_chat.config import Settings
+    from tornado_chat.security import AccessClaims
+
+log = logging.getLogger("tornado_chat.http")
+
+# Two years, with subdomains: the browser must never try plain HTTP again.
+HSTS = "max-age=63072000; includeSubDomains"
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    411: "length_required",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+def set_security_headers(handler: tornado.web.RequestHandler) -> None:
+    """Headers every HTTPS response carries."""
+    handler.set_header("Strict-Transport-Security", HSTS)
+    handler.set_header("X-Content-Type-Options", "nosniff")
+    handler.set_header("Referrer-Policy", "no-referrer")
+    handler.set_header("X-Frame-Options", "DENY")
+    handler.set_header("Cross-Origin-Opener-Policy", "same-origin")
+
+
+def request_summary(handler: tornado.web.RequestHandler) -> str:
+    """``METHOD /path?query (ip)`` with credentials in the URL redacted."""
+    req = handler.request
+    return f"{req.method} {redact(req.uri or '')} ({req.remote_ip})"
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """JSON API handler with the contract's error bodies."""
+
+    services: Services
+    chat_settings: Settings
+
+    def initialize(self, services: Services, settings: Settings) -> None:  # type: ignore[override]
+        """Receive the shared services from the application factory."""
+        self.services = services
+        self.chat_settings = settings
+
+    def set_default_headers(self) -> None:
+        """Security headers; API responses are never cached."""
+        set_security_headers(self)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+
+    def _request_summary(self) -> str:
+        return request_summary(self)
+
+    def json_body(self) -> dict[str, Any]:
+        """The request body as a JSON object.
+
+        Raises:
+            BadRequest: the body is not UTF-8 JSON or not an object.
+        """
+        try:
+            obj = json.loads(self.request.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise BadRequest("bad_request", "body must be a JSON object") from None
+        if not isinstance(obj, dict):
+            raise BadRequest("bad_request", "body must be a JSON object")
+        return obj
+
+    def send_json(self, obj: Any, status: int = 200) -> None:
+        """Write ``obj`` as the JSON response."""
+        self.set_status(status)
+        self.finish(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+
+    def bearer_token(self) -> str:
+        """The Bearer token of the Authorization header.
+
+        Raises:
+            Unauthorized: no well-formed Bearer header.
+        """
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("unauthorized", "a Bearer access token is required")
+        return token.strip()
+
+    async def authenticate(self) -> AccessClaims:
+        """The access token's verified claims.
+
+        Raises:
+            Unauthorized: missing, invalid, expired or revoked token.
+        """
+        token = self.bearer_token()
+        try:
+            return await self.services.auth.authenticate(token)
+        except InvalidToken as exc:
+            log.info("auth failure %s: %s", request_summary(self), exc)
+            raise Unauthorized("invalid_token", "access token is invalid or expired") from None
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """Expected errors are one info line; only real bugs get a traceback."""
+        if isinstance(value, ApiError):
+            log.info("%d %s %s", value.status, value.code, request_summary(self))
+        elif isinstance(value, StorageError):
+            log.warning("503 database unavailable %s: %s", request_summary(self), value)
+        elif isinstance(value, tornado.web.HTTPError):
+            log.info("%d %s", value.status_code, request_summary(self))
+        else:
+            log.error("500 %s", request_summary(self), exc_info=(typ, value, tb))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Render every error as ``{"error": {"code", "message"}}``."""
+        write_json_error(self, status_code, kwargs.get("exc_info", (None, None, None))[1])
+        # send_error() cleared the headers; restore ours.
+        self.set_default_headers()
+        self.finish()
+
+
+def write_json_error(
+    handler: tornado.web.RequestHandler, status_code: int, exc: BaseException | None
+) -> None:
+    """Set the status and write the contract's error body for ``exc`` (not finished)."""
+    if isinstance(exc, StorageError):
+        exc = ServiceUnavailable("unavailable", "the database is unavailable; try again")
+    if isinstance(exc, ApiError):
+        handler.set_status(exc.status)
+        for name, value in exc.headers().items():
+            handler.set_header(name, value)
+        code, message = exc.code, exc.message
+    elif status_code >= 500:
+        code, message = "internal", "internal server error"
+    else:
+        code = _STATUS_CODES.get(status_code, "error")
+        message = handler._reason
+    handler.set_header("Content-Type", "application/json; charset=UTF-8")
+    handler.write(json.dumps({"error": {"code": code, "message": message}}))
+
+
+class NotFoundHandler(BaseHandler):
+    """The JSON 404 for every unknown path."""
+
+    def prepare(self) -> None:
+        """Any method on an unknown path."""
+        raise tornado.web.HTTPError(404)

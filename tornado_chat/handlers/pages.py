@@ -1,0 +1,44 @@
+"""The browser client: ``/`` and ``/static/...`` with a strict Content-Security-Policy."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import tornado.web
+
+from tornado_chat.handlers.base import set_security_headers
+
+# Only characters a real Host header has; anything else is left out of the CSP.
+_HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+
+
+def page_csp(host: str) -> str:
+    """The page's policy: its own origin only, plus its own ``wss://`` endpoint."""
+    connect = "'self'"
+    if _HOST_RE.fullmatch(host):
+        connect += f" wss://{host}"
+    return (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        f"connect-src {connect}; font-src 'self'; manifest-src 'self'; base-uri 'none'; "
+        "form-action 'self'; frame-ancestors 'none'; object-src 'none'"
+    )
+
+
+class StaticHandler(tornado.web.StaticFileHandler):
+    """Static files with HSTS and the page CSP; ``/`` serves ``index.html``."""
+
+    def set_default_headers(self) -> None:
+        """Security headers on every static response."""
+        set_security_headers(self)
+        self.set_header("Content-Security-Policy", page_csp(self.request.host))
+
+    def set_extra_headers(self, path: str) -> None:
+        """The page itself is never cached, so a new deploy is picked up at once."""
+        if path.endswith(".html"):
+            self.set_header("Cache-Control", "no-cache")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Plain short error pages (no traceback, no server details)."""
+        self.set_header("Content-Type", "text/plain; charset=UTF-8")
+        self.finish(f"{status_code} {self._reason}\n")

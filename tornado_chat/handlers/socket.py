@@ -1,0 +1,349 @@
+"""``/ws/{room}``: the chat WebSocket.
+
+Authentication happens in :meth:`ChatSocketHandler.open`: Tornado does not
+read a single frame of a socket until ``open()`` returns, so a socket without
+valid credentials is closed with 4401 before anything it sent is processed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import tornado.ioloop
+import tornado.web
+import tornado.websocket
+from tornado.iostream import StreamBufferFullError, StreamClosedError
+
+from tornado_chat import protocol
+from tornado_chat.errors import BadRequest, InvalidToken, ServiceUnavailable, StorageError
+from tornado_chat.handlers.base import request_summary, set_security_headers, write_json_error
+from tornado_chat.hub import Member
+from tornado_chat.protocol import ProtocolError, Reauth
+
+if TYPE_CHECKING:
+    from tornado_chat.app import Services
+    from tornado_chat.config import Settings
+    from tornado_chat.security import AccessClaims
+
+log = logging.getLogger("tornado_chat.socket")
+
+REPLAY_PAGE = 500
+
+
+def normalize_origin(origin: str) -> str | None:
+    """``scheme://host[:port]`` in lower case without a default port, or None if malformed."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    default = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
+class ChatSocketHandler(tornado.websocket.WebSocketHandler):
+    """One chat socket in one room."""
+
+    services: Services
+    chat_settings: Settings
+
+    def initialize(self, services: Services, settings: Settings) -> None:  # type: ignore[override]
+        """Receive the shared services from the application factory."""
+        self.services = services
+        self.chat_settings = settings
+        self.member: Member | None = None
+        self.claims: AccessClaims | None = None
+        self._since: int | None = None
+        self._bearer: str | None = None
+        self._ticket: str | None = None
+        self._expiry: object | None = None
+        self._closing_code: int | None = None
+        self._opened = 0.0
+
+    # -- before the upgrade ---------------------------------------------------
+
+    def set_default_headers(self) -> None:
+        """HSTS and friends on the handshake response too."""
+        set_security_headers(self)
+
+    def _request_summary(self) -> str:
+        return request_summary(self)
+
+    def prepare(self) -> None:
+        """Refuse what can be refused with an HTTP status, before the upgrade."""
+        if self.services.hub.total >= self.chat_settings.max_sockets:
+            raise ServiceUnavailable("server_full", "too many open sockets; try again later")
+        raw = self.get_query_argument("since", None)
+        if raw is not None:
+            if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+                raise BadRequest("bad_request", "since must be a whole number")
+            self._since = int(raw)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """JSON error bodies for refused handshakes."""
+        write_json_error(self, status_code, kwargs.get("exc_info", (None, None, None))[1])
+        set_security_headers(self)
+        self.finish()
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """Refused handshakes are one info line, never a traceback."""
+        if isinstance(value, (BadRequest, ServiceUnavailable, tornado.web.HTTPError)):
+            log.info("handshake refused %s: %s", request_summary(self), value)
+        else:
+            log.error("socket error %s", request_summary(self), exc_info=(typ, value, tb))
+
+    def check_origin(self, origin: str) -> bool:
+        """Same origin, or one listed in ``--allowed-origins``; exact scheme, host and port.
+
+        Requests without an ``Origin`` header (non-browser clients) never get
+        here: they cannot be a cross-site browser request.
+        """
+        norm = normalize_origin(origin)
+        if norm is None:
+            return False
+        own = normalize_origin(f"https://{self.request.host}")
+        allowed = norm == own or norm in self.chat_settings.allowed_origins
+        if not allowed:
+            log.warning("origin refused %s origin=%s", request_summary(self), origin[:200])
+        return allowed
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        """Pick ``chat.v1``; remember a ``bearer.``/``ticket.`` credential, never echo it."""
+        for proto in subprotocols:
+            if proto.startswith(protocol.BEARER_PREFIX) and self._bearer is None:
+                self._bearer = proto[len(protocol.BEARER_PREFIX) :]
+            elif proto.startswith(protocol.TICKET_PREFIX) and self._ticket is None:
+                self._ticket = proto[len(protocol.TICKET_PREFIX) :]
+        return protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in subprotocols else None
+
+    def get_compression_options(self) -> dict[str, Any] | None:
+        """No permessage-deflate: frames are encoded once and shared by all recipients."""
+        return None
+
+    # -- open -------------------------------------------------------------------
+
+    async def _credentials(self) -> AccessClaims:
+        auth = self.services.auth
+        if self._bearer:
+            return await auth.authenticate(self._bearer)
+        ticket = self._ticket or self.get_query_argument("ticket", None)
+        if ticket:
+            return await auth.redeem_ticket(ticket)
+        token = self.get_query_argument("token", None)
+        if token:
+            if not self.chat_settings.allow_query_token:
+                raise InvalidToken("?token= is disabled on this server")
+            return await auth.authenticate(token)
+        raise InvalidToken("no credentials")
+
+    async def open(self, room: str) -> None:  # type: ignore[override]
+        """Authenticate, join the room, send welcome and any replay."""
+        self._opened = time.monotonic()
+        hub = self.services.hub
+        try:
+            claims = await self._credentials()
+        except InvalidToken as exc:
+            log.info("ws auth failure %s: %s", request_summary(self), exc)
+            self.close_with(protocol.CLOSE_UNAUTHORIZED, "authentication failed")
+            return
+        except StorageError as exc:
+            log.warning("ws auth unavailable %s: %s", request_summary(self), exc)
+            self.close_with(protocol.CLOSE_INTERNAL, "storage unavailable")
+            return
+        if self.ws_connection is None:  # the client went away while we checked
+            return
+        if hub.sockets_of(claims.user_id) >= self.chat_settings.max_sockets_per_user:
+            log.warning("ws refused user=%s: too many sockets", claims.username)
+            self.close_with(protocol.CLOSE_RATE_LIMITED, "too many sockets for this user")
+            return
+        self.claims = claims
+        member = Member(self, room, claims.user_id, claims.username, claims.session_id)
+        first = hub.join(member)
+        self.member = member
+        # Bound what Tornado buffers for this socket: a client that stops
+        # reading overflows it and is closed with 4408 (Member.flush).
+        self.ws_connection.stream.max_write_buffer_size = self.chat_settings.outbox_bytes
+        self._schedule_expiry(claims.expires_at)
+        log.info(
+            "ws connect user=%s room=%s addr=%s origin=%s",
+            claims.username,
+            room,
+            self.request.remote_ip,
+            self.request.headers.get("Origin", "-")[:200],
+        )
+        storage = self.services.storage
+        try:
+            last_seq = await storage.last_seq(room)
+            replay = []
+            since = self._since
+            if since is not None:
+                cursor = since
+                while cursor < last_seq:
+                    page = await storage.messages(room, since=cursor, limit=REPLAY_PAGE)
+                    page = [m for m in page if m.seq <= last_seq]
+                    if not page:
+                        break
+                    replay.extend(page)
+                    cursor = page[-1].seq
+        except StorageError as exc:
+            log.warning("ws open failed user=%s room=%s: %s", claims.username, room, exc)
+            self.close_with(protocol.CLOSE_INTERNAL, "storage unavailable")
+            return
+        if self.member is None:  # closed while loading
+            return
+        hub.note_last_seq(room, last_seq)
+        member.last_seq = min(since, last_seq) if since is not None else last_seq
+        frames = [(0, protocol.welcome_frame(room, claims.username, last_seq, hub.online(room)))]
+        frames += [
+            (m.seq, protocol.message_frame(m, with_client_id=m.user == claims.username))
+            for m in replay
+        ]
+        hub.start_member(member, frames)
+        if first:
+            hub.broadcast(
+                room,
+                protocol.presence_frame("join", claims.username, hub.online(room)),
+                exclude=member,
+            )
+        # The upgrade request's headers and body are not needed any more.
+        self.request.body = b""
+
+    # -- frames -------------------------------------------------------------------
+
+    async def on_message(self, message: str | bytes) -> None:
+        """Validate, rate-limit, store, fan out."""
+        member = self.member
+        if member is None:
+            return
+        hub = self.services.hub
+        try:
+            frame = protocol.parse_client_frame(
+                message, max_body_chars=self.chat_settings.max_body_chars
+            )
+        except ProtocolError as exc:
+            hub.send(member, protocol.error_frame(exc.code, exc.message))
+            return
+        if isinstance(frame, Reauth):
+            await self._reauth(member, frame.token)
+            return
+        bucket = self.services.bucket(member.user_id)
+        if not bucket.take():
+            if bucket.exhausted:
+                log.warning("rate limit: closing user=%s room=%s", member.username, member.room)
+                self.close_with(protocol.CLOSE_RATE_LIMITED, "rate limit exceeded")
+            else:
+                log.info("rate limit hit user=%s room=%s", member.username, member.room)
+                hub.send(member, protocol.error_frame("rate_limited", "slow down"))
+            return
+        try:
+            await self.services.writer.submit(
+                member.room, member.user_id, member.username, frame.body, frame.client_id, member
+            )
+        except StorageError as exc:
+            log.warning("message not stored user=%s room=%s: %s", member.username, member.room, exc)
+            hub.send(
+                member, protocol.error_frame("store_failed", "message not stored; send it again")
+            )
+
+    async def _reauth(self, member: Member, token: str) -> None:
+        hub = self.services.hub
+        try:
+            claims = await self.services.auth.authenticate(token)
+        except InvalidToken as exc:
+            log.info("reauth refused user=%s: %s", member.username, exc)
+            hub.send(member, protocol.error_frame("invalid_token", "reauth token is not valid"))
+            return
+        except StorageError:
+            hub.send(member, protocol.error_frame("unavailable", "try reauth again"))
+            return
+        if claims.user_id != member.user_id:
+            log.warning("reauth refused: user=%s sent a token of another user", member.username)
+            hub.send(
+                member, protocol.error_frame("invalid_token", "token belongs to another user")
+            )
+            return
+        self.claims = claims
+        hub.rebind(member, claims.session_id)
+        self._schedule_expiry(claims.expires_at)
+
+    def _schedule_expiry(self, expires_at: float) -> None:
+        loop = tornado.ioloop.IOLoop.current()
+        if self._expiry is not None:
+            loop.remove_timeout(self._expiry)
+        delay = max(0.0, expires_at - time.time()) + self.chat_settings.reauth_grace
+        self._expiry = loop.call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self.close_with(protocol.CLOSE_UNAUTHORIZED, "token expired")
+
+    # -- output and closing -----------------------------------------------------------
+
+    def write_raw(self, data: bytes) -> bool:
+        """Write ready frames; False when the bounded buffer overflowed."""
+        conn = self.ws_connection
+        if conn is None or conn.is_closing():
+            return True
+        try:
+            conn.stream.write(data)
+        except StreamBufferFullError:
+            return False
+        except StreamClosedError:
+            pass
+        return True
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Leave the room at once and close with ``code``."""
+        self._leave()
+        conn = self.ws_connection
+        if conn is None:
+            return
+        self._closing_code = code
+        if code == protocol.CLOSE_TOO_SLOW:
+            log.warning(
+                "slow consumer closed user=%s addr=%s",
+                self.claims.username if self.claims else "-",
+                self.request.remote_ip,
+            )
+        # Let the close frame queue behind the full buffer.
+        conn.stream.max_write_buffer_size = None
+        try:
+            self.close(code, reason)
+        except (tornado.websocket.WebSocketClosedError, StreamClosedError):
+            pass
+
+    def _leave(self) -> None:
+        if self._expiry is not None:
+            tornado.ioloop.IOLoop.current().remove_timeout(self._expiry)
+            self._expiry = None
+        member, self.member = self.member, None
+        if member is None:
+            return
+        hub = self.services.hub
+        if hub.leave(member):
+            hub.broadcast(
+                member.room, protocol.presence_frame("leave", member.username, hub.online(member.room))
+            )
+        if not hub.sockets_of(member.user_id):
+            self.services.forget_bucket(member.user_id)
+
+    def on_close(self) -> None:
+        """Leave the room; log who went and why."""
+        claims = self.claims
+        self._leave()
+        if claims is not None:
+            log.info(
+                "ws disconnect user=%s addr=%s code=%s after %.1fs",
+                claims.username,
+                self.request.remote_ip,
+                self._closing_code or self.close_code,
+                time.monotonic() - self._opened,
+            )
