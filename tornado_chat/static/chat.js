@@ -1,0 +1,1200 @@
+// tornado_chat browser client: plain ES module, no build step, no dependencies.
+//
+// Security rules this file keeps (see DESIGN.md, "Public contract, v1"):
+// - Every piece of user content reaches the DOM through textContent, never
+//   innerHTML, so a message body such as <img src=x onerror=...> shows as text.
+// - The access token travels only in the Authorization header and in the
+//   WebSocket subprotocol list ("bearer.<jwt>"), never in a URL, where it would
+//   end up in logs, history and Referer headers.
+// - The page is served with a strict Content-Security-Policy: no inline script
+//   or style, so all styling is done by toggling classes defined in chat.css.
+
+"use strict";
+
+const ROOM_RE = /^[A-Za-z0-9_.-]{3,32}$/;
+const USERNAME_RE = ROOM_RE;
+const PROTOCOL = "chat.v1";
+const HISTORY_PAGE = 50;
+// Reconnect delays: exponential growth from BASE, capped at CAP, "full jitter"
+// (a uniform random delay between 0 and the capped exponential) so that many
+// clients dropped by one server restart do not all come back at the same instant.
+const BACKOFF_BASE_MS = 500;
+const BACKOFF_CAP_MS = 30000;
+// Refresh the access token this long before it expires (or at 80 % of its
+// lifetime when that is shorter), leaving room for a slow network.
+const REFRESH_MARGIN_S = 60;
+const GROUP_WINDOW_MS = 5 * 60 * 1000;
+const AVATAR_COLOURS = 8;
+
+// The refresh token lives in sessionStorage: it survives a reload of this tab,
+// is not shared with other tabs or kept after the tab closes (unlike
+// localStorage), and unlike a cookie it is never sent to the server
+// automatically, so it cannot be used by cross-site requests. The short-lived
+// access token stays in memory only.
+const REFRESH_KEY = "tornado_chat.refresh_token";
+const ROOMS_KEY = "tornado_chat.rooms";
+const ACTIVE_KEY = "tornado_chat.active_room";
+
+// ---------------------------------------------------------------- messages
+
+const CLOSE_MESSAGES = {
+  1000: "Disconnected.",
+  1001: "The server is restarting. Reconnecting…",
+  1006: "Lost the connection to the server. Reconnecting…",
+  1009: "Your last message was too large for the server and was not delivered. Reconnecting…",
+  1011: "The server hit an internal error. Reconnecting…",
+  4401: "Your session needs renewing. Reconnecting…",
+  4403: "You are not allowed in this room.",
+  4408: "The connection fell behind the conversation. Reconnecting…",
+  4429: "You sent too many messages too quickly. Reconnecting after a pause…",
+};
+
+const HTTP_MESSAGES = {
+  invalid_username: "Usernames are 3–32 characters: letters, digits, _ . or -.",
+  weak_password: "That password is not accepted: use at least 8 characters (at most 72 bytes).",
+  bad_request: "The server did not understand that request.",
+  username_taken: "That username is already taken. Please choose another.",
+  invalid_credentials: "Wrong username or password.",
+  invalid_token: "Your session has ended. Please log in again.",
+  too_many_attempts: "Too many login attempts.",
+  forbidden: "You are not allowed to do that.",
+  not_found: "That was not found.",
+  unavailable: "The server is temporarily unavailable. Please try again shortly.",
+};
+
+const STATUS_MESSAGES = {
+  400: "The server did not understand that request.",
+  401: "Your session has ended. Please log in again.",
+  403: "You are not allowed to do that.",
+  404: "That was not found.",
+  409: "That conflicts with something that already exists.",
+  413: "That request was too large.",
+  429: "Too many requests. Please slow down.",
+  500: "The server hit an internal error. Please try again.",
+  502: "The server is unreachable right now. Please try again shortly.",
+  503: "The server is temporarily unavailable. Please try again shortly.",
+  504: "The server took too long to answer. Please try again.",
+};
+
+const FRAME_ERROR_MESSAGES = {
+  rate_limited: "Slow down: you are sending messages too quickly.",
+  body_too_long: "That message is too long.",
+  empty_body: "Messages cannot be empty.",
+  bad_body: "That message contains characters that cannot be sent.",
+  bad_client_id: "The server did not accept a message from this page.",
+  bad_frame: "The server did not understand a message from this page.",
+  invalid_json: "The server could not read a message from this page.",
+  unknown_type: "The server did not understand a message from this page.",
+  invalid_token: "Could not renew the session on this connection; it will reconnect.",
+};
+
+// ---------------------------------------------------------------- DOM
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  sidebarToggle: $("sidebar-toggle"),
+  connStatus: $("conn-status"),
+  connText: $("conn-text"),
+  account: $("account"),
+  meName: $("me-name"),
+  logout: $("logout-button"),
+  notice: $("notice"),
+  noticeText: $("notice-text"),
+  noticeClose: $("notice-close"),
+  authView: $("auth-view"),
+  authTitle: $("auth-title"),
+  authLead: $("auth-lead"),
+  authForm: $("auth-form"),
+  authUsername: $("auth-username"),
+  authPassword: $("auth-password"),
+  authError: $("auth-error"),
+  authSubmit: $("auth-submit"),
+  authSwitch: $("auth-switch"),
+  authSwitchText: $("auth-switch-text"),
+  chatView: $("chat-view"),
+  joinForm: $("join-form"),
+  joinRoom: $("join-room"),
+  joinError: $("join-error"),
+  joinedRooms: $("joined-rooms"),
+  joinedEmpty: $("joined-empty"),
+  allRooms: $("all-rooms"),
+  allRoomsEmpty: $("all-rooms-empty"),
+  onlineList: $("online-list"),
+  onlineCount: $("online-count"),
+  roomTitle: $("room-title"),
+  leave: $("leave-button"),
+  scroller: $("messages-scroller"),
+  earlier: $("earlier-button"),
+  emptyRoom: $("empty-room"),
+  messages: $("messages"),
+  jump: $("jump-button"),
+  composer: $("composer"),
+  input: $("composer-input"),
+  send: $("send-button"),
+  composerError: $("composer-error"),
+};
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// ---------------------------------------------------------------- state
+
+const state = {
+  accessToken: null,
+  me: null,
+  refreshTimer: null,
+  refreshing: null, // the in-flight refresh promise, shared by every caller
+  rooms: new Map(), // name -> RoomConnection
+  active: null,
+  registerMode: false,
+  roomsTimer: null,
+};
+
+class ApiError extends Error {
+  constructor(status, code, message, retryAfter) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.retryAfter = retryAfter;
+  }
+}
+
+function humanApiError(err) {
+  if (!(err instanceof ApiError)) return "Something went wrong. Please try again.";
+  if (err.status === 0) return "Cannot reach the server. Check your connection and try again.";
+  let text = HTTP_MESSAGES[err.code] || STATUS_MESSAGES[err.status] || err.message ||
+    `The server answered with an error (HTTP ${err.status}).`;
+  if (err.code === "weak_password" && err.message) text = `Password not accepted: ${err.message}`;
+  if (err.status === 429 && err.retryAfter) {
+    text += ` Try again in ${err.retryAfter} second${err.retryAfter === 1 ? "" : "s"}.`;
+  }
+  return text;
+}
+
+// ---------------------------------------------------------------- HTTP
+
+async function request(method, path, body, token) {
+  const headers = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (token) headers.Authorization = `Bearer ${token}`;
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      credentials: "same-origin",
+      cache: "no-store",
+    });
+  } catch (networkError) {
+    throw new ApiError(0, "network", "network error");
+  }
+  if (response.status === 204) return null;
+  let data = null;
+  try {
+    data = await response.json();
+  } catch (parseError) {
+    data = null;
+  }
+  if (!response.ok) {
+    const error = (data && data.error) || {};
+    const retry = parseInt(response.headers.get("Retry-After") || "", 10);
+    throw new ApiError(response.status, error.code || `http_${response.status}`,
+      error.message || "", Number.isFinite(retry) ? retry : null);
+  }
+  return data;
+}
+
+// An authenticated request: on 401 the access token is refreshed once and the
+// request retried; if the refresh itself is refused the session is over.
+async function api(method, path, body) {
+  if (!state.accessToken) await refreshTokens();
+  try {
+    return await request(method, path, body, state.accessToken);
+  } catch (err) {
+    if (!(err instanceof ApiError) || err.status !== 401) throw err;
+    await refreshTokens();
+    return request(method, path, body, state.accessToken);
+  }
+}
+
+// ---------------------------------------------------------------- tokens
+
+function storedRefreshToken() {
+  try {
+    return sessionStorage.getItem(REFRESH_KEY);
+  } catch (storageError) {
+    return null;
+  }
+}
+
+function storeTokens(pair) {
+  state.accessToken = pair.access_token;
+  try {
+    sessionStorage.setItem(REFRESH_KEY, pair.refresh_token);
+  } catch (storageError) {
+    // Storage disabled: the session simply does not survive a reload.
+  }
+  scheduleRefresh(Number(pair.expires_in) || 0);
+}
+
+function scheduleRefresh(expiresIn) {
+  clearTimeout(state.refreshTimer);
+  if (!expiresIn) return;
+  const lead = Math.min(REFRESH_MARGIN_S, expiresIn * 0.2);
+  const delay = Math.max(1, expiresIn - lead) * 1000;
+  state.refreshTimer = setTimeout(() => {
+    refreshTokens().catch(() => {});
+  }, delay);
+}
+
+class SessionEnded extends Error {}
+
+// Exchange the refresh token for a new pair (the server rotates it). Network
+// failures are retried with backoff, since a restarting server is no reason to
+// sign the person out; a 401 means the refresh family is gone, so it is.
+function refreshTokens() {
+  if (state.refreshing) return state.refreshing;
+  state.refreshing = (async () => {
+    let attempt = 0;
+    for (;;) {
+      const refreshToken = storedRefreshToken();
+      if (!refreshToken) throw endSession("Please log in.");
+      try {
+        const pair = await request("POST", "/api/token/refresh", { refresh_token: refreshToken });
+        storeTokens(pair);
+        for (const room of state.rooms.values()) room.reauth(pair.access_token);
+        return pair.access_token;
+      } catch (err) {
+        if (err instanceof ApiError && (err.status === 401 || err.status === 400)) {
+          throw endSession("Your session has ended. Please log in again.");
+        }
+        if (!state.me) {
+          showNotice(`${humanApiError(err)} Retrying…`, { sticky: true, kind: "connection" });
+        }
+        await sleep(backoffDelay(attempt++));
+      }
+    }
+  })();
+  state.refreshing.finally(() => {
+    state.refreshing = null;
+  }).catch(() => {});
+  return state.refreshing;
+}
+
+function endSession(message) {
+  const wasSignedIn = Boolean(state.me);
+  clearSession();
+  showAuth(wasSignedIn ? message : "");
+  return new SessionEnded(message);
+}
+
+function clearSession() {
+  clearTimeout(state.refreshTimer);
+  clearInterval(state.roomsTimer);
+  state.accessToken = null;
+  state.me = null;
+  try {
+    sessionStorage.removeItem(REFRESH_KEY);
+  } catch (storageError) {
+    // nothing stored
+  }
+  for (const room of state.rooms.values()) room.close();
+  state.rooms.clear();
+  state.active = null;
+  ui.joinedRooms.replaceChildren();
+  ui.messages.replaceChildren();
+  ui.onlineList.replaceChildren();
+}
+
+// ---------------------------------------------------------------- helpers
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function backoffDelay(attempt) {
+  const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** Math.min(attempt, 16));
+  return Math.floor(Math.random() * ceiling);
+}
+
+function newClientId() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function avatarClass(name) {
+  let hash = 0;
+  for (const ch of name) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
+  return `avatar avatar-c${hash % AVATAR_COLOURS}`;
+}
+
+function avatar(name) {
+  const node = el("span", avatarClass(name), (Array.from(name)[0] || "?").toUpperCase());
+  node.setAttribute("aria-hidden", "true");
+  return node;
+}
+
+const timeFormat = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+const dateTimeFormat = new Intl.DateTimeFormat(undefined, {
+  month: "short", day: "numeric", hour: "2-digit", minute: "2-digit",
+});
+const fullFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "full", timeStyle: "medium" });
+
+function formatTime(date) {
+  if (Number.isNaN(date.getTime())) return "";
+  const today = new Date();
+  const sameDay = date.toDateString() === today.toDateString();
+  return sameDay ? timeFormat.format(date) : dateTimeFormat.format(date);
+}
+
+function isNearBottom() {
+  const s = ui.scroller;
+  return s.scrollHeight - s.scrollTop - s.clientHeight < 80;
+}
+
+function scrollToBottom() {
+  ui.scroller.scrollTop = ui.scroller.scrollHeight;
+  ui.jump.hidden = true;
+}
+
+// ---------------------------------------------------------------- notices
+
+let noticeTimer = null;
+
+// kind "connection" marks notices about the socket, which a later successful
+// connection clears; other notices stay until dismissed or timed out.
+function showNotice(text, { sticky = false, tone = "info", kind = "general" } = {}) {
+  clearTimeout(noticeTimer);
+  ui.noticeText.textContent = text;
+  ui.notice.dataset.tone = tone;
+  ui.notice.dataset.kind = kind;
+  ui.notice.hidden = false;
+  if (!sticky) noticeTimer = setTimeout(hideNotice, 8000);
+}
+
+function hideNotice(kind) {
+  if (typeof kind === "string" && ui.notice.dataset.kind !== kind) return;
+  clearTimeout(noticeTimer);
+  ui.notice.hidden = true;
+  ui.noticeText.textContent = "";
+}
+
+function showComposerError(text) {
+  ui.composerError.textContent = text;
+  clearTimeout(showComposerError.timer);
+  showComposerError.timer = setTimeout(() => {
+    ui.composerError.textContent = "";
+  }, 6000);
+}
+
+// ---------------------------------------------------------------- status
+
+const STATE_LABELS = {
+  offline: "Not connected",
+  connecting: "Connecting…",
+  connected: "Connected",
+  reconnecting: "Reconnecting…",
+  stopped: "Disconnected",
+};
+
+function renderStatus() {
+  const room = state.active ? state.rooms.get(state.active) : null;
+  let status = "offline";
+  let text = STATE_LABELS.offline;
+  if (room) {
+    status = room.status;
+    text = room.statusText || STATE_LABELS[status];
+  }
+  if (ui.connStatus.dataset.state !== status || ui.connText.textContent !== text) {
+    ui.connStatus.dataset.state = status;
+    ui.connText.textContent = text;
+  }
+  // While reconnecting people can keep typing and sending: messages wait,
+  // marked as such, and go out once the connection is back.
+  const usable = Boolean(room) && room.status !== "stopped";
+  ui.input.disabled = !usable;
+  ui.send.disabled = !usable;
+  for (const item of ui.joinedRooms.children) {
+    const r = state.rooms.get(item.dataset.room);
+    if (r) item.dataset.state = r.status;
+  }
+}
+
+// ---------------------------------------------------------------- rooms
+
+class RoomConnection {
+  constructor(name) {
+    this.name = name;
+    this.socket = null;
+    this.status = "connecting";
+    this.statusText = "";
+    this.attempt = 0;
+    this.retryTimer = null;
+    this.closedByUs = false;
+    this.stopped = false;
+    this.resumeSeq = null; // highest seq received; replay starts after it
+    this.welcomeSeq = null; // last_seq of the current socket's welcome
+    this.seqs = new Set(); // every seq rendered, so none shows twice
+    this.oldestSeq = null;
+    this.hasEarlier = false;
+    this.online = [];
+    this.unread = 0;
+    this.items = []; // rendered <li> elements in seq order (confirmed messages)
+    this.pending = new Map(); // client_id -> {body, li, sentOn}
+    this.historyLoaded = false;
+  }
+
+  connect() {
+    clearTimeout(this.retryTimer);
+    if (this.stopped || !state.accessToken) return;
+    this.closedByUs = false;
+    this.setStatus(this.attempt === 0 ? "connecting" : "reconnecting");
+    let url = `wss://${location.host}/ws/${encodeURIComponent(this.name)}`;
+    if (this.resumeSeq !== null) url += `?since=${this.resumeSeq}`;
+    // The token rides in the subprotocol list, never in the URL; the server
+    // answers with "chat.v1" only and never echoes the token back.
+    let socket;
+    try {
+      socket = new WebSocket(url, [PROTOCOL, `bearer.${state.accessToken}`]);
+    } catch (err) {
+      this.scheduleReconnect(1006);
+      return;
+    }
+    this.socket = socket;
+    socket.addEventListener("message", (event) => {
+      if (this.socket === socket) this.onFrame(event.data);
+    });
+    socket.addEventListener("close", (event) => {
+      if (this.socket === socket) this.onClose(event);
+    });
+  }
+
+  setStatus(status, text = "") {
+    this.status = status;
+    this.statusText = text;
+    renderStatus();
+  }
+
+  send(frame) {
+    if (this.socket && this.socket.readyState === WebSocket.OPEN) {
+      this.socket.send(JSON.stringify(frame));
+      return true;
+    }
+    return false;
+  }
+
+  reauth(token) {
+    this.send({ type: "reauth", token });
+  }
+
+  close() {
+    this.stopped = true;
+    this.closedByUs = true;
+    clearTimeout(this.retryTimer);
+    if (this.socket) {
+      const socket = this.socket;
+      this.socket = null;
+      if (socket.readyState <= WebSocket.OPEN) socket.close(1000, "bye");
+    }
+  }
+
+  onFrame(raw) {
+    let frame;
+    try {
+      frame = JSON.parse(raw);
+    } catch (parseError) {
+      return;
+    }
+    switch (frame.type) {
+      case "welcome":
+        this.onWelcome(frame);
+        break;
+      case "message":
+        this.onMessage(frame);
+        break;
+      case "presence":
+        this.onPresence(frame);
+        break;
+      case "error":
+        this.onErrorFrame(frame);
+        break;
+      default:
+        break;
+    }
+  }
+
+  onWelcome(frame) {
+    this.attempt = 0;
+    this.welcomeSeq = Number(frame.last_seq) || 0;
+    this.online = Array.isArray(frame.online) ? frame.online : [];
+    this.setStatus("connected");
+    if (this.isActive()) hideNotice("connection");
+    if (this.isActive()) renderOnline(this);
+    if (!this.historyLoaded) {
+      // First connection: nothing is replayed, so fetch the latest page of history.
+      this.historyLoaded = true;
+      if (this.resumeSeq === null) this.resumeSeq = this.welcomeSeq;
+      this.loadHistory({ before: this.welcomeSeq + 1 }).catch(() => {});
+    }
+    if (this.replayDone()) this.flushPending();
+    scheduleRoomListRefresh();
+  }
+
+  // Everything up to the welcome's last_seq is replayed before live frames.
+  replayDone() {
+    return this.welcomeSeq !== null && (this.resumeSeq ?? 0) >= this.welcomeSeq;
+  }
+
+  onMessage(frame) {
+    const seq = Number(frame.seq);
+    if (!Number.isInteger(seq)) return;
+    const isOwn = frame.client_id && this.pending.has(frame.client_id);
+    this.insert(frame);
+    if (isOwn) this.confirmPending(frame.client_id);
+    if (this.resumeSeq === null || seq > this.resumeSeq) this.resumeSeq = seq;
+    if (this.welcomeSeq !== null && seq === this.welcomeSeq) this.flushPending();
+  }
+
+  onPresence(frame) {
+    if (Array.isArray(frame.online)) this.online = frame.online;
+    scheduleRoomListRefresh();
+    if (this.isActive()) {
+      renderOnline(this);
+      if (frame.user && state.me && frame.user !== state.me.username) {
+        const verb = frame.event === "join" ? "joined" : "left";
+        this.addSystemLine(`${frame.user} ${verb} the room`);
+      }
+    }
+  }
+
+  onErrorFrame(frame) {
+    const text = FRAME_ERROR_MESSAGES[frame.code] || frame.message || "The server refused that.";
+    if (this.isActive()) showComposerError(text);
+    // A refused message will never be echoed: mark the oldest one in flight
+    // failed (frames are answered in order). invalid_token answers a reauth.
+    if (frame.code !== "invalid_token") {
+      for (const [clientId, entry] of this.pending) {
+        if (entry.sentOn) {
+          this.failPending(clientId);
+          break;
+        }
+      }
+    }
+  }
+
+  onClose(event) {
+    this.socket = null;
+    const code = event.code;
+    if (this.closedByUs || this.stopped) return;
+    // In-flight messages whose echo never came are decided after the replay
+    // of the next connection (they may have been stored before the drop).
+    if (code === 4403) {
+      this.stopped = true;
+      this.online = [];
+      if (this.isActive()) renderOnline(this);
+      this.setStatus("stopped", "Not allowed");
+      if (this.isActive()) showNotice(CLOSE_MESSAGES[4403], { sticky: true, tone: "error", kind: "connection" });
+      for (const id of this.pending.keys()) this.failPending(id);
+      return;
+    }
+    if (code === 4401) {
+      // Refresh, then reconnect. A second 4401 in a row (the welcome resets the
+      // counter) waits out a backoff so a persistent refusal cannot spin.
+      const delay = this.attempt > 0 ? backoffDelay(this.attempt) : 0;
+      this.attempt += 1;
+      this.setStatus("reconnecting", "Renewing session…");
+      refreshTokens().then(() => {
+        this.retryTimer = setTimeout(() => this.connect(), delay);
+      }, () => {});
+      return;
+    }
+    this.scheduleReconnect(code);
+  }
+
+  scheduleReconnect(code) {
+    // 4429 means we were too eager: start the backoff further along.
+    if (code === 4429 && this.attempt < 4) this.attempt = 4;
+    const delay = code === 1001 && this.attempt === 0
+      ? Math.floor(Math.random() * 1000)
+      : backoffDelay(this.attempt);
+    this.attempt += 1;
+    const seconds = Math.max(1, Math.round(delay / 1000));
+    this.setStatus("reconnecting", `Reconnecting in ${seconds}s…`);
+    if (this.isActive()) {
+      const message = CLOSE_MESSAGES[code] || `Connection closed (code ${code}). Reconnecting…`;
+      const tone = code === 1011 || code === 1009 ? "error" : "warn";
+      showNotice(message, { sticky: true, tone, kind: "connection" });
+    }
+    this.retryTimer = setTimeout(() => this.connect(), delay);
+  }
+
+  reconnectNow() {
+    if (this.stopped || this.socket) return;
+    this.attempt = 0;
+    this.connect();
+  }
+
+  isActive() {
+    return state.active === this.name;
+  }
+
+  // ------------------------------------------------------------ rendering
+
+  insert(frame) {
+    const seq = Number(frame.seq);
+    if (this.seqs.has(seq)) return false;
+    this.seqs.add(seq);
+    const li = renderMessage(frame, state.me && frame.user === state.me.username);
+    li.dataset.seq = String(seq);
+    li.dataset.user = frame.user;
+    li.dataset.ts = frame.ts;
+    // Keep the list ordered by seq: live frames append, history prepends.
+    let index = this.items.length;
+    while (index > 0 && Number(this.items[index - 1].dataset.seq) > seq) index -= 1;
+    this.items.splice(index, 0, li);
+    if (this.oldestSeq === null || seq < this.oldestSeq) this.oldestSeq = seq;
+    if (this.isActive()) {
+      const stick = isNearBottom();
+      const next = this.items[index + 1];
+      ui.messages.insertBefore(li, next && next.isConnected ? next : firstPendingNode());
+      regroup(li);
+      if (next) regroup(next);
+      ui.emptyRoom.hidden = true;
+      if (stick || (state.me && frame.user === state.me.username)) scrollToBottom();
+      else if (index === this.items.length - 1) ui.jump.hidden = false;
+    } else if (this.historyLoaded && seq > (this.welcomeSeq ?? 0)) {
+      this.unread += 1;
+      renderJoinedRooms();
+    }
+    return true;
+  }
+
+  addSystemLine(text) {
+    const li = el("li", "system-line", text);
+    li.dataset.system = "1";
+    const stick = isNearBottom();
+    ui.messages.insertBefore(li, firstPendingNode());
+    if (stick) scrollToBottom();
+  }
+
+  addPending(body) {
+    const clientId = newClientId();
+    const frame = {
+      user: state.me.username, body, ts: new Date().toISOString(), client_id: clientId,
+    };
+    const li = renderMessage(frame, true);
+    li.classList.add("pending");
+    li.dataset.clientId = clientId;
+    li.dataset.user = frame.user;
+    li.dataset.ts = frame.ts;
+    const status = el("span", "msg-state", "Sending…");
+    li.querySelector(".msg-meta").append(status);
+    const entry = { body, li, sentOn: null };
+    this.pending.set(clientId, entry);
+    if (this.isActive()) {
+      ui.messages.append(li);
+      regroup(li);
+      ui.emptyRoom.hidden = true;
+      scrollToBottom();
+    }
+    this.transmit(clientId);
+  }
+
+  transmit(clientId) {
+    const entry = this.pending.get(clientId);
+    if (!entry) return;
+    if (this.status === "connected" && this.replayDone() &&
+        this.send({ type: "message", body: entry.body, client_id: clientId })) {
+      entry.sentOn = this.socket;
+      entry.li.classList.remove("failed");
+      setPendingLabel(entry.li, "Sending…");
+    } else {
+      entry.sentOn = null;
+      setPendingLabel(entry.li, "Waiting for connection…");
+    }
+  }
+
+  confirmPending(clientId) {
+    const entry = this.pending.get(clientId);
+    if (!entry) return;
+    this.pending.delete(clientId);
+    entry.li.remove();
+  }
+
+  failPending(clientId) {
+    const entry = this.pending.get(clientId);
+    if (!entry) return;
+    entry.sentOn = null;
+    entry.li.classList.add("failed");
+    const meta = entry.li.querySelector(".msg-meta");
+    setPendingLabel(entry.li, "Not sent");
+    if (!meta.querySelector(".retry")) {
+      const retry = el("button", "link-button retry", "Retry");
+      retry.type = "button";
+      retry.addEventListener("click", () => {
+        retry.remove();
+        this.transmit(clientId);
+      });
+      meta.append(retry);
+    }
+  }
+
+  // Called once the replay after (re)connecting is complete: messages that were
+  // never sent go out now; ones sent on a previous socket whose echo did not
+  // arrive in the replay were lost with that socket, so offer a retry instead
+  // of resending blindly (which could post them twice).
+  flushPending() {
+    for (const [clientId, entry] of this.pending) {
+      if (entry.sentOn && entry.sentOn !== this.socket) this.failPending(clientId);
+      else if (!entry.sentOn && !entry.li.classList.contains("failed")) this.transmit(clientId);
+    }
+  }
+
+  async loadHistory({ before }) {
+    const params = new URLSearchParams({ limit: String(HISTORY_PAGE) });
+    if (before !== undefined) params.set("before", String(before));
+    const data = await api("GET",
+      `/api/rooms/${encodeURIComponent(this.name)}/messages?${params}`);
+    const messages = (data && data.messages) || [];
+    const scroller = ui.scroller;
+    const fromBottom = scroller.scrollHeight - scroller.scrollTop;
+    const wasAtBottom = isNearBottom();
+    for (const frame of messages) this.insert({ ...frame, room: this.name });
+    this.hasEarlier = messages.length >= HISTORY_PAGE && (this.oldestSeq ?? 1) > 1;
+    if (this.isActive()) {
+      ui.earlier.hidden = !this.hasEarlier;
+      ui.emptyRoom.hidden = this.items.length > 0 || this.pending.size > 0;
+      if (before !== undefined && this.items.length > messages.length && !wasAtBottom) {
+        scroller.scrollTop = scroller.scrollHeight - fromBottom;
+      } else if (wasAtBottom || before === this.welcomeSeq + 1) {
+        scrollToBottom();
+      }
+    }
+  }
+}
+
+function setPendingLabel(li, text) {
+  const label = li.querySelector(".msg-state");
+  if (label) label.textContent = text;
+}
+
+function firstPendingNode() {
+  return ui.messages.querySelector("li.pending");
+}
+
+function renderMessage(frame, own) {
+  const li = el("li", own ? "msg own" : "msg");
+  const date = new Date(frame.ts);
+  li.append(avatar(frame.user || "?"));
+  const main = el("div", "msg-main");
+  const meta = el("div", "msg-meta");
+  meta.append(el("span", "msg-user", frame.user));
+  const time = el("time", "msg-time", formatTime(date));
+  if (!Number.isNaN(date.getTime())) {
+    time.dateTime = frame.ts;
+    time.title = fullFormat.format(date);
+  }
+  meta.append(time);
+  main.append(meta);
+  // textContent, never innerHTML: the body is shown exactly as typed.
+  main.append(el("p", "msg-body", frame.body));
+  li.append(main);
+  return li;
+}
+
+// Consecutive messages from one person within a few minutes share one header.
+function regroup(li) {
+  if (!li || !li.classList.contains("msg")) return;
+  const prev = li.previousElementSibling;
+  let continued = false;
+  if (prev && prev.classList.contains("msg") && prev.dataset.user === li.dataset.user) {
+    const gap = new Date(li.dataset.ts) - new Date(prev.dataset.ts);
+    continued = gap >= 0 && gap < GROUP_WINDOW_MS;
+  }
+  li.classList.toggle("continued", continued);
+}
+
+function renderOnline(room) {
+  const people = [...new Set(room.online)].sort((a, b) => a.localeCompare(b));
+  ui.onlineList.replaceChildren(...people.map((name) => {
+    const li = el("li", "person");
+    li.append(avatar(name));
+    li.append(el("span", "person-name", name));
+    if (state.me && name === state.me.username) li.append(el("span", "person-you", "(you)"));
+    return li;
+  }));
+  ui.onlineCount.textContent = people.length ? String(people.length) : "";
+}
+
+function renderJoinedRooms() {
+  const names = [...state.rooms.keys()];
+  ui.joinedEmpty.hidden = names.length > 0;
+  ui.joinedRooms.replaceChildren(...names.map((name) => {
+    const room = state.rooms.get(name);
+    const li = el("li", "room-item");
+    li.dataset.room = name;
+    li.dataset.state = room.status;
+    const button = el("button", "room-button");
+    button.type = "button";
+    button.append(el("span", "room-hash", "#"));
+    button.append(el("span", "room-name", name));
+    if (room.unread > 0) {
+      const badge = el("span", "badge", String(room.unread));
+      badge.setAttribute("aria-label", `${room.unread} unread`);
+      button.append(badge);
+    }
+    if (name === state.active) button.setAttribute("aria-current", "true");
+    button.addEventListener("click", () => switchRoom(name));
+    li.append(button);
+    return li;
+  }));
+}
+
+// Presence bursts (a restart reconnects everyone) cause one room-list fetch.
+function scheduleRoomListRefresh() {
+  clearTimeout(scheduleRoomListRefresh.timer);
+  scheduleRoomListRefresh.timer = setTimeout(refreshRoomList, 1000);
+}
+
+async function refreshRoomList() {
+  if (!state.me) return;
+  let data;
+  try {
+    data = await api("GET", "/api/rooms");
+  } catch (err) {
+    return;
+  }
+  const rooms = ((data && data.rooms) || []).slice()
+    .sort((a, b) => (b.online - a.online) || a.name.localeCompare(b.name));
+  ui.allRoomsEmpty.hidden = rooms.length > 0;
+  ui.allRooms.replaceChildren(...rooms.map((room) => {
+    const li = el("li", "room-item");
+    const button = el("button", "room-button");
+    button.type = "button";
+    button.append(el("span", "room-hash", "#"));
+    button.append(el("span", "room-name", room.name));
+    const count = el("span", "room-online", `${room.online} online`);
+    button.append(count);
+    button.addEventListener("click", () => joinRoom(room.name));
+    li.append(button);
+    return li;
+  }));
+}
+
+function saveRooms() {
+  try {
+    sessionStorage.setItem(ROOMS_KEY, JSON.stringify([...state.rooms.keys()]));
+    if (state.active) sessionStorage.setItem(ACTIVE_KEY, state.active);
+    else sessionStorage.removeItem(ACTIVE_KEY);
+  } catch (storageError) {
+    // not persisted
+  }
+}
+
+function joinRoom(name) {
+  if (!state.rooms.has(name)) {
+    const room = new RoomConnection(name);
+    state.rooms.set(name, room);
+    room.connect();
+  }
+  switchRoom(name);
+}
+
+function switchRoom(name) {
+  const room = state.rooms.get(name);
+  if (!room) return;
+  state.active = name;
+  room.unread = 0;
+  if (room.stopped && room.status !== "stopped") {
+    room.stopped = false;
+    room.connect();
+  }
+  ui.roomTitle.textContent = `# ${name}`;
+  ui.leave.hidden = false;
+  const pendingNodes = [...room.pending.values()].map((entry) => entry.li);
+  ui.messages.replaceChildren(...room.items, ...pendingNodes);
+  for (const li of ui.messages.children) regroup(li);
+  ui.emptyRoom.hidden = room.items.length > 0 || pendingNodes.length > 0 || !room.historyLoaded;
+  ui.earlier.hidden = !room.hasEarlier;
+  renderOnline(room);
+  renderJoinedRooms();
+  renderStatus();
+  scrollToBottom();
+  hideNotice("connection");
+  if (room.status === "stopped") {
+    showNotice(CLOSE_MESSAGES[4403], { sticky: true, tone: "error", kind: "connection" });
+  }
+  saveRooms();
+  closeSidebar();
+  ui.input.focus();
+}
+
+function leaveRoom() {
+  const name = state.active;
+  const room = name && state.rooms.get(name);
+  if (!room) return;
+  room.close();
+  state.rooms.delete(name);
+  const next = state.rooms.keys().next();
+  state.active = null;
+  if (!next.done) {
+    switchRoom(next.value);
+  } else {
+    ui.roomTitle.textContent = "No room";
+    ui.leave.hidden = true;
+    ui.messages.replaceChildren();
+    ui.onlineList.replaceChildren();
+    ui.onlineCount.textContent = "";
+    ui.earlier.hidden = true;
+    ui.emptyRoom.hidden = true;
+    renderJoinedRooms();
+    renderStatus();
+    saveRooms();
+    ui.joinRoom.focus();
+  }
+  refreshRoomList();
+}
+
+// ---------------------------------------------------------------- views
+
+function setAuthMode(register) {
+  state.registerMode = register;
+  ui.authTitle.textContent = register ? "Create an account" : "Log in";
+  ui.authLead.textContent = register
+    ? "Pick a username and a password of at least 8 characters."
+    : "Welcome back. Log in to start chatting.";
+  ui.authSubmit.textContent = register ? "Create account" : "Log in";
+  ui.authSwitchText.textContent = register ? "Already have an account?" : "New here?";
+  ui.authSwitch.textContent = register ? "Log in instead" : "Create an account";
+  ui.authPassword.autocomplete = register ? "new-password" : "current-password";
+  ui.authError.textContent = "";
+}
+
+function showAuth(message) {
+  ui.chatView.hidden = true;
+  ui.account.hidden = true;
+  ui.sidebarToggle.hidden = true;
+  ui.authView.hidden = false;
+  ui.authPassword.value = "";
+  ui.authError.textContent = message || "";
+  renderStatus();
+  ui.authUsername.focus();
+}
+
+function showChat() {
+  ui.authView.hidden = true;
+  ui.chatView.hidden = false;
+  ui.account.hidden = false;
+  ui.sidebarToggle.hidden = false;
+  ui.meName.textContent = state.me.username;
+  ui.authError.textContent = "";
+  renderJoinedRooms();
+  renderStatus();
+  refreshRoomList();
+  clearInterval(state.roomsTimer);
+  state.roomsTimer = setInterval(refreshRoomList, 30000);
+}
+
+function openSidebar() {
+  document.body.classList.add("sidebar-open");
+  ui.sidebarToggle.setAttribute("aria-expanded", "true");
+  ui.joinRoom.focus();
+}
+
+function closeSidebar() {
+  if (!document.body.classList.contains("sidebar-open")) return;
+  document.body.classList.remove("sidebar-open");
+  ui.sidebarToggle.setAttribute("aria-expanded", "false");
+}
+
+// ---------------------------------------------------------------- session
+
+async function startSession() {
+  state.me = await api("GET", "/api/me");
+  showChat();
+  let saved = [];
+  let active = null;
+  try {
+    saved = JSON.parse(sessionStorage.getItem(ROOMS_KEY) || "[]");
+    active = sessionStorage.getItem(ACTIVE_KEY);
+  } catch (storageError) {
+    saved = [];
+  }
+  saved = Array.isArray(saved) ? saved.filter((name) => ROOM_RE.test(name)) : [];
+  for (const name of saved) {
+    if (!state.rooms.has(name)) {
+      const room = new RoomConnection(name);
+      state.rooms.set(name, room);
+      room.connect();
+    }
+  }
+  if (active && state.rooms.has(active)) switchRoom(active);
+  else if (saved.length) switchRoom(saved[0]);
+  else ui.joinRoom.focus();
+}
+
+async function onAuthSubmit(event) {
+  event.preventDefault();
+  const username = ui.authUsername.value.trim();
+  const password = ui.authPassword.value;
+  if (!USERNAME_RE.test(username)) {
+    ui.authError.textContent = HTTP_MESSAGES.invalid_username;
+    ui.authUsername.focus();
+    return;
+  }
+  if (password.length < 8) {
+    ui.authError.textContent = "Passwords have at least 8 characters.";
+    ui.authPassword.focus();
+    return;
+  }
+  ui.authSubmit.disabled = true;
+  ui.authError.textContent = "";
+  try {
+    if (state.registerMode) {
+      await request("POST", "/api/register", { username, password });
+    }
+    const pair = await request("POST", "/api/login", { username, password });
+    storeTokens(pair);
+    ui.authPassword.value = "";
+    if (state.registerMode) setAuthMode(false);
+    await startSession();
+  } catch (err) {
+    if (err instanceof SessionEnded) return;
+    ui.authError.textContent = humanApiError(err);
+    (err.code === "invalid_username" || err.code === "username_taken"
+      ? ui.authUsername : ui.authPassword).focus();
+  } finally {
+    ui.authSubmit.disabled = false;
+  }
+}
+
+async function logout() {
+  ui.logout.disabled = true;
+  const token = state.accessToken;
+  for (const room of state.rooms.values()) room.close();
+  try {
+    if (token) await request("POST", "/api/logout", undefined, token);
+  } catch (err) {
+    // Signing out locally still happens; the server-side session expires anyway.
+  }
+  ui.logout.disabled = false;
+  clearSession();
+  try {
+    sessionStorage.removeItem(ROOMS_KEY);
+    sessionStorage.removeItem(ACTIVE_KEY);
+  } catch (storageError) {
+    // nothing stored
+  }
+  setAuthMode(false);
+  showAuth("");
+  showNotice("You have logged out.");
+}
+
+function onSend(event) {
+  if (event) event.preventDefault();
+  const room = state.active && state.rooms.get(state.active);
+  const body = ui.input.value;
+  if (!room || !body.trim()) return;
+  ui.input.value = "";
+  autosize();
+  room.addPending(body);
+}
+
+function autosize() {
+  // Grow with the text up to a limit; rows avoids setting inline styles.
+  const lines = ui.input.value.split("\n").length;
+  ui.input.rows = Math.min(Math.max(lines, 1), 8);
+}
+
+// ---------------------------------------------------------------- wiring
+
+ui.authForm.addEventListener("submit", onAuthSubmit);
+ui.authSwitch.addEventListener("click", () => {
+  setAuthMode(!state.registerMode);
+  ui.authUsername.focus();
+});
+ui.logout.addEventListener("click", logout);
+ui.noticeClose.addEventListener("click", hideNotice);
+ui.leave.addEventListener("click", leaveRoom);
+ui.jump.addEventListener("click", scrollToBottom);
+ui.scroller.addEventListener("scroll", () => {
+  if (isNearBottom()) ui.jump.hidden = true;
+});
+ui.earlier.addEventListener("click", async () => {
+  const room = state.active && state.rooms.get(state.active);
+  if (!room || room.oldestSeq === null) return;
+  ui.earlier.disabled = true;
+  try {
+    await room.loadHistory({ before: room.oldestSeq });
+  } catch (err) {
+    showNotice(humanApiError(err), { tone: "error" });
+  } finally {
+    ui.earlier.disabled = false;
+  }
+});
+
+ui.joinForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const name = ui.joinRoom.value.trim().replace(/^#/, "");
+  if (!ROOM_RE.test(name)) {
+    ui.joinError.textContent = "Room names are 3–32 characters: letters, digits, _ . or -.";
+    ui.joinRoom.focus();
+    return;
+  }
+  ui.joinError.textContent = "";
+  ui.joinRoom.value = "";
+  joinRoom(name);
+});
+
+ui.composer.addEventListener("submit", onSend);
+ui.input.addEventListener("keydown", (event) => {
+  // Enter sends; Shift+Enter inserts a newline; never interrupt an IME composition.
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    onSend();
+  }
+});
+ui.input.addEventListener("input", autosize);
+
+ui.sidebarToggle.addEventListener("click", () => {
+  if (document.body.classList.contains("sidebar-open")) closeSidebar();
+  else openSidebar();
+});
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") closeSidebar();
+});
+// On a phone the sidebar is a drawer over the conversation: a tap outside closes it.
+document.addEventListener("click", (event) => {
+  const sidebar = document.getElementById("sidebar");
+  if (!sidebar.contains(event.target) && !ui.sidebarToggle.contains(event.target)) closeSidebar();
+});
+
+// Coming back online or to the tab: retry at once instead of waiting out the backoff.
+window.addEventListener("online", () => {
+  for (const room of state.rooms.values()) room.reconnectNow();
+});
+
+async function boot() {
+  setAuthMode(false);
+  if (!storedRefreshToken()) {
+    showAuth("");
+    return;
+  }
+  try {
+    await refreshTokens();
+    await startSession();
+  } catch (err) {
+    if (!(err instanceof SessionEnded)) {
+      clearSession();
+      showAuth(humanApiError(err));
+    }
+  }
+}
+
+boot();
