@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import importlib
 import logging
 import secrets
 import sqlite3
@@ -32,7 +33,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import sqlalchemy as sa
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
@@ -252,23 +252,31 @@ class RotateResult:
     username: str | None
 
 
-# What a driver may raise when the database is down or misbehaves. asyncpg
-# raises OSError/its own errors straight out of connect(), before SQLAlchemy
-# can wrap them; a timeout may come from asyncio or the pool.
+# asyncpg ships no type information; its exception classes are all we need.
+_asyncpg: Any = importlib.import_module("asyncpg")
+
+# What a driver may raise when the database is down or misbehaves. SQLAlchemy
+# wraps most of it, but a refused connection arrives as a bare OSError, and a
+# timeout may come from asyncio or the pool; the driver classes are a safety
+# net for anything raised outside SQLAlchemy's translation.
 _DB_ERRORS: tuple[type[BaseException], ...] = (
     exc.SQLAlchemyError,
     OSError,
     asyncio.TimeoutError,
     TimeoutError,
     sqlite3.Error,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
+    _asyncpg.PostgresError,
+    _asyncpg.InterfaceError,
 )
 
 
 def _describe(error: BaseException) -> str:
     """One line naming the error without its (possibly huge) SQL or parameters."""
-    original = getattr(error, "orig", None) or error
+    original: BaseException = getattr(error, "orig", None) or error
+    # SQLAlchemy's asyncpg adapter wraps the driver's specific error (e.g.
+    # InvalidCatalogNameError) in a generic "Error": name the specific one.
+    if type(original).__name__ == "Error" and original.__cause__ is not None:
+        original = original.__cause__
     text = str(original).strip().splitlines()
     first = text[0][:200] if text else ""
     name = type(original).__name__
@@ -283,7 +291,7 @@ def _translate(operation: str) -> Iterator[None]:
     except StorageError:
         raise
     except _DB_ERRORS as error:
-        raise StorageError(f"database error during {operation}: {_describe(error)}") from error
+        raise StorageError(f"database error ({operation}): {_describe(error)}") from error
 
 
 def _format_ts(ms: int) -> str:
@@ -347,6 +355,39 @@ def _install_sqlite_pragmas(engine: AsyncEngine) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _engine_options(parsed: sa.URL) -> tuple[dict[str, Any], bool]:
+    """Engine keyword arguments for a URL, and whether to serialise all access.
+
+    Raises:
+        StorageError: unsupported URL, or the SQLite directory cannot be made.
+    """
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or "mode=memory" in database:
+            # One shared connection: every operation takes the lock in turn.
+            return {"poolclass": StaticPool}, True
+        if not database.startswith("file:"):
+            # The database holds password hashes: keep its directory private.
+            with _translate("creating the database directory"):
+                Path(database).expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # SQLAlchemy before 2.0.38 opened a new SQLite connection (and thread)
+        # per checkout; pool them on every version.
+        return {"poolclass": AsyncAdaptedQueuePool, "pool_timeout": POOL_TIMEOUT}, False
+    if backend == "postgresql":
+        return {
+            # A connection killed by a database restart is noticed and
+            # replaced at checkout, so the pool recovers on its own.
+            "pool_pre_ping": True,
+            "pool_timeout": POOL_TIMEOUT,
+            "connect_args": {"timeout": CONNECT_TIMEOUT},
+        }, False
+    raise StorageError(
+        f"unsupported database URL scheme {parsed.drivername!r}: "
+        "use sqlite+aiosqlite:// or postgresql+asyncpg://"
+    )
+
+
 class Storage:
     """The database behind the chat server (SQLite or PostgreSQL).
 
@@ -389,60 +430,29 @@ class Storage:
             StorageError: the database is unreachable or the migrations fail.
         """
         parsed = make_url(url)
-        backend = parsed.get_backend_name()
-        serialize_all = False
-        kwargs: dict[str, Any] = {}
-        if backend == "sqlite":
-            database = parsed.database or ""
-            in_memory = database in ("", ":memory:") or "mode=memory" in database
-            if in_memory:
-                kwargs["poolclass"] = StaticPool
-                serialize_all = True
-            else:
-                if not database.startswith("file:"):
-                    # The database holds password hashes: keep its directory private.
-                    with _translate("creating the database directory"):
-                        Path(database).expanduser().parent.mkdir(
-                            mode=0o700, parents=True, exist_ok=True
-                        )
-                # SQLAlchemy before 2.0.38 opened a new SQLite connection (and
-                # thread) per checkout; pool them on every version.
-                kwargs["poolclass"] = AsyncAdaptedQueuePool
-                kwargs["pool_timeout"] = POOL_TIMEOUT
-        elif backend == "postgresql":
-            kwargs.update(
-                # A connection killed by a database restart is noticed and
-                # replaced at checkout, so the pool recovers on its own.
-                pool_pre_ping=True,
-                pool_timeout=POOL_TIMEOUT,
-                connect_args={"timeout": CONNECT_TIMEOUT},
-            )
-        else:
-            raise StorageError(
-                f"unsupported database URL scheme {parsed.drivername!r}: "
-                "use sqlite+aiosqlite:// or postgresql+asyncpg://"
-            )
-        with _translate("connecting"):
+        where = parsed.render_as_string(hide_password=True)
+        kwargs, serialize_all = _engine_options(parsed)
+        with _translate(f"opening {where}"):
             engine = create_async_engine(parsed, **kwargs)
-        if backend == "sqlite":
+        if parsed.get_backend_name() == "sqlite":
             _install_sqlite_pragmas(engine)
         storage = cls(engine, serialize_all=serialize_all)
         try:
-            await storage._migrate()
+            await storage._migrate(where)
         except BaseException:
             await engine.dispose()
             raise
         return storage
 
-    async def _migrate(self) -> None:
+    async def _migrate(self, where: str) -> None:
         """Apply Alembic migrations up to head (idempotent)."""
         try:
-            with _translate("migrating the schema"):
+            with _translate(f"opening {where}"):
                 async with self._write() as conn:
                     await conn.run_sync(_upgrade_to_head)
         except CommandError as error:
             # E.g. the database was migrated by a newer release.
-            raise StorageError(f"database schema migration failed: {error}") from error
+            raise StorageError(f"migrating {where} failed: {error}") from error
 
     async def close(self) -> None:
         """Close every pooled connection."""
@@ -606,7 +616,9 @@ class Storage:
 
     # -- refresh tokens --------------------------------------------------------
 
-    async def add_refresh_token(self, session_id: str, token_hash: bytes, expires_at: float) -> None:
+    async def add_refresh_token(
+        self, session_id: str, token_hash: bytes, expires_at: float
+    ) -> None:
         """Store the hash of a refresh token issued in ``session_id``."""
         with _translate("add_refresh_token"):
             async with self._write() as conn:
@@ -810,9 +822,7 @@ class Storage:
                     )
                     next_seq[room] += 1
                 result = await conn.execute(
-                    messages.insert().returning(
-                        messages.c.id, messages.c.room_id, messages.c.seq
-                    ),
+                    messages.insert().returning(messages.c.id, messages.c.room_id, messages.c.seq),
                     rows,
                 )
                 # Rows may come back in any order; (room_id, seq) is unique.
@@ -875,7 +885,7 @@ class Storage:
             async with self._read() as conn:
                 fetched = (await conn.execute(query)).all()
         if newest_first:
-            fetched.reverse()
+            fetched = list(reversed(fetched))
         return [
             StoredMessage(
                 id=int(r.id),

@@ -46,9 +46,7 @@ def upgrade() -> None:
         sa.Column(
             "session_id",
             sa.String(64),
-            sa.ForeignKey(
-                "sessions.id", ondelete="CASCADE", name="fk_refresh_tokens_session_id"
-            ),
+            sa.ForeignKey("sessions.id", ondelete="CASCADE", name="fk_refresh_tokens_session_id"),
             nullable=False,
         ),
         sa.Column("expires_at", sa.Double, nullable=False),
