@@ -256,16 +256,25 @@ class Hub:
         if room.delivered is None:
             # The joining socket has not read the room's cursor from storage
             # yet; note_last_seq() releases this in order.
-            room.pending[msg.seq] = (msg, origin)
+            self._hold(room, msg, origin)
         elif msg.seq == room.delivered + 1:
             self._fan_out(room, msg, origin)
             self._drain_pending(room)
         elif msg.seq > room.delivered + 1:
-            room.pending[msg.seq] = (msg, origin)
+            self._hold(room, msg, origin)
             if room.gap_timer is None:
                 loop = asyncio.get_running_loop()
                 room.gap_timer = loop.call_later(self._gap_wait, self._start_fill, room.name)
         # else: already delivered (a duplicate notification)
+
+    @staticmethod
+    def _hold(room: Room, msg: StoredMessage, origin: Member | None) -> None:
+        # A duplicate notification of a held message (the broker's copy, which
+        # has no origin) must not replace the local sender's entry: only that
+        # one gets the client_id echo the sender waits for.
+        held = room.pending.get(msg.seq)
+        if held is None or held[1] is None:
+            room.pending[msg.seq] = (msg, origin)
 
     def _fan_out(self, room: Room, msg: StoredMessage, origin: Member | None) -> None:
         room.delivered = msg.seq
@@ -329,6 +338,12 @@ class Hub:
                 held = room.pending.pop(msg.seq, None)
                 self._fan_out(room, msg, held[1] if held else None)
         self._drain_pending(room)
+        if room.pending and room.gap_timer is None:
+            # One fetch returns at most one page (Storage.messages caps it), so
+            # a long gap needs several; do not wait for another live message to
+            # arm the next one, or the held messages stall in a quiet room.
+            loop = asyncio.get_running_loop()
+            room.gap_timer = loop.call_later(self._gap_wait, self._start_fill, room_name)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._dirty:

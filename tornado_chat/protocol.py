@@ -103,7 +103,14 @@ def parse_client_frame(data: str | bytes, *, max_body_chars: int) -> ClientFrame
         return _parse_message(obj, max_body_chars)
     if kind == "reauth":
         token = obj.get("token")
-        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+        # A lone surrogate would make the JWT library raise UnicodeEncodeError
+        # (not its InvalidTokenError) when it encodes the token to bytes.
+        if (
+            not isinstance(token, str)
+            or not token
+            or len(token) > MAX_TOKEN_CHARS
+            or _FORBIDDEN_CHARS.search(token)
+        ):
             raise ProtocolError("invalid_token", "reauth needs a token string")
         return Reauth(token)
     raise ProtocolError("unknown_type", "type must be 'message' or 'reauth'")

@@ -1,0 +1,636 @@
+"""Unit tests for tornado_chat.hub: membership, presence, ordered fan-out, gap fill, closing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+from collections.abc import Sequence
+
+import pytest
+
+from tornado_chat import protocol
+from tornado_chat.hub import Hub, Member
+from tornado_chat.storage import StoredMessage
+
+GAP = 0.01  # gap_wait for these tests: long enough to notice, short enough to stay fast
+
+
+class FakePeer:
+    """A test double for a socket: records what the hub writes and how it closes it."""
+
+    def __init__(self, accept: bool = True) -> None:
+        self.accept = accept
+        self.writes: list[bytes] = []
+        self.closes: list[tuple[int, str]] = []
+
+    def write_raw(self, data: bytes) -> bool:
+        """Record one write; answer False to play a socket whose outbox overflowed."""
+        self.writes.append(data)
+        return self.accept
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Record a close."""
+        self.closes.append((code, reason))
+
+    def frames(self) -> list[dict[str, object]]:
+        """Every JSON frame written so far, in order."""
+        return [f for data in self.writes for f in split_frames(data)]
+
+    def seqs(self) -> list[object]:
+        """The seq of every message frame written so far, in order."""
+        return [f["seq"] for f in self.frames() if f["type"] == "message"]
+
+
+def split_frames(data: bytes) -> list[dict[str, object]]:
+    """Split a write into unmasked text frames (RFC 6455 5.2) and decode their JSON."""
+    out: list[dict[str, object]] = []
+    i = 0
+    while i < len(data):
+        assert data[i] == 0x81, "expected a final, unmasked text frame"
+        n = data[i + 1]
+        i += 2
+        assert not n & 0x80
+        if n == 126:
+            (n,) = struct.unpack_from("!H", data, i)
+            i += 2
+        elif n == 127:
+            (n,) = struct.unpack_from("!Q", data, i)
+            i += 8
+        assert i + n <= len(data), "truncated frame"
+        out.append(json.loads(data[i : i + n]))
+        i += n
+    return out
+
+
+def msg(
+    seq: int, room: str = "lobby", client_id: str | None = None, user: str = "alice"
+) -> StoredMessage:
+    """A stored message with a predictable id and body."""
+    return StoredMessage(
+        id=1000 + seq,
+        room=room,
+        seq=seq,
+        user=user,
+        body=f"m{seq}",
+        ts="2026-01-01T00:00:00.000Z",
+        client_id=client_id,
+    )
+
+
+class FakeStore:
+    """What the hub's fetch function reads: stored messages, paged like Storage.messages."""
+
+    def __init__(self, messages: Sequence[StoredMessage] = (), *, page: int = 1000) -> None:
+        self.messages = list(messages)
+        self.page = page
+        self.calls: list[tuple[str, int]] = []
+        self.failures = 0  # how many of the next calls raise
+
+    async def fetch(self, room: str, since: int) -> list[StoredMessage]:
+        """Messages of ``room`` with seq > since, ascending, at most one page."""
+        self.calls.append((room, since))
+        await asyncio.sleep(0)
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("database unreachable")
+        found = sorted(
+            (m for m in self.messages if m.room == room and m.seq > since), key=lambda m: m.seq
+        )
+        return found[: self.page]
+
+
+async def turn() -> None:
+    """Let the loop run the hub's once-per-turn flush (and anything else that is due)."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def wait_for(predicate: object, timeout: float = 1.0) -> None:
+    """Poll until ``predicate()`` is true; fail after ``timeout`` seconds."""
+    assert callable(predicate)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(GAP / 4)
+
+
+def add(
+    hub: Hub,
+    room: str = "lobby",
+    user_id: int = 1,
+    username: str = "alice",
+    session: str = "s1",
+    *,
+    accept: bool = True,
+    start: bool = True,
+) -> tuple[Member, FakePeer]:
+    """Join a member with a fresh FakePeer; started (ready) unless told otherwise."""
+    peer = FakePeer(accept)
+    member = Member(peer, room, user_id, username, session)
+    hub.join(member)
+    if start:
+        member.start([])
+    return member, peer
+
+
+# -- Member ---------------------------------------------------------------------------
+
+
+def test_member_holds_frames_until_start() -> None:
+    """Live frames queued before start() wait behind the set-up frames, deduplicated by seq."""
+    peer = FakePeer()
+    m = Member(peer, "lobby", 1, "alice", "s1")
+    assert not m.ready
+    live2, live3 = protocol.message_frame(msg(2)), protocol.message_frame(msg(3))
+    presence = protocol.presence_frame("join", "bob", ["alice", "bob"])
+    assert m.queue(live2, 2) is False
+    assert m.queue(presence) is False
+    assert m.queue(live3, 3) is False
+    m.flush()
+    assert peer.writes == [], "held frames must not be written before start()"
+    welcome = protocol.welcome_frame("lobby", "alice", 2, ["alice"])
+    m.start([(0, welcome), (1, protocol.message_frame(msg(1))), (2, live2)])
+    assert m.ready
+    m.flush()
+    assert len(peer.writes) == 1
+    kinds = [(f["type"], f.get("seq")) for f in peer.frames()]
+    assert kinds == [("welcome", None), ("message", 1), ("message", 2), ("presence", None),
+                     ("message", 3)]  # fmt: skip
+    assert m.last_seq == 3
+
+
+def test_member_drops_duplicate_and_old_seq() -> None:
+    """A message frame at or below the highest seq already queued is dropped."""
+    peer = FakePeer()
+    m = Member(peer, "lobby", 1, "alice", "s1")
+    m.start([])
+    assert m.queue(protocol.message_frame(msg(5)), 5) is True
+    assert m.queue(protocol.message_frame(msg(5)), 5) is False
+    assert m.queue(protocol.message_frame(msg(4)), 4) is False
+    m.flush()
+    assert peer.seqs() == [5]
+
+
+def test_member_queue_reports_only_first_frame() -> None:
+    """queue() returns True only when the outbox goes from empty to non-empty."""
+    m = Member(FakePeer(), "lobby", 1, "alice", "s1")
+    m.start([])
+    frame = protocol.error_frame("x", "y")
+    assert [m.queue(frame), m.queue(frame), m.queue(frame)] == [True, False, False]
+    m.flush()
+    assert m.queue(frame) is True
+
+
+def test_member_flush_empty_writes_nothing() -> None:
+    """Flushing an empty outbox does not touch the socket."""
+    peer = FakePeer()
+    m = Member(peer, "lobby", 1, "alice", "s1")
+    m.start([])
+    m.flush()
+    assert peer.writes == []
+
+
+def test_member_flush_overflow_closes_4408() -> None:
+    """A write_raw answering False closes that socket with 4408."""
+    peer = FakePeer(accept=False)
+    m = Member(peer, "lobby", 1, "alice", "s1")
+    m.start([])
+    m.queue(protocol.error_frame("x", "y"))
+    m.flush()
+    assert [code for code, _ in peer.closes] == [protocol.CLOSE_TOO_SLOW]
+
+
+# -- membership and presence -----------------------------------------------------------
+
+
+def test_join_leave_presence_counts() -> None:
+    """join/leave report the first and last socket of a user; counts and lists follow."""
+    hub = Hub()
+    a1 = Member(FakePeer(), "lobby", 1, "alice", "s1")
+    a2 = Member(FakePeer(), "lobby", 1, "alice", "s2")
+    b1 = Member(FakePeer(), "lobby", 2, "bob", "s3")
+    a_other = Member(FakePeer(), "other", 1, "alice", "s1")
+    assert hub.join(a1) is True
+    assert hub.join(a2) is False, "a second socket of the same user is not a new arrival"
+    assert hub.join(b1) is True
+    assert hub.join(a_other) is True, "presence is per room"
+    assert hub.online("lobby") == ["alice", "bob"]
+    assert hub.online("nowhere") == []
+    assert hub.online_counts() == {"lobby": 2, "other": 1}
+    assert hub.sockets_of(1) == 3
+    assert hub.sockets_of(2) == 1
+    assert hub.total == 4
+    assert set(hub.members()) == {a1, a2, b1, a_other}
+
+    assert hub.leave(a1) is False, "alice still has a socket in lobby"
+    assert hub.online("lobby") == ["alice", "bob"]
+    assert hub.leave(a2) is True
+    assert hub.leave(a2) is False, "leaving twice is a no-op"
+    assert hub.online("lobby") == ["bob"]
+    assert hub.sockets_of(1) == 1
+    assert hub.total == 2
+    assert hub.leave(b1) is True
+    assert "lobby" not in hub.rooms, "an empty room is forgotten"
+    assert hub.online_counts() == {"other": 1}
+    assert hub.leave(a_other) is True
+    assert (hub.rooms, hub.sessions, hub.users, hub.total) == ({}, {}, {}, 0)
+
+
+def test_leave_unknown_member() -> None:
+    """Leaving a room the member never joined is a no-op."""
+    hub = Hub()
+    add(hub)
+    stranger = Member(FakePeer(), "lobby", 9, "zed", "s9")
+    assert hub.leave(stranger) is False
+    assert hub.leave(Member(FakePeer(), "nowhere", 9, "zed", "s9")) is False
+    assert hub.total == 1
+
+
+async def test_broadcast_presence_excludes_and_coalesces() -> None:
+    """broadcast() reaches every ready member but the excluded one, in one flush."""
+    hub = Hub()
+    _, pa = add(hub, user_id=1, username="alice")
+    b, pb = add(hub, user_id=2, username="bob")
+    _, pc = add(hub, room="other", user_id=3, username="carol")
+    hub.broadcast("lobby", protocol.presence_frame("join", "bob", hub.online("lobby")), exclude=b)
+    hub.broadcast("nowhere", protocol.presence_frame("join", "x", []))  # no such room: no-op
+    await turn()
+    assert pa.frames() == [
+        {"type": "presence", "event": "join", "user": "bob", "online": ["alice", "bob"]}
+    ]
+    assert pb.writes == []
+    assert pc.writes == []
+
+
+async def test_send_reaches_one_member() -> None:
+    """send() queues a frame for one member only and flushes it in the next turn."""
+    hub = Hub()
+    a, pa = add(hub, user_id=1, username="alice")
+    _, pb = add(hub, user_id=2, username="bob")
+    hub.send(a, protocol.error_frame("empty_body", "body is empty"))
+    assert pa.writes == [], "nothing is written synchronously"
+    await turn()
+    assert pa.frames() == [{"type": "error", "code": "empty_body", "message": "body is empty"}]
+    assert pb.writes == []
+
+
+# -- ordered delivery -----------------------------------------------------------------
+
+
+async def test_deliver_in_order_coalesced_one_write_per_member() -> None:
+    """Many messages delivered in one loop turn produce ONE write_raw per member, in seq order."""
+    hub = Hub()
+    peers = [add(hub, user_id=i, username=f"user{i}")[1] for i in range(5)]
+    hub.note_last_seq("lobby", 0)
+    for seq in range(1, 51):
+        hub.deliver(msg(seq))
+    assert all(p.writes == [] for p in peers), "writes wait for the end of the turn"
+    await turn()
+    for p in peers:
+        assert len(p.writes) == 1
+        assert p.seqs() == list(range(1, 51))
+    # The next turn's messages are a new single write.
+    hub.deliver(msg(51))
+    hub.deliver(msg(52))
+    await turn()
+    for p in peers:
+        assert len(p.writes) == 2
+        assert p.seqs()[-2:] == [51, 52]
+
+
+async def test_all_members_get_identical_bytes() -> None:
+    """Encode once: every non-sender member receives byte-identical frames."""
+    hub = Hub()
+    _, p1 = add(hub, user_id=1, username="alice")
+    _, p2 = add(hub, user_id=2, username="bob")
+    hub.note_last_seq("lobby", 0)
+    hub.deliver(msg(1))
+    await turn()
+    assert p1.writes == p2.writes == [protocol.message_frame(msg(1))]
+
+
+async def test_sender_copy_carries_client_id() -> None:
+    """Only the origin member's copy echoes client_id."""
+    hub = Hub()
+    a, pa = add(hub, user_id=1, username="alice")
+    _, pb = add(hub, user_id=2, username="bob")
+    hub.note_last_seq("lobby", 0)
+    hub.deliver(msg(1, client_id="c-1"), a)
+    hub.deliver(msg(2, client_id=None), a)
+    await turn()
+    assert [f.get("client_id") for f in pa.frames()] == ["c-1", None]
+    assert "client_id" not in pa.frames()[1]
+    assert all("client_id" not in f for f in pb.frames())
+    assert pa.seqs() == pb.seqs() == [1, 2]
+
+
+async def test_deliver_unknown_room_is_noop() -> None:
+    """A message for a room with no local member is ignored without error."""
+    hub = Hub()
+    _, p = add(hub)
+    hub.deliver(msg(1, room="elsewhere"))
+    await turn()
+    assert p.writes == []
+    assert "elsewhere" not in hub.rooms
+
+
+async def test_out_of_order_held_then_drained_without_fetch() -> None:
+    """A message ahead of a gap waits; when the gap closes in time all go out in order, no fetch."""
+    store = FakeStore()
+    hub = Hub(store.fetch, gap_wait=GAP)
+    _, p = add(hub)
+    hub.note_last_seq("lobby", 0)
+    hub.deliver(msg(3))
+    hub.deliver(msg(2))
+    await turn()
+    assert p.seqs() == [], "2 and 3 must wait for 1"
+    hub.deliver(msg(1))
+    await turn()
+    assert p.seqs() == [1, 2, 3]
+    await asyncio.sleep(GAP * 3)
+    assert store.calls == [], "a gap closed by live notifications needs no database read"
+    assert hub.rooms["lobby"].pending == {}
+    assert hub.rooms["lobby"].gap_timer is None
+
+
+async def test_duplicates_dropped() -> None:
+    """Duplicate notifications, before and after delivery, are delivered once."""
+    hub = Hub(gap_wait=GAP)
+    _, p = add(hub)
+    hub.note_last_seq("lobby", 0)
+    hub.deliver(msg(1))
+    hub.deliver(msg(1))
+    hub.deliver(msg(3))
+    hub.deliver(msg(3))
+    hub.deliver(msg(2))
+    hub.deliver(msg(2))
+    hub.deliver(msg(1))
+    await turn()
+    assert p.seqs() == [1, 2, 3]
+
+
+async def test_duplicate_of_pending_keeps_sender_echo() -> None:
+    """A broker echo (no origin) of a held message must not erase the sender's client_id copy."""
+    hub = Hub(gap_wait=1.0)
+    a, pa = add(hub, user_id=1, username="alice")
+    hub.note_last_seq("lobby", 0)
+    hub.deliver(msg(2, client_id="c-2"), a)  # stored locally, seq 1 still in flight
+    hub.deliver(msg(2, client_id="c-2"))  # the same message again, via the broker
+    hub.deliver(msg(1))
+    await turn()
+    assert pa.seqs() == [1, 2]
+    assert pa.frames()[1].get("client_id") == "c-2"
+
+
+async def test_messages_before_cursor_known_wait_for_note_last_seq() -> None:
+    """Until the room's cursor is read from storage, messages wait; then stale ones are dropped."""
+    hub = Hub(gap_wait=GAP)
+    _, p = add(hub)
+    for seq in (5, 7, 6):
+        hub.deliver(msg(seq))
+    await turn()
+    assert p.seqs() == []
+    hub.note_last_seq("lobby", 5)  # seq 5 is already in the joining socket's replay
+    await turn()
+    assert p.seqs() == [6, 7]
+    hub.note_last_seq("lobby", 100)  # the cursor is only fixed once
+    hub.deliver(msg(8))
+    await turn()
+    assert p.seqs() == [6, 7, 8]
+
+
+async def test_note_last_seq_unknown_room_is_noop() -> None:
+    """Noting a cursor for a room with no member does nothing."""
+    hub = Hub()
+    hub.note_last_seq("lobby", 3)
+    assert hub.rooms == {}
+
+
+async def test_gap_filled_from_fetch_after_gap_wait() -> None:
+    """A gap still open after gap_wait is filled from storage, in order, with no duplicate."""
+    store = FakeStore([msg(1), msg(2), msg(3)])
+    hub = Hub(store.fetch, gap_wait=GAP)
+    _, p = add(hub)
+    hub.note_last_seq("lobby", 0)
+    hub.deliver(msg(3))
+    await turn()
+    assert store.calls == [], "the fill waits gap_wait first"
+    await wait_for(lambda: p.seqs() == [1, 2, 3])
+    assert store.calls == [("lobby", 0)]
+    await asyncio.sleep(GAP * 3)
+    assert p.seqs() == [1, 2, 3]
+    assert hub.rooms["lobby"].pending == {}
+
+
+async def test_gap_fill_keeps_sender_client_id() -> None:
+    """The held message of a local sender still reaches it with client_id after a fill."""
+    store = FakeStore([msg(1), msg(2, client_id="c-2")])
+    hub = Hub(store.fetch, gap_wait=GAP)
+    a, pa = add(hub, user_id=1, username="alice")
+    _, pb = add(hub, user_id=2, username="bob")
+    hub.note_last_seq("lobby", 0)
+    hub.deliver(msg(2, client_id="c-2"), a)
+    await wait_for(lambda: pa.seqs() == [1, 2])
+    assert pa.frames()[1]["client_id"] == "c-2"
+    assert pb.seqs() == [1, 2]
+    assert all("client_id" not in f for f in pb.frames())
+
+
+async def test_gap_opened_by_note_last_seq_is_filled() -> None:
+    """Messages held before the cursor was known, leaving a gap after it, are filled too."""
+    store = FakeStore([msg(4), msg(5), msg(6)])
+    hub = Hub(store.fetch, gap_wait=GAP)
+    _, p = add(hub)
+    hub.deliver(msg(6))
+    hub.note_last_seq("lobby", 3)
+    await wait_for(lambda: p.seqs() == [4, 5, 6])
+    assert store.calls == [("lobby", 3)]
+
+
+async def test_failing_fetch_is_retried(caplog: pytest.LogCaptureFixture) -> None:
+    """A fetch that raises is logged and retried after another gap_wait; nothing is lost."""
+    store = FakeStore([msg(1), msg(2)])
+    store.failures = 2
+    hub = Hub(store.fetch, gap_wait=GAP)
+    _, p = add(hub)
+    hub.note_last_seq("lobby", 0)
+    with caplog.at_level(logging.WARNING, logger="tornado_chat.hub"):
+        hub.deliver(msg(2))
+        await wait_for(lambda: p.seqs() == [1, 2])
+    assert store.calls == [("lobby", 0)] * 3
+    assert sum("gap fill failed" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_partial_fill_keeps_filling() -> None:
+    """A fill that returns only part of the gap (one page) is followed by more fills, unprompted."""
+    store = FakeStore([msg(s) for s in range(1, 8)], page=2)
+    hub = Hub(store.fetch, gap_wait=GAP)
+    _, p = add(hub)
+    hub.note_last_seq("lobby", 0)
+    hub.deliver(msg(7))
+    # No further live message arrives: the hub must not wait for one to finish the fill.
+    await wait_for(lambda: p.seqs() == list(range(1, 8)))
+    assert store.calls == [("lobby", 0), ("lobby", 2), ("lobby", 4)]
+
+
+async def test_live_messages_arriving_during_fill() -> None:
+    """Live messages that arrive while a fill is in flight are neither lost nor duplicated."""
+    release = asyncio.Event()
+    calls: list[int] = []
+
+    async def slow_fetch(room: str, since: int) -> list[StoredMessage]:
+        calls.append(since)
+        await release.wait()
+        return [msg(s) for s in (1, 2, 3, 4) if s > since]
+
+    hub = Hub(slow_fetch, gap_wait=GAP)
+    _, p = add(hub)
+    hub.note_last_seq("lobby", 0)
+    hub.deliver(msg(3))
+    await wait_for(lambda: calls == [0])
+    hub.deliver(msg(1))  # the lost notification turns up after all
+    hub.deliver(msg(4))
+    release.set()
+    await wait_for(lambda: p.seqs() == [1, 2, 3, 4])
+    await asyncio.sleep(GAP * 3)
+    assert p.seqs() == [1, 2, 3, 4]
+
+
+async def test_without_fetch_gap_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    """With no fetch function a gap is skipped after gap_wait (with a warning), not stalled on."""
+    hub = Hub(gap_wait=GAP)
+    _, p = add(hub)
+    hub.note_last_seq("lobby", 0)
+    with caplog.at_level(logging.WARNING, logger="tornado_chat.hub"):
+        hub.deliver(msg(3))
+        hub.deliver(msg(4))
+        await wait_for(lambda: p.seqs() == [3, 4])
+    assert any("gap after seq 0 skipped" in r.getMessage() for r in caplog.records)
+
+
+async def test_leaving_room_cancels_gap_fill() -> None:
+    """When the last member leaves, its room's pending gap is not filled."""
+    store = FakeStore([msg(1), msg(2)])
+    hub = Hub(store.fetch, gap_wait=GAP)
+    m, _ = add(hub)
+    hub.note_last_seq("lobby", 0)
+    hub.deliver(msg(2))
+    hub.leave(m)
+    await asyncio.sleep(GAP * 4)
+    assert store.calls == []
+
+
+async def test_held_member_gets_replay_then_live_without_duplicates() -> None:
+    """start_member sends welcome + replay, then live messages held meanwhile, deduplicated."""
+    hub = Hub()
+    _, old_peer = add(hub, user_id=1, username="alice")
+    hub.note_last_seq("lobby", 2)
+    peer = FakePeer()
+    new = Member(peer, "lobby", 2, "bob", "s2")
+    hub.join(new)
+    hub.deliver(msg(3))  # arrives while bob's replay is being read
+    hub.deliver(msg(4))
+    await turn()
+    assert peer.writes == [], "a member that has not started receives nothing"
+    assert old_peer.seqs() == [3, 4]
+    replay = [(s, protocol.message_frame(msg(s))) for s in (2, 3)]
+    hub.start_member(new, [(0, protocol.welcome_frame("lobby", "bob", 3, hub.online("lobby"))),
+                           *replay])  # fmt: skip
+    await turn()
+    assert len(peer.writes) == 1
+    assert [f["type"] for f in peer.frames()] == ["welcome", "message", "message", "message"]
+    assert peer.seqs() == [2, 3, 4]
+
+
+# -- slow consumers -------------------------------------------------------------------
+
+
+async def test_overflowing_member_closed_4408_others_still_receive() -> None:
+    """A write_raw returning False closes that member with 4408; everyone else still gets it all."""
+    hub = Hub()
+    _, slow = add(hub, user_id=1, username="slow", accept=False)
+    _, fast1 = add(hub, user_id=2, username="fast1")
+    _, fast2 = add(hub, user_id=3, username="fast2")
+    hub.note_last_seq("lobby", 0)
+    for seq in range(1, 11):
+        hub.deliver(msg(seq))
+    await turn()
+    assert slow.closes == [(protocol.CLOSE_TOO_SLOW, "outbound queue overflowed")]
+    assert fast1.seqs() == fast2.seqs() == list(range(1, 11))
+    assert fast1.closes == fast2.closes == []
+    hub.deliver(msg(11))
+    await turn()
+    assert fast1.seqs()[-1] == fast2.seqs()[-1] == 11
+
+
+# -- sessions and closing -------------------------------------------------------------
+
+
+def test_close_session_closes_only_that_session() -> None:
+    """close_session closes every socket of one session (in any room) and no other."""
+    hub = Hub()
+    _, p1 = add(hub, room="lobby", session="s1")
+    _, p2 = add(hub, room="other", session="s1")
+    _, p3 = add(hub, room="lobby", user_id=2, username="bob", session="s2")
+    assert hub.close_session("s1", protocol.CLOSE_UNAUTHORIZED, "session revoked") == 2
+    assert p1.closes == p2.closes == [(4401, "session revoked")]
+    assert p3.closes == []
+    assert hub.close_session("nope", 4401, "x") == 0
+
+
+def test_rebind_moves_member_to_new_session() -> None:
+    """After rebind, revoking the old session spares the member; revoking the new one closes it."""
+    hub = Hub()
+    m, p = add(hub, session="old")
+    bob, other = add(hub, user_id=2, username="bob", session="old")
+    hub.rebind(m, "new")
+    assert m.session_id == "new"
+    assert hub.sessions == {"old": {bob}, "new": {m}}
+    hub.rebind(m, "new")  # same session: no-op
+    assert hub.close_session("old", 4401, "revoked") == 1
+    assert p.closes == []
+    assert other.closes == [(4401, "revoked")]
+    assert hub.close_session("new", 4401, "revoked") == 1
+    assert p.closes == [(4401, "revoked")]
+
+
+def test_rebind_last_member_forgets_old_session() -> None:
+    """Rebinding the only member of a session removes that session entry, and leave cleans up."""
+    hub = Hub()
+    m, _ = add(hub, session="old")
+    hub.rebind(m, "new")
+    assert "old" not in hub.sessions
+    assert hub.sessions["new"] == {m}
+    hub.leave(m)
+    assert hub.sessions == {}
+
+
+async def test_shutdown_flushes_then_closes_1001_and_cancels_fills() -> None:
+    """shutdown writes what is queued, closes every socket with 1001 and stops gap fills."""
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def hanging_fetch(room: str, since: int) -> list[StoredMessage]:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return []  # pragma: no cover
+
+    hub = Hub(hanging_fetch, gap_wait=GAP)
+    _, p1 = add(hub, user_id=1, username="alice")
+    _, p2 = add(hub, room="other", user_id=2, username="bob")
+    hub.note_last_seq("lobby", 0)
+    hub.deliver(msg(3))  # opens a gap whose fill will hang
+    await asyncio.wait_for(started.wait(), 1)
+    hub.deliver(msg(1))
+    await hub.shutdown()
+    assert p1.seqs() == [1], "queued frames are written before the close"
+    assert p1.closes == p2.closes == [(protocol.CLOSE_GOING_AWAY, "server shutting down")]
+    await asyncio.wait_for(cancelled.wait(), 1)
