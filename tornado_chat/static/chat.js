@@ -85,8 +85,12 @@ const FRAME_ERROR_MESSAGES = {
   bad_frame: "The server did not understand a message from this page.",
   invalid_json: "The server could not read a message from this page.",
   unknown_type: "The server did not understand a message from this page.",
+  store_failed: "The server could not store that message. Please send it again.",
   invalid_token: "Could not renew the session on this connection; it will reconnect.",
+  unavailable: "Could not renew the session on this connection just now.",
 };
+// Error frames that answer a reauth frame rather than a message.
+const REAUTH_ERROR_CODES = new Set(["invalid_token", "unavailable"]);
 
 // ---------------------------------------------------------------- DOM
 
@@ -554,9 +558,14 @@ class RoomConnection {
   onMessage(frame) {
     const seq = Number(frame.seq);
     if (!Number.isInteger(seq)) return;
-    const isOwn = frame.client_id && this.pending.has(frame.client_id);
+    const own = frame.client_id ? this.pending.get(frame.client_id) : undefined;
     this.insert(frame);
-    if (isOwn) this.confirmPending(frame.client_id);
+    if (own) {
+      this.confirmPending(frame.client_id);
+      // An error frame was pinned on this message, which was stored after all:
+      // the refusal belonged to a later one still in flight.
+      if (own.refused) this.refuseOldestInFlight();
+    }
     if (this.resumeSeq === null || seq > this.resumeSeq) this.resumeSeq = seq;
     if (this.welcomeSeq !== null && seq === this.welcomeSeq) this.flushPending();
   }
@@ -576,14 +585,18 @@ class RoomConnection {
   onErrorFrame(frame) {
     const text = FRAME_ERROR_MESSAGES[frame.code] || frame.message || "The server refused that.";
     if (this.isActive()) showComposerError(text);
-    // A refused message will never be echoed: mark the oldest one in flight
-    // failed (frames are answered in order). invalid_token answers a reauth.
-    if (frame.code !== "invalid_token") {
-      for (const [clientId, entry] of this.pending) {
-        if (entry.sentOn) {
-          this.failPending(clientId);
-          break;
-        }
+    // A refused message will never be echoed. Error frames carry no client_id,
+    // so the oldest message in flight is marked; if its echo arrives after all,
+    // the mark moves on (see onMessage). Reauth answers concern no message.
+    if (!REAUTH_ERROR_CODES.has(frame.code)) this.refuseOldestInFlight();
+  }
+
+  refuseOldestInFlight() {
+    for (const [clientId, entry] of this.pending) {
+      if (entry.sentOn && entry.sentOn === this.socket) {
+        entry.refused = true;
+        this.failPending(clientId);
+        return;
       }
     }
   }
@@ -695,7 +708,7 @@ class RoomConnection {
     li.dataset.ts = frame.ts;
     const status = el("span", "msg-state", "Sending…");
     li.querySelector(".msg-meta").append(status);
-    const entry = { body, li, sentOn: null };
+    const entry = { body, li, sentOn: null, refused: false };
     this.pending.set(clientId, entry);
     if (this.isActive()) {
       ui.messages.append(li);
@@ -712,6 +725,7 @@ class RoomConnection {
     if (this.status === "connected" && this.replayDone() &&
         this.send({ type: "message", body: entry.body, client_id: clientId })) {
       entry.sentOn = this.socket;
+      entry.refused = false;
       entry.li.classList.remove("failed");
       setPendingLabel(entry.li, "Sending…");
     } else {
