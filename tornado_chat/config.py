@@ -178,8 +178,18 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def _host(text: str) -> str:
-    """A host name or IP literal to bind to; ``[::1]`` is accepted for ``::1``."""
+def normalize_host(text: str) -> str:
+    """Validate a host name or IP literal and return its canonical form.
+
+    Args:
+        text: ``chat.example.com``, ``127.0.0.1``, ``::1`` or ``[::1]``.
+
+    Returns:
+        The IP in its compressed form, or the lower-case name without a trailing dot.
+
+    Raises:
+        ValueError: ``text`` is neither an IP address nor an RFC 1123 host name.
+    """
     host = text.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -190,7 +200,14 @@ def _host(text: str) -> str:
     name = host.lower().rstrip(".")
     if name and len(name) <= 253 and all(_LABEL.match(label) for label in name.split(".")):
         return name
-    raise argparse.ArgumentTypeError(f"{text!r} is not a host name or IP address")
+    raise ValueError(f"{text!r} is not a host name or IP address")
+
+
+def _host(text: str) -> str:
+    try:
+        return normalize_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _backend_name(url: str) -> str:
