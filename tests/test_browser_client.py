@@ -1,0 +1,555 @@
+"""The browser client in real Chromium that trusts the test CA through an NSS database.
+
+One server and one Chromium serve the whole module. Chromium verifies the
+server's certificate for real: its HOME holds an NSS database trusting the CA
+the project's toolkit minted, and no certificate-error flag is ever passed (the
+first test proves the page does not load without that trust).
+
+Screenshots land in ``test-artifacts/browser/`` on every run; with
+``CHAT_TEST_UPDATE_SCREENSHOT=1`` the conversation is also written to
+``docs/screenshot.png`` (the one shown in the README).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Error, Page, Playwright, WebSocket, expect, sync_playwright
+
+from tests.browser import chromium_home, launch_chromium
+from tests.conftest import make_settings
+from tests.harness import PASSWORD, Client, LiveServer
+from tornado_chat.pki import ServerCertificate
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+# Short-lived access tokens so one module run sees the client refresh its token
+# and re-authenticate its open socket; the server closes a socket whose token
+# expired more than REAUTH_GRACE seconds ago (4401).
+ACCESS_TTL = 10
+REAUTH_GRACE = 1.0
+INJECTION = "<img src=x onerror=alert(1)>"
+# Tokens are JWTs (three base64url parts, the first one starting "eyJ").
+JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def chat_server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """The module's server; tests restart it on the same port."""
+    settings = make_settings(
+        server_cert,
+        tmp_path_factory.mktemp("browser-data"),
+        access_ttl=ACCESS_TTL,
+        reauth_grace=REAUTH_GRACE,
+    )
+    live = LiveServer(settings).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    """The Playwright driver (the browser is Debian's Chromium, never a download)."""
+    with sync_playwright() as pw:
+        yield pw
+
+
+@pytest.fixture(scope="module")
+def browser(
+    playwright: Playwright, ca_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Browser]:
+    """Chromium whose NSS database trusts the test CA."""
+    home = chromium_home(tmp_path_factory.mktemp("chromium-home"), trust=[ca_file])
+    browser = launch_chromium(playwright, home)
+    yield browser
+    browser.close()
+
+
+@dataclass
+class ChatPage:
+    """One person's tab: a page in its own browser context, with what it observed."""
+
+    page: Page
+    base_url: str
+    dialogs: list[str] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+    sockets: list[WebSocket] = field(default_factory=list)
+    sent: list[tuple[WebSocket, str]] = field(default_factory=list)
+    received: list[tuple[WebSocket, str]] = field(default_factory=list)
+    closed: list[WebSocket] = field(default_factory=list)
+    opened_at: dict[int, float] = field(default_factory=dict)
+    logged_in_at: float = 0.0
+
+    def watch(self) -> None:
+        """Record dialogs, console errors, every URL and every WebSocket frame."""
+        page = self.page
+        page.on("dialog", self._on_dialog)
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda e: self.console_errors.append(str(e)))
+        page.on("request", lambda r: self.urls.append(r.url))
+        page.on("websocket", self._on_socket)
+
+    def _on_console(self, message: Any) -> None:
+        # Chromium logs every non-2xx response; expected API errors are not page errors.
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            self.console_errors.append(message.text)
+
+    def _on_dialog(self, dialog: Any) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def _on_socket(self, ws: WebSocket) -> None:
+        self.urls.append(ws.url)
+        self.sockets.append(ws)
+        self.opened_at[id(ws)] = time.monotonic()
+        ws.on("framesent", lambda payload: self.sent.append((ws, str(payload))))
+        ws.on("framereceived", lambda payload: self.received.append((ws, str(payload))))
+        ws.on("close", lambda _ws: self.closed.append(ws))
+
+    def open(self) -> ChatPage:
+        """Load the page; it must arrive with the strict Content-Security-Policy."""
+        response = self.page.goto(self.base_url + "/")
+        assert response is not None
+        assert response.ok, response.status
+        csp = response.headers.get("content-security-policy", "")
+        assert "script-src 'self'" in csp, csp
+        assert "unsafe-inline" not in csp, csp
+        expect(self.page.get_by_role("heading", name="Log in")).to_be_visible()
+        return self
+
+    def register(self, username: str, password: str = PASSWORD) -> None:
+        """Create an account through the form (which then logs in)."""
+        page = self.page
+        page.get_by_role("button", name="Create an account").click()
+        page.get_by_label("Username").fill(username)
+        page.get_by_label("Password").fill(password)
+        page.get_by_role("button", name="Create account").click()
+        expect(page.locator("#me-name")).to_have_text(username)
+        self.logged_in_at = time.monotonic()
+
+    def join(self, room: str) -> None:
+        """Join a room by name and wait until its socket is live."""
+        field_ = self.page.get_by_label("Join a room")
+        field_.fill(room)
+        field_.press("Enter")
+        expect(self.page.locator("#room-title")).to_have_text(f"# {room}")
+        self.wait_connected()
+
+    def wait_connected(self, timeout: float = 15) -> None:
+        """Wait for the connection indicator to say Connected."""
+        expect(self.page.locator("#conn-status")).to_have_attribute(
+            "data-state", "connected", timeout=timeout * 1000
+        )
+
+    def say(self, text: str) -> None:
+        """Type a message and press Enter."""
+        box = self.page.get_by_role("textbox", name="Message")
+        box.fill(text)
+        box.press("Enter")
+
+    def message(self, body: str) -> Any:
+        """The confirmed message items whose body is ``body`` (whitespace-normalised)."""
+        return self.page.locator("#messages li.msg:not(.pending)").filter(
+            has=self.page.get_by_text(body, exact=True)
+        )
+
+    def bodies(self) -> list[str]:
+        """Every confirmed message body in display order."""
+        return self.page.locator("#messages li.msg:not(.pending) .msg-body").all_text_contents()
+
+    def seqs(self) -> list[int]:
+        """The seq of every confirmed message in display order."""
+        values = self.page.locator("#messages li.msg:not(.pending)").evaluate_all(
+            "items => items.map(li => Number(li.dataset.seq))"
+        )
+        return [int(v) for v in values]
+
+    def online(self) -> Any:
+        """The 'Online here' list."""
+        return self.page.locator("#online-list .person-name")
+
+    def open_socket(self, room: str) -> WebSocket:
+        """The page's open WebSocket for ``room``."""
+        path = re.compile(rf"/ws/{re.escape(room)}(\?|$)")
+        live = [ws for ws in self.sockets if path.search(ws.url) and not ws.is_closed()]
+        assert len(live) == 1, [ws.url for ws in live]
+        return live[0]
+
+
+@pytest.fixture(scope="module")
+def open_page(browser: Browser, chat_server: LiveServer) -> Iterator[Callable[..., ChatPage]]:
+    """A factory of fresh pages, each in its own browser context (own sessionStorage)."""
+    contexts: list[Any] = []
+
+    def factory(width: int = 1200, height: int = 760) -> ChatPage:
+        context = browser.new_context(viewport={"width": width, "height": height})
+        contexts.append(context)
+        chat = ChatPage(context.new_page(), chat_server.base_url)
+        chat.watch()
+        return chat.open()
+
+    yield factory
+    for context in contexts:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def alice(open_page: Callable[..., ChatPage]) -> ChatPage:
+    """alice, logged in through the page and in #lobby."""
+    page = open_page()
+    page.register("alice")
+    page.join("lobby")
+    return page
+
+
+@pytest.fixture(scope="module")
+def bob(open_page: Callable[..., ChatPage]) -> ChatPage:
+    """bob, logged in through the page and in #lobby."""
+    page = open_page()
+    page.register("bob")
+    page.join("lobby")
+    return page
+
+
+def api(server: LiveServer, client_ssl: Any, work: Callable[[Client], Any]) -> Any:
+    """Run ``work(client)`` with a fresh HTTPS/WSS client on the server's own loop."""
+
+    async def run() -> Any:
+        client = Client(server, client_ssl)
+        try:
+            return await work(client)
+        finally:
+            client.close()
+
+    return server.call(run())
+
+
+def save_screenshot(page: Page, name: str) -> Path:
+    """Write a screenshot to the artifacts directory and return its path."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 10_000, "the screenshot is suspiciously small"
+    return path
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_page_fails_without_the_ca_in_the_nss_database(
+    playwright: Playwright,
+    chat_server: LiveServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Without the CA in its NSS database Chromium refuses the page (ERR_CERT_AUTHORITY_INVALID)."""
+    home = chromium_home(tmp_path_factory.mktemp("untrusting-home"), trust=[])
+    browser = launch_chromium(playwright, home)
+    try:
+        page = browser.new_page()
+        with pytest.raises(Error, match="net::ERR_CERT_AUTHORITY_INVALID"):
+            page.goto(chat_server.base_url + "/")
+    finally:
+        browser.close()
+
+
+def test_form_errors_are_explained(open_page: Callable[..., ChatPage], alice: ChatPage) -> None:
+    """HTTP errors from register and login are shown as one clear sentence each."""
+    chat = open_page()
+    page = chat.page
+    error = page.locator("#auth-error")
+    # 401 invalid_credentials
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill("not the password")
+    page.get_by_role("button", name="Log in").click()
+    expect(error).to_have_text("Wrong username or password.")
+    # 409 username_taken
+    page.get_by_role("button", name="Create an account").click()
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Create account").click()
+    expect(error).to_have_text("That username is already taken. Please choose another.")
+    # Checked in the page before any request: name rules and password length.
+    page.get_by_label("Username").fill("no spaces allowed")
+    page.get_by_role("button", name="Create account").click()
+    expect(error).to_contain_text("Usernames are 3–32 characters")
+    assert not chat.dialogs
+    assert not chat.console_errors, chat.console_errors
+
+
+def test_two_people_chat_and_see_each_other(alice: ChatPage, bob: ChatPage) -> None:
+    """Two contexts log in as different users, see each other online and each other's messages."""
+    for page in (alice, bob):
+        expect(page.online()).to_have_text(["alice", "bob"])
+
+    lines = [
+        (alice, "Morning Bob! Is the new build on staging yet?"),
+        (bob, "Yes, since 09:40. The certificate comes from our local CA, so no warnings."),
+        (alice, "Nice. Could you paste the snippet from the bug report?"),
+        (bob, INJECTION),
+        (bob, "It shows up as plain text, as it should."),
+        (alice, "Perfect, shipping it.\nThanks for checking!"),
+    ]
+    for author, body in lines:
+        author.say(body)
+        for page in (alice, bob):
+            expect(page.message(body)).to_have_count(1)
+
+    for page in (alice, bob):
+        assert page.bodies() == [body for _, body in lines]
+        seqs = page.seqs()
+        assert seqs == list(range(seqs[0], seqs[0] + len(lines)))
+        # Every message carries its sender and its time (ISO 8601 UTC from the server).
+        first = page.message(lines[0][1])
+        expect(first.locator(".msg-user")).to_have_text("alice")
+        stamp = first.locator("time").get_attribute("datetime") or ""
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", stamp), stamp
+        expect(first.locator("time")).to_have_text(re.compile(r"\d"))
+        # The sender's own copies are confirmed by the echo: nothing stays pending.
+        expect(page.page.locator("#messages li.pending")).to_have_count(0)
+        assert not page.console_errors, page.console_errors
+
+    # The room list (GET /api/rooms) catches up with the presence change too.
+    expect(alice.page.locator("#all-rooms")).to_contain_text("2 online")
+    shot = save_screenshot(alice.page, "conversation.png")
+    if os.environ.get("CHAT_TEST_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(shot, REPO / "docs" / "screenshot.png")
+
+
+def test_script_injection_renders_as_text(
+    alice: ChatPage, bob: ChatPage, open_page: Callable[..., ChatPage]
+) -> None:
+    """A body of <img src=x onerror=alert(1)> shows as those characters, live and from history."""
+    alice.say(INJECTION)
+    carol = open_page()
+    carol.register("carol")
+    carol.join("lobby")  # history arrives over HTTP, not the socket
+    for page in (alice, bob, carol):
+        expect(page.message(INJECTION)).not_to_have_count(0)
+        assert INJECTION in page.bodies()
+        assert page.page.locator("#messages img").count() == 0
+        page.page.wait_for_timeout(200)  # give a handler, if one were created, time to fire
+        assert page.dialogs == [], page.dialogs
+    expect(alice.online()).to_have_text(["alice", "bob", "carol"])
+    carol.page.context.close()
+    # Leaving is seen too: carol's socket closed with her context.
+    expect(alice.online()).to_have_text(["alice", "bob"])
+
+
+def test_phone_layout_and_keyboard(bob: ChatPage) -> None:
+    """On a phone-sized screen the sidebar is a drawer; Shift+Enter makes a newline, Enter sends."""
+    page = bob.page
+    page.set_viewport_size({"width": 390, "height": 780})
+    try:
+        sidebar = page.locator("#sidebar")
+        toggle = page.get_by_role("button", name="Rooms and people")
+        expect(sidebar).not_to_be_visible()
+        toggle.click()
+        expect(toggle).to_have_attribute("aria-expanded", "true")
+        expect(page.get_by_label("Join a room")).to_be_visible()
+        expect(page.get_by_label("Join a room")).to_be_focused()
+        page.keyboard.press("Escape")
+        expect(sidebar).not_to_be_visible()
+
+        box = page.get_by_role("textbox", name="Message")
+        box.click()
+        box.press_sequentially("two")
+        box.press("Shift+Enter")
+        box.press_sequentially("lines")
+        assert box.input_value() == "two\nlines"
+        box.press("Enter")
+        expect(bob.message("two\nlines")).to_have_count(1)
+        expect(box).to_have_value("")
+        save_screenshot(page, "phone.png")
+    finally:
+        page.set_viewport_size({"width": 1200, "height": 760})
+
+
+def test_reconnects_after_server_restart_without_gap_or_duplicate(
+    alice: ChatPage, chat_server: LiveServer, client_ssl: Any
+) -> None:
+    """After a server restart the page reconnects by itself and shows missed messages once each."""
+    alice.join("ops")
+    token = api(chat_server, client_ssl, lambda c: c.user("dave"))["access_token"]
+
+    async def post(client: Client, bodies: list[str]) -> int:
+        sock, _welcome = await client.join("ops", token)
+        try:
+            seq = 0
+            for n, body in enumerate(bodies):
+                await sock.say(body, client_id=f"dave-{n}")
+                while True:
+                    frame = await sock.recv_type("message")
+                    if frame.get("client_id") == f"dave-{n}":
+                        seq = int(frame["seq"])
+                        break
+            return seq
+        finally:
+            sock.close()
+
+    before = api(chat_server, client_ssl, lambda c: post(c, ["before the restart"]))
+    expect(alice.message("before the restart")).to_have_count(1)
+    first_socket = alice.open_socket("ops")
+
+    chat_server.stop()  # graceful: live sockets are closed with 1001
+    expect(alice.page.locator("#notice-text")).to_have_text(
+        "The server is restarting. Reconnecting…"
+    )
+    assert first_socket.is_closed()
+    # Hold the page's network down while the server is away, so the messages
+    # below are provably sent while the page is disconnected; the page's own
+    # retries keep failing until the network is back.
+    alice.page.context.set_offline(True)
+    try:
+        expect(alice.page.locator("#conn-status")).to_have_attribute("data-state", "reconnecting")
+        chat_server.start()
+        missed = ["missed one", "missed two", "missed three"]
+        last = api(chat_server, client_ssl, lambda c: post(c, missed))
+        assert last == before + 3
+        assert alice.message("missed one").count() == 0
+    finally:
+        alice.page.context.set_offline(False)
+
+    alice.wait_connected(timeout=40)
+    for body in missed:
+        expect(alice.message(body)).to_have_count(1)
+    api(chat_server, client_ssl, lambda c: post(c, ["live again"]))
+    expect(alice.message("live again")).to_have_count(1)
+
+    bodies = alice.bodies()
+    assert bodies == ["before the restart", *missed, "live again"]
+    assert alice.seqs() == list(range(before, before + 5))
+    resumed = [ws.url for ws in alice.sockets if ws.url.endswith(f"/ws/ops?since={before}")]
+    assert resumed, [ws.url for ws in alice.sockets]
+    expect(alice.page.locator("#notice")).to_be_hidden()
+
+
+def test_token_refreshed_and_open_socket_reauthenticated(
+    alice: ChatPage, chat_server: LiveServer
+) -> None:
+    """The page refreshes its token before expiry and sends reauth; the socket stays open."""
+    alice.join("ops")
+    ws = alice.open_socket("ops")
+    refresh_before = alice.page.evaluate("sessionStorage.getItem('tornado_chat.refresh_token')")
+    already_sent = len(alice.sent)
+
+    deadline = time.monotonic() + ACCESS_TTL + 5
+    reauth: list[str] = []
+    while not reauth and time.monotonic() < deadline:
+        alice.page.wait_for_timeout(250)
+        reauth = [p for s, p in alice.sent[already_sent:] if s is ws and '"type":"reauth"' in p]
+    assert reauth, "no reauth frame was sent before the token expired"
+    assert JWT_RE.search(reauth[0])
+    # The token the socket was opened with was issued before the socket opened,
+    # so it expired before opened + ACCESS_TTL; after that plus the grace period
+    # the server closes a socket that was not re-authenticated (4401).
+    survive_until = alice.opened_at[id(ws)] + ACCESS_TTL + REAUTH_GRACE + 1.5
+    alice.page.wait_for_timeout(max(0.0, survive_until - time.monotonic()) * 1000)
+    assert not ws.is_closed()
+    assert not [p for s, p in alice.received if s is ws and '"type":"error"' in p]
+    refresh_after = alice.page.evaluate("sessionStorage.getItem('tornado_chat.refresh_token')")
+    assert refresh_after
+    assert refresh_after != refresh_before  # rotated
+    alice.say("still here after a token refresh")
+    expect(alice.message("still here after a token refresh")).to_have_count(1)
+
+
+def test_revoked_session_returns_to_login(
+    open_page: Callable[..., ChatPage], chat_server: LiveServer, client_ssl: Any
+) -> None:
+    """A session revoked elsewhere ends with 4401, a refused refresh and the login form."""
+    erin = open_page()
+    erin.register("erin")
+    erin.join("lobby")
+    stolen = erin.page.evaluate("sessionStorage.getItem('tornado_chat.refresh_token')")
+
+    async def revoke(client: Client) -> None:
+        # Rotating erin's refresh token and logging out revokes her whole session.
+        r = await client.request("POST", "/api/token/refresh", {"refresh_token": stolen})
+        assert r.status == 200, r.body
+        r = await client.request("POST", "/api/logout", token=r.json["access_token"])
+        assert r.status == 204, r.body
+
+    api(chat_server, client_ssl, revoke)
+    expect(erin.page.get_by_role("heading", name="Log in")).to_be_visible(timeout=20_000)
+    expect(erin.page.locator("#auth-error")).to_have_text(
+        "Your session has ended. Please log in again."
+    )
+    assert erin.page.evaluate("sessionStorage.getItem('tornado_chat.refresh_token')") is None
+
+
+def test_logout_button_ends_the_session(
+    open_page: Callable[..., ChatPage], chat_server: LiveServer, client_ssl: Any
+) -> None:
+    """Log out revokes the session on the server, closes the socket and clears the stored token."""
+    frank = open_page()
+    frank.register("frank")
+    frank.join("lobby")
+    ws = frank.open_socket("lobby")
+    refresh_token = frank.page.evaluate("sessionStorage.getItem('tornado_chat.refresh_token')")
+    frank.page.get_by_role("button", name="Log out").click()
+    expect(frank.page.get_by_role("heading", name="Log in")).to_be_visible()
+    expect(frank.page.locator("#conn-status")).to_have_text("Not connected")
+    assert frank.page.evaluate("sessionStorage.length") == 0
+    frank.page.wait_for_timeout(200)
+    assert ws.is_closed()
+
+    async def try_refresh(client: Client) -> int:
+        r = await client.request("POST", "/api/token/refresh", {"refresh_token": refresh_token})
+        return r.status
+
+    assert api(chat_server, client_ssl, try_refresh) == 401
+
+
+def test_rate_limit_close_is_explained(open_page: Callable[..., ChatPage]) -> None:
+    """Flooding the room earns error frames, then close 4429, each explained in the page."""
+    gina = open_page()
+    gina.register("gina")
+    gina.join("flood")
+    # Forty Enter presses in one go, through the page's own key handler.
+    gina.page.evaluate(
+        """n => {
+            const box = document.getElementById("composer-input");
+            for (let i = 0; i < n; i++) {
+                box.value = "flood " + i;
+                box.dispatchEvent(new KeyboardEvent("keydown", {key: "Enter", bubbles: true}));
+            }
+        }""",
+        40,
+    )
+    expect(gina.page.locator("#notice-text")).to_have_text(
+        "You sent too many messages too quickly. Reconnecting after a pause…"
+    )
+    expect(gina.page.locator("#conn-status")).to_have_attribute("data-state", "reconnecting")
+    assert any('"code":"rate_limited"' in p.replace(" ", "") for _, p in gina.received), (
+        "no rate_limited error frame"
+    )
+    # Refused messages are marked, with a way to retry them.
+    expect(gina.page.locator("#messages li.failed").first).to_contain_text("Not sent")
+
+
+def test_no_token_ever_appears_in_a_url(alice: ChatPage, bob: ChatPage) -> None:
+    """Every HTTP and WebSocket URL the pages used is free of JWTs, tickets and token parameters."""
+    urls = alice.urls + bob.urls
+    assert any("/ws/" in u for u in urls)
+    assert any("/api/" in u for u in urls)
+    for url in urls:
+        assert url.startswith("https://") or url.startswith("wss://"), url
+        assert not JWT_RE.search(url), url
+        assert "token=" not in url, url
+        assert "ticket=" not in url, url
