@@ -249,6 +249,28 @@ def save_screenshot(page: Page, name: str) -> Path:
     return path
 
 
+async def post_as(client: Client, username: str, room: str, bodies: list[str]) -> list[int]:
+    """Post ``bodies`` to ``room`` over WSS as ``username`` (registered if new); their seqs."""
+    registered = await client.register(username)
+    assert registered.status in (201, 409), registered.body
+    login = await client.login(username)
+    assert login.status == 200, login.body
+    token = login.json["access_token"]
+    sock, _welcome = await client.join(room, token)
+    try:
+        seqs = []
+        for n, body in enumerate(bodies):
+            await sock.say(body, client_id=f"{username}-{n}")
+            while True:
+                frame = await sock.recv_type("message")
+                if frame.get("client_id") == f"{username}-{n}":
+                    seqs.append(int(frame["seq"]))
+                    break
+        return seqs
+    finally:
+        sock.close()
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -385,24 +407,12 @@ def test_reconnects_after_server_restart_without_gap_or_duplicate(
 ) -> None:
     """After a server restart the page reconnects by itself and shows missed messages once each."""
     alice.join("ops")
-    token = api(chat_server, client_ssl, lambda c: c.user("dave"))["access_token"]
 
-    async def post(client: Client, bodies: list[str]) -> int:
-        sock, _welcome = await client.join("ops", token)
-        try:
-            seq = 0
-            for n, body in enumerate(bodies):
-                await sock.say(body, client_id=f"dave-{n}")
-                while True:
-                    frame = await sock.recv_type("message")
-                    if frame.get("client_id") == f"dave-{n}":
-                        seq = int(frame["seq"])
-                        break
-            return seq
-        finally:
-            sock.close()
+    def post(bodies: list[str]) -> int:
+        """dave posts through the API and WSS; the seq of his last message."""
+        return int(api(chat_server, client_ssl, lambda c: post_as(c, "dave", "ops", bodies))[-1])
 
-    before = api(chat_server, client_ssl, lambda c: post(c, ["before the restart"]))
+    before = post(["before the restart"])
     expect(alice.message("before the restart")).to_have_count(1)
     first_socket = alice.open_socket("ops")
 
@@ -419,7 +429,7 @@ def test_reconnects_after_server_restart_without_gap_or_duplicate(
         expect(alice.page.locator("#conn-status")).to_have_attribute("data-state", "reconnecting")
         chat_server.start()
         missed = ["missed one", "missed two", "missed three"]
-        last = api(chat_server, client_ssl, lambda c: post(c, missed))
+        last = post(missed)
         assert last == before + 3
         assert alice.message("missed one").count() == 0
     finally:
@@ -428,7 +438,7 @@ def test_reconnects_after_server_restart_without_gap_or_duplicate(
     alice.wait_connected(timeout=40)
     for body in missed:
         expect(alice.message(body)).to_have_count(1)
-    api(chat_server, client_ssl, lambda c: post(c, ["live again"]))
+    post(["live again"])
     expect(alice.message("live again")).to_have_count(1)
 
     bodies = alice.bodies()
@@ -541,6 +551,50 @@ def test_rate_limit_close_is_explained(open_page: Callable[..., ChatPage]) -> No
     )
     # Refused messages are marked, with a way to retry them.
     expect(gina.page.locator("#messages li.failed").first).to_contain_text("Not sent")
+
+
+def test_switching_rooms_and_unread_badges(
+    alice: ChatPage, chat_server: LiveServer, client_ssl: Any
+) -> None:
+    """Each joined room keeps its own conversation; a message elsewhere shows an unread badge."""
+    alice.join("lobby")
+    lobby = alice.bodies()
+    assert "Morning Bob! Is the new build on staging yet?" in lobby
+    api(chat_server, client_ssl, lambda c: post_as(c, "hal", "ops", ["meanwhile in ops"]))
+    ops_button = alice.page.locator("#joined-rooms li[data-room=ops] button")
+    expect(ops_button.locator(".badge")).to_have_text("1")
+    assert alice.bodies() == lobby  # nothing from ops leaked into the lobby view
+    ops_button.click()
+    expect(alice.page.locator("#room-title")).to_have_text("# ops")
+    expect(alice.message("meanwhile in ops")).to_have_count(1)
+    expect(ops_button.locator(".badge")).to_have_count(0)
+    expect(ops_button).to_have_attribute("aria-current", "true")
+    assert "Morning Bob! Is the new build on staging yet?" not in alice.bodies()
+
+
+def test_load_earlier_messages(
+    open_page: Callable[..., ChatPage], chat_server: LiveServer, client_ssl: Any
+) -> None:
+    """A long room opens on its latest page; "Load earlier messages" fetches the rest in order."""
+    bodies = [f"history {n:02d}" for n in range(60)]
+
+    async def fill(client: Client) -> None:
+        # Three authors, 20 each: inside every user's rate-limit burst.
+        for k, author in enumerate(("ivan", "judy", "kim")):
+            await post_as(client, author, "archive", bodies[20 * k : 20 * (k + 1)])
+
+    api(chat_server, client_ssl, fill)
+    leo = open_page()
+    leo.register("leo")
+    leo.join("archive")
+    expect(leo.message("history 59")).to_have_count(1)
+    assert leo.bodies() == bodies[10:]  # the latest page of 50
+    earlier = leo.page.get_by_role("button", name="Load earlier messages")
+    earlier.click()
+    expect(leo.message("history 00")).to_have_count(1)
+    assert leo.bodies() == bodies
+    assert leo.seqs() == list(range(1, 61))
+    expect(earlier).to_be_hidden()
 
 
 def test_no_token_ever_appears_in_a_url(alice: ChatPage, bob: ChatPage) -> None:
