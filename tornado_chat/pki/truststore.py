@@ -204,14 +204,25 @@ def run_tool(
     return result
 
 
-def sudo_prefix(target: Path, *, which: Which = shutil.which) -> list[str]:
+def is_writable(target: Path) -> bool:
+    """Whether this user may change ``target`` (or create it in its directory)."""
+    probe = target if target.exists() else target.parent
+    return os.access(probe, os.W_OK)
+
+
+Writable = Callable[[Path], bool]
+"""How to decide whether a path needs root (``is_writable``); tests pass their own."""
+
+
+def sudo_prefix(
+    target: Path, *, which: Which = shutil.which, writable: Writable = is_writable
+) -> list[str]:
     """``[]`` when this user may change ``target``, else ``["/usr/bin/sudo"]``.
 
     Raises:
         PKIError: root is needed and sudo is not available.
     """
-    probe = target if target.exists() else target.parent
-    if os.access(probe, os.W_OK):
+    if writable(target):
         return []
     sudo = which("sudo")
     if sudo is None:

@@ -29,6 +29,8 @@ from tornado_chat.pki.truststore import (
     TrustAnchor,
     TrustStore,
     Which,
+    Writable,
+    is_writable,
     missing_tool,
     run_tool,
     sudo_prefix,
@@ -108,13 +110,21 @@ class SystemTrustStore(TrustStore):
     Args:
         layout: the distribution layout to use.
         which: how to find ``sudo`` when root is needed.
+        writable: how to tell whether the anchor directory needs root.
     """
 
     kind = "system"
 
-    def __init__(self, layout: SystemLayout | None, *, which: Which = shutil.which) -> None:
+    def __init__(
+        self,
+        layout: SystemLayout | None,
+        *,
+        which: Which = shutil.which,
+        writable: Writable = is_writable,
+    ) -> None:
         self.layout = layout
         self._which = which
+        self._writable = writable
 
     @classmethod
     def detect(cls, *, which: Which = shutil.which) -> SystemTrustStore:
@@ -160,7 +170,7 @@ class SystemTrustStore(TrustStore):
         """
         layout = self._layout()
         target = self.anchor_path(anchor)
-        sudo = sudo_prefix(layout.anchor_dir, which=self._which)
+        sudo = sudo_prefix(layout.anchor_dir, which=self._which, writable=self._writable)
         commands: list[list[str]] = []
         if sudo and install:
             commands.append([*sudo, "install", "-m", "0644", str(anchor.path), str(target)])
