@@ -882,8 +882,9 @@ async def test_ticket_never_outlives_its_access_token(env: Env) -> None:
     _ticket, expires_in = await env.auth.issue_ticket(claims)
     assert expires_in == 10
     env.clock.now = claims.expires_at - 0.5
-    with pytest.raises(InvalidToken):
+    with pytest.raises(Unauthorized) as caught:
         await env.auth.issue_ticket(claims)
+    assert caught.value.code == "invalid_token"
 
 
 async def test_ticket_ttl_over_30_seconds_is_refused(tmp_path: Path) -> None:

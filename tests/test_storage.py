@@ -403,16 +403,35 @@ async def test_append_messages_group_commit(storage: Storage) -> None:
 
 
 async def test_failed_batch_leaves_no_gap(storage: Storage) -> None:
-    """A batch that fails (unknown user id) stores nothing and does not advance seq."""
+    """A batch that fails (a body the database refuses) stores nothing and keeps seq."""
     uid = await _user(storage)
     await storage.append_message("r", uid, "alice", "one", None)
     with pytest.raises(StorageError) as caught:
         await storage.append_messages(
-            [("r", uid, "alice", "two", None), ("r", uid + 999, "ghost", "x", None)]
+            [("r", uid, "alice", "two", None), ("r", uid, "alice", None, None)]  # type: ignore[list-item]
         )
     assert caught.value.__cause__ is not None
     assert await storage.last_seq("r") == 1
     assert (await storage.append_message("r", uid, "alice", "three", None)).seq == 2
+    assert [m.body for m in await storage.messages("r")] == ["one", "three"]
+
+
+async def test_deleted_sender_does_not_fail_the_batch(storage: Storage) -> None:
+    """A message from a since-deleted user is stored under its name with the rest."""
+    uid = await _user(storage)
+    gone = await _user(storage, "gone")
+    await storage.delete_user(gone)
+    stored = await storage.append_messages(
+        [("r", uid, "alice", "hi", None), ("r", gone, "gone", "still here", None)]
+    )
+    assert [(m.seq, m.user) for m in stored] == [(1, "alice"), (2, "gone")]
+
+
+async def test_user_ids_are_never_reused(storage: Storage) -> None:
+    """Deleting the newest user does not hand its id to the next registration."""
+    first = await _user(storage, "first")
+    await storage.delete_user(first)
+    assert await _user(storage, "second") != first
 
 
 async def test_history_pagination(storage: Storage) -> None:

@@ -991,13 +991,14 @@ class AuthService:
             the access token's own expiry.
 
         Raises:
-            InvalidToken: the access token expires within a second.
+            Unauthorized: ``invalid_token``, the access token expires within a
+                second (an HTTP error, since the ticket endpoint raises it).
             StorageError: the database failed.
         """
         now = self._clock()
         expires_at = min(now + self._ticket_ttl, claims.expires_at)
         if expires_at - now < 1:
-            raise InvalidToken("access token expires too soon to issue a ticket")
+            raise Unauthorized("invalid_token", "access token expires too soon; refresh it first")
         ticket = new_secret_token(TICKET_PREFIX)
         await self._storage.add_ticket(
             hash_secret(ticket), claims.user_id, claims.session_id, claims.expires_at, expires_at

@@ -94,6 +94,9 @@ users = sa.Table(
     sa.Column("password_hash", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
     sa.UniqueConstraint("username_key", name="uq_users_username_key"),
+    # Never reuse the id of a deleted user on SQLite (PostgreSQL sequences
+    # never do): ids appear in tokens, logs and message history.
+    sqlite_autoincrement=True,
 )
 
 sessions = sa.Table(
@@ -807,13 +810,26 @@ class Storage:
                     row = (await conn.execute(stmt)).one()
                     room_ids[room] = int(row.id)
                     next_seq[room] = int(row.last_seq) - count + 1
+                # A sender deleted since it authenticated must not fail the
+                # whole batch (everyone else's messages) on the foreign key:
+                # its message is kept under its name, unlinked. FOR KEY SHARE
+                # (PostgreSQL) stops the deletion until this commits.
+                known_users = set(
+                    (
+                        await conn.execute(
+                            sa.select(users.c.id)
+                            .where(users.c.id.in_({item[1] for item in items}))
+                            .with_for_update(read=True, key_share=True)
+                        )
+                    ).scalars()
+                )
                 rows: list[dict[str, Any]] = []
                 for room, user_id, username, body, client_id in items:
                     rows.append(
                         {
                             "room_id": room_ids[room],
                             "seq": next_seq[room],
-                            "user_id": user_id,
+                            "user_id": user_id if user_id in known_users else None,
                             "username": username,
                             "body": body,
                             "client_id": client_id,

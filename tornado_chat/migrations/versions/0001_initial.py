@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("password_hash", sa.LargeBinary, nullable=False),
         sa.Column("created_at", sa.Double, nullable=False),
         sa.UniqueConstraint("username_key", name="uq_users_username_key"),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "sessions",
