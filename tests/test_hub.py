@@ -15,6 +15,9 @@ from tornado_chat.hub import Hub, Member
 from tornado_chat.storage import StoredMessage
 
 GAP = 0.01  # gap_wait for these tests: long enough to notice, short enough to stay fast
+# gap_wait for tests that assert nothing was fetched YET: wide enough that a
+# loaded CI machine cannot pass it between two loop turns.
+WIDE_GAP = 0.1
 
 
 class FakePeer:
@@ -341,7 +344,7 @@ async def test_deliver_unknown_room_is_noop() -> None:
 async def test_out_of_order_held_then_drained_without_fetch() -> None:
     """A message ahead of a gap waits; when the gap closes in time all go out in order, no fetch."""
     store = FakeStore()
-    hub = Hub(store.fetch, gap_wait=GAP)
+    hub = Hub(store.fetch, gap_wait=WIDE_GAP)
     _, p = add(hub)
     hub.note_last_seq("lobby", 0)
     hub.deliver(msg(3))
@@ -351,7 +354,7 @@ async def test_out_of_order_held_then_drained_without_fetch() -> None:
     hub.deliver(msg(1))
     await turn()
     assert p.seqs() == [1, 2, 3]
-    await asyncio.sleep(GAP * 3)
+    await asyncio.sleep(WIDE_GAP * 1.5)
     assert store.calls == [], "a gap closed by live notifications needs no database read"
     assert hub.rooms["lobby"].pending == {}
     assert hub.rooms["lobby"].gap_timer is None
@@ -413,7 +416,7 @@ async def test_note_last_seq_unknown_room_is_noop() -> None:
 async def test_gap_filled_from_fetch_after_gap_wait() -> None:
     """A gap still open after gap_wait is filled from storage, in order, with no duplicate."""
     store = FakeStore([msg(1), msg(2), msg(3)])
-    hub = Hub(store.fetch, gap_wait=GAP)
+    hub = Hub(store.fetch, gap_wait=WIDE_GAP)
     _, p = add(hub)
     hub.note_last_seq("lobby", 0)
     hub.deliver(msg(3))
@@ -421,7 +424,7 @@ async def test_gap_filled_from_fetch_after_gap_wait() -> None:
     assert store.calls == [], "the fill waits gap_wait first"
     await wait_for(lambda: p.seqs() == [1, 2, 3])
     assert store.calls == [("lobby", 0)]
-    await asyncio.sleep(GAP * 3)
+    await asyncio.sleep(WIDE_GAP * 1.5)
     assert p.seqs() == [1, 2, 3]
     assert hub.rooms["lobby"].pending == {}
 
