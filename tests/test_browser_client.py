@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Error, Page, Playwright, WebSocket, expect, sync_playwright
 
-from tests.browser import chromium_home, launch_chromium
+from tests.browser import launch_options, make_browser_home
 from tests.conftest import make_settings
 from tests.harness import PASSWORD, Client, LiveServer
 from tornado_chat.pki import ServerCertificate
@@ -74,8 +74,8 @@ def browser(
     playwright: Playwright, ca_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Browser]:
     """Chromium whose NSS database trusts the test CA."""
-    home = chromium_home(tmp_path_factory.mktemp("chromium-home"), trust=[ca_file])
-    browser = launch_chromium(playwright, home)
+    home = make_browser_home(tmp_path_factory.mktemp("chromium"), ca_cert=ca_file)
+    browser = playwright.chromium.launch(**launch_options(home))
     yield browser
     browser.close()
 
@@ -280,8 +280,8 @@ def test_page_fails_without_the_ca_in_the_nss_database(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Without the CA in its NSS database Chromium refuses the page (ERR_CERT_AUTHORITY_INVALID)."""
-    home = chromium_home(tmp_path_factory.mktemp("untrusting-home"), trust=[])
-    browser = launch_chromium(playwright, home)
+    home = make_browser_home(tmp_path_factory.mktemp("chromium-untrusting"))
+    browser = playwright.chromium.launch(**launch_options(home))
     try:
         page = browser.new_page()
         with pytest.raises(Error, match="net::ERR_CERT_AUTHORITY_INVALID"):
