@@ -84,6 +84,9 @@ def configure_logging(level: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    if level != "debug":
+        # Alembic announces each of its plugins at INFO on every start.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         from tornado_chat.logs import install_redaction
     except ImportError:  # pragma: no cover - the module ships with the package

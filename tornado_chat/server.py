@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -97,6 +98,7 @@ class TLSFiles:
         created_ca: the local CA was created just now (first run).
         issued: the leaf was (re)issued just now.
         trust_hint: the command that trusts the local CA ("" without one).
+        warnings: what the toolkit wants a person to know (loose key modes...).
     """
 
     cert_path: Path
@@ -105,6 +107,7 @@ class TLSFiles:
     created_ca: bool = False
     issued: bool = False
     trust_hint: str = ""
+    warnings: tuple[str, ...] = ()
 
 
 def certificate_names(host: str) -> list[str]:
@@ -144,6 +147,7 @@ def resolve_certificate(settings: Settings) -> TLSFiles:
         created_ca=issued.created_ca,
         issued=issued.issued,
         trust_hint=trust_hint(settings.caroot),
+        warnings=tuple(issued.warnings),
     )
 
 
@@ -346,7 +350,7 @@ class ChatServer:
             self.tls_files = resolve_certificate(settings)
         files = self.tls_files
         info = inspect_certificate(files.cert_path, files.key_path)
-        for warning in certificate_warnings(info, settings.host):
+        for warning in (*files.warnings, *certificate_warnings(info, settings.host)):
             log.warning("%s", warning)
         context = make_server_context(files.cert_path, files.key_path)
         self._reloader = CertificateReloader(
@@ -547,6 +551,8 @@ async def serve(
     await server.start()
     if worker is None and server.tls_files is not None:
         announce_ca(server.tls_files)
+    if worker is not None:
+        log.info("worker %d (pid %d) ready", worker, os.getpid())
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
@@ -622,7 +628,7 @@ class Supervisor:
         settings = self.settings
         files = resolve_certificate(settings)
         info = inspect_certificate(files.cert_path, files.key_path)
-        for warning in certificate_warnings(info, settings.host):
+        for warning in (*files.warnings, *certificate_warnings(info, settings.host)):
             log.warning("%s", warning)
         make_server_context(files.cert_path, files.key_path)
         sockets = bind_listeners(settings.host, settings.port, reuse_port=True)
@@ -641,6 +647,8 @@ class Supervisor:
         )
         self._install_signals()
         last_renewal = time.monotonic()
+        # Workers need not repeat the toolkit's warnings: the parent logged them.
+        files = dataclasses.replace(files, warnings=())
         for worker in range(settings.processes):
             self._spawn(worker, sockets, redirect_sockets, files)
         while self.children:

@@ -1,0 +1,783 @@
+"""The process shell: ``python -m tornado_chat`` as a real subprocess, and ChatServer.
+
+The module's main server is started once on a fresh data directory and CA
+root; everything is verified against the CA it minted on that first start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import tornado.web
+from cryptography import x509
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
+
+from tornado_chat.config import Settings
+from tornado_chat.pki import LocalCA, ServerCertificate, trust_hint
+from tornado_chat.server import ChatServer, certificate_names
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_NAMES = ["localhost", "127.0.0.1", "::1"]
+PASSWORD = "correct horse battery"
+PG_ADMIN_URL = os.environ.get("CHAT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("CHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Root may read any file; dropping these capabilities (setpriv, util-linux)
+# makes a root process obey file modes, so "permission denied" is real.
+DROP_DAC = [
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a server subprocess: no CHAT_* leaking in, cheap bcrypt."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    # The checkout must be importable whether or not the package is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["CHAT_BCRYPT_ROUNDS"] = "4"
+    env.update(extra)
+    return env
+
+
+class ChatProcess:
+    """``python -m tornado_chat`` in a subprocess, its output collected line by line."""
+
+    def __init__(
+        self, args: Sequence[str], cwd: Path, *, env: dict[str, str] | None = None
+    ) -> None:
+        self.args = [sys.executable, "-m", "tornado_chat", *args]
+        self.cwd = cwd
+        self.env = env or child_env()
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self._readers: list[threading.Thread] = []
+
+    def start(self) -> ChatProcess:
+        """Start the process and the threads that read its output."""
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=self.cwd,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            reader = threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
+            reader.start()
+            self._readers.append(reader)
+        return self
+
+    @staticmethod
+    def _pump(stream: Any, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line.rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        """Everything the process wrote to stderr so far."""
+        return "\n".join(self.err)
+
+    def wait_for(self, pattern: str, timeout: float = 60, *, after: int = 0) -> re.Match[str]:
+        """The first stderr line (from index ``after``) matching ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.err[after:]:
+                match = regex.search(line)
+                if match:
+                    return match
+            assert self.proc is not None
+            if self.proc.poll() is not None and not any(r.is_alive() for r in self._readers):
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"no stderr line matches {pattern!r}:\n{self.stderr}")
+
+    async def wait_for_async(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        """:meth:`wait_for` without blocking the test's event loop."""
+        return await asyncio.to_thread(self.wait_for, pattern, timeout)
+
+    def ports(self) -> tuple[int, int | None]:
+        """The HTTPS port and redirect port the server reported."""
+        port = int(self.wait_for(r"listening on https://\S+:(\d+) ").group(1))
+        redirect = None
+        if "--redirect-port" in self.args:
+            redirect = int(self.wait_for(r"redirecting http://\S+:(\d+) to").group(1))
+        return port, redirect
+
+    def send(self, signum: int) -> None:
+        """Send a signal to the server process."""
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the exit code (and for all output to be read)."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(5)
+        return code
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not exit (fixture teardown)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def run_cli(args: Sequence[str], cwd: Path, *, prefix: Sequence[str] = ()) -> tuple[int, str]:
+    """Run ``python -m tornado_chat`` to completion; (exit code, stderr).
+
+    Port 0 and a private data directory come first, so a diagnostic that fails
+    to fire shows up as a server that starts (and a timeout), not as a clash.
+    """
+    defaults = ["--port", "0", "--data-dir", str(cwd / "data")]
+    result = subprocess.run(
+        [*prefix, sys.executable, "-m", "tornado_chat", *defaults, *args],
+        cwd=cwd,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result.returncode, result.stderr
+
+
+def assert_one_error_line(stderr: str, expected: str) -> None:
+    """stderr ends with exactly one ``ERROR:`` line, the expected one, and no traceback."""
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr, stderr
+    assert [line for line in lines if line.startswith("ERROR:")] == [f"ERROR: {expected}"], stderr
+    assert lines[-1] == f"ERROR: {expected}"
+
+
+def https_get(
+    port: int, path: str, ca: Path, host: str = "localhost"
+) -> tuple[int, dict[str, str], bytes]:
+    """One verified HTTPS GET; (status, headers, body)."""
+    conn = http.client.HTTPSConnection(
+        host, port, context=ssl.create_default_context(cafile=str(ca)), timeout=10
+    )
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def peer_serial(conn: http.client.HTTPSConnection) -> int:
+    """Serial number of the certificate the server presented on this connection."""
+    assert isinstance(conn.sock, ssl.SSLSocket)
+    der = conn.sock.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+# -- the module's server -------------------------------------------------------
+
+
+class Running:
+    """The module's server process and where its files are."""
+
+    def __init__(self, process: ChatProcess, root: Path) -> None:
+        self.process = process
+        self.root = root
+        self.caroot = root / "certs"
+        self.data_dir = root / "data"
+        self.port, redirect = process.ports()
+        assert redirect is not None
+        self.redirect_port = redirect
+
+    @property
+    def ca(self) -> Path:
+        """The CA certificate the server minted."""
+        return self.caroot / "ca.pem"
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """``python -m tornado_chat`` on a fresh data dir and CA root, ports picked by the OS."""
+    root = tmp_path_factory.mktemp("fresh")
+    process = ChatProcess(
+        ["--port", "0", "--redirect-port", "0", "--shutdown-timeout", "5"],
+        root,
+        env=child_env(CHAT_DATA_DIR=str(root / "data"), CHAT_CAROOT=str(root / "certs")),
+    ).start()
+    try:
+        yield Running(process, root)
+    finally:
+        process.stop()
+
+
+def test_first_start_mints_certificates(running: Running) -> None:
+    """The first start creates the CA and a leaf in --caroot with the toolkit's file modes."""
+    caroot = running.caroot
+    assert (caroot / "ca.pem").stat().st_mode & 0o777 == 0o644
+    assert (caroot / "ca-key.pem").stat().st_mode & 0o777 == 0o400
+    assert (caroot / "server-key.pem").stat().st_mode & 0o777 == 0o600
+    leaf = x509.load_pem_x509_certificate((caroot / "server.pem").read_bytes())
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(n) for n in san.get_values_for_type(x509.DNSName)} == {"localhost"}
+    assert {str(a) for a in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1"}
+
+
+def test_first_start_prints_ca_and_trust_command(running: Running) -> None:
+    """stdout has one line naming the CA file and the command that trusts it."""
+    running.process.wait_for("listening on")
+    assert running.process.out == [
+        f"created the local CA {running.ca}; trust it with: {trust_hint(running.caroot)}"
+    ]
+
+
+def test_healthz_verified_against_minted_ca(running: Running) -> None:
+    """/healthz answers over HTTPS verified against the minted CA, with HSTS."""
+    status, headers, body = https_get(running.port, "/healthz", running.ca)
+    assert status == 200
+    assert json.loads(body) == {"status": "ok"}
+    assert headers["Strict-Transport-Security"].startswith("max-age=")
+    status, _, _ = https_get(running.port, "/healthz", running.ca, host="127.0.0.1")
+    assert status == 200
+
+
+def test_unverified_client_is_refused(running: Running) -> None:
+    """A client trusting only the system CAs cannot talk to the server (the CA is real)."""
+    context = ssl.create_default_context()
+    with (
+        socket.create_connection(("127.0.0.1", running.port), timeout=10) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        context.wrap_socket(raw, server_hostname="localhost")
+
+
+async def test_verified_wss_chat(running: Running) -> None:
+    """Register, log in and chat over WSS, every hop verified against the minted CA."""
+    context = ssl.create_default_context(cafile=str(running.ca))
+    base = f"https://localhost:{running.port}"
+    user = f"shell_{secrets.token_hex(4)}"
+    for path in ("/api/register", "/api/login"):
+        status, body = await asyncio.to_thread(
+            post_json, running.port, path, {"username": user, "password": PASSWORD}, running.ca
+        )
+        assert status in (200, 201), body
+    token = body["access_token"]
+    request = HTTPRequest(
+        f"wss://localhost:{running.port}/ws/shell", ssl_options=context, headers={"Origin": base}
+    )
+    conn = await websocket_connect(request, subprotocols=["chat.v1", f"bearer.{token}"])
+    try:
+        welcome = json.loads(await asyncio.wait_for(conn.read_message(), 10))
+        assert welcome["type"] == "welcome"
+        assert welcome["user"] == user
+        await conn.write_message(json.dumps({"type": "message", "body": "hi", "client_id": "c1"}))
+        while True:
+            frame = json.loads(await asyncio.wait_for(conn.read_message(), 10))
+            if frame["type"] == "message":
+                break
+        assert (frame["body"], frame["client_id"], frame["user"]) == ("hi", "c1", user)
+    finally:
+        conn.close()
+
+
+def post_json(port: int, path: str, payload: object, ca: Path) -> tuple[int, Any]:
+    """One verified HTTPS POST with a JSON body; (status, parsed body)."""
+    conn = http.client.HTTPSConnection(
+        "localhost", port, context=ssl.create_default_context(cafile=str(ca)), timeout=10
+    )
+    try:
+        conn.request(
+            "POST", path, json.dumps(payload), headers={"Content-Type": "application/json"}
+        )
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("host_header", "location_host"),
+    [
+        ("localhost", "localhost"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("[::1]", "[::1]"),
+        ("evil.example", "127.0.0.1"),
+        ("localhost.evil.example", "127.0.0.1"),
+        ("", "127.0.0.1"),
+    ],
+)
+def test_redirect_port_answers_301(running: Running, host_header: str, location_host: str) -> None:
+    """Plain HTTP gets 301 to the same path on HTTPS; only certificate names are echoed."""
+    conn = http.client.HTTPConnection("127.0.0.1", running.redirect_port, timeout=10)
+    try:
+        conn.putrequest("GET", "/rooms/lobby?since=3", skip_host=True)
+        conn.putheader("Host", f"{host_header}:{running.redirect_port}" if host_header else "")
+        conn.endheaders()
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    assert response.status == 301
+    assert response.getheader("Location") == (
+        f"https://{location_host}:{running.port}/rooms/lobby?since=3"
+    )
+    # RFC 6797 8.1: HSTS over plain HTTP must not be sent (and would be ignored).
+    assert response.getheader("Strict-Transport-Security") is None
+
+
+def test_plain_http_on_tls_port_is_one_hint(running: Running) -> None:
+    """A plain-HTTP (or ws://) request on the TLS port is one log line, no traceback."""
+    before = len(running.process.err)
+    with socket.create_connection(("127.0.0.1", running.port), timeout=10) as raw:
+        raw.sendall(b"GET /ws/lobby HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            raw.recv(100)
+    running.process.wait_for(
+        r"WARNING tornado\.general: plain HTTP request on the TLS port from 127\.0\.0\.1: "
+        r"use https:// / wss://$",
+        after=before,
+    )
+    time.sleep(0.2)
+    new = running.process.err[before:]
+    assert len([line for line in new if "TLS port" in line]) == 1
+    assert "Traceback" not in running.process.stderr
+
+
+def test_sighup_reloads_without_dropping_connection(running: Running) -> None:
+    """SIGHUP serves a new leaf to new handshakes; an open keep-alive connection keeps working."""
+    context = ssl.create_default_context(cafile=str(running.ca))
+    old = http.client.HTTPSConnection("localhost", running.port, context=context, timeout=10)
+    old.request("GET", "/healthz")
+    assert old.getresponse().read()
+    old_serial = peer_serial(old)
+
+    ca = LocalCA.load(running.caroot)
+    renewed = ca.issue_server(
+        LOCAL_NAMES,
+        days=60,
+        cert_path=running.caroot / "server.pem",
+        key_path=running.caroot / "server-key.pem",
+    )
+    before = len(running.process.err)
+    running.process.send(signal.SIGHUP)
+    running.process.wait_for(r"reloaded certificate .*server\.pem \(expires ", after=before)
+
+    fresh = http.client.HTTPSConnection("localhost", running.port, context=context, timeout=10)
+    fresh.request("GET", "/healthz")
+    assert fresh.getresponse().status == 200
+    assert peer_serial(fresh) == renewed.certificate.serial_number != old_serial
+    fresh.close()
+    # Same TCP connection as before the reload: still served, still the old session.
+    old.request("GET", "/healthz")
+    assert old.getresponse().status == 200
+    assert peer_serial(old) == old_serial
+    old.close()
+    assert "Traceback" not in running.process.stderr
+
+
+# -- shutdown ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minted(tmp_path_factory: pytest.TempPathFactory) -> ServerCertificate:
+    """A toolkit CA and leaf for the tests that pass --certfile/--keyfile."""
+    from tornado_chat.pki import ensure_server_certificate
+
+    return ensure_server_certificate(tmp_path_factory.mktemp("caroot"), LOCAL_NAMES)
+
+
+async def test_sigterm_closes_sockets_with_1001_and_exits_zero(
+    minted: ServerCertificate, tmp_path: Path
+) -> None:
+    """SIGTERM: open sockets get 1001, the process exits 0 within --shutdown-timeout."""
+    process = ChatProcess(
+        [
+            "--port", "0",
+            "--certfile", str(minted.cert_path),
+            "--keyfile", str(minted.key_path),
+            "--data-dir", str(tmp_path / "data"),
+            "--shutdown-timeout", "5",
+        ],
+        tmp_path,
+    ).start()  # fmt: skip
+    try:
+        port, _ = process.ports()
+        ca = minted.ca_cert_path
+        user = f"term_{secrets.token_hex(4)}"
+        await asyncio.to_thread(
+            post_json, port, "/api/register", {"username": user, "password": PASSWORD}, ca
+        )
+        _, login = await asyncio.to_thread(
+            post_json, port, "/api/login", {"username": user, "password": PASSWORD}, ca
+        )
+        context = ssl.create_default_context(cafile=str(ca))
+        conn = await websocket_connect(
+            HTTPRequest(
+                f"wss://localhost:{port}/ws/term",
+                ssl_options=context,
+                headers={"Origin": f"https://localhost:{port}"},
+            ),
+            subprotocols=["chat.v1", f"bearer.{login['access_token']}"],
+        )
+        assert json.loads(await asyncio.wait_for(conn.read_message(), 10))["type"] == "welcome"
+        started = time.monotonic()
+        process.send(signal.SIGTERM)
+        while await asyncio.wait_for(conn.read_message(), 10) is not None:
+            pass
+        assert conn.close_code == 1001
+        code = await asyncio.to_thread(process.wait, 15)
+        elapsed = time.monotonic() - started
+    finally:
+        process.stop()
+    assert code == 0, process.stderr
+    assert elapsed < 5 + 2
+    assert "SIGTERM received: shutting down" in process.stderr
+    assert "Traceback" not in process.stderr
+
+
+def test_uncovered_host_is_a_warning_not_an_error(
+    minted: ServerCertificate, tmp_path: Path
+) -> None:
+    """Serving a certificate that does not name --host starts, with one warning line."""
+    process = ChatProcess(
+        [
+            "--host", "127.0.0.2",
+            "--port", "0",
+            "--certfile", str(minted.cert_path),
+            "--keyfile", str(minted.key_path),
+            "--data-dir", str(tmp_path / "data"),
+        ],
+        tmp_path,
+    ).start()  # fmt: skip
+    try:
+        process.ports()
+        warning = process.wait_for(r"WARNING tornado_chat\.server: (certificate .*)$").group(1)
+        process.send(signal.SIGINT)
+        code = process.wait(15)
+    finally:
+        process.stop()
+    assert warning == (
+        f"certificate {minted.cert_path} does not cover 127.0.0.2 (it names localhost, "
+        "127.0.0.1, ::1): clients of https://127.0.0.2 will reject it"
+    )
+    assert code == 0
+
+
+# -- start-up diagnostics ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def leaves(minted: ServerCertificate, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Broken and odd pairs signed by the toolkit CA."""
+    directory = tmp_path_factory.mktemp("leaves")
+    ca = LocalCA.load(minted.ca_cert_path.parent)
+    now = datetime.now(timezone.utc)
+    files: dict[str, Path] = {}
+    for name, when, days in (
+        ("expired", now - timedelta(days=3), 1),
+        ("future", now + timedelta(days=3), 30),
+        ("other", None, 30),
+    ):
+        issued = ca.issue_server(
+            LOCAL_NAMES,
+            days=days,
+            cert_path=directory / f"{name}.pem",
+            key_path=directory / f"{name}-key.pem",
+            now=when,
+        )
+        assert issued.key_path is not None
+        files[name] = issued.cert_path
+        files[f"{name}-key"] = issued.key_path
+    return files
+
+
+def test_missing_certificate_exits_with_one_line(minted: ServerCertificate, tmp_path: Path) -> None:
+    """A missing --certfile is one ERROR line naming the path, exit 2."""
+    missing = tmp_path / "missing.pem"
+    code, stderr = run_cli(
+        ["--certfile", str(missing), "--keyfile", str(minted.key_path)], tmp_path
+    )
+    assert code == 2
+    assert_one_error_line(stderr, f"certificate file {missing} does not exist")
+
+
+def test_directory_as_key_exits_with_one_line(minted: ServerCertificate, tmp_path: Path) -> None:
+    """A --keyfile that is a directory cannot be read: one ERROR line, exit 2."""
+    code, stderr = run_cli(
+        ["--certfile", str(minted.cert_path), "--keyfile", str(tmp_path)], tmp_path
+    )
+    assert code == 2
+    assert_one_error_line(stderr, f"cannot read key {tmp_path}: it is a directory")
+
+
+def test_unreadable_key_exits_with_one_line(minted: ServerCertificate, tmp_path: Path) -> None:
+    """A key the server may not read (mode 000) is 'permission denied', even for root."""
+    locked = tmp_path / "locked-key.pem"
+    locked.write_bytes(minted.key_path.read_bytes())
+    locked.chmod(0)
+    prefix = DROP_DAC if os.geteuid() == 0 else []
+    code, stderr = run_cli(
+        ["--certfile", str(minted.cert_path), "--keyfile", str(locked)], tmp_path, prefix=prefix
+    )
+    assert code == 2
+    assert_one_error_line(stderr, f"cannot read key {locked}: permission denied")
+
+
+def test_garbage_certificate_exits_with_one_line(minted: ServerCertificate, tmp_path: Path) -> None:
+    """A --certfile that is not PEM: one ERROR line, exit 2."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("hello\n")
+    code, stderr = run_cli(
+        ["--certfile", str(garbage), "--keyfile", str(minted.key_path)], tmp_path
+    )
+    assert code == 2
+    assert_one_error_line(stderr, f"certificate {garbage} is not a PEM certificate")
+
+
+def test_mismatched_key_exits_with_one_line(
+    minted: ServerCertificate, leaves: dict[str, Path], tmp_path: Path
+) -> None:
+    """A key from another pair: one ERROR line naming both files, exit 2."""
+    code, stderr = run_cli(
+        ["--certfile", str(minted.cert_path), "--keyfile", str(leaves["other-key"])], tmp_path
+    )
+    assert code == 2
+    assert_one_error_line(
+        stderr,
+        f"key {leaves['other-key']} does not match certificate {minted.cert_path}: "
+        "they are not from the same pair",
+    )
+
+
+def test_expired_certificate_exits_with_one_line(leaves: dict[str, Path], tmp_path: Path) -> None:
+    """An expired certificate: one ERROR line with its expiry date, exit 2."""
+    code, stderr = run_cli(
+        ["--certfile", str(leaves["expired"]), "--keyfile", str(leaves["expired-key"])], tmp_path
+    )
+    assert code == 2
+    (line,) = [line for line in stderr.splitlines() if line.startswith("ERROR:")]
+    assert re.fullmatch(
+        rf"ERROR: certificate {re.escape(str(leaves['expired']))} expired on "
+        r"\d{4}-\d\d-\d\d \d\d:\d\d UTC: renew it "
+        r"\(or delete it to let the local CA mint a new one\)",
+        line,
+    ), line
+    assert "Traceback" not in stderr
+
+
+def test_future_certificate_exits_with_one_line(leaves: dict[str, Path], tmp_path: Path) -> None:
+    """A not-yet-valid certificate: one ERROR line with its start date, exit 2."""
+    code, stderr = run_cli(
+        ["--certfile", str(leaves["future"]), "--keyfile", str(leaves["future-key"])], tmp_path
+    )
+    assert code == 2
+    (line,) = [line for line in stderr.splitlines() if line.startswith("ERROR:")]
+    assert line.startswith(f"ERROR: certificate {leaves['future']} is not valid until ")
+    assert "Traceback" not in stderr
+
+
+def test_port_in_use_exits_with_one_line(minted: ServerCertificate, tmp_path: Path) -> None:
+    """A port another process holds: one ERROR line, exit 2."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, stderr = run_cli(
+            [
+                "--port", str(port),
+                "--certfile", str(minted.cert_path),
+                "--keyfile", str(minted.key_path),
+            ],
+            tmp_path,
+        )  # fmt: skip
+    assert code == 2
+    assert_one_error_line(
+        stderr,
+        f"cannot listen on 127.0.0.1:{port}: address already in use (another server is running?)",
+    )
+
+
+def test_host_outside_ca_constraints_exits_with_one_line(tmp_path: Path) -> None:
+    """A --host the local CA may not sign for is refused by the toolkit in one line, exit 1."""
+    code, stderr = run_cli(
+        ["--host", "chat.example.com", "--port", "0", "--caroot", str(tmp_path / "ca")], tmp_path
+    )
+    assert code == 1
+    (line,) = [line for line in stderr.splitlines() if line.startswith("ERROR:")]
+    assert line.startswith("ERROR: chat.example.com is outside the names this CA may sign")
+    assert "Traceback" not in stderr
+
+
+def test_processes_without_broker_exits_with_one_line(tmp_path: Path) -> None:
+    """--processes 2 without a broker is refused before anything starts, exit 2."""
+    code, stderr = run_cli(["--processes", "2"], tmp_path)
+    assert code == 2
+    assert stderr == (
+        "ERROR: --processes 2 needs --broker redis://...: each worker only reaches its own "
+        "sockets, so workers must share a broker\n"
+    )
+
+
+# -- several processes -----------------------------------------------------------
+
+
+@pytest.fixture
+async def pg_database() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for this test (dropped afterwards)."""
+    name = f"chat_shell_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(PG_ADMIN_URL, timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    base = PG_ADMIN_URL.replace("postgresql://", "postgresql+asyncpg://", 1)
+    try:
+        yield base.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        admin = await asyncpg.connect(PG_ADMIN_URL, timeout=10)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def test_processes_share_one_port_and_stop_together(
+    minted: ServerCertificate, pg_database: str, tmp_path: Path
+) -> None:
+    """--processes 2 forks two workers on one port; SIGTERM stops both, exit 0."""
+    process = ChatProcess(
+        [
+            "--processes", "2",
+            "--port", "0",
+            "--db", pg_database,
+            "--broker", REDIS_URL,
+            "--certfile", str(minted.cert_path),
+            "--keyfile", str(minted.key_path),
+            "--data-dir", str(tmp_path / "data"),
+            "--shutdown-timeout", "5",
+        ],
+        tmp_path,
+    ).start()  # fmt: skip
+    try:
+        port = int(
+            (await process.wait_for_async(r"starting 2 workers on https://\S+:(\d+)")).group(1)
+        )
+        await process.wait_for_async(r"worker 0 \(pid \d+\) ready")
+        await process.wait_for_async(r"worker 1 \(pid \d+\) ready")
+        pids = set(re.findall(r"worker \d \(pid (\d+)\) ready", process.stderr))
+        assert len(pids) == 2
+        for _ in range(6):
+            status, _, _ = await asyncio.to_thread(https_get, port, "/healthz", minted.ca_cert_path)
+            assert status == 200
+        process.send(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 20)
+    finally:
+        process.stop()
+    assert code == 0, process.stderr
+    assert "Traceback" not in process.stderr
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+
+
+# -- ChatServer in-process -------------------------------------------------------
+
+
+def test_certificate_names_add_specific_hosts_only() -> None:
+    """The local CA leaf names loopback plus --host, never a wildcard address."""
+    assert certificate_names("0.0.0.0") == LOCAL_NAMES
+    assert certificate_names("::") == LOCAL_NAMES
+    assert certificate_names("127.0.0.1") == LOCAL_NAMES
+    assert certificate_names("chat.test") == [*LOCAL_NAMES, "chat.test"]
+
+
+class SlowHub:
+    """A hub whose shutdown never finishes (to prove stop() is bounded)."""
+
+    def __init__(self) -> None:
+        self.shutdown_called = asyncio.Event()
+
+    async def shutdown(self, code: int = 1001, reason: str = "") -> None:
+        """Record the call, then hang."""
+        self.shutdown_called.set()
+        await asyncio.Event().wait()
+
+
+class StubServices:
+    """Services with a hanging hub; close() is recorded."""
+
+    def __init__(self) -> None:
+        self.hub = SlowHub()
+        self.closed = False
+
+    async def close(self) -> None:
+        """Record that pending writes were flushed."""
+        self.closed = True
+
+
+class OkHandler(tornado.web.RequestHandler):
+    """Answers 'ok'."""
+
+    def get(self) -> None:
+        """Tiny body."""
+        self.write("ok")
+
+
+async def test_stop_is_bounded_even_if_the_hub_hangs(
+    minted: ServerCertificate, tmp_path: Path
+) -> None:
+    """stop() gives up on a hanging hub after its share of the timeout and still closes services."""
+    services = StubServices()
+
+    async def create(_settings: Settings) -> StubServices:
+        return services
+
+    settings = Settings(
+        port=0,
+        certfile=minted.cert_path,
+        keyfile=minted.key_path,
+        data_dir=tmp_path,
+        shutdown_timeout=1.0,
+    )
+    server = ChatServer(
+        settings,
+        create_services=create,
+        make_app=lambda _s, _v: tornado.web.Application([(r"/", OkHandler)]),
+    )
+    await server.start()
+    status, _, body = await asyncio.to_thread(https_get, server.port, "/", minted.ca_cert_path)
+    assert (status, body) == (200, b"ok")
+    started = time.monotonic()
+    await server.stop()
+    assert time.monotonic() - started < 1.5
+    assert services.hub.shutdown_called.is_set()
+    assert services.closed
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
