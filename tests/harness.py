@@ -224,11 +224,15 @@ class Client:
 
     async def register(self, username: str, password: str = PASSWORD) -> Response:
         """POST /api/register."""
-        return await self.request("POST", "/api/register", {"username": username, "password": password})
+        return await self.request(
+            "POST", "/api/register", {"username": username, "password": password}
+        )
 
     async def login(self, username: str, password: str = PASSWORD) -> Response:
         """POST /api/login."""
-        return await self.request("POST", "/api/login", {"username": username, "password": password})
+        return await self.request(
+            "POST", "/api/login", {"username": username, "password": password}
+        )
 
     async def user(self, username: str) -> dict[str, Any]:
         """Register and log in; the login response body."""

@@ -100,16 +100,22 @@ async def test_me_requires_valid_bearer(client: Client) -> None:
 async def test_refresh_rotates_and_reuse_revokes_family(client: Client) -> None:
     """Refresh gives a new pair; reusing the old refresh token revokes the whole family."""
     first = await client.user("api_refresh")
-    r = await client.request("POST", "/api/token/refresh", {"refresh_token": first["refresh_token"]})
+    r = await client.request(
+        "POST", "/api/token/refresh", {"refresh_token": first["refresh_token"]}
+    )
     assert r.status == 200
     second = r.json
     assert second["refresh_token"] != first["refresh_token"]
     assert second["access_token"] != first["access_token"]
     assert (await client.request("GET", "/api/me", token=second["access_token"])).status == 200
     # Reuse of the rotated token: 401, and the newest pair of the family dies too.
-    r = await client.request("POST", "/api/token/refresh", {"refresh_token": first["refresh_token"]})
+    r = await client.request(
+        "POST", "/api/token/refresh", {"refresh_token": first["refresh_token"]}
+    )
     assert r.status == 401 and _error(r) == "invalid_token"
-    r = await client.request("POST", "/api/token/refresh", {"refresh_token": second["refresh_token"]})
+    r = await client.request(
+        "POST", "/api/token/refresh", {"refresh_token": second["refresh_token"]}
+    )
     assert r.status == 401
     assert (await client.request("GET", "/api/me", token=second["access_token"])).status == 401
 
@@ -124,7 +130,9 @@ async def test_refresh_rejects_garbage(client: Client) -> None:
 async def test_access_token_is_not_a_refresh_token(client: Client) -> None:
     """An access token presented as a refresh token is refused."""
     tokens = await client.user("api_typ")
-    r = await client.request("POST", "/api/token/refresh", {"refresh_token": tokens["access_token"]})
+    r = await client.request(
+        "POST", "/api/token/refresh", {"refresh_token": tokens["access_token"]}
+    )
     assert r.status == 401
 
 
@@ -134,7 +142,9 @@ async def test_logout_revokes_access_and_refresh(client: Client) -> None:
     r = await client.request("POST", "/api/logout", token=tokens["access_token"])
     assert r.status == 204 and r.body == b""
     assert (await client.request("GET", "/api/me", token=tokens["access_token"])).status == 401
-    r = await client.request("POST", "/api/token/refresh", {"refresh_token": tokens["refresh_token"]})
+    r = await client.request(
+        "POST", "/api/token/refresh", {"refresh_token": tokens["refresh_token"]}
+    )
     assert r.status == 401
 
 

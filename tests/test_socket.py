@@ -178,7 +178,9 @@ async def test_cross_origin_handshake_is_403(server: LiveServer, client: Client)
     """A foreign Origin is refused at the handshake with 403; the own origin is accepted."""
     tokens = await client.user("ws_origin")
     with pytest.raises(HTTPClientError) as info:
-        await client.connect("ws-origin", token=tokens["access_token"], origin="https://evil.example")
+        await client.connect(
+            "ws-origin", token=tokens["access_token"], origin="https://evil.example"
+        )
     assert info.value.code == 403
     with pytest.raises(HTTPClientError) as info:
         await client.connect(

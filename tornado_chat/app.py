@@ -202,5 +202,3 @@ def make_app(settings: Settings, services: Services) -> tornado.web.Application:
         compress_response=False,
         xsrf_cookies=False,  # the API uses Bearer tokens, never cookies
     )
-
-

@@ -8,8 +8,10 @@ import re
 # ?token=..., &ticket=..., also bearer./ticket. subprotocol values and
 # Authorization headers, wherever they appear in a message.
 _SECRET_RE = re.compile(
-    r"(?P<key>(?:[?&;](?:token|ticket|access_token|refresh_token)=)|(?:bearer\.|ticket\.)"
-    r"|(?:Bearer\s+))(?P<value>[^&\s\"',;]+)",
+    r"(?P<key>(?:\b(?:token|ticket|access_token|refresh_token)=)|(?:bearer\.|ticket\.)"
+    r"|(?:Bearer\s+)"
+    r"|(?:\"(?:token|ticket|access_token|refresh_token)\"\s*:\s*\"))"
+    r"(?P<value>[^&\s\"',;]+)",
     re.IGNORECASE,
 )
 
@@ -26,13 +28,19 @@ class RedactingFilter(logging.Filter):
         """Rewrite the record's message with credentials redacted; never drops it."""
         try:
             message = record.getMessage()
-        except Exception:  # a broken format string must not lose the record
+        except Exception:  # noqa: BLE001 - a broken format string must not lose the record
             return True
         cleaned = redact(message)
         if cleaned != message:
             record.msg = cleaned
             record.args = None
+        if record.exc_info and not record.exc_text:
+            # Tracebacks quote exception messages, which may quote a URL.
+            record.exc_text = redact(_FORMATTER.formatException(record.exc_info))
         return True
+
+
+_FORMATTER = logging.Formatter()
 
 
 # Loggers whose records can carry a request URI or header. A logger's own

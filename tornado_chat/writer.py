@@ -20,13 +20,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tornado_chat.writer")
 
-O = TypeVar("O")
+OriginT = TypeVar("OriginT")
 Item = tuple[str, int, str, str, "str | None"]
-OnStored = Callable[[Sequence[tuple["StoredMessage", O | None]]], None]
+OnStored = Callable[[Sequence[tuple["StoredMessage", OriginT | None]]], None]
 
 
-class MessageWriter(Generic[O]):
-    """Batches message inserts; ``O`` is whatever identifies the sender (a hub member).
+class MessageWriter(Generic[OriginT]):
+    """Batches message inserts; ``OriginT`` is whatever identifies the sender (a hub member).
 
     Args:
         storage: where messages are stored.
@@ -35,11 +35,13 @@ class MessageWriter(Generic[O]):
         max_batch: the most messages one transaction takes.
     """
 
-    def __init__(self, storage: Storage, on_stored: OnStored[O], *, max_batch: int = 256) -> None:
+    def __init__(
+        self, storage: Storage, on_stored: OnStored[OriginT], *, max_batch: int = 256
+    ) -> None:
         self._storage = storage
         self._on_stored = on_stored
         self._max_batch = max_batch
-        self._queue: list[tuple[Item, O | None, asyncio.Future[StoredMessage]]] = []
+        self._queue: list[tuple[Item, OriginT | None, asyncio.Future[StoredMessage]]] = []
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -50,7 +52,7 @@ class MessageWriter(Generic[O]):
         username: str,
         body: str,
         client_id: str | None,
-        origin: O | None = None,
+        origin: OriginT | None = None,
     ) -> StoredMessage:
         """Store one message (with others in the same turn) and return it.
 
@@ -72,6 +74,8 @@ class MessageWriter(Generic[O]):
                 del self._queue[: self._max_batch]
                 try:
                     stored = await self._storage.append_messages([item for item, _, _ in batch])
+                    if len(stored) != len(batch):
+                        raise StorageError(f"stored {len(stored)} of {len(batch)} messages")
                 except Exception as exc:  # every failure must reach the submitters
                     err = exc if isinstance(exc, StorageError) else StorageError(str(exc))
                     if not isinstance(exc, StorageError):
@@ -81,10 +85,13 @@ class MessageWriter(Generic[O]):
                             fut.set_exception(err)
                     continue
                 try:
-                    self._on_stored([(msg, origin) for msg, (_, origin, _) in zip(stored, batch)])
+                    pairs = [
+                        (msg, origin) for msg, (_, origin, _) in zip(stored, batch, strict=True)
+                    ]
+                    self._on_stored(pairs)
                 except Exception:  # fan-out trouble must not un-acknowledge a stored message
                     log.exception("fan-out of stored messages failed")
-                for msg, (_, _, fut) in zip(stored, batch):
+                for msg, (_, _, fut) in zip(stored, batch, strict=True):
                     if not fut.done():
                         fut.set_result(msg)
         finally:

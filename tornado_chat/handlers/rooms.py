@@ -78,6 +78,6 @@ class ReadyHandler(BaseHandler):
             raise ServiceUnavailable("unavailable", "the database is unreachable") from None
         try:
             await self.services.broker.ping()
-        except Exception:  # any broker failure means not ready
+        except Exception:  # noqa: BLE001 - any broker failure means not ready
             raise ServiceUnavailable("unavailable", "the broker is unreachable") from None
         self.send_json({"status": "ready"})

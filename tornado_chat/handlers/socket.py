@@ -7,6 +7,7 @@ valid credentials is closed with 4401 before anything it sent is processed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -266,9 +267,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             return
         if claims.user_id != member.user_id:
             log.warning("reauth refused: user=%s sent a token of another user", member.username)
-            hub.send(
-                member, protocol.error_frame("invalid_token", "token belongs to another user")
-            )
+            hub.send(member, protocol.error_frame("invalid_token", "token belongs to another user"))
             return
         self.claims = claims
         hub.rebind(member, claims.session_id)
@@ -315,10 +314,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             )
         # Let the close frame queue behind the full buffer.
         conn.stream.max_write_buffer_size = None
-        try:
+        with contextlib.suppress(tornado.websocket.WebSocketClosedError, StreamClosedError):
             self.close(code, reason)
-        except (tornado.websocket.WebSocketClosedError, StreamClosedError):
-            pass
 
     def _leave(self) -> None:
         if self._expiry is not None:
@@ -329,9 +326,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             return
         hub = self.services.hub
         if hub.leave(member):
-            hub.broadcast(
-                member.room, protocol.presence_frame("leave", member.username, hub.online(member.room))
-            )
+            online = hub.online(member.room)
+            hub.broadcast(member.room, protocol.presence_frame("leave", member.username, online))
         if not hub.sockets_of(member.user_id):
             self.services.forget_bucket(member.user_id)
 
