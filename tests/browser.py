@@ -18,7 +18,7 @@ and in ``async`` tests (pytest-asyncio, Tornado servers on the same loop)::
     async with chromium_async(home) as browser:
         page = await browser.new_page()
 
-Import it as ``from browser import ...`` (pytest puts ``tests/`` on sys.path).
+Import it as ``from tests.browser import ...``.
 """
 
 from __future__ import annotations

@@ -89,8 +89,9 @@ def test_ca_serial_is_random_128_bit(tmp_path: Path) -> None:
 def test_ca_subject_tells_cas_apart(ca: LocalCA) -> None:
     """The subject names the account, the host and the creation date."""
     cn = ca.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-    assert owner_label()[:38] in str(cn)
+    assert owner_label()[:28] in str(cn)
     assert f"{utcnow():%Y-%m-%d}" in str(cn)
+    assert f"{ca.certificate.serial_number:032x}"[:8] in str(cn)
     ou = ca.certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0]
     assert ou.value == owner_label()
 

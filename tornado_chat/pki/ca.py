@@ -413,10 +413,15 @@ class LocalCA:
         now = now or utcnow()
         key = generate_key(key_type)
         owner = owner_label()
+        serial = random_serial()
+        # Who, where, when, and a serial prefix: two CAs minted by one account
+        # on one day still have different subjects (clients look issuers up
+        # by subject name).
         subject = _name(
             (NameOID.ORGANIZATION_NAME, "tornado_chat local CA"),
             (NameOID.ORGANIZATIONAL_UNIT_NAME, owner),
-            (NameOID.COMMON_NAME, f"tornado_chat CA {owner[:38]} {now:%Y-%m-%d}"),
+            # _name cuts at 64 characters, leaving at least 8 hex digits.
+            (NameOID.COMMON_NAME, f"tornado_chat CA {owner[:28]} {now:%Y-%m-%d} {serial:032x}"),
         )
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         not_before = now - BACKDATE
@@ -425,7 +430,7 @@ class LocalCA:
             .subject_name(subject)
             .issuer_name(subject)
             .public_key(key.public_key())
-            .serial_number(random_serial())
+            .serial_number(serial)
             .not_valid_before(not_before)
             .not_valid_after(not_before + datetime.timedelta(days=CA_VALIDITY_DAYS))
             # pathlen 0: this CA signs leaves only, never another CA.

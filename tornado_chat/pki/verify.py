@@ -83,8 +83,8 @@ class CertificateInfo:
         left = self.days_left(now)
         if now < self.not_before:
             state = f"not valid until {self.not_before:%Y-%m-%d %H:%M} UTC"
-        elif left < 0 or now >= self.not_after:
-            state = f"EXPIRED {-left} days ago"
+        elif now >= self.not_after:
+            state = f"EXPIRED {(now - self.not_after).days} days ago"
         else:
             state = f"{left} days left"
         lines = [
@@ -268,7 +268,9 @@ def _reason(exc: verification.VerificationError, hostname: str | None, kind: str
         return f"it is not valid for {hostname}"
     if "required EKU not found" in text:
         return f"its extended key usage does not allow TLS {kind} authentication"
-    if "all candidates exhausted with no interior errors" in text:
+    if "all candidates exhausted with no interior errors" in text or text.startswith(
+        "signature does not match"
+    ):
         return "it was not issued by the trusted CA"
     if "cert is not valid at validation time" in text:
         return "it or its CA is expired or not yet valid"
