@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 
 import jwt
@@ -13,7 +14,7 @@ from tests.harness import Client, LiveServer
 
 
 async def test_two_clients_chat_in_order_with_client_id(client: Client) -> None:
-    """Two sockets in a room get each other's messages in seq order; only the sender gets client_id."""
+    """Two sockets in a room get each other's messages in order; only the sender gets client_id."""
     a = await client.user("ws_alice")
     b = await client.user("ws_bob")
     sa, wa = await client.join("ws-room1", a["access_token"])
@@ -66,12 +67,14 @@ async def test_reconnect_with_since_gets_exactly_the_missed_messages(client: Cli
     b = await client.user("ws_since_b")
     sa, _ = await client.join("ws-since", a["access_token"])
     sb, _ = await client.join("ws-since", b["access_token"])
+    assert (await sa.recv_type("presence"))["event"] == "join"
     await sa.say("before 1")
     await sa.say("before 2")
     seen = await sb.messages(2)
+    await sa.messages(2)
     last = seen[-1]["seq"]
     sb.close()
-    await sa.recv_type("presence")
+    assert (await sa.recv_type("presence"))["event"] == "leave"
     for i in range(4):
         await sa.say(f"missed {i}")
     await sa.messages(4)
@@ -116,7 +119,10 @@ async def test_frame_over_limit_closes_1009(client: Client) -> None:
     """A frame larger than 64 KiB closes the socket with 1009."""
     a = await client.user("ws_big")
     sa, _ = await client.join("ws-big", a["access_token"])
-    await sa.conn.write_message("x" * (64 * 1024 + 1))
+    # Only the header of a masked text frame declaring 64 KiB + 1 bytes: the
+    # server must refuse on the declared length, before buffering any payload.
+    header = struct.pack("!BBQ", 0x81, 0x80 | 127, 64 * 1024 + 1) + b"\x00\x00\x00\x00"
+    await sa.conn.protocol.stream.write(header)  # type: ignore[union-attr]
     assert await sa.closed() == 1009
 
 

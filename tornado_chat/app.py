@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tornado.routing
 import tornado.web
 
 from tornado_chat import protocol
@@ -87,9 +88,13 @@ class Services:
             self.hub.deliver(msg, origin)
             self.broker.publish_message(msg)
 
+    def close_session(self, session_id: str) -> None:
+        """Close a revoked session's sockets on this node."""
+        self.hub.close_session(session_id, protocol.CLOSE_UNAUTHORIZED, "session revoked")
+
     def on_revoked(self, session_id: str) -> None:
         """Close the session's sockets here and on every other node."""
-        self.hub.close_session(session_id, protocol.CLOSE_UNAUTHORIZED, "session revoked")
+        self.close_session(session_id)
         self.broker.publish_revoke(session_id)
 
     async def close(self) -> None:
@@ -146,9 +151,7 @@ async def create_services(settings: Settings) -> Services:
         executor=executor,
     )
     broker.message_listeners.append(hub.deliver)
-    broker.revoke_listeners.append(
-        lambda sid: hub.close_session(sid, protocol.CLOSE_UNAUTHORIZED, "session revoked")
-    )
+    broker.revoke_listeners.append(services.close_session)
     auth.add_revoke_listener(services.on_revoked)
     await broker.start()
     return services
@@ -172,7 +175,7 @@ def make_app(settings: Settings, services: Services) -> tornado.web.Application:
     install_redaction()
     room = protocol.ROOM_PATTERN
     deps = {"services": services, "settings": settings}
-    routes: list[tornado.web.URLSpec] = [
+    routes: list[tornado.routing.Rule] = [
         tornado.web.url(r"/api/register", AuthRegisterHandler, deps),
         tornado.web.url(r"/api/login", AuthLoginHandler, deps),
         tornado.web.url(r"/api/token/refresh", AuthRefreshHandler, deps),

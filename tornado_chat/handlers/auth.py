@@ -21,7 +21,9 @@ class AuthRegisterHandler(BaseHandler):
     async def post(self) -> None:
         """201 with the new user's id and name."""
         body = self.json_body()
-        user = await self.services.auth.register(body.get("username"), body.get("password"))
+        user = await self.services.auth.register(
+            body.get("username"), body.get("password"), address=self.request.remote_ip or ""
+        )
         self.send_json({"id": user.id, "username": user.username}, status=201)
 
 

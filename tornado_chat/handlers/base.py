@@ -63,7 +63,7 @@ class BaseHandler(tornado.web.RequestHandler):
     services: Services
     chat_settings: Settings
 
-    def initialize(self, services: Services, settings: Settings) -> None:  # type: ignore[override]
+    def initialize(self, services: Services, settings: Settings) -> None:
         """Receive the shared services from the application factory."""
         self.services = services
         self.chat_settings = settings

@@ -19,7 +19,13 @@ import tornado.websocket
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 
 from tornado_chat import protocol
-from tornado_chat.errors import BadRequest, InvalidToken, ServiceUnavailable, StorageError
+from tornado_chat.errors import (
+    BadRequest,
+    Forbidden,
+    InvalidToken,
+    ServiceUnavailable,
+    StorageError,
+)
 from tornado_chat.handlers.base import request_summary, set_security_headers, write_json_error
 from tornado_chat.hub import Member
 from tornado_chat.protocol import ProtocolError, Reauth
@@ -56,7 +62,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     services: Services
     chat_settings: Settings
 
-    def initialize(self, services: Services, settings: Settings) -> None:  # type: ignore[override]
+    def initialize(self, services: Services, settings: Settings) -> None:
         """Receive the shared services from the application factory."""
         self.services = services
         self.chat_settings = settings
@@ -79,7 +85,15 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         return request_summary(self)
 
     def prepare(self) -> None:
-        """Refuse what can be refused with an HTTP status, before the upgrade."""
+        """Refuse what can be refused with an HTTP status, before the upgrade.
+
+        The Origin check is done here, not left to Tornado: Tornado 6.6 accepts
+        an Origin whose host:port equals the Host header whatever its scheme,
+        and we want exact scheme, host and port matching on every version.
+        """
+        origin = self.request.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin):
+            raise Forbidden("forbidden", "cross-origin WebSocket not allowed")
         if self.services.hub.total >= self.chat_settings.max_sockets:
             raise ServiceUnavailable("server_full", "too many open sockets; try again later")
         raw = self.get_query_argument("since", None)
@@ -96,16 +110,21 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Refused handshakes are one info line, never a traceback."""
-        if isinstance(value, (BadRequest, ServiceUnavailable, tornado.web.HTTPError)):
+        if isinstance(value, (BadRequest, Forbidden, ServiceUnavailable, tornado.web.HTTPError)):
             log.info("handshake refused %s: %s", request_summary(self), value)
         else:
             log.error("socket error %s", request_summary(self), exc_info=(typ, value, tb))
 
     def check_origin(self, origin: str) -> bool:
+        """Tornado's hook; :meth:`prepare` already applied the stricter check."""
+        return self._origin_allowed(origin)
+
+    def _origin_allowed(self, origin: str) -> bool:
         """Same origin, or one listed in ``--allowed-origins``; exact scheme, host and port.
 
-        Requests without an ``Origin`` header (non-browser clients) never get
-        here: they cannot be a cross-site browser request.
+        Requests without an ``Origin`` header (non-browser clients) are not
+        checked: a browser always sends one on a WebSocket handshake, so its
+        absence cannot be a cross-site browser request.
         """
         norm = normalize_origin(origin)
         if norm is None:
@@ -145,7 +164,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             return await auth.authenticate(token)
         raise InvalidToken("no credentials")
 
-    async def open(self, room: str) -> None:  # type: ignore[override]
+    async def open(self, room: str) -> None:
         """Authenticate, join the room, send welcome and any replay."""
         self._opened = time.monotonic()
         hub = self.services.hub
@@ -171,7 +190,9 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self.member = member
         # Bound what Tornado buffers for this socket: a client that stops
         # reading overflows it and is closed with 4408 (Member.flush).
-        self.ws_connection.stream.max_write_buffer_size = self.chat_settings.outbox_bytes
+        stream = self.ws_connection.stream
+        if stream is not None:
+            stream.max_write_buffer_size = self.chat_settings.outbox_bytes
         self._schedule_expiry(claims.expires_at)
         log.info(
             "ws connect user=%s room=%s addr=%s origin=%s",
@@ -198,7 +219,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             log.warning("ws open failed user=%s room=%s: %s", claims.username, room, exc)
             self.close_with(protocol.CLOSE_INTERNAL, "storage unavailable")
             return
-        if self.member is None:  # closed while loading
+        if self.member is not member:  # closed while loading
             return
         hub.note_last_seq(room, last_seq)
         member.last_seq = min(since, last_seq) if since is not None else last_seq
@@ -289,7 +310,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     def write_raw(self, data: bytes) -> bool:
         """Write ready frames; False when the bounded buffer overflowed."""
         conn = self.ws_connection
-        if conn is None or conn.is_closing():
+        if conn is None or conn.is_closing() or conn.stream is None:
             return True
         try:
             conn.stream.write(data)
@@ -313,7 +334,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 self.request.remote_ip,
             )
         # Let the close frame queue behind the full buffer.
-        conn.stream.max_write_buffer_size = None
+        if conn.stream is not None:
+            conn.stream.max_write_buffer_size = None
         with contextlib.suppress(tornado.websocket.WebSocketClosedError, StreamClosedError):
             self.close(code, reason)
 
