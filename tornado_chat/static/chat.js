@@ -442,6 +442,8 @@ class RoomConnection {
     this.retryTimer = null;
     this.closedByUs = false;
     this.stopped = false;
+    this.welcomed = false; // whether the current socket got its welcome
+    this.dropCode = null; // close code of the last live socket, until reconnected
     this.resumeSeq = null; // highest seq received; replay starts after it
     this.welcomeSeq = null; // last_seq of the current socket's welcome
     this.seqs = new Set(); // every seq rendered, so none shows twice
@@ -458,6 +460,7 @@ class RoomConnection {
     clearTimeout(this.retryTimer);
     if (this.stopped || !state.accessToken) return;
     this.closedByUs = false;
+    this.welcomed = false;
     this.setStatus(this.attempt === 0 ? "connecting" : "reconnecting");
     let url = `wss://${location.host}/ws/${encodeURIComponent(this.name)}`;
     if (this.resumeSeq !== null) url += `?since=${this.resumeSeq}`;
@@ -535,6 +538,8 @@ class RoomConnection {
 
   onWelcome(frame) {
     this.attempt = 0;
+    this.welcomed = true;
+    this.dropCode = null;
     this.welcomeSeq = Number(frame.last_seq) || 0;
     this.online = Array.isArray(frame.online) ? frame.online : [];
     this.setStatus("connected");
@@ -639,9 +644,15 @@ class RoomConnection {
     this.attempt += 1;
     const seconds = Math.max(1, Math.round(delay / 1000));
     this.setStatus("reconnecting", `Reconnecting in ${seconds}s…`);
+    // Failed attempts (sockets that never got a welcome) keep explaining why
+    // the live connection ended, e.g. "server is restarting", not "lost".
+    if (this.welcomed || this.dropCode === null) this.dropCode = code;
+    this.welcomed = false;
+    const reason = this.dropCode;
     if (this.isActive()) {
-      const message = CLOSE_MESSAGES[code] || `Connection closed (code ${code}). Reconnecting…`;
-      const tone = code === 1011 || code === 1009 ? "error" : "warn";
+      const message =
+        CLOSE_MESSAGES[reason] || `Connection closed (code ${reason}). Reconnecting…`;
+      const tone = reason === 1011 || reason === 1009 ? "error" : "warn";
       showNotice(message, { sticky: true, tone, kind: "connection" });
     }
     this.retryTimer = setTimeout(() => this.connect(), delay);
