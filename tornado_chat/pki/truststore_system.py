@@ -180,17 +180,17 @@ class SystemTrustStore(TrustStore):
         return commands
 
     def is_installed(self, anchor: TrustAnchor) -> bool:
-        """The anchor file holds this CA and, when known, the bundle includes it."""
-        target = self.anchor_path(anchor)
-        if not target.exists():
-            return False
+        """Whether clients of the system store trust the CA.
+
+        The rebuilt bundle is the truth when its location is known (an anchor
+        file nobody refreshed trusts nothing); otherwise the anchor file is.
+        """
         pem = b"".join(anchor.pem().split())
-        if b"".join(read_bytes(target, "system anchor").split()) != pem:
-            return False
         bundle = self._layout().bundle
         if bundle is not None and bundle.exists():
             return pem in b"".join(read_bytes(bundle, "system bundle").split())
-        return True
+        target = self.anchor_path(anchor)
+        return target.exists() and b"".join(read_bytes(target, "system anchor").split()) == pem
 
     def install(self, anchor: TrustAnchor) -> str:
         """Copy the CA into the anchor directory and rebuild the bundle."""
@@ -207,10 +207,10 @@ class SystemTrustStore(TrustStore):
     def uninstall(self, anchor: TrustAnchor) -> str:
         """Remove the CA's file and rebuild the bundle."""
         target = self.anchor_path(anchor)
-        if not target.exists():
+        if not target.exists() and not self.is_installed(anchor):
             return f"{self.name}: the CA was not installed"
         commands = self.commands(anchor, install=False)
-        if len(commands) == 1:
+        if len(commands) == 1 and target.exists():
             try:
                 target.unlink()
             except OSError as exc:
