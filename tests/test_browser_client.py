@@ -106,8 +106,10 @@ class ChatPage:
         page.on("websocket", self._on_socket)
 
     def _on_console(self, message: Any) -> None:
-        # Chromium logs every non-2xx response; expected API errors are not page errors.
-        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+        # Chromium logs every non-2xx response and every refused connection;
+        # expected API errors and the restart window are not page errors.
+        expected = ("Failed to load resource", "WebSocket connection to")
+        if message.type == "error" and not message.text.startswith(expected):
             self.console_errors.append(message.text)
 
     def _on_dialog(self, dialog: Any) -> None:
@@ -193,7 +195,15 @@ class ChatPage:
 
 
 @pytest.fixture(scope="module")
-def open_page(browser: Browser, chat_server: LiveServer) -> Iterator[Callable[..., ChatPage]]:
+def opened_pages() -> list[ChatPage]:
+    """Every page the module opened, for checks across all of them."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def open_page(
+    browser: Browser, chat_server: LiveServer, opened_pages: list[ChatPage]
+) -> Iterator[Callable[..., ChatPage]]:
     """A factory of fresh pages, each in its own browser context (own sessionStorage)."""
     contexts: list[Any] = []
 
@@ -202,6 +212,7 @@ def open_page(browser: Browser, chat_server: LiveServer) -> Iterator[Callable[..
         contexts.append(context)
         chat = ChatPage(context.new_page(), chat_server.base_url)
         chat.watch()
+        opened_pages.append(chat)
         return chat.open()
 
     yield factory
@@ -599,9 +610,14 @@ def test_load_earlier_messages(
     expect(earlier).to_be_hidden()
 
 
-def test_no_token_ever_appears_in_a_url(alice: ChatPage, bob: ChatPage) -> None:
-    """Every HTTP and WebSocket URL the pages used is free of JWTs, tickets and token parameters."""
-    urls = alice.urls + bob.urls
+def test_no_token_in_any_url_and_no_page_errors(
+    alice: ChatPage, bob: ChatPage, opened_pages: list[ChatPage]
+) -> None:
+    """No URL any page used carries a JWT or ticket; no page hit a script error or CSP refusal."""
+    for chat in opened_pages:
+        assert chat.console_errors == [], chat.console_errors
+        assert chat.dialogs == [], chat.dialogs
+    urls = [url for chat in opened_pages for url in chat.urls]
     assert any("/ws/" in u for u in urls)
     assert any("/api/" in u for u in urls)
     for url in urls:
