@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import logging
 import os
 import re
 import secrets
@@ -32,6 +33,7 @@ from cryptography import x509
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
+from tornado_chat.__main__ import LOG_FORMAT, OneLineFormatter
 from tornado_chat.config import Settings
 from tornado_chat.pki import LocalCA, ServerCertificate, trust_hint
 from tornado_chat.server import ChatServer, certificate_names
@@ -671,7 +673,7 @@ async def pg_database() -> AsyncIterator[str]:
 async def test_processes_share_one_port_and_stop_together(
     minted: ServerCertificate, pg_database: str, tmp_path: Path
 ) -> None:
-    """--processes 2 forks two workers on one port; SIGTERM stops both, exit 0."""
+    """--processes 2: two workers on one port, a killed one is replaced, SIGTERM stops all."""
     process = ChatProcess(
         [
             "--processes", "2",
@@ -696,6 +698,17 @@ async def test_processes_share_one_port_and_stop_together(
         for _ in range(6):
             status, _, _ = await asyncio.to_thread(https_get, port, "/healthz", minted.ca_cert_path)
             assert status == 200
+        # A worker that dies after it was serving is replaced.
+        victim = re.search(r"worker 0 \(pid (\d+)\) ready", process.stderr)
+        assert victim is not None
+        os.kill(int(victim.group(1)), signal.SIGKILL)
+        await process.wait_for_async(rf"worker 0 \(pid {victim.group(1)}\) exited unexpectedly")
+        replacement = await process.wait_for_async(
+            rf"worker 0 \(pid (?!{victim.group(1)}\))(\d+)\) ready"
+        )
+        pids.add(replacement.group(1))
+        status, _, _ = await asyncio.to_thread(https_get, port, "/healthz", minted.ca_cert_path)
+        assert status == 200
         process.send(signal.SIGTERM)
         code = await asyncio.to_thread(process.wait, 20)
     finally:
@@ -781,3 +794,36 @@ async def test_stop_is_bounded_even_if_the_hub_hangs(
     assert services.closed
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+
+
+# -- log lines -------------------------------------------------------------------
+
+
+def test_log_records_are_one_line() -> None:
+    """A record with a newline in its message and an exception attached is still one line."""
+    formatter = OneLineFormatter(LOG_FORMAT)
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        record = logging.LogRecord(
+            "tornado.application", logging.ERROR, __file__, 1, "user %s", ("eve\nFAKE",), None
+        )
+        record.exc_info = sys.exc_info()
+    line = formatter.format(record)
+    assert "\n" not in line
+    assert line.endswith(
+        "ERROR tornado.application: user eve\\nFAKE "
+        "[ValueError: boom (test_server.py:"
+        f"{test_log_records_are_one_line.__code__.co_firstlineno + 4} "
+        "in test_log_records_are_one_line)]"
+    )
+
+
+def test_debug_level_keeps_full_tracebacks() -> None:
+    """At --log-level debug the traceback is kept for whoever is debugging."""
+    formatter = OneLineFormatter(LOG_FORMAT, full_tracebacks=True)
+    try:
+        raise RuntimeError("deep")
+    except RuntimeError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    assert "Traceback (most recent call last)" in formatter.format(record)

@@ -528,6 +528,7 @@ async def serve(
     redirect_sockets: Sequence[socket.socket] | None = None,
     tls_files: TLSFiles | None = None,
     worker: int | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
     """Run a server until ``SIGTERM`` or ``SIGINT``; ``SIGHUP`` reloads the certificate.
 
@@ -537,6 +538,7 @@ async def serve(
         redirect_sockets: pre-bound redirect sockets.
         tls_files: the pair to serve (a worker's, resolved by the parent).
         worker: the worker number in ``--processes`` mode, None otherwise.
+        on_ready: called once the server is listening and handles signals.
 
     Returns:
         0 after a graceful stop.
@@ -567,6 +569,8 @@ async def serve(
     # A forked worker starts with these signals blocked (see Supervisor._spawn);
     # now that the loop handles them, let them in.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
+    if on_ready is not None:
+        on_ready()
     try:
         await stopping.wait()
         await server.stop()
@@ -596,6 +600,15 @@ def run(settings: Settings) -> int:
     return Supervisor(settings).run()
 
 
+@dataclass
+class _Worker:
+    """A forked worker as the parent sees it."""
+
+    number: int
+    # Read end of a pipe the worker writes one byte to once it is serving.
+    ready_fd: int
+
+
 class Supervisor:
     """Forks ``settings.processes`` workers on one shared port and looks after them.
 
@@ -604,27 +617,34 @@ class Supervisor:
     database. The parent binds the sockets (``SO_REUSEPORT``) and forks before
     any event loop exists; each worker builds its own services. The parent
     forwards ``SIGTERM``/``SIGINT``/``SIGHUP``, restarts a worker that dies
-    unexpectedly, renews the local-CA leaf, and exits when every worker has.
+    after it was serving, stops everything when one dies while starting (a
+    restart would only repeat the failure), renews the local-CA leaf, and
+    exits when every worker has.
     """
 
-    # A worker that dies this soon after starting failed to start: restarting
-    # it would only repeat the failure.
-    STARTUP_GRACE = 3.0
     MAX_RESTARTS = 100
     # Seconds past the shutdown timeout before a worker is killed.
     KILL_GRACE = 5.0
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.children: dict[int, tuple[int, float]] = {}
+        self.children: dict[int, _Worker] = {}
         self.stopping = False
         self.stop_time = 0.0
         self.reload_requested = False
         self.restarts = 0
         self.failed = False
+        self.startup_failure: str | None = None
 
     def run(self) -> int:
-        """Prepare, fork, supervise; returns the exit code."""
+        """Prepare, fork, supervise until every worker has exited.
+
+        Returns:
+            0 after a clean stop, 1 when a worker had to be killed or failed.
+
+        Raises:
+            ChatError: a worker failed while starting (its own error is logged).
+        """
         settings = self.settings
         files = resolve_certificate(settings)
         info = inspect_certificate(files.cert_path, files.key_path)
@@ -649,8 +669,8 @@ class Supervisor:
         last_renewal = time.monotonic()
         # Workers need not repeat the toolkit's warnings: the parent logged them.
         files = dataclasses.replace(files, warnings=())
-        for worker in range(settings.processes):
-            self._spawn(worker, sockets, redirect_sockets, files)
+        for number in range(settings.processes):
+            self._spawn(number, sockets, redirect_sockets, files)
         while self.children:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
@@ -668,6 +688,8 @@ class Supervisor:
             self._reap(pid, status, sockets, redirect_sockets, files)
         for sock in (*sockets, *(redirect_sockets or ())):
             sock.close()
+        if self.startup_failure is not None:
+            raise ChatError(self.startup_failure)
         return 1 if self.failed else 0
 
     def _kill_if_overdue(self) -> None:
@@ -699,11 +721,12 @@ class Supervisor:
 
     def _spawn(
         self,
-        worker: int,
+        number: int,
         sockets: list[socket.socket],
         redirect_sockets: list[socket.socket] | None,
         files: TLSFiles,
     ) -> None:
+        ready_read, ready_write = os.pipe()
         # Signals stay blocked across fork: the parent's handlers must never run
         # in a worker (they would signal its siblings). The worker unblocks them
         # once its event loop handles them (serve()).
@@ -712,27 +735,46 @@ class Supervisor:
         if pid == 0:  # the worker: never returns into the parent's loop
             code = 1
             try:
+                os.close(ready_read)
+                for sibling in self.children.values():
+                    os.close(sibling.ready_fd)
                 self.children.clear()
                 for signum in _HANDLED_SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
+
+                def ready() -> None:
+                    os.write(ready_write, b"1")
+                    os.close(ready_write)
+
                 code = asyncio.run(
                     serve(
                         self.settings,
                         sockets=sockets,
                         redirect_sockets=redirect_sockets,
                         tls_files=files,
-                        worker=worker,
+                        worker=number,
+                        on_ready=ready,
                     )
                 )
             except ChatError as exc:
-                log.error("worker %d: %s", worker, exc)
+                log.error("worker %d: %s", number, exc)
             except BaseException:
-                log.exception("worker %d crashed", worker)
+                log.exception("worker %d crashed", number)
             finally:
                 logging.shutdown()
                 os._exit(code)
+        os.close(ready_write)
+        self.children[pid] = _Worker(number, ready_read)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
-        self.children[pid] = (worker, time.monotonic())
+
+    @staticmethod
+    def _was_ready(worker: _Worker) -> bool:
+        # The worker has exited, so every write end is closed: this read returns
+        # at once, with the byte if the worker got as far as serving.
+        try:
+            return os.read(worker.ready_fd, 1) == b"1"
+        finally:
+            os.close(worker.ready_fd)
 
     def _reap(
         self,
@@ -742,21 +784,28 @@ class Supervisor:
         redirect_sockets: list[socket.socket] | None,
         files: TLSFiles,
     ) -> None:
-        worker, started = self.children.pop(pid)
+        worker = self.children.pop(pid)
+        was_ready = self._was_ready(worker)
         code = os.waitstatus_to_exitcode(status)
         if self.stopping:
             if code != 0:
-                log.warning("worker %d exited with %d while stopping", worker, code)
+                log.warning("worker %d exited with %d while stopping", worker.number, code)
                 self.failed = True
             return
-        log.error("worker %d (pid %d) exited unexpectedly with %d", worker, pid, code)
-        if time.monotonic() - started < self.STARTUP_GRACE or self.restarts >= self.MAX_RESTARTS:
-            log.error("worker %d cannot stay up; stopping the server", worker)
+        if not was_ready:
+            self.startup_failure = (
+                f"worker {worker.number} exited with {code} while starting (see the log above)"
+            )
+            self._stop_all()
+            return
+        log.error("worker %d (pid %d) exited unexpectedly with %d", worker.number, pid, code)
+        if self.restarts >= self.MAX_RESTARTS:
+            log.error("%d workers replaced already; stopping the server", self.restarts)
             self.failed = True
             self._stop_all()
             return
         self.restarts += 1
-        self._spawn(worker, sockets, redirect_sockets, files)
+        self._spawn(worker.number, sockets, redirect_sockets, files)
 
     def _signal_all(self, signum: int) -> None:
         for pid in list(self.children):
