@@ -827,3 +827,36 @@ def test_debug_level_keeps_full_tracebacks() -> None:
     except RuntimeError:
         record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
     assert "Traceback (most recent call last)" in formatter.format(record)
+
+
+async def test_double_colon_listens_on_both_families(
+    minted: ServerCertificate, tmp_path: Path
+) -> None:
+    """--host :: serves IPv4 and IPv6 clients on one port (verified for both)."""
+    services = StubServices()
+    services.hub = QuickHub()
+
+    async def create(_settings: Settings) -> StubServices:
+        return services
+
+    server = ChatServer(
+        Settings(host="::", port=0, certfile=minted.cert_path, keyfile=minted.key_path),
+        create_services=create,
+        make_app=lambda _s, _v: tornado.web.Application([(r"/", OkHandler)]),
+    )
+    await server.start()
+    try:
+        for host in ("127.0.0.1", "::1", "localhost"):
+            status, _, body = await asyncio.to_thread(
+                https_get, server.port, "/", minted.ca_cert_path, host
+            )
+            assert (status, body) == (200, b"ok"), host
+    finally:
+        await server.stop()
+
+
+class QuickHub:
+    """A hub with no sockets."""
+
+    async def shutdown(self, code: int = 1001, reason: str = "") -> None:
+        """Nothing to close."""

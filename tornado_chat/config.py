@@ -358,7 +358,13 @@ _GROUPS = {
 }
 
 _OPTIONS: tuple[_Option, ...] = (
-    _Option("--host", "host", _host, "address to listen on", "HOST"),
+    _Option(
+        "--host",
+        "host",
+        _host,
+        "address to listen on: 0.0.0.0 is every IPv4 address, :: every IPv4 and IPv6 one",
+        "HOST",
+    ),
     _Option("--port", "port", _port, "HTTPS/WSS port (0 picks a free one)", "PORT"),
     _Option(
         "--redirect-port",

@@ -154,12 +154,18 @@ def resolve_certificate(settings: Settings) -> TLSFiles:
 def bind_listeners(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
     """Bind the listening sockets for ``host:port`` (port 0 picks a free port).
 
+    ``0.0.0.0`` listens on every IPv4 address, ``::`` on every IPv4 and IPv6
+    address, a name on each address it resolves to.
+
     Raises:
         ConfigError: one line, e.g. ``cannot listen on 127.0.0.1:8443: address
             already in use``.
     """
+    # "::" means every address of both families: Tornado marks IPv6 sockets
+    # IPV6_V6ONLY, so binding "::" alone would leave IPv4 clients out.
+    address = None if host == "::" else host
     try:
-        return tornado.netutil.bind_sockets(port, address=host, reuse_port=reuse_port)
+        return tornado.netutil.bind_sockets(port, address=address, reuse_port=reuse_port)
     except OSError as exc:
         reason = {
             errno.EADDRINUSE: "address already in use (another server is running?)",
