@@ -56,6 +56,7 @@ from tornado_chat.storage import RotateOutcome, Storage, User
 __all__ = [
     "AccessClaims",
     "AuthService",
+    "KeyInfo",
     "KeyRing",
     "LoginThrottle",
     "PasswordHasher",
@@ -76,6 +77,9 @@ SUPPORTED_ALGORITHMS = ("HS256", "ES256")
 # from any captured token.
 MIN_SECRET_BYTES = 32
 KEYRING_FORMAT = "tornado_chat.keyring/1"
+# How often a running server looks at its key file for a rotation or a
+# retirement (one stat call): a retired key stops verifying within a second.
+RELOAD_INTERVAL = 1.0
 
 # bcrypt reads only the first 72 bytes of a password; longer ones are refused
 # (never truncated: two passwords sharing 72 bytes would be the same password).
@@ -104,6 +108,15 @@ class AccessClaims:
     session_id: str
     jti: str
     expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """One key of a :class:`KeyRing`, as ``python -m tornado_chat.keys list`` shows it."""
+
+    kid: str
+    created: float
+    current: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +193,41 @@ class KeyRing:
     and :meth:`rotate` rewrites the file in the JSON form.
     """
 
-    def __init__(self, path: Path, algorithm: str, keys: list[_Key], current: str) -> None:
-        """Use :meth:`load_or_create`; this constructor trusts its arguments."""
+    def __init__(
+        self,
+        path: Path,
+        algorithm: str,
+        keys: list[_Key],
+        current: str,
+        *,
+        reload_interval: float = RELOAD_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Use :meth:`load_or_create` or :meth:`open`; this constructor trusts its arguments.
+
+        Args:
+            path: the key file.
+            algorithm: ``HS256`` or ``ES256``.
+            keys: every key that verifies.
+            current: the kid that signs.
+            reload_interval: how often, at most, the file is checked for
+                changes made by ``python -m tornado_chat.keys`` (seconds).
+            clock: monotonic time for that check (tests pass a fake one).
+        """
         self._path = path
         self._algorithm = algorithm
         self._keys: dict[str, _Key] = {key.kid: key for key in keys}
         self._current = current
+        self._reload_interval = reload_interval
+        self._clock = clock
+        self._next_check = clock() + reload_interval
+        self._stamp = self._file_stamp()
+        self._bad_stamp: tuple[int, int, int] | None = None
+
+    @property
+    def path(self) -> Path:
+        """The key file."""
+        return self._path
 
     @property
     def algorithm(self) -> str:
@@ -202,15 +244,75 @@ class KeyRing:
         """Every kid that still verifies, current included."""
         return tuple(self._keys)
 
+    def describe(self) -> list[KeyInfo]:
+        """Every key that still verifies, oldest first, the signing one marked."""
+        keys = sorted(self._keys.values(), key=lambda k: (k.created, k.kid))
+        return [KeyInfo(k.kid, k.created, k.kid == self._current) for k in keys]
+
     def signing_key(self) -> tuple[str, bytes | ec.EllipticCurvePrivateKey]:
         """(kid, key) of the current signing key."""
+        self.reload_if_changed()
         key = self._keys[self._current]
         return key.kid, key.signing
 
     def verification_key(self, kid: str) -> bytes | ec.EllipticCurvePublicKey | None:
         """The key that verifies tokens signed under ``kid``, or None."""
+        self.reload_if_changed()
         key = self._keys.get(kid)
         return None if key is None else key.verifying
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def reload_if_changed(self, *, force: bool = False) -> bool:
+        """Pick up a rotation or retirement written to the key file by another process.
+
+        A running server (every worker of it) must start signing with a
+        rotated key and, above all, stop accepting a retired one without a
+        restart: a key is retired because it may be compromised. The file is
+        replaced atomically by :meth:`rotate`/:meth:`retire`, so a changed
+        inode, size or mtime means a complete new version. Checked at most
+        every ``reload_interval`` seconds (one ``stat`` call). A file that is
+        missing or unusable is reported once and the keys already loaded stay
+        in force: a broken edit must not lock every user out.
+
+        Args:
+            force: check now, whatever the interval.
+
+        Returns:
+            True if new keys were loaded.
+        """
+        now = self._clock()
+        if not force and now < self._next_check:
+            return False
+        self._next_check = now + self._reload_interval
+        stamp = self._file_stamp()
+        if stamp == self._stamp or (stamp is not None and stamp == self._bad_stamp):
+            return False
+        if stamp is None:
+            log.error("JWT key file %s is gone; keeping the keys loaded before", self._path)
+            self._stamp = None
+            return False
+        try:
+            fresh = KeyRing._load(self._path, self._algorithm)
+        except ConfigError as error:
+            self._bad_stamp = stamp
+            log.error("%s; keeping the keys loaded before", error)
+            return False
+        self._keys, self._current = fresh._keys, fresh._current
+        self._stamp = stamp
+        self._bad_stamp = None
+        log.info(
+            "JWT key file %s reloaded: kid %s signs, %d key(s) verify",
+            self._path,
+            self._current,
+            len(self._keys),
+        )
+        return True
 
     @classmethod
     def load_or_create(cls, path: Path, algorithm: str = "HS256") -> KeyRing:
@@ -247,6 +349,47 @@ class KeyRing:
             return cls._load(path, algorithm)
         log.info("created JWT signing key file %s (kid %s)", path, key.kid)
         return ring
+
+    @classmethod
+    def open(cls, path: Path, algorithm: str | None = None) -> KeyRing:
+        """Read an existing key file (the algorithm is the file's own unless given).
+
+        Used by ``python -m tornado_chat.keys``, which must never create a
+        key file in the wrong place: only the server creates one.
+
+        Raises:
+            ConfigError: no such file, or any reason of :meth:`load_or_create`.
+        """
+        path = Path(path)
+        if algorithm is None:
+            algorithm = cls._stored_algorithm(path)
+        if algorithm not in SUPPORTED_ALGORITHMS:
+            raise ConfigError(
+                f"unsupported JWT algorithm {algorithm!r}; use one of "
+                + ", ".join(SUPPORTED_ALGORITHMS)
+            )
+        return cls._load(path, algorithm)
+
+    @staticmethod
+    def _stored_algorithm(path: Path) -> str:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
+        except FileNotFoundError:
+            raise ConfigError(f"no JWT key file at {path}") from None
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read JWT key file {path}: {error.strerror or error}"
+            ) from error
+        if not text.startswith("{"):
+            return "HS256"  # a raw secret (see the class docstring)
+        try:
+            document = json.loads(text)
+            algorithm = document["algorithm"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"JWT key file {path} is malformed: {error}") from error
+        if not isinstance(algorithm, str):
+            raise ConfigError(f"JWT key file {path} is malformed: no algorithm")
+        return algorithm
 
     @classmethod
     def _load(cls, path: Path, algorithm: str) -> KeyRing:
@@ -369,6 +512,7 @@ class KeyRing:
             os.fsync(handle.fileno())
         if not exclusive:
             os.replace(target, self._path)
+        self._stamp = self._file_stamp()  # our own write is not a change to reload
 
     def rotate(self) -> str:
         """Add a new current key (old ones keep verifying); persist; return its kid."""
