@@ -149,8 +149,10 @@ function el(tag, className, text) {
 
 const state = {
   accessToken: null,
+  accessExpiresAt: 0, // Date.now() value after which the access token is refused
   me: null,
   refreshTimer: null,
+  accessLead: 0, // refresh this many ms before accessExpiresAt
   refreshing: null, // the in-flight refresh promise, shared by every caller
   rooms: new Map(), // name -> RoomConnection
   active: null,
@@ -246,11 +248,16 @@ function storeTokens(pair) {
   scheduleRefresh(Number(pair.expires_in) || 0);
 }
 
+function refreshLead(expiresIn) {
+  return Math.min(REFRESH_MARGIN_S, expiresIn * 0.2);
+}
+
 function scheduleRefresh(expiresIn) {
   clearTimeout(state.refreshTimer);
+  state.accessExpiresAt = expiresIn ? Date.now() + expiresIn * 1000 : 0;
   if (!expiresIn) return;
-  const lead = Math.min(REFRESH_MARGIN_S, expiresIn * 0.2);
-  const delay = Math.max(1, expiresIn - lead) * 1000;
+  state.accessLead = refreshLead(expiresIn) * 1000;
+  const delay = Math.max(1000, expiresIn * 1000 - state.accessLead);
   state.refreshTimer = setTimeout(() => {
     refreshTokens().catch(() => {});
   }, delay);
@@ -267,7 +274,7 @@ function refreshTokens() {
     let attempt = 0;
     for (;;) {
       const refreshToken = storedRefreshToken();
-      if (!refreshToken) throw endSession("Please log in.");
+      if (!refreshToken) throw endSession(""); // logged out meanwhile
       try {
         const pair = await request("POST", "/api/token/refresh", { refresh_token: refreshToken });
         storeTokens(pair);
@@ -291,9 +298,8 @@ function refreshTokens() {
 }
 
 function endSession(message) {
-  const wasSignedIn = Boolean(state.me);
   clearSession();
-  showAuth(wasSignedIn ? message : "");
+  showAuth(message);
   return new SessionEnded(message);
 }
 
@@ -617,7 +623,9 @@ class RoomConnection {
       this.online = [];
       if (this.isActive()) renderOnline(this);
       this.setStatus("stopped", "Not allowed");
-      if (this.isActive()) showNotice(CLOSE_MESSAGES[4403], { sticky: true, tone: "error", kind: "connection" });
+      if (this.isActive()) {
+        showNotice(CLOSE_MESSAGES[4403], { sticky: true, tone: "error", kind: "connection" });
+      }
       for (const id of this.pending.keys()) this.failPending(id);
       return;
     }
@@ -1200,8 +1208,15 @@ document.addEventListener("click", (event) => {
   if (!sidebar.contains(event.target) && !ui.sidebarToggle.contains(event.target)) closeSidebar();
 });
 
-// Coming back online or to the tab: retry at once instead of waiting out the backoff.
+// Coming back online: retry at once instead of waiting out the backoff.
 window.addEventListener("online", () => {
+  for (const room of state.rooms.values()) room.reconnectNow();
+});
+// Background tabs have their timers throttled, so the refresh may have been
+// late: on return, refresh now if the token is inside its refresh window.
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState !== "visible" || !state.me || !state.accessExpiresAt) return;
+  if (Date.now() > state.accessExpiresAt - state.accessLead) refreshTokens().catch(() => {});
   for (const room of state.rooms.values()) room.reconnectNow();
 });
 
