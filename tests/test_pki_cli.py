@@ -271,6 +271,7 @@ def test_sign_command(caroot: Path, capsys: pytest.CaptureFixture[str], tmp_path
         "--caroot",
         str(caroot),
         "sign",
+        "--csr",
         str(path),
         "--client",
         "--cert-file",
@@ -452,10 +453,18 @@ def test_help_states_every_default() -> None:
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     checked = 0
     for name, sub in [("mkcerts", parser), *subparsers.choices.items()]:
+        # Alternatives of a required choice (sign CSR | --csr CSR) have no default.
+        chosen = {
+            id(action)
+            for group in sub._mutually_exclusive_groups
+            if group.required
+            for action in group._group_actions
+        }
         for action in sub._actions:
             if (
                 isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
                 or action.required
+                or id(action) in chosen
             ):
                 continue
             assert action.help is not None, (name, action.dest)

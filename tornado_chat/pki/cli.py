@@ -256,7 +256,13 @@ def build_parser(default_caroot: str = DEFAULT_CAROOT) -> argparse.ArgumentParse
             " decides every other extension."
         ),
     )
-    sign.add_argument("csr", type=Path, metavar="CSR", help="the certificate signing request")
+    request = sign.add_mutually_exclusive_group(required=True)
+    request.add_argument(
+        "csr", type=Path, nargs="?", metavar="CSR", help="the certificate signing request"
+    )
+    request.add_argument(
+        "--csr", dest="csr_option", type=Path, metavar="CSR", help="the same, as an option"
+    )
     sign.add_argument(
         "--client",
         action="store_true",
@@ -452,7 +458,7 @@ def _cmd_client(args: argparse.Namespace, console: _Console, stdin: TextIO) -> i
 
 
 def _cmd_sign(args: argparse.Namespace, console: _Console) -> int:
-    csr_path: Path = args.csr
+    csr_path: Path = args.csr or args.csr_option
     data = read_bytes(csr_path, "certificate signing request")
     ca = LocalCA.load(Path(args.caroot))
     _report_ca(console, ca)

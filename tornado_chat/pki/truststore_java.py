@@ -27,6 +27,10 @@ KEYTOOL_INSTALLERS: tuple[str, ...] = (
     "dnf install java-latest-openjdk-headless (Fedora, RHEL)",
 )
 
+#: keytool is a short-lived JVM: the C1 compiler alone and the serial
+#: collector halve its start-up (measured 0.77 s -> 0.38 s per call).
+JVM_OPTIONS: tuple[str, ...] = ("-J-XX:TieredStopAtLevel=1", "-J-XX:+UseSerialGC")
+
 #: The password every JDK ships ``cacerts`` with. It protects nothing (the
 #: keystore holds only public certificates) and is not one of ours.
 DEFAULT_STOREPASS = "changeit"
@@ -78,7 +82,15 @@ class JavaTrustStore(TrustStore):
 
     def _argv(self, *args: str) -> list[str]:
         keytool, cacerts = self._keystore()
-        return [keytool, *args, "-keystore", str(cacerts), "-storepass", self.storepass]
+        return [
+            keytool,
+            *JVM_OPTIONS,
+            *args,
+            "-keystore",
+            str(cacerts),
+            "-storepass",
+            self.storepass,
+        ]
 
     def is_installed(self, anchor: TrustAnchor) -> bool:
         """Whether the keystore has the CA's alias."""
