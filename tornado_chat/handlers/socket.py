@@ -31,6 +31,8 @@ from tornado_chat.hub import Member
 from tornado_chat.protocol import ProtocolError, Reauth
 
 if TYPE_CHECKING:
+    from asyncio import Future
+
     from tornado_chat.app import Services
     from tornado_chat.config import Settings
     from tornado_chat.security import AccessClaims
@@ -38,6 +40,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("tornado_chat.socket")
 
 REPLAY_PAGE = 500
+# RFC 6455 7.4.1: a text frame that is not UTF-8 fails the connection with 1007.
+CLOSE_INVALID_DATA = 1007
+# Room kept in the stream's write buffer beyond the outbox for Tornado's own
+# control frames (ping, pong, close: at most 127 bytes each, a few at a time),
+# so a nearly full outbox never makes one of those writes raise.
+CONTROL_HEADROOM = 1024
 
 
 def normalize_origin(origin: str) -> str | None:
@@ -54,6 +62,36 @@ def normalize_origin(origin: str) -> str | None:
         host = f"[{host}]"
     default = 443 if parts.scheme == "https" else 80
     return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
+class ChatWebSocketProtocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol, telling the handler about closes it starts itself.
+
+    Tornado closes a socket on its own for a frame over the size limit (1009)
+    and a missed pong ("ping timed out"); the handler logs those as limit hits.
+    A text frame that is not UTF-8 is closed with 1007 (Tornado would drop the
+    connection without a close frame, which a client sees as 1006).
+    """
+
+    handler: ChatSocketHandler
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Close, first telling the handler why when the close is Tornado's own."""
+        # A close the client started is only echoed here; not ours to report.
+        if not self.server_terminated and not self.client_terminated:
+            self.handler.server_closing(code, reason)
+        super().close(code, reason)
+
+    def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
+        # Compression is off (get_compression_options), so ``data`` is the
+        # frame's payload as sent; ASCII needs no second look.
+        if opcode == 0x1 and not self.client_terminated and not data.isascii():
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.handler.invalid_text()
+                return None
+        return super()._handle_message(opcode, data)
 
 
 class ChatSocketHandler(tornado.websocket.WebSocketHandler):
@@ -74,6 +112,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self._expiry: object | None = None
         self._closing_code: int | None = None
         self._opened = 0.0
+        self._room = "-"
 
     # -- before the upgrade ---------------------------------------------------
 
@@ -148,6 +187,13 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         """No permessage-deflate: frames are encoded once and shared by all recipients."""
         return None
 
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        """Tornado's protocol with the handler told about the closes it starts."""
+        proto = super().get_websocket_protocol()
+        if not isinstance(proto, tornado.websocket.WebSocketProtocol13):
+            return proto
+        return ChatWebSocketProtocol(self, False, proto.params)
+
     # -- open -------------------------------------------------------------------
 
     async def _credentials(self) -> AccessClaims:
@@ -165,41 +211,87 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         raise InvalidToken("no credentials")
 
     async def open(self, room: str) -> None:
-        """Authenticate, join the room, send welcome and any replay."""
+        """Authenticate, join the room, send welcome and any replay.
+
+        All of it within ``--handshake-timeout`` of the upgrade request: a
+        database that stalls must not keep half-open sockets around forever.
+        """
         self._opened = time.monotonic()
+        loop = tornado.ioloop.IOLoop.current()
+        budget = max(0.0, self.chat_settings.handshake_timeout - self.request.request_time())
+        deadline = loop.call_later(budget, self._handshake_expired)
+        try:
+            await self._join(room)
+        finally:
+            loop.remove_timeout(deadline)
+
+    def _handshake_expired(self) -> None:
+        log.warning(
+            "ws handshake timeout addr=%s origin=%s: not open after %.1fs",
+            self.request.remote_ip,
+            self._origin(),
+            self.chat_settings.handshake_timeout,
+        )
+        self.close_with(protocol.CLOSE_INTERNAL, "handshake took too long; try again")
+
+    def _origin(self) -> str:
+        return self.request.headers.get("Origin", "-")[:200]
+
+    async def _join(self, room: str) -> None:
+        self._room = room
         hub = self.services.hub
         try:
             claims = await self._credentials()
         except InvalidToken as exc:
-            log.info("ws auth failure %s: %s", request_summary(self), exc)
+            log.info("ws auth failure %s origin=%s: %s", request_summary(self), self._origin(), exc)
             self.close_with(protocol.CLOSE_UNAUTHORIZED, "authentication failed")
             return
         except StorageError as exc:
             log.warning("ws auth unavailable %s: %s", request_summary(self), exc)
             self.close_with(protocol.CLOSE_INTERNAL, "storage unavailable")
             return
-        if self.ws_connection is None:  # the client went away while we checked
+        conn = self.ws_connection
+        if conn is None or conn.is_closing():  # gone or timed out while we checked
             return
-        if hub.sockets_of(claims.user_id) >= self.chat_settings.max_sockets_per_user:
-            log.warning("ws refused user=%s: too many sockets", claims.username)
+        limits = self.chat_settings
+        if hub.sockets_of(claims.user_id) >= limits.max_sockets_per_user:
+            log.warning(
+                "ws refused user=%s addr=%s: too many sockets for this user (limit %d)",
+                claims.username,
+                self.request.remote_ip,
+                limits.max_sockets_per_user,
+            )
             self.close_with(protocol.CLOSE_RATE_LIMITED, "too many sockets for this user")
+            return
+        # prepare() refused the upgrade when full, but handshakes authenticate
+        # concurrently; this check and join() run in one turn, so it is exact.
+        if hub.total >= limits.max_sockets:
+            log.warning(
+                "ws refused user=%s addr=%s: server full (limit %d sockets)",
+                claims.username,
+                self.request.remote_ip,
+                limits.max_sockets,
+            )
+            self.close_with(protocol.CLOSE_RATE_LIMITED, "server full; try again later")
             return
         self.claims = claims
         member = Member(self, room, claims.user_id, claims.username, claims.session_id)
         first = hub.join(member)
         self.member = member
         # Bound what Tornado buffers for this socket: a client that stops
-        # reading overflows it and is closed with 4408 (Member.flush).
-        stream = self.ws_connection.stream
+        # reading overflows it and is closed with 4408 (Member.flush). Our
+        # frames may fill ``outbox_bytes`` (write_raw); the headroom above it
+        # is for Tornado's control frames.
+        stream = conn.stream
         if stream is not None:
-            stream.max_write_buffer_size = self.chat_settings.outbox_bytes
+            stream.max_write_buffer_size = limits.outbox_bytes + CONTROL_HEADROOM
         self._schedule_expiry(claims.expires_at)
         log.info(
             "ws connect user=%s room=%s addr=%s origin=%s",
             claims.username,
             room,
             self.request.remote_ip,
-            self.request.headers.get("Origin", "-")[:200],
+            self._origin(),
         )
         storage = self.services.storage
         try:
@@ -258,11 +350,19 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             return
         bucket = self.services.bucket(member.user_id)
         if not bucket.take():
+            addr = self.request.remote_ip
             if bucket.exhausted:
-                log.warning("rate limit: closing user=%s room=%s", member.username, member.room)
+                log.warning(
+                    "rate limit: closing user=%s room=%s addr=%s",
+                    member.username,
+                    member.room,
+                    addr,
+                )
                 self.close_with(protocol.CLOSE_RATE_LIMITED, "rate limit exceeded")
             else:
-                log.info("rate limit hit user=%s room=%s", member.username, member.room)
+                log.info(
+                    "rate limit hit user=%s room=%s addr=%s", member.username, member.room, addr
+                )
                 hub.send(member, protocol.error_frame("rate_limited", "slow down"))
             return
         try:
@@ -308,17 +408,51 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     # -- output and closing -----------------------------------------------------------
 
     def write_raw(self, data: bytes) -> bool:
-        """Write ready frames; False when the bounded buffer overflowed."""
+        """Write ready frames; False when they would overflow the socket's outbox."""
         conn = self.ws_connection
         if conn is None or conn.is_closing() or conn.stream is None:
             return True
+        stream = conn.stream
+        # Tornado refuses a write that would pass the stream's limit; for our
+        # frames that limit is the outbox, without the control-frame headroom.
+        stream.max_write_buffer_size = self.chat_settings.outbox_bytes
         try:
-            conn.stream.write(data)
+            stream.write(data)
         except StreamBufferFullError:
             return False
         except StreamClosedError:
             pass
+        finally:
+            if not stream.closed():
+                stream.max_write_buffer_size = self.chat_settings.outbox_bytes + CONTROL_HEADROOM
         return True
+
+    def server_closing(self, code: int | None, reason: str | None) -> None:
+        """Tornado (or :meth:`close_with`) is closing the socket; log the limits it enforces."""
+        if self._closing_code is not None:
+            return
+        self._closing_code = code or 1000
+        user = self.claims.username if self.claims else "-"
+        if code == protocol.CLOSE_TOO_BIG:
+            log.warning(
+                "frame too big: closing user=%s addr=%s (limit %d bytes)",
+                user,
+                self.request.remote_ip,
+                self.chat_settings.max_frame_bytes,
+            )
+        elif reason == "ping timed out":
+            log.info("ping timeout: closing user=%s addr=%s", user, self.request.remote_ip)
+        # Nothing more for this socket: the hub must not queue frames for it.
+        self._leave()
+
+    def invalid_text(self) -> None:
+        """A text frame was not UTF-8: fail the connection with 1007 (RFC 6455 8.1)."""
+        log.warning(
+            "invalid UTF-8: closing user=%s addr=%s",
+            self.claims.username if self.claims else "-",
+            self.request.remote_ip,
+        )
+        self.close_with(CLOSE_INVALID_DATA, "text frame is not valid UTF-8")
 
     def close_with(self, code: int, reason: str) -> None:
         """Leave the room at once and close with ``code``."""
@@ -359,9 +493,11 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self._leave()
         if claims is not None:
             log.info(
-                "ws disconnect user=%s addr=%s code=%s after %.1fs",
+                "ws disconnect user=%s room=%s addr=%s origin=%s code=%s after %.1fs",
                 claims.username,
+                self._room,
                 self.request.remote_ip,
+                self._origin(),
                 self._closing_code or self.close_code,
                 time.monotonic() - self._opened,
             )
