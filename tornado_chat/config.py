@@ -522,7 +522,8 @@ _OPTIONS: tuple[_Option, ...] = (
         "--handshake-timeout",
         "handshake_timeout",
         _seconds(0.1, 3600, whole=False),
-        "seconds a client has to finish the WebSocket handshake and authenticate",
+        "seconds a new connection has for its TLS handshake and request head, and a "
+        "WebSocket for authenticating; also the idle keep-alive limit",
         "SECONDS",
         "limits",
     ),

@@ -48,9 +48,6 @@ log = logging.getLogger("tornado_chat.server")
 # Request bodies are small JSON documents; 1 MiB is generous and bounds what
 # one connection can make the server buffer.
 MAX_BODY_BYTES = 1024 * 1024
-# Also bounds the TLS handshake and the request head: Tornado waits at most
-# this long for the first request line of a new or kept-alive connection.
-IDLE_CONNECTION_TIMEOUT = 60.0
 BODY_TIMEOUT = 30.0
 # A redirect-only connection has nothing to wait for.
 REDIRECT_IDLE_TIMEOUT = 10.0
@@ -397,7 +394,10 @@ class ChatServer:
             max_body_size=MAX_BODY_BYTES,
             # The stream buffer must hold the largest WebSocket frame allowed.
             max_buffer_size=max(2 * MAX_BODY_BYTES, settings.max_frame_bytes + 64 * 1024),
-            idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
+            # --handshake-timeout: Tornado waits at most this long for the TLS
+            # handshake and request head of a new connection (a slow-loris one
+            # is dropped), and for the next request on a kept-alive one.
+            idle_connection_timeout=settings.handshake_timeout,
             body_timeout=BODY_TIMEOUT,
             decompress_request=False,
         )
