@@ -736,8 +736,8 @@ def test_ensure_concurrent_first_runs_mint_one_ca(tmp_path: Path) -> None:
 
 def test_trust_hint() -> None:
     """trust_hint names the command that installs this CA root, shell-quoted."""
-    assert trust_hint(Path("certs")) == "tools/mkcerts install --caroot certs"
-    assert trust_hint(Path("my certs")) == "tools/mkcerts install --caroot 'my certs'"
+    assert trust_hint(Path("certs")) == "python -m tornado_chat.pki install --caroot certs"
+    assert trust_hint(Path("my certs")) == "python -m tornado_chat.pki install --caroot 'my certs'"
 
 
 def test_validity_starts_slightly_in_the_past(ca: LocalCA, tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def test_ca_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert f"{root / 'ca-key.pem'}" in out
     assert f"valid until {ca.not_after:%Y-%m-%d}" in out
     assert "it may sign only: localhost, test" in out
-    assert f"tools/mkcerts install --caroot {root}" in out
+    assert f"python -m tornado_chat.pki install --caroot {root}" in out
     assert err == ""
 
 

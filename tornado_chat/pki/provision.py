@@ -174,7 +174,10 @@ def ensure_server_certificate(
 def trust_hint(caroot: Path) -> str:
     """The one-line command that makes this machine's browsers trust the CA.
 
+    It names ``python -m tornado_chat.pki``, which works both from a checkout
+    (where ``tools/mkcerts`` is the same thing) and after ``pip install``.
+
     >>> trust_hint(Path("certs"))
-    'tools/mkcerts install --caroot certs'
+    'python -m tornado_chat.pki install --caroot certs'
     """
-    return f"tools/mkcerts install --caroot {shlex.quote(str(caroot))}"
+    return f"python -m tornado_chat.pki install --caroot {shlex.quote(str(caroot))}"
