@@ -460,17 +460,19 @@ async def test_dummy_verify_costs_a_real_bcrypt() -> None:
     hasher = PasswordHasher(8)
     hashed = await hasher.hash(PASSWORD)
 
-    async def best_of(hashed_value: bytes | None) -> float:
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            assert not await hasher.verify("wrong password", hashed_value)
-            times.append(time.perf_counter() - started)
-        return min(times)
+    async def timed(hashed_value: bytes | None) -> float:
+        started = time.perf_counter()
+        assert not await hasher.verify("wrong password", hashed_value)
+        return time.perf_counter() - started
 
-    real = await best_of(hashed)
-    dummy = await best_of(None)
-    assert dummy > 0.5 * real, (dummy, real)
+    # Interleaved, best of 7 each: a loaded machine (parallel test envs) slows
+    # single runs, but the fastest run of each path is close to its true cost.
+    reals, dummies = [], []
+    for _ in range(7):
+        reals.append(await timed(hashed))
+        dummies.append(await timed(None))
+    real, dummy = min(reals), min(dummies)
+    assert dummy > 0.4 * real, (dummy, real)
     assert real > 0.005  # cost 8 is several milliseconds: an instant answer would show
 
 
