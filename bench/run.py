@@ -1,0 +1,647 @@
+"""Benchmark tornado_chat against the tutorial stack it grew out of.
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/run.py            # full run, about 10 minutes on 2 cores
+    .venv/bin/python bench/run.py --quick    # about 2 minutes
+
+It mints a CA and a localhost certificate with the project's toolkit, installs
+the peer (FastAPI + uvicorn) into its own virtualenv on first use, starts each
+server in turn on 127.0.0.1 and drives the same load at both over verified WSS
+from separate client processes. Server CPU and memory come from ``/proc``.
+Every chat run counts deliveries against what was sent and reports any loss.
+See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from array import array
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import servers
+import wsload
+
+KINDS = ("tornado_chat", "peer")
+PASSWORD = "bench-password-0123"
+ROOMS = 4
+CLIENTS = 200
+WORKERS = 4
+
+
+class Fleet:
+    """Load-generator processes, each running :func:`wsload.worker_main`."""
+
+    def __init__(self, target: wsload.Target, n: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes = []
+        self.procs = []
+        for _ in range(n):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=wsload.worker_main, args=(child, target), daemon=True)
+            proc.start()
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+
+    def call(self, cmd: str, args: list[tuple[Any, ...]], timeout: float = 300.0) -> list[Any]:
+        """Send ``cmd`` to every worker (``args[i]`` to worker i) and collect the answers."""
+        for pipe, a in zip(self.pipes, args, strict=True):
+            pipe.send((cmd, a))
+        out = []
+        deadline = time.monotonic() + timeout
+        for pipe in self.pipes:
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"load generator did not answer {cmd} within {timeout:.0f}s")
+            status, result = pipe.recv()
+            if status != "ok":
+                raise RuntimeError(f"load generator failed: {result}")
+            out.append(result)
+        return out
+
+    def cpu(self) -> float:
+        """CPU seconds used by the generator processes."""
+        return servers.cpu_seconds([p.pid for p in self.procs if p.pid is not None])
+
+    def close(self) -> None:
+        """Stop every worker."""
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("quit", None))
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def percentile(sorted_values: array[int] | list[int], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of sorted values, nearest rank."""
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return float(sorted_values[i])
+
+
+def split(items: list[Any], n: int) -> list[list[Any]]:
+    """Deal ``items`` round-robin into ``n`` lists."""
+    return [items[i::n] for i in range(n)]
+
+
+class Bench:
+    """One server's measurements."""
+
+    def __init__(self, server: servers.Server, target: wsload.Target, plan: dict[str, Any]) -> None:
+        self.server = server
+        self.target = target
+        self.plan = plan
+        self.users: list[tuple[str, str]] = [(f"bench{i:02d}", PASSWORD) for i in range(10)]
+        self.tokens: list[str] = []
+        self.fleet = Fleet(target, WORKERS)
+        self.login_fleet = Fleet(target, 1)
+        self.results: dict[str, Any] = {"kind": server.kind}
+
+    def close(self) -> None:
+        """Stop the generators."""
+        self.fleet.close()
+        self.login_fleet.close()
+
+    def log(self, text: str) -> None:
+        """Progress on stderr."""
+        print(f"[{self.server.kind}] {text}", file=sys.stderr, flush=True)
+
+    # -- phases ---------------------------------------------------------------------
+
+    def accounts(self) -> None:
+        """Register the users (bcrypt cost 12 on both) and log them in."""
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            self.tokens = list(
+                pool.map(lambda u: wsload.register_and_login(self.target, *u), self.users)
+            )
+        self.log(f"{len(self.tokens)} accounts ready in {time.monotonic() - t0:.1f}s")
+
+    def connect(self, cids: list[int], room_prefix: str, concurrency: int) -> dict[str, Any]:
+        """Open sockets for ``cids`` (spread over the workers); set-up rate and server CPU."""
+        specs = [
+            (cid, f"{room_prefix}{cid % ROOMS}", self.tokens[cid % len(self.tokens)])
+            for cid in cids
+        ]
+        cpu0 = self.server.cpu()
+        answers = self.fleet.call(
+            "connect", [(part, concurrency, 120.0) for part in split(specs, WORKERS)]
+        )
+        cpu1 = self.server.cpu()
+        opened = sum(a["opened"] for a in answers)
+        failures = sum(a["failures"] for a in answers)
+        elapsed = max(a["finished"] for a in answers) - min(a["started"] for a in answers)
+        durations = sorted(x for a in answers for x in array("d", a["durations"]))
+        return {
+            "requested": len(specs),
+            "opened": opened,
+            "failures": failures,
+            "failure_samples": [s for a in answers for s in a["failure_samples"]][:5],
+            "elapsed_s": elapsed,
+            "per_sec": opened / elapsed if elapsed else 0.0,
+            "server_cpu_us_per_conn": 1e6 * (cpu1 - cpu0) / opened if opened else None,
+            "p50_ms": 1000 * (percentile(durations, 0.5) or 0),
+            "p99_ms": 1000 * (percentile(durations, 0.99) or 0),
+        }
+
+    def idle_memory(self) -> None:
+        """RSS per idle authenticated socket at each count; set-up rate while opening them."""
+        counts: list[int] = self.plan["memory_counts"]
+        warm = self.connect(list(range(100_000, 100_050)), "idle", 8)
+        self.fleet.call("close", [()] * WORKERS)
+        if warm["failures"]:
+            raise RuntimeError(f"warm-up connections failed: {warm['failure_samples']}")
+        time.sleep(1.0)
+        base = self.server.rss()
+        out: dict[str, Any] = {"baseline_rss": base, "points": []}
+        have = 0
+        for n in counts:
+            setup = self.connect(list(range(have, n)), "idle", self.plan["connect_concurrency"])
+            have = n
+            time.sleep(self.plan["settle_s"])
+            rss = self.server.rss()
+            point = {
+                "connections": n,
+                "opened_total": None,
+                "rss": rss,
+                "bytes_per_conn": (rss - base) / n,
+                "setup": setup,
+            }
+            out["points"].append(point)
+            self.log(
+                f"{n} idle sockets: {(rss - base) / n / 1024:.1f} KiB each;"
+                f" set-up {setup['per_sec']:.0f}/s ({setup['failures']} failed)"
+            )
+        self.fleet.call("close", [()] * WORKERS)
+        time.sleep(1.0)
+        self.results["idle_memory"] = out
+
+    def chat_clients(self) -> None:
+        """The 200 chat clients, 50 in each of 4 rooms."""
+        setup = self.connect(list(range(CLIENTS)), "room", 16)
+        if setup["failures"]:
+            raise RuntimeError(f"chat clients failed to connect: {setup['failure_samples']}")
+        time.sleep(1.0)
+
+    def chat_run(self, *, deliveries_per_sec: float | None, label: str) -> dict[str, Any]:
+        """One chat run: open loop at a fixed offered load, or closed loop (saturation)."""
+        warm = self.plan["warm_s"]
+        duration = self.plan["run_s"]
+        members = CLIENTS // ROOMS
+        now = time.monotonic_ns()
+        since = now + int(warm * 1e9)
+        until = now + int((warm + duration) * 1e9)
+        self.fleet.call("reset", [(since, until)] * WORKERS)
+        cpu0, gen0, t0 = self.server.cpu(), self.fleet.cpu(), time.monotonic()
+        if deliveries_per_sec is not None:
+            per_worker = deliveries_per_sec / members / WORKERS
+            sends = self.fleet.call("open_loop", [(per_worker, warm + duration)] * WORKERS)
+        else:
+            window = self.plan["saturation_window"]
+            sends = self.fleet.call("closed_loop", [(window, warm + duration)] * WORKERS)
+        t_sent = time.monotonic()
+        expected: dict[str, int] = {}
+        for s in sends:
+            for room, n in s["sent"].items():
+                expected[room] = expected.get(room, 0) + n
+        drains = self.fleet.call("drain", [(expected, self.plan["drain_s"])] * WORKERS)
+        t1, cpu1, gen1 = time.monotonic(), self.server.cpu(), self.fleet.cpu()
+        received = sum(d["received"] for d in drains)
+        lat = sorted(x for d in drains for x in array("q", d["lat_ns"]))
+        sent = sum(expected.values())
+        result = {
+            "label": label,
+            "offered_deliveries_per_sec": deliveries_per_sec,
+            "messages_sent": sent,
+            "deliveries_expected": sum(d["expected"] for d in drains),
+            "deliveries": received,
+            "lost": sum(d["lost"] for d in drains),
+            "extra": sum(d["extra"] for d in drains),
+            "dropped_sockets": sum(d["dropped_sockets"] for d in drains),
+            "close_codes": sorted({c for d in drains for c in d["close_codes"]}),
+            "error_frames": sum(d["errors"] for d in drains),
+            "error_samples": [s for d in drains for s in d["error_samples"]][:3],
+            "send_s": t_sent - t0,
+            "total_s": t1 - t0,
+            # Over the sending time only: a drain tail would flatter nobody.
+            "delivered_per_sec": received / (t_sent - t0),
+            "server_cpu_s": cpu1 - cpu0,
+            "server_cpu_us_per_delivery": 1e6 * (cpu1 - cpu0) / received if received else None,
+            "server_cores": (cpu1 - cpu0) / (t1 - t0),
+            "generator_cores": (gen1 - gen0) / (t1 - t0),
+            "late_max_s": max((s.get("late_max", 0.0) for s in sends), default=0.0),
+            "latency_samples": len(lat),
+            "p50_ms": (percentile(lat, 0.50) or 0) / 1e6 if lat else None,
+            "p99_ms": (percentile(lat, 0.99) or 0) / 1e6 if lat else None,
+            "max_ms": lat[-1] / 1e6 if lat else None,
+        }
+        lost = result["lost"]
+        self.log(
+            f"{label}: {received} deliveries ({result['delivered_per_sec']:.0f}/s),"
+            f" {result['server_cpu_us_per_delivery'] or 0:.1f} us CPU each,"
+            f" p50 {result['p50_ms'] or 0:.1f} ms p99 {result['p99_ms'] or 0:.1f} ms,"
+            f" lost {lost}, server {result['server_cores']:.2f} cores,"
+            f" generator {result['generator_cores']:.2f} cores"
+        )
+        if lost or result["extra"] or result["dropped_sockets"]:
+            self.log(
+                f"LOSS in {label}: lost={lost} extra={result['extra']}"
+                f" dropped={result['dropped_sockets']} codes={result['close_codes']}"
+                f" errors={result['error_samples']}"
+            )
+        return result
+
+    def fan_out(self) -> None:
+        """Fixed offered loads, then saturation."""
+        runs = [
+            self.chat_run(deliveries_per_sec=load, label=f"{load / 1000:g}k/s")
+            for load in self.plan["loads"]
+        ]
+        self.results["fixed_loads"] = runs
+        self.results["saturation"] = self.chat_run(deliveries_per_sec=None, label="saturation")
+
+    def logins(self) -> None:
+        """Login throughput at bcrypt cost 12 while chat runs at 8k deliveries/s."""
+        plan = self.plan
+        box: dict[str, Any] = {}
+
+        def storm() -> None:
+            duration = plan["warm_s"] + plan["run_s"]
+            box["logins"] = self.login_fleet.call(
+                "logins", [(self.users, plan["login_threads"], duration)]
+            )[0]
+
+        thread = threading.Thread(target=storm)
+        cpu0 = self.server.cpu()
+        thread.start()
+        chat = self.chat_run(deliveries_per_sec=8000, label="8k/s with logins")
+        thread.join(300)
+        cpu1 = self.server.cpu()
+        logins = box.get("logins", {})
+        self.results["logins"] = {"logins": logins, "chat": chat, "server_cpu_s": cpu1 - cpu0}
+        self.log(
+            f"logins: {logins.get('per_sec', 0):.1f}/s (p99 {logins.get('p99_ms') or 0:.0f} ms,"
+            f" {logins.get('failures')} failed)"
+        )
+
+    def run_all(self) -> dict[str, Any]:
+        """Every phase, in an order where one cannot disturb the next."""
+        self.accounts()
+        self.results["rss_start"] = self.server.rss()
+        self.idle_memory()
+        self.chat_clients()
+        self.fan_out()
+        self.logins()
+        self.fleet.call("close", [()] * WORKERS)
+        return self.results
+
+
+# -- the whole run -----------------------------------------------------------------------
+
+
+def machine_info(peer_python: Path) -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    ours = servers.package_versions(Path(sys.executable), ["tornado", "tornado_chat"])
+    peer = servers.package_versions(
+        peer_python,
+        ["fastapi", "starlette", "uvicorn", "websockets", "uvloop", "httptools", "pydantic"],
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "tornado_chat": ours,
+        "peer": peer,
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` when both are known."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The comparison table rows: figure, both values, ratio, target, met."""
+    tc, peer = results.get("tornado_chat", {}), results.get("peer", {})
+
+    def load(r: dict[str, Any], deliveries: int) -> dict[str, Any]:
+        for run in r.get("fixed_loads", []):
+            if run["offered_deliveries_per_sec"] == deliveries:
+                return dict(run)
+        return {}
+
+    def mem(r: dict[str, Any], n: int) -> dict[str, Any]:
+        for p in r.get("idle_memory", {}).get("points", []):
+            if p["connections"] == n:
+                return dict(p)
+        return {}
+
+    def all_runs(r: dict[str, Any]) -> list[dict[str, Any]]:
+        runs = list(r.get("fixed_loads", []))
+        if "saturation" in r:
+            runs.append(r["saturation"])
+        if "logins" in r:
+            runs.append(r["logins"]["chat"])
+        return runs
+
+    rows: list[dict[str, Any]] = []
+
+    def row(
+        name: str,
+        a: float | None,
+        b: float | None,
+        unit: str,
+        target: str = "",
+        met: bool | None = None,
+    ) -> None:
+        rows.append(
+            {
+                "figure": name,
+                "tornado_chat": a,
+                "peer": b,
+                "unit": unit,
+                "ratio": ratio(a, b),
+                "target": target,
+                "met": met,
+            }
+        )
+
+    t30, p30 = load(tc, 30000), load(peer, 30000)
+    t8, p8 = load(tc, 8000), load(peer, 8000)
+    cpu_r = ratio(t30.get("server_cpu_us_per_delivery"), p30.get("server_cpu_us_per_delivery"))
+    row(
+        "server CPU per delivery @30k/s",
+        t30.get("server_cpu_us_per_delivery"),
+        p30.get("server_cpu_us_per_delivery"),
+        "us",
+        "<= 0.5x peer",
+        None if cpu_r is None else cpu_r <= 0.5,
+    )
+    ts, ps = tc.get("saturation", {}), peer.get("saturation", {})
+    row(
+        "server CPU per delivery @saturation",
+        ts.get("server_cpu_us_per_delivery"),
+        ps.get("server_cpu_us_per_delivery"),
+        "us",
+    )
+    row("deliveries/s @saturation", ts.get("delivered_per_sec"), ps.get("delivered_per_sec"), "/s")
+    row("server cores @saturation", ts.get("server_cores"), ps.get("server_cores"), "cores")
+    row("p50 latency @8k/s", t8.get("p50_ms"), p8.get("p50_ms"), "ms")
+    row("p99 latency @8k/s", t8.get("p99_ms"), p8.get("p99_ms"), "ms")
+    row("p50 latency @30k/s", t30.get("p50_ms"), p30.get("p50_ms"), "ms")
+    p99_r = ratio(t30.get("p99_ms"), p30.get("p99_ms"))
+    row(
+        "p99 latency @30k/s",
+        t30.get("p99_ms"),
+        p30.get("p99_ms"),
+        "ms",
+        "<= 0.5x peer",
+        None if p99_r is None else p99_r <= 0.5,
+    )
+    for n in sorted({p["connections"] for p in tc.get("idle_memory", {}).get("points", [])}):
+        a, b = mem(tc, n).get("bytes_per_conn"), mem(peer, n).get("bytes_per_conn")
+        row(
+            f"memory per idle WSS @{n}",
+            None if a is None else a / 1024,
+            None if b is None else b / 1024,
+            "KiB",
+            "<= 16 KiB",
+            None if a is None else a / 1024 <= 16,
+        )
+
+    def setup(r: dict[str, Any]) -> tuple[float | None, float | None]:
+        pts = r.get("idle_memory", {}).get("points", [])
+        opened = sum(p["setup"]["opened"] for p in pts)
+        elapsed = sum(p["setup"]["elapsed_s"] for p in pts)
+        cpu = [
+            p["setup"]["server_cpu_us_per_conn"] * p["setup"]["opened"]
+            for p in pts
+            if p["setup"]["server_cpu_us_per_conn"] is not None
+        ]
+        return (
+            opened / elapsed if elapsed else None,
+            sum(cpu) / opened if opened and cpu else None,
+        )
+
+    (ts_rate, ts_cpu), (ps_rate, ps_cpu) = setup(tc), setup(peer)
+    s_r = ratio(ts_rate, ps_rate)
+    row(
+        "connection set-up rate",
+        ts_rate,
+        ps_rate,
+        "/s",
+        ">= 1.5x peer",
+        None if s_r is None else s_r >= 1.5,
+    )
+    row("server CPU per connection set-up", ts_cpu, ps_cpu, "us")
+    tl, pl = tc.get("logins", {}), peer.get("logins", {})
+    row(
+        "logins/s (bcrypt 12) under chat load",
+        tl.get("logins", {}).get("per_sec"),
+        pl.get("logins", {}).get("per_sec"),
+        "/s",
+    )
+    row(
+        "chat p99 @8k/s during logins",
+        tl.get("chat", {}).get("p99_ms"),
+        pl.get("chat", {}).get("p99_ms"),
+        "ms",
+    )
+    for name, r in (("tornado_chat", tc), ("peer", peer)):
+        if r:
+            lost = sum(run["lost"] + run["extra"] for run in all_runs(r))
+            rows.append(
+                {
+                    "figure": f"lost or duplicated deliveries ({name}, all runs)",
+                    name: lost,
+                    "unit": "",
+                    "target": "0",
+                    "met": lost == 0,
+                }
+            )
+    return rows
+
+
+def fmt(v: Any) -> str:
+    """A table cell."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table."""
+    head = "| figure | tornado_chat | peer | unit | ratio | target | met |"
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["figure"],
+                    fmt(r.get("tornado_chat")),
+                    fmt(r.get("peer")),
+                    r["unit"],
+                    fmt(r.get("ratio")),
+                    r.get("target", ""),
+                    fmt(r.get("met")),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+PLANS: dict[str, dict[str, Any]] = {
+    "full": {
+        "loads": [2000, 8000, 16000, 30000, 45000],
+        "warm_s": 1.0,
+        "run_s": 8.0,
+        "drain_s": 20.0,
+        "saturation_window": 2,
+        "memory_counts": [1000, 5000],
+        "connect_concurrency": 16,
+        "settle_s": 3.0,
+        "login_threads": 8,
+    },
+    "quick": {
+        "loads": [8000, 30000],
+        "warm_s": 1.0,
+        "run_s": 4.0,
+        "drain_s": 15.0,
+        "saturation_window": 2,
+        "memory_counts": [1000, 5000],
+        "connect_concurrency": 16,
+        "settle_s": 2.0,
+        "login_threads": 8,
+    },
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the table; write the JSON and the plot."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (about 2 minutes)")
+    parser.add_argument(
+        "--servers", default=",".join(KINDS), help="comma-separated: tornado_chat,peer"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=servers.BENCH_DIR / "out", help="where results go"
+    )
+    parser.add_argument(
+        "--peer-venv",
+        type=Path,
+        default=servers.BENCH_DIR / ".venv-peer",
+        help="virtualenv for the peer's dependencies (created on first use)",
+    )
+    parser.add_argument(
+        "--plot-venv",
+        type=Path,
+        default=servers.BENCH_DIR / ".venv-plot",
+        help="virtualenv with matplotlib (created on first use)",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    args = parser.parse_args(argv)
+    kinds = [k for k in args.servers.split(",") if k]
+    for k in kinds:
+        if k not in KINDS:
+            parser.error(f"unknown server {k!r}; choose from {', '.join(KINDS)}")
+    plan = PLANS["quick" if args.quick else "full"]
+    wsload.raise_fd_limit()
+    started = time.monotonic()
+
+    peer_bin = servers.ensure_venv(args.peer_venv, servers.PEER_REQUIREMENTS, "uvicorn")
+    info = machine_info(peer_bin / "python")
+    results: dict[str, Any] = {
+        "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "plan": plan,
+        "machine": info,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "servers": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="chat-bench-") as tmp:
+        work = Path(tmp)
+        certs = servers.mint_certificates(work / "ca")
+        for kind in kinds:
+            if kind == "tornado_chat":
+                server = servers.tornado_chat_server(certs, work, sys.executable)
+                ready = "/healthz"
+            else:
+                server = servers.peer_server(certs, work, peer_bin)
+                ready = "/docs"
+            target = wsload.Target(kind, server.port, str(certs.ca))
+            print(f"[{kind}] starting on port {server.port}", file=sys.stderr, flush=True)
+            with servers.running(server, certs.ca, ready):
+                bench = Bench(server, target, plan)
+                try:
+                    results["servers"][kind] = bench.run_all()
+                except Exception as exc:
+                    print(f"[{kind}] FAILED: {exc}\n{server.log_tail()}", file=sys.stderr)
+                    results["servers"][kind] = {"error": str(exc), **bench.results}
+                finally:
+                    bench.close()
+                    results["servers"][kind]["server_log_tail"] = server.log_tail()
+    rows = summarize(results["servers"])
+    results["summary"] = rows
+    results["elapsed_s"] = time.monotonic() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_json = args.out / f"results-{'quick' if args.quick else 'full'}-{stamp}.json"
+    out_json.write_text(json.dumps(results, indent=1))
+    print(table(rows))
+    print(f"\nresults: {out_json} ({results['elapsed_s']:.0f}s)")
+    if not args.no_plot:
+        plot_bin = servers.ensure_venv(args.plot_venv, servers.PLOT_REQUIREMENTS, "matplotlib")
+        png = args.out / f"p99_latency-{stamp}.png"
+        subprocess.run(
+            [str(plot_bin / "python"), str(servers.BENCH_DIR / "plot.py"), str(out_json), str(png)],
+            check=False,
+        )
+    failed = any("error" in r for r in results["servers"].values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
