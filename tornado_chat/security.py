@@ -351,11 +351,22 @@ class KeyRing:
         return ring
 
     @classmethod
-    def open(cls, path: Path, algorithm: str | None = None) -> KeyRing:
+    def open(
+        cls,
+        path: Path,
+        algorithm: str | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> KeyRing:
         """Read an existing key file (the algorithm is the file's own unless given).
 
         Used by ``python -m tornado_chat.keys``, which must never create a
         key file in the wrong place: only the server creates one.
+
+        Args:
+            path: the key file.
+            algorithm: the algorithm it must hold; None accepts the file's own.
+            clock: monotonic time for :meth:`reload_if_changed` (tests fake it).
 
         Raises:
             ConfigError: no such file, or any reason of :meth:`load_or_create`.
@@ -368,7 +379,7 @@ class KeyRing:
                 f"unsupported JWT algorithm {algorithm!r}; use one of "
                 + ", ".join(SUPPORTED_ALGORITHMS)
             )
-        return cls._load(path, algorithm)
+        return cls._load(path, algorithm, clock=clock)
 
     @staticmethod
     def _stored_algorithm(path: Path) -> str:
@@ -392,7 +403,9 @@ class KeyRing:
         return algorithm
 
     @classmethod
-    def _load(cls, path: Path, algorithm: str) -> KeyRing:
+    def _load(
+        cls, path: Path, algorithm: str, *, clock: Callable[[], float] = time.monotonic
+    ) -> KeyRing:
         try:
             mode = path.stat().st_mode & 0o777
             if os.name == "posix" and mode & 0o077:
@@ -407,7 +420,7 @@ class KeyRing:
             ) from error
         text = raw.decode("utf-8", errors="replace").strip()
         if not text.startswith("{"):
-            return cls._from_raw_secret(path, algorithm, text)
+            return cls._from_raw_secret(path, algorithm, text, clock)
         try:
             document = json.loads(text)
             if not isinstance(document, dict) or document.get("format") != KEYRING_FORMAT:
@@ -424,13 +437,15 @@ class KeyRing:
             raise
         except (ValueError, KeyError, TypeError) as error:
             raise ConfigError(f"JWT key file {path} is malformed: {error}") from error
-        ring = cls(path, algorithm, keys, current)
+        ring = cls(path, algorithm, keys, current, clock=clock)
         if not keys or current not in ring._keys:
             raise ConfigError(f"JWT key file {path} is malformed: no current key")
         return ring
 
     @classmethod
-    def _from_raw_secret(cls, path: Path, algorithm: str, text: str) -> KeyRing:
+    def _from_raw_secret(
+        cls, path: Path, algorithm: str, text: str, clock: Callable[[], float]
+    ) -> KeyRing:
         if algorithm != "HS256":
             raise ConfigError(f"JWT key file {path} holds a raw secret, usable only with HS256")
         secret = text.encode("utf-8")
@@ -441,7 +456,7 @@ class KeyRing:
             )
         kid = "raw-" + _b64encode(hashlib.sha256(b"tornado_chat kid\0" + secret).digest()[:9])
         key = _Key(kid, path.stat().st_mtime, secret=secret)
-        return cls(path, algorithm, [key], kid)
+        return cls(path, algorithm, [key], kid, clock=clock)
 
     @staticmethod
     def _parse_key(path: Path, algorithm: str, entry: Mapping[str, Any]) -> _Key:

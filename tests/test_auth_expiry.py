@@ -1,0 +1,141 @@
+"""Live sockets obey their credentials' expiry, over real WSS.
+
+One server with 2-second access tokens and a 0.5 s reauth grace: a socket
+whose token expires is closed with 4401 after the grace unless a reauth frame
+with a fresh token of the same user arrived first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import make_settings
+from tests.harness import Client, LiveServer, Socket
+from tests.test_attacks import claims_of, new_ticket, refresh, still_open, ticket_proto
+from tornado_chat.pki import ServerCertificate
+
+ACCESS_TTL = 2
+GRACE = 0.5
+# How late a close may come after its deadline on a busy CI machine.
+SLACK = 1.0
+
+
+@pytest.fixture(scope="module")
+def short_server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A server whose access tokens live 2 s, with a 0.5 s grace on live sockets."""
+    settings = make_settings(
+        server_cert, tmp_path_factory.mktemp("short"), access_ttl=ACCESS_TTL, reauth_grace=GRACE
+    )
+    live = LiveServer(settings).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+async def short(short_server: LiveServer, client_ssl: ssl.SSLContext) -> AsyncIterator[Client]:
+    """A client of the short-TTL server."""
+    c = Client(short_server, client_ssl)
+    yield c
+    c.close()
+
+
+async def fresh_second() -> None:
+    """Wait for the start of the next wall-clock second.
+
+    Tokens carry whole-second times, so a token issued right after a second
+    boundary lives the full 2 s, and one issued a second later expires later.
+    """
+    await asyncio.sleep(1.0 - time.time() % 1.0 + 0.02)
+
+
+async def login(client: Client, username: str) -> dict[str, Any]:
+    """Log in (the account exists); the token pair."""
+    resp = await client.login(username)
+    assert resp.status == 200, resp.body
+    return dict(resp.json)
+
+
+async def closed_at(sock: Socket, timeout: float = 8) -> tuple[int | None, float]:
+    """Wait for the server to close ``sock``: (close code, wall-clock time of the close)."""
+    code = await sock.closed(timeout)
+    return code, time.time()
+
+
+async def test_expired_token_closes_live_socket_4401_after_grace(short: Client) -> None:
+    """A socket whose token expires is closed with 4401 once the grace has passed, not before."""
+    await short.register("exp_plain")
+    tokens = await login(short, "exp_plain")
+    exp = claims_of(tokens["access_token"])["exp"]
+    sock, _ = await short.join("exp-plain", tokens["access_token"])
+    await still_open(sock, "alive before expiry")
+    code, when = await closed_at(sock)
+    assert code == 4401
+    assert exp + GRACE - 0.1 <= when <= exp + GRACE + SLACK
+
+
+async def test_reauth_with_fresh_token_keeps_socket_open_past_old_expiry(short: Client) -> None:
+    """Reauth with a refreshed token of the same user carries the socket past the old expiry."""
+    await short.register("exp_reauth")
+    first = await login(short, "exp_reauth")
+    old_exp = claims_of(first["access_token"])["exp"]
+    sock, _ = await short.join("exp-reauth", first["access_token"])
+    await fresh_second()  # the refreshed token expires at least a second later
+    resp = await refresh(short, first["refresh_token"])
+    assert resp.status == 200
+    new_token = resp.json["access_token"]
+    new_exp = claims_of(new_token)["exp"]
+    assert new_exp >= old_exp + 1
+    await sock.send({"type": "reauth", "token": new_token})
+    await still_open(sock, "reauthenticated")  # frames are handled in order
+    await asyncio.sleep(max(0.0, old_exp + GRACE + 0.3 - time.time()))
+    await still_open(sock, "past the old expiry")
+    code, when = await closed_at(sock)
+    assert code == 4401
+    assert new_exp + GRACE - 0.1 <= when <= new_exp + GRACE + SLACK
+
+
+async def test_reauth_with_another_users_token_is_refused(short: Client) -> None:
+    """Reauth with another user's valid, later token is an error frame; the socket still expires."""
+    await short.register("exp_alice")
+    await short.register("exp_mallory")
+    alice = await login(short, "exp_alice")
+    exp = claims_of(alice["access_token"])["exp"]
+    sock, _ = await short.join("exp-other", alice["access_token"])
+    await fresh_second()
+    mallory = await login(short, "exp_mallory")
+    assert claims_of(mallory["access_token"])["exp"] >= exp + 1
+    await sock.send({"type": "reauth", "token": mallory["access_token"]})
+    error = await sock.recv_type("error")
+    assert error["code"] == "invalid_token"
+    assert mallory["access_token"] not in str(error)
+    # Not a valid token either: garbage, a refresh token, a logged-out session.
+    spare = await login(short, "exp_alice")
+    assert (await short.request("POST", "/api/logout", token=spare["access_token"])).status == 204
+    for bad in ("not.a.token", alice["refresh_token"], spare["access_token"]):
+        await sock.send({"type": "reauth", "token": bad})
+        assert (await sock.recv_type("error"))["code"] == "invalid_token"
+    code, when = await closed_at(sock)
+    assert code == 4401
+    assert exp + GRACE - 0.1 <= when <= exp + GRACE + SLACK
+
+
+async def test_ticket_socket_expires_with_the_access_token_behind_it(short: Client) -> None:
+    """A socket opened with a ticket lives no longer than the access token that obtained it."""
+    await short.register("exp_ticket")
+    await fresh_second()
+    tokens = await login(short, "exp_ticket")
+    exp = claims_of(tokens["access_token"])["exp"]
+    ticket = await new_ticket(short, tokens["access_token"])
+    sock = await short.connect("exp-ticket", **ticket_proto(ticket))
+    assert (await sock.recv())["type"] == "welcome"  # type: ignore[index]
+    code, when = await closed_at(sock)
+    assert code == 4401
+    assert exp + GRACE - 0.1 <= when <= exp + GRACE + SLACK

@@ -1,0 +1,178 @@
+"""Login throttling and registration enumeration, over real HTTPS.
+
+The throttle counts failures per username and per client address. Each test
+speaks from its own loopback address (127.0.0.N: all of 127/8 reaches the
+server's 127.0.0.1 listener on Linux), so tests do not share an address budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from tests.conftest import make_settings
+from tests.harness import PASSWORD, LiveServer, Response
+from tests.test_attacks import error_code
+from tornado_chat.pki import ServerCertificate
+
+MAX_FAILURES = 5  # LoginThrottle's default
+
+
+@pytest.fixture(scope="module")
+def throttle_server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A server of its own: these tests trip its in-memory throttle on purpose."""
+    live = LiveServer(make_settings(server_cert, tmp_path_factory.mktemp("throttle"))).start()
+    yield live
+    live.stop()
+
+
+class From:
+    """An HTTPS client of the throttle server speaking from one loopback address."""
+
+    def __init__(self, server: LiveServer, ssl_context: ssl.SSLContext, address: str) -> None:
+        self.server = server
+        self.ssl = ssl_context
+        self.address = address
+        self.http = AsyncHTTPClient(force_instance=True)
+
+    async def post(self, path: str, body: dict[str, Any]) -> Response:
+        """POST a JSON body from this client's address; never raises for a status."""
+        request = HTTPRequest(
+            f"https://127.0.0.1:{self.server.port}{path}",
+            method="POST",
+            body=json.dumps(body),
+            headers={"Content-Type": "application/json"},
+            ssl_options=self.ssl,
+            network_interface=self.address,
+            request_timeout=30,
+        )
+        try:
+            resp = await self.http.fetch(request)
+        except HTTPClientError as exc:
+            assert exc.response is not None, exc
+            resp = exc.response
+        return Response(resp.code, resp.headers, resp.body or b"")
+
+    async def login(self, username: str, password: str = PASSWORD) -> Response:
+        """POST /api/login."""
+        return await self.post("/api/login", {"username": username, "password": password})
+
+    async def register(self, username: str, password: str = PASSWORD) -> Response:
+        """POST /api/register."""
+        return await self.post("/api/register", {"username": username, "password": password})
+
+
+@pytest.fixture
+async def source(throttle_server: LiveServer, client_ssl: ssl.SSLContext) -> AsyncIterator[Any]:
+    """A factory of clients, one per loopback address; closed after the test."""
+    made: list[From] = []
+
+    def make(address: str) -> From:
+        c = From(throttle_server, client_ssl, address)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.http.close()
+
+
+def assert_throttled(resp: Response) -> float:
+    """A 429 too_many_attempts with a whole-second Retry-After; returns the wait."""
+    assert resp.status == 429, (resp.status, resp.body)
+    assert error_code(resp) == "too_many_attempts"
+    retry_after = resp.headers["Retry-After"]
+    assert retry_after.isdigit() and int(retry_after) >= 1
+    return float(retry_after)
+
+
+async def test_the_server_sees_each_test_address(source: Any) -> None:
+    """Requests leave from the chosen loopback address (the premise of the other tests)."""
+    a = source("127.0.0.20")
+    assert (await a.register("thr_premise")).status == 201
+    for _ in range(MAX_FAILURES):
+        assert (await a.login("thr_premise_unknown", "wrong password")).status == 401
+    assert_throttled(await a.login("thr_premise"))
+    # Another address is not blocked by the first one's failures.
+    assert (await source("127.0.0.21").login("thr_premise")).status == 200
+
+
+async def test_login_throttled_per_username_429_with_retry_after(source: Any) -> None:
+    """Five wrong passwords for one name: then 429 + Retry-After, even for the right password."""
+    owner = source("127.0.0.30")
+    assert (await owner.register("thr_victim")).status == 201
+    attacker = source("127.0.0.31")
+    for _ in range(MAX_FAILURES):
+        resp = await attacker.login("thr_victim", "guess-guess-guess")
+        assert resp.status == 401 and error_code(resp) == "invalid_credentials"
+    wait = assert_throttled(await attacker.login("thr_victim"))
+    # The username is blocked from every address, the owner's too: the limit
+    # is per account, whatever botnet the guesses come from.
+    assert_throttled(await source("127.0.0.32").login("thr_victim", "another guess"))
+    assert_throttled(await owner.login("thr_victim"))
+    # Backoff, not lockout: after Retry-After the right password works.
+    await asyncio.sleep(wait + 0.1)
+    assert (await owner.login("thr_victim")).status == 200
+
+
+async def test_login_throttled_per_address_429_with_retry_after(source: Any) -> None:
+    """Wrong guesses spread over many names from one address: the address gets 429."""
+    helper = source("127.0.0.40")
+    assert (await helper.register("thr_spray_target")).status == 201
+    sprayer = source("127.0.0.41")
+    for i in range(MAX_FAILURES):
+        resp = await sprayer.login(f"thr_spray_{i}", "Spring2025!")
+        assert resp.status == 401 and error_code(resp) == "invalid_credentials"
+    assert_throttled(await sprayer.login("thr_spray_target"))
+    assert_throttled(await sprayer.login("thr_spray_target", "Spring2025!"))
+    # Other clients are unaffected.
+    assert (await helper.login("thr_spray_target")).status == 200
+
+
+async def test_unknown_and_known_names_are_throttled_alike(source: Any) -> None:
+    """Unknown names count as failures too, so throttling itself reveals no account."""
+    known = source("127.0.0.50")
+    assert (await known.register("thr_known")).status == 201
+    answers = []
+    for name, address in (("thr_known", "127.0.0.51"), ("thr_unknown_name", "127.0.0.52")):
+        c = source(address)
+        for _ in range(MAX_FAILURES):
+            assert (await c.login(name, "wrong password")).status == 401
+        resp = await c.login(name, "wrong password")
+        assert_throttled(resp)
+        answers.append((resp.status, resp.json, resp.headers["Retry-After"]))
+    assert answers[0] == answers[1]
+
+
+async def test_registration_cannot_enumerate_users_faster_than_login(source: Any) -> None:
+    """Taken-name answers count against the address like failed logins: the 6th try is 429."""
+    owner = source("127.0.0.60")
+    for i in range(MAX_FAILURES + 1):
+        assert (await owner.register(f"thr_taken_{i}")).status == 201
+    prober = source("127.0.0.61")
+    for i in range(MAX_FAILURES):
+        resp = await prober.register(f"thr_taken_{i}", "Prob3-password")
+        assert resp.status == 409 and error_code(resp) == "username_taken"
+    # The next probe is refused before it can learn anything, taken or free.
+    assert_throttled(await prober.register(f"thr_taken_{MAX_FAILURES}", "Prob3-password"))
+    assert_throttled(await prober.register("thr_free_name", "Prob3-password"))
+    # Registration and login share the budget: the prober cannot switch to login.
+    assert_throttled(await prober.login("thr_taken_0", "Prob3-password"))
+    # Free names registered from a quiet address are not affected.
+    assert (await source("127.0.0.62").register("thr_free_elsewhere")).status == 201
+
+
+async def test_failed_logins_throttle_registration_probes(source: Any) -> None:
+    """The other way round: after five failed logins, registration probes get 429 too."""
+    c = source("127.0.0.70")
+    for i in range(MAX_FAILURES):
+        assert (await c.login(f"thr_nobody_{i}", "wrong password")).status == 401
+    assert_throttled(await c.register("thr_after_logins"))
