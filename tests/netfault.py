@@ -62,7 +62,8 @@ class TcpRelay:
     synchronous tests, async tests and across pytest-asyncio's per-test loops.
     :meth:`cut` closes the listening socket and aborts every relayed
     connection (both directions), :meth:`restore` listens again on the same
-    port.
+    port. :meth:`pause` models a database that hangs instead: connections are
+    still accepted but no byte goes through until :meth:`resume`.
     """
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
@@ -75,6 +76,8 @@ class TcpRelay:
         self._thread.start()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.connections = 0
 
     def _call(self, coro: Any) -> Any:
@@ -90,6 +93,14 @@ class TcpRelay:
     def cut(self) -> None:
         """Stop listening and abort every relayed connection."""
         self._call(self._cut())
+
+    def pause(self) -> None:
+        """Hold every byte in both directions (connections stay open)."""
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def resume(self) -> None:
+        """Let held and new bytes through again."""
+        self._loop.call_soon_threadsafe(self._flowing.set)
 
     @property
     def up(self) -> bool:
@@ -130,6 +141,7 @@ class TcpRelay:
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
+                    await self._flowing.wait()
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()

@@ -498,6 +498,6 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 self._room,
                 self.request.remote_ip,
                 self._origin(),
-                self._closing_code or self.close_code,
+                self._closing_code or self.close_code or "-",
                 time.monotonic() - self._opened,
             )
