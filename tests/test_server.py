@@ -255,6 +255,11 @@ def test_first_start_mints_certificates(running: Running) -> None:
 def test_first_start_prints_ca_and_trust_command(running: Running) -> None:
     """stdout has one line naming the CA file and the command that trusts it."""
     running.process.wait_for("listening on")
+    # stdout and stderr are separate pipes read by separate threads: give the
+    # stdout reader a moment to catch up with the stderr line just seen.
+    deadline = time.monotonic() + 10
+    while not running.process.out and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert running.process.out == [
         f"created the local CA {running.ca}; trust it with: {trust_hint(running.caroot)}"
     ]
