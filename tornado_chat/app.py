@@ -67,11 +67,17 @@ class Services:
     buckets: dict[int, TokenBucket] = field(default_factory=dict)
 
     def bucket(self, user_id: int) -> TokenBucket:
-        """The user's message-rate bucket (shared by all of the user's sockets)."""
+        """The user's message-rate bucket (shared by all of the user's sockets).
+
+        With a Redis broker the bucket is also shared by the user's sockets
+        on every other node (see :class:`~tornado_chat.broker.SharedTokenBucket`).
+        """
         b = self.buckets.get(user_id)
         if b is None:
             s = self.settings
-            b = self.buckets[user_id] = TokenBucket(s.rate_per_sec, s.rate_burst)
+            b = self.buckets[user_id] = self.broker.make_bucket(
+                user_id, s.rate_per_sec, s.rate_burst
+            )
         return b
 
     def forget_bucket(self, user_id: int) -> None:
@@ -79,7 +85,7 @@ class Services:
         self.buckets.pop(user_id, None)
 
     def online_counts(self) -> dict[str, int]:
-        """Online users per room."""
+        """Online users per room, cluster-wide with a Redis broker."""
         return self.hub.online_counts()
 
     def on_stored(self, batch: Sequence[tuple[StoredMessage, Member | None]]) -> None:
@@ -139,8 +145,13 @@ async def create_services(settings: Settings) -> Services:
     async def fetch_since(room: str, seq: int) -> Sequence[StoredMessage]:
         return await storage.messages(room, since=seq, limit=1000)
 
-    hub = Hub(fetch_since)
-    broker: Broker = LocalBroker()
+    try:
+        broker = make_broker(settings)
+    except BaseException:
+        await storage.close()
+        executor.shutdown(wait=False)
+        raise
+    hub = Hub(fetch_since, observer=broker)
     services = Services(
         settings=settings,
         storage=storage,
@@ -152,9 +163,30 @@ async def create_services(settings: Settings) -> Services:
     )
     broker.message_listeners.append(hub.deliver)
     broker.revoke_listeners.append(services.close_session)
+    broker.presence_listeners.append(hub.set_remote)
+    broker.catch_up_listeners.append(hub.catch_up)
     auth.add_revoke_listener(services.on_revoked)
-    await broker.start()
+    try:
+        await broker.start()
+    except BaseException:
+        await storage.close()
+        executor.shutdown(wait=False)
+        raise
     return services
+
+
+def make_broker(settings: Settings) -> Broker:
+    """The in-process broker, or Redis with ``--broker redis://...``.
+
+    Raises:
+        ConfigError: the broker URL's own options are invalid.
+    """
+    if not settings.broker:
+        return LocalBroker()
+    # Imported here: a single-process server never loads the Redis client.
+    from tornado_chat.redis_broker import RedisBroker
+
+    return RedisBroker(settings.broker)
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:

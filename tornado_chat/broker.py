@@ -1,23 +1,39 @@
 """Carrying notifications between nodes.
 
 The broker only tells other nodes that a message was stored (or a session
-revoked); the database stays the source of truth, and a node that misses a
-notification fills the gap from it (see :mod:`tornado_chat.hub`). With one
-process the :class:`LocalBroker` is enough: local delivery does not go through
-a broker at all.
+revoked, or who is online where); the database stays the source of truth,
+and a node that misses a notification fills the gap from it (see
+:mod:`tornado_chat.hub`). With one process the :class:`LocalBroker` is
+enough: local delivery does not go through a broker at all. Many processes
+and machines use :class:`tornado_chat.redis_broker.RedisBroker`.
+
+What a broker tells its node goes through listener lists, filled by the
+application factory:
+
+- ``message_listeners``: another node stored a message (``Hub.deliver``);
+- ``revoke_listeners``: another node revoked a session (close its sockets);
+- ``presence_listeners``: the users online in a room on *other* nodes changed;
+- ``catch_up_listeners``: notifications may have been missed (a room's
+  subscription just became live, or the broker reconnected; ``None`` means
+  every room): fetch what was stored since the last delivered ``seq``.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from tornado_chat.limits import TokenBucket
 
 if TYPE_CHECKING:
     from tornado_chat.storage import StoredMessage
 
 MessageListener = Callable[["StoredMessage"], None]
 RevokeListener = Callable[[str], None]
+PresenceListener = Callable[[str, frozenset[str]], None]
+CatchUpListener = Callable[["str | None"], None]
 
 
 class Broker(ABC):
@@ -26,6 +42,8 @@ class Broker(ABC):
     def __init__(self) -> None:
         self.message_listeners: list[MessageListener] = []
         self.revoke_listeners: list[RevokeListener] = []
+        self.presence_listeners: list[PresenceListener] = []
+        self.catch_up_listeners: list[CatchUpListener] = []
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (no-op for brokers without a connection)."""
@@ -52,6 +70,13 @@ class Broker(ABC):
     def unsubscribe_room(self, room: str) -> None:  # noqa: B027 - optional hook
         """Stop receiving a room's notifications (its last local member left)."""
 
+    def set_local_presence(self, room: str, users: frozenset[str]) -> None:  # noqa: B027
+        """Tell other nodes who is online in ``room`` on this node (optional hook)."""
+
+    def make_bucket(self, user_id: int, rate: float, burst: int) -> TokenBucket:
+        """A user's message-rate bucket; this node's own unless the broker shares one."""
+        return TokenBucket(rate, burst)
+
 
 class LocalBroker(Broker):
     """One process: there are no other nodes to tell."""
@@ -67,3 +92,58 @@ class LocalBroker(Broker):
 
     def publish_revoke(self, session_id: str) -> None:
         """No other node; local sockets were already closed."""
+
+
+class SharedTokenBucket(TokenBucket):
+    """A user's local bucket, kept at or below a bucket shared by every node.
+
+    Admission stays local and synchronous, so the message path never waits
+    for a round trip; each admitted message is also charged to the shared
+    bucket (``charge``), and the level it reports back lowers the local one
+    (:meth:`settle`). A user whose sockets are spread over several nodes thus
+    gets one budget overall, give or take the charges still in flight (about
+    one message per node). When the shared bucket cannot answer, the local
+    bucket alone applies.
+
+    Args:
+        rate: tokens per second.
+        burst: bucket size.
+        charge: sends one charge; must call :meth:`settle` exactly once later.
+        max_strikes: see :class:`~tornado_chat.limits.TokenBucket`.
+        clock: see :class:`~tornado_chat.limits.TokenBucket`.
+    """
+
+    __slots__ = ("_charge", "in_flight")
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        charge: Callable[[SharedTokenBucket], None],
+        *,
+        max_strikes: int = 5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(rate, burst, max_strikes=max_strikes, clock=clock)
+        self._charge = charge
+        self.in_flight = 0
+
+    def take(self) -> bool:
+        """Take a local token and charge the shared bucket for it."""
+        if not super().take():
+            return False
+        self.in_flight += 1
+        self._charge(self)
+        return True
+
+    def settle(self, shared: float | None) -> None:
+        """Apply the shared bucket's level after one charge (None: no answer)."""
+        self.in_flight = max(0, self.in_flight - 1)
+        if shared is None:
+            return
+        now = self._clock()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        # The charges still in flight were admitted here but are not in the
+        # shared level yet.
+        self.tokens = min(self.tokens, shared - self.in_flight)

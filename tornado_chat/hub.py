@@ -11,15 +11,23 @@ Ordering: every room delivers ``seq`` strictly in order. A message that
 arrives ahead of a gap (another node's publish still in flight, or lost) is
 held; if the gap is not filled within ``gap_wait`` seconds the missing
 messages are fetched from the database, so the broker can lose notifications
-without clients losing messages.
+without clients losing messages. When the broker says notifications may have
+been missed altogether (it reconnected, or a room's subscription just became
+live), :meth:`Hub.catch_up` fetches whatever was stored after the last
+delivered ``seq``, so even a quiet room misses nothing.
+
+Presence is cluster-wide: ``online`` lists this node's users plus the users
+the broker reports on other nodes (:meth:`Hub.set_remote`). A :class:`RoomObserver`
+(the broker) hears when a room gets its first or loses its last local member
+(subscribe or unsubscribe) and when its local users change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tornado_chat import protocol
 
@@ -40,6 +48,22 @@ class Peer(Protocol):
 
     def close_with(self, code: int, reason: str) -> None:
         """Close the socket with a close code."""
+        ...
+
+
+class RoomObserver(Protocol):
+    """Who hears about local membership changes (the broker)."""
+
+    def subscribe_room(self, room: str) -> None:
+        """The room got its first member on this node."""
+        ...
+
+    def unsubscribe_room(self, room: str) -> None:
+        """The room lost its last member on this node."""
+        ...
+
+    def set_local_presence(self, room: str, users: frozenset[str]) -> None:
+        """The set of users online in the room on this node changed."""
         ...
 
 
@@ -111,7 +135,7 @@ class Member:
 class Room:
     """Members of one room on this node and the delivery cursor."""
 
-    __slots__ = ("delivered", "gap_timer", "members", "name", "online", "pending")
+    __slots__ = ("catch_up", "delivered", "gap_timer", "members", "name", "online", "pending")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -122,9 +146,11 @@ class Room:
         self.delivered: int | None = None
         self.pending: dict[int, tuple[StoredMessage, Member | None]] = {}
         self.gap_timer: asyncio.TimerHandle | None = None
+        # A catch-up was asked for before the cursor was known.
+        self.catch_up = False
 
     def online_users(self) -> list[str]:
-        """Sorted usernames with at least one socket in the room."""
+        """Sorted usernames with at least one socket in the room on this node."""
         return sorted(self.online)
 
 
@@ -135,10 +161,20 @@ class Hub:
         fetch_since: loads a room's stored messages with ``seq`` greater than a
             value, in order; used to fill gaps.
         gap_wait: seconds a gap may stay open before it is filled from storage.
+        observer: told about subscriptions and local presence (the broker).
     """
 
-    def __init__(self, fetch_since: FetchSince | None = None, *, gap_wait: float = 0.5) -> None:
+    def __init__(
+        self,
+        fetch_since: FetchSince | None = None,
+        *,
+        gap_wait: float = 0.5,
+        observer: RoomObserver | None = None,
+    ) -> None:
         self.rooms: dict[str, Room] = {}
+        # room -> users online there on other nodes (every room, not only local ones)
+        self.remote: dict[str, frozenset[str]] = {}
+        self._observer = observer
         self.sessions: dict[str, set[Member]] = {}
         self.users: dict[int, int] = {}  # user_id -> open sockets on this node
         self._fetch_since = fetch_since
@@ -154,9 +190,11 @@ class Hub:
         """Add a member (its frames are held until :meth:`Member.start`).
 
         Returns:
-            True when the member's user was not online in the room before.
+            True when the member's user was not online in the room before (on
+            any node).
         """
         room = self.rooms.get(member.room)
+        created = room is None
         if room is None:
             room = self.rooms[member.room] = Room(member.room)
         room.members.add(member)
@@ -165,10 +203,19 @@ class Hub:
         self.total += 1
         count = room.online.get(member.username, 0)
         room.online[member.username] = count + 1
-        return count == 0
+        observer = self._observer
+        if observer is not None:
+            if created:
+                observer.subscribe_room(member.room)
+            if count == 0:
+                observer.set_local_presence(member.room, frozenset(room.online))
+        return count == 0 and member.username not in self.remote.get(member.room, ())
 
     def leave(self, member: Member) -> bool:
-        """Remove a member; returns True when its user is no longer online in the room."""
+        """Remove a member; returns True when its user is no longer online in the room.
+
+        The user stays online while it has a socket in the room on another node.
+        """
         room = self.rooms.get(member.room)
         if room is None or member not in room.members:
             return False
@@ -189,11 +236,16 @@ class Hub:
             room.online[member.username] = count
         else:
             room.online.pop(member.username, None)
+        observer = self._observer
+        if observer is not None and not count:
+            observer.set_local_presence(member.room, frozenset(room.online))
         if not room.members:
             if room.gap_timer is not None:
                 room.gap_timer.cancel()
             del self.rooms[member.room]
-        return count == 0
+            if observer is not None:
+                observer.unsubscribe_room(member.room)
+        return count == 0 and member.username not in self.remote.get(member.room, ())
 
     def rebind(self, member: Member, session_id: str) -> None:
         """Move a member to another session (after a reauth with a new login)."""
@@ -208,13 +260,45 @@ class Hub:
         self.sessions.setdefault(session_id, set()).add(member)
 
     def online(self, room: str) -> list[str]:
-        """Usernames online in ``room`` on this node."""
+        """Usernames online in ``room``, on this node and the others."""
         r = self.rooms.get(room)
-        return r.online_users() if r else []
+        remote = self.remote.get(room)
+        if not remote:
+            return r.online_users() if r else []
+        return sorted(remote.union(r.online) if r else remote)
 
     def online_counts(self) -> dict[str, int]:
-        """Number of online users per room on this node."""
-        return {name: len(room.online) for name, room in self.rooms.items()}
+        """Number of online users per room, on this node and the others."""
+        counts = {name: len(room.online) for name, room in self.rooms.items()}
+        for name, users in self.remote.items():
+            r = self.rooms.get(name)
+            counts[name] = len(users.union(r.online)) if r else len(users)
+        return counts
+
+    def set_remote(self, room: str, users: frozenset[str]) -> None:
+        """Record who is online in ``room`` on other nodes; tell local members who came or went.
+
+        A user online here too neither joins nor leaves: only the cluster-wide
+        set matters to clients.
+        """
+        old = self.remote.get(room, frozenset())
+        if users:
+            self.remote[room] = users
+        else:
+            self.remote.pop(room, None)
+        r = self.rooms.get(room)
+        if r is None or users == old:
+            return
+        local = r.online
+        joined = sorted(u for u in users - old if u not in local)
+        left = sorted(u for u in old - users if u not in local)
+        if not joined and not left:
+            return
+        online = self.online(room)
+        for user in joined:
+            self.broadcast(room, protocol.presence_frame("join", user, online))
+        for user in left:
+            self.broadcast(room, protocol.presence_frame("leave", user, online))
 
     def sockets_of(self, user_id: int) -> int:
         """Open sockets of a user on this node."""
@@ -229,6 +313,9 @@ class Hub:
             if r.pending and r.gap_timer is None:
                 loop = asyncio.get_running_loop()
                 r.gap_timer = loop.call_later(self._gap_wait, self._start_fill, r.name)
+            if r.catch_up:
+                r.catch_up = False
+                self._spawn(self._catch_up(r.name))
 
     # -- fan-out ------------------------------------------------------------
 
@@ -344,6 +431,58 @@ class Hub:
             # arm the next one, or the held messages stall in a quiet room.
             loop = asyncio.get_running_loop()
             room.gap_timer = loop.call_later(self._gap_wait, self._start_fill, room_name)
+
+    def catch_up(self, room: str | None = None) -> None:
+        """Fetch and deliver what was stored after the last delivered ``seq``.
+
+        The broker calls this when notifications may have been lost without a
+        later one revealing the gap: it reconnected (``room`` None: every room)
+        or a room's subscription just became live (messages stored between the
+        joining socket reading the room's cursor and the subscription would
+        otherwise wait for the next message).
+        """
+        names = list(self.rooms) if room is None else [room]
+        for name in names:
+            r = self.rooms.get(name)
+            if r is None:
+                continue
+            if r.delivered is None:
+                r.catch_up = True  # note_last_seq() runs it once the cursor is known
+                continue
+            self._spawn(self._catch_up(name))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def _catch_up(self, room_name: str) -> None:
+        if self._fetch_since is None:
+            return
+        while True:
+            room = self.rooms.get(room_name)
+            if room is None or room.delivered is None:
+                return
+            since = room.delivered
+            try:
+                missing = await self._fetch_since(room_name, since)
+            except Exception:  # the database may be down too; try again shortly
+                log.warning("room %s: catch-up failed, retrying", room_name, exc_info=True)
+                asyncio.get_running_loop().call_later(self._gap_wait, self.catch_up, room_name)
+                return
+            room = self.rooms.get(room_name)
+            if room is None or room.delivered is None:
+                return
+            before = room.delivered
+            for msg in missing:
+                if msg.seq == room.delivered + 1:
+                    held = room.pending.pop(msg.seq, None)
+                    self._fan_out(room, msg, held[1] if held else None)
+            self._drain_pending(room)
+            # Stop once a fetch delivers nothing new (live delivery may have
+            # moved the cursor meanwhile); a page that did may have a sequel.
+            if room.delivered == before:
+                return
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._dirty:
