@@ -649,3 +649,41 @@ async def test_query_token_works_by_default(client: Client) -> None:
     assert await ws_outcome(client, "atk-query", **query_token(tokens["access_token"])) == (
         "welcome"
     )
+
+
+async def test_logout_racing_a_socket_open_still_closes_it(
+    server: LiveServer, client: Client
+) -> None:
+    """A logout landing while a socket's credentials are being checked still closes it with 4401."""
+    tokens = await client.user("atk_race_logout")
+    session_id = claims_of(tokens["access_token"])["sid"]
+    storage = server.services.storage
+    real = storage.session_active
+    delayed: list[str] = []
+
+    async def answer_late(sid: str, *args: Any) -> bool:
+        # The real read, then a pause before its (by then stale) answer is used:
+        # the window in which a revocation finds no socket to close.
+        active: bool = await real(sid, *args)
+        if sid == session_id and not delayed:
+            delayed.append(sid)
+            await asyncio.sleep(0.5)
+        return active
+
+    server.loop.call_soon_threadsafe(setattr, storage, "session_active", answer_late)  # type: ignore[union-attr]
+    try:
+        opening = asyncio.ensure_future(
+            client.connect("atk-race-logout", token=tokens["access_token"])
+        )
+        while not delayed:
+            await asyncio.sleep(0.01)
+        resp = await client.request("POST", "/api/logout", token=tokens["access_token"])
+        assert resp.status == 204
+        sock = await opening
+        try:
+            code = await sock.closed(timeout=3)
+        except asyncio.TimeoutError:
+            raise AssertionError("the socket outlived the logout of its session") from None
+        assert code == 4401
+    finally:
+        server.loop.call_soon_threadsafe(delattr, storage, "session_active")  # type: ignore[union-attr]

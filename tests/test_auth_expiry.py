@@ -127,15 +127,21 @@ async def test_reauth_with_another_users_token_is_refused(short: Client) -> None
     assert exp + GRACE - 0.1 <= when <= exp + GRACE + SLACK
 
 
-async def test_ticket_socket_expires_with_the_access_token_behind_it(short: Client) -> None:
-    """A socket opened with a ticket lives no longer than the access token that obtained it."""
+async def test_ticket_socket_and_unused_ticket_expire_with_the_access_token(short: Client) -> None:
+    """A ticket's socket lives no longer than its access token; an unused ticket dies with it."""
     await short.register("exp_ticket")
     await fresh_second()
     tokens = await login(short, "exp_ticket")
     exp = claims_of(tokens["access_token"])["exp"]
-    ticket = await new_ticket(short, tokens["access_token"])
-    sock = await short.connect("exp-ticket", **ticket_proto(ticket))
+    resp = await short.request("POST", "/api/ws-ticket", token=tokens["access_token"])
+    assert resp.status == 200 and 1 <= resp.json["expires_in"] <= ACCESS_TTL
+    unused = resp.json["ticket"]
+    sock = await short.connect(
+        "exp-ticket", **ticket_proto(await new_ticket(short, tokens["access_token"]))
+    )
     assert (await sock.recv())["type"] == "welcome"  # type: ignore[index]
     code, when = await closed_at(sock)
     assert code == 4401
     assert exp + GRACE - 0.1 <= when <= exp + GRACE + SLACK
+    late = await short.connect("exp-ticket", **ticket_proto(unused))
+    assert await late.closed() == 4401

@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import statistics
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import bcrypt
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
@@ -176,3 +179,53 @@ async def test_failed_logins_throttle_registration_probes(source: Any) -> None:
     for i in range(MAX_FAILURES):
         assert (await c.login(f"thr_nobody_{i}", "wrong password")).status == 401
     assert_throttled(await c.register("thr_after_logins"))
+
+
+# -- timing: unknown users cost a bcrypt check like wrong passwords ---------------------
+
+COSTLY_ROUNDS = 10  # ~50 ms a check: large against HTTP noise, cheap enough for a test
+
+
+@pytest.fixture(scope="module")
+def costly_server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A server with bcrypt cost 10, so a skipped password check would show in timings."""
+    settings = make_settings(
+        server_cert, tmp_path_factory.mktemp("costly"), bcrypt_rounds=COSTLY_ROUNDS
+    )
+    live = LiveServer(settings).start()
+    yield live
+    live.stop()
+
+
+async def test_unknown_user_takes_as_long_as_a_wrong_password(
+    costly_server: LiveServer, client_ssl: ssl.SSLContext
+) -> None:
+    """Over HTTPS, an unknown name costs one bcrypt check like a wrong password, same answer."""
+    made = [From(costly_server, client_ssl, f"127.0.1.{i}") for i in range(1, 10)]
+    try:
+        assert (await made[0].register("thr_timing")).status == 201
+        hashed = bcrypt.hashpw(b"some password", bcrypt.gensalt(COSTLY_ROUNDS))
+        t0 = time.perf_counter()
+        bcrypt.checkpw(b"other password", hashed)
+        one_check = time.perf_counter() - t0
+        timings: dict[str, list[float]] = {"wrong": [], "unknown": []}
+        bodies = set()
+        for i in range(4):  # under the 5-failure limit of the name and of each address
+            for kind, name, client in (
+                ("wrong", "thr_timing", made[1 + i]),
+                ("unknown", f"thr_ghost_{i}", made[5 + i]),
+            ):
+                t0 = time.perf_counter()
+                resp = await client.login(name, "wrong password")
+                timings[kind].append(time.perf_counter() - t0)
+                assert resp.status == 401 and error_code(resp) == "invalid_credentials"
+                bodies.add(resp.body)
+        assert len(bodies) == 1  # byte-identical answers
+        wrong, unknown = (statistics.median(timings[k]) for k in ("wrong", "unknown"))
+        assert 0.5 < unknown / wrong < 2.0, timings
+        assert min(timings["unknown"]) > one_check / 2, (timings, one_check)
+    finally:
+        for c in made:
+            c.http.close()

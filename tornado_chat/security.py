@@ -1142,6 +1142,18 @@ class AuthService:
             raise InvalidToken("session revoked or expired")
         return claims
 
+    async def still_active(self, claims: AccessClaims) -> bool:
+        """Whether the session behind already verified ``claims`` is still active.
+
+        A socket asks again once it has joined the hub: a revocation that
+        committed while its credentials were being checked found no socket
+        to close, and any later one will find it.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        return await self._storage.session_active(claims.session_id, claims.user_id, self._clock())
+
     async def issue_ticket(self, claims: AccessClaims) -> tuple[str, int]:
         """A one-time ws ticket for the holder of ``claims``.
 
