@@ -295,6 +295,13 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         )
         storage = self.services.storage
         try:
+            # A revocation that committed while the credentials were checked
+            # found no socket to close; now that this one is in the hub, any
+            # later one will find it, so one more look closes the gap.
+            if not await self.services.auth.still_active(claims):
+                log.info("ws auth failure %s: session revoked while opening", request_summary(self))
+                self.close_with(protocol.CLOSE_UNAUTHORIZED, "session revoked")
+                return
             last_seq = await storage.last_seq(room)
             replay = []
             since = self._since
@@ -393,6 +400,13 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self.claims = claims
         hub.rebind(member, claims.session_id)
         self._schedule_expiry(claims.expires_at)
+        # As in open(): the new session may have been revoked during the check.
+        try:
+            active = await self.services.auth.still_active(claims)
+        except StorageError:
+            active = True  # the socket keeps its checked credentials until they expire
+        if not active:
+            self.close_with(protocol.CLOSE_UNAUTHORIZED, "session revoked")
 
     def _schedule_expiry(self, expires_at: float) -> None:
         loop = tornado.ioloop.IOLoop.current()
