@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -651,39 +652,80 @@ async def test_query_token_works_by_default(client: Client) -> None:
     )
 
 
+class SlowSessionCheck:
+    """Delays the answer of one real session check on the live server.
+
+    The database read happens; only its answer is held back, which opens
+    deterministically the window in which a revocation commits and finds no
+    socket to close. The server's own Storage object is patched on its loop
+    and restored afterwards.
+    """
+
+    def __init__(self, server: LiveServer, session_id: str, delay: float = 0.5) -> None:
+        self.server = server
+        self.session_id = session_id
+        self.delay = delay
+        self.storage = server.services.storage
+        self.real = self.storage.session_active
+        self.held = threading.Event()  # set on the server's thread, awaited on the test's
+
+    async def _answer_late(self, sid: str, *args: Any) -> bool:
+        active: bool = await self.real(sid, *args)
+        if sid == self.session_id and not self.held.is_set():
+            self.held.set()
+            await asyncio.sleep(self.delay)
+        return active
+
+    def __enter__(self) -> SlowSessionCheck:
+        loop = self.server.loop
+        assert loop is not None
+        loop.call_soon_threadsafe(setattr, self.storage, "session_active", self._answer_late)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = self.server.loop
+        assert loop is not None
+        loop.call_soon_threadsafe(delattr, self.storage, "session_active")
+
+    async def holding(self) -> None:
+        """Wait until the check is being held."""
+        assert await asyncio.to_thread(self.held.wait, 10)
+
+
+async def closed_4401_soon(sock: Socket) -> None:
+    """The server closes ``sock`` with 4401 within 3 s."""
+    try:
+        code = await sock.closed(timeout=3)
+    except asyncio.TimeoutError:
+        raise AssertionError("the socket outlived the revocation of its session") from None
+    assert code == 4401
+
+
 async def test_logout_racing_a_socket_open_still_closes_it(
     server: LiveServer, client: Client
 ) -> None:
-    """A logout landing while a socket's credentials are being checked still closes it with 4401."""
+    """A logout landing while a socket's credentials are being checked still closes it (4401)."""
     tokens = await client.user("atk_race_logout")
-    session_id = claims_of(tokens["access_token"])["sid"]
-    storage = server.services.storage
-    real = storage.session_active
-    delayed: list[str] = []
-
-    async def answer_late(sid: str, *args: Any) -> bool:
-        # The real read, then a pause before its (by then stale) answer is used:
-        # the window in which a revocation finds no socket to close.
-        active: bool = await real(sid, *args)
-        if sid == session_id and not delayed:
-            delayed.append(sid)
-            await asyncio.sleep(0.5)
-        return active
-
-    server.loop.call_soon_threadsafe(setattr, storage, "session_active", answer_late)  # type: ignore[union-attr]
-    try:
+    with SlowSessionCheck(server, claims_of(tokens["access_token"])["sid"]) as slow:
         opening = asyncio.ensure_future(
             client.connect("atk-race-logout", token=tokens["access_token"])
         )
-        while not delayed:
-            await asyncio.sleep(0.01)
+        await slow.holding()
         resp = await client.request("POST", "/api/logout", token=tokens["access_token"])
         assert resp.status == 204
-        sock = await opening
-        try:
-            code = await sock.closed(timeout=3)
-        except asyncio.TimeoutError:
-            raise AssertionError("the socket outlived the logout of its session") from None
-        assert code == 4401
-    finally:
-        server.loop.call_soon_threadsafe(delattr, storage, "session_active")  # type: ignore[union-attr]
+        await closed_4401_soon(await opening)
+
+
+async def test_logout_racing_a_reauth_still_closes_the_socket(
+    server: LiveServer, client: Client
+) -> None:
+    """A reauth whose new session is logged out during its check ends with the socket closed."""
+    first = await client.user("atk_race_reauth")
+    second = (await client.login("atk_race_reauth")).json
+    sock, _ = await client.join("atk-race-reauth", first["access_token"])
+    with SlowSessionCheck(server, claims_of(second["access_token"])["sid"]) as slow:
+        await sock.send({"type": "reauth", "token": second["access_token"]})
+        await slow.holding()
+        resp = await client.request("POST", "/api/logout", token=second["access_token"])
+        assert resp.status == 204
+        await closed_4401_soon(sock)
