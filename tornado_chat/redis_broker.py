@@ -286,7 +286,8 @@ class RedisBroker(Broker):
         self._pubsub: Any = None
         self._connected = False
         self._connected_once = asyncio.Event()
-        self._closing = False
+        self._closing = False  # close() began: refuse a second close
+        self._stopped = False  # the loops must end
         self._tasks: list[asyncio.Task[None]] = []
         self._shas: dict[str, str] = {}
 
@@ -365,10 +366,11 @@ class RedisBroker(Broker):
             # Leave at once rather than after the presence TTL.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._withdraw(), 2.0)
+        self._stopped = True
         tasks, self._tasks = list(self._tasks), []
         for task in tasks:
             task.cancel()
-        # Every loop also checks _closing: redis-py can swallow a cancellation
+        # Every loop also checks _stopped: redis-py can swallow a cancellation
         # that lands inside a read, so do not wait on the tasks forever.
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
@@ -571,7 +573,7 @@ class RedisBroker(Broker):
     async def _listen(self) -> None:
         """Own the pub/sub connection: subscribe, read, reconnect forever."""
         delay = RETRY_MIN
-        while not self._closing:
+        while not self._stopped:
             client = self._new_client()
             pubsub: Any = client.pubsub()
             try:
@@ -605,7 +607,7 @@ class RedisBroker(Broker):
         # A silent connection (a network partition sends no reset) is found by
         # pinging through it: no pong within three periods means it is dead.
         period = max(0.2, self._beat_every)
-        while not self._closing:
+        while not self._stopped:
             event = await pubsub.get_message(timeout=period)
             if event is None:
                 if self._connected and time.monotonic() - self._last_pong > 3 * period:
@@ -621,7 +623,7 @@ class RedisBroker(Broker):
 
     async def _sub_loop(self) -> None:
         """Send subscription changes on the live pub/sub connection, in order."""
-        while not self._closing:
+        while not self._stopped:
             await self._sub_wake.wait()
             self._sub_wake.clear()
             pubsub = self._pubsub
@@ -648,7 +650,7 @@ class RedisBroker(Broker):
 
     async def _send_loop(self) -> None:
         """Write queued publishes, presence and rate charges, pipelined."""
-        while not self._closing:
+        while not self._stopped:
             if not (self._outbox or self._dirty):
                 self._idle.set()
                 await self._wake.wait()
@@ -765,7 +767,7 @@ class RedisBroker(Broker):
     # -- presence --------------------------------------------------------------------------
 
     async def _beat_loop(self) -> None:
-        while not self._closing:
+        while not self._stopped:
             waiter = asyncio.ensure_future(self._beat_now.wait())
             try:
                 await asyncio.wait({waiter}, timeout=self._beat_every)
