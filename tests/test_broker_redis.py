@@ -8,6 +8,9 @@ presence logic is checked without any I/O.
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -22,6 +25,7 @@ from tornado_chat.config import Settings
 from tornado_chat.errors import ChatError, ConfigError
 from tornado_chat.hub import Hub
 from tornado_chat.limits import TokenBucket
+from tornado_chat.pki import ServerCertificate, ensure_server_certificate
 from tornado_chat.presence import ClusterPresence
 from tornado_chat.redis_broker import RedisBroker, parse_broker_url
 from tornado_chat.storage import StoredMessage
@@ -428,3 +432,91 @@ async def test_reconnect_after_restart_catches_up_and_resends() -> None:
         await a.broker.close()
         await b.broker.close()
         server.kill()
+
+
+# -- TLS to Redis -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_redis(server_cert: ServerCertificate) -> Iterator[int]:
+    """A private redis-server speaking only TLS, with the test CA's localhost certificate."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port", "0",
+            "--tls-port", str(port),
+            "--tls-cert-file", str(server_cert.cert_path),
+            "--tls-key-file", str(server_cert.key_path),
+            "--tls-ca-cert-file", str(server_cert.ca_cert_path),
+            "--tls-auth-clients", "no",
+            "--save", "",
+            "--appendonly", "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("redis-server with TLS did not start")
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def test_rediss_is_verified_against_the_ca(
+    tls_redis: int, server_cert: ServerCertificate
+) -> None:
+    """rediss:// with the CA that issued Redis's certificate connects and carries messages."""
+    url = f"rediss://localhost:{tls_redis}/0?ssl_ca_certs={server_cert.ca_cert_path}&prefix={unique_prefix()}"
+    a, b = Node(RedisBroker(url, node_id="ta")), Node(RedisBroker(url, node_id="tb"))
+    await a.broker.start()
+    await b.broker.start()
+    try:
+        await b.subscribed("lobby")
+        a.broker.publish_message(msg(1))
+        await until(lambda: len(b.messages) == 1)
+        await a.broker.ping()
+    finally:
+        await a.broker.close()
+        await b.broker.close()
+
+
+async def test_rediss_refuses_an_unknown_ca_and_a_wrong_host_name(
+    tls_redis: int, server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Another CA, or a name the certificate does not cover, fails start in one line."""
+    other = ensure_server_certificate(tmp_path_factory.mktemp("otherca"), ["localhost"])
+    cases = [
+        (f"rediss://localhost:{tls_redis}/0?ssl_ca_certs={other.ca_cert_path}", "localhost"),
+        # 127.0.0.2 reaches the same server (loopback) but is not on its certificate.
+        (f"rediss://127.0.0.2:{tls_redis}/0?ssl_ca_certs={server_cert.ca_cert_path}", "127.0.0.2"),
+    ]
+    for url, host in cases:
+        broker = RedisBroker(url)
+        with pytest.raises(ChatError) as info:
+            await broker.start()
+        text = str(info.value)
+        assert text.startswith(f"the broker at rediss://{host}:{tls_redis}/0 is unreachable: "), (
+            text
+        )
+        assert "certificate" in text.lower() or "ssl" in text.lower(), text
+        assert "\n" not in text
+
+
+@pytest.mark.parametrize("option", ["ssl_cert_reqs=none", "ssl_check_hostname=false"])
+def test_rediss_options_that_skip_verification_are_refused(option: str) -> None:
+    """URL options turning off certificate or host name checks are a one-line ConfigError."""
+    with pytest.raises(ConfigError) as info:
+        RedisBroker(f"rediss://localhost:6380/0?{option}")
+    assert str(info.value) == (
+        f"--broker: {option} would not verify Redis's certificate; TLS to Redis is always "
+        "verified (give ssl_ca_certs=FILE for a private CA)"
+    )

@@ -217,6 +217,13 @@ def parse_broker_url(url: str) -> RedisOptions:
                 ttl = math.nan
             if not 0.3 <= ttl <= 3600:
                 raise ConfigError("--broker: presence_ttl must be between 0.3 and 3600 seconds")
+        elif key in _WEAKENING and value.strip().lower() in _WEAKENING[key]:
+            # The project verifies every TLS connection (redis-py 5 would not
+            # check the host name of a rediss:// server unless told to).
+            raise ConfigError(
+                f"--broker: {key}={value} would not verify Redis's certificate; "
+                "TLS to Redis is always verified (give ssl_ca_certs=FILE for a private CA)"
+            )
         else:
             rest.append((key, value))
     clean = urlunsplit(parts._replace(query=urlencode(rest)))
@@ -228,6 +235,13 @@ def parse_broker_url(url: str) -> RedisOptions:
             host = f"[{host}]"
         display = f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path or '/0'}"
     return RedisOptions(url=clean, prefix=prefix, presence_ttl=ttl, display=display)
+
+
+# URL options that would turn off certificate or host name checks on rediss://.
+_WEAKENING = {
+    "ssl_cert_reqs": {"none", "optional", "0", "1", "cert_none", "cert_optional"},
+    "ssl_check_hostname": {"false", "no", "0", "off", "n", "f"},
+}
 
 
 def _describe(exc: BaseException) -> str:
@@ -307,6 +321,13 @@ class RedisBroker(Broker):
 
     # -- lifecycle -------------------------------------------------------------
 
+    def _tls(self) -> dict[str, Any]:
+        # rediss://: verify the certificate and the host name on every
+        # redis-py version (5.x does not check the name by default).
+        if self.options.url.startswith("rediss:"):
+            return {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+        return {}
+
     def _new_client(self) -> aioredis.Redis:
         # Our own loops reconnect and catch up; redis-py must not reconnect
         # behind our back (a silent pub/sub reconnect would skip the catch-up).
@@ -315,6 +336,7 @@ class RedisBroker(Broker):
             socket_connect_timeout=CONNECT_TIMEOUT,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
+            **self._tls(),
         )
 
     async def start(self) -> None:
@@ -330,6 +352,7 @@ class RedisBroker(Broker):
             socket_timeout=COMMAND_TIMEOUT,
             retry=Retry(NoBackoff(), 1),
             health_check_interval=0,
+            **self._tls(),
         )
         try:
             await asyncio.wait_for(self._client.ping(), CONNECT_TIMEOUT)
