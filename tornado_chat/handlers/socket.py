@@ -7,6 +7,7 @@ valid credentials is closed with 4401 before anything it sent is processed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -31,8 +32,6 @@ from tornado_chat.hub import Member
 from tornado_chat.protocol import ProtocolError, Reauth
 
 if TYPE_CHECKING:
-    from asyncio import Future
-
     from tornado_chat.app import Services
     from tornado_chat.config import Settings
     from tornado_chat.security import AccessClaims
@@ -40,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tornado_chat.socket")
 
 REPLAY_PAGE = 500
+# A replay is written in chunks of about this size, each once the previous one
+# has reached the kernel: it can be far larger than the outbox.
+REPLAY_CHUNK = 64 * 1024
 # RFC 6455 7.4.1: a text frame that is not UTF-8 fails the connection with 1007.
 CLOSE_INVALID_DATA = 1007
 # Room kept in the stream's write buffer beyond the outbox for Tornado's own
@@ -64,6 +66,12 @@ def normalize_origin(origin: str) -> str | None:
     return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
 
 
+def _log_failure(task: asyncio.Future[None]) -> None:
+    """Log what a socket's background task raised (it handles its own expected errors)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("socket task failed", exc_info=task.exception())
+
+
 class ChatWebSocketProtocol(tornado.websocket.WebSocketProtocol13):
     """Tornado's RFC 6455 protocol, telling the handler about closes it starts itself.
 
@@ -82,7 +90,7 @@ class ChatWebSocketProtocol(tornado.websocket.WebSocketProtocol13):
             self.handler.server_closing(code, reason)
         super().close(code, reason)
 
-    def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
+    def _handle_message(self, opcode: int, data: bytes) -> asyncio.Future[None] | None:
         # Compression is off (get_compression_options), so ``data`` is the
         # frame's payload as sent; ASCII needs no second look.
         if opcode == 0x1 and not self.client_terminated and not data.isascii():
@@ -113,6 +121,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self._closing_code: int | None = None
         self._opened = 0.0
         self._room = "-"
+        self._replay_task: asyncio.Future[None] | None = None
 
     # -- before the upgrade ---------------------------------------------------
 
@@ -151,6 +160,10 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         """Refused handshakes are one info line, never a traceback."""
         if isinstance(value, (BadRequest, Forbidden, ServiceUnavailable, tornado.web.HTTPError)):
             log.info("handshake refused %s: %s", request_summary(self), value)
+        elif isinstance(value, asyncio.CancelledError):
+            # Only the end of the event loop cancels a frame's handler: a
+            # frame that arrived during a graceful stop, after the 1001.
+            log.info("frame dropped at shutdown %s", request_summary(self))
         else:
             log.error("socket error %s", request_summary(self), exc_info=(typ, value, tb))
 
@@ -213,17 +226,31 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     async def open(self, room: str) -> None:
         """Authenticate, join the room, send welcome and any replay.
 
-        All of it within ``--handshake-timeout`` of the upgrade request: a
-        database that stalls must not keep half-open sockets around forever.
+        Joining is bounded by ``--handshake-timeout`` from the upgrade request:
+        a database that stalls must not keep half-open sockets around forever.
+        A replay is not: it runs beside the socket at the pace the client reads
+        it (Tornado reads no frame, not even a pong, until ``open()`` returns).
         """
         self._opened = time.monotonic()
         loop = tornado.ioloop.IOLoop.current()
         budget = max(0.0, self.chat_settings.handshake_timeout - self.request.request_time())
         deadline = loop.call_later(budget, self._handshake_expired)
         try:
-            await self._join(room)
+            joined = await self._join(room)
         finally:
             loop.remove_timeout(deadline)
+        if joined is None:
+            return
+        member, last_seq = joined
+        hub = self.services.hub
+        welcome = protocol.welcome_frame(room, member.username, last_seq, hub.online(room))
+        since = self._since
+        if since is None or since >= last_seq:
+            member.last_seq = last_seq
+            hub.start_member(member, [(0, welcome)])
+            return
+        self._replay_task = asyncio.ensure_future(self._replay(member, welcome, since, last_seq))
+        self._replay_task.add_done_callback(_log_failure)
 
     def _handshake_expired(self) -> None:
         log.warning(
@@ -237,7 +264,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     def _origin(self) -> str:
         return self.request.headers.get("Origin", "-")[:200]
 
-    async def _join(self, room: str) -> None:
+    async def _join(self, room: str) -> tuple[Member, int] | None:
+        """Authenticate and join the room; (member, the room's last seq) or None if closed."""
         self._room = room
         hub = self.services.hub
         try:
@@ -245,14 +273,14 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         except InvalidToken as exc:
             log.info("ws auth failure %s origin=%s: %s", request_summary(self), self._origin(), exc)
             self.close_with(protocol.CLOSE_UNAUTHORIZED, "authentication failed")
-            return
+            return None
         except StorageError as exc:
             log.warning("ws auth unavailable %s: %s", request_summary(self), exc)
             self.close_with(protocol.CLOSE_INTERNAL, "storage unavailable")
-            return
+            return None
         conn = self.ws_connection
         if conn is None or conn.is_closing():  # gone or timed out while we checked
-            return
+            return None
         limits = self.chat_settings
         if hub.sockets_of(claims.user_id) >= limits.max_sockets_per_user:
             log.warning(
@@ -262,7 +290,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 limits.max_sockets_per_user,
             )
             self.close_with(protocol.CLOSE_RATE_LIMITED, "too many sockets for this user")
-            return
+            return None
         # prepare() refused the upgrade when full, but handshakes authenticate
         # concurrently; this check and join() run in one turn, so it is exact.
         if hub.total >= limits.max_sockets:
@@ -273,7 +301,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 limits.max_sockets,
             )
             self.close_with(protocol.CLOSE_RATE_LIMITED, "server full; try again later")
-            return
+            return None
         self.claims = claims
         member = Member(self, room, claims.user_id, claims.username, claims.session_id)
         first = hub.join(member)
@@ -301,33 +329,15 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             if not await self.services.auth.still_active(claims):
                 log.info("ws auth failure %s: session revoked while opening", request_summary(self))
                 self.close_with(protocol.CLOSE_UNAUTHORIZED, "session revoked")
-                return
+                return None
             last_seq = await storage.last_seq(room)
-            replay = []
-            since = self._since
-            if since is not None:
-                cursor = since
-                while cursor < last_seq:
-                    page = await storage.messages(room, since=cursor, limit=REPLAY_PAGE)
-                    page = [m for m in page if m.seq <= last_seq]
-                    if not page:
-                        break
-                    replay.extend(page)
-                    cursor = page[-1].seq
         except StorageError as exc:
             log.warning("ws open failed user=%s room=%s: %s", claims.username, room, exc)
             self.close_with(protocol.CLOSE_INTERNAL, "storage unavailable")
-            return
+            return None
         if self.member is not member:  # closed while loading
-            return
+            return None
         hub.note_last_seq(room, last_seq)
-        member.last_seq = min(since, last_seq) if since is not None else last_seq
-        frames = [(0, protocol.welcome_frame(room, claims.username, last_seq, hub.online(room)))]
-        frames += [
-            (m.seq, protocol.message_frame(m, with_client_id=m.user == claims.username))
-            for m in replay
-        ]
-        hub.start_member(member, frames)
         if first:
             hub.broadcast(
                 room,
@@ -336,13 +346,79 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             )
         # The upgrade request's headers and body are not needed any more.
         self.request.body = b""
+        return member, last_seq
+
+    async def _replay(self, member: Member, welcome: bytes, since: int, last_seq: int) -> None:
+        """Send the welcome and the messages after ``since``, then release live frames.
+
+        Live frames wait in the member (the hub holds them) until the replay
+        is written; the replay itself goes straight to the stream a chunk at a
+        time, so a client that reconnects far behind is not closed with 4408
+        for a backlog bigger than its outbox.
+        """
+        hub = self.services.hub
+        room, username = member.room, member.username
+        if not await self._write_paced([welcome]):
+            return
+        cursor = since
+        while cursor < last_seq:
+            try:
+                page = await self.services.storage.messages(room, since=cursor, limit=REPLAY_PAGE)
+            except StorageError as exc:
+                log.warning("ws replay failed user=%s room=%s: %s", username, room, exc)
+                self.close_with(protocol.CLOSE_INTERNAL, "storage unavailable")
+                return
+            page = [m for m in page if m.seq <= last_seq]
+            if not page:
+                break
+            frames = [protocol.message_frame(m, with_client_id=m.user == username) for m in page]
+            if not await self._write_paced(frames):
+                return
+            cursor = page[-1].seq
+        if self.member is not member:
+            return
+        member.last_seq = cursor
+        hub.start_member(member, [])
+
+    async def _write_paced(self, frames: list[bytes]) -> bool:
+        """Write frames in chunks, each after the previous one drained; False once closed."""
+        chunk: list[bytes] = []
+        size = 0
+        for index, frame in enumerate(frames):
+            chunk.append(frame)
+            size += len(frame)
+            if size < REPLAY_CHUNK and index < len(frames) - 1:
+                continue
+            conn = self.ws_connection
+            if self.member is None or conn is None or conn.is_closing() or conn.stream is None:
+                return False
+            stream = conn.stream
+            stream.max_write_buffer_size = self.chat_settings.outbox_bytes
+            try:
+                written = stream.write(b"".join(chunk))
+            except StreamBufferFullError:
+                self.close_with(protocol.CLOSE_TOO_SLOW, "outbound queue overflowed")
+                return False
+            except StreamClosedError:
+                return False
+            finally:
+                if not stream.closed():
+                    stream.max_write_buffer_size = (
+                        self.chat_settings.outbox_bytes + CONTROL_HEADROOM
+                    )
+            chunk, size = [], 0
+            try:
+                await written
+            except StreamClosedError:
+                return False
+        return True
 
     # -- frames -------------------------------------------------------------------
 
     async def on_message(self, message: str | bytes) -> None:
         """Validate, rate-limit, store, fan out."""
         member = self.member
-        if member is None:
+        if member is None or self._closing_code is not None:
             return
         hub = self.services.hub
         try:
@@ -469,8 +545,14 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self.close_with(CLOSE_INVALID_DATA, "text frame is not valid UTF-8")
 
     def close_with(self, code: int, reason: str) -> None:
-        """Leave the room at once and close with ``code``."""
-        self._leave()
+        """Leave the room at once and close with ``code``.
+
+        With 1001 (the server stopping) the socket stays in the hub until
+        Tornado reports it closed: a graceful stop waits for the hub to empty
+        (ChatServer), so each 1001 reaches its client before the process ends.
+        """
+        if code != protocol.CLOSE_GOING_AWAY:
+            self._leave()
         conn = self.ws_connection
         if conn is None:
             return
