@@ -39,6 +39,7 @@ import servers
 import wsload
 
 KINDS = ("tornado_chat", "peer")
+PHASES = ("memory", "fanout", "saturation", "logins")
 PASSWORD = "bench-password-0123"
 ROOMS = 4
 CLIENTS = 200
@@ -193,6 +194,7 @@ class Bench:
             )
         self.fleet.call("close", [()] * WORKERS)
         time.sleep(1.0)
+        out["rss_after_close"] = self.server.rss()
         self.results["idle_memory"] = out
 
     def chat_clients(self) -> None:
@@ -212,6 +214,7 @@ class Bench:
         until = now + int((warm + duration) * 1e9)
         self.fleet.call("reset", [(since, until)] * WORKERS)
         cpu0, gen0, t0 = self.server.cpu(), self.fleet.cpu(), time.monotonic()
+        busy0 = servers.busy_cores_seconds()
         if deliveries_per_sec is not None:
             per_worker = deliveries_per_sec / members / WORKERS
             sends = self.fleet.call("open_loop", [(per_worker, warm + duration)] * WORKERS)
@@ -225,6 +228,7 @@ class Bench:
                 expected[room] = expected.get(room, 0) + n
         drains = self.fleet.call("drain", [(expected, self.plan["drain_s"])] * WORKERS)
         t1, cpu1, gen1 = time.monotonic(), self.server.cpu(), self.fleet.cpu()
+        busy1 = servers.busy_cores_seconds()
         received = sum(d["received"] for d in drains)
         lat = sorted(x for d in drains for x in array("q", d["lat_ns"]))
         sent = sum(expected.values())
@@ -248,6 +252,8 @@ class Bench:
             "server_cpu_us_per_delivery": 1e6 * (cpu1 - cpu0) / received if received else None,
             "server_cores": (cpu1 - cpu0) / (t1 - t0),
             "generator_cores": (gen1 - gen0) / (t1 - t0),
+            # Whatever else ran on the machine meanwhile (noise to judge the run by).
+            "other_cores": max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (gen1 - gen0)) / (t1 - t0),
             "late_max_s": max((s.get("late_max", 0.0) for s in sends), default=0.0),
             "latency_samples": len(lat),
             "p50_ms": (percentile(lat, 0.50) or 0) / 1e6 if lat else None,
@@ -260,7 +266,8 @@ class Bench:
             f" {result['server_cpu_us_per_delivery'] or 0:.1f} us CPU each,"
             f" p50 {result['p50_ms'] or 0:.1f} ms p99 {result['p99_ms'] or 0:.1f} ms,"
             f" lost {lost}, server {result['server_cores']:.2f} cores,"
-            f" generator {result['generator_cores']:.2f} cores"
+            f" generator {result['generator_cores']:.2f} cores,"
+            f" other {result['other_cores']:.2f} cores"
         )
         if lost or result["extra"] or result["dropped_sockets"]:
             self.log(
@@ -269,15 +276,6 @@ class Bench:
                 f" errors={result['error_samples']}"
             )
         return result
-
-    def fan_out(self) -> None:
-        """Fixed offered loads, then saturation."""
-        runs = [
-            self.chat_run(deliveries_per_sec=load, label=f"{load / 1000:g}k/s")
-            for load in self.plan["loads"]
-        ]
-        self.results["fixed_loads"] = runs
-        self.results["saturation"] = self.chat_run(deliveries_per_sec=None, label="saturation")
 
     def logins(self) -> None:
         """Login throughput at bcrypt cost 12 while chat runs at 8k deliveries/s."""
@@ -303,14 +301,23 @@ class Bench:
             f" {logins.get('failures')} failed)"
         )
 
-    def run_all(self) -> dict[str, Any]:
-        """Every phase, in an order where one cannot disturb the next."""
+    def run_all(self, phases: list[str]) -> dict[str, Any]:
+        """The chosen phases, in an order where one cannot disturb the next."""
         self.accounts()
         self.results["rss_start"] = self.server.rss()
-        self.idle_memory()
-        self.chat_clients()
-        self.fan_out()
-        self.logins()
+        if "memory" in phases:
+            self.idle_memory()
+        if {"fanout", "saturation", "logins"} & set(phases):
+            self.chat_clients()
+        if "fanout" in phases:
+            self.results["fixed_loads"] = [
+                self.chat_run(deliveries_per_sec=load, label=f"{load / 1000:g}k/s")
+                for load in self.plan["loads"]
+            ]
+        if "saturation" in phases:
+            self.results["saturation"] = self.chat_run(deliveries_per_sec=None, label="saturation")
+        if "logins" in phases:
+            self.logins()
         self.fleet.call("close", [()] * WORKERS)
         return self.results
 
@@ -540,7 +547,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "warm_s": 1.0,
         "run_s": 8.0,
         "drain_s": 20.0,
-        "saturation_window": 2,
+        "saturation_window": 8,
         "memory_counts": [1000, 5000],
         "connect_concurrency": 16,
         "settle_s": 3.0,
@@ -549,10 +556,10 @@ PLANS: dict[str, dict[str, Any]] = {
     "quick": {
         "loads": [8000, 30000],
         "warm_s": 1.0,
-        "run_s": 4.0,
+        "run_s": 3.0,
         "drain_s": 15.0,
-        "saturation_window": 2,
-        "memory_counts": [1000, 5000],
+        "saturation_window": 8,
+        "memory_counts": [1000],
         "connect_concurrency": 16,
         "settle_s": 2.0,
         "login_threads": 8,
@@ -577,18 +584,43 @@ def main(argv: list[str] | None = None) -> int:
         help="virtualenv for the peer's dependencies (created on first use)",
     )
     parser.add_argument(
-        "--plot-venv",
+        "--tools-venv",
         type=Path,
-        default=servers.BENCH_DIR / ".venv-plot",
-        help="virtualenv with matplotlib (created on first use)",
+        default=servers.BENCH_DIR / ".venv-tools",
+        help="virtualenv with matplotlib and py-spy (created on first use)",
+    )
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated subset of {','.join(PHASES)}",
+    )
+    parser.add_argument(
+        "--loads",
+        help="comma-separated offered loads in deliveries/s (overrides the plan's)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record each server with py-spy (raw collapsed stacks in --out)",
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument(
+        "--rev",
+        help="run tornado_chat from this git revision (e.g. HEAD) instead of the working tree",
+    )
     args = parser.parse_args(argv)
     kinds = [k for k in args.servers.split(",") if k]
     for k in kinds:
         if k not in KINDS:
             parser.error(f"unknown server {k!r}; choose from {', '.join(KINDS)}")
-    plan = PLANS["quick" if args.quick else "full"]
+    plan = dict(PLANS["quick" if args.quick else "full"])
+    if args.loads:
+        plan["loads"] = [int(x) for x in args.loads.split(",")]
+    phases = [p for p in args.phases.split(",") if p]
+    for p in phases:
+        if p not in PHASES:
+            parser.error(f"unknown phase {p!r}; choose from {', '.join(PHASES)}")
+    tools_bin = servers.ensure_venv(args.tools_venv, servers.TOOLS_REQUIREMENTS, "matplotlib")
     wsload.raise_fd_limit()
     started = time.monotonic()
 
@@ -599,14 +631,21 @@ def main(argv: list[str] | None = None) -> int:
         "plan": plan,
         "machine": info,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "loadavg_at_start": os.getloadavg(),
         "servers": {},
     }
     with tempfile.TemporaryDirectory(prefix="chat-bench-") as tmp:
         work = Path(tmp)
         certs = servers.mint_certificates(work / "ca")
+        source = servers.ROOT
+        if args.rev:
+            source = work / "src"
+            results["tornado_chat_commit"] = servers.export_source(args.rev, source)
+        else:
+            results["tornado_chat_commit"] = "working tree"
         for kind in kinds:
             if kind == "tornado_chat":
-                server = servers.tornado_chat_server(certs, work, sys.executable)
+                server = servers.tornado_chat_server(certs, work, sys.executable, source)
                 ready = "/healthz"
             else:
                 server = servers.peer_server(certs, work, peer_bin)
@@ -615,13 +654,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{kind}] starting on port {server.port}", file=sys.stderr, flush=True)
             with servers.running(server, certs.ca, ready):
                 bench = Bench(server, target, plan)
+                spy = None
+                if args.profile:
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    spy = subprocess.Popen(
+                        [
+                            str(tools_bin / "py-spy"),
+                            "record",
+                            "--pid",
+                            str(server.pid),
+                            "--format",
+                            "raw",
+                            "--rate",
+                            "200",
+                            # Only the thread holding the GIL: Python work, not waits.
+                            "--gil",
+                            "--output",
+                            str(args.out / f"profile-{kind}-{time.strftime('%H%M%S')}.txt"),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                    )
                 try:
-                    results["servers"][kind] = bench.run_all()
+                    results["servers"][kind] = bench.run_all(phases)
                 except Exception as exc:
                     print(f"[{kind}] FAILED: {exc}\n{server.log_tail()}", file=sys.stderr)
                     results["servers"][kind] = {"error": str(exc), **bench.results}
                 finally:
                     bench.close()
+                    if spy is not None:
+                        spy.send_signal(2)
+                        spy.wait(30)
                     results["servers"][kind]["server_log_tail"] = server.log_tail()
     rows = summarize(results["servers"])
     results["summary"] = rows
@@ -633,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     print(f"\nresults: {out_json} ({results['elapsed_s']:.0f}s)")
     if not args.no_plot:
-        plot_bin = servers.ensure_venv(args.plot_venv, servers.PLOT_REQUIREMENTS, "matplotlib")
+        plot_bin = tools_bin
         png = args.out / f"p99_latency-{stamp}.png"
         subprocess.run(
             [str(plot_bin / "python"), str(servers.BENCH_DIR / "plot.py"), str(out_json), str(png)],

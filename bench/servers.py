@@ -26,7 +26,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 PEER_DIR = ROOT.parent / "shared" / "peers" / "tutorial_fastapi"
 PEER_REQUIREMENTS = ["fastapi", "uvicorn[standard]", "pyjwt", "bcrypt", "sqlalchemy"]
-PLOT_REQUIREMENTS = ["matplotlib"]
+TOOLS_REQUIREMENTS = ["matplotlib", "py-spy"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -245,8 +245,44 @@ class Server:
             proc.wait(5)
 
 
-def tornado_chat_server(certs: Certificates, workdir: Path, python: str) -> Server:
-    """tornado_chat as shipped (bcrypt cost 12), with per-user limits lifted for the load."""
+def busy_cores_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (``/proc/stat``, all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def export_source(rev: str, dest: Path) -> str:
+    """Write the ``tornado_chat`` package of git revision ``rev`` into ``dest``.
+
+    Running a committed revision keeps a run reproducible while the working
+    tree is being edited. Returns the full commit id.
+    """
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", commit, "tornado_chat"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return commit
+
+
+def tornado_chat_server(
+    certs: Certificates, workdir: Path, python: str, source: Path = ROOT
+) -> Server:
+    """tornado_chat as shipped (bcrypt cost 12), with per-user limits lifted for the load.
+
+    ``source`` is the directory holding the ``tornado_chat`` package to run
+    (this checkout, or a revision exported by :func:`export_source`).
+    """
     port = free_port()
     data = workdir / "tornado_chat-data"
     argv = [
@@ -279,7 +315,9 @@ def tornado_chat_server(certs: Certificates, workdir: Path, python: str) -> Serv
         "warning",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    env["PYTHONPATH"] = str(ROOT)
+    # This checkout's package first; an outer PYTHONPATH (a sitecustomize for
+    # an experiment, say) still applies.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source), env.get("PYTHONPATH")) if p)
     return Server("tornado_chat", argv, env, workdir, port)
 
 
