@@ -7,19 +7,19 @@ valid credentials is closed with 4401 before anything it sent is processed.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import tornado.ioloop
 import tornado.web
 import tornado.websocket
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 
-from tornado_chat import protocol
+from tornado_chat import config, protocol
 from tornado_chat.errors import (
     BadRequest,
     Forbidden,
@@ -51,19 +51,15 @@ CONTROL_HEADROOM = 1024
 
 
 def normalize_origin(origin: str) -> str | None:
-    """``scheme://host[:port]`` in lower case without a default port, or None if malformed."""
+    """The canonical form of an ``Origin`` header, or None if it is not an origin.
+
+    The same function canonicalises ``--allowed-origins``, so both sides of
+    the comparison are spelled alike (case, default port, IDNA, brackets).
+    """
     try:
-        parts = urlsplit(origin.strip())
-        port = parts.port
-    except ValueError:
+        return config.normalize_origin(origin)
+    except argparse.ArgumentTypeError:
         return None
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        return None
-    host = parts.hostname.lower()
-    if ":" in host:
-        host = f"[{host}]"
-    default = 443 if parts.scheme == "https" else 80
-    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:
