@@ -8,6 +8,8 @@
   text frame, a frame header declaring a huge payload) or simply stop reading.
 - :func:`fresh_pg_database` creates and drops a scratch PostgreSQL database.
 - :func:`rss_bytes` reads a process's resident set size from ``/proc``.
+- :func:`start_server` runs ``python -m tornado_chat`` as a subprocess (the
+  process helper of tests/test_server.py) with the test certificate.
 """
 
 from __future__ import annotations
@@ -23,16 +25,25 @@ import ssl
 import struct
 import threading
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from sqlalchemy.engine import make_url
+
+from tests.test_server import ChatProcess, child_env
+
+if TYPE_CHECKING:
+    from tornado_chat.pki import ServerCertificate
 
 PG_ADMIN_URL = os.environ.get(
     "CHAT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+# Load generators are not the subject of the rate limit.
+NO_RATE_LIMIT = ("--rate-per-sec", "1000000", "--rate-burst", "1000000")
 
 
 def free_port() -> int:
@@ -50,6 +61,52 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class Endpoint:
+    """What tests.harness.Client needs to know about a server: where it is."""
+
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        """``https://localhost:PORT``."""
+        return f"https://localhost:{self.port}"
+
+    @property
+    def ws_base(self) -> str:
+        """``wss://localhost:PORT``."""
+        return f"wss://localhost:{self.port}"
+
+
+def start_server(
+    cert: ServerCertificate, data_dir: Path, *flags: str
+) -> tuple[ChatProcess, Endpoint]:
+    """Start ``python -m tornado_chat`` on a free port with the test certificate."""
+    process = ChatProcess(
+        [
+            "--port", "0",
+            "--certfile", str(cert.cert_path),
+            "--keyfile", str(cert.key_path),
+            "--data-dir", str(data_dir),
+            *flags,
+        ],
+        data_dir.parent,
+        env=child_env(),
+    ).start()  # fmt: skip
+    try:
+        port, _ = process.ports()
+    except BaseException:
+        process.stop()
+        raise
+    return process, Endpoint(port)
+
+
+def assert_clean_log(process: ChatProcess) -> None:
+    """No traceback and no ERROR line in the server's stderr."""
+    assert "Traceback" not in process.stderr, process.stderr
+    assert " ERROR " not in process.stderr, process.stderr
 
 
 # -- a TCP relay that can be cut ------------------------------------------------

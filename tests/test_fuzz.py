@@ -459,7 +459,9 @@ FRAMES = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def ws(fuzz_server: LiveServer, client_ssl: ssl.SSLContext, tokens: dict[str, Any]) -> RawWebSocket:
+def ws(
+    fuzz_server: LiveServer, client_ssl: ssl.SSLContext, tokens: dict[str, Any]
+) -> Iterator[RawWebSocket]:
     """One raw socket in a room of its own, welcomed."""
     sock = RawWebSocket(
         fuzz_server.port,
@@ -468,7 +470,10 @@ def ws(fuzz_server: LiveServer, client_ssl: ssl.SSLContext, tokens: dict[str, An
         subprotocols=["chat.v1", f"bearer.{tokens['fuzz_ws']['access_token']}"],
     )
     assert sock.recv_until("welcome")["user"] == "fuzz_ws"
-    return sock
+    yield sock
+    sock.send_close()
+    assert sock.closed() == 1000
+    sock.close()
 
 
 @settings(FUZZ, max_examples=300)

@@ -24,60 +24,19 @@ import pytest
 from tornado.websocket import WebSocketClosedError
 
 from tests.harness import Client, Socket
-from tests.netfault import OP_CLOSE, OP_TEXT, RawWebSocket, rss_bytes
-from tests.test_server import ChatProcess, child_env
+from tests.netfault import (
+    NO_RATE_LIMIT,
+    OP_CLOSE,
+    OP_TEXT,
+    RawWebSocket,
+    assert_clean_log,
+    rss_bytes,
+    start_server,
+)
 from tornado_chat.pki import ServerCertificate
 from tornado_chat.storage import Storage, StoredMessage
 
 MiB = 1024 * 1024
-# Senders here are load generators, not the subject of the rate limit.
-NO_RATE_LIMIT = ("--rate-per-sec", "1000000", "--rate-burst", "1000000")
-
-
-@dataclass
-class Endpoint:
-    """What tests.harness.Client needs to know about a server: where it is."""
-
-    port: int
-
-    @property
-    def base_url(self) -> str:
-        """``https://localhost:PORT``."""
-        return f"https://localhost:{self.port}"
-
-    @property
-    def ws_base(self) -> str:
-        """``wss://localhost:PORT``."""
-        return f"wss://localhost:{self.port}"
-
-
-def start_server(
-    cert: ServerCertificate, data_dir: Path, *flags: str
-) -> tuple[ChatProcess, Endpoint]:
-    """Start ``python -m tornado_chat`` on a free port with the test certificate."""
-    process = ChatProcess(
-        [
-            "--port", "0",
-            "--certfile", str(cert.cert_path),
-            "--keyfile", str(cert.key_path),
-            "--data-dir", str(data_dir),
-            *flags,
-        ],
-        data_dir.parent,
-        env=child_env(),
-    ).start()  # fmt: skip
-    try:
-        port, _ = process.ports()
-    except BaseException:
-        process.stop()
-        raise
-    return process, Endpoint(port)
-
-
-def assert_clean_log(process: ChatProcess) -> None:
-    """No traceback and no ERROR line in the server's stderr."""
-    assert "Traceback" not in process.stderr, process.stderr
-    assert " ERROR " not in process.stderr, process.stderr
 
 
 def assert_in_order(seqs: Sequence[int]) -> None:
