@@ -153,12 +153,13 @@ async def _until_ready(client: Client, status: int, timeout: float) -> None:
     raise AssertionError(f"/readyz stayed {seen}, expected {status}")
 
 
-async def _collect(sock: Socket, n: int, sink: list[dict[str, Any]], timeout: float) -> None:
+async def _collect(
+    sock: Socket, n: int, sink: list[dict[str, Any]], others: list[dict[str, Any]], timeout: float
+) -> None:
     while len(sink) < n:
         frame = await sock.recv(timeout)
         assert frame is not None, f"socket closed ({sock.close_code})"
-        if frame["type"] == "message":
-            sink.append(frame)
+        (sink if frame["type"] == "message" else others).append(frame)
 
 
 async def test_redis_restart_mid_storm_loses_nothing(
@@ -187,8 +188,9 @@ async def test_redis_restart_mid_storm_loses_nothing(
 
         total = SENDERS * PER_SENDER
         inboxes: list[list[dict[str, Any]]] = [[] for _ in socks]
+        other_frames: list[dict[str, Any]] = []
         readers = [
-            asyncio.ensure_future(_collect(s, total, box, 30))
+            asyncio.ensure_future(_collect(s, total, box, other_frames, 30))
             for s, box in zip(socks, inboxes, strict=True)
         ]
 
@@ -222,6 +224,8 @@ async def test_redis_restart_mid_storm_loses_nothing(
         for n in names:
             mine = [int(m["body"].split()[1]) for m in inboxes[0] if m["user"] == n]
             assert mine == list(range(PER_SENDER))
+        # Nobody left: Redis coming back empty made no presence flap.
+        assert [f for f in other_frames if f.get("event") == "leave"] == []
         # The quiet room's message reached B by the reconnect's catch-up alone.
         quiet = await quiet_b.recv_type("message", timeout=10)
         assert quiet["body"] == "said while Redis was down"

@@ -82,6 +82,7 @@ class ClusterPresence:
         state: Mapping[str, Mapping[str, Entry]],
         *,
         room: str | None = None,
+        prune: bool = True,
     ) -> set[str]:
         """Merge the live nodes' full state, read at Redis time ``stamp``.
 
@@ -89,6 +90,9 @@ class ClusterPresence:
             stamp: when the snapshot was read.
             state: node -> room -> entry, for every live node (this one ignored).
             room: the snapshot covers only this room (the others are kept).
+            prune: drop what the snapshot lacks. Off right after Redis came
+                back empty: the other nodes have not written their state
+                again yet, and their users must not flap out and back in.
 
         Returns:
             The rooms whose remote online set changed.
@@ -104,7 +108,7 @@ class ClusterPresence:
                 if old is None or old[0] <= entry[0]:
                     self._rooms.setdefault(name, {})[node] = entry
                     touched.add(name)
-        names = [room] if room is not None else list(self._rooms)
+        names = [] if not prune else [room] if room is not None else list(self._rooms)
         for name in names:
             entries = self._rooms.get(name, {})
             for node, (when, users) in list(entries.items()):

@@ -106,15 +106,18 @@ return stamp
 """
 )
 
-# KEYS: nodes zset, node hash. ARGV: node id, ttl ms, node key prefix.
-# Returns {stamp, own room count, node, {room, value, ...}, node, ...}.
+# KEYS: nodes zset, node hash, epoch key. ARGV: node id, ttl ms, node key prefix.
+# Returns {stamp, own room count, fresh, node, {room, value, ...}, node, ...};
+# fresh is 1 when the epoch key was missing: Redis lost its data (a restart
+# without persistence) or this is the deployment's first node.
 HEARTBEAT_LUA = (
     _CLOCK
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-local out = {stamp, redis.call('HLEN', KEYS[2])}
+local fresh = redis.call('SET', KEYS[3], stamp, 'NX') and 1 or 0
+local out = {stamp, redis.call('HLEN', KEYS[2]), fresh}
 for _, node in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if node ~= ARGV[1] then
     out[#out + 1] = node
@@ -292,6 +295,7 @@ class RedisBroker(Broker):
         self._k_nodes = f"{prefix}:nodes"
         self._node_prefix = f"{prefix}:node:"
         self._k_node = self._node_prefix + self.node_id
+        self._k_epoch = f"{prefix}:epoch"
         self._room_prefix = f"{prefix}:room:"
         self._ch_revoke = f"{prefix}:revoke".encode()
         self._rate_prefix = f"{prefix}:rate:"
@@ -318,6 +322,9 @@ class RedisBroker(Broker):
         self._unsent_revokes: list[str] = []
         self._last_pong = 0.0
         self._warned_send = False
+        # Until then, snapshots only add: after a reconnect Redis may have
+        # restarted empty, and the other nodes need a moment to write again.
+        self._lenient_until = 0.0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -570,6 +577,7 @@ class RedisBroker(Broker):
         self._connected_once.set()
         self._last_pong = time.monotonic()
         if again:
+            self._lenient_until = time.monotonic() + self.options.presence_ttl
             log.info(
                 "broker: reconnected to %s; catching up %d rooms",
                 self.options.display,
@@ -808,12 +816,16 @@ class RedisBroker(Broker):
         """Refresh this node, drop dead ones, and merge everyone's presence."""
         reply = await self._script(
             "heartbeat",
-            [self._k_nodes, self._k_node],
+            [self._k_nodes, self._k_node, self._k_epoch],
             [self.node_id, self._ttl_ms, self._node_prefix],
         )
-        stamp, own = int(_text(reply[0])), int(reply[1])
+        stamp, own, fresh = int(_text(reply[0])), int(reply[1]), int(reply[2])
+        if fresh:
+            # Redis came back empty: the other nodes are writing their state
+            # again; until they have, a missing node is not a dead one.
+            self._lenient_until = time.monotonic() + self.options.presence_ttl
         state: dict[str, dict[str, Entry]] = {}
-        for i in range(2, len(reply) - 1, 2):
+        for i in range(3, len(reply) - 1, 2):
             node = _text(reply[i])
             flat = reply[i + 1]
             rooms: dict[str, Entry] = {}
@@ -822,14 +834,19 @@ class RedisBroker(Broker):
                 if entry is not None:
                     rooms[_text(flat[j])] = entry
             state[node] = rooms
-        for room in self.presence.snapshot(stamp, state):
+        for room in self.presence.snapshot(stamp, state, prune=self._may_prune()):
             self._tell_presence(room)
-        if own != len(self._local) and not self._dirty:
+        if (fresh or own != len(self._local)) and not self._dirty:
             # Our hash does not match (Redis restarted, or it expired while
             # this process was stalled): write every room again.
             for room, users in self._local.items():
                 self._dirty[room] = users
             self._wake.set()
+
+    def _may_prune(self) -> bool:
+        # Only a connected node outside the window after a reconnect or a
+        # Redis restart may conclude that a node missing from Redis is gone.
+        return self._connected and time.monotonic() >= self._lenient_until
 
     async def _room_snapshot(self, room: str) -> None:
         try:
@@ -845,7 +862,8 @@ class RedisBroker(Broker):
             entry = _parse_entry(reply[i + 1])
             if entry is not None:
                 state[_text(reply[i])] = {room: entry}
-        for changed in self.presence.snapshot(stamp, state, room=room):
+        prune = self._may_prune()
+        for changed in self.presence.snapshot(stamp, state, room=room, prune=prune):
             self._tell_presence(changed)
 
     def _spawn(self, coro: Any) -> None:
