@@ -533,3 +533,49 @@ def test_rediss_options_that_skip_verification_are_refused(option: str) -> None:
         f"--broker: {option} would not verify Redis's certificate; TLS to Redis is always "
         "verified (give ssl_ca_certs=FILE for a private CA)"
     )
+
+
+# -- ACL ------------------------------------------------------------------------------------------
+
+# The ACL that docs/deploy.md gives the broker's Redis user.
+DOC_ACL = [
+    "~chat-prod:*", "&chat-prod:*",
+    "+@pubsub", "+@scripting", "+@read", "+@write", "+@keyspace", "+@connection", "+time",
+]  # fmt: skip
+
+
+async def test_documented_acl_is_enough_and_a_missing_right_is_named() -> None:
+    """The ACL in docs/deploy.md runs everything; one without +time fails start in one line."""
+    server = RedisServer(_free_port()).start()
+    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    try:
+        admin.acl_setuser("chat", enabled=True, passwords=["+pw-123456"], reset=True)
+        admin.execute_command("ACL", "SETUSER", "chat", *DOC_ACL)
+        admin.execute_command("ACL", "SETUSER", "narrow", "on", ">pw-123456", *DOC_ACL[:-1])
+        url = f"redis://chat:pw-123456@127.0.0.1:{server.port}/0?prefix=chat-prod&presence_ttl=1"
+        a, b = Node(RedisBroker(url, node_id="aa")), Node(RedisBroker(url, node_id="ab"))
+        await a.broker.start()
+        await b.broker.start()
+        try:
+            await b.subscribed("lobby")
+            a.broker.subscribe_room("lobby")
+            a.broker.set_local_presence("lobby", frozenset({"alice"}))
+            bucket = a.broker.make_bucket(1, 1.0, 5)
+            assert bucket.take()
+            a.broker.publish_message(msg(1))
+            a.broker.publish_revoke("s1")
+            await until(lambda: b.messages and b.revoked and b.broker.presence.online("lobby"))
+            await until(lambda: bucket.in_flight == 0)
+            assert admin.hget("chat-prod:rate:1", "tokens") is not None  # the charge ran
+        finally:
+            await a.broker.close()
+            await b.broker.close()
+        narrow = RedisBroker(url.replace("chat:", "narrow:"))
+        with pytest.raises(ChatError) as info:
+            await narrow.start()
+        assert str(info.value).startswith(
+            f"the broker at redis://127.0.0.1:{server.port}/0 refused a command: ResponseError: "
+        )
+    finally:
+        admin.close()
+        server.kill()

@@ -52,7 +52,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tornado_chat.broker import Broker, SharedTokenBucket
 from tornado_chat.errors import ChatError, ConfigError
@@ -252,6 +254,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _is_network(exc: BaseException) -> bool:
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError))
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -368,7 +374,10 @@ class RedisBroker(Broker):
         except Exception as exc:  # noqa: BLE001 - any failure means the broker is unusable
             await self._client.aclose()
             self._client = None
-            raise ChatError(f"the broker at {display} is unreachable: {_describe(exc)}") from None
+            # A refused command (an ACL without +time, say) is not a network
+            # problem: say which it is.
+            what = "is unreachable" if _is_network(exc) else "refused a command"
+            raise ChatError(f"the broker at {display} {what}: {_describe(exc)}") from None
         loop = asyncio.get_running_loop()
         for coro in (self._listen(), self._send_loop(), self._sub_loop(), self._beat_loop()):
             self._tasks.append(loop.create_task(coro))
