@@ -559,10 +559,14 @@ async def test_processes_share_one_port_and_deliver_across_workers(
                     break
             assert len(holders) == 2, holders
             await socks[0].say("across workers")
+            first = await read_messages(socks[0], 1)
             await socks[-1].say("and back")
-            for sock in socks:
+            rest = await read_messages(socks[0], 1)
+            assert [m["body"] for m in first + rest] == ["across workers", "and back"]
+            for sock in socks[1:]:
                 got = await read_messages(sock, 2)
                 assert [m["body"] for m in got] == ["across workers", "and back"]
+                assert [m["seq"] for m in got] == [first[0]["seq"], rest[0]["seq"]]
             process.send(signal.SIGTERM)
             code = await asyncio.to_thread(process.wait, 30)
             assert code == 0, process.stderr
