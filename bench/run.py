@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import platform
+import signal
 import ssl
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -301,25 +303,60 @@ class Bench:
             f" {logins.get('failures')} failed)"
         )
 
-    def run_all(self, phases: list[str]) -> dict[str, Any]:
-        """The chosen phases, in an order where one cannot disturb the next."""
-        self.accounts()
-        self.results["rss_start"] = self.server.rss()
-        if "memory" in phases:
-            self.idle_memory()
-        if {"fanout", "saturation", "logins"} & set(phases):
-            self.chat_clients()
-        if "fanout" in phases:
-            self.results["fixed_loads"] = [
-                self.chat_run(deliveries_per_sec=load, label=f"{load / 1000:g}k/s")
-                for load in self.plan["loads"]
-            ]
-        if "saturation" in phases:
-            self.results["saturation"] = self.chat_run(deliveries_per_sec=None, label="saturation")
-        if "logins" in phases:
-            self.logins()
-        self.fleet.call("close", [()] * WORKERS)
-        return self.results
+    def step(self, name: str, fn: Callable[[], None]) -> None:
+        """Run one step unless an earlier one failed; record a failure instead of raising."""
+        if "error" in self.results:
+            return
+        try:
+            fn()
+        except Exception as exc:
+            self.log(f"FAILED in {name}: {exc}\n{self.server.log_tail()}")
+            self.results["error"] = f"{name}: {exc}"
+
+
+def run_interleaved(benches: list[Bench], phases: list[str]) -> None:
+    """Every chosen phase, step by step, on each server in turn.
+
+    Both servers run for the whole benchmark but only one is loaded at a time.
+    Taking turns at every step (and swapping who goes first) spreads whatever
+    else the machine is doing over both, instead of over one server's whole
+    run; an idle server costs the other next to nothing.
+    """
+    turn = 0
+
+    def each(name: str, fn: Callable[[Bench], None]) -> None:
+        nonlocal turn
+        order = benches if turn % 2 == 0 else benches[::-1]
+        turn += 1
+        for b in order:
+            b.step(name, lambda b=b: fn(b))
+
+    each("accounts", lambda b: b.accounts())
+    for b in benches:
+        b.results["rss_start"] = b.server.rss()
+    if "memory" in phases:
+        each("memory", lambda b: b.idle_memory())
+    if {"fanout", "saturation", "logins"} & set(phases):
+        each("chat clients", lambda b: b.chat_clients())
+    if "fanout" in phases:
+        for load in benches[0].plan["loads"]:
+            each(
+                f"{load}/s",
+                lambda b, load=load: b.results.setdefault("fixed_loads", []).append(
+                    b.chat_run(deliveries_per_sec=load, label=f"{load / 1000:g}k/s")
+                ),
+            )
+    if "saturation" in phases:
+        each(
+            "saturation",
+            lambda b: b.results.__setitem__(
+                "saturation", b.chat_run(deliveries_per_sec=None, label="saturation")
+            ),
+        )
+    if "logins" in phases:
+        each("logins", lambda b: b.logins())
+    for b in benches:
+        b.step("close", lambda b=b: b.fleet.call("close", [()] * WORKERS))
 
 
 # -- the whole run -----------------------------------------------------------------------
@@ -643,18 +680,21 @@ def main(argv: list[str] | None = None) -> int:
             results["tornado_chat_commit"] = servers.export_source(args.rev, source)
         else:
             results["tornado_chat_commit"] = "working tree"
-        for kind in kinds:
-            if kind == "tornado_chat":
-                server = servers.tornado_chat_server(certs, work, sys.executable, source)
-                ready = "/healthz"
-            else:
-                server = servers.peer_server(certs, work, peer_bin)
-                ready = "/docs"
-            target = wsload.Target(kind, server.port, str(certs.ca))
-            print(f"[{kind}] starting on port {server.port}", file=sys.stderr, flush=True)
-            with servers.running(server, certs.ca, ready):
+        with contextlib.ExitStack() as stack:
+            benches: list[Bench] = []
+            for kind in kinds:
+                if kind == "tornado_chat":
+                    server = servers.tornado_chat_server(certs, work, sys.executable, source)
+                    ready = "/healthz"
+                else:
+                    server = servers.peer_server(certs, work, peer_bin)
+                    ready = "/docs"
+                target = wsload.Target(kind, server.port, str(certs.ca))
+                print(f"[{kind}] starting on port {server.port}", file=sys.stderr, flush=True)
+                stack.enter_context(servers.running(server, certs.ca, ready))
                 bench = Bench(server, target, plan)
-                spy = None
+                stack.callback(bench.close)
+                benches.append(bench)
                 if args.profile:
                     args.out.mkdir(parents=True, exist_ok=True)
                     spy = subprocess.Popen(
@@ -674,17 +714,12 @@ def main(argv: list[str] | None = None) -> int:
                         ],
                         stdout=subprocess.DEVNULL,
                     )
-                try:
-                    results["servers"][kind] = bench.run_all(phases)
-                except Exception as exc:
-                    print(f"[{kind}] FAILED: {exc}\n{server.log_tail()}", file=sys.stderr)
-                    results["servers"][kind] = {"error": str(exc), **bench.results}
-                finally:
-                    bench.close()
-                    if spy is not None:
-                        spy.send_signal(2)
-                        spy.wait(30)
-                    results["servers"][kind]["server_log_tail"] = server.log_tail()
+                    stack.callback(spy.wait, 30)
+                    stack.callback(spy.send_signal, signal.SIGINT)
+            run_interleaved(benches, phases)
+            for bench in benches:
+                bench.results["server_log_tail"] = bench.server.log_tail()
+                results["servers"][bench.server.kind] = bench.results
     rows = summarize(results["servers"])
     results["summary"] = rows
     results["elapsed_s"] = time.monotonic() - started
