@@ -46,6 +46,7 @@ setup(
         "console_scripts": [
             "tornado-chat=tornado_chat.__main__:main",
             "mkcerts=tornado_chat.pki.cli:main",
+            "tornado-chat-keys=tornado_chat.keys:main",
         ],
     },
     classifiers=[
