@@ -326,6 +326,19 @@ async def test_published_message_reaches_other_nodes_not_its_own(pair: tuple[Nod
     assert a.messages == []
 
 
+async def test_full_outbox_keeps_each_rooms_latest_and_sends_it_later(
+    pair: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the outbox bound only a room's latest message is kept, and sent once Redis keeps up
+    (the receiving hub fills the skipped seqs from the database when the latest arrives)."""
+    a, b = pair
+    await b.subscribed("lobby")
+    monkeypatch.setattr("tornado_chat.redis_broker.MAX_OUTBOX", 2)
+    for seq in range(1, 6):
+        a.broker.publish_message(msg(seq))
+    await until(lambda: [m.seq for m in b.messages] == [1, 2, 5])
+
+
 async def test_only_rooms_with_members_are_subscribed(pair: tuple[Node, Node], prefix: str) -> None:
     """Redis lists a room channel only while some node wants it; other rooms' messages stay away."""
     a, b = pair

@@ -705,6 +705,11 @@ class RedisBroker(Broker):
             dirty, self._dirty = self._dirty, {}
             try:
                 await self._send(batch, dirty)
+                if self._unsent and not self._outbox:
+                    # Dropped while the outbox was full: Redis keeps up again.
+                    unsent, self._unsent = self._unsent, {}
+                    for msg in unsent.values():
+                        self.publish_message(msg)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis went away mid-batch
