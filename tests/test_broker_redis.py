@@ -76,6 +76,18 @@ def test_default_broker_is_local_and_redis_only_when_asked() -> None:
     assert isinstance(make_broker(Settings(broker="redis://127.0.0.1:1/0")), RedisBroker)
 
 
+def test_broker_with_sqlite_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """A Redis broker over a SQLite database is allowed (one process) but warned about."""
+    make_broker(Settings(broker="redis://127.0.0.1:1/0"))
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "--broker with a SQLite database: only this process can use it; nodes that share "
+        "a broker must share one PostgreSQL database (--db)"
+    ]
+    caplog.clear()
+    make_broker(Settings(broker="redis://127.0.0.1:1/0", db="postgresql+asyncpg://h/db"))
+    assert not caplog.records
+
+
 # -- presence without I/O -----------------------------------------------------------------
 
 

@@ -51,6 +51,7 @@ from tornado_chat.writer import MessageWriter
 
 STATIC_DIR = Path(__file__).parent / "static"
 access_log = logging.getLogger("tornado.access")
+log = logging.getLogger("tornado_chat.app")
 
 
 @dataclass
@@ -183,6 +184,13 @@ def make_broker(settings: Settings) -> Broker:
     """
     if not settings.broker:
         return LocalBroker()
+    if settings.uses_sqlite:
+        # Nodes sharing a broker must share the database that numbers each
+        # room's messages; two SQLite files would hand out the same seq twice.
+        log.warning(
+            "--broker with a SQLite database: only this process can use it; nodes "
+            "that share a broker must share one PostgreSQL database (--db)"
+        )
     # Imported here: a single-process server never loads the Redis client.
     from tornado_chat.redis_broker import RedisBroker
 
