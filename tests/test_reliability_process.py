@@ -155,7 +155,11 @@ async def test_stalled_client_closed_4408_memory_bounded_others_unaffected(
     finally:
         client.close()
         process.stop()
-    assert "slow consumer closed user=staller addr=127.0.0.1" in process.stderr
+    assert re.search(
+        r"slow consumer closed user=staller room=busy addr=127\.0\.0\.1 "
+        r"\(outbox over 1048576 bytes\)",
+        process.stderr,
+    )
     assert_clean_log(process)
 
 

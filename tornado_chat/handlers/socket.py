@@ -555,9 +555,11 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self._closing_code = code
         if code == protocol.CLOSE_TOO_SLOW:
             log.warning(
-                "slow consumer closed user=%s addr=%s",
+                "slow consumer closed user=%s room=%s addr=%s (outbox over %d bytes)",
                 self.claims.username if self.claims else "-",
+                self._room,
                 self.request.remote_ip,
+                self.chat_settings.outbox_bytes,
             )
         # Let the close frame queue behind the full buffer.
         if conn.stream is not None:
