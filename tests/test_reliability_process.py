@@ -47,19 +47,34 @@ def assert_in_order(seqs: Sequence[int]) -> None:
 # -- a client that stops reading ---------------------------------------------------------
 
 
-async def chat_round(socks: Sequence[Socket], per_socket: int, body: str) -> list[int]:
-    """Every socket sends ``per_socket`` messages while all read everything; the seqs seen."""
-    total = per_socket * len(socks)
+async def chat_round(
+    socks: Sequence[Socket], per_socket: int, body: str, window: int = 8
+) -> list[int]:
+    """Every socket sends ``per_socket`` messages while all read everything; the seqs seen.
 
-    async def send(sock: Socket, n: int) -> None:
+    A sender runs at most ``window`` messages ahead of its own echoes, so the
+    talkers (one process, on a machine that may be busy) never become slow
+    consumers themselves.
+    """
+    total = per_socket * len(socks)
+    credit = [asyncio.Semaphore(window) for _ in socks]
+
+    async def send(n: int, sock: Socket) -> None:
         for i in range(per_socket):
+            await credit[n].acquire()
             await sock.say(body, client_id=f"{n}-{i}")
 
-    async def read(sock: Socket) -> list[int]:
-        return [m["seq"] for m in await sock.messages(total, timeout=60)]
+    async def read(n: int, sock: Socket) -> list[int]:
+        seqs = []
+        while len(seqs) < total:
+            frame = await sock.recv_type("message", timeout=60)
+            seqs.append(frame["seq"])
+            if "client_id" in frame:  # only the sender's own copy carries it
+                credit[n].release()
+        return seqs
 
     results = await asyncio.gather(
-        *(read(s) for s in socks), *(send(s, n) for n, s in enumerate(socks))
+        *(read(n, s) for n, s in enumerate(socks)), *(send(n, s) for n, s in enumerate(socks))
     )
     seen: list[list[int]] = list(results[: len(socks)])
     for seqs in seen:
