@@ -163,6 +163,7 @@ async def create_services(settings: Settings) -> Services:
         executor=executor,
     )
     broker.message_listeners.append(hub.deliver)
+    broker.revoke_listeners.append(auth.forget_session)
     broker.revoke_listeners.append(services.close_session)
     broker.presence_listeners.append(hub.set_remote)
     broker.catch_up_listeners.append(hub.catch_up)

@@ -86,6 +86,18 @@ RELOAD_INTERVAL = 1.0
 BCRYPT_MAX_BYTES = 72
 MIN_PASSWORD_CHARS = 8
 MAX_TICKET_TTL = 30
+# How long this node may trust a positive session check without asking the
+# database again (AuthService's session cache). Every revocation made on this
+# node and every one announced by the broker drops the entry at once, and so
+# does a user deletion made through this process's Storage; the bound only
+# matters when such news cannot arrive: a revocation whose broker notification
+# was lost, a deletion made on another node or straight in the database, a
+# refresh family reaching its expiry. A few seconds keeps that window short
+# while a burst of socket opens and API calls of one session (and the re-check
+# after joining) reads the database once. Stated in SECURITY.md (known limits).
+SESSION_CACHE_TTL = 2.0
+# At most this many sessions are cached per node (bounded memory).
+SESSION_CACHE_MAX = 10_000
 
 REFRESH_PREFIX = "rt_"
 TICKET_PREFIX = "wst_"
@@ -1007,12 +1019,53 @@ class AuthService:
         self._ticket_ttl = ticket_ttl
         self._clock = clock
         self._listeners: list[RevokeListener] = []
+        # session id -> (user id, wall-clock and monotonic times it is trusted
+        # until); see SESSION_CACHE_TTL. Only positive answers are kept.
+        self._active_sessions: dict[str, tuple[int, float, float]] = {}
+        # Bumped by every invalidation: a database answer that was in flight
+        # when a revocation arrived may predate it and must not be cached
+        # (that would undo the re-check after a socket joins).
+        self._session_epoch = 0
+        storage.add_user_deleted_listener(self.forget_user)
+
+    def forget_session(self, session_id: str) -> None:
+        """Drop what this node knows of a session (it was revoked here or elsewhere)."""
+        self._session_epoch += 1
+        self._active_sessions.pop(session_id, None)
+
+    def forget_user(self, _user_id: int) -> None:
+        """Drop every cached session (a user was deleted; rare, so keep it simple)."""
+        self._session_epoch += 1
+        self._active_sessions.clear()
+
+    async def _session_active(self, session_id: str, user_id: int) -> bool:
+        """Storage.session_active, answered from the node's cache when fresh."""
+        now = self._clock()
+        cached = self._active_sessions.get(session_id)
+        if cached is not None:
+            owner, wall_until, mono_until = cached
+            if owner == user_id and now < wall_until and time.monotonic() < mono_until:
+                return True
+            del self._active_sessions[session_id]
+        epoch = self._session_epoch
+        active = await self._storage.session_active(session_id, user_id, now)
+        if active and epoch == self._session_epoch:
+            cache = self._active_sessions
+            if len(cache) >= SESSION_CACHE_MAX:
+                del cache[next(iter(cache))]  # the oldest entry
+            cache[session_id] = (
+                user_id,
+                now + SESSION_CACHE_TTL,
+                time.monotonic() + SESSION_CACHE_TTL,
+            )
+        return active
 
     def add_revoke_listener(self, listener: RevokeListener) -> None:
         """Call ``listener(session_id)`` whenever a session is revoked here."""
         self._listeners.append(listener)
 
     def _notify_revoked(self, session_id: str) -> None:
+        self.forget_session(session_id)
         for listener in list(self._listeners):
             try:
                 listener(session_id)
@@ -1135,9 +1188,7 @@ class AuthService:
             StorageError: the database failed.
         """
         claims = self._tokens.verify_access(access_token)
-        active = await self._storage.session_active(
-            claims.session_id, claims.user_id, self._clock()
-        )
+        active = await self._session_active(claims.session_id, claims.user_id)
         if not active:
             raise InvalidToken("session revoked or expired")
         return claims
@@ -1152,7 +1203,7 @@ class AuthService:
         Raises:
             StorageError: the database failed.
         """
-        return await self._storage.session_active(claims.session_id, claims.user_id, self._clock())
+        return await self._session_active(claims.session_id, claims.user_id)
 
     async def issue_ticket(self, claims: AccessClaims) -> tuple[str, int]:
         """A one-time ws ticket for the holder of ``claims``.

@@ -609,6 +609,7 @@ class Storage:
         # writers of other processes.
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if self._is_sqlite else None
         self._read_lock: asyncio.Lock | None = self._write_lock if serialize_all else None
+        self._user_deleted_listeners: list[Callable[[int], None]] = []
         self._fast_writer: _SqliteThread | None = None
         self._fast_reader: _SqliteThread | None = None
         if sqlite_file is not None and not serialize_all:
@@ -781,6 +782,19 @@ class Storage:
         with _translate("delete_user"):
             async with self._write() as conn:
                 await conn.execute(users.delete().where(users.c.id == user_id))
+        for listener in list(self._user_deleted_listeners):
+            try:
+                listener(user_id)
+            except Exception:  # one broken listener must not stop the others
+                log.exception("user-deleted listener %r failed", listener)
+
+    def add_user_deleted_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(user_id)`` after :meth:`delete_user` commits (in this process).
+
+        Caches of session state (``AuthService``) drop what they know of the
+        user at once instead of waiting for their entries to expire.
+        """
+        self._user_deleted_listeners.append(listener)
 
     # -- sessions (refresh-token families) -------------------------------------
 

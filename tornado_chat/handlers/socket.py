@@ -326,7 +326,18 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 log.info("ws auth failure %s: session revoked while opening", request_summary(self))
                 self.close_with(protocol.CLOSE_UNAUTHORIZED, "session revoked")
                 return None
-            last_seq = await storage.last_seq(room)
+            # A room already live on this node has a delivery cursor: every
+            # message up to it was stored and fanned out here (this member,
+            # joined above, gets everything after it), so the welcome can
+            # name it without a database read. Not when the client has seen
+            # more than that (this node lags another one): it would get those
+            # messages twice, so the database says where the room is.
+            live = hub.rooms.get(room)
+            known = None if live is None else live.delivered
+            if known is None or (self._since is not None and self._since > known):
+                last_seq = await storage.last_seq(room)
+            else:
+                last_seq = known
         except StorageError as exc:
             log.warning("ws open failed user=%s room=%s: %s", claims.username, room, exc)
             self.close_with(protocol.CLOSE_INTERNAL, "storage unavailable")

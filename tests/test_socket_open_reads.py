@@ -1,0 +1,85 @@
+"""Opening a socket reads the database as little as it can, with the same frames."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from typing import Any
+
+from tests.harness import Client, LiveServer
+
+
+class CountingStorage:
+    """Counts calls of the live server's real Storage read methods (patched on its loop)."""
+
+    NAMES = ("last_seq", "session_active")
+
+    def __init__(self, server: LiveServer) -> None:
+        self.server = server
+        self.storage = server.services.storage
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _wrap(self, name: str) -> Any:
+        real = getattr(self.storage, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self.calls[name] += 1
+            return await real(*args, **kwargs)
+
+        return counted
+
+    def _patch(self) -> None:
+        for name in self.NAMES:
+            setattr(self.storage, name, self._wrap(name))
+
+    def _unpatch(self) -> None:
+        for name in self.NAMES:
+            delattr(self.storage, name)
+
+    def __enter__(self) -> CountingStorage:
+        self.server.call(asyncio.sleep(0))  # the loop is running
+        assert self.server.loop is not None
+        done = threading.Event()
+        self.server.loop.call_soon_threadsafe(lambda: (self._patch(), done.set()))
+        assert done.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.server.loop is not None
+        self.server.loop.call_soon_threadsafe(self._unpatch)
+
+
+async def test_joining_a_live_room_takes_last_seq_from_the_hub(
+    server: LiveServer, client: Client
+) -> None:
+    """A second socket in a live room reads only its session; welcome and replay are unchanged."""
+    a = await client.user("rd_alice")
+    b = await client.user("rd_bob")
+    sa, wa = await client.join("rd-room", a["access_token"])
+    for i in range(3):
+        await sa.say(f"m{i}")
+    got = await sa.messages(3)
+    last = got[-1]["seq"]
+    with CountingStorage(server) as counting:
+        sb, wb = await client.join("rd-room", b["access_token"])
+        assert wb["last_seq"] == last
+        assert counting.calls == Counter({"session_active": 1})  # no last_seq, no re-read
+        # A reconnect that asks for history after seq 1 gets 2..last, then live ones.
+        sc, wc = await client.join("rd-room", b["access_token"], query=f"?since={wa['last_seq']}")
+        assert wc["last_seq"] == last
+        replay = await sc.messages(3)
+        assert [m["body"] for m in replay] == ["m0", "m1", "m2"]
+        assert counting.calls["last_seq"] == 0
+        # A client that claims to be past the node's cursor makes the node ask the database.
+        sd, wd = await client.join("rd-room", b["access_token"], query=f"?since={last + 5}")
+        assert wd["last_seq"] == last
+        assert counting.calls["last_seq"] == 1
+    await sa.say("live")
+    for sock in (sb, sc, sd):
+        (live,) = await sock.messages(1)
+        assert (live["body"], live["seq"]) == ("live", last + 1)
+    for sock in (sa, sb, sc, sd):
+        sock.close()
