@@ -83,3 +83,39 @@ async def test_joining_a_live_room_takes_last_seq_from_the_hub(
         assert (live["body"], live["seq"]) == ("live", last + 1)
     for sock in (sa, sb, sc, sd):
         sock.close()
+
+
+async def test_an_open_socket_keeps_no_upgrade_state(server: LiveServer, client: Client) -> None:
+    """After open(): no upgrade headers or query arguments, no ping task; logs keep the Origin."""
+    a = await client.user("rd_lean")
+    sock = await client.connect(
+        "rd-lean", token=a["access_token"], origin=server.base_url, query="?since=0"
+    )
+    welcome = await sock.recv()
+    assert welcome is not None and welcome["type"] == "welcome"
+
+    async def inspect() -> dict[str, Any]:
+        (member,) = server.services.hub.rooms["rd-lean"].members
+        handler = member.peer
+        conn = handler.ws_connection
+        return {
+            "headers": len(handler.request.headers),
+            "arguments": handler.request.query_arguments,
+            "response_headers": len(handler._headers),
+            "ping_task": conn._ping_coroutine,
+            "ping_timer": conn._ping_timer is not None,
+            "origin": handler._origin(),
+            "summary_ip": handler.request.remote_ip,
+        }
+
+    seen = server.call(inspect())
+    assert seen == {
+        "headers": 0,
+        "arguments": {},
+        "response_headers": 0,
+        "ping_task": None,
+        "ping_timer": True,
+        "origin": server.base_url,
+        "summary_ip": "127.0.0.1",
+    }
+    sock.close()

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import tornado.httputil
 import tornado.ioloop
 import tornado.web
 import tornado.websocket
@@ -78,6 +79,43 @@ class ChatWebSocketProtocol(tornado.websocket.WebSocketProtocol13):
     """
 
     handler: ChatSocketHandler
+    _ping_timer: object | None = None
+    _pong_due = False
+
+    def start_pinging(self) -> None:
+        """Ping with one timer per socket instead of Tornado's task per socket.
+
+        Tornado runs a ``periodic_ping`` coroutine in a task for each socket
+        (task, coroutine frame, sleep future and timer: about 1 KiB each idle
+        socket, measured with bench/run.py --phases memory). A timer handle does
+        the same job: ping every ``ping_interval``, and close with "ping timed
+        out" when no pong came within ``ping_timeout``.
+        """
+        if self._ping_timer is None and self.ping_interval > 0:
+            self._ping_timer = tornado.ioloop.IOLoop.current().call_later(
+                self.ping_interval, self._ping_tick
+            )
+
+    def _ping_tick(self) -> None:
+        self._ping_timer = None
+        if self.is_closing():
+            return
+        loop = tornado.ioloop.IOLoop.current()
+        timeout = self.ping_timeout
+        if self._pong_due:
+            # The ping's timeout has passed (Tornado's order: ping, wait the
+            # timeout, check, wait the rest of the interval).
+            self._pong_due = False
+            if timeout > 0 and not self._received_pong:
+                self.close(reason="ping timed out")
+                return
+            rest = max(0.0, self.ping_interval - timeout)
+            self._ping_timer = loop.call_later(rest, self._ping_tick)
+            return
+        self._received_pong = False
+        self.write_ping(b"")
+        self._pong_due = True
+        self._ping_timer = loop.call_later(timeout, self._ping_tick)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         """Close, first telling the handler why when the close is Tornado's own."""
@@ -85,6 +123,10 @@ class ChatWebSocketProtocol(tornado.websocket.WebSocketProtocol13):
         if not self.server_terminated and not self.client_terminated:
             self.handler.server_closing(code, reason)
         super().close(code, reason)
+        # Tornado stops its ping task here; stop the timer that replaces it.
+        timer, self._ping_timer = self._ping_timer, None
+        if timer is not None:
+            tornado.ioloop.IOLoop.current().remove_timeout(timer)
 
     def _handle_message(self, opcode: int, data: bytes) -> asyncio.Future[None] | None:
         # Compression is off (get_compression_options), so ``data`` is the
@@ -118,6 +160,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self._opened = 0.0
         self._room = "-"
         self._replay_task: asyncio.Future[None] | None = None
+        self._origin_text: str | None = None
+        self._offered: list[str] | None = None
 
     # -- before the upgrade ---------------------------------------------------
 
@@ -185,6 +229,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         """Pick ``chat.v1``; remember a ``bearer.``/``ticket.`` credential, never echo it."""
+        self._offered = subprotocols  # emptied once open (_shed_upgrade_state)
         for proto in subprotocols:
             if proto.startswith(protocol.BEARER_PREFIX) and self._bearer is None:
                 self._bearer = proto[len(protocol.BEARER_PREFIX) :]
@@ -258,7 +303,38 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self.close_with(protocol.CLOSE_INTERNAL, "handshake took too long; try again")
 
     def _origin(self) -> str:
+        if self._origin_text is not None:
+            return self._origin_text
         return self.request.headers.get("Origin", "-")[:200]
+
+    def _shed_upgrade_state(self) -> None:
+        """Drop what only the upgrade needed, once the socket is open.
+
+        An idle socket lives for hours; the upgrade request's headers, query
+        arguments and the 101 response's headers would stay with it (a few
+        KiB each; bench/run.py --phases memory). What the logs still need is
+        kept: the method, URI and address of the request, and the Origin.
+        """
+        self._origin_text = self._origin()
+        # The credential is spent (a reauth brings its own token).
+        self._bearer = self._ticket = None
+        # Tornado's upgrade coroutines stay suspended for the socket's whole
+        # life and their frames still point at the request's headers and the
+        # offered subprotocols (with the token): empty those objects in place.
+        if self._offered is not None:
+            self._offered.clear()
+            self._offered = None
+        request = self.request
+        request.headers.clear()
+        request.body = b""
+        request.arguments = {}
+        request.query_arguments = {}
+        request.body_arguments = {}
+        request.files = {}
+        self._headers = tornado.httputil.HTTPHeaders()
+        # Tornado's own _break_cycles does the same at close: the template UI
+        # namespace is never used by a socket.
+        self.ui = None  # type: ignore[assignment]
 
     async def _join(self, room: str) -> tuple[Member, int] | None:
         """Authenticate and join the room; (member, the room's last seq) or None if closed."""
@@ -351,8 +427,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 protocol.presence_frame("join", claims.username, hub.online(room)),
                 exclude=member,
             )
-        # The upgrade request's headers and body are not needed any more.
-        self.request.body = b""
+        self._shed_upgrade_state()
         return member, last_seq
 
     async def _replay(self, member: Member, welcome: bytes, since: int, last_seq: int) -> None:
