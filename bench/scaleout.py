@@ -2,7 +2,7 @@
 
 Usage (from the repository root, PostgreSQL and Redis running)::
 
-    .venv/bin/python bench/scaleout.py                  # about 3 minutes on 2 cores
+    .venv/bin/python bench/scaleout.py                  # about 8 minutes on 2 cores
     .venv/bin/python bench/scaleout.py --quick          # about 1 minute
     .venv/bin/python bench/scaleout.py --workers 1,2 --clients 60
 
@@ -636,6 +636,36 @@ def run_config(
     return out
 
 
+def _median(values: list[Any]) -> Any:
+    present = sorted(v for v in values if v is not None)
+    return present[len(present) // 2] if present else None
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every figure over the rounds of one configuration; losses summed."""
+    first = rounds[0]
+    out: dict[str, Any] = {k: first[k] for k in ("label", "workers", "broker")}
+    out["rounds"] = len(rounds)
+    for key in first:
+        if not (key.startswith("fixed_") or key == "saturation"):
+            continue
+        phases = [r[key] for r in rounds]
+        merged = {
+            name: _median([ph[name] for ph in phases])
+            for name in ("deliveries_per_s", "p50_ms", "p99_ms", "backend_cpu_us_per_delivery")
+        }
+        merged["lost"] = sum(ph["lost"] + ph["errors"] + ph["dropped_sockets"] for ph in phases)
+        merged["cpu_s"] = {
+            name: _median([ph["cpu_s"][name] for ph in phases]) for name in phases[0]["cpu_s"]
+        }
+        merged["deliveries_range"] = (
+            min(ph["deliveries_per_s"] for ph in phases),
+            max(ph["deliveries_per_s"] for ph in phases),
+        )
+        out[key] = merged
+    return out
+
+
 def fmt(v: Any) -> str:
     """A table cell."""
     if v is None:
@@ -650,7 +680,7 @@ def table(configs: list[dict[str, Any]], loads: list[int]) -> str:
     head = (
         "| workers | broker | "
         + " | ".join(f"p50 / p99 ms at {load}/s" for load in loads)
-        + " | saturation deliveries/s | p50 / p99 ms | backend CPU µs/delivery"
+        + " | saturation deliveries/s (range) | p50 / p99 ms | backend CPU µs/delivery"
         + " | CPU s: server / redis / pg / load / other | lost |"
     )
     sep = "|" + "---|" * (head.count("|") - 1)
@@ -665,7 +695,7 @@ def table(configs: list[dict[str, Any]], loads: list[int]) -> str:
         s = c["saturation"]
         cpu = s["cpu_s"]
         cells += [
-            fmt(s["deliveries_per_s"]),
+            f"{fmt(s['deliveries_per_s'])} ({s['deliveries_range'][0]}-{s['deliveries_range'][1]})",
             f"{fmt(s['p50_ms'])} / {fmt(s['p99_ms'])}",
             fmt(s["backend_cpu_us_per_delivery"]),
             f"{cpu['server']} / {cpu['redis']} / {cpu['postgres']} / {cpu['load']}"
@@ -689,10 +719,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per phase")
     p.add_argument("--drain", type=float, default=10.0, help="max seconds to wait for stragglers")
     p.add_argument("--no-baseline", action="store_true", help="skip 1 worker, in-process broker")
-    p.add_argument("--quick", action="store_true", help="4 s phases, one fixed load")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="rounds over every configuration; medians (3)"
+    )
+    p.add_argument("--quick", action="store_true", help="one round, 4 s phases, one fixed load")
     args = p.parse_args(argv)
     if args.quick:
-        args.seconds, args.loads = 4.0, "3000"
+        args.seconds, args.loads, args.rounds = 4.0, "3000", 1
     args.loads = [int(x) for x in str(args.loads).split(",")]
     workers = [int(x) for x in args.workers.split(",")]
 
@@ -700,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prefix = f"bench{secrets.token_hex(4)}"
     broker = f"{REDIS}?prefix={prefix}"
-    configs: list[dict[str, Any]] = []
+    runs: dict[str, list[dict[str, Any]]] = {}
     started = time.strftime("%Y%m%d-%H%M%S")
     with tempfile.TemporaryDirectory(prefix="chat-scaleout-ca-") as caroot:
         certs = ensure_server_certificate(Path(caroot), ["localhost", "127.0.0.1"])
@@ -709,9 +742,12 @@ def main(argv: list[str] | None = None) -> int:
             plan.append(("1 worker, in-process broker", 1, None))
         plan += [(f"{n} worker{'s' if n > 1 else ''}, Redis", n, broker) for n in workers]
         try:
-            for label, n, b in plan:
-                print(f"{label} ...", flush=True)
-                configs.append(run_config(label, n, b, certs, args))
+            # Rounds go over every configuration in turn, so that whatever else
+            # the machine does at some moment spreads over all of them.
+            for r in range(args.rounds):
+                for label, n, b in plan:
+                    print(f"round {r + 1}/{args.rounds}: {label} ...", flush=True)
+                    runs.setdefault(label, []).append(run_config(label, n, b, certs, args))
         finally:
             import redis
 
@@ -736,15 +772,17 @@ def main(argv: list[str] | None = None) -> int:
             "loads": args.loads,
             "seconds": args.seconds,
             "warmup": args.warmup,
+            "rounds": args.rounds,
         },
-        "configs": configs,
+        "runs": runs,
+        "summary": [summarize(rounds) for rounds in runs.values()],
     }
     out = REPO / "bench" / "out"
     out.mkdir(exist_ok=True)
     path = out / f"scaleout-{started}.json"
     path.write_text(json.dumps(report, indent=2))
     print()
-    print(table(configs, args.loads))
+    print(table(report["summary"], args.loads))
     print(f"\nwrote {path}")
     return 0
 
