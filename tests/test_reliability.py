@@ -455,9 +455,11 @@ async def test_event_loop_never_blocked_by_bcrypt_12(
         client.close()
         live.stop()
     # 15 hashes at cost 12 ran while the loop was measured; had one run on the
-    # loop, one wake-up would have been at least a hash late.
+    # loop, a wake-up would have been at least a whole hash late. One wake-up
+    # half a hash late is tolerated: a busy machine can deschedule the thread.
     assert len(lags) > 100
-    assert max(lags) < one_hash / 2, (max(lags), one_hash)
+    late = sorted(lag for lag in lags if lag > one_hash / 2)
+    assert max(lags) < one_hash and len(late) <= 1, (late, one_hash)
 
 
 # -- the database goes away and comes back --------------------------------------------------
