@@ -7,8 +7,10 @@ keys) can live in one process, which is what the tests do.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +114,17 @@ class Services:
         self.executor.shutdown(wait=False)
 
 
+def _lower_thread_priority() -> None:
+    """Run the calling (hashing) thread at nice +10.
+
+    On Linux a nice value is per thread, so only the bcrypt threads yield to
+    the event loop; nice rather than SCHED_IDLE keeps logins a share of a
+    saturated machine. Elsewhere this is a no-op.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 async def create_services(settings: Settings) -> Services:
     """Open the database (migrating it), load the keys, build the hub.
 
@@ -124,9 +137,12 @@ async def create_services(settings: Settings) -> Services:
     keyring = KeyRing.load_or_create(settings.jwt_secret_path, settings.jwt_algorithm)
     storage = await Storage.open(settings.db_url)
     # bcrypt releases the GIL, so a small pool gives real parallel hashing
-    # without starving the event loop thread.
+    # without starving the event loop thread; at a lower priority, a login
+    # storm yields the cores to chat delivery (bench/RESULTS-reliability.md).
     executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="bcrypt"
+        max_workers=max(2, os.cpu_count() or 2),
+        thread_name_prefix="bcrypt",
+        initializer=_lower_thread_priority,
     )
     tokens = TokenService(
         keyring,
