@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import pytest
 from sqlalchemy.engine import make_url
 
 from tests.test_server import ChatProcess, child_env
@@ -212,20 +213,23 @@ class TcpRelay:
 
 async def _pg_admin() -> asyncpg.Connection:
     url = make_url(PG_ADMIN_URL)
-    return await asyncpg.connect(
-        host=url.host,
-        port=url.port or 5432,
-        user=url.username,
-        password=url.password,
-        database=url.database,
-        timeout=5,
-    )
+    try:
+        return await asyncpg.connect(
+            host=url.host,
+            port=url.port or 5432,
+            user=url.username,
+            password=url.password,
+            database=url.database,
+            timeout=5,
+        )
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is unreachable (these tests need it): {exc}")
 
 
 @contextlib.asynccontextmanager
 async def fresh_pg_database() -> AsyncIterator[str]:
     """Create an empty PostgreSQL database; yield its SQLAlchemy URL; drop it."""
-    name = f"chat_rel_{secrets.token_hex(6)}"
+    name = f"chat_test_{secrets.token_hex(6)}"
     admin = await _pg_admin()
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')

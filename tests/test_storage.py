@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import re
-import secrets
 import socket
 import stat
 import subprocess
@@ -21,13 +20,13 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection, make_url
 
+from tests.netfault import fresh_pg_database
 from tornado_chat.errors import StorageError, UsernameTaken
 from tornado_chat.storage import (
     RotateOutcome,
@@ -38,46 +37,9 @@ from tornado_chat.storage import (
     metadata,
 )
 
-PG_ADMIN_URL = os.environ.get(
-    "CHAT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-)
 REPO = Path(__file__).resolve().parent.parent
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 HOUR = 3600.0
-
-
-async def _pg_admin() -> asyncpg.Connection:
-    url = make_url(PG_ADMIN_URL)
-    try:
-        return await asyncpg.connect(
-            host=url.host,
-            port=url.port or 5432,
-            user=url.username,
-            password=url.password,
-            database=url.database,
-            timeout=5,
-        )
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is unreachable (these tests need it): {exc}")
-
-
-@contextlib.asynccontextmanager
-async def fresh_pg_database() -> AsyncIterator[str]:
-    """Create an empty PostgreSQL database; yield its URL; drop it."""
-    name = f"chat_test_{secrets.token_hex(6)}"
-    admin = await _pg_admin()
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        admin = await _pg_admin()
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
