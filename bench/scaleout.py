@@ -324,13 +324,14 @@ class LoadWorker:
         await self._drain(phase, drain)
         return phase
 
-    async def saturate(self, warmup: float, seconds: float, drain: float) -> Phase:
-        """Closed loop: every client keeps one of its own messages in flight."""
+    async def saturate(self, window: int, warmup: float, seconds: float, drain: float) -> Phase:
+        """Closed loop: every client keeps ``window`` of its own messages in flight."""
         start = time.monotonic_ns() + int(warmup * 1e9)
         phase = self.phase = Phase(start, start + int(seconds * 1e9))
         self.closed_loop = True
         for c in self.clients:
-            self._send(c)
+            for _ in range(window):
+                self._send(c)
         await asyncio.sleep((phase.end_ns - time.monotonic_ns()) / 1e9)
         await self._drain(phase, drain)
         self.closed_loop = False
@@ -581,7 +582,7 @@ class Controller:
         expected = sum(sent.get(room, 0) for room in rooms.values())
         got = sum(received.values())
         latencies.sort()
-        warmup, seconds = (args[1], args[2]) if cmd == "fixed" else (args[0], args[1])
+        warmup, seconds = args[1], args[2]
         cpu = {k: round(cpu1[k] - cpu0[k], 2) for k in cpu0}
         # Every group together is the machine's busy time (other = the rest).
         cpu["cores_busy"] = round((sum(cpu1.values()) - sum(cpu0.values())) / wall, 2)
@@ -629,7 +630,9 @@ def run_config(
                     "fixed", per_proc, args.warmup, args.seconds, args.drain
                 )
                 print(f"  {label}: {load}/s offered -> {out[f'fixed_{load}']}", flush=True)
-            out["saturation"] = ctl.phase("saturate", args.warmup, args.seconds, args.drain)
+            out["saturation"] = ctl.phase(
+                "saturate", args.window, args.warmup, args.seconds, args.drain
+            )
             print(f"  {label}: saturation -> {out['saturation']}", flush=True)
         finally:
             ctl.close()
@@ -718,6 +721,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per phase")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per phase")
     p.add_argument("--drain", type=float, default=10.0, help="max seconds to wait for stragglers")
+    p.add_argument(
+        "--window", type=int, default=1, help="own messages in flight per client at saturation (1)"
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip 1 worker, in-process broker")
     p.add_argument(
         "--rounds", type=int, default=3, help="rounds over every configuration; medians (3)"
@@ -773,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": args.seconds,
             "warmup": args.warmup,
             "rounds": args.rounds,
+            "window": args.window,
         },
         "runs": runs,
         "summary": [summarize(rounds) for rounds in runs.values()],

@@ -336,6 +336,9 @@ async def test_published_message_reaches_other_nodes_not_its_own(pair: tuple[Nod
     await until(lambda: b.messages == [sent])
     await asyncio.sleep(0.05)
     assert a.messages == []
+    # The echo is recognised by its first bytes, before any JSON decoding.
+    assert a.broker._payload(sent).startswith(a.broker._echo)
+    assert not b.broker._payload(sent).startswith(a.broker._echo)
 
 
 async def test_full_outbox_keeps_each_rooms_latest_and_sends_it_later(

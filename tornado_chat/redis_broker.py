@@ -305,6 +305,9 @@ class RedisBroker(Broker):
         self._room_prefix = f"{prefix}:room:"
         self._ch_revoke = f"{prefix}:revoke".encode()
         self._rate_prefix = f"{prefix}:rate:"
+        # How our own message notifications start (see _payload): each one
+        # comes back from Redis, since this node listens to the same room.
+        self._echo = b'{"t":"m","n":' + json.dumps(self.node_id).encode() + b","
 
         self._client: aioredis.Redis | None = None
         self._pubsub: Any = None
@@ -514,6 +517,8 @@ class RedisBroker(Broker):
     # -- inbound ----------------------------------------------------------------------
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
+        if data.startswith(self._echo):
+            return  # our own message coming back: skip even the JSON decoding
         try:
             event = json.loads(data)
             kind = event["t"]
