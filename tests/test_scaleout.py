@@ -548,14 +548,19 @@ async def test_processes_share_one_port_and_deliver_across_workers(
         client = Client(node, client_ssl)  # type: ignore[arg-type]
         socks: list[Socket] = []
         try:
-            # The kernel spreads connections over the workers by hash; open
-            # sockets until both workers (two presence nodes in Redis) have one.
-            for i in range(40):
-                t = await user_on(client, f"sc_proc{i}")
-                sock, _ = await client.join("sc-procs", t["access_token"])
-                socks.append(sock)
+            # The workers accept from one listening socket: whichever is
+            # awake takes a connection. Open sockets a few at a time, together,
+            # until both workers (two presence nodes in Redis) hold some.
+            holders: set[str] = set()
+            for batch in range(8):
+                tokens = [await user_on(client, f"sc_proc{batch}_{i}") for i in range(6)]
+                joined = await asyncio.gather(
+                    *(client.join("sc-procs", t["access_token"]) for t in tokens)
+                )
+                socks += [sock for sock, _ in joined]
+                await asyncio.sleep(0.2)  # presence is written right after the join
                 holders = _nodes_with_room(admin, prefix, "sc-procs", pids)
-                if len(holders) == 2 and len(socks) >= 2:
+                if len(holders) == 2:
                     break
             assert len(holders) == 2, holders
             await socks[0].say("across workers")

@@ -172,6 +172,29 @@ def bind_listeners(host: str, port: int, *, reuse_port: bool = False) -> list[so
         raise ConfigError(f"cannot listen on {url_host(host)}:{port}: {reason}") from None
 
 
+def reserve_listeners(listeners: Sequence[socket.socket]) -> list[socket.socket]:
+    """Replace listening sockets by bound, non-listening ones on the same addresses.
+
+    With ``--processes`` each worker listens on its own ``SO_REUSEPORT``
+    socket, so the kernel spreads new connections evenly over the workers (a
+    single socket shared by every worker goes to whichever wakes first). A
+    listening socket left in the parent would take its share of connections
+    and never accept them; a bound one only keeps the port (and says which
+    port ``--port 0`` got).
+    """
+    reserved = []
+    for sock in listeners:
+        keep = socket.socket(sock.family, sock.type, sock.proto)
+        keep.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        keep.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if sock.family == socket.AF_INET6:
+            keep.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        keep.bind(sock.getsockname())
+        sock.close()
+        reserved.append(keep)
+    return reserved
+
+
 def url_host(host: str) -> str:
     """``host`` as it appears in a URL (IPv6 literals in brackets)."""
     return f"[{host}]" if ":" in host else host
@@ -620,8 +643,9 @@ class Supervisor:
 
     Everything that writes shared state happens once, in the parent, before
     forking: minting certificates, creating the JWT secret and migrating the
-    database. The parent binds the sockets (``SO_REUSEPORT``) and forks before
-    any event loop exists; each worker builds its own services. The parent
+    database. The parent reserves the port and forks before any event loop
+    exists; each worker listens on its own ``SO_REUSEPORT`` socket (the kernel
+    spreads connections over them) and builds its own services. The parent
     forwards ``SIGTERM``/``SIGINT``/``SIGHUP``, restarts a worker that dies
     after it was serving, stops everything when one dies while starting (a
     restart would only repeat the failure), renews the local-CA leaf, and
@@ -657,11 +681,11 @@ class Supervisor:
         for warning in (*files.warnings, *certificate_warnings(info, settings.host)):
             log.warning("%s", warning)
         make_server_context(files.cert_path, files.key_path)
-        sockets = bind_listeners(settings.host, settings.port, reuse_port=True)
+        sockets = reserve_listeners(bind_listeners(settings.host, settings.port, reuse_port=True))
         redirect_sockets: list[socket.socket] | None = None
         if settings.redirect_port is not None:
-            redirect_sockets = bind_listeners(
-                settings.host, settings.redirect_port, reuse_port=True
+            redirect_sockets = reserve_listeners(
+                bind_listeners(settings.host, settings.redirect_port, reuse_port=True)
             )
         asyncio.run(_prepare_services(settings))
         announce_ca(files)
@@ -752,11 +776,22 @@ class Supervisor:
                     os.write(ready_write, b"1")
                     os.close(ready_write)
 
+                # Each worker listens on its own SO_REUSEPORT socket (see
+                # reserve_listeners); the parent's only hold the port.
+                host = self.settings.host
+                own = bind_listeners(host, _bound_port(sockets), reuse_port=True)
+                own_redirect = None
+                if redirect_sockets:
+                    own_redirect = bind_listeners(
+                        host, _bound_port(redirect_sockets), reuse_port=True
+                    )
+                for held in (*sockets, *(redirect_sockets or ())):
+                    held.close()
                 code = asyncio.run(
                     serve(
                         self.settings,
-                        sockets=sockets,
-                        redirect_sockets=redirect_sockets,
+                        sockets=own,
+                        redirect_sockets=own_redirect,
                         tls_files=files,
                         worker=number,
                         on_ready=ready,
