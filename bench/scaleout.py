@@ -497,6 +497,29 @@ def server(
         log.close()
 
 
+def sockets_per_worker(broker: str) -> list[int]:
+    """How many distinct users each worker holds, from the presence the workers keep in Redis.
+
+    The workers accept from one shared listening socket, so the split is
+    whatever the kernel's wake-ups made of it: worth knowing next to the figures.
+    """
+    import redis
+
+    prefix = broker.split("prefix=", 1)[1].split("&", 1)[0]
+    time.sleep(1.0)  # presence is written just after each join
+    admin = redis.Redis.from_url(broker.split("?", 1)[0])
+    try:
+        counts = []
+        for node in admin.zrange(f"{prefix}:nodes", 0, -1):
+            users: set[str] = set()
+            for value in admin.hgetall(f"{prefix}:node:{node.decode()}").values():
+                users |= set(json.loads(value.decode().split(" ", 1)[1]))
+            counts.append(len(users))
+        return sorted(counts, reverse=True)
+    finally:
+        admin.close()
+
+
 def percentile(values: list[int], q: float) -> float | None:
     """The q-quantile (nearest rank) in milliseconds."""
     if not values:
@@ -624,6 +647,9 @@ def run_config(
         ctl = Controller(port, proc, str(certs.ca_cert_path), args)
         try:
             ctl.setup(rooms)
+            if broker:
+                out["sockets_per_worker"] = sockets_per_worker(broker)
+                print(f"  {label}: sockets per worker {out['sockets_per_worker']}", flush=True)
             for load in args.loads:
                 per_proc = load / members / LOAD_PROCESSES
                 out[f"fixed_{load}"] = ctl.phase(

@@ -392,6 +392,22 @@ async def test_presence_travels_and_a_closed_node_leaves_at_once(pair: tuple[Nod
     await until(lambda: b.broker.presence.online("lobby") == frozenset())
 
 
+async def test_closed_node_leaves_no_trace_in_redis(prefix: str) -> None:
+    """close() right after start() (a heartbeat in flight) leaves no node entry behind."""
+    admin = redis.Redis.from_url(REDIS_URL)
+    try:
+        for i in range(5):
+            broker = RedisBroker(broker_url(REDIS_URL, prefix), node_id=f"brief-{i}")
+            await broker.start()
+            broker.set_local_presence("lobby", frozenset({"alice"}))
+            await broker.close()
+            await asyncio.sleep(0.05)
+            assert admin.zscore(f"{prefix}:nodes", f"brief-{i}") is None
+            assert not admin.exists(f"{prefix}:node:brief-{i}")
+    finally:
+        admin.close()
+
+
 async def test_silent_node_disappears_after_the_ttl(pair: tuple[Node, Node], prefix: str) -> None:
     """A node that stops heartbeating (a crash) loses its users everywhere after the TTL."""
     _a, b = pair

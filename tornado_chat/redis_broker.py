@@ -334,6 +334,8 @@ class RedisBroker(Broker):
         # Until then, snapshots only add: after a reconnect Redis may have
         # restarted empty, and the other nodes need a moment to write again.
         self._lenient_until = 0.0
+        self._beat_lock = asyncio.Lock()
+        self._withdrawn = False
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -811,8 +813,11 @@ class RedisBroker(Broker):
             self.set_local_presence(room, frozenset())
         await self._flush()
         assert self._client is not None
-        await self._client.zrem(self._k_nodes, self.node_id)
-        await self._client.delete(self._k_node)
+        # A heartbeat already on its way would register this node again.
+        async with self._beat_lock:
+            self._withdrawn = True
+            await self._client.zrem(self._k_nodes, self.node_id)
+            await self._client.delete(self._k_node)
 
     # -- presence --------------------------------------------------------------------------
 
@@ -833,11 +838,14 @@ class RedisBroker(Broker):
 
     async def _beat(self) -> None:
         """Refresh this node, drop dead ones, and merge everyone's presence."""
-        reply = await self._script(
-            "heartbeat",
-            [self._k_nodes, self._k_node, self._k_epoch],
-            [self.node_id, self._ttl_ms, self._node_prefix],
-        )
+        async with self._beat_lock:
+            if self._withdrawn:
+                return
+            reply = await self._script(
+                "heartbeat",
+                [self._k_nodes, self._k_node, self._k_epoch],
+                [self.node_id, self._ttl_ms, self._node_prefix],
+            )
         stamp, own, fresh = int(_text(reply[0])), int(reply[1]), int(reply[2])
         if fresh:
             # Redis came back empty: the other nodes are writing their state
