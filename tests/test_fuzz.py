@@ -493,7 +493,13 @@ def test_ws_text_frames(ws: RawWebSocket, text: str) -> None:
         assert isinstance(frame["message"], str)
         return
     assert expected == ACCEPTED or nesting, (text[:200], frame)
-    sent = json.loads(text)
+    try:
+        sent = json.loads(text)
+    except RecursionError:
+        # The server's thread had stack to spare where this one has not: only the
+        # deep-nesting generator gets here, and its body and client_id are known.
+        assert text.startswith('{"type": "message", "body": "deep", "n": ['), text[:200]
+        sent = {"body": "deep"}
     assert frame["type"] == "message" and frame["body"] == sent["body"], frame
     assert frame.get("client_id") == sent.get("client_id"), frame
     assert frame["user"] == "fuzz_ws" and frame["room"] == "fuzz-ws"
