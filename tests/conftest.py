@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tests.harness import Client, LiveServer
 from tornado_chat.config import Settings
 from tornado_chat.pki import ServerCertificate, ensure_server_certificate
 
 SERVER_NAMES = ["localhost", "127.0.0.1", "::1"]
+
+# The test command runs the property tests derandomized (the same examples on
+# every run, so the matrix passes or fails for the code, not the dice);
+# HYPOTHESIS_PROFILE=explore searches with fresh random examples instead.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+hypothesis_settings.register_profile("explore")
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "explore"))
 
 
 @pytest.fixture(scope="session")
