@@ -77,6 +77,9 @@ FLAG_CASES: list[tuple[str, str, str, Any]] = [
     ("--ping-timeout", "5", "ping_timeout", 5.0),
     ("--outbox-bytes", "2097152", "outbox_bytes", 2097152),
     ("--shutdown-timeout", "3", "shutdown_timeout", 3.0),
+    ("--write-delay", "20ms", "write_delay", 0.02),
+    ("--write-delay", "0", "write_delay", 0.0),
+    ("--write-delay", "0.5", "write_delay", 0.5),
     (
         "--allowed-origins",
         "HTTPS://Chat.Test:443, http://localhost:8080/,https://[::1]:9443",
@@ -152,7 +155,7 @@ def test_every_settings_field_with_a_flag_has_its_default_in_help() -> None:
         *("--log-level", "--no-query-token", "--max-frame-bytes", "--max-body-chars"),
         *("--rate-per-sec", "--rate-burst", "--max-sockets-per-user", "--max-sockets"),
         *("--handshake-timeout", "--ping-interval", "--ping-timeout", "--outbox-bytes"),
-        "--shutdown-timeout",
+        *("--shutdown-timeout", "--write-delay"),
     }
     assert documented <= flags, documented - flags
     for action in parser._actions:
@@ -182,9 +185,16 @@ ERROR_CASES: list[tuple[list[str], dict[str, str], str]] = [
     (
         ["--access-ttl", "soon"],
         {},
-        "argument --access-ttl: 'soon' is not a duration (seconds, or a number with s, m, h or d)",
+        "argument --access-ttl: 'soon' is not a duration "
+        "(seconds, or a number with ms, s, m, h or d)",
     ),
     (["--access-ttl", "1.5"], {}, "argument --access-ttl: 1.5 s is out of range 10..86400 s"),
+    (["--write-delay", "2s"], {}, "argument --write-delay: 2 s is out of range 0..1 s"),
+    (
+        [],
+        {"CHAT_WRITE_DELAY": "-5ms"},
+        "CHAT_WRITE_DELAY: '-5ms' is not a duration (seconds, or a number with ms, s, m, h or d)",
+    ),
     (["--rate-per-sec", "0"], {}, "argument --rate-per-sec: 0 must be a number above 0"),
     (["--rate-per-sec", "nan"], {}, "argument --rate-per-sec: nan must be a number above 0"),
     (["--data-dir", ""], {}, "argument --data-dir: a path cannot be empty"),

@@ -305,6 +305,42 @@ async def test_deliver_in_order_coalesced_one_write_per_member() -> None:
         assert p.seqs()[-2:] == [51, 52]
 
 
+async def test_write_delay_gathers_frames_across_turns_into_one_write() -> None:
+    """With a write delay, frames of several loop turns reach each member in one write, in time."""
+    delay = 0.2
+    hub = Hub(write_delay=delay)
+    peers = [add(hub, user_id=i, username=f"user{i}")[1] for i in range(3)]
+    hub.note_last_seq("lobby", 0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for seq in range(1, 6):
+        hub.deliver(msg(seq))
+        await turn()  # each message in a turn of its own
+    if loop.time() - started < delay / 2:  # the window cannot have closed yet
+        assert all(p.writes == [] for p in peers), "frames wait for the delay"
+    await wait_for(lambda: all(p.writes for p in peers), timeout=5 * delay)
+    assert loop.time() - started >= delay * 0.9
+    for p in peers:
+        assert len(p.writes) == 1 and p.seqs() == [1, 2, 3, 4, 5]
+    # The next message opens a new window: a second write, nothing lost.
+    hub.deliver(msg(6))
+    await wait_for(lambda: all(len(p.writes) == 2 for p in peers), timeout=5 * delay)
+    assert all(p.seqs() == [1, 2, 3, 4, 5, 6] for p in peers)
+
+
+async def test_shutdown_with_write_delay_writes_queued_frames_before_1001() -> None:
+    """Frames still inside the write delay go out before the 1001 close."""
+    hub = Hub(write_delay=5.0)
+    _, peer = add(hub)
+    hub.note_last_seq("lobby", 0)
+    hub.deliver(msg(1))
+    await turn()
+    assert peer.writes == []
+    await hub.shutdown()
+    assert peer.seqs() == [1]
+    assert peer.closes == [(protocol.CLOSE_GOING_AWAY, "server shutting down")]
+
+
 async def test_all_members_get_identical_bytes() -> None:
     """Encode once: every non-sender member receives byte-identical frames."""
     hub = Hub()

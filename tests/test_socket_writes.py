@@ -2,10 +2,38 @@
 
 from __future__ import annotations
 
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator
+
 import pytest
 
-from tests.harness import Client
+from tests.conftest import make_settings
+from tests.harness import Client, LiveServer
+from tornado_chat import protocol
 from tornado_chat.handlers import socket as socket_module
+from tornado_chat.pki import ServerCertificate
+
+DELAY = 0.3  # --write-delay of the second server: long enough to see, short enough to wait
+
+
+@pytest.fixture(scope="module")
+def delayed_server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A server with ``--write-delay``."""
+    settings = make_settings(server_cert, tmp_path_factory.mktemp("data"), write_delay=DELAY)
+    live = LiveServer(settings).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+async def delayed(delayed_server: LiveServer, client_ssl: ssl.SSLContext) -> AsyncIterator[Client]:
+    """A client of the write-delay server."""
+    c = Client(delayed_server, client_ssl)
+    yield c
+    c.close()
 
 
 @pytest.mark.parametrize("without_future", [True, False])
@@ -35,3 +63,44 @@ async def test_both_write_paths_deliver_in_order(
     assert seqs == list(range(seqs[0], seqs[0] + 8))
     sa.close()
     sb.close()
+
+
+async def test_write_delay_delivers_everything_in_order_within_the_delay(delayed: Client) -> None:
+    """With --write-delay, messages still all arrive, in order, each within about the delay."""
+    a = await delayed.user("wd_alice")
+    b = await delayed.user("wd_bob")
+    sa, _ = await delayed.join("wd-room", a["access_token"])
+    sb, _ = await delayed.join("wd-room", b["access_token"])
+    assert (await sa.recv_type("presence"))["user"] == "wd_bob"
+    started = time.monotonic()
+    for i in range(6):
+        await sa.say(f"delayed {i}", client_id=f"d{i}")
+    got_b = await sb.messages(6, timeout=10)
+    got_a = await sa.messages(6, timeout=10)
+    elapsed = time.monotonic() - started
+    assert [m["body"] for m in got_b] == [f"delayed {i}" for i in range(6)]
+    assert [m["client_id"] for m in got_a] == [f"d{i}" for i in range(6)]
+    seqs = [m["seq"] for m in got_b]
+    assert seqs == list(range(seqs[0], seqs[0] + 6))
+    # Held back at least once (the first flush waits the delay), never for long.
+    assert DELAY * 0.9 <= elapsed < 10
+    sa.close()
+    sb.close()
+
+
+async def test_close_writes_frames_still_inside_the_write_delay(delayed: Client) -> None:
+    """A socket closed (logout: 4401) while frames wait for the delay gets them before the close."""
+    a = await delayed.user("wd_close_a")
+    b = await delayed.user("wd_close_b")
+    sa, _ = await delayed.join("wd-close", a["access_token"])
+    sb, _ = await delayed.join("wd-close", b["access_token"])
+    assert (await sa.recv_type("presence"))["user"] == "wd_close_b"
+    await sa.say("last words")
+    # Logout answers long before the delay is over: the message is still queued for b.
+    started = time.monotonic()
+    response = await delayed.request("POST", "/api/logout", token=b["access_token"])
+    assert response.status == 204 and time.monotonic() - started < DELAY
+    got = await sb.messages(1)
+    assert got[0]["body"] == "last words"
+    assert await sb.closed() == protocol.CLOSE_UNAUTHORIZED
+    sa.close()

@@ -168,7 +168,7 @@ async def create_services(settings: Settings) -> Services:
         await storage.close()
         executor.shutdown(wait=False)
         raise
-    hub = Hub(fetch_since, observer=broker)
+    hub = Hub(fetch_since, observer=broker, write_delay=settings.write_delay)
     services = Services(
         settings=settings,
         storage=storage,

@@ -73,6 +73,7 @@ class Settings:
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     outbox_bytes: int = 1024 * 1024
+    write_delay: float = 0.0
     shutdown_timeout: float = 10.0
     # Logging
     log_level: str = "info"
@@ -113,8 +114,8 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 # RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|[smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -132,13 +133,13 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 
 def _seconds(low: float, high: float, *, whole: bool) -> Callable[[str], Any]:
-    """A duration in seconds, optionally with an s/m/h/d suffix (``15m``, ``30d``)."""
+    """A duration in seconds, optionally with an ms/s/m/h/d suffix (``20ms``, ``15m``, ``30d``)."""
 
     def convert(text: str) -> float | int:
         match = _DURATION.match(text.lower())
         if not match:
             raise argparse.ArgumentTypeError(
-                f"{text!r} is not a duration (seconds, or a number with s, m, h or d)"
+                f"{text!r} is not a duration (seconds, or a number with ms, s, m, h or d)"
             )
         value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         if not low <= value <= high:
@@ -549,6 +550,16 @@ _OPTIONS: tuple[_Option, ...] = (
         _int_in(1024, 1024 * 1024 * 1024),
         "pending outbound bytes per socket before it closes with 4408",
         "BYTES",
+        "limits",
+    ),
+    _Option(
+        "--write-delay",
+        "write_delay",
+        _seconds(0, 1, whole=False),
+        "seconds (or e.g. 20ms) outbound frames may wait so that each socket gets them in "
+        "one write: fewer TLS records and send() calls per message at high rates, for up to "
+        "that much added latency; 0 writes once per event-loop turn",
+        "SECONDS",
         "limits",
     ),
     _Option(

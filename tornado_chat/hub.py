@@ -162,6 +162,8 @@ class Hub:
             value, in order; used to fill gaps.
         gap_wait: seconds a gap may stay open before it is filled from storage.
         observer: told about subscriptions and local presence (the broker).
+        write_delay: seconds queued frames may wait for more before they are
+            written (``--write-delay``); 0 writes once per event-loop turn.
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class Hub:
         *,
         gap_wait: float = 0.5,
         observer: RoomObserver | None = None,
+        write_delay: float = 0.0,
     ) -> None:
         self.rooms: dict[str, Room] = {}
         # room -> users online there on other nodes (every room, not only local ones)
@@ -181,6 +184,7 @@ class Hub:
         self._gap_wait = gap_wait
         self._dirty: list[Member] = []
         self._flush_scheduled = False
+        self._write_delay = write_delay
         self._fills: set[asyncio.Task[None]] = set()
         self.total = 0
 
@@ -487,7 +491,15 @@ class Hub:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._dirty:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
+            if self._write_delay > 0:
+                # One timer for the whole node, not one per socket: every frame
+                # queued in the window goes out with the first one's flush, so a
+                # socket that gets k messages in it pays one TLS record and one
+                # send() instead of k, and no frame waits longer than the delay.
+                loop.call_later(self._write_delay, self.flush)
+            else:
+                loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write every dirty member's outbox once (runs once per loop turn)."""

@@ -670,6 +670,11 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         Tornado reports it closed: a graceful stop waits for the hub to empty
         (ChatServer), so each 1001 reaches its client before the process ends.
         """
+        member = self.member
+        if member is not None and code != protocol.CLOSE_TOO_SLOW:
+            # Frames waiting for the hub's next flush (up to --write-delay away)
+            # go out ahead of the close frame.
+            member.flush()
         if code != protocol.CLOSE_GOING_AWAY:
             self._leave()
         conn = self.ws_connection
