@@ -23,7 +23,8 @@ def section(path: Path) -> str:
         f"### {r['started']}: `{r['command']}`",
         "",
         f"- tornado_chat: `{r.get('tornado_chat_commit', '?')}`; tornado"
-        f" {m['tornado_chat'].get('tornado', '?')}",
+        f" {m['tornado_chat'].get('tornado', '?')}"
+        + (f"; extra flags `{r['tornado_chat_args']}`" if r.get("tornado_chat_args") else ""),
         f"- peer: {peer}",
         f"- machine: {m['nproc']} x {m['cpu_model']}, {m['memory_gib']} GiB, Linux {m['kernel']},"
         f" Python {m['python']}, {m['openssl']}; load average at start"

@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import platform
+import shlex
 import signal
 import ssl
 import subprocess
@@ -645,6 +646,11 @@ def main(argv: list[str] | None = None) -> int:
         "--rev",
         help="run tornado_chat from this git revision (e.g. HEAD) instead of the working tree",
     )
+    parser.add_argument(
+        "--chat-args",
+        default="",
+        help="more tornado_chat flags for this run, e.g. '--write-delay 20ms' (recorded)",
+    )
     args = parser.parse_args(argv)
     kinds = [k for k in args.servers.split(",") if k]
     for k in kinds:
@@ -680,11 +686,14 @@ def main(argv: list[str] | None = None) -> int:
             results["tornado_chat_commit"] = servers.export_source(args.rev, source)
         else:
             results["tornado_chat_commit"] = "working tree"
+        results["tornado_chat_args"] = args.chat_args
         with contextlib.ExitStack() as stack:
             benches: list[Bench] = []
             for kind in kinds:
                 if kind == "tornado_chat":
-                    server = servers.tornado_chat_server(certs, work, sys.executable, source)
+                    server = servers.tornado_chat_server(
+                        certs, work, sys.executable, source, shlex.split(args.chat_args)
+                    )
                     ready = "/healthz"
                 else:
                     server = servers.peer_server(certs, work, peer_bin)

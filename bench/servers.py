@@ -18,7 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,12 +276,17 @@ def export_source(rev: str, dest: Path) -> str:
 
 
 def tornado_chat_server(
-    certs: Certificates, workdir: Path, python: str, source: Path = ROOT
+    certs: Certificates,
+    workdir: Path,
+    python: str,
+    source: Path = ROOT,
+    extra_args: Sequence[str] = (),
 ) -> Server:
     """tornado_chat as shipped (bcrypt cost 12), with per-user limits lifted for the load.
 
     ``source`` is the directory holding the ``tornado_chat`` package to run
-    (this checkout, or a revision exported by :func:`export_source`).
+    (this checkout, or a revision exported by :func:`export_source`);
+    ``extra_args`` are more flags (``run.py --chat-args``).
     """
     port = free_port()
     data = workdir / "tornado_chat-data"
@@ -313,6 +318,7 @@ def tornado_chat_server(
         # The peer runs at --log-level warning (its run.sh); same here.
         "--log-level",
         "warning",
+        *extra_args,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
     # This checkout's package first; an outer PYTHONPATH (a sitecustomize for
