@@ -27,7 +27,8 @@ from tornado_chat.hub import Hub
 from tornado_chat.limits import TokenBucket
 from tornado_chat.pki import ServerCertificate, ensure_server_certificate
 from tornado_chat.presence import ClusterPresence
-from tornado_chat.redis_broker import RedisBroker, parse_broker_url
+from tornado_chat.redis_broker import RedisBroker, RedisLoginThrottle, parse_broker_url
+from tornado_chat.security import LoginThrottle
 from tornado_chat.storage import StoredMessage
 
 # -- the URL ----------------------------------------------------------------------------
@@ -68,12 +69,18 @@ def test_bad_broker_url_options_are_one_line(query: str, message: str) -> None:
 
 
 def test_default_broker_is_local_and_redis_only_when_asked() -> None:
-    """No --broker keeps the in-process broker and its plain local bucket."""
+    """No --broker keeps the in-process broker, its local bucket and in-memory login throttle."""
     local = make_broker(Settings())
     assert isinstance(local, LocalBroker)
     bucket = local.make_bucket(1, 5.0, 20)
     assert type(bucket) is TokenBucket
-    assert isinstance(make_broker(Settings(broker="redis://127.0.0.1:1/0")), RedisBroker)
+    assert type(local.make_login_throttle()) is LoginThrottle
+    remote = make_broker(Settings(broker="redis://127.0.0.1:1/0?prefix=p.1"))
+    assert isinstance(remote, RedisBroker)
+    throttle = remote.make_login_throttle()
+    assert isinstance(throttle, RedisLoginThrottle)
+    assert throttle.user_key("Bob").startswith("p.1:login:user:")
+    assert throttle.address_key("192.0.2.1").startswith("p.1:login:addr:")
 
 
 def test_broker_with_sqlite_warns(caplog: pytest.LogCaptureFixture) -> None:
@@ -339,6 +346,17 @@ async def test_published_message_reaches_other_nodes_not_its_own(pair: tuple[Nod
     # The echo is recognised by its first bytes, before any JSON decoding.
     assert a.broker._payload(sent).startswith(a.broker._echo)
     assert not b.broker._payload(sent).startswith(a.broker._echo)
+
+
+async def test_a_script_missing_from_a_half_loaded_table_is_loaded(
+    pair: tuple[Node, Node],
+) -> None:
+    """A reconnect clears the script table while others reload it: a missing script is loaded."""
+    broker = pair[0].broker
+    broker._shas.pop("login_wait")  # as if another caller were half-way through loading
+    assert broker._shas  # not empty: "any script loaded" would not reload
+    assert await broker._script("login_wait", [f"{broker.options.prefix}:login:x"], [""]) == 0
+    assert "login_wait" in broker._shas
 
 
 async def test_full_outbox_keeps_each_rooms_latest_and_sends_it_later(

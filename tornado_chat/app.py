@@ -44,7 +44,6 @@ from tornado_chat.logs import install_redaction
 from tornado_chat.security import (
     AuthService,
     KeyRing,
-    LoginThrottle,
     PasswordHasher,
     TokenService,
 )
@@ -150,14 +149,6 @@ async def create_services(settings: Settings) -> Services:
         audience=settings.jwt_audience,
         access_ttl=settings.access_ttl,
     )
-    auth = AuthService(
-        storage,
-        tokens,
-        PasswordHasher(settings.bcrypt_rounds, executor),
-        LoginThrottle(),
-        refresh_ttl=settings.refresh_ttl,
-        ticket_ttl=settings.ticket_ttl,
-    )
 
     async def fetch_since(room: str, seq: int) -> Sequence[StoredMessage]:
         return await storage.messages(room, since=seq, limit=1000)
@@ -168,6 +159,15 @@ async def create_services(settings: Settings) -> Services:
         await storage.close()
         executor.shutdown(wait=False)
         raise
+    auth = AuthService(
+        storage,
+        tokens,
+        PasswordHasher(settings.bcrypt_rounds, executor),
+        # In memory, or shared by every node through the Redis broker.
+        broker.make_login_throttle(),
+        refresh_ttl=settings.refresh_ttl,
+        ticket_ttl=settings.ticket_ttl,
+    )
     hub = Hub(fetch_since, observer=broker, write_delay=settings.write_delay)
     services = Services(
         settings=settings,

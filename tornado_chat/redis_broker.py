@@ -19,6 +19,11 @@ What travels through Redis, all under one key prefix (``?prefix=``, default
 ``{prefix}:rate:{user_id}`` (hash)
     The per-user message-rate bucket shared by every node (a Lua token bucket
     on the Redis clock).
+``{prefix}:login:user:{sha256}`` and ``{prefix}:login:addr:{sha256}`` (hashes)
+    The login throttle shared by every node (:class:`RedisLoginThrottle`):
+    failures of a username or a client address, keyed by the SHA-256 of what
+    :class:`~tornado_chat.security.LoginThrottle` would count them as, each
+    expiring once it can no longer block or count.
 
 The database stays the source of truth. Messages are stored first, then
 published; a publish that Redis loses is recovered from the database: a node
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -44,7 +50,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -60,9 +66,17 @@ from tornado_chat.broker import Broker, SharedTokenBucket
 from tornado_chat.errors import ChatError, ConfigError
 from tornado_chat.limits import TokenBucket
 from tornado_chat.presence import ClusterPresence, Entry
+from tornado_chat.security import (
+    LoginThrottle,
+    Throttle,
+    refuse_login,
+    refuse_registration,
+    throttle_address_key,
+    throttle_user_key,
+)
 from tornado_chat.storage import StoredMessage
 
-__all__ = ["RedisBroker", "RedisOptions", "parse_broker_url"]
+__all__ = ["RedisBroker", "RedisLoginThrottle", "RedisOptions", "parse_broker_url"]
 
 log = logging.getLogger("tornado_chat.broker")
 
@@ -80,6 +94,10 @@ MAX_BATCH = 512
 # remembered and caught up by the other nodes from the database).
 MAX_OUTBOX = 20_000
 MAX_UNSENT_REVOKES = 10_000
+# A login waits at most this long for the shared throttle before this
+# process's own throttle decides instead (Redis answers in a millisecond or
+# two; anything slower is an outage as far as a login is concerned).
+LOGIN_THROTTLE_TIMEOUT = 0.5
 
 # -- Lua ------------------------------------------------------------------------
 # Stamps are Redis microseconds as decimal strings: Lua numbers are doubles,
@@ -168,11 +186,86 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return string.format('%.6f', tokens)
 """
 
+# The login throttle (RedisLoginThrottle): the policy of
+# tornado_chat.security.LoginThrottle, in milliseconds. A key is a hash of
+# n (failures in the current window), last (time of the latest failure) and
+# until (blocked until). ARGV[1] is the time in ms, or '' for Redis's own
+# clock (what the server uses: every node agrees with it).
+_LOGIN_CLOCK = """
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+else
+  now = tonumber(ARGV[1])
+end
+local function wait_of(keys)
+  local wait = 0
+  for _, key in ipairs(keys) do
+    local blocked = tonumber(redis.call('HGET', key, 'until'))
+    if blocked and blocked - now > wait then wait = blocked - now end
+  end
+  return wait
+end
+"""
+
+# KEYS: the keys to check. ARGV: now. Returns the wait in ms (0: admitted).
+LOGIN_WAIT_LUA = _LOGIN_CLOCK + "return wait_of(KEYS)\n"
+
+# KEYS: the keys to charge. ARGV: now, '1' to refuse (return the wait, count
+# nothing) when a key is blocked already, max failures, base delay ms, max
+# delay ms, window ms. Returns the wait in ms, 0 when the failure was counted.
+# Each key lives until it can neither block nor count (plus a second).
+LOGIN_FAIL_LUA = (
+    _LOGIN_CLOCK
+    + """
+if ARGV[2] == '1' then
+  local wait = wait_of(KEYS)
+  if wait > 0 then return wait end
+end
+local max_failures, base, cap, window =
+  tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+for _, key in ipairs(KEYS) do
+  local e = redis.call('HMGET', key, 'n', 'last', 'until')
+  local n, last, blocked = tonumber(e[1]), tonumber(e[2]), tonumber(e[3])
+  if not n or not last or not blocked or now - last > window then
+    n, blocked = 0, 0
+  end
+  n = n + 1
+  local excess = n - max_failures
+  if excess >= 0 then
+    local delay = math.floor(math.min(cap, base * 2 ^ math.min(excess, 32)))
+    blocked = math.max(blocked, now + delay)
+  end
+  redis.call('HSET', key, 'n', n, 'last', string.format('%.0f', now),
+             'until', string.format('%.0f', blocked))
+  redis.call('PEXPIRE', key, string.format('%.0f', math.max(window, blocked - now) + 1000))
+end
+return 0
+"""
+)
+
+# KEYS: user key, address key. ARGV: now. Refuses (returns the wait in ms)
+# while either is blocked; otherwise forgets the user's failures, never the
+# address's (or one's own account would reset a guessing address).
+LOGIN_OK_LUA = (
+    _LOGIN_CLOCK
+    + """
+local wait = wait_of(KEYS)
+if wait > 0 then return wait end
+redis.call('DEL', KEYS[1])
+return 0
+"""
+)
+
 _SCRIPTS = {
     "set_room": SET_ROOM_LUA,
     "heartbeat": HEARTBEAT_LUA,
     "room_snapshot": ROOM_SNAPSHOT_LUA,
     "rate": RATE_LUA,
+    "login_wait": LOGIN_WAIT_LUA,
+    "login_fail": LOGIN_FAIL_LUA,
+    "login_ok": LOGIN_OK_LUA,
 }
 
 
@@ -488,6 +581,10 @@ class RedisBroker(Broker):
 
         return SharedTokenBucket(rate, burst, charge)
 
+    def make_login_throttle(self) -> Throttle:
+        """The login throttle shared by every node through this Redis."""
+        return RedisLoginThrottle(self)
+
     # -- encoding ---------------------------------------------------------------------
 
     def _room_channel(self, room: str) -> bytes:
@@ -779,13 +876,17 @@ class RedisBroker(Broker):
 
     async def _load_scripts(self) -> None:
         assert self._client is not None
-        for name, lua in _SCRIPTS.items():
-            self._shas[name] = _text(await self._client.script_load(lua))
+        loaded = {
+            name: _text(await self._client.script_load(lua)) for name, lua in _SCRIPTS.items()
+        }
+        self._shas.update(loaded)  # all at once: no caller sees half a table
 
     async def _pipeline(self, ops: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Run ops (``publish`` or a script) in one round trip, reloading scripts if needed."""
         assert self._client is not None
-        if not self._shas:
+        # Not just "any loaded": a reconnect clears the table while another
+        # caller is still loading it, so check the scripts these ops need.
+        if any(op[0] != "publish" and op[0] not in self._shas for op in ops):
             await self._load_scripts()
         for attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
@@ -901,3 +1002,147 @@ class RedisBroker(Broker):
     def _forget(self, task: asyncio.Task[None]) -> None:
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
+
+
+# -- the shared login throttle ---------------------------------------------------------
+
+
+def _digest(key: str) -> str:
+    # Usernames are the client's: hashed, no character of theirs reaches a
+    # Redis key (no ':' or '*' games, no megabyte keys, no lone surrogate
+    # that UTF-8 would refuse).
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+class RedisLoginThrottle:
+    """:class:`~tornado_chat.security.LoginThrottle`'s policy, shared by every node.
+
+    Each operation is one Lua script (atomic in Redis) on the Redis clock, so
+    nodes with skewed clocks agree and a restart forgets nothing. Keys expire
+    by themselves once they can no longer block or count: Redis memory stays
+    bounded by the failures of the last ``window``.
+
+    When Redis does not answer within ``timeout`` (or the broker knows it is
+    disconnected), this node's in-memory throttle decides instead: fail-open
+    to the per-process limit, not fail-closed, since refusing every login
+    while Redis is down would let whoever can disturb Redis lock everyone out.
+    That local throttle also counts every failure while Redis answers, so an
+    outage does not hand out a fresh budget. One warning is logged per outage.
+
+    Args:
+        broker: the started broker whose connection and prefix are used.
+        clock: seconds; ``None`` (the server's choice) uses Redis's ``TIME``.
+            Tests pass a fake clock; every node of a deployment must agree.
+        max_failures, base_delay, max_delay, window: as for LoginThrottle.
+        timeout: seconds a login waits for Redis before deciding locally.
+    """
+
+    def __init__(
+        self,
+        broker: RedisBroker,
+        *,
+        clock: Callable[[], float] | None = None,
+        max_failures: int = 5,
+        base_delay: float = 1.0,
+        max_delay: float = 300.0,
+        window: float = 900.0,
+        timeout: float = LOGIN_THROTTLE_TIMEOUT,
+    ) -> None:
+        self._broker = broker
+        self._clock = clock
+        self._timeout = timeout
+        self._policy = [max(1, max_failures), _ms(base_delay), _ms(max_delay), _ms(window)]
+        self.local = LoginThrottle(
+            max_failures=max_failures,
+            base_delay=base_delay,
+            max_delay=max_delay,
+            window=window,
+            clock=time.monotonic if clock is None else clock,
+        )
+        prefix = broker.options.prefix
+        self._user_prefix = f"{prefix}:login:user:"
+        self._address_prefix = f"{prefix}:login:addr:"
+        self._down = False
+
+    def user_key(self, username: str) -> str:
+        """The Redis key counting ``username``'s failures."""
+        return self._user_prefix + _digest(throttle_user_key(username))
+
+    def address_key(self, address: str) -> str:
+        """The Redis key counting the failures of ``address`` (grouped as in LoginThrottle)."""
+        return self._address_prefix + _digest(throttle_address_key(address))
+
+    async def _run(self, script: str, keys: list[str], args: Sequence[Any]) -> float | None:
+        """Run one throttle script: the wait in seconds, or None when Redis did not answer."""
+        now = "" if self._clock is None else str(_ms(self._clock()))
+        broker = self._broker
+        try:
+            if not broker.connected:
+                raise ConnectionError("the broker is reconnecting")
+            reply = await asyncio.wait_for(
+                broker._script(script, keys, [now, *args]), self._timeout
+            )
+            wait_ms = int(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: this process decides
+            if not self._down:
+                self._down = True
+                log.warning(
+                    "login throttle: Redis at %s did not answer (%s); failed logins "
+                    "are counted by this process alone until it does",
+                    broker.options.display,
+                    _describe(exc) if str(exc) else f"no answer within {self._timeout:g} s",
+                )
+            return None
+        if self._down:
+            self._down = False
+            log.info("login throttle: Redis answers again; failed logins are shared again")
+        return wait_ms / 1000
+
+    async def before_login(self, username: str, address: str) -> None:
+        """Refuse while the username or the address is blocked on any node."""
+        wait = await self._run(
+            "login_wait", [self.user_key(username), self.address_key(address)], ()
+        )
+        if wait is None:
+            self.local.check(username, address)
+        elif wait > 0:
+            raise refuse_login(wait)
+
+    async def login_failed(self, username: str, address: str) -> None:
+        """Refuse if blocked by now; otherwise count a failure of both, for every node."""
+        keys = [self.user_key(username), self.address_key(address)]
+        wait = await self._run("login_fail", keys, ["1", *self._policy])
+        if wait is None:
+            self.local.check(username, address)
+        elif wait > 0:
+            raise refuse_login(wait)
+        self.local.failure(username, address)
+
+    async def login_succeeded(self, username: str, address: str) -> None:
+        """Refuse if blocked by now; otherwise forget the username's failures."""
+        keys = [self.user_key(username), self.address_key(address)]
+        wait = await self._run("login_ok", keys, ())
+        if wait is None:
+            self.local.check(username, address)
+        elif wait > 0:
+            raise refuse_login(wait)
+        self.local.success(username, address)
+
+    async def before_register(self, address: str) -> None:
+        """Refuse while the address is blocked on any node."""
+        wait = await self._run("login_wait", [self.address_key(address)], ())
+        if wait is None:
+            self.local.check_address(address)
+        elif wait > 0:
+            raise refuse_registration(wait)
+
+    async def register_failed(self, address: str) -> None:
+        """Count a failure of the address alone, for every node."""
+        await self._run("login_fail", [self.address_key(address)], ["0", *self._policy])
+        self.local.address_failure(address)

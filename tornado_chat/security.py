@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import bcrypt
 import jwt
@@ -61,6 +61,7 @@ __all__ = [
     "LoginThrottle",
     "PasswordHasher",
     "RevokeListener",
+    "Throttle",
     "TokenPair",
     "TokenService",
     "hash_secret",
@@ -841,6 +842,67 @@ class PasswordHasher:
 
 # -- login throttling ------------------------------------------------------------------
 
+LOGIN_REFUSED = "too many failed login attempts; try again later"
+REGISTER_REFUSED = "too many attempts; try again later"
+
+
+def refuse_login(wait: float) -> TooManyRequests:
+    """The 429 a blocked login gets, ``wait`` seconds before it may be tried again."""
+    return TooManyRequests("too_many_attempts", LOGIN_REFUSED, retry_after=wait)
+
+
+def refuse_registration(wait: float) -> TooManyRequests:
+    """The 429 a blocked registration gets."""
+    return TooManyRequests("too_many_attempts", REGISTER_REFUSED, retry_after=wait)
+
+
+def throttle_user_key(username: str) -> str:
+    """What the throttle counts a username as: lower-cased, at most 64 characters."""
+    # Bounded: an attacker's megabyte "username" must not become a key.
+    return username.lower()[:64]
+
+
+def throttle_address_key(address: str) -> str:
+    """What the throttle counts a client address as.
+
+    IPv6 by /64 (one host usually owns a whole /64), IPv4-mapped IPv6 as the
+    IPv4 address; anything unparsable as its first 64 characters.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class Throttle(Protocol):
+    """What :class:`AuthService` asks of a login throttle.
+
+    Every method that may refuse raises :class:`TooManyRequests`
+    (``too_many_attempts`` with ``retry_after``). :meth:`login_failed` and
+    :meth:`login_succeeded` check and update in one step, so that concurrent
+    guesses admitted together cannot all slip past the limit.
+    """
+
+    async def before_login(self, username: str, address: str) -> None:
+        """Refuse while the username or the address is blocked."""
+
+    async def login_failed(self, username: str, address: str) -> None:
+        """Refuse if blocked by now; otherwise count a failure of both keys."""
+
+    async def login_succeeded(self, username: str, address: str) -> None:
+        """Refuse if blocked by now; otherwise forget the username's failures."""
+
+    async def before_register(self, address: str) -> None:
+        """Refuse while the address is blocked (registration)."""
+
+    async def register_failed(self, address: str) -> None:
+        """Count a failure of the address alone (a taken name at registration)."""
+
 
 @dataclass(slots=True)
 class _Failures:
@@ -850,16 +912,19 @@ class _Failures:
 
 
 class LoginThrottle:
-    """Per-username and per-client-address failure backoff (in memory; a Redis
-    version comes later).
+    """Per-username and per-client-address failure backoff, in this process's memory.
 
     After ``max_failures`` failures within ``window`` seconds of each other, a
-    key (a username, or a client address; IPv6 by /64, since one host
-    usually owns a whole /64) is blocked for ``base_delay`` seconds, doubling
-    with every further failure up to ``max_delay``. A quiet ``window`` forgets
-    the failures. Memory is bounded: stale entries are dropped as new ones
-    arrive and at most ``max_entries`` keys of each kind are kept (oldest
-    evicted first).
+    key (a username, see :func:`throttle_user_key`, or a client address, see
+    :func:`throttle_address_key`) is blocked for ``base_delay`` seconds,
+    doubling with every further failure up to ``max_delay``. A quiet
+    ``window`` forgets the failures. Memory is bounded: stale entries are
+    dropped as new ones arrive and at most ``max_entries`` keys of each kind
+    are kept (oldest evicted first).
+
+    With a Redis broker, :class:`tornado_chat.redis_broker.RedisLoginThrottle`
+    applies the same policy to every node at once (and falls back to this one
+    when Redis does not answer).
     """
 
     def __init__(
@@ -882,22 +947,8 @@ class LoginThrottle:
         self._users: OrderedDict[str, _Failures] = OrderedDict()
         self._addresses: OrderedDict[str, _Failures] = OrderedDict()
 
-    @staticmethod
-    def _user_key(username: str) -> str:
-        # Bounded: an attacker's megabyte "username" must not become a key.
-        return username.lower()[:64]
-
-    @staticmethod
-    def _address_key(address: str) -> str:
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return address[:64]
-        if isinstance(ip, ipaddress.IPv6Address):
-            if ip.ipv4_mapped is not None:
-                return str(ip.ipv4_mapped)
-            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-        return str(ip)
+    _user_key = staticmethod(throttle_user_key)
+    _address_key = staticmethod(throttle_address_key)
 
     def _wait(self, table: OrderedDict[str, _Failures], key: str, now: float) -> float:
         entry = table.get(key)
@@ -915,11 +966,7 @@ class LoginThrottle:
             self._wait(self._addresses, self._address_key(address), now),
         )
         if wait > 0:
-            raise TooManyRequests(
-                "too_many_attempts",
-                "too many failed login attempts; try again later",
-                retry_after=wait,
-            )
+            raise refuse_login(wait)
 
     def check_address(self, address: str) -> None:
         """Like :meth:`check`, for the address alone (used by registration).
@@ -929,9 +976,7 @@ class LoginThrottle:
         """
         wait = self._wait(self._addresses, self._address_key(address), self._clock())
         if wait > 0:
-            raise TooManyRequests(
-                "too_many_attempts", "too many attempts; try again later", retry_after=wait
-            )
+            raise refuse_registration(wait)
 
     def address_failure(self, address: str) -> None:
         """Count a failure against the address alone (used by registration)."""
@@ -950,6 +995,30 @@ class LoginThrottle:
         an account of their own between guesses to reset it.
         """
         self._users.pop(self._user_key(username), None)
+
+    # The Throttle protocol: no await inside, so each check-and-update is atomic.
+
+    async def before_login(self, username: str, address: str) -> None:
+        """:meth:`check`."""
+        self.check(username, address)
+
+    async def login_failed(self, username: str, address: str) -> None:
+        """:meth:`check`, then :meth:`failure`."""
+        self.check(username, address)
+        self.failure(username, address)
+
+    async def login_succeeded(self, username: str, address: str) -> None:
+        """:meth:`check`, then :meth:`success`."""
+        self.check(username, address)
+        self.success(username, address)
+
+    async def before_register(self, address: str) -> None:
+        """:meth:`check_address`."""
+        self.check_address(address)
+
+    async def register_failed(self, address: str) -> None:
+        """:meth:`address_failure`."""
+        self.address_failure(address)
 
     def _record(self, table: OrderedDict[str, _Failures], key: str, now: float) -> None:
         entry = table.pop(key, None)
@@ -987,7 +1056,7 @@ class AuthService:
         storage: Storage,
         tokens: TokenService,
         passwords: PasswordHasher,
-        throttle: LoginThrottle,
+        throttle: Throttle,
         *,
         refresh_ttl: int,
         ticket_ttl: int = 30,
@@ -999,7 +1068,7 @@ class AuthService:
             storage: the database.
             tokens: access-token issuing and verification.
             passwords: bcrypt off the event loop.
-            throttle: login backoff.
+            throttle: login backoff (in memory, or shared through Redis).
             refresh_ttl: lifetime of a refresh family, seconds, counted from
                 login: rotation hands out new refresh tokens but never extends
                 the family, so a stolen token cannot be kept alive forever.
@@ -1092,13 +1161,13 @@ class AuthService:
         name = validate_username(username)
         secret = validate_password(password)
         if address is not None:
-            self._throttle.check_address(address)
+            await self._throttle.before_register(address)
         password_hash = await self._passwords.hash(secret)
         try:
             return await self._storage.create_user(name, password_hash)
         except UsernameTaken as error:
             if address is not None:
-                self._throttle.address_failure(address)
+                await self._throttle.register_failed(address)
             raise Conflict("username_taken", "that username is taken") from error
 
     async def login(self, username: object, password: object, address: str) -> TokenPair:
@@ -1117,16 +1186,15 @@ class AuthService:
         """
         if not isinstance(username, str) or not isinstance(password, str):
             raise Unauthorized("invalid_credentials", "invalid username or password")
-        self._throttle.check(username, address)
+        await self._throttle.before_login(username, address)
         user: User | None = None
         if _USERNAME_RE.fullmatch(username):
             user = await self._storage.get_user_by_name(username)
         ok = await self._passwords.verify(password, None if user is None else user.password_hash)
-        self._throttle.check(username, address)
         if not ok or user is None:
-            self._throttle.failure(username, address)
+            await self._throttle.login_failed(username, address)
             raise Unauthorized("invalid_credentials", "invalid username or password")
-        self._throttle.success(username, address)
+        await self._throttle.login_succeeded(username, address)
         now = self._clock()
         session_id = await self._storage.create_session(user.id, now + self._refresh_ttl)
         refresh_token = new_secret_token(REFRESH_PREFIX)
