@@ -32,7 +32,9 @@ from tornado_chat.pki import LocalCA, ServerCertificate
 from tornado_chat.server import TLSHTTPServer
 from tornado_chat.tls import (
     INTERMEDIATE_TLS12_CIPHERS,
+    KEY_EXCHANGE_GROUPS,
     CertificateReloader,
+    _set_groups,
     certificate_covers,
     diagnose_certificate,
     inspect_certificate,
@@ -287,22 +289,12 @@ async def test_tls11_client_refused(
     assert record.levelno == logging.WARNING
 
 
-@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
-@pytest.mark.parametrize(
-    ("group", "accepted"), [("P-256", True), ("X25519", False), ("P-384", False)]
-)
-async def test_only_p256_key_exchange(
-    live_server: LiveServer, authority: Authority, version: str, group: str, accepted: bool
-) -> None:
-    """The server agrees on P-256 only: a client limited to X25519 or P-384 fails.
-
-    ``openssl s_client`` is the client because Python before 3.11 cannot limit
-    a client to X25519.
-    """
+async def s_client(port: int, ca: Path, *args: str) -> tuple[int, str]:
+    """Run ``openssl s_client -brief`` against ``port``, verifying with ``ca``; (exit, output)."""
     command = [
-        *("openssl", "s_client", version, "-groups", group),
-        *("-connect", f"127.0.0.1:{live_server.port}", "-servername", "localhost"),
-        *("-CAfile", str(authority.cert_path), "-verify_return_error", "-brief"),
+        *("openssl", "s_client", *args),
+        *("-connect", f"127.0.0.1:{port}", "-servername", "localhost"),
+        *("-CAfile", str(ca), "-verify_return_error", "-brief"),
     ]
     client = await asyncio.create_subprocess_exec(
         *command,
@@ -311,16 +303,87 @@ async def test_only_p256_key_exchange(
         stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await asyncio.wait_for(client.communicate(), 30)
-    text = output.decode(errors="replace")
+    assert client.returncode is not None
+    return client.returncode, output.decode(errors="replace")
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+@pytest.mark.parametrize(
+    ("group", "agreed"),
+    [
+        ("X25519", "X25519"),
+        ("P-384", "secp384r1"),
+        ("X448", "prime256v1"),
+        ("P-521", "prime256v1"),
+    ],
+)
+async def test_key_exchange_groups_are_mozilla_intermediate(
+    live_server: LiveServer, authority: Authority, version: str, group: str, agreed: str
+) -> None:
+    """A client preferring X25519 or P-384 gets it; one preferring X448 or P-521 gets P-256.
+
+    The client also offers P-256: under TLS 1.2 its group list also names the
+    curves it accepts for the ECDSA certificate, which is P-256. ``openssl
+    s_client`` is the client because Python before 3.11 cannot set groups.
+    """
+    code, text = await s_client(
+        live_server.port, authority.cert_path, version, "-groups", f"{group}:P-256"
+    )
+    assert code == 0, text
+    assert "Verification: OK" in text
+    assert f"Temp Key: {agreed}," in text or f"Temp Key: ECDH, {agreed}," in text, text
+
+
+@pytest.mark.parametrize(
+    ("group", "accepted"), [("X25519", True), ("X448", False), ("P-521", False)]
+)
+async def test_tls13_client_with_only_one_group(
+    live_server: LiveServer, authority: Authority, group: str, accepted: bool
+) -> None:
+    """TLS 1.3 with one group: X25519 alone is enough; X448 or P-521 alone is refused."""
+    code, text = await s_client(live_server.port, authority.cert_path, "-tls1_3", "-groups", group)
     if accepted:
-        assert client.returncode == 0, text
-        assert "Verification: OK" in text
-        assert (
-            "Server Temp Key: ECDH, prime256v1" in text or "Peer Temp Key: ECDH, prime256v1" in text
-        )
+        assert code == 0 and f"Temp Key: {group}," in text, text
     else:
-        assert client.returncode != 0, text
+        assert code != 0, text
         assert "handshake failure" in text or "no suitable key share" in text, text
+
+
+async def test_default_client_key_share_needs_no_retry(
+    live_server: LiveServer, authority: Authority
+) -> None:
+    """OpenSSL's default first key share (X25519) is taken as sent: no HelloRetryRequest."""
+    code, text = await s_client(live_server.port, authority.cert_path, "-tls1_3", "-msg")
+    assert code == 0, text
+    assert "Temp Key: X25519," in text, text
+    assert text.count("ClientHello") == 1, text
+
+
+def test_groups_are_set_on_this_python() -> None:
+    """The group list is really set here (the one-group fallback is for other Pythons)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    assert _set_groups(context, KEY_EXCHANGE_GROUPS)
+
+
+async def test_fallback_context_agrees_on_p256_only(
+    pair: Pair, authority: Authority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the list cannot be set, the context still works, with P-256 alone."""
+    monkeypatch.setattr("tornado_chat.tls._set_groups", lambda context, groups: False)
+    context = make_server_context(pair.cert, pair.key)
+    app = tornado.web.Application([(r"/", HelloHandler)])
+    server = TLSHTTPServer(app, ssl_options=context)
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    try:
+        code, text = await s_client(port, authority.cert_path, "-groups", "P-256")
+        assert code == 0 and "prime256v1" in text, text
+        code, text = await s_client(port, authority.cert_path, "-groups", "X25519")
+        assert code != 0, text
+    finally:
+        server.stop()
+        await asyncio.wait_for(server.close_all_connections(), 5)
 
 
 async def test_plain_http_on_tls_port_logs_one_hint(

@@ -15,9 +15,12 @@
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
 import ipaddress
 import logging
 import ssl
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -54,10 +57,19 @@ INTERMEDIATE_TLS12_CIPHERS: tuple[str, ...] = (
     "ECDHE-RSA-CHACHA20-POLY1305",
 )
 
-# Python before 3.15 can set one key-exchange group only. OpenSSL's default list
-# includes X448 and secp521r1, which the intermediate profile rejects; P-256 is
-# allowed by it and implemented by every TLS client.
-KEY_EXCHANGE_GROUP = "prime256v1"
+# Mozilla intermediate's key-exchange groups, in its order. OpenSSL's default
+# list adds X448 and secp521r1, which the profile rejects. X25519 matters in
+# practice: it is the key share browsers and OpenSSL clients send first, and a
+# server without it answers with a HelloRetryRequest, which costs every TLS 1.3
+# connection one more round trip and the server about 100 us more CPU
+# (bench/floor.py's handshake, measured both ways).
+KEY_EXCHANGE_GROUPS: tuple[str, ...] = ("X25519", "prime256v1", "secp384r1")
+# Python before 3.15 can set one group only (set_ecdh_curve); where the list
+# cannot be set (see _set_groups), P-256 alone, which every TLS client implements.
+FALLBACK_GROUP = "prime256v1"
+# OpenSSL's SSL_CTRL_SET_GROUPS_LIST (ssl.h, 1.1.1 and 3.x): SSL_CTX_set1_groups_list
+# is a macro over SSL_CTX_ctrl with it.
+_SSL_CTRL_SET_GROUPS_LIST = 92
 
 # Addresses that mean "every interface": a certificate cannot name them, so the
 # coverage check asks whether local clients (https://localhost) will accept it.
@@ -109,7 +121,8 @@ def make_server_context(certfile: Path | str, keyfile: Path | str) -> ssl.SSLCon
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(":".join(INTERMEDIATE_TLS12_CIPHERS))
-    context.set_ecdh_curve(KEY_EXCHANGE_GROUP)
+    if not _set_groups(context, KEY_EXCHANGE_GROUPS):
+        context.set_ecdh_curve(FALLBACK_GROUP)
     # Compression enables CRIME-style attacks; renegotiation lets one client make
     # the server do handshake work over and over on one connection.
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
@@ -126,6 +139,39 @@ def make_server_context(certfile: Path | str, keyfile: Path | str) -> ssl.SSLCon
             f"cannot load certificate {certfile} with key {keyfile}: {_ssl_reason(exc)}"
         ) from None
     return context
+
+
+def _set_groups(context: ssl.SSLContext, groups: Sequence[str]) -> bool:
+    """Set the key-exchange groups of ``context``; False where this Python cannot.
+
+    Python 3.15 has ``SSLContext.set_groups``. Before it, the list is set with
+    OpenSSL's own call on the context's ``SSL_CTX``, found where CPython keeps
+    it (the first field after the object header) and used only after OpenSSL
+    reports for it exactly the options Python reports for the context, so a
+    layout that differs falls back instead of touching anything else.
+    """
+    wanted = ":".join(groups)
+    setter = getattr(context, "set_groups", None)
+    if setter is not None:
+        setter(wanted)
+        return True
+    if sys.implementation.name != "cpython":
+        return False
+    try:
+        libssl = ctypes.CDLL(_ssl.__file__)
+        ctrl = libssl.SSL_CTX_ctrl
+        get_options = libssl.SSL_CTX_get_options
+    except (OSError, AttributeError):
+        return False
+    ctrl.restype = ctypes.c_long
+    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+    get_options.restype = ctypes.c_uint64
+    get_options.argtypes = [ctypes.c_void_p]
+    ctx_pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not ctx_pointer or get_options(ctx_pointer) != int(context.options):
+        log.debug("SSL_CTX not where expected; key exchange limited to %s", FALLBACK_GROUP)
+        return False
+    return bool(ctrl(ctx_pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, wanted.encode()) == 1)
 
 
 def inspect_certificate(certfile: Path | str, keyfile: Path | str) -> CertificateInfo:
