@@ -83,6 +83,14 @@ async def scenario(client: Client, tag: str) -> list[str]:
     assert await ws_outcome(client, room, **query_token(forged)) == 4401
     assert await ws_outcome(client, room, **query_token(GARBAGE_TOKEN)) == 4401
     assert await ws_outcome(client, room, token=forged) == 4401
+    # Percent-encoded parameter names: Tornado decodes them, so they authenticate.
+    assert await ws_outcome(client, room, query=f"?tok%65n={token}") == "welcome"
+    assert await ws_outcome(client, room, query=f"?%74oken={forged}") == 4401
+    encoded_ticket = await new_ticket(client, token)
+    secrets.append(encoded_ticket)
+    assert await ws_outcome(client, room, query=f"?ti%63ket={encoded_ticket}") == "welcome"
+    resp = await client.request("GET", f"/api/nope?tok%65n={token}")
+    assert resp.status == 404
     ticket = await new_ticket(client, token)
     secrets.append(ticket)
     assert await ws_outcome(client, room, **query_ticket(ticket)) == "welcome"

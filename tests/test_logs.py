@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tornado_chat import logs
-from tornado_chat.logs import RedactingFilter, redact
+from tornado_chat.logs import SECRET_NAMES, RedactingFilter, redact, redact_uri
 
 JWT = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl-_x"
 TICKET = "Zm9vYmFyYmF6cXV4-_0123456789"
@@ -49,6 +49,11 @@ TICKET = "Zm9vYmFyYmF6cXV4-_0123456789"
         (f"authorization: bearer {JWT}", "authorization: bearer [REDACTED]"),
         (f"{{'Authorization': 'Bearer {JWT}'}}", "{'Authorization': 'Bearer [REDACTED]'}"),
         (f'"url": "/ws/r?token={JWT}"', '"url": "/ws/r?token=[REDACTED]"'),
+        # Tornado decodes %XX in parameter names, so these authenticate too.
+        (f"GET /ws/l?tok%65n={JWT} (::1)", "GET /ws/l?tok%65n=[REDACTED] (::1)"),
+        (f"GET /ws/l?%74%6F%6B%65%6E={JWT}", "GET /ws/l?%74%6F%6B%65%6E=[REDACTED]"),
+        (f"/ws/l?since=2&ti%63ket={TICKET}", "/ws/l?since=2&ti%63ket=[REDACTED]"),
+        (f"/cb?access%5Ftoken={JWT}", "/cb?access%5Ftoken=[REDACTED]"),
     ],
 )
 def test_redact(text: str, expected: str) -> None:
@@ -179,3 +184,34 @@ def test_install_redaction_is_idempotent_and_covers_access_log() -> None:
         access.removeHandler(handler)
         access.setLevel(old_level)
     assert stream.getvalue() == "101 GET /ws/lobby?token=[REDACTED] (127.0.0.1) 1.50ms\n"
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        (f"/ws/lobby?token={JWT}", "/ws/lobby?token=[REDACTED]"),
+        (f"/ws/lobby?since=3&tok%65n={JWT}&x=1", "/ws/lobby?since=3&tok%65n=[REDACTED]&x=1"),
+        (f"/ws/lobby?%74icket={TICKET}", "/ws/lobby?%74icket=[REDACTED]"),
+        (f"/ws/lobby?token={JWT}&token={JWT}", "/ws/lobby?token=[REDACTED]&token=[REDACTED]"),
+        (f"/x?refresh%5ftoken={TICKET}&a=b", "/x?refresh%5ftoken=[REDACTED]&a=b"),
+        ("/ws/lobby?since=3", "/ws/lobby?since=3"),
+        ("/ws/lobby", "/ws/lobby"),
+        ("/x?mytoken=kept&tokens=kept", "/x?mytoken=kept&tokens=kept"),
+    ],
+)
+def test_redact_uri_decodes_parameter_names_like_tornado(uri: str, expected: str) -> None:
+    """Any spelling of a credential parameter name that Tornado would read is redacted."""
+    assert redact_uri(uri) == expected
+
+
+def test_redact_uri_covers_every_encoding_of_every_name() -> None:
+    """Each character of each name percent-encoded, in either hex case, is still caught."""
+    for name in SECRET_NAMES:
+        for i in range(len(name)):
+            for form in ("%{:02x}", "%{:02X}"):
+                spelled = name[:i] + form.format(ord(name[i])) + name[i + 1 :]
+                for text in (
+                    redact_uri(f"/ws/r?{spelled}={JWT}"),
+                    redact(f"/ws/r?{spelled}={JWT}"),
+                ):
+                    assert JWT not in text, (spelled, text)

@@ -4,11 +4,33 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import unquote_plus
 
-# ?token=..., &ticket=..., also bearer./ticket. subprotocol values and
-# Authorization headers, wherever they appear in a message.
+# Query parameters and JSON fields that carry a credential.
+SECRET_NAMES = ("token", "ticket", "access_token", "refresh_token")
+
+
+def _encodable(name: str) -> str:
+    """A pattern for ``name`` with any of its characters percent-encoded.
+
+    Tornado decodes ``%XX`` in parameter names before the handler reads them,
+    so ``?tok%65n=...`` authenticates like ``?token=...`` and must be redacted
+    like it.
+    """
+    parts = []
+    for ch in name:
+        codes = {f"{ord(c):02x}" for c in (ch.lower(), ch.upper())}
+        alternatives = [re.escape(ch)] + [f"%{code}" for code in sorted(codes)]
+        parts.append("(?:" + "|".join(alternatives) + ")")
+    return "".join(parts)
+
+
+_URL_NAMES = "|".join(_encodable(n) for n in sorted(SECRET_NAMES, key=len, reverse=True))
+# ?token=..., &ticket=... (names also percent-encoded), bearer./ticket.
+# subprotocol values, Authorization headers and JSON fields, wherever they
+# appear in a message.
 _SECRET_RE = re.compile(
-    r"(?P<key>(?:\b(?:token|ticket|access_token|refresh_token)=)|(?:bearer\.|ticket\.)"
+    rf"(?P<key>(?:(?<![A-Za-z0-9_%])(?:{_URL_NAMES})=)|(?:bearer\.|ticket\.)"
     r"|(?:Bearer\s+)"
     r"|(?:\"(?:token|ticket|access_token|refresh_token)\"\s*:\s*\"))"
     r"(?P<value>[^&\s\"',;]+)",
@@ -19,6 +41,25 @@ _SECRET_RE = re.compile(
 def redact(text: str) -> str:
     """Replace every credential in ``text`` with ``[REDACTED]``."""
     return _SECRET_RE.sub(lambda m: m.group("key") + "[REDACTED]", text)
+
+
+def redact_uri(uri: str) -> str:
+    """A request URI with the value of every credential parameter replaced.
+
+    Each ``&``-separated parameter's name is decoded the way Tornado decodes
+    it before the comparison, so no spelling of a name that authenticates
+    escapes; the rest of the URI goes through :func:`redact` as well.
+    """
+    path, sep, query = uri.partition("?")
+    if not sep:
+        return redact(uri)
+    params = []
+    for param in query.split("&"):
+        name, eq, _value = param.partition("=")
+        if eq and unquote_plus(name, encoding="latin-1").lower() in SECRET_NAMES:
+            param = f"{name}=[REDACTED]"
+        params.append(param)
+    return redact(f"{path}?{'&'.join(params)}")
 
 
 class RedactingFilter(logging.Filter):

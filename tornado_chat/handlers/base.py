@@ -16,7 +16,7 @@ from tornado_chat.errors import (
     StorageError,
     Unauthorized,
 )
-from tornado_chat.logs import redact
+from tornado_chat.logs import redact_uri
 
 if TYPE_CHECKING:
     from tornado_chat.app import Services
@@ -54,7 +54,7 @@ def set_security_headers(handler: tornado.web.RequestHandler) -> None:
 def request_summary(handler: tornado.web.RequestHandler) -> str:
     """``METHOD /path?query (ip)`` with credentials in the URL redacted."""
     req = handler.request
-    return f"{req.method} {redact(req.uri or '')} ({req.remote_ip})"
+    return f"{req.method} {redact_uri(req.uri or '')} ({req.remote_ip})"
 
 
 class BaseHandler(tornado.web.RequestHandler):
