@@ -3,7 +3,9 @@
 Each test runs the server as a subprocess (its memory is measured from
 ``/proc``, and it is killed for real) and talks to it over verified TLS.
 "Acknowledged" means what the contract says: the sender got its own message
-back with its ``client_id``.
+back with its ``client_id``. The storms run against both databases: the
+default SQLite and a scratch PostgreSQL database (``--db``) on the machine's
+server, which must be up.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 import signal
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,14 @@ from tests.netfault import (
     NO_RATE_LIMIT,
     OP_CLOSE,
     OP_TEXT,
+    Endpoint,
     RawWebSocket,
     assert_clean_log,
+    fresh_pg_database,
     rss_bytes,
     start_server,
 )
+from tests.test_server import ChatProcess
 from tornado_chat.pki import ServerCertificate
 from tornado_chat.storage import Storage, StoredMessage
 
@@ -188,18 +193,24 @@ class Sender:
     name: str
     room: str
     sock: Socket
+    progress: asyncio.Condition  # notified on every acknowledgement and when the socket ends
     acked: list[tuple[int, str]] = field(default_factory=list)  # (seq, body)
+    errors: list[dict[str, Any]] = field(default_factory=list)
     sent: int = 0
+    ended: bool = False
     close_code: int | None = None
 
     async def run(self, window: int = 64) -> None:
         """Send until the socket closes, at most ``window`` unacknowledged; record acks."""
         reader = asyncio.ensure_future(self._read())
         try:
-            while not reader.done():
-                if self.sent - len(self.acked) >= window:
-                    await asyncio.sleep(0.002)
-                    continue
+            while True:
+                async with self.progress:
+                    await self.progress.wait_for(
+                        lambda: self.ended or self.sent - len(self.acked) < window
+                    )
+                if self.ended:
+                    break
                 body = f"{self.name}-{self.sent}"
                 try:
                     await self.sock.say(body, client_id=body)
@@ -210,35 +221,66 @@ class Sender:
             await reader
 
     async def _read(self) -> None:
-        while (raw := await self.sock.conn.read_message()) is not None:
-            frame = json.loads(raw)
-            if frame["type"] == "message" and frame.get("client_id", "").startswith(self.name):
-                assert frame["client_id"] == frame["body"]
-                self.acked.append((frame["seq"], frame["body"]))
-        self.close_code = self.sock.close_code
+        try:
+            while (raw := await self.sock.conn.read_message()) is not None:
+                frame = json.loads(raw)
+                if frame["type"] == "error":
+                    self.errors.append(frame)
+                elif frame["type"] == "message" and frame.get("client_id", "").startswith(
+                    self.name
+                ):
+                    assert frame["client_id"] == frame["body"]
+                    self.acked.append((frame["seq"], frame["body"]))
+                    async with self.progress:
+                        self.progress.notify_all()
+            self.close_code = self.sock.close_code
+        finally:
+            self.ended = True
+            async with self.progress:
+                self.progress.notify_all()
 
 
-async def start_storm(
-    client: Client, rooms: Sequence[str], per_room: int
-) -> tuple[list[Sender], asyncio.Future[Any]]:
-    """Senders (``per_room`` in each room) sending until their sockets close."""
-    senders = []
-    for room in rooms:
-        for i in range(per_room):
-            name = f"{room}_{i}"
-            token = (await client.user(name))["access_token"]
-            sock, _ = await client.join(room, token)
-            senders.append(Sender(name, room, sock))
-    running = asyncio.gather(*(s.run() for s in senders))
-    return senders, running
+@dataclass
+class Storm:
+    """Senders in several rooms, each sending until its socket closes."""
 
+    senders: list[Sender]
+    running: asyncio.Future[Any]
+    progress: asyncio.Condition
 
-async def wait_for_acks(senders: Sequence[Sender], count: int, timeout: float = 30) -> None:
-    """Until the senders have ``count`` acknowledgements between them."""
-    deadline = time.monotonic() + timeout
-    while sum(len(s.acked) for s in senders) < count:
-        assert time.monotonic() < deadline, "the storm did not get going"
-        await asyncio.sleep(0.01)
+    @classmethod
+    async def start(cls, client: Client, rooms: Sequence[str], per_room: int) -> Storm:
+        """Log ``per_room`` senders into each room, then let them all send."""
+        progress = asyncio.Condition()
+        senders = []
+        for room in rooms:
+            for i in range(per_room):
+                name = f"{room}_{i}"
+                token = (await client.user(name))["access_token"]
+                sock, _ = await client.join(room, token)
+                senders.append(Sender(name, room, sock, progress))
+        return cls(senders, asyncio.gather(*(s.run() for s in senders)), progress)
+
+    @property
+    def acked(self) -> int:
+        """Acknowledgements so far, all senders together."""
+        return sum(len(s.acked) for s in self.senders)
+
+    async def wait_for_acks(self, count: int, timeout: float = 60) -> None:
+        """Until the senders have ``count`` acknowledgements between them (all still open)."""
+
+        async def until() -> None:
+            async with self.progress:
+                await self.progress.wait_for(
+                    lambda: self.acked >= count or any(s.ended for s in self.senders)
+                )
+
+        try:
+            await asyncio.wait_for(until(), timeout)
+        except asyncio.TimeoutError:
+            pytest.fail(f"the storm did not get going: {self.acked} acknowledgements")
+        ended = [(s.name, s.close_code) for s in self.senders if s.ended]
+        assert not ended, f"sockets ended during the storm: {ended}"
 
 
 History = dict[str, list[tuple[int, str]]]  # room -> [(seq, body)] ascending
@@ -291,40 +333,72 @@ async def fetch_history(client: Client, room: str, token: str) -> list[tuple[int
         messages.extend((m["seq"], m["body"]) for m in page)
 
 
-async def test_kill_9_mid_storm_loses_nothing_acknowledged(
-    server_cert: ServerCertificate, tmp_path: Path, client_ssl: ssl.SSLContext
-) -> None:
-    """kill -9 in a storm; after a restart every ack is in history once, in order; seq goes on."""
+@dataclass
+class Database:
+    """Where a test's servers keep their state: a data directory and a database."""
+
+    data: Path
+    url: str  # for reading the database straight back
+    flags: tuple[str, ...]  # what names the database on the command line
+
+    def start(self, cert: ServerCertificate, *flags: str) -> tuple[ChatProcess, Endpoint]:
+        """Start ``python -m tornado_chat`` on this database (no rate limit) and wait for it."""
+        return start_server(cert, self.data, *self.flags, *NO_RATE_LIMIT, *flags)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """The default SQLite in the data directory, or a scratch PostgreSQL database."""
     data = tmp_path / "data"
+    if request.param == "sqlite":
+        # No --db: the default, DATA_DIR/chat.db.
+        yield Database(data, f"sqlite+aiosqlite:///{data / 'chat.db'}", ())
+        return
+    # Fails the test (never skips it) when PostgreSQL is down.
+    async with fresh_pg_database() as url:
+        yield Database(data, url, ("--db", url))
+
+
+async def test_kill_9_mid_storm_loses_nothing_acknowledged(
+    server_cert: ServerCertificate, client_ssl: ssl.SSLContext, database: Database
+) -> None:
+    """kill -9 in a storm: every ack is stored once, in order; a restart serves it, seq goes on."""
     rooms = ["storm-a", "storm-b"]
-    process, endpoint = await asyncio.to_thread(start_server, server_cert, data, *NO_RATE_LIMIT)
+    process, endpoint = await asyncio.to_thread(database.start, server_cert)
     client = Client(endpoint, client_ssl)  # type: ignore[arg-type]
     try:
-        senders, running = await start_storm(client, rooms, per_room=3)
-        await wait_for_acks(senders, 1500)
+        storm = await Storm.start(client, rooms, per_room=3)
+        await storm.wait_for_acks(1500)
         os.kill(process.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
-        await asyncio.wait_for(running, 30)
-        assert process.wait(10) == -signal.SIGKILL
+        await asyncio.wait_for(storm.running, 60)
+        assert await asyncio.to_thread(process.wait, 10) == -signal.SIGKILL
     finally:
         client.close()
         process.stop()
+    senders = storm.senders
     assert all(s.close_code is None for s in senders)  # no close frame: the process died
+    assert [s.errors for s in senders] == [[]] * len(senders)
+    assert_clean_log(process)
 
-    process, endpoint = await asyncio.to_thread(start_server, server_cert, data, *NO_RATE_LIMIT)
+    # What the killed server left, read straight from the database before anything
+    # else opens it.
+    stored = await read_history(database.url, rooms)
+    assert_acknowledged_kept(senders, stored)
+
+    process, endpoint = await asyncio.to_thread(database.start, server_cert)
     client = Client(endpoint, client_ssl)  # type: ignore[arg-type]
     try:
-        history: History = {}
         for room in rooms:
             token = (await client.login(f"{room}_0")).json["access_token"]
-            messages = history[room] = await fetch_history(client, room, token)
-            # seq continues after the restart without a gap.
+            # The restarted server serves exactly what is stored ...
+            assert await fetch_history(client, room, token) == stored[room]
+            # ... and seq continues after it without a gap.
             sock, welcome = await client.join(room, token)
-            assert welcome["last_seq"] == len(messages)
+            assert welcome["last_seq"] == len(stored[room])
             await sock.say("after the restart", client_id="restarted")
-            echo = (await sock.messages(1))[0]
-            assert (echo["seq"], echo["client_id"]) == (len(messages) + 1, "restarted")
+            echo = (await sock.messages(1, timeout=30))[0]
+            assert (echo["seq"], echo["client_id"]) == (len(stored[room]) + 1, "restarted")
             sock.close()
-        assert_acknowledged_kept(senders, history)
     finally:
         client.close()
         process.stop()
@@ -333,21 +407,20 @@ async def test_kill_9_mid_storm_loses_nothing_acknowledged(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_mid_storm_closes_1001_exits_0_keeps_acks(
-    server_cert: ServerCertificate, tmp_path: Path, client_ssl: ssl.SSLContext, signum: int
+    server_cert: ServerCertificate, client_ssl: ssl.SSLContext, database: Database, signum: int
 ) -> None:
     """SIGTERM/SIGINT during a storm: every socket sees 1001, exit 0 in time, acks all stored."""
-    data = tmp_path / "data"
     rooms = ["sig-a", "sig-b"]
     process, endpoint = await asyncio.to_thread(
-        start_server, server_cert, data, *NO_RATE_LIMIT, "--shutdown-timeout", "5"
+        database.start, server_cert, "--shutdown-timeout", "5"
     )
     client = Client(endpoint, client_ssl)  # type: ignore[arg-type]
     try:
-        senders, running = await start_storm(client, rooms, per_room=2)
-        await wait_for_acks(senders, 600)
+        storm = await Storm.start(client, rooms, per_room=2)
+        await storm.wait_for_acks(600)
         started = time.monotonic()
         process.send(signum)
-        await asyncio.wait_for(running, 30)
+        await asyncio.wait_for(storm.running, 30)
         code = await asyncio.to_thread(process.wait, 15)
         elapsed = time.monotonic() - started
     finally:
@@ -355,10 +428,10 @@ async def test_signal_mid_storm_closes_1001_exits_0_keeps_acks(
         process.stop()
     assert code == 0, process.stderr
     assert elapsed < 5 + 2
-    assert [s.close_code for s in senders] == [1001] * len(senders)
+    assert [s.close_code for s in storm.senders] == [1001] * len(storm.senders)
     name = signal.Signals(signum).name
     assert f"{name} received: shutting down" in process.stderr
     assert re.search(r"INFO tornado_chat\.server: stopped$", process.stderr, re.M)
     assert_clean_log(process)
-    history = await read_history(f"sqlite+aiosqlite:///{data / 'chat.db'}", rooms)
-    assert_acknowledged_kept(senders, history)
+    history = await read_history(database.url, rooms)
+    assert_acknowledged_kept(storm.senders, history)
