@@ -548,9 +548,11 @@ async def test_processes_share_one_port_and_deliver_across_workers(
         client = Client(node, client_ssl)  # type: ignore[arg-type]
         socks: list[Socket] = []
         try:
-            # The workers accept from one listening socket: whichever is
-            # awake takes a connection. Open sockets a few at a time, together,
-            # until both workers (two presence nodes in Redis) hold some.
+            # Each worker listens on its own SO_REUSEPORT socket and the kernel
+            # picks one for every new connection by a hash of its addresses and
+            # ports, so which worker gets a socket is chance. Open sockets a few
+            # at a time, together, until both workers (two presence nodes in
+            # Redis) hold some.
             holders: set[str] = set()
             for batch in range(8):
                 tokens = [await user_on(client, f"sc_proc{batch}_{i}") for i in range(6)]
