@@ -82,6 +82,11 @@ def msg(
     )
 
 
+def frame_of(m: StoredMessage) -> bytes:
+    """The ready-made frame the hub would send for ``m``."""
+    return protocol.message_frame(m)
+
+
 class FakeStore:
     """What the hub's fetch function reads: stored messages, paged like Storage.messages."""
 
@@ -164,6 +169,30 @@ def test_member_holds_frames_until_start() -> None:
     assert kinds == [("welcome", None), ("message", 1), ("message", 2), ("presence", None),
                      ("message", 3)]  # fmt: skip
     assert m.last_seq == 3
+
+
+def test_member_held_frames_over_the_limit_close_4408() -> None:
+    """Live frames held during set-up are bounded: past held_limit, the next flush closes 4408."""
+    peer = FakePeer()
+    m = Member(peer, "lobby", 1, "alice", "s1", held_limit=300)
+    frame = b"x" * 100
+    assert [m.queue(frame, seq) for seq in (1, 2, 3)] == [False, False, False]
+    assert m.queue(frame, 4) is True, "crossing the limit asks for a flush"
+    assert m.queue(frame, 5) is False and m.overflowed
+    m.flush()
+    assert peer.closes == [(protocol.CLOSE_TOO_SLOW, "outbound queue overflowed")]
+    assert peer.writes == [], "nothing of the dropped backlog is written"
+
+
+def test_member_held_frames_within_the_limit_are_released_in_order() -> None:
+    """Up to held_limit bytes, held frames go out after the set-up frames, in seq order."""
+    peer = FakePeer()
+    m = Member(peer, "lobby", 1, "alice", "s1", held_limit=10_000)
+    for seq in (3, 4):
+        m.queue(frame_of(msg(seq)), seq)
+    m.start([(1, frame_of(msg(1))), (2, frame_of(msg(2)))])
+    m.flush()
+    assert peer.closes == [] and peer.seqs() == [1, 2, 3, 4]
 
 
 def test_member_drops_duplicate_and_old_seq() -> None:

@@ -110,3 +110,16 @@ def test_starts_full_with_default_clock() -> None:
     assert not bucket.exhausted
     assert [bucket.take(), bucket.take(), bucket.take()] == [True, True, False]
     assert bucket.max_strikes == 5
+
+
+def test_full_in_counts_the_refill_still_missing(clock: FakeClock) -> None:
+    """full_in() is how long until a bucket is full again; 0 once it is."""
+    b = TokenBucket(rate=2.0, burst=4, clock=clock)
+    assert b.full_in() == 0.0
+    for _ in range(3):
+        assert b.take()
+    assert b.full_in() == pytest.approx(1.5)
+    clock.now += 1.0
+    assert b.full_in() == pytest.approx(0.5)
+    clock.now += 5.0
+    assert b.full_in() == 0.0

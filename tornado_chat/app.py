@@ -6,6 +6,7 @@ keys) can live in one process, which is what the tests do.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import logging
@@ -83,8 +84,26 @@ class Services:
         return b
 
     def forget_bucket(self, user_id: int) -> None:
-        """Drop the bucket of a user with no socket left (bounded memory)."""
-        self.buckets.pop(user_id, None)
+        """Drop the bucket of a user with no socket left, once it has refilled.
+
+        Dropping it at once would hand a user who reconnects a fresh burst, so
+        closing and reopening a socket would lift the rate limit. Kept until
+        it is full again, it is then worth exactly what a new one is; memory
+        stays bounded by the users who sent in the last ``burst / rate`` seconds.
+        """
+        b = self.buckets.get(user_id)
+        if b is None:
+            return
+        if self.hub.sockets_of(user_id) or b.full_in() > 0:
+            # Check again when it would be full (a reconnect may also reuse it).
+            loop = asyncio.get_running_loop()
+            loop.call_later(max(b.full_in(), 0.05), self._drop_bucket_if_idle, user_id, b)
+            return
+        del self.buckets[user_id]
+
+    def _drop_bucket_if_idle(self, user_id: int, bucket: TokenBucket) -> None:
+        if self.buckets.get(user_id) is bucket and not self.hub.sockets_of(user_id):
+            self.forget_bucket(user_id)
 
     def online_counts(self) -> dict[str, int]:
         """Online users per room, cluster-wide with a Redis broker."""

@@ -72,8 +72,11 @@ class Member:
 
     __slots__ = (
         "_held",
+        "_held_bytes",
         "_out",
+        "held_limit",
         "last_seq",
+        "overflowed",
         "peer",
         "room",
         "session_id",
@@ -81,7 +84,16 @@ class Member:
         "username",
     )
 
-    def __init__(self, peer: Peer, room: str, user_id: int, username: str, session_id: str) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        room: str,
+        user_id: int,
+        username: str,
+        session_id: str,
+        *,
+        held_limit: int | None = None,
+    ) -> None:
         self.peer = peer
         self.room = room
         self.user_id = user_id
@@ -90,8 +102,13 @@ class Member:
         # Highest seq queued to this socket; anything at or below is a duplicate.
         self.last_seq = 0
         self._out: list[bytes] = []
-        # While the socket is being set up (welcome, replay), live frames wait here.
+        # While the socket is being set up (welcome, replay), live frames wait
+        # here, up to held_limit bytes (the socket's outbox): a client that
+        # resumes into a long history and stops reading is a slow consumer too.
         self._held: list[tuple[int, bytes]] | None = []
+        self._held_bytes = 0
+        self.held_limit = held_limit
+        self.overflowed = False
 
     @property
     def ready(self) -> bool:
@@ -105,7 +122,17 @@ class Member:
             True when the outbox went from empty to non-empty (needs a flush).
         """
         if self._held is not None:
+            if self.overflowed:
+                return False
             self._held.append((seq, frame))
+            self._held_bytes += len(frame)
+            if self.held_limit is not None and self._held_bytes > self.held_limit:
+                # Dropped now and closed at the next flush: the caller is
+                # told, as for a first frame, so that the flush comes.
+                self.overflowed = True
+                self._held = []
+                self._held_bytes = 0
+                return True
             return False
         if seq:
             if seq <= self.last_seq:
@@ -117,13 +144,18 @@ class Member:
     def start(self, frames: Sequence[tuple[int, bytes]]) -> None:
         """Send the set-up frames (welcome, replay), then release held live frames."""
         held, self._held = self._held or [], None
+        self._held_bytes = 0
         for seq, frame in frames:
             self.queue(frame, seq)
         for seq, frame in held:
             self.queue(frame, seq)
 
     def flush(self) -> None:
-        """Write all queued frames in one write."""
+        """Write all queued frames in one write (or close an overflowed socket with 4408)."""
+        if self.overflowed:
+            self._out.clear()
+            self.peer.close_with(protocol.CLOSE_TOO_SLOW, "outbound queue overflowed")
+            return
         if not self._out:
             return
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)

@@ -44,6 +44,11 @@ class TokenBucket:
         self.strikes += 1
         return False
 
+    def full_in(self) -> float:
+        """Seconds until the bucket is full again if nothing more is taken."""
+        tokens = self.tokens + (self._clock() - self.stamp) * self.rate
+        return max(0.0, (self.burst - tokens) / self.rate)
+
     @property
     def exhausted(self) -> bool:
         """Whether the strikes reached the limit (the socket should close with 4429)."""

@@ -429,7 +429,14 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             self.close_with(protocol.CLOSE_RATE_LIMITED, "server full; try again later")
             return None
         self.claims = claims
-        member = Member(self, room, claims.user_id, claims.username, claims.session_id)
+        member = Member(
+            self,
+            room,
+            claims.user_id,
+            claims.username,
+            claims.session_id,
+            held_limit=self.chat_settings.outbox_bytes,
+        )
         first = hub.join(member)
         self.member = member
         # Bound what Tornado buffers for this socket: a client that stops
@@ -517,36 +524,44 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         hub.start_member(member, [])
 
     async def _write_paced(self, frames: list[bytes]) -> bool:
-        """Write frames in chunks, each after the previous one drained; False once closed."""
+        """Write frames in chunks, each after the previous one drained; False once closed.
+
+        A chunk never exceeds the outbox (``--outbox-bytes`` may be set below
+        REPLAY_CHUNK), so a client that reads is never taken for a slow one.
+        """
+        limit = min(REPLAY_CHUNK, self.chat_settings.outbox_bytes)
         chunk: list[bytes] = []
         size = 0
-        for index, frame in enumerate(frames):
+        for frame in frames:
+            if chunk and size + len(frame) > limit:
+                if not await self._write_chunk(b"".join(chunk)):
+                    return False
+                chunk, size = [], 0
             chunk.append(frame)
             size += len(frame)
-            if size < REPLAY_CHUNK and index < len(frames) - 1:
-                continue
-            conn = self.ws_connection
-            if self.member is None or conn is None or conn.is_closing() or conn.stream is None:
-                return False
-            stream = conn.stream
-            stream.max_write_buffer_size = self.chat_settings.outbox_bytes
-            try:
-                written = stream.write(b"".join(chunk))
-            except StreamBufferFullError:
-                self.close_with(protocol.CLOSE_TOO_SLOW, "outbound queue overflowed")
-                return False
-            except StreamClosedError:
-                return False
-            finally:
-                if not stream.closed():
-                    stream.max_write_buffer_size = (
-                        self.chat_settings.outbox_bytes + CONTROL_HEADROOM
-                    )
-            chunk, size = [], 0
-            try:
-                await written
-            except StreamClosedError:
-                return False
+        return not chunk or await self._write_chunk(b"".join(chunk))
+
+    async def _write_chunk(self, data: bytes) -> bool:
+        """Write one replay chunk within the outbox and wait until it drained."""
+        conn = self.ws_connection
+        if self.member is None or conn is None or conn.is_closing() or conn.stream is None:
+            return False
+        stream = conn.stream
+        stream.max_write_buffer_size = self.chat_settings.outbox_bytes
+        try:
+            written = stream.write(data)
+        except StreamBufferFullError:
+            self.close_with(protocol.CLOSE_TOO_SLOW, "outbound queue overflowed")
+            return False
+        except StreamClosedError:
+            return False
+        finally:
+            if not stream.closed():
+                stream.max_write_buffer_size = self.chat_settings.outbox_bytes + CONTROL_HEADROOM
+        try:
+            await written
+        except StreamClosedError:
+            return False
         return True
 
     # -- frames -------------------------------------------------------------------
