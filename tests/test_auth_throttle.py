@@ -207,9 +207,15 @@ async def test_unknown_user_takes_as_long_as_a_wrong_password(
     try:
         assert (await made[0].register("thr_timing")).status == 201
         hashed = bcrypt.hashpw(b"some password", bcrypt.gensalt(COSTLY_ROUNDS))
-        t0 = time.perf_counter()
-        bcrypt.checkpw(b"other password", hashed)
-        one_check = time.perf_counter() - t0
+        # The cost of one check: the fastest of several, since a busy machine
+        # can only make a single measurement longer (a slow one made this
+        # reference too high and the comparison below fail under load).
+        checks = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            bcrypt.checkpw(b"other password", hashed)
+            checks.append(time.perf_counter() - t0)
+        one_check = min(checks)
         timings: dict[str, list[float]] = {"wrong": [], "unknown": []}
         bodies = set()
         for i in range(4):  # under the 5-failure limit of the name and of each address
