@@ -1,9 +1,12 @@
 """The browser client in real Chromium that trusts the test CA through an NSS database.
 
-One server and one Chromium serve the whole module. Chromium verifies the
-server's certificate for real: its HOME holds an NSS database trusting the CA
-the project's toolkit minted, and no certificate-error flag is ever passed (the
-first test proves the page does not load without that trust).
+One server and one Chromium serve most of the module (a server allowing one
+socket per user and one with 2-second access tokens serve the tests that need
+them). The page's reconnect base delay is lowered through sessionStorage where
+a test waits for retries. Chromium verifies the server's certificate for real:
+its HOME holds an NSS database trusting the CA the project's toolkit minted,
+and no certificate-error flag is ever passed (the first test proves the page
+does not load without that trust).
 
 Screenshots land in ``test-artifacts/browser/`` on every run; with
 ``CHAT_TEST_UPDATE_SCREENSHOT=1`` the conversation is also written to
@@ -12,6 +15,7 @@ Screenshots land in ``test-artifacts/browser/`` on every run; with
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -41,6 +45,64 @@ REAUTH_GRACE = 3.0
 INJECTION = "<img src=x onerror=alert(1)>"
 # Tokens are JWTs (three base64url parts, the first one starting "eyJ").
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
+# The page's own reconnect defaults (chat.js) and the sessionStorage key
+# through which same-origin script (these tests) may lower the base.
+BACKOFF_BASE_MS = 500
+BACKOFF_CAP_MS = 30_000
+BACKOFF_BASE_KEY = "tornado_chat.backoff_base_ms"
+# What the page says for each close; 4429 is told apart by its reason.
+TOO_MANY_MESSAGES = "You sent too many messages too quickly. Reconnecting after a pause…"
+TOO_MANY_SOCKETS = (
+    "Too many connections are open for your account. Close other tabs of this chat"
+    " or leave a room here; reconnecting after a pause…"
+)
+SERVER_FULL = "The server is full right now. Reconnecting after a pause…"
+CLOSE_TEXTS: dict[tuple[int, str], str] = {
+    (1001, "server shutting down"): "The server is restarting. Reconnecting…",
+    (1007, "text frame is not valid UTF-8"): (
+        "The server could not read a message from this page. Reconnecting…"
+    ),
+    (1009, "message too big"): (
+        "Your last message was too large for the server and was not delivered. Reconnecting…"
+    ),
+    (1011, "storage unavailable"): "The server hit an internal error. Reconnecting…",
+    (4408, "outbound queue overflowed"): (
+        "The connection fell behind the conversation. Reconnecting…"
+    ),
+    (4429, "rate limit exceeded"): TOO_MANY_MESSAGES,
+    (4429, "too many sockets for this user"): TOO_MANY_SOCKETS,
+    (4429, "server full; try again later"): SERVER_FULL,
+    (4429, ""): "The server asked this page to slow down. Reconnecting after a pause…",
+}
+# In-page instrumentation for the tests: every WebSocket the page creates
+# (time, close code and reason), every notice text shown, and whether the login
+# form was ever shown. It wraps the page's globals and changes no behaviour.
+PROBE_JS = """() => {
+    if (window.__probe) return;
+    const probe = { attempts: [], notices: [], authShown: 0 };
+    window.__probe = probe;
+    window.WebSocket = new Proxy(window.WebSocket, {
+        construct(target, args) {
+            const ws = new target(...args);
+            const entry = { url: String(args[0]), at: performance.now(), code: null };
+            probe.attempts.push(entry);
+            ws.addEventListener("close", (event) => {
+                entry.code = event.code;
+                entry.reason = event.reason;
+                entry.closedAt = performance.now();
+            });
+            return ws;
+        },
+    });
+    const text = document.getElementById("notice-text");
+    new MutationObserver(() => {
+        if (text.textContent) probe.notices.push(text.textContent);
+    }).observe(text, { childList: true, characterData: true, subtree: true });
+    const auth = document.getElementById("auth-view");
+    new MutationObserver(() => {
+        if (!auth.hidden) probe.authShown += 1;
+    }).observe(auth, { attributes: true, attributeFilter: ["hidden"] });
+}"""
 
 
 # ---------------------------------------------------------------- fixtures
@@ -56,6 +118,32 @@ def chat_server(
         tmp_path_factory.mktemp("browser-data"),
         access_ttl=ACCESS_TTL,
         reauth_grace=REAUTH_GRACE,
+    )
+    live = LiveServer(settings).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def strict_server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A server that allows each user one socket at a time."""
+    settings = make_settings(
+        server_cert, tmp_path_factory.mktemp("browser-strict"), max_sockets_per_user=1
+    )
+    live = LiveServer(settings).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def short_server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A server whose access tokens live 2 s, closing expired sockets 0.5 s later."""
+    settings = make_settings(
+        server_cert, tmp_path_factory.mktemp("browser-short"), access_ttl=2, reauth_grace=0.5
     )
     live = LiveServer(settings).start()
     yield live
@@ -135,6 +223,16 @@ class ChatPage:
         expect(self.page.get_by_role("heading", name="Log in")).to_be_visible()
         return self
 
+    def login(self, username: str, password: str = PASSWORD) -> None:
+        """Log in to an existing account through the "Log in" form."""
+        page = self.page
+        expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+        page.get_by_label("Username").fill(username)
+        page.get_by_label("Password").fill(password)
+        page.get_by_role("button", name="Log in").click()
+        expect(page.locator("#me-name")).to_have_text(username)
+        self.first_refresh_token = self.refresh_token()
+
     def register(self, username: str, password: str = PASSWORD) -> None:
         """Create an account through the form (which then logs in)."""
         page = self.page
@@ -150,13 +248,14 @@ class ChatPage:
         token = self.page.evaluate("sessionStorage.getItem('tornado_chat.refresh_token')")
         return str(token) if token is not None else None
 
-    def join(self, room: str) -> None:
-        """Join a room by name and wait until its socket is live."""
+    def join(self, room: str, *, wait: bool = True) -> None:
+        """Join a room by name and (unless ``wait`` is false) wait until its socket is live."""
         field_ = self.page.get_by_label("Join a room")
         field_.fill(room)
         field_.press("Enter")
         expect(self.page.locator("#room-title")).to_have_text(f"# {room}")
-        self.wait_connected()
+        if wait:
+            self.wait_connected()
 
     def wait_connected(self, timeout: float = 15) -> None:
         """Wait for the connection indicator to say Connected."""
@@ -191,6 +290,32 @@ class ChatPage:
         """The 'Online here' list."""
         return self.page.locator("#online-list .person-name")
 
+    def probe(self, *, backoff_base_ms: int | None = None) -> None:
+        """Install PROBE_JS; optionally lower the page's reconnect base delay."""
+        self.page.evaluate(PROBE_JS)
+        if backoff_base_ms is not None:
+            self.page.evaluate(
+                "([key, value]) => sessionStorage.setItem(key, value)",
+                [BACKOFF_BASE_KEY, str(backoff_base_ms)],
+            )
+
+    def attempts(self) -> list[dict[str, Any]]:
+        """Every socket the page created since :meth:`probe`, oldest first."""
+        return list(self.page.evaluate("window.__probe.attempts"))
+
+    def notices(self) -> list[str]:
+        """Every notice text shown since :meth:`probe`."""
+        return [str(n) for n in self.page.evaluate("window.__probe.notices")]
+
+    def wait_closes(self, count: int, timeout: float = 15) -> list[dict[str, Any]]:
+        """Wait until ``count`` of the probed sockets have closed; those closes."""
+        self.page.wait_for_function(
+            "n => window.__probe.attempts.filter(a => a.code !== null).length >= n",
+            arg=count,
+            timeout=timeout * 1000,
+        )
+        return [a for a in self.attempts() if a["code"] is not None]
+
     def open_socket(self, room: str) -> WebSocket:
         """The page's open WebSocket for ``room``."""
         path = re.compile(rf"/ws/{re.escape(room)}(\?|$)")
@@ -212,10 +337,10 @@ def open_page(
     """A factory of fresh pages, each in its own browser context (own sessionStorage)."""
     contexts: list[Any] = []
 
-    def factory(width: int = 1200, height: int = 760) -> ChatPage:
+    def factory(width: int = 1200, height: int = 760, server: LiveServer | None = None) -> ChatPage:
         context = browser.new_context(viewport={"width": width, "height": height})
         contexts.append(context)
-        chat = ChatPage(context.new_page(), chat_server.base_url)
+        chat = ChatPage(context.new_page(), (server or chat_server).base_url)
         chat.watch()
         opened_pages.append(chat)
         return chat.open()
@@ -254,6 +379,26 @@ def api(server: LiveServer, client_ssl: Any, work: Callable[[Client], Any]) -> A
             client.close()
 
     return server.call(run())
+
+
+def close_from_server(server: LiveServer, username: str, room: str, code: int, reason: str) -> int:
+    """Close ``username``'s sockets in ``room`` from the server side; how many there were."""
+
+    async def run() -> int:
+        members = [
+            m for m in server.services.hub.members() if m.username == username and m.room == room
+        ]
+        for member in members:
+            member.peer.close_with(code, reason)
+        return len(members)
+
+    return int(server.call(run()))
+
+
+def readme_close_codes() -> set[int]:
+    """The close codes in README.md's WebSocket table."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return {int(code) for code in re.findall(r"^\| (\d{4}) \|", text, flags=re.MULTILINE)}
 
 
 def save_screenshot(page: Page, name: str) -> Path:
@@ -583,6 +728,242 @@ def test_load_earlier_messages(
     assert leo.bodies() == bodies
     assert leo.seqs() == list(range(1, 61))
     expect(earlier).to_be_hidden()
+
+
+def test_log_in_through_the_form(
+    open_page: Callable[..., ChatPage], chat_server: LiveServer, client_ssl: Any
+) -> None:
+    """An existing account logs in through the "Log in" form with its password and chats."""
+
+    async def register(client: Client) -> None:
+        r = await client.register("olga")
+        assert r.status == 201, r.body
+
+    api(chat_server, client_ssl, register)
+    olga = open_page()
+    olga.login("olga")
+    expect(olga.page.locator("#auth-view")).to_be_hidden()
+    expect(olga.page.get_by_label("Password")).to_have_value("")
+    assert olga.first_refresh_token
+    olga.join("logins")
+    olga.say("logged in with a password")
+    expect(olga.message("logged in with a password")).to_have_count(1)
+    expect(olga.online()).to_have_text(["olga"])
+
+
+def test_content_security_policy_is_exactly_what_the_page_needs(
+    browser: Browser, chat_server: LiveServer
+) -> None:
+    """The page's CSP is exactly the strict policy (no data: images), and Chromium enforces it."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        response = page.goto(chat_server.base_url + "/")
+        assert response is not None and response.ok
+        assert response.headers["content-security-policy"] == (
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+            f"connect-src 'self' wss://localhost:{chat_server.port}; base-uri 'none'; "
+            "form-action 'self'; frame-ancestors 'none'; object-src 'none'"
+        )
+        # A data: image is refused (the page itself needs none: the other tests
+        # find no CSP refusal in any page's console).
+        violation = page.evaluate(
+            """() => new Promise((resolve) => {
+                document.addEventListener("securitypolicyviolation",
+                    (e) => resolve([e.effectiveDirective, e.blockedURI]), { once: true });
+                const img = new Image();
+                img.src = "data:image/gif;base64,R0lGODlhAQABAAAAACw=";
+                document.body.append(img);
+            })"""
+        )
+        assert violation == ["img-src", "data"], violation
+    finally:
+        context.close()
+
+
+def test_every_documented_close_code_is_explained(
+    open_page: Callable[..., ChatPage], chat_server: LiveServer
+) -> None:
+    """Each close code README documents shows its own message (4429 per reason), then reconnects."""
+    documented = readme_close_codes()
+    assert {1001, 1007, 4429} <= documented, documented
+    # 4401 and 4403 are handled without a reconnect notice; checked below.
+    assert documented <= {code for code, _ in CLOSE_TEXTS} | {4401, 4403}, documented
+    nina = open_page()
+    nina.register("nina")
+    nina.probe(backoff_base_ms=10)  # reconnects within milliseconds
+    nina.join("codes")
+    closes = 0
+    for (code, reason), text in CLOSE_TEXTS.items():
+        shown = len(nina.notices())
+        assert close_from_server(chat_server, "nina", "codes", code, reason) >= 1
+        closes += 1
+        last = nina.wait_closes(closes)[-1]
+        assert (last["code"], last["reason"]) == (code, reason)
+        nina.wait_connected()
+        assert nina.notices()[shown:] == [text], (code, reason)
+        expect(nina.page.locator("#notice")).to_be_hidden()
+
+    # 4401: the page refreshes its token and reconnects, without a notice or the login form.
+    token = nina.refresh_token()
+    shown = len(nina.notices())
+    assert close_from_server(chat_server, "nina", "codes", 4401, "token expired") >= 1
+    nina.wait_closes(closes + 1)
+    nina.wait_connected()
+    assert nina.refresh_token() not in (None, token)
+    assert nina.notices()[shown:] == []
+
+    # 4403: the page stops and says why; nothing more is sent from this room.
+    assert close_from_server(chat_server, "nina", "codes", 4403, "not allowed") >= 1
+    expect(nina.page.locator("#notice-text")).to_have_text("You are not allowed in this room.")
+    expect(nina.page.locator("#conn-status")).to_have_attribute("data-state", "stopped")
+    expect(nina.page.get_by_role("textbox", name="Message")).to_be_disabled()
+    nina.page.wait_for_timeout(200)
+    # One socket to start, one after each close but the 4403.
+    assert len(nina.attempts()) == closes + 2
+    assert nina.page.evaluate("window.__probe.authShown") == 0
+
+
+def test_too_many_sockets_is_explained_and_retried_when_a_slot_frees(
+    open_page: Callable[..., ChatPage], strict_server: LiveServer
+) -> None:
+    """One socket per user allowed: a second one says "too many connections", not "messages"."""
+    quinn = open_page(server=strict_server)
+    quinn.register("quinn")
+    quinn.probe()
+    quinn.join("first")
+    quinn.join("second", wait=False)
+    notice = quinn.page.locator("#notice-text")
+    expect(notice).to_have_text(TOO_MANY_SOCKETS)
+    refused = quinn.wait_closes(1)[-1]
+    assert (refused["code"], refused["reason"]) == (4429, "too many sockets for this user")
+    # The default backoff for this case is long: 15 to 30 s.
+    status = quinn.page.locator("#conn-text")
+    expect(status).to_have_text(re.compile(r"Reconnecting in \d+s…"))
+    seconds = int(re.findall(r"\d+", status.inner_text())[0])
+    assert 15 <= seconds <= 30, seconds
+
+    # A second tab of the same person, logged in through the form, is told the same.
+    tab = open_page(server=strict_server)
+    tab.login("quinn")
+    tab.join("third", wait=False)
+    expect(tab.page.locator("#notice-text")).to_have_text(TOO_MANY_SOCKETS)
+    tab.page.context.close()
+
+    # Leaving the first room frees the slot: the second connects at once, not in 15 s.
+    quinn.page.locator("#joined-rooms li[data-room=first] button").click()
+    expect(quinn.page.locator("#room-title")).to_have_text("# first")
+    quinn.page.get_by_role("button", name="Leave room").click()
+    expect(quinn.page.locator("#room-title")).to_have_text("# second")
+    quinn.wait_connected(timeout=5)
+    expect(quinn.page.locator("#notice")).to_be_hidden()
+    assert TOO_MANY_MESSAGES not in quinn.notices()
+    quinn.page.context.close()
+
+
+def test_reconnect_backoff_grows_with_jitter_while_the_server_is_away(
+    open_page: Callable[..., ChatPage], strict_server: LiveServer
+) -> None:
+    """Server down, browser online: retry n waits in [c/2, c] (c = base * 2^n), placed at random."""
+    walt = open_page(server=strict_server)
+    # The documented defaults: retry n waits between half and all of
+    # min(30 s, 500 ms * 2^n), whatever the random draw.
+    delays = walt.page.evaluate(
+        """async () => {
+            const { backoffDelay } = await import("/static/chat.js");
+            const random = Math.random;
+            const out = [];
+            try {
+                for (const r of [0, 0.999999]) {
+                    Math.random = () => r;
+                    out.push([0, 3, 20].map(backoffDelay));
+                }
+            } finally {
+                Math.random = random;
+            }
+            return out;
+        }"""
+    )
+    half = BACKOFF_BASE_MS // 2
+    assert delays == [[half, 8 * half, BACKOFF_CAP_MS // 2], [499, 3999, 29999]], delays
+
+    base = 50
+    walt.register("walt")
+    walt.probe(backoff_base_ms=base)
+    walt.join("backoff")
+    # The page's random draws, in order: the first retry after the restart,
+    # then retries 1-4 (at the ends of their windows, to tell jitter from a
+    # fixed delay).
+    draws = [0.5, 0.9, 0.1, 0.9, 0.1]
+    walt.page.evaluate(
+        "draws => { let i = 0; Math.random = () => draws[Math.min(i++, draws.length - 1)]; }",
+        draws,
+    )
+    strict_server.stop()  # the sockets get 1001, then every retry is refused
+    try:
+        walt.page.wait_for_function(
+            "n => window.__probe.attempts.filter(a => a.code !== null).length >= n",
+            arg=len(draws) + 1,
+            timeout=15_000,
+        )
+    finally:
+        strict_server.start()
+    attempts = walt.attempts()
+    assert attempts[0]["code"] == 1001
+    assert [a["code"] for a in attempts[1 : len(draws) + 1]] == [1006] * len(draws)
+    # Each wait runs from a socket's close event to the next socket.
+    gaps = [
+        nxt["at"] - prev["closedAt"] for prev, nxt in itertools.pairwise(attempts[: len(draws) + 1])
+    ]
+    expected = [draws[0] * 2 * base]
+    for n in range(1, len(draws)):
+        ceiling = base * 2**n
+        expected.append(ceiling / 2 + draws[n] * ceiling / 2)
+        assert ceiling / 2 - 1 <= gaps[n] <= ceiling + 25, (n, gaps)
+    assert all(abs(gap - want) <= 25 for gap, want in zip(gaps, expected, strict=True)), (
+        gaps,
+        expected,
+    )
+    assert gaps[1:] == sorted(gaps[1:]), gaps  # each wait at least as long as the last
+    # Refused retries keep explaining why the connection ended.
+    assert set(walt.notices()) == {"The server is restarting. Reconnecting…"}
+
+    # Back online at once (the "online" event skips the rest of the backoff).
+    walt.page.evaluate("window.dispatchEvent(new Event('online'))")
+    walt.wait_connected(timeout=10)
+    walt.say("back after the backoff")
+    expect(walt.message("back after the backoff")).to_have_count(1)
+    walt.page.context.close()
+
+
+def test_expired_token_closes_socket_then_page_refreshes_and_keeps_chatting(
+    open_page: Callable[..., ChatPage], short_server: LiveServer, client_ssl: Any
+) -> None:
+    """A socket closed with 4401 as its token expires is followed by a refresh and a new socket."""
+    rita = open_page(server=short_server)
+    rita.probe(backoff_base_ms=20)
+    # The refreshes fail (as on a flaky network) until the socket's token has
+    # expired, so the server closes the socket with 4401.
+    refresh_url = re.compile(r"/api/token/refresh$")
+    rita.page.route(refresh_url, lambda route: route.abort())
+    rita.register("rita")
+    rita.join("renew")
+    closes = rita.wait_closes(1, timeout=10)
+    assert (closes[0]["code"], closes[0]["reason"]) == (4401, "token expired")
+    expect(rita.page.locator("#conn-text")).to_have_text("Renewing session…")
+    assert rita.refresh_token() == rita.first_refresh_token
+
+    rita.page.unroute(refresh_url)
+    rita.wait_connected(timeout=10)
+    assert rita.refresh_token() not in (None, rita.first_refresh_token)
+    rita.say("still chatting after a 4401")
+    expect(rita.message("still chatting after a 4401")).to_have_count(1)
+    api(short_server, client_ssl, lambda c: post_as(c, "sam", "renew", ["welcome back rita"]))
+    expect(rita.message("welcome back rita")).to_have_count(1)
+    expect(rita.page.locator("#auth-view")).to_be_hidden()
+    assert rita.page.evaluate("window.__probe.authShown") == 0
+    assert rita.notices() == []
+    rita.page.context.close()
 
 
 def test_token_refreshed_and_open_socket_reauthenticated(alice: ChatPage) -> None:

@@ -15,11 +15,19 @@ const ROOM_RE = /^[A-Za-z0-9_.-]{3,32}$/;
 const USERNAME_RE = ROOM_RE;
 const PROTOCOL = "chat.v1";
 const HISTORY_PAGE = 50;
-// Reconnect delays: exponential growth from BASE, capped at CAP, "full jitter"
-// (a uniform random delay between 0 and the capped exponential) so that many
-// clients dropped by one server restart do not all come back at the same instant.
+// Reconnect delays: the n-th retry waits between half and all of
+// min(CAP, BASE * 2^n), uniformly at random ("equal jitter"). The random half
+// spreads out the many clients one server restart drops; the fixed half makes
+// every wait at least as long as the previous one, so a server that stays down
+// is not hammered by a run of short random delays. The first retry after a
+// restart (1001) is the exception: anywhere within two BASE delays.
 const BACKOFF_BASE_MS = 500;
 const BACKOFF_CAP_MS = 30000;
+// Same-origin script (the browser tests) may lower the base through this
+// sessionStorage key; it is never read from the URL, so a link cannot make the
+// page retry faster, and it can only lower the base, never raise it.
+const BACKOFF_BASE_KEY = "tornado_chat.backoff_base_ms";
+const BACKOFF_BASE_MIN_MS = 10;
 // Refresh the access token this long before it expires (or at 80 % of its
 // lifetime when that is shorter), leaving room for a slow network.
 const REFRESH_MARGIN_S = 60;
@@ -37,17 +45,63 @@ const ACTIVE_KEY = "tornado_chat.active_room";
 
 // ---------------------------------------------------------------- messages
 
+// One message per close code the server documents (README, "WebSocket"), plus
+// 1000 (a ping timeout) and 1006 (the browser's code for a connection that
+// dropped or never opened).
 const CLOSE_MESSAGES = {
-  1000: "Disconnected.",
+  1000: "The server closed the connection. Reconnecting…",
   1001: "The server is restarting. Reconnecting…",
   1006: "Lost the connection to the server. Reconnecting…",
+  1007: "The server could not read a message from this page. Reconnecting…",
   1009: "Your last message was too large for the server and was not delivered. Reconnecting…",
   1011: "The server hit an internal error. Reconnecting…",
   4401: "Your session needs renewing. Reconnecting…",
   4403: "You are not allowed in this room.",
   4408: "The connection fell behind the conversation. Reconnecting…",
-  4429: "You sent too many messages too quickly. Reconnecting after a pause…",
+  4429: "The server asked this page to slow down. Reconnecting after a pause…",
 };
+
+// 4429 covers three situations, told apart by the close reason's start. Each
+// starts the backoff further along (backoffFrom is the retry number n above):
+// sending too fast waits 4-8 s; too many sockets for this account, which only
+// closing other tabs or rooms fixes, 15-30 s; a full server 8-16 s, growing.
+const RATE_LIMIT_CLOSES = [
+  {
+    reason: "rate limit",
+    kind: "rate",
+    backoffFrom: 4,
+    text: "You sent too many messages too quickly. Reconnecting after a pause…",
+  },
+  {
+    reason: "too many sockets",
+    kind: "sockets",
+    backoffFrom: 6,
+    text: "Too many connections are open for your account. Close other tabs of this " +
+      "chat or leave a room here; reconnecting after a pause…",
+  },
+  {
+    reason: "server full",
+    kind: "full",
+    backoffFrom: 5,
+    text: "The server is full right now. Reconnecting after a pause…",
+  },
+];
+const RATE_LIMIT_DEFAULT = { kind: "rate", backoffFrom: 4, text: CLOSE_MESSAGES[4429] };
+const ERROR_CLOSES = new Set([1007, 1009, 1011]);
+
+// What a close means to the person reading the page, and how far along the
+// backoff the next retry starts. Exported for the browser tests.
+export function describeClose(code, reason = "") {
+  const tone = ERROR_CLOSES.has(code) ? "error" : "warn";
+  if (code === 4429) {
+    const why = String(reason || "").toLowerCase();
+    const match = RATE_LIMIT_CLOSES.find((entry) => why.startsWith(entry.reason));
+    const { kind, backoffFrom, text } = match || RATE_LIMIT_DEFAULT;
+    return { code, kind, backoffFrom, text, tone };
+  }
+  const text = CLOSE_MESSAGES[code] || `Connection closed (code ${code}). Reconnecting…`;
+  return { code, kind: String(code), backoffFrom: 0, text, tone };
+}
 
 const HTTP_MESSAGES = {
   invalid_username: "Usernames are 3–32 characters: letters, digits, _ . or -.",
@@ -327,9 +381,27 @@ function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-function backoffDelay(attempt) {
-  const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** Math.min(attempt, 16));
-  return Math.floor(Math.random() * ceiling);
+function backoffBase() {
+  let base = NaN;
+  try {
+    base = Number(sessionStorage.getItem(BACKOFF_BASE_KEY) || NaN);
+  } catch (storageError) {
+    // storage disabled: the default
+  }
+  return base >= BACKOFF_BASE_MIN_MS && base < BACKOFF_BASE_MS ? base : BACKOFF_BASE_MS;
+}
+
+// Equal jitter: half the capped exponential, plus up to as much again at random.
+// Exported for the browser tests.
+export function backoffDelay(attempt) {
+  const ceiling = Math.min(BACKOFF_CAP_MS, backoffBase() * 2 ** Math.min(attempt, 16));
+  return Math.floor(ceiling / 2 + Math.random() * (ceiling / 2));
+}
+
+// The first retry after a restart: anywhere in [0, 2 * base), so the clients a
+// restart drops come back spread out, most of them soon.
+function restartDelay() {
+  return Math.floor(Math.random() * 2 * backoffBase());
 }
 
 function newClientId() {
@@ -449,7 +521,8 @@ class RoomConnection {
     this.closedByUs = false;
     this.stopped = false;
     this.welcomed = false; // whether the current socket got its welcome
-    this.dropCode = null; // close code of the last live socket, until reconnected
+    this.drop = null; // describeClose() of why the last live socket ended, until reconnected
+    this.lastClose = null; // describeClose() of the latest close, live socket or failed attempt
     this.resumeSeq = null; // highest seq received; replay starts after it
     this.welcomeSeq = null; // last_seq of the current socket's welcome
     this.seqs = new Set(); // every seq rendered, so none shows twice
@@ -476,7 +549,7 @@ class RoomConnection {
     try {
       socket = new WebSocket(url, [PROTOCOL, `bearer.${state.accessToken}`]);
     } catch (err) {
-      this.scheduleReconnect(1006);
+      this.scheduleReconnect(1006, "");
       return;
     }
     this.socket = socket;
@@ -506,15 +579,26 @@ class RoomConnection {
     this.send({ type: "reauth", token });
   }
 
+  // Stop for good; resolves once the socket has closed.
   close() {
     this.stopped = true;
     this.closedByUs = true;
     clearTimeout(this.retryTimer);
-    if (this.socket) {
-      const socket = this.socket;
-      this.socket = null;
-      if (socket.readyState <= WebSocket.OPEN) socket.close(1000, "bye");
-    }
+    const socket = this.socket;
+    this.socket = null;
+    if (!socket || socket.readyState > WebSocket.OPEN) return Promise.resolve();
+    const closed = new Promise((resolve) => {
+      socket.addEventListener("close", resolve, { once: true });
+    });
+    socket.close(1000, "bye");
+    return closed;
+  }
+
+  // Refused because this account has too many sockets open: a socket closing
+  // here frees a slot, so such a room retries at once (see leaveRoom).
+  waitingForSlot() {
+    return !this.stopped && !this.socket && this.lastClose !== null &&
+      this.lastClose.kind === "sockets";
   }
 
   onFrame(raw) {
@@ -545,7 +629,8 @@ class RoomConnection {
   onWelcome(frame) {
     this.attempt = 0;
     this.welcomed = true;
-    this.dropCode = null;
+    this.drop = null;
+    this.lastClose = null;
     this.welcomeSeq = Number(frame.last_seq) || 0;
     this.online = Array.isArray(frame.online) ? frame.online : [];
     this.setStatus("connected");
@@ -640,30 +725,31 @@ class RoomConnection {
       }, () => {});
       return;
     }
-    this.scheduleReconnect(code);
+    this.scheduleReconnect(code, event.reason);
   }
 
-  scheduleReconnect(code) {
-    // 4429 means we were too eager: start the backoff further along.
-    if (code === 4429 && this.attempt < 4) this.attempt = 4;
-    const delay = code === 1001 && this.attempt === 0
-      ? Math.floor(Math.random() * 1000)
-      : backoffDelay(this.attempt);
+  scheduleReconnect(code, reason) {
+    const info = describeClose(code, reason);
+    this.lastClose = info;
+    // 4429 means we were too eager (or the server is full): start the backoff
+    // further along.
+    if (this.attempt < info.backoffFrom) this.attempt = info.backoffFrom;
+    const delay = code === 1001 && this.attempt === 0 ? restartDelay() : backoffDelay(this.attempt);
     this.attempt += 1;
     const seconds = Math.max(1, Math.round(delay / 1000));
     this.setStatus("reconnecting", `Reconnecting in ${seconds}s…`);
-    // Failed attempts (sockets that never got a welcome) keep explaining why
-    // the live connection ended, e.g. "server is restarting", not "lost".
-    if (this.welcomed || this.dropCode === null) this.dropCode = code;
+    // A failed attempt that says nothing new (1006: refused, network down)
+    // keeps explaining why the live connection ended, e.g. "server is
+    // restarting", not "lost"; one with its own code and reason replaces it.
+    if (this.welcomed || this.drop === null || code !== 1006) this.drop = info;
     this.welcomed = false;
-    const reason = this.dropCode;
-    if (this.isActive()) {
-      const message =
-        CLOSE_MESSAGES[reason] || `Connection closed (code ${reason}). Reconnecting…`;
-      const tone = reason === 1011 || reason === 1009 ? "error" : "warn";
-      showNotice(message, { sticky: true, tone, kind: "connection" });
-    }
+    if (this.isActive()) this.showDrop();
     this.retryTimer = setTimeout(() => this.connect(), delay);
+  }
+
+  showDrop() {
+    if (!this.drop) return;
+    showNotice(this.drop.text, { sticky: true, tone: this.drop.tone, kind: "connection" });
   }
 
   reconnectNow() {
@@ -962,6 +1048,8 @@ function switchRoom(name) {
   hideNotice("connection");
   if (room.status === "stopped") {
     showNotice(CLOSE_MESSAGES[4403], { sticky: true, tone: "error", kind: "connection" });
+  } else if (room.status === "reconnecting") {
+    room.showDrop();
   }
   saveRooms();
   closeSidebar();
@@ -972,7 +1060,12 @@ function leaveRoom() {
   const name = state.active;
   const room = name && state.rooms.get(name);
   if (!room) return;
-  room.close();
+  // Leaving frees a socket slot: rooms refused for having too many retry now.
+  room.close().then(() => {
+    for (const other of state.rooms.values()) {
+      if (other.waitingForSlot()) other.reconnectNow();
+    }
+  });
   state.rooms.delete(name);
   const next = state.rooms.keys().next();
   state.active = null;
