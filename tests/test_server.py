@@ -35,8 +35,9 @@ from tornado.websocket import websocket_connect
 
 from tornado_chat.__main__ import LOG_FORMAT, OneLineFormatter
 from tornado_chat.config import Settings
+from tornado_chat.errors import CertificateError
 from tornado_chat.pki import LocalCA, ServerCertificate, trust_hint
-from tornado_chat.server import ChatServer, certificate_names
+from tornado_chat.server import ChatServer, TLSFiles, certificate_names
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_NAMES = ["localhost", "127.0.0.1", "::1"]
@@ -584,7 +585,7 @@ def test_mismatched_key_exits_with_one_line(
 
 
 def test_expired_certificate_exits_with_one_line(leaves: dict[str, Path], tmp_path: Path) -> None:
-    """An expired certificate: one ERROR line with its expiry date, exit 2."""
+    """An expired --certfile: one ERROR line with its expiry date and no advice to delete it."""
     code, stderr = run_cli(
         ["--certfile", str(leaves["expired"]), "--keyfile", str(leaves["expired-key"])], tmp_path
     )
@@ -592,11 +593,27 @@ def test_expired_certificate_exits_with_one_line(leaves: dict[str, Path], tmp_pa
     (line,) = [line for line in stderr.splitlines() if line.startswith("ERROR:")]
     assert re.fullmatch(
         rf"ERROR: certificate {re.escape(str(leaves['expired']))} expired on "
-        r"\d{4}-\d\d-\d\d \d\d:\d\d UTC: renew it "
-        r"\(or delete it to let the local CA mint a new one\)",
+        r"\d{4}-\d\d-\d\d \d\d:\d\d UTC: renew it",
         line,
     ), line
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("local_ca", [True, False])
+async def test_expired_certificate_advice_depends_on_origin(
+    leaves: dict[str, Path], minted: ServerCertificate, tmp_path: Path, local_ca: bool
+) -> None:
+    """start() advises deleting an expired leaf only when the local CA minted it."""
+    files = TLSFiles(
+        leaves["expired"],
+        leaves["expired-key"],
+        ca_cert_path=minted.ca_cert_path if local_ca else None,
+    )
+    server = ChatServer(Settings(port=0, data_dir=tmp_path), tls_files=files)
+    with pytest.raises(CertificateError, match="expired on") as failure:
+        await server.start()
+    advice = "(or delete it to let the local CA mint a new one)"
+    assert (advice in str(failure.value)) is local_ca
 
 
 def test_future_certificate_exits_with_one_line(leaves: dict[str, Path], tmp_path: Path) -> None:

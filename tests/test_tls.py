@@ -592,12 +592,20 @@ def test_key_mismatch(pair: Pair, authority: Authority) -> None:
 
 
 def test_expired(authority: Authority) -> None:
-    """An expired certificate is refused with its expiry date."""
+    """An expired certificate is refused with its expiry date, without advice to delete it."""
     old = authority.issue("expired", now=NOW - timedelta(days=30), days=29)
     message = diagnose_error(old.cert, old.key)
     expiry = inspect_expiry(old.cert)
-    assert message == (
-        f"certificate {old.cert} expired on {expiry}: renew it"
+    assert message == f"certificate {old.cert} expired on {expiry}: renew it"
+
+
+def test_expired_local_ca_leaf_may_be_deleted(authority: Authority) -> None:
+    """Only the local CA's own leaf gets the advice to delete it so a new one is minted."""
+    old = authority.issue("expired-local", now=NOW - timedelta(days=30), days=29)
+    with pytest.raises(CertificateError) as failure:
+        diagnose_certificate(old.cert, old.key, "127.0.0.1", local_ca=True)
+    assert str(failure.value) == (
+        f"certificate {old.cert} expired on {inspect_expiry(old.cert)}: renew it"
         " (or delete it to let the local CA mint a new one)"
     )
 

@@ -375,12 +375,13 @@ class ChatServer:
         if self.tls_files is None:
             self.tls_files = resolve_certificate(settings)
         files = self.tls_files
-        info = inspect_certificate(files.cert_path, files.key_path)
+        local_ca = files.ca_cert_path is not None
+        info = inspect_certificate(files.cert_path, files.key_path, local_ca=local_ca)
         for warning in (*files.warnings, *certificate_warnings(info, settings.host)):
             log.warning("%s", warning)
         context = make_server_context(files.cert_path, files.key_path)
         self._reloader = CertificateReloader(
-            context, files.cert_path, files.key_path, settings.host
+            context, files.cert_path, files.key_path, settings.host, local_ca=local_ca
         )
         self._reloader.info = info
         handshake_filter = install_handshake_log_filter()
@@ -677,7 +678,9 @@ class Supervisor:
         """
         settings = self.settings
         files = resolve_certificate(settings)
-        info = inspect_certificate(files.cert_path, files.key_path)
+        info = inspect_certificate(
+            files.cert_path, files.key_path, local_ca=files.ca_cert_path is not None
+        )
         for warning in (*files.warnings, *certificate_warnings(info, settings.host)):
             log.warning("%s", warning)
         make_server_context(files.cert_path, files.key_path)

@@ -174,12 +174,16 @@ def _set_groups(context: ssl.SSLContext, groups: Sequence[str]) -> bool:
     return bool(ctrl(ctx_pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, wanted.encode()) == 1)
 
 
-def inspect_certificate(certfile: Path | str, keyfile: Path | str) -> CertificateInfo:
+def inspect_certificate(
+    certfile: Path | str, keyfile: Path | str, *, local_ca: bool = False
+) -> CertificateInfo:
     """Read a certificate/key pair and check that a server could serve it now.
 
     Args:
         certfile: PEM certificate chain, leaf first.
         keyfile: PEM private key of the leaf.
+        local_ca: the pair is the one the local CA mints (no ``--certfile``):
+            only then does deleting an expired certificate get a new one.
 
     Returns:
         The names, validity and key type of the leaf.
@@ -204,9 +208,10 @@ def inspect_certificate(certfile: Path | str, keyfile: Path | str) -> Certificat
     now = datetime.now(timezone.utc)
     not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
     if now >= not_after:
+        # Deleting a --certfile only turns this into "does not exist".
+        advice = " (or delete it to let the local CA mint a new one)" if local_ca else ""
         raise CertificateError(
-            f"certificate {cert_path} expired on {_when(not_after)}: renew it"
-            " (or delete it to let the local CA mint a new one)"
+            f"certificate {cert_path} expired on {_when(not_after)}: renew it{advice}"
         )
     if now < not_before:
         raise CertificateError(
@@ -223,7 +228,9 @@ def inspect_certificate(certfile: Path | str, keyfile: Path | str) -> Certificat
     )
 
 
-def diagnose_certificate(certfile: Path | str, keyfile: Path | str, host: str) -> list[str]:
+def diagnose_certificate(
+    certfile: Path | str, keyfile: Path | str, host: str, *, local_ca: bool = False
+) -> list[str]:
     """Check a pair before serving it; fatal problems raise, surprises are returned.
 
     Args:
@@ -231,6 +238,7 @@ def diagnose_certificate(certfile: Path | str, keyfile: Path | str, host: str) -
         keyfile: PEM private key of the leaf.
         host: the address the server listens on (``0.0.0.0`` and ``::`` are
             checked as ``localhost``).
+        local_ca: the pair is the local CA's (see :func:`inspect_certificate`).
 
     Returns:
         Warning lines: the certificate does not cover the served host, or
@@ -239,7 +247,7 @@ def diagnose_certificate(certfile: Path | str, keyfile: Path | str, host: str) -
     Raises:
         CertificateError: see :func:`inspect_certificate`.
     """
-    return certificate_warnings(inspect_certificate(certfile, keyfile), host)
+    return certificate_warnings(inspect_certificate(certfile, keyfile, local_ca=local_ca), host)
 
 
 def certificate_warnings(info: CertificateInfo, host: str) -> list[str]:
@@ -319,15 +327,23 @@ class CertificateReloader:
         certfile: PEM certificate chain to re-read.
         keyfile: PEM private key to re-read.
         host: the served host, for the coverage warning.
+        local_ca: the pair is the local CA's (see :func:`inspect_certificate`).
     """
 
     def __init__(
-        self, context: ssl.SSLContext, certfile: Path | str, keyfile: Path | str, host: str
+        self,
+        context: ssl.SSLContext,
+        certfile: Path | str,
+        keyfile: Path | str,
+        host: str,
+        *,
+        local_ca: bool = False,
     ) -> None:
         self.context = context
         self.certfile = Path(certfile)
         self.keyfile = Path(keyfile)
         self.host = host
+        self.local_ca = local_ca
         self.info: CertificateInfo | None = None
 
     def reload(self) -> bool:
@@ -338,7 +354,7 @@ class CertificateReloader:
             (already logged as one error line).
         """
         try:
-            info = inspect_certificate(self.certfile, self.keyfile)
+            info = inspect_certificate(self.certfile, self.keyfile, local_ca=self.local_ca)
             if self.info is not None and info.key_type != self.info.key_type:
                 # OpenSSL keeps one certificate per key type in a context: loading
                 # an RSA pair next to an EC one would leave the old EC certificate
