@@ -5,10 +5,14 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import subprocess
+import sys
+import sysconfig
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from cryptography import x509
@@ -28,6 +32,8 @@ from tornado_chat.pki import (
     trust_hint,
 )
 from tornado_chat.pki.ca import owner_label, utcnow
+from tornado_chat.pki.names import common_name_host
+from tornado_chat.pki.provision import mkcerts_command
 
 UTC = datetime.timezone.utc
 
@@ -51,9 +57,11 @@ def mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
 
 
-def ext(
-    cert: x509.Certificate, kind: type[x509.ExtensionType]
-) -> x509.Extension[x509.ExtensionType]:
+E = TypeVar("E", bound=x509.ExtensionType)
+
+
+def ext(cert: x509.Certificate, kind: type[E]) -> x509.Extension[E]:
+    """The certificate's extension of ``kind`` (raises when it is missing)."""
     return cert.extensions.get_extension_for_class(kind)
 
 
@@ -63,8 +71,9 @@ def ext(
 def test_ca_defaults(ca: LocalCA) -> None:
     """A new CA is ECDSA P-256, 10 years, CA:true pathlen 0, keyCertSign+cRLSign, SKI."""
     cert = ca.certificate
-    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
-    assert cert.public_key().curve.name == "secp256r1"
+    public_key = cert.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    assert public_key.curve.name == "secp256r1"
     assert isinstance(cert.signature_hash_algorithm, hashes.SHA256)
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == datetime.timedelta(days=3650)
     basic = ext(cert, x509.BasicConstraints)
@@ -462,6 +471,10 @@ def test_client_name_checks(ca: LocalCA, tmp_path: Path) -> None:
         ca.issue_client("x" * 65)
     with pytest.raises(PKIError, match="outside the names"):
         ca.issue_client("www.evil.com", cert_path=tmp_path / "e.pem")
+    # OpenSSL counts underscores as host-name characters, so this is one too.
+    with pytest.raises(PKIError, match=r"common name my_host\.evil\.com looks like a host name"):
+        ca.issue_client("my_host.evil.com", cert_path=tmp_path / "u.pem")
+    assert not (tmp_path / "u.pem").exists()
 
 
 def test_p12_opens_with_password_only(ca: LocalCA, tmp_path: Path) -> None:
@@ -639,6 +652,54 @@ def test_sign_csr_refusals(ca: LocalCA, tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "host"),
+    [
+        ("www.google.com", "www.google.com"),
+        ("WWW.Google.COM", "www.google.com"),
+        ("my_host.evil.com", "my_host.evil.com"),
+        ("alice.smith", "alice.smith"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("alice", None),
+        ("Alice Smith", None),
+        ("ops@app.test", None),
+        ("a..b", None),
+        (".a.b", None),
+        ("a.b.", None),
+        ("a.-b", None),
+        ("a-.b", None),
+        ("-a.b", None),
+        ("caf\u00e9.example.com", None),
+    ],
+)
+def test_common_name_host_follows_openssl(text: str, host: str | None) -> None:
+    """A commonName counts as a host name exactly when OpenSSL checks it against constraints."""
+    assert common_name_host(text) == host
+
+
+@pytest.mark.parametrize("profile", ["client", "server"])
+@pytest.mark.parametrize("cn", ["www.google.com", "my_host.evil.com", "alice.smith"])
+def test_sign_csr_refuses_host_like_common_name(
+    ca: LocalCA, tmp_path: Path, profile: str, cn: str
+) -> None:
+    """A CSR whose commonName looks like a host name outside the constraints is refused."""
+    names: list[x509.GeneralName] = [] if profile == "client" else [x509.DNSName("app.test")]
+    out = tmp_path / "out.pem"
+    expected = f"the common name {re.escape(cn)} looks like a host name outside"
+    with pytest.raises(PKIError, match=expected):
+        ca.sign_csr(make_csr(names, extra=False, cn=cn), out, profile=profile)  # type: ignore[arg-type]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cn", ["alice", "Alice Smith", "alice.test", "ops.internal"])
+def test_sign_csr_keeps_permitted_common_name(ca: LocalCA, tmp_path: Path, cn: str) -> None:
+    """A commonName that is no host name, or a permitted one, is signed and copied."""
+    cert = ca.sign_csr(
+        make_csr([], extra=False, cn=cn), tmp_path / "c.pem", profile="client"
+    ).certificate
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == cn
+
+
 # -- ensure_server_certificate --------------------------------------------------------
 
 
@@ -734,10 +795,48 @@ def test_ensure_concurrent_first_runs_mint_one_ca(tmp_path: Path) -> None:
     assert sum(result.issued for result in results) == 1
 
 
-def test_trust_hint() -> None:
-    """trust_hint names the command that installs this CA root, shell-quoted."""
-    assert trust_hint(Path("certs")) == "python -m tornado_chat.pki install --caroot certs"
-    assert trust_hint(Path("my certs")) == "python -m tornado_chat.pki install --caroot 'my certs'"
+def fake_mkcerts(directory: Path) -> Path:
+    """An executable named mkcerts in ``directory`` (only ever looked up, never run)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "mkcerts"
+    script.write_text("#!/bin/sh\nexit 99\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_trust_hint_names_this_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without this installation's mkcerts on PATH the hint runs the interpreter in use, quoted."""
+    monkeypatch.setattr(sys, "executable", "/opt/my env/bin/python3")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert trust_hint(Path("certs")) == (
+        "'/opt/my env/bin/python3' -m tornado_chat.pki install --caroot certs"
+    )
+    assert trust_hint(Path("my certs")).endswith(" install --caroot 'my certs'")
+    # A mkcerts from some other installation is not trusted to be this one.
+    fake_mkcerts(tmp_path / "elsewhere")
+    monkeypatch.setenv("PATH", str(tmp_path / "elsewhere"))
+    assert trust_hint(Path("certs")).startswith("'/opt/my env/bin/python3' -m tornado_chat.pki ")
+
+
+def test_trust_hint_prefers_own_console_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mkcerts this installation put in its scripts directory is named when it is on PATH."""
+    scripts = tmp_path / "env" / "bin"
+    fake_mkcerts(scripts)
+    real_get_path = sysconfig.get_path
+
+    def get_path(name: str, scheme: str | None = None) -> str:
+        if name == "scripts":
+            return str(scripts)
+        return real_get_path(name) if scheme is None else real_get_path(name, scheme)
+
+    monkeypatch.setattr(sysconfig, "get_path", get_path)
+    monkeypatch.setenv("PATH", str(scripts))
+    assert mkcerts_command() == ["mkcerts"]
+    assert trust_hint(Path("my certs")) == "mkcerts install --caroot 'my certs'"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert mkcerts_command() == [sys.executable, "-m", "tornado_chat.pki"]
 
 
 def test_validity_starts_slightly_in_the_past(ca: LocalCA, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import argparse
 import io
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import tornado_chat
-from tornado_chat.pki import LocalCA, TrustAnchor
+from tornado_chat.pki import LocalCA, TrustAnchor, trust_hint
 from tornado_chat.pki.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +66,8 @@ def test_ca_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert f"{root / 'ca-key.pem'}" in out
     assert f"valid until {ca.not_after:%Y-%m-%d}" in out
     assert "it may sign only: localhost, test" in out
-    assert f"python -m tornado_chat.pki install --caroot {root}" in out
+    assert f"Trust it with: {trust_hint(root)}\n" in out
+    assert not trust_hint(root).startswith("python ")
     assert err == ""
 
 
@@ -286,6 +288,86 @@ def test_sign_command(caroot: Path, capsys: pytest.CaptureFixture[str], tmp_path
     assert_one_line_error(status, err, "cannot sign")
 
 
+def write_csr(path: Path, common_name: str) -> Path:
+    """A CSR with only ``/CN=common_name``, like ``openssl req -new -subj /CN=...``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_sign_client_refuses_host_like_common_name(
+    caroot: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """sign --client with CN=www.google.com: one ERROR line, exit 1, nothing written."""
+    csr = write_csr(tmp_path / "google.csr", "www.google.com")
+    status, out, err = run(capsys, "--caroot", str(caroot), "sign", "--client", str(csr))
+    assert_one_line_error(
+        status, err, "common name www.google.com looks like a host name outside the names"
+    )
+    assert out == ""
+    assert not (tmp_path / "google.pem").exists()
+    csr = write_csr(tmp_path / "alice.csr", "alice")
+    status, out, err = run(capsys, "--caroot", str(caroot), "sign", "--client", str(csr))
+    assert status == 0, err
+    status, out, err = run(capsys, "--caroot", str(caroot), "verify", str(tmp_path / "alice.pem"))
+    assert status == 0, err
+    assert out.startswith("OK: ")
+
+
+def test_verify_host_like_common_name_fails(
+    caroot: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """verify fails a CN=www.google.com client certificate that OpenSSL rejects."""
+    from tests.test_pki_tls import forge_leaf
+
+    cert, _ = forge_leaf(LocalCA.load(caroot), "www.google.com", tmp_path, client_common_name=True)
+    status, out, err = run(capsys, "--caroot", str(caroot), "verify", str(cert))
+    assert_one_line_error(status, err, "permitted subtree violation")
+    assert "common name www.google.com" in err
+    assert out == ""
+
+
+def test_verify_refuses_leaf_as_ca(
+    caroot: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """verify --ca with a leaf, or a bundle holding one, is refused; a bundle of CAs works."""
+    cert, key = tmp_path / "s.pem", tmp_path / "s-key.pem"
+    assert (
+        run(
+            capsys,
+            "--caroot",
+            str(caroot),
+            "server",
+            "localhost",
+            "--cert-file",
+            str(cert),
+            "--key-file",
+            str(key),
+        )[0]
+        == 0
+    )
+    status, out, err = run(capsys, "--caroot", str(caroot), "verify", str(cert), "--ca", str(cert))
+    assert_one_line_error(status, err, f"{cert} cannot be trusted as a CA: it is not a CA")
+    assert out == ""
+    ca_pem = (caroot / "ca.pem").read_bytes()
+    fullchain = tmp_path / "fullchain.pem"
+    fullchain.write_bytes(cert.read_bytes() + ca_pem)
+    status, _, err = run(
+        capsys, "--caroot", str(caroot), "verify", str(cert), "--ca", str(fullchain)
+    )
+    assert_one_line_error(status, err, "certificate #1 of 2 is not a CA certificate")
+    cas = tmp_path / "cas.pem"
+    cas.write_bytes(LocalCA.create(tmp_path / "other").cert_pem() + ca_pem)
+    status, out, err = run(capsys, "--caroot", str(caroot), "verify", str(cert), "--ca", str(cas))
+    assert status == 0, err
+    assert out.startswith(f"OK: {cert} is valid")
+
+
 # -- inspect / verify ---------------------------------------------------------------------
 
 
@@ -473,6 +555,24 @@ def test_help_states_every_default() -> None:
     assert checked > 25
 
 
+@pytest.mark.parametrize(
+    ("command", "sentence"),
+    [
+        ("install", "Trust the CA in the chosen stores."),
+        ("uninstall", "Remove the CA from the chosen stores."),
+        ("status", "Show whether each store trusts the CA."),
+    ],
+)
+def test_trust_store_help_spells_ca(
+    capsys: pytest.CaptureFixture[str], command: str, sentence: str
+) -> None:
+    """The trust-store commands describe themselves with "CA" in capitals."""
+    status, out, _ = run(capsys, command, "--help")
+    assert status == 0
+    assert f"\n{sentence}\n" in out
+    assert " ca " not in out
+
+
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     """--help prints the defaults and exits 0, for the program and each command."""
     status, out, _ = run(capsys, "--help")
@@ -568,6 +668,42 @@ def test_tools_mkcerts_subprocess(tmp_path: Path) -> None:
     )
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout.startswith("OK: ")
+
+
+def test_printed_trust_hint_runs_without_activation(tmp_path: Path) -> None:
+    """The command `ca` prints to trust the CA works with the virtualenv's bin off PATH."""
+    root = tmp_path / "my certs"
+    env = subprocess_env(PATH="/usr/bin:/bin", HOME=str(tmp_path))
+    made = subprocess.run(
+        [sys.executable, "-m", "tornado_chat.pki", "--caroot", str(root), "ca"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert made.returncode == 0, made.stderr
+    (hint,) = [
+        line.removeprefix("Trust it with: ")
+        for line in made.stdout.splitlines()
+        if line.startswith("Trust it with: ")
+    ]
+    db = tmp_path / "nssdb"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    trusted = subprocess.run(
+        ["/bin/sh", "-c", f"{hint} --nss-db {shlex.quote(str(db))}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+    )
+    assert trusted.returncode == 0, (hint, trusted.stderr)
+    assert "installed the CA" in trusted.stdout
+    nickname = TrustAnchor.from_ca(LocalCA.load(root)).nickname
+    listing = subprocess.run(
+        ["certutil", "-L", "-d", f"sql:{db}"], capture_output=True, text=True, check=True
+    ).stdout
+    assert nickname in listing
 
 
 def test_python_m_subprocess_errors(tmp_path: Path) -> None:

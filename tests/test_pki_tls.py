@@ -13,7 +13,7 @@ import re
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tornado_chat.pki import IssuedCertificate, LocalCA, ensure_server_certificate
+from tornado_chat.errors import PKIError
+from tornado_chat.pki import (
+    IssuedCertificate,
+    LocalCA,
+    ensure_server_certificate,
+    verify_certificate,
+)
 from tornado_chat.pki.ca import utcnow
 
 STRICT = ssl.VERIFY_X509_STRICT
@@ -35,7 +41,7 @@ STRICT = ssl.VERIFY_X509_STRICT
 class ServerLog:
     """What the test server saw: client certificate subjects and handshake errors."""
 
-    peers: list[dict[str, object]] = field(default_factory=list)
+    peers: list[Mapping[str, object]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -53,6 +59,13 @@ def tls_server(
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(cafile=str(client_ca))
         context.verify_flags |= STRICT
+    with context_server(context) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def context_server(context: ssl.SSLContext) -> Iterator[tuple[int, ServerLog]]:
+    """:func:`tls_server` for a server context configured by the caller."""
     log = ServerLog()
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
@@ -188,26 +201,41 @@ def test_not_yet_valid_certificate_fails(ca: LocalCA, tmp_path: Path) -> None:
         fetch(port, "localhost", client_context(ca.cert_path))
 
 
-def forge_leaf(ca: LocalCA, name: str, directory: Path) -> tuple[Path, Path]:
+def forge_leaf(
+    ca: LocalCA, name: str, directory: Path, *, client_common_name: bool = False
+) -> tuple[Path, Path]:
     """Sign a serverAuth leaf for ``name`` directly with the CA key, bypassing the toolkit.
 
     It is shaped exactly like a toolkit leaf, so only the name constraints can
-    make a verifier reject it.
+    make a verifier reject it. With ``client_common_name`` it is a clientAuth
+    certificate naming ``name`` only in its subject commonName (no
+    subjectAltName), like a signed CSR with ``/CN=name``.
     """
     assert ca.key is not None
     key = ec.generate_private_key(ec.SECP256R1())
     now = utcnow()
     ca_ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
+    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "forged")]
+    if client_common_name:
+        subject.append(x509.NameAttribute(NameOID.COMMON_NAME, name))
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "forged")]))
+        .subject_name(x509.Name(subject))
         .issuer_name(ca.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
+    if not client_common_name:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False
+        )
+    usage = (
+        ExtendedKeyUsageOID.CLIENT_AUTH if client_common_name else ExtendedKeyUsageOID.SERVER_AUTH
+    )
+    cert = (
+        builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -222,7 +250,7 @@ def forge_leaf(ca: LocalCA, name: str, directory: Path) -> tuple[Path, Path]:
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
@@ -361,6 +389,59 @@ def test_client_certificate_cannot_serve(ca: LocalCA, tmp_path: Path) -> None:
         fetch(port, "carol", client_context(ca.cert_path))
 
 
+def csr_key_pair(common_name: str, directory: Path) -> tuple[bytes, Path]:
+    """A CSR with only ``/CN=common_name`` (as openssl req -subj makes), and its key file."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, hashes.SHA256())
+    )
+    key_path = directory / f"{common_name}-key.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return csr.public_bytes(serialization.Encoding.PEM), key_path
+
+
+def test_host_like_client_common_name_rejected_by_openssl(
+    ca: LocalCA, tmp_path: Path, mtls_server: tuple[int, ServerLog]
+) -> None:
+    """CN=www.google.com without SANs: OpenSSL refuses it, sign refuses it, verify reports it."""
+    port, log = mtls_server
+    cert, key = forge_leaf(ca, "www.google.com", tmp_path, client_common_name=True)
+    errors = len(log.errors)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        fetch(port, "localhost", client_context(ca.cert_path, cert, key))
+    _wait_for(lambda: len(log.errors) > errors)
+    assert "permitted subtree violation" in log.errors[-1]
+    with pytest.raises(PKIError, match=r"common name www\.google\.com looks like a host name"):
+        verify_certificate(x509.load_pem_x509_certificate(cert.read_bytes()), [ca.certificate])
+    csr, _ = csr_key_pair("www.google.com", tmp_path)
+    with pytest.raises(PKIError, match=r"common name www\.google\.com looks like a host name"):
+        ca.sign_csr(csr, tmp_path / "google.pem", profile="client")
+    assert not (tmp_path / "google.pem").exists()
+
+
+@pytest.mark.parametrize("common_name", ["alice", "alice.test"])
+def test_signed_client_csr_with_permitted_common_name_authenticates(
+    ca: LocalCA, tmp_path: Path, mtls_server: tuple[int, ServerLog], common_name: str
+) -> None:
+    """A client CSR naming alice or alice.test is signed, verifies, and logs in over mTLS."""
+    port, log = mtls_server
+    csr, key_path = csr_key_pair(common_name, tmp_path)
+    issued = ca.sign_csr(csr, tmp_path / f"{common_name}.pem", profile="client")
+    verify_certificate(issued.certificate, [ca.certificate])
+    context = client_context(ca.cert_path, issued.cert_path, key_path)
+    assert fetch(port, "localhost", context) == b"hello"
+    subject = dict(pair[0] for pair in log.peers[-1]["subject"])  # type: ignore[attr-defined]
+    assert subject["commonName"] == common_name
+
+
 def _wait_for(condition: object, timeout: float = 5.0) -> None:
     """Wait until the server thread has recorded what the client just caused."""
     event = threading.Event()
@@ -378,7 +459,7 @@ def _wait_for(condition: object, timeout: float = 5.0) -> None:
 def cas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LocalCA]:
     """One CA per CA key type (RSA 3072 generation is slow: make it once)."""
     return {
-        key_type: LocalCA.create(tmp_path_factory.mktemp(key_type), key_type=key_type)  # type: ignore[arg-type]
+        key_type: LocalCA.create(tmp_path_factory.mktemp(key_type), key_type=key_type)
         for key_type in ("ecdsa-p256", "rsa-3072")
     }
 
@@ -453,3 +534,69 @@ def test_strict_handshake_provisioned_server(tmp_path: Path) -> None:
         context = client_context(material.ca_cert_path)
         assert fetch(port, "localhost", context) == b"hello"
         assert fetch(port, "127.0.0.1", context) == b"hello"
+
+
+# -- trustme on the local CA ---------------------------------------------------------
+
+
+def test_trustme_leaf_from_local_ca_serves_strict_client(ca: LocalCA) -> None:
+    """A trustme leaf issued by the local CA serves a client that trusts only certs/ca.pem."""
+    authority = ca.to_trustme()
+    assert isinstance(authority, trustme.CA)
+    leaf = authority.issue_cert("app.test", "127.0.0.1")
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    leaf.configure_cert(server_context)
+    # trustme's configure_trust trusts the same CA as the file the toolkit wrote.
+    via_trustme = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    via_trustme.verify_flags |= STRICT
+    authority.configure_trust(via_trustme)
+    with context_server(server_context) as (port, log):
+        for context in (client_context(ca.cert_path), via_trustme):
+            assert fetch(port, "app.test", context) == b"hello"
+            assert fetch(port, "127.0.0.1", context) == b"hello"
+            with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+                fetch(port, "other.test", context)
+    assert len(log.peers) == 4
+    issued = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    # Re-signed with Web PKI criticalities, so the toolkit's own verifier agrees.
+    verify_certificate(issued, [ca.certificate], hostname="app.test")
+    verify_certificate(issued, [ca.certificate], purpose="client")
+    lifetime = issued.not_valid_after_utc - issued.not_valid_before_utc
+    assert lifetime == datetime.timedelta(days=365)
+
+
+def test_trustme_refuses_names_outside_constraints(ca: LocalCA, tmp_path: Path) -> None:
+    """to_trustme() refuses names OpenSSL would reject; a raw trustme CA issues them regardless."""
+    authority = ca.to_trustme()
+    with pytest.raises(PKIError, match=r"evil\.example\.com is outside the names"):
+        authority.issue_cert("evil.example.com")
+    with pytest.raises(PKIError, match=r"common name www\.google\.com is outside"):
+        authority.issue_cert(common_name="www.google.com")
+    with pytest.raises(PKIError, match="path length 0"):
+        authority.create_child_ca()
+    assert ca.key is not None
+    # Plain trustme on the same key signs anything; OpenSSL then rejects it.
+    raw = trustme.CA.from_pem(
+        ca.cert_pem(),
+        ca.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    forged = raw.issue_cert("evil.example.com")
+    pem = tmp_path / "evil.pem"
+    forged.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    with (
+        tls_server(pem, pem) as (port, _),
+        pytest.raises(ssl.SSLCertVerificationError, match="permitted subtree violation"),
+    ):
+        fetch(port, "evil.example.com", client_context(ca.cert_path))
+
+
+def test_to_trustme_needs_the_key(ca: LocalCA) -> None:
+    """A CA loaded without its key cannot become a trustme CA."""
+    public_only = LocalCA.load(ca.caroot, require_key=False)
+    public_only.key = None
+    with pytest.raises(PKIError, match=r"CA key .* is missing"):
+        public_only.to_trustme()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from tornado_chat.pki import (
 )
 from tornado_chat.pki.ca import utcnow
 from tornado_chat.pki.keys import load_private_key
-from tornado_chat.pki.verify import load_certificates
+from tornado_chat.pki.verify import check_trust_anchors, load_certificates
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +194,86 @@ def test_load_certificates_bundle_and_errors(
         load_certificates(tmp_path / "junk.pem")
     with pytest.raises(PKIError, match="it is a directory"):
         load_certificates(tmp_path)
+
+
+def test_verify_refuses_a_leaf_as_trust_anchor(ca: LocalCA, leaf: IssuedCertificate) -> None:
+    """A leaf given as the trusted CA is refused, even for itself; so is an empty anchor list."""
+    with pytest.raises(PKIError, match=r"it is not a CA certificate \(basicConstraints"):
+        verify_certificate(leaf.certificate, [leaf.certificate])
+    with pytest.raises(PKIError, match="no CA certificate to trust"):
+        verify_certificate(leaf.certificate, [])
+    with pytest.raises(PKIError, match="certificate #1 of 2 is not a CA certificate"):
+        check_trust_anchors([leaf.certificate, ca.certificate])
+    with pytest.raises(PKIError, match="certificate #2 of 2 is not a CA certificate"):
+        check_trust_anchors([ca.certificate, leaf.certificate])
+
+
+def test_verify_refuses_anchor_without_key_cert_sign(ca: LocalCA, leaf: IssuedCertificate) -> None:
+    """CA:TRUE alone is not enough: the anchor's keyUsage must allow keyCertSign."""
+    assert ca.key is not None
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    builder = x509.CertificateBuilder(
+        issuer_name=ca.certificate.subject,
+        subject_name=ca.certificate.subject,
+        public_key=ca.certificate.public_key(),
+        serial_number=x509.random_serial_number(),
+        not_valid_before=ca.certificate.not_valid_before_utc,
+        not_valid_after=ca.certificate.not_valid_after_utc,
+        extensions=[
+            x509.Extension(
+                e.oid, e.critical, usage if isinstance(e.value, x509.KeyUsage) else e.value
+            )
+            for e in ca.certificate.extensions
+        ],
+    )
+    crippled = builder.sign(ca.key, hashes.SHA256())
+    assert crippled.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    with pytest.raises(PKIError, match="does not allow keyCertSign"):
+        verify_certificate(leaf.certificate, [crippled])
+
+
+def test_verify_bundle_of_cas_trusts_each(ca: LocalCA, leaf: IssuedCertificate) -> None:
+    """Several CA certificates are all trusted: the leaf verifies with its CA second."""
+    other = x509.load_pem_x509_certificate(trustme.CA().cert_pem.bytes())
+    verify_certificate(leaf.certificate, [other, ca.certificate], hostname="localhost")
+    with pytest.raises(PKIError, match="not issued by the trusted CA"):
+        verify_certificate(leaf.certificate, [other])
+
+
+def test_verify_host_like_common_name_outside_constraints(ca: LocalCA, tmp_path: Path) -> None:
+    """A client certificate with CN=www.google.com and no SAN fails, as OpenSSL fails it."""
+    from tests.test_pki_tls import forge_leaf
+
+    cert_path, _ = forge_leaf(ca, "www.google.com", tmp_path, client_common_name=True)
+    forged = load_certificates(cert_path)[0]
+    with pytest.raises(PKIError, match=r"common name www\.google\.com looks like a host name"):
+        verify_certificate(forged, [ca.certificate])
+    result = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(ca.cert_path), str(cert_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "permitted subtree violation" in result.stdout + result.stderr
+    # Inside the constraints (or not host-like) it verifies, for OpenSSL and for verify.
+    for name in ("alice", "alice.test"):
+        cert_path, _ = forge_leaf(ca, name, tmp_path, client_common_name=True)
+        verify_certificate(load_certificates(cert_path)[0], [ca.certificate])
+        result = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(ca.cert_path), str(cert_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr

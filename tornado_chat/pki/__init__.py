@@ -8,6 +8,7 @@ tests and other servers verify TLS for real::
     ca = LocalCA.load_or_create(Path("certs"))
     leaf = ca.issue_server(["localhost", "127.0.0.1", "::1"])
     alice = ca.issue_client("alice")          # PEM + PKCS#12, password returned once
+    throwaway = ca.to_trustme().issue_cert("app.test")  # trustme.LeafCert, in memory
 
 The server uses :func:`ensure_server_certificate`; people use the command line
 (``tools/mkcerts``, ``mkcerts`` or ``python -m tornado_chat.pki``). Every
@@ -17,7 +18,8 @@ Modules: :mod:`.ca` (the CA and issuing), :mod:`.names` (names and name
 constraints), :mod:`.keys`, :mod:`.files` (file modes), :mod:`.verify`
 (inspect and verify), :mod:`.truststore` with :mod:`.truststore_nss`,
 :mod:`.truststore_system` and :mod:`.truststore_java`, :mod:`.provision`
-(the server's certificate) and :mod:`.cli`.
+(the server's certificate), :mod:`.trustme_ca` (trustme's API on the local
+CA) and :mod:`.cli`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from tornado_chat.pki.files import CA_KEY_MODE, CERT_MODE, KEY_MODE
 from tornado_chat.pki.keys import KEY_TYPES, KeyType
 from tornado_chat.pki.names import DEFAULT_PERMITTED, is_permitted, parse_name
 from tornado_chat.pki.provision import ServerCertificate, ensure_server_certificate, trust_hint
+from tornado_chat.pki.trustme_ca import TrustmeCA
 from tornado_chat.pki.truststore import (
     TrustAnchor,
     TrustState,
@@ -85,6 +88,7 @@ __all__ = [
     "TrustState",
     "TrustStatus",
     "TrustStore",
+    "TrustmeCA",
     "check_key_matches",
     "describe_certificate",
     "ensure_server_certificate",

@@ -56,11 +56,14 @@ from tornado_chat.pki.names import (
     DEFAULT_PERMITTED,
     SubjectName,
     build_name_constraints,
+    common_name_host,
+    common_name_hosts,
     is_permitted,
     name_text,
     parse_name,
     parse_names,
 )
+from tornado_chat.pki.trustme_ca import TrustmeCA
 
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca-key.pem"
@@ -354,6 +357,23 @@ class LocalCA:
         """Whether the CA's name constraints allow a certificate for ``name``."""
         return is_permitted(name, self.name_constraints)
 
+    def to_trustme(self) -> TrustmeCA:
+        """This CA as a :class:`trustme.CA`, for throwaway in-memory leaves.
+
+        ``ca.to_trustme().issue_cert("localhost")`` gives a
+        :class:`trustme.LeafCert` signed by this CA, so anything trusting
+        ``ca.pem`` accepts it; ``configure_cert`` and ``configure_trust``
+        work as in trustme. Names outside the name constraints are refused
+        with :class:`~tornado_chat.errors.PKIError` (see
+        :mod:`tornado_chat.pki.trustme_ca`). Nothing is written to disk.
+
+        Raises:
+            PKIError: the CA key is not available.
+        """
+        if self.key is None:
+            raise PKIError(f"CA key {self.key_path} is missing; cannot sign certificates")
+        return TrustmeCA.from_local(self.certificate, self.key)
+
     # -- creating and loading ----------------------------------------------
 
     @staticmethod
@@ -592,6 +612,16 @@ class LocalCA:
                 f" with 'ca --force --permit {outside[0]}'"
             )
 
+    def _check_common_names(self, hosts: Sequence[x509.DNSName]) -> None:
+        outside = [host.value for host in hosts if not self.permits(host)]
+        if outside:
+            raise PKIError(
+                f"the common name {outside[0]} looks like a host name outside the names this CA"
+                f" may sign ({', '.join(self.permitted)}); OpenSSL would reject the certificate"
+                " (permitted subtree violation). Use a common name that is not a host name"
+                " (such as alice) or one inside those names"
+            )
+
     def issue_server(
         self,
         names: Sequence[str],
@@ -675,10 +705,11 @@ class LocalCA:
         name = _safe_client_name(name)
         if password is not None and len(password) < MIN_P12_PASSWORD:
             raise PKIError(f"the PKCS#12 password must have at least {MIN_P12_PASSWORD} characters")
-        if "." in name and re.fullmatch(r"[A-Za-z0-9.-]+", name):
+        host = common_name_host(name)
+        if host is not None:
             # OpenSSL checks a host-like commonName against the name
             # constraints when a certificate has no DNS subjectAltName.
-            self._check_permitted([parse_name(name)])
+            self._check_common_names([x509.DNSName(host)])
         not_before, not_after, warnings = self._validity(days, force, now)
         signing_key = self._signing_key(now or utcnow())
         key = generate_key(key_type)
@@ -785,6 +816,10 @@ class LocalCA:
         self._check_permitted(
             [name for name in sans if isinstance(name, (x509.DNSName, x509.IPAddress))]
         )
+        # A host-like commonName is refused outside the constraints even next
+        # to DNS subjectAltNames (where OpenSSL would ignore it): this CA
+        # never vouches for a public name, not even in a legacy field.
+        self._check_common_names(common_name_hosts(csr.subject))
         not_before, not_after, validity_warnings = self._validity(days, force, now)
         warnings[:0] = validity_warnings
         signing_key = self._signing_key(now or utcnow())

@@ -51,6 +51,7 @@ from tornado_chat.pki.truststore import (
 from tornado_chat.pki.truststore_nss import CERTUTIL_INSTALLERS, NSSTrustStore
 from tornado_chat.pki.verify import (
     check_key_matches,
+    check_trust_anchors,
     describe_certificate,
     load_certificates,
     verify_certificate,
@@ -296,7 +297,7 @@ def build_parser(default_caroot: str = DEFAULT_CAROOT) -> argparse.ArgumentParse
         ("status", "show whether each store trusts the CA"),
     ):
         sub = commands.add_parser(
-            verb, parents=[common], help=text, description=f"{text.capitalize()}."
+            verb, parents=[common], help=text, description=f"{text[0].upper()}{text[1:]}."
         )
         sub.add_argument(
             "--store",
@@ -351,7 +352,11 @@ def build_parser(default_caroot: str = DEFAULT_CAROOT) -> argparse.ArgumentParse
         "--ca",
         type=Path,
         metavar="FILE",
-        help=f"trust this CA certificate instead (default: CAROOT/{CA_CERT_FILE})",
+        help=(
+            f"trust this CA certificate instead (default: CAROOT/{CA_CERT_FILE}); a bundle of"
+            " several CA certificates trusts each of them, a leaf or a bundle holding one is"
+            " refused"
+        ),
     )
     verify.add_argument(
         "--purpose",
@@ -553,6 +558,13 @@ def _cmd_verify(args: argparse.Namespace, console: _Console) -> int:
     ca_path: Path = args.ca or Path(args.caroot) / CA_CERT_FILE
     certificates = load_certificates(cert_path)
     trusted = load_certificates(ca_path, "CA certificate")
+    try:
+        check_trust_anchors(trusted)
+    except PKIError as exc:
+        raise PKIError(
+            f"{ca_path} cannot be trusted as a CA: {exc}; give the CA certificate that issued"
+            f" {cert_path} (such as {Path(args.caroot) / CA_CERT_FILE})"
+        ) from None
     try:
         verify_certificate(
             certificates[0],

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import TypeAlias
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from tornado_chat.errors import PKIError
 
@@ -259,3 +260,43 @@ def covers(san: Iterable[x509.GeneralName], name: SubjectName) -> bool:
                 if head and tail == have[2:]:
                     return True
     return False
+
+
+def common_name_host(text: str) -> str | None:
+    """The DNS name OpenSSL reads in a subject commonName, or None when it reads none.
+
+    OpenSSL checks a commonName against a CA's DNS name constraints when it
+    "looks like a host name": ASCII letters, digits, ``_``, ``-`` and ``.``,
+    at least two labels, no ``-`` or ``.`` first or last and none next to a
+    dot (``www.google.com``, ``my_host.test``; not ``alice`` or
+    ``Alice Smith``). Names read this way are also what a legacy client might
+    match a hostname against, so the toolkit refuses to sign one outside the
+    constraints and ``verify`` reports it as OpenSSL does.
+
+    Returns:
+        The name in lower case, or None.
+    """
+    found = False
+    last = len(text) - 1
+    for index, char in enumerate(text):
+        if char.isascii() and (char.isalnum() or char == "_"):
+            continue
+        if 0 < index < last:
+            if char == "-":
+                continue
+            if char == "." and text[index + 1] not in ".-" and text[index - 1] != "-":
+                found = True
+                continue
+        return None
+    return text.lower() if found else None
+
+
+def common_name_hosts(subject: x509.Name) -> list[x509.DNSName]:
+    """Every commonName of ``subject`` that OpenSSL treats as a DNS name (see above)."""
+    hosts: list[x509.DNSName] = []
+    for attribute in subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        value = attribute.value
+        host = common_name_host(value) if isinstance(value, str) else None
+        if host is not None:
+            hosts.append(x509.DNSName(host))
+    return hosts

@@ -10,7 +10,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import os
 import shlex
+import shutil
+import site
+import sys
+import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +43,8 @@ from tornado_chat.pki.names import covers, parse_names
 #: Renew a leaf this many days before it expires.
 DEFAULT_RENEW_WITHIN_DAYS = 30
 LOCK_FILE = ".mkcerts.lock"
+#: The console script setup.py installs.
+MKCERTS = "mkcerts"
 
 
 @dataclass(frozen=True)
@@ -171,13 +178,33 @@ def ensure_server_certificate(
     )
 
 
-def trust_hint(caroot: Path) -> str:
-    """The one-line command that makes this machine's browsers trust the CA.
+def mkcerts_command() -> list[str]:
+    """The command that runs ``mkcerts`` with this very installation.
 
-    It names ``python -m tornado_chat.pki``, which works both from a checkout
-    (where ``tools/mkcerts`` is the same thing) and after ``pip install``.
-
-    >>> trust_hint(Path("certs"))
-    'python -m tornado_chat.pki install --caroot certs'
+    ``mkcerts`` when the console script found on ``PATH`` is the one this
+    interpreter installed (same scripts directory); otherwise this
+    interpreter by its full path with ``-m tornado_chat.pki``, which works
+    without activating a virtualenv. A bare ``python`` could be another
+    interpreter that lacks the package.
     """
-    return f"python -m tornado_chat.pki install --caroot {shlex.quote(str(caroot))}"
+    found = shutil.which(MKCERTS)
+    if found is not None:
+        schemes = [sysconfig.get_default_scheme()]
+        if sys.prefix == sys.base_prefix and site.ENABLE_USER_SITE:
+            # pip install --user puts scripts in ~/.local/bin; a virtualenv
+            # never sees user installs, so there that mkcerts is another one.
+            schemes.append(f"{os.name}_user")
+        with contextlib.suppress(OSError, KeyError):
+            scripts = [Path(sysconfig.get_path("scripts", scheme)) for scheme in schemes]
+            if any(Path(found).resolve() == (d / MKCERTS).resolve() for d in scripts):
+                return [MKCERTS]
+    return [sys.executable or "python3", "-m", "tornado_chat.pki"]
+
+
+def trust_hint(caroot: Path) -> str:
+    """The one-line shell command that makes this machine's browsers trust the CA.
+
+    It names :func:`mkcerts_command` (shell-quoted), so it works both from a
+    checkout and after ``pip install``, inside or outside a virtualenv.
+    """
+    return shlex.join([*mkcerts_command(), "install", "--caroot", str(caroot)])

@@ -2,7 +2,11 @@
 
 Verification uses cryptography's Web PKI verifier, the same rules browsers
 apply: signature chain to the CA, validity at the given time, the CA's name
-constraints, the extended key usage for the purpose, and the hostname.
+constraints, the extended key usage for the purpose, and the hostname. On top
+of it, a subject commonName that looks like a host name is held to the name
+constraints when the certificate has no DNS subjectAltName, as OpenSSL does
+(cryptography's verifier ignores the commonName). Trust anchors must be CA
+certificates: trusting a leaf as its own anchor would prove nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from tornado_chat.pki.ca import (
 )
 from tornado_chat.pki.files import read_bytes
 from tornado_chat.pki.keys import describe_key, public_key_der
-from tornado_chat.pki.names import name_text
+from tornado_chat.pki.names import common_name_hosts, is_permitted, name_text
 
 Purpose = Literal["auto", "server", "client"]
 """What to verify a certificate for; ``auto`` reads it from the certificate."""
@@ -187,6 +191,63 @@ def _purpose(certificate: x509.Certificate, purpose: Purpose) -> Literal["server
     return "server"
 
 
+def check_trust_anchors(anchors: Sequence[x509.Certificate]) -> None:
+    """Check that every certificate given as a trust anchor is a CA certificate.
+
+    A CA certificate says ``CA:TRUE`` in basicConstraints and allows
+    ``keyCertSign`` in keyUsage. Anything else (a server leaf, a client
+    certificate, a bundle that starts with its leaf) would make any
+    certificate "verify" against itself.
+
+    Raises:
+        PKIError: no anchor, or which one is not a CA certificate and why.
+    """
+    if not anchors:
+        raise PKIError("no CA certificate to trust")
+    for number, anchor in enumerate(anchors, start=1):
+        which = f"certificate #{number} of {len(anchors)}" if len(anchors) > 1 else "it"
+        if not is_ca_certificate(anchor):
+            raise PKIError(
+                f"{which} is not a CA certificate (basicConstraints lacks CA:TRUE):"
+                f" {anchor.subject.rfc4514_string() or '(empty subject)'}"
+            )
+        try:
+            usage = anchor.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = None
+        if usage is None or not usage.key_cert_sign:
+            raise PKIError(
+                f"{which} is not a CA certificate (its keyUsage does not allow keyCertSign):"
+                f" {anchor.subject.rfc4514_string() or '(empty subject)'}"
+            )
+
+
+def _check_common_names(certificate: x509.Certificate, chain: Sequence[x509.Certificate]) -> None:
+    """Hold host-like commonNames to the chain's name constraints, as OpenSSL does.
+
+    OpenSSL reads the commonName as a DNS name only when the leaf has no DNS
+    subjectAltName; then every CA above it must permit that name.
+    """
+    if any(isinstance(name, x509.DNSName) for name in subject_alt_names(certificate)):
+        return
+    hosts = common_name_hosts(certificate.subject)
+    if not hosts:
+        return
+    for issuer in chain:
+        try:
+            constraints = issuer.extensions.get_extension_for_class(x509.NameConstraints).value
+        except x509.ExtensionNotFound:
+            continue
+        for host in hosts:
+            if not is_permitted(host, constraints):
+                permitted = ", ".join(name_text(n) for n in constraints.permitted_subtrees or ())
+                raise PKIError(
+                    f"its common name {host.value} looks like a host name outside the names"
+                    f" its CA may sign ({permitted or 'none'}); OpenSSL rejects it (permitted"
+                    " subtree violation)"
+                )
+
+
 def verify_certificate(
     certificate: x509.Certificate,
     trusted: Sequence[x509.Certificate],
@@ -200,7 +261,8 @@ def verify_certificate(
 
     Args:
         certificate: the leaf to verify.
-        trusted: the CA certificates to trust (usually the local CA only).
+        trusted: the CA certificates to trust (usually the local CA only);
+            each must be a CA certificate (see :func:`check_trust_anchors`).
         hostname: for server certificates, the DNS name or IP address the
             client connects to; without it the chain, validity, constraints
             and usage are checked for the certificate's first name.
@@ -209,10 +271,12 @@ def verify_certificate(
         now: verify as of this time (default: now).
 
     Raises:
-        PKIError: the one-line reason the certificate is not acceptable.
+        PKIError: the one-line reason the certificate is not acceptable, or
+            a trust anchor that is not a CA certificate.
     """
     if is_ca_certificate(certificate):
         raise PKIError("it is a CA certificate; verify checks server and client certificates")
+    check_trust_anchors(trusted)
     when = (now or utcnow()).astimezone(datetime.timezone.utc)
     if when >= certificate.not_valid_after_utc:
         raise PKIError(f"it expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
@@ -239,7 +303,8 @@ def verify_certificate(
                 ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
                 ee_policy=client_policy,
             )
-            builder.build_client_verifier().verify(certificate, list(intermediates))
+            verified = builder.build_client_verifier().verify(certificate, list(intermediates))
+            _check_common_names(certificate, verified.chain[1:])
             return
         if hostname is None:
             names = [
@@ -253,7 +318,8 @@ def verify_certificate(
             if name_text(names[0]).startswith("*."):
                 hostname = "wildcard." + hostname
         verifier = builder.build_server_verifier(_subject(hostname))
-        verifier.verify(certificate, list(intermediates))
+        chain = verifier.verify(certificate, list(intermediates))
+        _check_common_names(certificate, chain[1:])
     except verification.VerificationError as exc:
         raise PKIError(_reason(exc, hostname, kind)) from None
 
