@@ -137,6 +137,9 @@ class TcpRelay:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self.connections = 0
+        # Chunks read while paused and not yet passed on (what a hung database
+        # has been sent and not answered).
+        self.held = 0
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
@@ -199,7 +202,12 @@ class TcpRelay:
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
-                    await self._flowing.wait()
+                    if not self._flowing.is_set():
+                        self.held += 1
+                        try:
+                            await self._flowing.wait()
+                        finally:
+                            self.held -= 1
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()

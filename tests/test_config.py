@@ -43,6 +43,13 @@ def test_defaults_are_the_dataclass_defaults() -> None:
     assert parse() == Settings()
 
 
+def test_db_timeout_default_is_the_storage_default() -> None:
+    """--db-timeout's default is the one Storage.open uses when given none."""
+    from tornado_chat.storage import DEFAULT_DB_TIMEOUT
+
+    assert Settings().db_timeout == DEFAULT_DB_TIMEOUT == 5.0
+
+
 # (flag, value on the command line, Settings field, expected value)
 FLAG_CASES: list[tuple[str, str, str, Any]] = [
     ("--host", "0.0.0.0", "host", "0.0.0.0"),
@@ -77,6 +84,9 @@ FLAG_CASES: list[tuple[str, str, str, Any]] = [
     ("--ping-timeout", "5", "ping_timeout", 5.0),
     ("--outbox-bytes", "2097152", "outbox_bytes", 2097152),
     ("--shutdown-timeout", "3", "shutdown_timeout", 3.0),
+    ("--db-timeout", "2.5", "db_timeout", 2.5),
+    ("--db-timeout", "1500ms", "db_timeout", 1.5),
+    ("--db-timeout", "1m", "db_timeout", 60.0),
     ("--write-delay", "20ms", "write_delay", 0.02),
     ("--write-delay", "0", "write_delay", 0.0),
     ("--write-delay", "0.5", "write_delay", 0.5),
@@ -142,6 +152,7 @@ def test_help_lists_every_default_and_env(capsys: pytest.CaptureFixture[str]) ->
     assert "(default: SQLite in DATA_DIR/chat.db; env CHAT_DB)" in text
     assert "(default: off; env CHAT_REDIRECT_PORT)" in text
     assert "(default: 10; env CHAT_SHUTDOWN_TIMEOUT)" in text
+    assert "(default: 5; env CHAT_DB_TIMEOUT)" in text
 
 
 def test_every_settings_field_with_a_flag_has_its_default_in_help() -> None:
@@ -155,7 +166,7 @@ def test_every_settings_field_with_a_flag_has_its_default_in_help() -> None:
         *("--log-level", "--no-query-token", "--max-frame-bytes", "--max-body-chars"),
         *("--rate-per-sec", "--rate-burst", "--max-sockets-per-user", "--max-sockets"),
         *("--handshake-timeout", "--ping-interval", "--ping-timeout", "--outbox-bytes"),
-        *("--shutdown-timeout", "--write-delay"),
+        *("--shutdown-timeout", "--write-delay", "--db-timeout"),
     }
     assert documented <= flags, documented - flags
     for action in parser._actions:
@@ -190,6 +201,8 @@ ERROR_CASES: list[tuple[list[str], dict[str, str], str]] = [
     ),
     (["--access-ttl", "1.5"], {}, "argument --access-ttl: 1.5 s is out of range 10..86400 s"),
     (["--write-delay", "2s"], {}, "argument --write-delay: 2 s is out of range 0..1 s"),
+    (["--db-timeout", "0"], {}, "argument --db-timeout: 0 s is out of range 0.1..3600 s"),
+    ([], {"CHAT_DB_TIMEOUT": "2h"}, "CHAT_DB_TIMEOUT: 7200 s is out of range 0.1..3600 s"),
     (
         [],
         {"CHAT_WRITE_DELAY": "-5ms"},

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import re
+import signal
 import socket
 import ssl
 import threading
@@ -33,10 +34,12 @@ from tests.netfault import (
     TcpRelay,
     fresh_pg_database,
     pg_port,
+    start_server,
     with_port,
 )
 from tornado_chat.config import build_parser, parse_settings
 from tornado_chat.pki import ServerCertificate
+from tornado_chat.server import CLOSE_GRACE, EXIT_WRITES_ABANDONED
 
 # Low limits so each one is reached in a few frames; each is a flag (Settings field).
 TIGHT = {
@@ -489,11 +492,19 @@ async def test_database_outage_503_error_frames_and_recovery(
     client_ssl: ssl.SSLContext,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """PostgreSQL cut, then hung: 503s, store_failed frames (never an ack), 1011; recovers alone."""
+    """PostgreSQL cut, then hung: 503s, store_failed frames (never an ack), 1011; recovers alone.
+
+    While it hangs, every answer comes within --db-timeout (plus a margin).
+    """
+    handshake_timeout, db_timeout, margin = 1.0, 2.0, 1.5
     async with fresh_pg_database() as url:
         relay = TcpRelay(pg_port(url)).start()
         settings = make_settings(
-            server_cert, tmp_path, db=with_port(url, relay.port), handshake_timeout=2.0
+            server_cert,
+            tmp_path,
+            db=with_port(url, relay.port),
+            handshake_timeout=handshake_timeout,
+            db_timeout=db_timeout,
         )
         live = LiveServer(settings).start()
         client = Client(live, client_ssl)
@@ -533,8 +544,32 @@ async def test_database_outage_503_error_frames_and_recovery(
             started = time.monotonic()
             hanging = await client.connect("db-hung-room", token=access)
             assert await hanging.closed() == 1011
-            assert time.monotonic() - started < 2.0 + 3
-            await assert_unavailable(client, "GET", "/readyz")
+            assert time.monotonic() - started < handshake_timeout + 3
+
+            async def timed(coro: Any) -> float:
+                began = time.monotonic()
+                await coro
+                return time.monotonic() - began
+
+            async def refused_message() -> None:
+                await sock.say("while hung", client_id="c-hung")
+                error = await sock.recv(timeout=db_timeout + margin)
+                assert error is not None and error["type"] == "error", error
+                assert error["code"] == "store_failed", error
+
+            # All at once, each on its own pooled connection: none may wait
+            # longer than --db-timeout, even the first (which also pre-pings).
+            elapsed = await asyncio.gather(
+                timed(refused_message()),
+                timed(assert_unavailable(client, "GET", "/api/rooms", token=access)),
+                timed(
+                    assert_unavailable(client, "GET", "/api/rooms/db-room/messages", token=access)
+                ),
+                timed(assert_unavailable(client, "GET", "/readyz")),
+            )
+            assert max(elapsed) < db_timeout + margin, elapsed
+            with pytest.raises(asyncio.TimeoutError):
+                await sock.recv(timeout=0.5)  # and never an acknowledgement
             relay.resume()
             await wait_ready(client)
 
@@ -558,3 +593,52 @@ async def test_database_outage_503_error_frames_and_recovery(
             relay.close()
     await wait_for_log(caplog, r"message not stored user=db_user room=db-room")
     await wait_for_log(caplog, r"ws handshake timeout addr=127\.0\.0\.1")
+
+
+@pytest.mark.postgres
+async def test_shutdown_with_a_write_stuck_on_a_hung_database_is_bounded_and_exits_1(
+    server_cert: ServerCertificate, tmp_path: Path, client_ssl: ssl.SSLContext
+) -> None:
+    """SIGTERM, a write pending on a hung PostgreSQL: out within the budget, exit 1, counted."""
+    shutdown_timeout = 2.0
+    async with fresh_pg_database() as url:
+        relay = TcpRelay(pg_port(url)).start()
+        # --db-timeout well past --shutdown-timeout: the write is still waiting
+        # for the database when the shutdown budget runs out.
+        process, endpoint = start_server(
+            server_cert,
+            tmp_path / "data",
+            "--db", with_port(url, relay.port),
+            "--db-timeout", "60",
+            "--shutdown-timeout", str(shutdown_timeout),
+        )  # fmt: skip
+        client = Client(endpoint, client_ssl)  # type: ignore[arg-type]
+        try:
+            access = (await client.user("stuck_user"))["access_token"]
+            sock, _ = await client.join("stuck-room", access)
+            relay.pause()
+            await sock.say("never stored", client_id="stuck-1")
+            await wait_until(lambda: relay.held > 0)  # the write reached the database
+            started = time.monotonic()
+            process.send(signal.SIGTERM)
+            assert await sock.closed() == 1001  # a close, never an acknowledgement
+            code = await asyncio.to_thread(process.wait, 30)
+            elapsed = time.monotonic() - started
+        finally:
+            client.close()
+            process.stop()
+            relay.resume()
+            relay.close()
+    # The budget, the grace for closing the database and broker, and the
+    # interpreter's own exit.
+    assert elapsed < shutdown_timeout + CLOSE_GRACE + 1.5, (elapsed, process.stderr)
+    assert code == EXIT_WRITES_ABANDONED == 1, process.stderr
+    abandoned = [line for line in process.err if "abandoned" in line]
+    assert len(abandoned) == 1, process.stderr
+    assert re.search(
+        r" ERROR tornado_chat\.server: shutdown timed out after 2\.0 s: abandoned 1 pending "
+        r"message write\(s\), never acknowledged to their senders$",
+        abandoned[0],
+    ), abandoned
+    assert process.err[-1].endswith("tornado_chat.server: stopped"), process.stderr
+    assert "Traceback" not in process.stderr

@@ -470,6 +470,58 @@ async def test_sigterm_closes_sockets_with_1001_and_exits_zero(
     assert "Traceback" not in process.stderr
 
 
+class SignalOnListening(ChatProcess):
+    """A server process sent ``signum`` the moment its "listening" line is read.
+
+    The signal goes from the thread reading stderr, as soon as the line
+    arrives, to hit the server as close as possible to where it printed it.
+    """
+
+    def __init__(self, args: Sequence[str], cwd: Path, signum: int) -> None:
+        super().__init__(args, cwd)
+        self.signum = signum
+        self.sent_at: float | None = None
+
+    def _pump(self, stream: Any, sink: list[str]) -> None:  # type: ignore[override]
+        for line in stream:
+            if self.sent_at is None and "listening on https://" in line:
+                assert self.proc is not None
+                self.proc.send_signal(self.signum)
+                self.sent_at = time.monotonic()
+            sink.append(line.rstrip("\n"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_right_after_listening_line_is_a_graceful_stop(
+    minted: ServerCertificate, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A signal the instant "listening" is printed stops gracefully with 0, every time."""
+    for attempt in range(6):
+        data_dir = tmp_path / f"data{attempt}"
+        process = SignalOnListening(
+            [
+                "--port", "0",
+                "--redirect-port", "0",
+                "--certfile", str(minted.cert_path),
+                "--keyfile", str(minted.key_path),
+                "--data-dir", str(data_dir),
+                "--shutdown-timeout", "5",
+            ],
+            tmp_path,
+            signum,
+        ).start()  # fmt: skip
+        try:
+            code = process.wait(30)
+        finally:
+            process.stop()
+        assert process.sent_at is not None, process.stderr
+        assert code == 0, (attempt, code, process.stderr)
+        assert time.monotonic() - process.sent_at < 5, process.stderr
+        assert f"{signum.name} received: shutting down" in process.stderr
+        assert process.err[-1].endswith("tornado_chat.server: stopped"), process.stderr
+        assert "Traceback" not in process.stderr
+
+
 def test_uncovered_host_is_a_warning_not_an_error(
     minted: ServerCertificate, tmp_path: Path
 ) -> None:
@@ -487,6 +539,7 @@ def test_uncovered_host_is_a_warning_not_an_error(
     try:
         process.ports()
         warning = process.wait_for(r"WARNING tornado_chat\.server: (certificate .*)$").group(1)
+        # Whenever it lands after the "listening" line, SIGINT is a graceful stop.
         process.send(signal.SIGINT)
         code = process.wait(15)
     finally:
@@ -495,7 +548,8 @@ def test_uncovered_host_is_a_warning_not_an_error(
         f"certificate {minted.cert_path} does not cover 127.0.0.2 (it names localhost, "
         "127.0.0.1, ::1): clients of https://127.0.0.2 will reject it"
     )
-    assert code == 0
+    assert code == 0, process.stderr
+    assert "SIGINT received: shutting down" in process.stderr
 
 
 # -- start-up diagnostics ------------------------------------------------------

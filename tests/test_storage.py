@@ -13,12 +13,14 @@ import contextlib
 import os
 import re
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -26,14 +28,16 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection, make_url
 
-from tests.netfault import fresh_pg_database
+from tests.netfault import TcpRelay, fresh_pg_database, pg_port, with_port
 from tornado_chat.errors import StorageError, UsernameTaken
 from tornado_chat.storage import (
+    DEFAULT_DB_TIMEOUT,
     RotateOutcome,
     RotateResult,
     Storage,
     StoredMessage,
     TicketGrant,
+    db_timeout,
     metadata,
 )
 
@@ -127,7 +131,7 @@ async def test_sqlite_file_settings(tmp_path: Path) -> None:
             "journal_mode": "wal",
             "synchronous": 1,  # NORMAL
             "foreign_keys": 1,
-            "busy_timeout": 10_000,
+            "busy_timeout": int(DEFAULT_DB_TIMEOUT * 1000),
         }
     finally:
         await s.close()
@@ -606,3 +610,82 @@ async def test_statements_use_bound_parameters(storage: Storage) -> None:
     async with storage._engine.connect() as conn:
         count = (await conn.execute(sa.text("SELECT count(*) FROM messages"))).scalar()
     assert count == 1
+
+
+# -- the database timeout (--db-timeout) -------------------------------------------------
+
+
+async def _fails_within(seconds: float, call: Any) -> float:
+    """Await ``call``; it must raise StorageError within ``seconds``; the time it took."""
+    started = time.monotonic()
+    with pytest.raises(StorageError):
+        await call
+    elapsed = time.monotonic() - started
+    assert elapsed < seconds, elapsed
+    return elapsed
+
+
+async def test_sqlite_lock_wait_is_bounded_by_the_timeout(tmp_path: Path) -> None:
+    """Another process's write lock is waited for the timeout, then StorageError; nothing stored."""
+    path = tmp_path / "chat.db"
+    s = await Storage.open(f"sqlite+aiosqlite:///{path}", timeout=0.5)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        uid = await _user(s)
+        async with s._engine.connect() as conn:
+            busy = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar()
+        assert busy == 500
+        other.execute("BEGIN IMMEDIATE")  # what a second process's writer holds
+        # The SQLAlchemy path and the plain sqlite3 path both give up in time,
+        # and only after waiting (a lock held for a moment is still waited for).
+        for call in (
+            s.create_user("bob", b"$2b$04$hash"),
+            s.append_messages([("r", uid, "alice", "locked out", None)]),
+        ):
+            assert await _fails_within(0.5 + 1.0, call) >= 0.3
+        other.execute("ROLLBACK")
+        stored = await s.append_messages([("r", uid, "alice", "after", None)])
+        assert stored[0].seq == 1
+    finally:
+        other.close()
+        await s.close()
+
+
+@pytest.mark.postgres
+async def test_hung_postgresql_fails_each_call_within_the_timeout() -> None:
+    """A database that accepts and never answers: every call fails in time; then it recovers."""
+    async with fresh_pg_database() as url:
+        relay = TcpRelay(pg_port(url)).start()
+        with db_timeout(1.0):  # what the server does with --db-timeout
+            s = await Storage.open(with_port(url, relay.port))
+        try:
+            assert s.timeout == 1.0
+            async with s._engine.connect() as conn:
+                shown = (await conn.exec_driver_sql("SHOW statement_timeout")).scalar()
+            assert shown == "1s"
+            uid = await _user(s)
+            assert (await s.append_message("r", uid, "alice", "before", None)).seq == 1
+            relay.pause()
+            # Together, so each needs a pooled connection (pre-ping) or a new
+            # one (connect): no step may add up past the timeout.
+            await asyncio.gather(
+                _fails_within(1.0 + 0.5, s.append_message("r", uid, "alice", "hung", None)),
+                _fails_within(1.0 + 0.5, s.list_rooms()),
+                _fails_within(1.0 + 0.5, s.messages("r")),
+                _fails_within(1.0 + 0.5, s.last_seq("r")),
+                _fails_within(1.0 + 0.5, s.create_user("bob", b"$2b$04$hash")),
+                _fails_within(1.0 + 0.5, s.ping()),
+            )
+            relay.resume()
+            after = await s.append_message("r", uid, "alice", "after", None)
+            assert after.seq == 2  # the abandoned write used no seq
+            assert [m.body for m in await s.messages("r")] == ["before", "after"]
+            relay.pause()
+            # Closing is bounded too, though the hung server never sees it go.
+            started = time.monotonic()
+            await s.close()
+            assert time.monotonic() - started < 1.0 + 0.5
+        finally:
+            relay.resume()
+            await s.close()
+            relay.close()

@@ -109,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         0 after a graceful stop (or ``--help``), 2 for a configuration error,
-        1 for any other error, 130 when interrupted during start-up.
+        1 for any other error (including a shutdown that ran out of
+        ``--shutdown-timeout`` and abandoned pending message writes), 130 when
+        interrupted during start-up (before the "listening" line; after it,
+        ``SIGINT`` is a graceful stop).
     """
     try:
         settings: Settings = parse_settings(argv, os.environ)

@@ -49,6 +49,8 @@ class Settings:
     # State
     data_dir: Path = Path("data")
     db: str | None = None
+    # The longest one database call may take before it fails (503, error frame).
+    db_timeout: float = 5.0
     broker: str | None = None
     # Auth
     jwt_secret_file: Path | None = None
@@ -412,6 +414,16 @@ _OPTIONS: tuple[_Option, ...] = (
         "URL",
         "state",
         shown_default="SQLite in DATA_DIR/chat.db",
+    ),
+    _Option(
+        "--db-timeout",
+        "db_timeout",
+        _seconds(0.1, 3600, whole=False),
+        "seconds one database call may take (connecting, waiting for a pooled connection, "
+        "its statements and commit; SQLite's wait for another process's lock) before it "
+        "fails with 503 or a store_failed frame",
+        "SECONDS",
+        "state",
     ),
     _Option(
         "--broker",

@@ -54,6 +54,11 @@ REDIRECT_IDLE_TIMEOUT = 10.0
 # Of the shutdown budget, this share goes to closing sockets and connections;
 # the rest is reserved for storing pending messages (Services.close).
 DRAIN_SHARE = 0.6
+# Once the budget is spent and pending writes are abandoned, closing the broker
+# and the database gets this much longer; then the process exits regardless.
+CLOSE_GRACE = 1.0
+# The exit code of a shutdown that had to abandon pending message writes.
+EXIT_WRITES_ABANDONED = 1
 # Local CA leaves are checked this often and renewed when under 30 days remain.
 RENEW_CHECK_SECONDS = 12 * 3600
 # Hosts that mean "every interface": clients reach the server as localhost.
@@ -78,6 +83,13 @@ class ServicesLike(Protocol):
 
     async def close(self) -> None:
         """Store pending writes and close the database and broker."""
+
+
+class WriterLike(Protocol):
+    """The part of :class:`tornado_chat.writer.MessageWriter` a late shutdown uses."""
+
+    def abandon(self) -> int:
+        """Give up on pending writes; how many there were."""
 
 
 ServicesFactory = Callable[[Settings], Awaitable[Any]]
@@ -292,6 +304,8 @@ class ChatServer:
         self._port: int | None = None
         self._redirect_port: int | None = None
         self._stopped = False
+        #: Message writes the last :meth:`stop` gave up on (its budget ran out).
+        self.abandoned_writes = 0
 
     # -- properties --------------------------------------------------------
 
@@ -362,8 +376,14 @@ class ChatServer:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, before_listening: Callable[[], None] | None = None) -> None:
         """Check the certificate, bind, build the services and app, start serving.
+
+        Args:
+            before_listening: called once everything is built, just before the
+                first connection can be accepted (:func:`serve` installs its
+                signal handlers there, so a signal any time after the
+                "listening" line is a graceful stop).
 
         Raises:
             CertificateError: the pair cannot be served (one line).
@@ -425,6 +445,8 @@ class ChatServer:
             body_timeout=BODY_TIMEOUT,
             decompress_request=False,
         )
+        if before_listening is not None:
+            before_listening()
         self._http.add_sockets(sockets)
         log.info(
             "listening on https://%s:%d (certificate %s, expires %s)",
@@ -458,12 +480,16 @@ class ChatServer:
             self._renewal.start()
 
     async def _build_services(self) -> ServicesLike:
-        if self._create_services is not None:
-            services: ServicesLike = await self._create_services(self.settings)
-            return services
-        from tornado_chat.app import create_services
+        from tornado_chat.storage import db_timeout
 
-        return await create_services(self.settings)
+        # --db-timeout reaches the storage the factory opens.
+        with db_timeout(self.settings.db_timeout):
+            if self._create_services is not None:
+                services: ServicesLike = await self._create_services(self.settings)
+                return services
+            from tornado_chat.app import create_services
+
+            return await create_services(self.settings)
 
     def _build_app(self, services: ServicesLike) -> tornado.web.Application:
         if self._make_app is not None:
@@ -509,7 +535,10 @@ class ChatServer:
         Stop accepting; close every WebSocket with 1001 (clients reconnect with
         ``since``); close HTTP connections; then store pending messages and
         close the database and broker (``Services.close``), which gets the rest
-        of the budget.
+        of the budget. Writes still pending when it runs out are abandoned
+        (counted in :attr:`abandoned_writes`) and the database and broker get
+        :data:`CLOSE_GRACE` more seconds, so the whole stop takes at most
+        ``shutdown_timeout + CLOSE_GRACE``.
         """
         if self._stopped:
             return
@@ -528,11 +557,36 @@ class ChatServer:
             log.warning("connections still open after %.1f s; closing them", budget * DRAIN_SHARE)
         services, self._services = self._services, None
         if services is not None:
-            try:
-                await asyncio.wait_for(services.close(), max(deadline - loop.time(), 0.1))
-            except asyncio.TimeoutError:
-                log.error("shutdown timed out after %.1f s with writes pending", budget)
+            await self._close_services(services, max(deadline - loop.time(), 0.1))
         log.info("stopped")
+
+    async def _close_services(self, services: ServicesLike, remaining: float) -> None:
+        closing = asyncio.ensure_future(services.close())
+        done, _ = await asyncio.wait((closing,), timeout=remaining)
+        if not done:
+            budget = self.settings.shutdown_timeout
+            writer: WriterLike | None = getattr(services, "writer", None)
+            # Abandoning the writes lets Services.close go on to the broker
+            # and the database, which get a short grace and no more.
+            self.abandoned_writes = writer.abandon() if writer is not None else 0
+            if self.abandoned_writes:
+                log.error(
+                    "shutdown timed out after %.1f s: abandoned %d pending message write(s), "
+                    "never acknowledged to their senders",
+                    budget,
+                    self.abandoned_writes,
+                )
+            done, _ = await asyncio.wait((closing,), timeout=CLOSE_GRACE)
+            if not done:
+                log.warning(
+                    "shutdown timed out after %.1f s closing the database and broker; "
+                    "leaving their connections",
+                    budget + CLOSE_GRACE,
+                )
+                closing.cancel()
+                return
+        if not closing.cancelled() and closing.exception() is not None:
+            log.error("closing the database and broker failed", exc_info=closing.exception())
 
     async def _drain(self) -> None:
         services = self._services
@@ -571,7 +625,8 @@ async def serve(
         on_ready: called once the server is listening and handles signals.
 
     Returns:
-        0 after a graceful stop.
+        0 after a graceful stop; :data:`EXIT_WRITES_ABANDONED` when the
+        shutdown ran out of time with message writes pending.
     """
     server = ChatServer(
         settings,
@@ -580,34 +635,44 @@ async def serve(
         tls_files=tls_files,
         renew_certificates=worker is None,
     )
-    await server.start()
-    if worker is None and server.tls_files is not None:
-        announce_ca(server.tls_files)
-    if worker is not None:
-        log.info("worker %d (pid %d) ready", worker, os.getpid())
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+    handling = False
 
     def on_stop(signum: int) -> None:
         if not stopping.is_set():
             log.info("%s received: shutting down", signal.Signals(signum).name)
         stopping.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_stop, signum)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_certificate)
-    # A forked worker starts with these signals blocked (see Supervisor._spawn);
-    # now that the loop handles them, let them in.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
-    if on_ready is not None:
-        on_ready()
+    def handle_signals() -> None:
+        # Installed before the first connection is accepted (and before the
+        # "listening" line): from then on SIGTERM/SIGINT is a graceful stop,
+        # never the default death or a KeyboardInterrupt. Earlier, during
+        # start-up, they still interrupt at once (exit 130 / killed).
+        nonlocal handling
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_certificate)
+        handling = True
+        # A forked worker starts with these signals blocked (see
+        # Supervisor._spawn); now that the loop handles them, let them in.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
+
     try:
+        await server.start(before_listening=handle_signals)
+        if worker is None and server.tls_files is not None:
+            announce_ca(server.tls_files)
+        if worker is not None:
+            log.info("worker %d (pid %d) ready", worker, os.getpid())
+        if on_ready is not None:
+            on_ready()
         await stopping.wait()
         await server.stop()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-    return 0
+        if handling:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+    return EXIT_WRITES_ABANDONED if server.abandoned_writes else 0
 
 
 def announce_ca(files: TLSFiles) -> None:
@@ -870,6 +935,8 @@ class Supervisor:
 async def _prepare_services(settings: Settings) -> None:
     """Create the JWT secret and migrate the database once, before workers fork."""
     from tornado_chat.app import create_services
+    from tornado_chat.storage import db_timeout
 
-    services = await create_services(settings)
+    with db_timeout(settings.db_timeout):
+        services = await create_services(settings)
     await services.close()

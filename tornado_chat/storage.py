@@ -31,18 +31,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
+import functools
 import importlib
 import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from alembic import command as alembic_command
@@ -53,11 +55,12 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, StaticPool
 
 from tornado_chat.errors import StorageError, UsernameTaken
 
 __all__ = [
+    "DEFAULT_DB_TIMEOUT",
     "MAX_PAGE_SIZE",
     "RotateOutcome",
     "RotateResult",
@@ -65,12 +68,14 @@ __all__ = [
     "StoredMessage",
     "TicketGrant",
     "User",
+    "db_timeout",
     "metadata",
 ]
 
 log = logging.getLogger("tornado_chat.storage")
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 #: The largest page :meth:`Storage.messages` returns, whatever ``limit`` asks for:
 #: one request must not be able to make the database read a whole room.
@@ -81,12 +86,17 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # How long ping() waits before declaring the database unreachable: readiness
 # probes must answer quickly, and a blackholed host would otherwise hang them.
 PING_TIMEOUT = 3.0
-# asyncpg's connect timeout (its default is 60 s) and the longest a request may
-# wait for a pooled connection, so a dead database turns into 503s quickly.
-CONNECT_TIMEOUT = 5.0
-POOL_TIMEOUT = 10.0
-# SQLite waits this long for another process's write lock before giving up.
-SQLITE_BUSY_TIMEOUT_MS = 10_000
+#: The longest one database step may take (--db-timeout): connecting, waiting
+#: for a pooled connection, each statement and COMMIT on PostgreSQL; waiting
+#: for another process's write lock on SQLite. A database that hangs (accepts
+#: connections, never answers) then turns into StorageError, hence 503s and
+#: error frames, instead of requests that never finish.
+DEFAULT_DB_TIMEOUT = 5.0
+# What Storage.open uses when not given a timeout: set by db_timeout() around
+# code that opens storage without knowing about timeouts (the services factory).
+_ambient_timeout: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "tornado_chat_db_timeout", default=DEFAULT_DB_TIMEOUT
+)
 
 # An arbitrary constant: the PostgreSQL advisory lock that serialises
 # migrations when several processes start at once.
@@ -310,6 +320,58 @@ def _translate(operation: str) -> Iterator[None]:
         raise StorageError(f"database error ({operation}): {_describe(error)}") from error
 
 
+async def _within(seconds: float, operation: str, coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``coro`` as a task and wait at most ``seconds`` for it.
+
+    Past that the task is cancelled and StorageError raised at once, without
+    waiting for the cancelled task to clean up: rolling back on a database
+    that does not answer takes another full timeout, and the caller has
+    waited long enough. The task still ends (every step it takes is bounded)
+    and gives its connection back to the pool.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_discard_outcome)
+        raise
+    if done:
+        return task.result()
+    task.cancel()
+    task.add_done_callback(_discard_outcome)
+    raise StorageError(f"database error ({operation}): no answer within {seconds:g} s")
+
+
+def _discard_outcome(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned task's outcome (the caller already has its StorageError)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("abandoned %s", task.exception())
+
+
+def _bounded(
+    method: Callable[Concatenate[Storage, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[Storage, _P], Coroutine[Any, Any, _T]]:
+    """Bound a PostgreSQL call by the storage's timeout (see :func:`_within`).
+
+    Each step already has the timeout (connect, pool, statement); a call is
+    several steps (a pre-ping timing out, then a reconnect, is two), and this
+    keeps the whole call within it.
+    """
+
+    async def bounded(self: Storage, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if self._is_sqlite:
+            # SQLite's work runs on threads, which a cancellation does not
+            # stop: a call abandoned here could still commit after its caller
+            # was told it failed. Its waits are bounded where they happen
+            # instead (this process's write lock, then busy_timeout).
+            return await method(self, *args, **kwargs)
+        return await _within(self.timeout, method.__name__, method(self, *args, **kwargs))
+
+    functools.update_wrapper(bounded, method)
+    return bounded
+
+
 def _format_ts(ms: int) -> str:
     """ISO 8601 UTC with milliseconds and 'Z' from epoch milliseconds."""
     moment = datetime.fromtimestamp(ms // 1000, tz=timezone.utc)
@@ -333,8 +395,27 @@ def _upgrade_to_head(connection: Connection) -> None:
     alembic_command.upgrade(_alembic_config(connection), "head")
 
 
-def _install_sqlite_pragmas(engine: AsyncEngine) -> None:
-    """Per-connection SQLite settings and explicit BEGIN handling."""
+@contextlib.contextmanager
+def db_timeout(seconds: float) -> Iterator[None]:
+    """Within this block, :meth:`Storage.open` without ``timeout`` uses ``seconds``.
+
+    The server wraps the services factory in it, so ``--db-timeout`` reaches
+    the storage that the factory opens.
+    """
+    token = _ambient_timeout.set(seconds)
+    try:
+        yield
+    finally:
+        _ambient_timeout.reset(token)
+
+
+def _install_sqlite_pragmas(engine: AsyncEngine, busy_timeout_ms: int | None = None) -> None:
+    """Per-connection SQLite settings and explicit BEGIN handling.
+
+    ``busy_timeout_ms`` defaults to :data:`DEFAULT_DB_TIMEOUT`.
+    """
+    if busy_timeout_ms is None:
+        busy_timeout_ms = _busy_timeout_ms(DEFAULT_DB_TIMEOUT)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -355,7 +436,7 @@ def _install_sqlite_pragmas(engine: AsyncEngine) -> None:
             cursor.execute("PRAGMA synchronous=NORMAL")
             # SQLite ignores foreign keys (and ON DELETE CASCADE) unless asked.
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS:d}")
+            cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms:d}")
         finally:
             cursor.close()
 
@@ -371,8 +452,11 @@ def _install_sqlite_pragmas(engine: AsyncEngine) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _engine_options(parsed: sa.URL) -> tuple[dict[str, Any], bool]:
+def _engine_options(parsed: sa.URL, timeout: float) -> tuple[dict[str, Any], bool]:
     """Engine keyword arguments for a URL, and whether to serialise all access.
+
+    Every wait the engine may do is bounded by ``timeout`` seconds (see
+    :data:`DEFAULT_DB_TIMEOUT`).
 
     Raises:
         StorageError: unsupported URL, or the SQLite directory cannot be made.
@@ -389,19 +473,41 @@ def _engine_options(parsed: sa.URL) -> tuple[dict[str, Any], bool]:
                 Path(database).expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # SQLAlchemy before 2.0.38 opened a new SQLite connection (and thread)
         # per checkout; pool them on every version.
-        return {"poolclass": AsyncAdaptedQueuePool, "pool_timeout": POOL_TIMEOUT}, False
+        return {"poolclass": AsyncAdaptedQueuePool, "pool_timeout": timeout}, False
     if backend == "postgresql":
         return {
             # A connection killed by a database restart is noticed and
             # replaced at checkout, so the pool recovers on its own.
             "pool_pre_ping": True,
-            "pool_timeout": POOL_TIMEOUT,
-            "connect_args": {"timeout": CONNECT_TIMEOUT},
+            "pool_timeout": timeout,
+            "connect_args": _pg_connect_args(timeout),
         }, False
     raise StorageError(
         f"unsupported database URL scheme {parsed.drivername!r}: "
         "use sqlite+aiosqlite:// or postgresql+asyncpg://"
     )
+
+
+def _busy_timeout_ms(timeout: float) -> int:
+    """SQLite's busy timeout (whole milliseconds, at least 1) for ``timeout`` seconds."""
+    return max(1, round(timeout * 1000))
+
+
+def _pg_connect_args(timeout: float) -> dict[str, Any]:
+    """asyncpg connect arguments bounding each step by ``timeout`` seconds.
+
+    ``timeout`` bounds connecting (asyncpg's default is 60 s);
+    ``command_timeout`` every statement, BEGIN, COMMIT, ROLLBACK and the
+    pool's pre-ping on the client side, which is what catches a database that
+    accepts connections and never answers; ``statement_timeout`` makes the
+    server give up on the same statement too (a lock wait, a slow query), so
+    it does not keep working for a client that has stopped waiting.
+    """
+    return {
+        "timeout": timeout,
+        "command_timeout": timeout,
+        "server_settings": {"statement_timeout": str(max(1, round(timeout * 1000)))},
+    }
 
 
 class _SqliteThread:
@@ -411,11 +517,14 @@ class _SqliteThread:
     sharing between threads (sqlite3 objects are not meant to be shared).
     """
 
-    def __init__(self, filename: str, *, uri: bool, readonly: bool, name: str) -> None:
+    def __init__(
+        self, filename: str, *, uri: bool, readonly: bool, name: str, timeout: float
+    ) -> None:
         """Remember where to connect; the connection is made on the thread."""
         self._filename = filename
         self._uri = uri
         self._readonly = readonly
+        self._timeout = timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._db: sqlite3.Connection | None = None
 
@@ -425,7 +534,7 @@ class _SqliteThread:
             db = sqlite3.connect(
                 self._filename,
                 uri=self._uri,
-                timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+                timeout=self._timeout,
                 # Transactions are explicit (BEGIN IMMEDIATE), as in _on_begin.
                 isolation_level=None,
             )
@@ -436,7 +545,7 @@ class _SqliteThread:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("PRAGMA foreign_keys=ON")
-                db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS:d}")
+                db.execute(f"PRAGMA busy_timeout={_busy_timeout_ms(self._timeout):d}")
                 if self._readonly:
                     db.execute("PRAGMA query_only=ON")
             except BaseException:
@@ -587,6 +696,7 @@ class Storage:
         *,
         serialize_all: bool = False,
         sqlite_file: tuple[str, bool] | None = None,
+        timeout: float = DEFAULT_DB_TIMEOUT,
     ) -> None:
         """Wrap an engine; use :meth:`open` rather than calling this directly.
 
@@ -598,8 +708,11 @@ class Storage:
             sqlite_file: ``(filename, is_uri)`` of a SQLite file database:
                 the hot calls then run on plain ``sqlite3`` connections of
                 their own threads (see the module docstring).
+            timeout: the longest one database step may take, in seconds
+                (the engine's own waits were set from it by :meth:`open`).
         """
         self._engine = engine
+        self.timeout = timeout
         self._reader = engine.execution_options(tornado_chat_readonly=True)
         self._dialect = engine.dialect.name
         self._is_sqlite = self._dialect == "sqlite"
@@ -618,19 +731,22 @@ class Storage:
             # and the write lock above already queues this process's writers.
             # One reader thread: WAL readers never wait for the writer.
             self._fast_writer = _SqliteThread(
-                filename, uri=uri, readonly=False, name="tornado_chat-sqlite-write"
+                filename, uri=uri, readonly=False, name="tornado_chat-sqlite-write", timeout=timeout
             )
             self._fast_reader = _SqliteThread(
-                filename, uri=uri, readonly=True, name="tornado_chat-sqlite-read"
+                filename, uri=uri, readonly=True, name="tornado_chat-sqlite-read", timeout=timeout
             )
 
     @classmethod
-    async def open(cls, url: str) -> Storage:
+    async def open(cls, url: str, *, timeout: float | None = None) -> Storage:
         """Connect to ``url`` and bring its schema to the newest migration.
 
         Args:
             url: a SQLAlchemy URL, ``sqlite+aiosqlite:///path/chat.db`` or
                 ``postgresql+asyncpg://user@host:port/db``.
+            timeout: the longest one database step may take, in seconds
+                (``--db-timeout``); None takes the one set by :func:`db_timeout`,
+                by default :data:`DEFAULT_DB_TIMEOUT`.
 
         Returns:
             A ready Storage.
@@ -638,44 +754,90 @@ class Storage:
         Raises:
             StorageError: the database is unreachable or the migrations fail.
         """
+        if timeout is None:
+            timeout = _ambient_timeout.get()
         parsed = make_url(url)
         where = parsed.render_as_string(hide_password=True)
-        kwargs, serialize_all = _engine_options(parsed)
+        kwargs, serialize_all = _engine_options(parsed, timeout)
         with _translate(f"opening {where}"):
             engine = create_async_engine(parsed, **kwargs)
         sqlite_file: tuple[str, bool] | None = None
+        migrator: AsyncEngine | None = None
         if parsed.get_backend_name() == "sqlite":
-            _install_sqlite_pragmas(engine)
+            _install_sqlite_pragmas(engine, _busy_timeout_ms(timeout))
             # The file name and URI flag exactly as the engine's driver gets them.
             connect_args, connect_kwargs = engine.dialect.create_connect_args(parsed)
             sqlite_file = (str(connect_args[0]), bool(connect_kwargs.get("uri", False)))
-        storage = cls(engine, serialize_all=serialize_all, sqlite_file=sqlite_file)
+        else:
+            # A migration may rightly run longer than one request's step (an
+            # index on a big table): it gets a connection of its own, bounded
+            # only while connecting.
+            with _translate(f"opening {where}"):
+                migrator = create_async_engine(
+                    parsed, poolclass=NullPool, connect_args={"timeout": timeout}
+                )
+        storage = cls(engine, serialize_all=serialize_all, sqlite_file=sqlite_file, timeout=timeout)
         try:
-            await storage._migrate(where)
+            await storage._migrate(where, migrator)
         except BaseException:
             await engine.dispose()
             raise
+        finally:
+            if migrator is not None:
+                await migrator.dispose()
         return storage
 
-    async def _migrate(self, where: str) -> None:
+    async def _migrate(self, where: str, migrator: AsyncEngine | None) -> None:
         """Apply Alembic migrations up to head (idempotent)."""
         try:
             with _translate(f"opening {where}"):
-                async with self._write() as conn:
-                    await conn.run_sync(_upgrade_to_head)
+                if migrator is None:
+                    async with self._write() as conn:
+                        await conn.run_sync(_upgrade_to_head)
+                else:
+                    async with migrator.begin() as conn:
+                        await conn.run_sync(_upgrade_to_head)
         except CommandError as error:
             # E.g. the database was migrated by a newer release.
             raise StorageError(f"migrating {where} failed: {error}") from error
 
     async def close(self) -> None:
-        """Close every pooled connection (and the SQLite threads' connections)."""
+        """Close every pooled connection (and the SQLite threads' connections).
+
+        Bounded by the timeout: closing a connection politely waits for the
+        server to see it go, and a hung server never does; past the timeout
+        the connections are dropped without that courtesy.
+        """
         try:
             for thread in (self._fast_writer, self._fast_reader):
                 if thread is not None:
                     with _translate("close"):
                         await thread.close()
         finally:
-            await self._engine.dispose()
+            await self._dispose()
+
+    async def _dispose(self) -> None:
+        try:
+            await asyncio.wait_for(self._engine.dispose(), self.timeout)
+        except asyncio.TimeoutError:
+            log.warning(
+                "the database did not answer in %.1f s; dropping its connections", self.timeout
+            )
+            await self._engine.dispose(close=False)
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, lock: asyncio.Lock) -> AsyncIterator[None]:
+        """Hold this process's SQLite lock, waiting for it at most the timeout."""
+        try:
+            await asyncio.wait_for(lock.acquire(), self.timeout)
+        except asyncio.TimeoutError:
+            raise StorageError(
+                f"database busy: this process's other writes held it for {self.timeout:g} s"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
@@ -685,7 +847,7 @@ class Storage:
             async with self._engine.begin() as conn:
                 yield conn
         else:
-            async with lock, self._engine.begin() as conn:
+            async with self._holding(lock), self._engine.begin() as conn:
                 yield conn
 
     @contextlib.asynccontextmanager
@@ -696,7 +858,7 @@ class Storage:
             async with self._reader.begin() as conn:
                 yield conn
         else:
-            async with lock, self._reader.begin() as conn:
+            async with self._holding(lock), self._reader.begin() as conn:
                 yield conn
 
     def _insert(self, table: sa.Table) -> Any:
@@ -711,8 +873,11 @@ class Storage:
         Raises:
             StorageError: unreachable, failing or too slow.
         """
+        await _within(min(PING_TIMEOUT, self.timeout), "ping", self._ping())
+
+    async def _ping(self) -> None:
         with _translate("ping"):
-            await asyncio.wait_for(self._select_one(), PING_TIMEOUT)
+            await self._select_one()
 
     async def _select_one(self) -> None:
         """``SELECT 1`` on a pooled connection."""
@@ -721,6 +886,7 @@ class Storage:
 
     # -- users ---------------------------------------------------------------
 
+    @_bounded
     async def create_user(self, username: str, password_hash: bytes) -> User:
         """Insert a user.
 
@@ -748,6 +914,7 @@ class Storage:
                 raise UsernameTaken(f"username {username!r} is taken") from error
         return User(id=user_id, username=username, password_hash=password_hash)
 
+    @_bounded
     async def get_user(self, user_id: int) -> User | None:
         """The user with this id, or None."""
         with _translate("get_user"):
@@ -761,6 +928,7 @@ class Storage:
                 ).first()
         return None if row is None else User(int(row.id), row.username, bytes(row.password_hash))
 
+    @_bounded
     async def get_user_by_name(self, username: str) -> User | None:
         """The user with this name (case-insensitive), or None."""
         with _translate("get_user_by_name"):
@@ -774,6 +942,7 @@ class Storage:
                 ).first()
         return None if row is None else User(int(row.id), row.username, bytes(row.password_hash))
 
+    @_bounded
     async def delete_user(self, user_id: int) -> None:
         """Delete a user, its sessions, refresh tokens and tickets.
 
@@ -798,6 +967,7 @@ class Storage:
 
     # -- sessions (refresh-token families) -------------------------------------
 
+    @_bounded
     async def create_session(self, user_id: int, expires_at: float) -> str:
         """Start a refresh-token family for ``user_id``; returns its id.
 
@@ -817,6 +987,7 @@ class Storage:
                 )
         return session_id
 
+    @_bounded
     async def session_active(self, session_id: str, user_id: int, now: float) -> bool:
         """True if the session exists, belongs to ``user_id``, is neither revoked
         nor expired, and the user still exists."""
@@ -839,6 +1010,7 @@ class Storage:
                 ).first()
         return row is not None
 
+    @_bounded
     async def revoke_session(self, session_id: str, now: float) -> bool:
         """Revoke a session (its refresh tokens, tickets and access tokens).
 
@@ -851,6 +1023,7 @@ class Storage:
 
     # -- refresh tokens --------------------------------------------------------
 
+    @_bounded
     async def add_refresh_token(
         self, session_id: str, token_hash: bytes, expires_at: float
     ) -> None:
@@ -863,6 +1036,7 @@ class Storage:
                     )
                 )
 
+    @_bounded
     async def rotate_refresh_token(
         self, token_hash: bytes, new_hash: bytes, new_expires_at: float, now: float
     ) -> RotateResult:
@@ -927,6 +1101,7 @@ class Storage:
 
     # -- ws tickets ------------------------------------------------------------
 
+    @_bounded
     async def add_ticket(
         self,
         ticket_hash: bytes,
@@ -948,6 +1123,7 @@ class Storage:
                     )
                 )
 
+    @_bounded
     async def consume_ticket(self, ticket_hash: bytes, now: float) -> TicketGrant | None:
         """Use a ticket once: the conditional UPDATE lets exactly one caller win.
 
@@ -1003,6 +1179,7 @@ class Storage:
         (message,) = await self.append_messages([(room, user_id, username, body, client_id)])
         return message
 
+    @_bounded
     async def append_messages(
         self, items: Sequence[tuple[str, int, str, str, str | None]]
     ) -> list[StoredMessage]:
@@ -1030,7 +1207,7 @@ class Storage:
                 # The same lock as every other write of this process, so the
                 # two connections never wait on each other in SQLite's busy
                 # handler; other processes' writers meet BEGIN IMMEDIATE.
-                async with self._write_lock:
+                async with self._holding(self._write_lock):
                     stored = await self._fast_writer.run(
                         _sqlite_append, items, per_room, now, now_ms
                     )
@@ -1111,6 +1288,7 @@ class Storage:
             for row, (room, _uid, username, body, client_id) in zip(rows, items, strict=True)
         ]
 
+    @_bounded
     async def messages(
         self,
         room: str,
@@ -1187,6 +1365,7 @@ class Storage:
             for r in fetched
         ]
 
+    @_bounded
     async def last_seq(self, room: str) -> int:
         """The room's latest ``seq``; 0 for a room without messages."""
         if self._fast_reader is not None:
@@ -1200,6 +1379,7 @@ class Storage:
                 ).scalar_one_or_none()
         return 0 if value is None else int(value)
 
+    @_bounded
     async def list_rooms(self) -> list[str]:
         """Names of every room that has had a message, sorted."""
         with _translate("list_rooms"):
@@ -1209,6 +1389,7 @@ class Storage:
 
     # -- housekeeping -----------------------------------------------------------
 
+    @_bounded
     async def purge_expired(self, now: float) -> int:
         """Delete expired or revoked sessions, expired refresh tokens and spent
         or expired tickets; returns how many rows went.

@@ -42,8 +42,15 @@ class MessageWriter(Generic[OriginT]):
         self._on_stored = on_stored
         self._max_batch = max_batch
         self._queue: list[tuple[Item, OriginT | None, asyncio.Future[StoredMessage]]] = []
+        # The batch being stored right now (taken off the queue).
+        self._inflight: list[tuple[Item, OriginT | None, asyncio.Future[StoredMessage]]] = []
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Messages submitted and not yet stored (or failed): queued plus in flight."""
+        return len(self._queue) + len(self._inflight)
 
     async def submit(
         self,
@@ -70,7 +77,7 @@ class MessageWriter(Generic[OriginT]):
     async def _drain(self) -> None:
         try:
             while self._queue:
-                batch = self._queue[: self._max_batch]
+                batch = self._inflight = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
                 try:
                     stored = await self._storage.append_messages([item for item, _, _ in batch])
@@ -83,7 +90,9 @@ class MessageWriter(Generic[OriginT]):
                     for _, _, fut in batch:
                         if not fut.done():
                             fut.set_exception(err)
+                    self._inflight = []
                     continue
+                self._inflight = []
                 try:
                     pairs = [
                         (msg, origin) for msg, (_, origin, _) in zip(stored, batch, strict=True)
@@ -98,7 +107,29 @@ class MessageWriter(Generic[OriginT]):
             self._task = None
 
     async def close(self) -> None:
-        """Refuse new messages and wait for pending ones to be stored."""
+        """Refuse new messages and wait for pending ones to be stored (or abandoned)."""
         self._closed = True
         while self._task is not None:
-            await asyncio.shield(self._task)
+            # wait() rather than await: cancelling close() leaves the stores
+            # running, and an abandon() ends close() without an exception.
+            await asyncio.wait((self._task,))
+
+    def abandon(self) -> int:
+        """Refuse new messages and give up on pending ones (shutdown out of time).
+
+        Their submitters get StorageError (never an acknowledgement); a batch
+        whose COMMIT was already sent may still have been stored.
+
+        Returns:
+            How many messages were pending.
+        """
+        self._closed = True
+        pending = [*self._inflight, *self._queue]
+        self._inflight, self._queue = [], []
+        err = StorageError("server is shutting down; message not stored")
+        for _, _, fut in pending:
+            if not fut.done():
+                fut.set_exception(err)
+        if self._task is not None:
+            self._task.cancel()
+        return len(pending)
