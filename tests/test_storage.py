@@ -37,7 +37,6 @@ from tornado_chat.storage import (
     Storage,
     StoredMessage,
     TicketGrant,
-    db_timeout,
     metadata,
 )
 
@@ -656,8 +655,7 @@ async def test_hung_postgresql_fails_each_call_within_the_timeout() -> None:
     """A database that accepts and never answers: every call fails in time; then it recovers."""
     async with fresh_pg_database() as url:
         relay = TcpRelay(pg_port(url)).start()
-        with db_timeout(1.0):  # what the server does with --db-timeout
-            s = await Storage.open(with_port(url, relay.port))
+        s = await Storage.open(with_port(url, relay.port), timeout=1.0)
         try:
             assert s.timeout == 1.0
             async with s._engine.connect() as conn:

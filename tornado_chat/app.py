@@ -153,7 +153,7 @@ async def create_services(settings: Settings) -> Services:
     if settings.db is None:
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keyring = KeyRing.load_or_create(settings.jwt_secret_path, settings.jwt_algorithm)
-    storage = await Storage.open(settings.db_url)
+    storage = await Storage.open(settings.db_url, timeout=settings.db_timeout)
     # bcrypt releases the GIL, so a small pool gives real parallel hashing
     # without starving the event loop thread; at a lower priority, a login
     # storm yields the cores to chat delivery (bench/RESULTS-reliability.md).

@@ -480,16 +480,12 @@ class ChatServer:
             self._renewal.start()
 
     async def _build_services(self) -> ServicesLike:
-        from tornado_chat.storage import db_timeout
+        if self._create_services is not None:
+            services: ServicesLike = await self._create_services(self.settings)
+            return services
+        from tornado_chat.app import create_services
 
-        # --db-timeout reaches the storage the factory opens.
-        with db_timeout(self.settings.db_timeout):
-            if self._create_services is not None:
-                services: ServicesLike = await self._create_services(self.settings)
-                return services
-            from tornado_chat.app import create_services
-
-            return await create_services(self.settings)
+        return await create_services(self.settings)
 
     def _build_app(self, services: ServicesLike) -> tornado.web.Application:
         if self._make_app is not None:
@@ -935,8 +931,6 @@ class Supervisor:
 async def _prepare_services(settings: Settings) -> None:
     """Create the JWT secret and migrate the database once, before workers fork."""
     from tornado_chat.app import create_services
-    from tornado_chat.storage import db_timeout
 
-    with db_timeout(settings.db_timeout):
-        services = await create_services(settings)
+    services = await create_services(settings)
     await services.close()

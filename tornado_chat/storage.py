@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import enum
 import functools
 import importlib
@@ -68,7 +67,6 @@ __all__ = [
     "StoredMessage",
     "TicketGrant",
     "User",
-    "db_timeout",
     "metadata",
 ]
 
@@ -92,11 +90,6 @@ PING_TIMEOUT = 3.0
 #: connections, never answers) then turns into StorageError, hence 503s and
 #: error frames, instead of requests that never finish.
 DEFAULT_DB_TIMEOUT = 5.0
-# What Storage.open uses when not given a timeout: set by db_timeout() around
-# code that opens storage without knowing about timeouts (the services factory).
-_ambient_timeout: contextvars.ContextVar[float] = contextvars.ContextVar(
-    "tornado_chat_db_timeout", default=DEFAULT_DB_TIMEOUT
-)
 
 # An arbitrary constant: the PostgreSQL advisory lock that serialises
 # migrations when several processes start at once.
@@ -393,20 +386,6 @@ def _upgrade_to_head(connection: Connection) -> None:
         # the transaction-scoped lock makes the second wait and find them done.
         connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_ID)))
     alembic_command.upgrade(_alembic_config(connection), "head")
-
-
-@contextlib.contextmanager
-def db_timeout(seconds: float) -> Iterator[None]:
-    """Within this block, :meth:`Storage.open` without ``timeout`` uses ``seconds``.
-
-    The server wraps the services factory in it, so ``--db-timeout`` reaches
-    the storage that the factory opens.
-    """
-    token = _ambient_timeout.set(seconds)
-    try:
-        yield
-    finally:
-        _ambient_timeout.reset(token)
 
 
 def _install_sqlite_pragmas(engine: AsyncEngine, busy_timeout_ms: int | None = None) -> None:
@@ -738,15 +717,14 @@ class Storage:
             )
 
     @classmethod
-    async def open(cls, url: str, *, timeout: float | None = None) -> Storage:
+    async def open(cls, url: str, *, timeout: float = DEFAULT_DB_TIMEOUT) -> Storage:
         """Connect to ``url`` and bring its schema to the newest migration.
 
         Args:
             url: a SQLAlchemy URL, ``sqlite+aiosqlite:///path/chat.db`` or
                 ``postgresql+asyncpg://user@host:port/db``.
             timeout: the longest one database step may take, in seconds
-                (``--db-timeout``); None takes the one set by :func:`db_timeout`,
-                by default :data:`DEFAULT_DB_TIMEOUT`.
+                (``--db-timeout``).
 
         Returns:
             A ready Storage.
@@ -754,8 +732,6 @@ class Storage:
         Raises:
             StorageError: the database is unreachable or the migrations fail.
         """
-        if timeout is None:
-            timeout = _ambient_timeout.get()
         parsed = make_url(url)
         where = parsed.render_as_string(hide_password=True)
         kwargs, serialize_all = _engine_options(parsed, timeout)
