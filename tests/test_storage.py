@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import re
 import socket
@@ -113,6 +114,56 @@ async def test_concurrent_opens_migrate_once(db_url: str) -> None:
     finally:
         for s in opened:
             await s.close()
+
+
+async def test_many_concurrent_opens_of_a_new_sqlite_file(tmp_path: Path) -> None:
+    """Eight opens of one new SQLite file at once, five times over: none is "locked"."""
+    for round_ in range(5):
+        url = f"sqlite+aiosqlite:///{tmp_path / f'race{round_}' / 'chat.db'}"
+        opened = await asyncio.gather(*(Storage.open(url) for _ in range(8)))
+        try:
+            for s in opened:
+                await s.ping()
+        finally:
+            for s in opened:
+                await s.close()
+
+
+def _open_and_register(db: str, name: str) -> None:
+    """In a process of its own: open the SQLite file (migrating it if new) and add a user."""
+
+    async def run() -> None:
+        s = await Storage.open(f"sqlite+aiosqlite:///{db}")
+        try:
+            await s.create_user(name, b"x" * 60)
+        finally:
+            await s.close()
+
+    asyncio.run(run())
+
+
+def test_processes_opening_a_new_sqlite_file_together(tmp_path: Path) -> None:
+    """Four processes start on one new SQLite file at once: all migrate-or-wait and write."""
+    db = str(tmp_path / "shared" / "chat.db")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_open_and_register, args=(db, f"proc{i}")) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+
+    async def users() -> list[str | None]:
+        s = await Storage.open(f"sqlite+aiosqlite:///{db}")
+        try:
+            return [
+                (u.username if u else None)
+                for u in [await s.get_user_by_name(f"proc{i}") for i in range(4)]
+            ]
+        finally:
+            await s.close()
+
+    assert asyncio.run(users()) == [f"proc{i}" for i in range(4)]
 
 
 async def test_sqlite_file_settings(tmp_path: Path) -> None:

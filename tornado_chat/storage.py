@@ -32,9 +32,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import functools
 import importlib
 import logging
+import os
 import secrets
 import sqlite3
 import time
@@ -431,6 +433,40 @@ def _install_sqlite_pragmas(engine: AsyncEngine, busy_timeout_ms: int | None = N
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+@contextlib.asynccontextmanager
+async def _sqlite_setup_lock(
+    sqlite_file: tuple[str, bool] | None, timeout: float, where: str
+) -> AsyncIterator[None]:
+    """Hold ``<file>.lock`` while a new SQLite connection sets up the file.
+
+    Switching a new file to WAL needs an exclusive lock, and two connections
+    asking for it at once can get "database is locked" at once, without the
+    busy timeout (SQLite refuses rather than deadlock); the same goes for two
+    migrations reading the schema and then writing it. Processes (and opens in
+    one process) starting together therefore take turns here, for at most
+    ``timeout`` seconds. In-memory and URI databases need no lock.
+    """
+    if sqlite_file is None or sqlite_file[1] or sqlite_file[0] in ("", ":memory:"):
+        yield
+        return
+    fd = os.open(f"{sqlite_file[0]}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StorageError(
+                        f"opening {where}: another process kept it locked for {timeout:g} s"
+                    ) from None
+                await asyncio.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # also releases the lock
+
+
 def _engine_options(parsed: sa.URL, timeout: float) -> tuple[dict[str, Any], bool]:
     """Engine keyword arguments for a URL, and whether to serialise all access.
 
@@ -754,7 +790,8 @@ class Storage:
                 )
         storage = cls(engine, serialize_all=serialize_all, sqlite_file=sqlite_file, timeout=timeout)
         try:
-            await storage._migrate(where, migrator)
+            async with _sqlite_setup_lock(sqlite_file, timeout, where):
+                await storage._migrate(where, migrator)
         except BaseException:
             await engine.dispose()
             raise
