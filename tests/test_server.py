@@ -31,12 +31,14 @@ import pytest
 import tornado.web
 from cryptography import x509
 from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
+from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from tests.harness import Client, LiveServer, Socket
 from tornado_chat.__main__ import LOG_FORMAT, OneLineFormatter
 from tornado_chat.config import Settings
 from tornado_chat.errors import CertificateError
 from tornado_chat.pki import LocalCA, ServerCertificate, trust_hint
+from tornado_chat.pki.ca import utcnow
 from tornado_chat.server import ChatServer, TLSFiles, certificate_names
 
 REPO = Path(__file__).resolve().parent.parent
@@ -203,6 +205,53 @@ def peer_serial(conn: http.client.HTTPSConnection) -> int:
     der = conn.sock.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
+
+
+def handshake_certificate(port: int, ca: Path) -> x509.Certificate:
+    """The certificate a new TLS handshake to ``localhost:port`` gets, verified against ``ca``."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def ws_serial(conn: WebSocketClientConnection) -> int:
+    """Serial number of the certificate the server presented on this WebSocket."""
+    assert conn.protocol is not None and conn.protocol.stream is not None
+    tls = conn.protocol.stream.socket
+    assert isinstance(tls, ssl.SSLSocket)
+    der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+async def subprocess_token(port: int, ca: Path, prefix: str) -> tuple[str, str]:
+    """Register and log in a fresh user over verified HTTPS; (username, access token)."""
+    user = f"{prefix}_{secrets.token_hex(4)}"
+    for path in ("/api/register", "/api/login"):
+        status, body = await asyncio.to_thread(
+            post_json, port, path, {"username": user, "password": PASSWORD}, ca
+        )
+        assert status in (200, 201), body
+    return user, body["access_token"]
+
+
+async def wss_join(port: int, ca: Path, room: str, token: str) -> Socket:
+    """A WSS chat socket verified against ``ca``, its welcome frame read."""
+    request = HTTPRequest(
+        f"wss://localhost:{port}/ws/{room}",
+        ssl_options=ssl.create_default_context(cafile=str(ca)),
+        headers={"Origin": f"https://localhost:{port}"},
+        request_timeout=30,
+    )
+    sock = Socket(await websocket_connect(request, subprotocols=["chat.v1", f"bearer.{token}"]))
+    welcome = await sock.recv(30)
+    assert welcome is not None and welcome["type"] == "welcome", welcome
+    return sock
 
 
 # -- the module's server -------------------------------------------------------
@@ -407,6 +456,54 @@ def test_sighup_reloads_without_dropping_connection(running: Running) -> None:
     assert old.getresponse().status == 200
     assert peer_serial(old) == old_serial
     old.close()
+    assert "Traceback" not in running.process.stderr
+
+
+async def test_sighup_keeps_open_wss_socket_chatting(running: Running) -> None:
+    """After SIGHUP an open WSS socket still chats (client_id echoed); new ones get the new leaf."""
+    ca = running.ca
+    user, token = await subprocess_token(running.port, ca, "hup")
+    old = await wss_join(running.port, ca, "hup", token)
+    new: Socket | None = None
+    try:
+        old_serial = ws_serial(old.conn)
+        served = x509.load_pem_x509_certificate((running.caroot / "server.pem").read_bytes())
+        assert old_serial == served.serial_number
+
+        renewed = LocalCA.load(running.caroot).issue_server(
+            LOCAL_NAMES,
+            days=60,
+            cert_path=running.caroot / "server.pem",
+            key_path=running.caroot / "server-key.pem",
+        )
+        assert renewed.certificate.serial_number != old_serial
+        before = len(running.process.err)
+        running.process.send(signal.SIGHUP)
+        await asyncio.to_thread(
+            running.process.wait_for,
+            r"reloaded certificate .*server\.pem \(expires ",
+            60,
+            after=before,
+        )
+
+        new = await wss_join(running.port, ca, "hup", token)
+        assert ws_serial(new.conn) == renewed.certificate.serial_number
+        # The open socket is the same TLS session as before the reload...
+        assert ws_serial(old.conn) == old_serial
+        # ...and still sends (its client_id comes back on its own copy) and receives.
+        await old.say("across the reload", client_id="hup-1")
+        mine = await old.recv_type("message", 30)
+        assert (mine["body"], mine["client_id"]) == ("across the reload", "hup-1")
+        assert mine["user"] == user
+        theirs = await new.recv_type("message", 30)
+        assert (theirs["body"], theirs["seq"]) == ("across the reload", mine["seq"])
+        assert "client_id" not in theirs
+        await new.say("to the old socket", client_id="hup-2")
+        assert (await old.recv_type("message", 30))["body"] == "to the old socket"
+    finally:
+        old.close()
+        if new is not None:
+            new.close()
     assert "Traceback" not in running.process.stderr
 
 
@@ -794,6 +891,137 @@ async def test_processes_share_one_port_and_stop_together(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
+
+
+# -- local CA renewal ------------------------------------------------------------
+
+
+def assert_fresh_leaf(leaf: x509.Certificate, ca: LocalCA, old_serial: int) -> None:
+    """``leaf`` is a new one from ``ca`` with about a year of validity left."""
+    assert leaf.serial_number != old_serial
+    leaf.verify_directly_issued_by(ca.certificate)
+    left = leaf.not_valid_after_utc - utcnow()
+    assert timedelta(days=364) < left <= timedelta(days=365), left
+
+
+def test_leaf_near_expiry_is_renewed_at_start_up(tmp_path: Path) -> None:
+    """A local-CA leaf with under 30 days left is replaced on disk at start-up, served, logged."""
+    caroot = tmp_path / "certs"
+    ca = LocalCA.load_or_create(caroot)
+    old = ca.issue_server(LOCAL_NAMES, days=20)
+    assert old.cert_path == caroot / "server.pem"
+    old_key = (caroot / "server-key.pem").read_bytes()
+    process = ChatProcess(
+        ["--port", "0", "--caroot", str(caroot), "--data-dir", str(tmp_path / "data")],
+        tmp_path,
+    ).start()
+    try:
+        port, _ = process.ports()
+        served = handshake_certificate(port, ca.cert_path)
+    finally:
+        process.stop()
+    # Logged before the "listening" line, so it is there by now.
+    logged = re.search(
+        r"INFO tornado_chat\.server: the local CA renewed (\S+), valid until (.+)$",
+        process.stderr,
+        re.MULTILINE,
+    )
+    assert logged is not None, process.stderr
+    assert_fresh_leaf(served, ca, old.certificate.serial_number)
+    on_disk = x509.load_pem_x509_certificate((caroot / "server.pem").read_bytes())
+    assert on_disk.serial_number == served.serial_number
+    assert (caroot / "server-key.pem").read_bytes() != old_key
+    assert logged.groups() == (
+        str(caroot / "server.pem"),
+        served.not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    assert "Traceback" not in process.stderr
+
+
+class LogWaiter(logging.Handler):
+    """Collects ``tornado_chat`` log messages; :attr:`seen` is set once one matches."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__(logging.INFO)
+        self.regex = re.compile(pattern)
+        self.messages: list[str] = []
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Record the message; signal a match."""
+        message = record.getMessage()
+        self.messages.append(message)
+        if self.regex.search(message):
+            self.seen.set()
+
+
+@contextlib.contextmanager
+def watching_logs(pattern: str) -> Iterator[LogWaiter]:
+    """Attach a :class:`LogWaiter` to the ``tornado_chat`` loggers at INFO for a block."""
+    logger = logging.getLogger("tornado_chat")
+    waiter = LogWaiter(pattern)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(waiter)
+    try:
+        yield waiter
+    finally:
+        logger.removeHandler(waiter)
+        logger.setLevel(level)
+
+
+async def test_leaf_nearing_expiry_is_renewed_while_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic check renews a leaf nearing expiry: new handshakes get it, open WSS chats on."""
+    caroot = tmp_path / "certs"
+    ca = LocalCA.load_or_create(caroot)
+    first = ca.issue_server(LOCAL_NAMES, days=45)
+    first_serial = first.certificate.serial_number
+    # Checked every 0.2 s instead of twice a day (read when the server starts).
+    monkeypatch.setattr("tornado_chat.server.RENEW_CHECK_SECONDS", 0.2)
+    settings = Settings(
+        host="127.0.0.1", port=0, caroot=caroot, data_dir=tmp_path / "data", bcrypt_rounds=4
+    )
+    live = await asyncio.to_thread(LiveServer(settings).start)
+    client = Client(live, ssl.create_default_context(cafile=str(ca.cert_path)))
+    sock: Socket | None = None
+    try:
+        # 45 days left: start-up and the checks so far keep the leaf.
+        served = await asyncio.to_thread(handshake_certificate, live.port, ca.cert_path)
+        assert served.serial_number == first_serial
+        login = await client.user(f"renew_{secrets.token_hex(4)}")
+        sock, _ = await client.join("renewal", login["access_token"])
+        assert ws_serial(sock.conn) == first_serial
+
+        with watching_logs(r"^reloaded certificate .*server\.pem \(expires ") as logs:
+            # Twenty days pass: 25 days left, under the 30 that call for a renewal.
+            later = utcnow() + timedelta(days=20)
+            monkeypatch.setattr("tornado_chat.pki.provision.utcnow", lambda: later)
+            assert await asyncio.to_thread(logs.seen.wait, 60), logs.messages
+
+        served = await asyncio.to_thread(handshake_certificate, live.port, ca.cert_path)
+        assert_fresh_leaf(served, ca, first_serial)
+        on_disk = x509.load_pem_x509_certificate((caroot / "server.pem").read_bytes())
+        assert on_disk.serial_number == served.serial_number
+        renewal = (
+            f"the local CA renewed {caroot / 'server.pem'}, valid until "
+            f"{served.not_valid_after_utc:%Y-%m-%d %H:%M UTC}"
+        )
+        assert renewal in logs.messages, logs.messages
+        assert live.server is not None and live.server.certificate is not None
+        assert live.server.certificate.not_after == served.not_valid_after_utc
+
+        # The socket opened before the renewal keeps its TLS session and chats on.
+        assert ws_serial(sock.conn) == first_serial
+        await sock.say("after the renewal", client_id="renew-1")
+        echo = await sock.recv_type("message", 30)
+        assert (echo["body"], echo["client_id"]) == ("after the renewal", "renew-1")
+    finally:
+        if sock is not None:
+            sock.close()
+        client.close()
+        await asyncio.to_thread(live.stop)
 
 
 # -- ChatServer in-process -------------------------------------------------------

@@ -139,7 +139,7 @@ def resolve_certificate(settings: Settings) -> TLSFiles:
 
     With no files given, the toolkit creates the CA in ``--caroot`` on first
     run and (re)issues the leaf when it is missing, does not cover the names,
-    or has under 30 days left.
+    or has under 30 days left; a renewal is logged with the new expiry.
 
     Raises:
         PKIError: the toolkit could not create or read the CA or the leaf.
@@ -147,8 +147,17 @@ def resolve_certificate(settings: Settings) -> TLSFiles:
     if settings.certfile is not None and settings.keyfile is not None:
         return TLSFiles(settings.certfile, settings.keyfile)
     from tornado_chat.pki import ensure_server_certificate, trust_hint
+    from tornado_chat.pki.ca import SERVER_CERT_FILE
 
+    # Only a leaf that replaces one already on disk is a renewal worth a line.
+    replacing = (settings.caroot / SERVER_CERT_FILE).is_file()
     issued = ensure_server_certificate(settings.caroot, certificate_names(settings.host))
+    if issued.issued and replacing:
+        log.info(
+            "the local CA renewed %s, valid until %s",
+            issued.cert_path,
+            issued.not_after.strftime("%Y-%m-%d %H:%M UTC"),
+        )
     return TLSFiles(
         cert_path=issued.cert_path,
         key_path=issued.key_path,
@@ -522,7 +531,6 @@ class ChatServer:
             log.error("certificate renewal failed: %s", exc)
             return
         if files.issued and self._reloader is not None:
-            log.info("the local CA renewed %s", files.cert_path)
             self._reloader.reload()
 
     async def stop(self) -> None:
