@@ -290,3 +290,49 @@ async def test_rooms_share_a_batch(writer: MessageWriter[object], storage: Memor
     )
     assert len(storage.batches) == 1
     assert [(m.room, m.seq) for m in results] == [("lobby", 1), ("other", 1), ("lobby", 2)]
+
+
+async def test_abandon_fails_pending_submits_and_acknowledges_nothing(
+    writer: MessageWriter[object], storage: MemoryStorage, recorder: Recorder, events: list[str]
+) -> None:
+    """abandon() fails every pending submit with StorageError, ends close(), stores nothing more."""
+    storage.gate.clear()
+    inflight = [asyncio.ensure_future(send(writer, events, f"a{i}")) for i in range(2)]
+    await asyncio.wait_for(storage.entered.wait(), 1)
+    queued = [asyncio.ensure_future(send(writer, events, f"b{i}")) for i in range(3)]
+    await asyncio.sleep(0)
+    assert writer.pending == 5
+    closing = asyncio.ensure_future(writer.close())
+    await asyncio.sleep(0)
+    assert not closing.done(), "close() waits for the commit in flight"
+
+    assert writer.abandon() == 5
+    assert writer.pending == 0
+    # The commit in flight is free to finish right after: nobody may hear of it.
+    storage.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*inflight, *queued, return_exceptions=True), 5)
+    assert all(isinstance(r, StorageError) for r in results), results
+    assert all("not stored" in str(r) for r in results)
+    # close() returns, without an exception, once the pending writes are abandoned.
+    await asyncio.wait_for(closing, 5)
+    assert recorder.batches == [], "nothing is fanned out after abandon()"
+    assert not any(e.startswith("resumed") for e in events), "no submitter gets a result"
+    assert [[item[3] for item in b] for b in storage.batches] == [["a0", "a1"]], (
+        "the queued messages are never sent to the database"
+    )
+    with pytest.raises(StorageError, match="shutting down"):
+        await writer.submit("lobby", 1, "alice", "late", None)
+    assert len(storage.batches) == 1
+    assert writer.abandon() == 0
+
+
+async def test_abandon_when_idle_refuses_new_messages(
+    writer: MessageWriter[object], storage: MemoryStorage
+) -> None:
+    """abandon() on an idle writer reports 0 pending and refuses later submits untouched."""
+    assert (await writer.submit("lobby", 1, "alice", "before", None)).seq == 1
+    assert writer.abandon() == 0
+    with pytest.raises(StorageError, match="shutting down"):
+        await writer.submit("lobby", 1, "alice", "after", None)
+    assert [[item[3] for item in b] for b in storage.batches] == [["before"]]
+    await asyncio.wait_for(writer.close(), 1)
