@@ -271,6 +271,15 @@ def _log_redirect(handler: tornado.web.RequestHandler) -> None:
     )
 
 
+def _quiet_lost_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Loop exception handler after an abandoned shutdown: lost connections at debug level."""
+    exc = context.get("exception")
+    if isinstance(exc, ConnectionError) and "never retrieved" in str(context.get("message")):
+        log.debug("a dropped database connection's pending call: %r", exc)
+        return
+    loop.default_exception_handler(context)
+
+
 class ChatServer:
     """One HTTPS/WSS server (plus its optional redirect listener) in the running loop.
 
@@ -573,6 +582,11 @@ class ChatServer:
             # Abandoning the writes lets Services.close go on to the broker
             # and the database, which get a short grace and no more.
             self.abandoned_writes = writer.abandon() if writer is not None else 0
+            # The database connections are then dropped mid-call: the driver
+            # fails its pending futures with "connection lost", nobody is left
+            # to read them, and asyncio would log each as an ERROR with a
+            # traceback as the process ends. The line above already says it.
+            asyncio.get_running_loop().set_exception_handler(_quiet_lost_connections)
             if self.abandoned_writes:
                 log.error(
                     "shutdown timed out after %.1f s: abandoned %d pending message write(s), "
