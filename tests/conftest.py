@@ -58,14 +58,23 @@ def make_settings(server_cert: ServerCertificate, data_dir: Path, **changes: obj
     return base.replace(**changes)
 
 
+def serve(
+    server_cert: ServerCertificate, data_dir: Path, **changes: object
+) -> Iterator[LiveServer]:
+    """A fixture's body: a server with ``changes`` to the test settings, stopped afterwards."""
+    live = LiveServer(make_settings(server_cert, data_dir, **changes)).start()
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
 @pytest.fixture(scope="module")
 def server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """One server shared by a module (tests use distinct usernames and rooms)."""
-    live = LiveServer(make_settings(server_cert, tmp_path_factory.mktemp("data"))).start()
-    yield live
-    live.stop()
+    yield from serve(server_cert, tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
-from tests.conftest import make_settings
+from tests.conftest import serve
 from tests.harness import Client, LiveServer, Response, Socket
 from tornado_chat.pki import ServerCertificate
 from tornado_chat.security import KeyRing, hash_secret
@@ -147,15 +147,12 @@ def strict_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A server run with --no-query-token and two allowlisted origins."""
-    settings = make_settings(
+    yield from serve(
         server_cert,
         tmp_path_factory.mktemp("strict"),
         allow_query_token=False,
         allowed_origins=("https://app.example.com:8443", "https://chat.example.org"),
     )
-    live = LiveServer(settings).start()
-    yield live
-    live.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import make_settings
+from tests.conftest import serve
 from tests.harness import Client, LiveServer, Socket
 from tests.test_attacks import claims_of, new_ticket, refresh, still_open, ticket_proto
 from tornado_chat.pki import ServerCertificate
@@ -31,12 +31,9 @@ def short_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A server whose access tokens live 2 s, with a 0.5 s grace on live sockets."""
-    settings = make_settings(
+    yield from serve(
         server_cert, tmp_path_factory.mktemp("short"), access_ttl=ACCESS_TTL, reauth_grace=GRACE
     )
-    live = LiveServer(settings).start()
-    yield live
-    live.stop()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import make_settings
+from tests.conftest import serve
 from tests.harness import Client, LiveServer
 from tests.test_attacks import (
     claims_of,
@@ -224,9 +224,7 @@ def rotating_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """An HS256 server whose key file the tests rotate and retire under it."""
-    live = LiveServer(make_settings(server_cert, tmp_path_factory.mktemp("rotate"))).start()
-    yield live
-    live.stop()
+    yield from serve(server_cert, tmp_path_factory.mktemp("rotate"))
 
 
 @pytest.fixture(scope="module")
@@ -234,10 +232,7 @@ def es256_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A server started with jwt_algorithm="ES256" (--jwt-algorithm ES256)."""
-    settings = make_settings(server_cert, tmp_path_factory.mktemp("es256"), jwt_algorithm="ES256")
-    live = LiveServer(settings).start()
-    yield live
-    live.stop()
+    yield from serve(server_cert, tmp_path_factory.mktemp("es256"), jwt_algorithm="ES256")
 
 
 @pytest.fixture

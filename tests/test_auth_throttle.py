@@ -19,7 +19,7 @@ import bcrypt
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from tests.conftest import make_settings
+from tests.conftest import serve
 from tests.harness import PASSWORD, LiveServer, Response
 from tests.test_attacks import error_code
 from tornado_chat.pki import ServerCertificate
@@ -32,9 +32,7 @@ def throttle_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A server of its own: these tests trip its in-memory throttle on purpose."""
-    live = LiveServer(make_settings(server_cert, tmp_path_factory.mktemp("throttle"))).start()
-    yield live
-    live.stop()
+    yield from serve(server_cert, tmp_path_factory.mktemp("throttle"))
 
 
 class From:
@@ -191,12 +189,7 @@ def costly_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A server with bcrypt cost 10, so a skipped password check would show in timings."""
-    settings = make_settings(
-        server_cert, tmp_path_factory.mktemp("costly"), bcrypt_rounds=COSTLY_ROUNDS
-    )
-    live = LiveServer(settings).start()
-    yield live
-    live.stop()
+    yield from serve(server_cert, tmp_path_factory.mktemp("costly"), bcrypt_rounds=COSTLY_ROUNDS)
 
 
 async def test_unknown_user_takes_as_long_as_a_wrong_password(

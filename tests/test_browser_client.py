@@ -29,7 +29,7 @@ import pytest
 from playwright.sync_api import Browser, Error, Page, Playwright, WebSocket, expect, sync_playwright
 
 from tests.browser import launch_options, make_browser_home
-from tests.conftest import make_settings
+from tests.conftest import serve
 from tests.harness import PASSWORD, Client, LiveServer
 from tornado_chat.pki import ServerCertificate
 
@@ -113,15 +113,12 @@ def chat_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """The module's server; tests restart it on the same port."""
-    settings = make_settings(
+    yield from serve(
         server_cert,
         tmp_path_factory.mktemp("browser-data"),
         access_ttl=ACCESS_TTL,
         reauth_grace=REAUTH_GRACE,
     )
-    live = LiveServer(settings).start()
-    yield live
-    live.stop()
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +126,7 @@ def strict_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A server that allows each user one socket at a time."""
-    settings = make_settings(
-        server_cert, tmp_path_factory.mktemp("browser-strict"), max_sockets_per_user=1
-    )
-    live = LiveServer(settings).start()
-    yield live
-    live.stop()
+    yield from serve(server_cert, tmp_path_factory.mktemp("browser-strict"), max_sockets_per_user=1)
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +134,9 @@ def short_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A server whose access tokens live 2 s, closing expired sockets 0.5 s later."""
-    settings = make_settings(
+    yield from serve(
         server_cert, tmp_path_factory.mktemp("browser-short"), access_ttl=2, reauth_grace=0.5
     )
-    live = LiveServer(settings).start()
-    yield live
-    live.stop()
 
 
 @pytest.fixture(scope="module")

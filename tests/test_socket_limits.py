@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import make_settings
+from tests.conftest import serve
 from tests.harness import Client, LiveServer
 from tests.netfault import RawWebSocket
 from tornado_chat import protocol
@@ -25,7 +25,7 @@ def roomy(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A server with a 64 KiB outbox, large bodies and no practical rate limit."""
-    settings = make_settings(
+    yield from serve(
         server_cert,
         tmp_path_factory.mktemp("roomy"),
         outbox_bytes=OUTBOX,
@@ -33,9 +33,6 @@ def roomy(
         rate_per_sec=1e6,
         rate_burst=1_000_000,
     )
-    live = LiveServer(settings).start()
-    yield live
-    live.stop()
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +40,7 @@ def strict_rate(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A server allowing a burst of 3 messages, then one every 2 s."""
-    settings = make_settings(
-        server_cert, tmp_path_factory.mktemp("rate"), rate_per_sec=0.5, rate_burst=3
-    )
-    live = LiveServer(settings).start()
-    yield live
-    live.stop()
+    yield from serve(server_cert, tmp_path_factory.mktemp("rate"), rate_per_sec=0.5, rate_burst=3)
 
 
 def held_of(live: LiveServer, room: str, username: str) -> list[bool]:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.conftest import make_settings
+from tests.conftest import serve
 from tests.harness import Client, LiveServer
 from tornado_chat import protocol
 from tornado_chat.handlers import socket as socket_module
@@ -22,10 +22,7 @@ def delayed_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A server with ``--write-delay``."""
-    settings = make_settings(server_cert, tmp_path_factory.mktemp("data"), write_delay=DELAY)
-    live = LiveServer(settings).start()
-    yield live
-    live.stop()
+    yield from serve(server_cert, tmp_path_factory.mktemp("data"), write_delay=DELAY)
 
 
 @pytest.fixture
