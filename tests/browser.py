@@ -3,8 +3,10 @@
 Chromium on Linux trusts the CAs in ``$HOME/.pki/nssdb``, so a test makes a
 temporary home, puts the test CA into its NSS database with the toolkit's own
 trust store code, and launches ``/usr/bin/chromium`` with ``HOME`` pointing
-there. Certificate errors are never bypassed: no ``--ignore-certificate-errors``,
-no ``ignore_https_errors``. Playwright's bundled browsers are never downloaded.
+there. Certificate errors are never bypassed: Chromium gets only the flags in
+``ALLOWED_FLAGS`` (none of which touches certificate checks), and Playwright's
+option for ignoring HTTPS errors is never set. Playwright's bundled browsers
+are never downloaded.
 
 Typical use (sync, for tests without a running event loop)::
 
@@ -53,13 +55,10 @@ CHROMIUM_ARGS: tuple[str, ...] = (
     "--disable-quic",
 )
 
-#: Flags that would make a browser test prove nothing; refused by chromium_args.
-FORBIDDEN_ARGS: tuple[str, ...] = (
-    "--ignore-certificate-errors",
-    "--ignore-certificate-errors-spki-list",
-    "--ignore-ssl-errors",
-    "--allow-insecure-localhost",
-)
+#: Every flag a browser test may pass (by name, before any ``=``): the ones
+#: above and the host map. chromium_args refuses anything else, so no flag that
+#: weakens certificate checks can slip into a test.
+ALLOWED_FLAGS: frozenset[str] = frozenset([*CHROMIUM_ARGS, "--host-resolver-rules"])
 
 
 def require_browser_tools() -> None:
@@ -128,14 +127,17 @@ def chromium_args(
     """The full Chromium argument list.
 
     Raises:
-        ValueError: an argument would bypass certificate verification.
+        ValueError: an argument is not in ``ALLOWED_FLAGS``.
     """
     args = [*CHROMIUM_ARGS, *extra_args]
     if host_map:
         args.append(f"--host-resolver-rules={host_resolver_rules(host_map)}")
     for arg in args:
-        if arg.split("=", 1)[0] in FORBIDDEN_ARGS:
-            raise ValueError(f"{arg} bypasses certificate checks; browser tests never use it")
+        if arg.split("=", 1)[0] not in ALLOWED_FLAGS:
+            raise ValueError(
+                f"{arg} is not in ALLOWED_FLAGS: an unlisted flag may be one that"
+                " bypasses certificate checks, which browser tests never do"
+            )
     return args
 
 
