@@ -105,9 +105,9 @@ async def test_migrations_apply_on_empty_db_and_are_idempotent(db_url: str) -> N
         await second.close()
 
 
-async def test_concurrent_opens_migrate_once(db_url: str) -> None:
-    """Three processes' worth of Storage.open at once all succeed on an empty database."""
-    opened = await asyncio.gather(*(Storage.open(db_url) for _ in range(3)))
+async def open_together(url: str, n: int) -> None:
+    """``n`` Storage.open of ``url`` at once; each must succeed and answer a ping."""
+    opened = await asyncio.gather(*(Storage.open(url) for _ in range(n)))
     try:
         for s in opened:
             await s.ping()
@@ -116,17 +116,15 @@ async def test_concurrent_opens_migrate_once(db_url: str) -> None:
             await s.close()
 
 
+async def test_concurrent_opens_migrate_once(db_url: str) -> None:
+    """Three processes' worth of Storage.open at once all succeed on an empty database."""
+    await open_together(db_url, 3)
+
+
 async def test_many_concurrent_opens_of_a_new_sqlite_file(tmp_path: Path) -> None:
     """Eight opens of one new SQLite file at once, five times over: none is "locked"."""
     for round_ in range(5):
-        url = f"sqlite+aiosqlite:///{tmp_path / f'race{round_}' / 'chat.db'}"
-        opened = await asyncio.gather(*(Storage.open(url) for _ in range(8)))
-        try:
-            for s in opened:
-                await s.ping()
-        finally:
-            for s in opened:
-                await s.close()
+        await open_together(f"sqlite+aiosqlite:///{tmp_path / f'race{round_}' / 'chat.db'}", 8)
 
 
 def _open_and_register(db: str, name: str) -> None:
