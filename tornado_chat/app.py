@@ -92,17 +92,18 @@ class Services:
         stays bounded by the users who sent in the last ``burst / rate`` seconds.
         """
         b = self.buckets.get(user_id)
-        if b is None:
+        if b is None or self.hub.sockets_of(user_id):
             return
-        if self.hub.sockets_of(user_id) or b.full_in() > 0:
+        wait = b.full_in()
+        if wait > 0:
             # Check again when it would be full (a reconnect may also reuse it).
             loop = asyncio.get_running_loop()
-            loop.call_later(max(b.full_in(), 0.05), self._drop_bucket_if_idle, user_id, b)
+            loop.call_later(max(wait, 0.05), self._drop_bucket_if_idle, user_id, b)
             return
         del self.buckets[user_id]
 
     def _drop_bucket_if_idle(self, user_id: int, bucket: TokenBucket) -> None:
-        if self.buckets.get(user_id) is bucket and not self.hub.sockets_of(user_id):
+        if self.buckets.get(user_id) is bucket:
             self.forget_bucket(user_id)
 
     def online_counts(self) -> dict[str, int]:

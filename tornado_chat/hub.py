@@ -131,7 +131,6 @@ class Member:
                 # told, as for a first frame, so that the flush comes.
                 self.overflowed = True
                 self._held = []
-                self._held_bytes = 0
                 return True
             return False
         if seq:
@@ -144,7 +143,6 @@ class Member:
     def start(self, frames: Sequence[tuple[int, bytes]]) -> None:
         """Send the set-up frames (welcome, replay), then release held live frames."""
         held, self._held = self._held or [], None
-        self._held_bytes = 0
         for seq, frame in frames:
             self.queue(frame, seq)
         for seq, frame in held:

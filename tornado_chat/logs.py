@@ -32,7 +32,7 @@ _URL_NAMES = "|".join(_encodable(n) for n in sorted(SECRET_NAMES, key=len, rever
 _SECRET_RE = re.compile(
     rf"(?P<key>(?:(?<![A-Za-z0-9_%])(?:{_URL_NAMES})=)|(?:bearer\.|ticket\.)"
     r"|(?:Bearer\s+)"
-    r"|(?:\"(?:token|ticket|access_token|refresh_token)\"\s*:\s*\"))"
+    rf"|(?:\"(?:{'|'.join(SECRET_NAMES)})\"\s*:\s*\"))"
     r"(?P<value>[^&\s\"',;]+)",
     re.IGNORECASE,
 )

@@ -654,9 +654,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         if conn is None or conn.is_closing() or conn.stream is None:
             return True
         stream = conn.stream
-        if _WRITE_WITHOUT_FUTURE and isinstance(stream, IOStream):
-            if stream.closed():
-                return True
+        if _WRITE_WITHOUT_FUTURE:
+            # (is_closing() above is also true once the stream is closed.)
             # The same limit as the branch below: the outbox, without the
             # control-frame headroom.
             if len(stream._write_buffer) + len(data) > self.chat_settings.outbox_bytes:
@@ -747,8 +746,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         if hub.leave(member):
             online = hub.online(member.room)
             hub.broadcast(member.room, protocol.presence_frame("leave", member.username, online))
-        if not hub.sockets_of(member.user_id):
-            self.services.forget_bucket(member.user_id)
+        self.services.forget_bucket(member.user_id)
 
     def on_close(self) -> None:
         """Leave the room; log who went and why."""

@@ -62,6 +62,7 @@ from tornado_chat.pki.names import (
     name_text,
     parse_name,
     parse_names,
+    subject_alt_names,
 )
 from tornado_chat.pki.trustme_ca import TrustmeCA
 
@@ -156,15 +157,6 @@ def load_certificate(path: Path, what: str = "certificate") -> x509.Certificate:
 def certificate_pem(certificate: x509.Certificate) -> bytes:
     """PEM encoding of a certificate."""
     return certificate.public_bytes(serialization.Encoding.PEM)
-
-
-def subject_alt_names(certificate: x509.Certificate) -> list[x509.GeneralName]:
-    """The subjectAltName entries of a certificate (empty when it has none)."""
-    try:
-        extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return list(extension.value)
 
 
 def extended_key_usages(certificate: x509.Certificate) -> list[x509.ObjectIdentifier]:

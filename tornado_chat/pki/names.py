@@ -300,3 +300,12 @@ def common_name_hosts(subject: x509.Name) -> list[x509.DNSName]:
         if host is not None:
             hosts.append(x509.DNSName(host))
     return hosts
+
+
+def subject_alt_names(certificate: x509.Certificate) -> list[x509.GeneralName]:
+    """The subjectAltName entries of a certificate (empty when it has none)."""
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return list(extension.value)

@@ -33,12 +33,11 @@ from tornado_chat.pki.ca import (
     extended_key_usages,
     load_certificate,
     signed_by,
-    subject_alt_names,
     utcnow,
 )
 from tornado_chat.pki.files import os_reason
 from tornado_chat.pki.keys import load_private_key, public_key_der
-from tornado_chat.pki.names import covers, parse_names
+from tornado_chat.pki.names import covers, parse_names, subject_alt_names
 
 #: Renew a leaf this many days before it expires.
 DEFAULT_RENEW_WITHIN_DAYS = 30

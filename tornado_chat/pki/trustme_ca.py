@@ -27,7 +27,12 @@ from cryptography.hazmat.primitives import serialization
 
 from tornado_chat.errors import PKIError
 from tornado_chat.pki.keys import PrivateKey, signature_hash
-from tornado_chat.pki.names import common_name_hosts, is_permitted, name_text
+from tornado_chat.pki.names import (
+    common_name_hosts,
+    is_permitted,
+    name_text,
+    subject_alt_names,
+)
 
 #: Validity of a leaf issued without ``not_after`` (the toolkit's default).
 DEFAULT_LEAF_DAYS = 365
@@ -161,12 +166,7 @@ class TrustmeCA(trustme.CA):
     def _check(self, certificate: x509.Certificate) -> None:
         if self._constraints is None:
             return
-        try:
-            names = list(
-                certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            )
-        except x509.ExtensionNotFound:
-            names = []
+        names = subject_alt_names(certificate)
         outside = [name_text(name) for name in names if not is_permitted(name, self._constraints)]
         if not any(isinstance(name, x509.DNSName) for name in names):
             # OpenSSL holds a host-like commonName to the constraints then.

@@ -29,12 +29,11 @@ from tornado_chat.errors import PKIError
 from tornado_chat.pki.ca import (
     extended_key_usages,
     is_ca_certificate,
-    subject_alt_names,
     utcnow,
 )
 from tornado_chat.pki.files import read_bytes
 from tornado_chat.pki.keys import describe_key, public_key_der
-from tornado_chat.pki.names import common_name_hosts, is_permitted, name_text
+from tornado_chat.pki.names import common_name_hosts, is_permitted, name_text, subject_alt_names
 
 Purpose = Literal["auto", "server", "client"]
 """What to verify a certificate for; ``auto`` reads it from the certificate."""
