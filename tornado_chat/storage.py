@@ -396,7 +396,7 @@ def _install_sqlite_pragmas(engine: AsyncEngine, busy_timeout_ms: int | None = N
     ``busy_timeout_ms`` defaults to :data:`DEFAULT_DB_TIMEOUT`.
     """
     if busy_timeout_ms is None:
-        busy_timeout_ms = _busy_timeout_ms(DEFAULT_DB_TIMEOUT)
+        busy_timeout_ms = _timeout_ms(DEFAULT_DB_TIMEOUT)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -405,19 +405,8 @@ def _install_sqlite_pragmas(engine: AsyncEngine, busy_timeout_ms: int | None = N
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            # WAL: readers never block the writer and vice versa.
-            cursor.execute("PRAGMA journal_mode=WAL")
-            # synchronous=NORMAL in WAL mode: a commit is written to the WAL
-            # before COMMIT returns, so an acknowledged message survives the
-            # process being killed (kill -9, crash); only an OS crash or power
-            # loss may lose the last transactions (the database stays
-            # consistent). FULL would fsync every commit, a cost the embedded
-            # default does not pay; deployments needing power-loss durability
-            # run PostgreSQL.
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            # SQLite ignores foreign keys (and ON DELETE CASCADE) unless asked.
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms:d}")
+            for pragma in _sqlite_pragmas(busy_timeout_ms):
+                cursor.execute(pragma)
         finally:
             cursor.close()
 
@@ -503,9 +492,29 @@ def _engine_options(parsed: sa.URL, timeout: float) -> tuple[dict[str, Any], boo
     )
 
 
-def _busy_timeout_ms(timeout: float) -> int:
-    """SQLite's busy timeout (whole milliseconds, at least 1) for ``timeout`` seconds."""
+def _timeout_ms(timeout: float) -> int:
+    """Whole milliseconds, at least 1, for ``timeout`` seconds (SQLite and PostgreSQL timeouts)."""
     return max(1, round(timeout * 1000))
+
+
+def _sqlite_pragmas(busy_timeout_ms: int) -> tuple[str, ...]:
+    """What every SQLite connection runs first, the engine's and the fast path's alike.
+
+    WAL: readers never block the writer and vice versa. synchronous=NORMAL in
+    WAL mode: a commit is written to the WAL before COMMIT returns, so an
+    acknowledged message survives the process being killed (kill -9, crash);
+    only an OS crash or power loss may lose the last transactions (the
+    database stays consistent). FULL would fsync every commit, a cost the
+    embedded default does not pay; deployments needing power-loss durability
+    run PostgreSQL. SQLite ignores foreign keys (and ON DELETE CASCADE) unless
+    asked, and waits for another connection's lock only with a busy timeout.
+    """
+    return (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=NORMAL",
+        "PRAGMA foreign_keys=ON",
+        f"PRAGMA busy_timeout={busy_timeout_ms:d}",
+    )
 
 
 def _pg_connect_args(timeout: float) -> dict[str, Any]:
@@ -521,7 +530,7 @@ def _pg_connect_args(timeout: float) -> dict[str, Any]:
     return {
         "timeout": timeout,
         "command_timeout": timeout,
-        "server_settings": {"statement_timeout": str(max(1, round(timeout * 1000)))},
+        "server_settings": {"statement_timeout": str(_timeout_ms(timeout))},
     }
 
 
@@ -554,13 +563,8 @@ class _SqliteThread:
                 isolation_level=None,
             )
             try:
-                # The same settings and reasons as _install_sqlite_pragmas:
-                # WAL, commits in the WAL before COMMIT returns (kill -9 safe),
-                # foreign keys enforced, other processes' locks waited for.
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("PRAGMA foreign_keys=ON")
-                db.execute(f"PRAGMA busy_timeout={_busy_timeout_ms(self._timeout):d}")
+                for pragma in _sqlite_pragmas(_timeout_ms(self._timeout)):
+                    db.execute(pragma)
                 if self._readonly:
                     db.execute("PRAGMA query_only=ON")
             except BaseException:
@@ -776,7 +780,7 @@ class Storage:
         sqlite_file: tuple[str, bool] | None = None
         migrator: AsyncEngine | None = None
         if parsed.get_backend_name() == "sqlite":
-            _install_sqlite_pragmas(engine, _busy_timeout_ms(timeout))
+            _install_sqlite_pragmas(engine, _timeout_ms(timeout))
             # The file name and URI flag exactly as the engine's driver gets them.
             connect_args, connect_kwargs = engine.dialect.create_connect_args(parsed)
             sqlite_file = (str(connect_args[0]), bool(connect_kwargs.get("uri", False)))
