@@ -546,18 +546,13 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         conn = self.ws_connection
         if self.member is None or conn is None or conn.is_closing() or conn.stream is None:
             return False
-        stream = conn.stream
-        stream.max_write_buffer_size = self.chat_settings.outbox_bytes
         try:
-            written = stream.write(data)
+            written = self._write_within_outbox(conn.stream, data)
         except StreamBufferFullError:
             self.close_with(protocol.CLOSE_TOO_SLOW, "outbound queue overflowed")
             return False
         except StreamClosedError:
             return False
-        finally:
-            if not stream.closed():
-                stream.max_write_buffer_size = self.chat_settings.outbox_bytes + CONTROL_HEADROOM
         try:
             await written
         except StreamClosedError:
@@ -662,19 +657,27 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 return False
             _write_without_future(stream, data)
             return True
-        # Tornado refuses a write that would pass the stream's limit; for our
-        # frames that limit is the outbox, without the control-frame headroom.
-        stream.max_write_buffer_size = self.chat_settings.outbox_bytes
         try:
-            stream.write(data)
+            self._write_within_outbox(stream, data)
         except StreamBufferFullError:
             return False
         except StreamClosedError:
             pass
+        return True
+
+    def _write_within_outbox(self, stream: IOStream, data: bytes) -> asyncio.Future[None]:
+        """``stream.write(data)``, refused (StreamBufferFullError) past the outbox.
+
+        Tornado refuses a write that would pass the stream's limit; for our
+        frames that limit is the outbox, without the control-frame headroom
+        the stream keeps otherwise for Tornado's own pings and close frames.
+        """
+        stream.max_write_buffer_size = self.chat_settings.outbox_bytes
+        try:
+            return stream.write(data)
         finally:
             if not stream.closed():
                 stream.max_write_buffer_size = self.chat_settings.outbox_bytes + CONTROL_HEADROOM
-        return True
 
     def server_closing(self, code: int | None, reason: str | None) -> None:
         """Tornado (or :meth:`close_with`) is closing the socket; log the limits it enforces."""
