@@ -26,6 +26,7 @@ import redis
 
 from tests.conftest import make_settings
 from tests.harness import PASSWORD, LiveServer
+from tests.netfault import free_port
 from tests.test_auth_throttle import From, assert_throttled
 from tests.test_scaleout import (
     REDIS_URL,
@@ -36,7 +37,7 @@ from tests.test_scaleout import (
     drop_pg_database,
     unique_prefix,
 )
-from tests.test_scaleout_redis import RedisServer, _free_port
+from tests.test_scaleout_redis import RedisServer
 from tests.test_security import FakeClock
 from tornado_chat.app import create_services
 from tornado_chat.errors import TooManyRequests, Unauthorized
@@ -344,7 +345,7 @@ async def test_hostile_usernames_neither_break_keys_nor_collide(
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A redis-server of this test alone, to pause and kill."""
-    server = RedisServer(_free_port()).start()
+    server = RedisServer(free_port()).start()
     try:
         yield server
     finally:

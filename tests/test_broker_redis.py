@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import redis
 
+from tests.netfault import free_port
 from tests.test_hub import FakePeer, FakeStore, add, msg, turn, wait_for
 from tests.test_scaleout import REDIS_URL, broker_url, check_redis, delete_prefix, unique_prefix
-from tests.test_scaleout_redis import RedisServer, _free_port
+from tests.test_scaleout_redis import RedisServer
 from tornado_chat.app import make_broker
 from tornado_chat.broker import LocalBroker, SharedTokenBucket
 from tornado_chat.config import Settings
@@ -460,7 +461,7 @@ async def test_rate_limit_is_one_budget_across_nodes(pair: tuple[Node, Node]) ->
 
 async def test_unreachable_redis_fails_start_with_one_line(prefix: str) -> None:
     """start() against a closed port raises one line naming the broker without credentials."""
-    port = _free_port()
+    port = free_port()
     broker = RedisBroker(f"redis://:pw@127.0.0.1:{port}/0?prefix={prefix}")
     with pytest.raises(ChatError) as info:
         await broker.start()
@@ -472,7 +473,7 @@ async def test_unreachable_redis_fails_start_with_one_line(prefix: str) -> None:
 async def test_reconnect_after_restart_catches_up_and_resends() -> None:
     """Redis killed and restarted empty: ping fails then recovers, every room is caught up,
     and a message published during the outage is delivered after the reconnect."""
-    server = RedisServer(_free_port()).start()
+    server = RedisServer(free_port()).start()
     prefix = unique_prefix()
     url = broker_url(server.url, prefix, ttl=0.6)
     a, b = Node(RedisBroker(url, node_id="ra")), Node(RedisBroker(url, node_id="rb"))
@@ -515,7 +516,7 @@ async def test_reconnect_after_restart_catches_up_and_resends() -> None:
 @pytest.fixture(scope="module")
 def tls_redis(server_cert: ServerCertificate) -> Iterator[int]:
     """A private redis-server speaking only TLS, with the test CA's localhost certificate."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             "redis-server",
@@ -608,7 +609,7 @@ DOC_ACL = [
 
 async def test_documented_acl_is_enough_and_a_missing_right_is_named() -> None:
     """The ACL in docs/deploy.md runs everything; one without +time fails start in one line."""
-    server = RedisServer(_free_port()).start()
+    server = RedisServer(free_port()).start()
     admin = redis.Redis(host="127.0.0.1", port=server.port)
     try:
         admin.acl_setuser("chat", enabled=True, passwords=["+pw-123456"], reset=True)

@@ -890,11 +890,7 @@ def test_reconnect_backoff_grows_with_jitter_while_the_server_is_away(
     )
     strict_server.stop()  # the sockets get 1001, then every retry is refused
     try:
-        walt.page.wait_for_function(
-            "n => window.__probe.attempts.filter(a => a.code !== null).length >= n",
-            arg=len(draws) + 1,
-            timeout=15_000,
-        )
+        walt.wait_closes(len(draws) + 1)
     finally:
         strict_server.start()
     attempts = walt.attempts()

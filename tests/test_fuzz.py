@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import make_settings
+from tests.conftest import serve
 from tests.harness import PASSWORD, LiveServer
 from tests.netfault import OP_BINARY, RawWebSocket
 from tornado_chat.pki import ServerCertificate
@@ -81,12 +81,9 @@ def fuzz_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory, errors: ErrorRecords
 ) -> Iterator[LiveServer]:
     """One server for the module; a generous rate limit so valid frames are stored."""
-    settings_ = make_settings(
+    yield from serve(
         server_cert, tmp_path_factory.mktemp("fuzz"), rate_per_sec=100000.0, rate_burst=100000
     )
-    live = LiveServer(settings_).start()
-    yield live
-    live.stop()
 
 
 @pytest.fixture(autouse=True)

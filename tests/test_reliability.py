@@ -25,7 +25,7 @@ import bcrypt
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from tests.conftest import make_settings
+from tests.conftest import make_settings, serve
 from tests.harness import PASSWORD, Client, LiveServer, Socket
 from tests.netfault import (
     OP_CLOSE,
@@ -77,10 +77,7 @@ def tight(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """A server with every limit set low."""
-    live = LiveServer(make_settings(server_cert, tmp_path_factory.mktemp("tight"), **TIGHT))
-    live.start()
-    yield live
-    live.stop()
+    yield from serve(server_cert, tmp_path_factory.mktemp("tight"), **TIGHT)
 
 
 @pytest.fixture

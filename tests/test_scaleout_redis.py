@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 import redis
 
 from tests.harness import Client, Socket
+from tests.netfault import free_port
 from tests.test_scaleout import (
     PRESENCE_TTL,
     Cluster,
@@ -38,13 +38,6 @@ from tornado_chat.pki import ServerCertificate
 
 SENDERS = 4
 PER_SENDER = 40
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 class RedisServer:
@@ -101,7 +94,7 @@ class RedisServer:
 @pytest.fixture(scope="module")
 def private_redis() -> Iterator[RedisServer]:
     """This module's own Redis on a free port."""
-    server = RedisServer(_free_port()).start()
+    server = RedisServer(free_port()).start()
     try:
         yield server
     finally:
@@ -259,7 +252,7 @@ async def test_redis_restart_mid_storm_loses_nothing(
 
 def test_unreachable_broker_at_start_is_one_line(restart_cluster: Cluster, tmp_path: Path) -> None:
     """A node whose Redis does not answer exits 1 with one ERROR line, no traceback."""
-    port = _free_port()
+    port = free_port()
     args = restart_cluster.args("dead")
     args[args.index("--broker") + 1] = f"redis://127.0.0.1:{port}/0"
     result = subprocess.run(

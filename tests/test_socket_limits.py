@@ -125,7 +125,7 @@ async def test_reconnecting_does_not_refill_the_rate_bucket(
         assert frame["code"] == "rate_limited"
         sock.close()
         await gone()
-        # Once the bucket has refilled and been dropped, a new socket may send again.
+        # Once a token has come back (0.5 per second), a new socket may send again.
         await asyncio.sleep(2.2)
         sock, _ = await client.join("bucket-room", token)
         await sock.say("after a pause")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
 from tests.conftest import serve
-from tests.harness import Client, LiveServer
+from tests.harness import Client, LiveServer, Socket
 from tornado_chat import protocol
 from tornado_chat.handlers import socket as socket_module
 from tornado_chat.pki import ServerCertificate
@@ -33,6 +34,17 @@ async def delayed(delayed_server: LiveServer, client_ssl: ssl.SSLContext) -> Asy
     c.close()
 
 
+async def two_in_room(
+    client: Client, room: str, first: str, second: str
+) -> tuple[Socket, Socket, dict[str, Any]]:
+    """Sockets of two new users in ``room``, the first having seen the second join; its login."""
+    a, b = await client.user(first), await client.user(second)
+    sa, _ = await client.join(room, a["access_token"])
+    sb, _ = await client.join(room, b["access_token"])
+    assert (await sa.recv_type("presence"))["user"] == second
+    return sa, sb, b
+
+
 @pytest.mark.parametrize("without_future", [True, False])
 async def test_both_write_paths_deliver_in_order(
     client: Client, monkeypatch: pytest.MonkeyPatch, without_future: bool
@@ -41,11 +53,7 @@ async def test_both_write_paths_deliver_in_order(
     assert socket_module._WRITE_WITHOUT_FUTURE  # the installed Tornado takes the fast path
     monkeypatch.setattr(socket_module, "_WRITE_WITHOUT_FUTURE", without_future)
     tag = "f" if without_future else "p"
-    a = await client.user(f"wr_{tag}_alice")
-    b = await client.user(f"wr_{tag}_bob")
-    sa, _ = await client.join(f"wr-{tag}", a["access_token"])
-    sb, _ = await client.join(f"wr-{tag}", b["access_token"])
-    assert (await sa.recv_type("presence"))["user"] == f"wr_{tag}_bob"
+    sa, sb, _ = await two_in_room(client, f"wr-{tag}", f"wr_{tag}_alice", f"wr_{tag}_bob")
     for i in range(8):
         await sa.say("x" * (1 + i * 250), client_id=f"c{i}")
     got_a = await sa.messages(8)
@@ -64,11 +72,7 @@ async def test_both_write_paths_deliver_in_order(
 
 async def test_write_delay_delivers_everything_in_order_within_the_delay(delayed: Client) -> None:
     """With --write-delay, messages still all arrive, in order, each within about the delay."""
-    a = await delayed.user("wd_alice")
-    b = await delayed.user("wd_bob")
-    sa, _ = await delayed.join("wd-room", a["access_token"])
-    sb, _ = await delayed.join("wd-room", b["access_token"])
-    assert (await sa.recv_type("presence"))["user"] == "wd_bob"
+    sa, sb, _ = await two_in_room(delayed, "wd-room", "wd_alice", "wd_bob")
     started = time.monotonic()
     for i in range(6):
         await sa.say(f"delayed {i}", client_id=f"d{i}")
@@ -87,11 +91,7 @@ async def test_write_delay_delivers_everything_in_order_within_the_delay(delayed
 
 async def test_close_writes_frames_still_inside_the_write_delay(delayed: Client) -> None:
     """A socket closed (logout: 4401) while frames wait for the delay gets them before the close."""
-    a = await delayed.user("wd_close_a")
-    b = await delayed.user("wd_close_b")
-    sa, _ = await delayed.join("wd-close", a["access_token"])
-    sb, _ = await delayed.join("wd-close", b["access_token"])
-    assert (await sa.recv_type("presence"))["user"] == "wd_close_b"
+    sa, sb, b = await two_in_room(delayed, "wd-close", "wd_close_a", "wd_close_b")
     await sa.say("last words")
     # Logout answers long before the delay is over: the message is still queued for b.
     started = time.monotonic()
