@@ -1106,33 +1106,30 @@ class RedisLoginThrottle:
 
     async def before_login(self, username: str, address: str) -> None:
         """Refuse while the username or the address is blocked on any node."""
-        wait = await self._run(
-            "login_wait", [self.user_key(username), self.address_key(address)], ()
-        )
-        if wait is None:
-            self.local.check(username, address)
-        elif wait > 0:
-            raise refuse_login(wait)
+        await self._login_step("login_wait", username, address)
 
     async def login_failed(self, username: str, address: str) -> None:
         """Refuse if blocked by now; otherwise count a failure of both, for every node."""
-        keys = [self.user_key(username), self.address_key(address)]
-        wait = await self._run("login_fail", keys, ["1", *self._policy])
-        if wait is None:
-            self.local.check(username, address)
-        elif wait > 0:
-            raise refuse_login(wait)
+        await self._login_step("login_fail", username, address, ["1", *self._policy])
         self.local.failure(username, address)
 
     async def login_succeeded(self, username: str, address: str) -> None:
         """Refuse if blocked by now; otherwise forget the username's failures."""
-        keys = [self.user_key(username), self.address_key(address)]
-        wait = await self._run("login_ok", keys, ())
+        await self._login_step("login_ok", username, address)
+        self.local.success(username, address)
+
+    async def _login_step(
+        self, script: str, username: str, address: str, args: Sequence[Any] = ()
+    ) -> None:
+        """Run a login script on the name's and the address's keys; refuse if it says wait.
+
+        When Redis does not answer, this node's own throttle decides.
+        """
+        wait = await self._run(script, [self.user_key(username), self.address_key(address)], args)
         if wait is None:
             self.local.check(username, address)
         elif wait > 0:
             raise refuse_login(wait)
-        self.local.success(username, address)
 
     async def before_register(self, address: str) -> None:
         """Refuse while the address is blocked on any node."""
