@@ -979,7 +979,7 @@ async def test_leaf_nearing_expiry_is_renewed_while_running(
     first = ca.issue_server(LOCAL_NAMES, days=45)
     first_serial = first.certificate.serial_number
     # Checked every 0.2 s instead of twice a day (read when the server starts).
-    monkeypatch.setattr("tornado_chat.server.RENEW_CHECK_SECONDS", 0.2)
+    monkeypatch.setattr("tornado_chat.server.chat_server.RENEW_CHECK_SECONDS", 0.2)
     settings = Settings(
         host="127.0.0.1", port=0, caroot=caroot, data_dir=tmp_path / "data", bcrypt_rounds=4
     )
@@ -1164,3 +1164,7 @@ class QuickHub:
 
     async def shutdown(self, code: int = 1001, reason: str = "") -> None:
         """Nothing to close."""
+
+    def members(self) -> list[object]:
+        """No sockets are left."""
+        return []
