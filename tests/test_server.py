@@ -820,6 +820,137 @@ def test_processes_without_broker_exits_with_one_line(tmp_path: Path) -> None:
     )
 
 
+def test_start_up_lines_name_absolute_paths(tmp_path: Path) -> None:
+    """Started with relative defaults, the CA, data directory and database are named absolutely.
+
+    A server started from another directory than usual quietly makes a new CA
+    and an empty database there: the lines must show where.
+    """
+    process = ChatProcess(["--port", "0", "--db", "sqlite+aiosqlite:///state/chat.db"], tmp_path)
+    process.start()
+    try:
+        process.ports()
+        deadline = time.monotonic() + 10
+        while not process.out and time.monotonic() < deadline:  # stdout has its own reader
+            time.sleep(0.02)
+    finally:
+        process.stop()
+    caroot = tmp_path / "certs"
+    assert process.out == [
+        f"created the local CA {caroot / 'ca.pem'}; trust it with: {trust_hint(caroot)}"
+    ], process.out
+    assert str(caroot) in trust_hint(caroot)
+    database = tmp_path / "state" / "chat.db"
+    assert database.is_file()
+    assert re.search(
+        rf"INFO tornado_chat\.server: data directory {re.escape(str(tmp_path / 'data'))}, "
+        rf"database sqlite\+aiosqlite:///{re.escape(str(database))}$",
+        process.stderr,
+        re.MULTILINE,
+    ), process.stderr
+    assert re.search(
+        rf"listening on https://127\.0\.0\.1:\d+ \(certificate "
+        rf"{re.escape(str(caroot / 'server.pem'))}, expires \d{{4}}-\d\d-\d\d; "
+        rf"clients trust the local CA {re.escape(str(caroot / 'ca.pem'))}\)$",
+        process.stderr,
+        re.MULTILINE,
+    ), process.stderr
+
+
+def test_database_url_password_is_not_logged(minted: ServerCertificate, tmp_path: Path) -> None:
+    """The start-up line names a PostgreSQL database without its password."""
+    url = PG_ADMIN_URL.replace("postgresql://", "postgresql+asyncpg://", 1)
+    secret_url = url.replace("postgres@", "postgres:s3cret-pw@", 1)
+    assert "s3cret-pw" in secret_url
+    # The line comes before the port is bound: a held port ends the run right after it.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, stderr = run_cli(
+            [
+                "--port", str(port),
+                "--db", secret_url,
+                "--certfile", str(minted.cert_path),
+                "--keyfile", str(minted.key_path),
+            ],
+            tmp_path,
+        )  # fmt: skip
+    assert code == 2, stderr
+    line = next(line for line in stderr.splitlines() if ": data directory " in line)
+    assert line.endswith(f"database {secret_url.replace('s3cret-pw', '***')}"), line
+    assert "s3cret-pw" not in stderr
+
+
+# -- a CA root whose key is kept elsewhere ---------------------------------------
+
+
+def keyless_ca_root(tmp_path: Path, days: int) -> tuple[LocalCA, int]:
+    """A CA root with ca.pem and a leaf of ``days`` days, its CA key removed (as on a node)."""
+    caroot = tmp_path / "certs"
+    ca = LocalCA.load_or_create(caroot)
+    leaf = ca.issue_server(LOCAL_NAMES, days=days)
+    assert leaf.cert_path == caroot / "server.pem"
+    (caroot / "ca-key.pem").unlink()
+    return ca, leaf.certificate.serial_number
+
+
+def test_ca_root_without_its_key_serves_the_valid_leaf(tmp_path: Path) -> None:
+    """docs/deploy.md keeps ca-key.pem off the nodes: a valid leaf there is served as is."""
+    ca, serial = keyless_ca_root(tmp_path, days=200)
+    caroot = tmp_path / "certs"
+    process = ChatProcess(
+        ["--port", "0", "--caroot", str(caroot), "--data-dir", str(tmp_path / "data")], tmp_path
+    ).start()
+    try:
+        port, _ = process.ports()
+        served = handshake_certificate(port, ca.cert_path)
+    finally:
+        process.stop()
+    assert served.serial_number == serial
+    assert not (caroot / "ca-key.pem").exists()
+    assert "WARNING tornado_chat.server" not in process.stderr, process.stderr
+    assert "Traceback" not in process.stderr
+
+
+def test_ca_root_without_its_key_says_renewal_needs_it(tmp_path: Path) -> None:
+    """A keyless CA root's leaf due for renewal is served; a line says renewing needs the key."""
+    ca, serial = keyless_ca_root(tmp_path, days=20)
+    caroot = tmp_path / "certs"
+    process = ChatProcess(
+        ["--port", "0", "--caroot", str(caroot), "--data-dir", str(tmp_path / "data")], tmp_path
+    ).start()
+    try:
+        port, _ = process.ports()
+        served = handshake_certificate(port, ca.cert_path)
+    finally:
+        process.stop()
+    assert served.serial_number == serial
+    assert re.search(
+        rf"WARNING tornado_chat\.server: certificate {re.escape(str(caroot / 'server.pem'))} "
+        r"expires on .+ and is due for renewal, which needs the CA key "
+        rf"{re.escape(str(caroot / 'ca-key.pem'))}: copy the key there, or serve a "
+        r"certificate with --certfile/--keyfile$",
+        process.stderr,
+        re.MULTILINE,
+    ), process.stderr
+
+
+def test_ca_root_without_key_or_leaf_points_to_certfile(tmp_path: Path) -> None:
+    """Nothing to serve and no key to sign with: one ERROR line naming --certfile/--keyfile."""
+    caroot = tmp_path / "certs"
+    LocalCA.load_or_create(caroot)
+    (caroot / "ca-key.pem").unlink()
+    code, stderr = run_cli(["--caroot", str(caroot)], tmp_path)
+    assert code == 1
+    assert_one_error_line(
+        stderr,
+        f"the CA key {caroot / 'ca-key.pem'} is missing and there is no certificate to serve "
+        f"({caroot / 'server.pem'}): copy the key there, or serve a certificate with "
+        "--certfile/--keyfile",
+    )
+
+
 # -- several processes -----------------------------------------------------------
 
 
@@ -891,6 +1022,48 @@ async def test_processes_share_one_port_and_stop_together(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
+
+
+async def test_processes_refuse_a_port_another_server_serves(
+    minted: ServerCertificate, pg_database: str, tmp_path: Path
+) -> None:
+    """A second --processes server on a served port exits 2 in one line; the first serves on.
+
+    SO_REUSEPORT would let it listen beside the first and take half its clients.
+    """
+    common = [
+        "--processes", "2",
+        "--db", pg_database,
+        "--broker", REDIS_URL,
+        "--certfile", str(minted.cert_path),
+        "--keyfile", str(minted.key_path),
+        "--shutdown-timeout", "5",
+    ]  # fmt: skip
+    first = ChatProcess(
+        [*common, "--port", "0", "--data-dir", str(tmp_path / "first")], tmp_path
+    ).start()
+    try:
+        port = int(
+            (await first.wait_for_async(r"starting 2 workers on https://\S+:(\d+)")).group(1)
+        )
+        await first.wait_for_async(r"worker 0 \(pid \d+\) ready")
+        await first.wait_for_async(r"worker 1 \(pid \d+\) ready")
+        second = ChatProcess(
+            [*common, "--port", str(port), "--data-dir", str(tmp_path / "second")], tmp_path
+        ).start()
+        try:
+            code = await asyncio.to_thread(second.wait, 60)
+        finally:
+            second.stop()
+        status, _, _ = await asyncio.to_thread(https_get, port, "/healthz", minted.ca_cert_path)
+    finally:
+        first.stop()
+    assert code == 2, second.stderr
+    assert_one_error_line(
+        second.stderr,
+        f"cannot listen on 127.0.0.1:{port}: address already in use (another server is running?)",
+    )
+    assert status == 200
 
 
 # -- local CA renewal ------------------------------------------------------------
