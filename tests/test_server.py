@@ -885,47 +885,43 @@ def test_database_url_password_is_not_logged(minted: ServerCertificate, tmp_path
 # -- a CA root whose key is kept elsewhere ---------------------------------------
 
 
-def keyless_ca_root(tmp_path: Path, days: int) -> tuple[LocalCA, int]:
-    """A CA root with ca.pem and a leaf of ``days`` days, its CA key removed (as on a node)."""
+def serve_keyless_ca_root(tmp_path: Path, days: int) -> tuple[ChatProcess, Path]:
+    """Serve a CA root holding ca.pem and a leaf of ``days`` days but not the CA key (as on a node).
+
+    The leaf is issued, the CA key removed, the server started from the CA
+    root, and the certificate its handshake presents checked to be that leaf.
+
+    Returns:
+        The stopped server process (its output read) and the CA root.
+    """
     caroot = tmp_path / "certs"
     ca = LocalCA.load_or_create(caroot)
     leaf = ca.issue_server(LOCAL_NAMES, days=days)
     assert leaf.cert_path == caroot / "server.pem"
     (caroot / "ca-key.pem").unlink()
-    return ca, leaf.certificate.serial_number
+    process = ChatProcess(
+        ["--port", "0", "--caroot", str(caroot), "--data-dir", str(tmp_path / "data")], tmp_path
+    ).start()
+    try:
+        port, _ = process.ports()
+        served = handshake_certificate(port, ca.cert_path)
+    finally:
+        process.stop()
+    assert served.serial_number == leaf.certificate.serial_number
+    assert not (caroot / "ca-key.pem").exists()
+    assert "Traceback" not in process.stderr
+    return process, caroot
 
 
 def test_ca_root_without_its_key_serves_the_valid_leaf(tmp_path: Path) -> None:
     """docs/deploy.md keeps ca-key.pem off the nodes: a valid leaf there is served as is."""
-    ca, serial = keyless_ca_root(tmp_path, days=200)
-    caroot = tmp_path / "certs"
-    process = ChatProcess(
-        ["--port", "0", "--caroot", str(caroot), "--data-dir", str(tmp_path / "data")], tmp_path
-    ).start()
-    try:
-        port, _ = process.ports()
-        served = handshake_certificate(port, ca.cert_path)
-    finally:
-        process.stop()
-    assert served.serial_number == serial
-    assert not (caroot / "ca-key.pem").exists()
+    process, _ = serve_keyless_ca_root(tmp_path, days=200)
     assert "WARNING tornado_chat.server" not in process.stderr, process.stderr
-    assert "Traceback" not in process.stderr
 
 
 def test_ca_root_without_its_key_says_renewal_needs_it(tmp_path: Path) -> None:
     """A keyless CA root's leaf due for renewal is served; a line says renewing needs the key."""
-    ca, serial = keyless_ca_root(tmp_path, days=20)
-    caroot = tmp_path / "certs"
-    process = ChatProcess(
-        ["--port", "0", "--caroot", str(caroot), "--data-dir", str(tmp_path / "data")], tmp_path
-    ).start()
-    try:
-        port, _ = process.ports()
-        served = handshake_certificate(port, ca.cert_path)
-    finally:
-        process.stop()
-    assert served.serial_number == serial
+    process, caroot = serve_keyless_ca_root(tmp_path, days=20)
     assert re.search(
         rf"WARNING tornado_chat\.server: certificate {re.escape(str(caroot / 'server.pem'))} "
         r"expires on .+ and is due for renewal, which needs the CA key "
