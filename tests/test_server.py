@@ -409,6 +409,33 @@ def test_redirect_port_answers_301(running: Running, host_header: str, location_
     assert response.getheader("Strict-Transport-Security") is None
 
 
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [("POST", json.dumps({"username": "alice", "password": PASSWORD})), ("PUT", "x"), ("POST", "")],
+)
+def test_redirect_port_answers_other_methods_308(running: Running, method: str, body: str) -> None:
+    """Other methods, with a body or not, get 308 (same method on HTTPS), never a bare 400."""
+    conn = http.client.HTTPConnection("127.0.0.1", running.redirect_port, timeout=10)
+    try:
+        conn.request(
+            method,
+            "/api/login?next=1",
+            body,
+            headers={
+                "Host": f"localhost:{running.redirect_port}",
+                "Content-Type": "application/json",
+            },
+        )
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    assert response.status == 308
+    assert response.getheader("Location") == f"https://localhost:{running.port}/api/login?next=1"
+    assert response.getheader("Strict-Transport-Security") is None
+    assert "Traceback" not in running.process.stderr
+
+
 def test_plain_http_on_tls_port_is_one_hint(running: Running) -> None:
     """A plain-HTTP (or ws://) request on the TLS port is one log line, no traceback."""
     before = len(running.process.err)

@@ -17,14 +17,22 @@ log = logging.getLogger("tornado_chat.server")
 REDIRECT_IDLE_TIMEOUT = 10.0
 
 
+@tornado.web.stream_request_body
 class RedirectHandler(tornado.web.RequestHandler):
-    """Plain HTTP: answer every request with 301 to the same path over HTTPS.
+    """Plain HTTP: answer every request with a redirect to the same path over HTTPS.
 
-    The host in the Location comes from the request's ``Host`` header only when
-    the served certificate names it (so the redirect cannot send anyone to a
-    host of an attacker's choosing, and lands on a name that verifies);
-    otherwise it is the configured host. HSTS is never sent here: RFC 6797
-    8.1 forbids it over plain HTTP.
+    GET and HEAD get 301; other methods get 308 (RFC 7538), which tells the
+    client to repeat the same method and body, where a 301 lets it turn a POST
+    into a GET. The host in the Location comes from the request's ``Host``
+    header only when the served certificate names it (so the redirect cannot
+    send anyone to a host of an attacker's choosing, and lands on a name that
+    verifies); otherwise it is the configured host. HSTS is never sent here:
+    RFC 6797 8.1 forbids it over plain HTTP.
+
+    The body of a request is never read: streaming it (to nowhere) lets the
+    answer go out as soon as the headers are in, where a buffered body over
+    the redirect server's limit of 0 bytes would be a bare 400. Tornado then
+    closes the connection instead of reading the rest.
     """
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
@@ -40,8 +48,11 @@ class RedirectHandler(tornado.web.RequestHandler):
             path = f"{path}?{self.request.query}"
         self.redirect(
             self.server.https_url(self.server.redirect_host(self.request.host_name), path),
-            permanent=True,
+            status=301 if self.request.method in ("GET", "HEAD") else 308,
         )
+
+    def data_received(self, chunk: bytes) -> None:
+        """Drop any body: the client sends it again to the HTTPS URL."""
 
 
 def make_redirect_server(server: ChatServer) -> tornado.httpserver.HTTPServer:
