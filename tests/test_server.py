@@ -132,6 +132,18 @@ class ChatProcess:
             redirect = int(self.wait_for(r"redirecting http://\S+:(\d+) to").group(1))
         return port, redirect
 
+    def first_run(self) -> None:
+        """Start, wait for the "listening" line and the first stdout line, then stop."""
+        self.start()
+        try:
+            self.ports()
+            deadline = time.monotonic() + 10
+            # stdout has its own reader thread, which may lag behind stderr's.
+            while not self.out and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            self.stop()
+
     def send(self, signum: int) -> None:
         """Send a signal to the server process."""
         assert self.proc is not None
@@ -854,14 +866,7 @@ def test_start_up_lines_name_absolute_paths(tmp_path: Path) -> None:
     and an empty database there: the lines must show where.
     """
     process = ChatProcess(["--port", "0", "--db", "sqlite+aiosqlite:///state/chat.db"], tmp_path)
-    process.start()
-    try:
-        process.ports()
-        deadline = time.monotonic() + 10
-        while not process.out and time.monotonic() < deadline:  # stdout has its own reader
-            time.sleep(0.02)
-    finally:
-        process.stop()
+    process.first_run()
     caroot = tmp_path / "certs"
     assert process.out == [
         f"created the local CA {caroot / 'ca.pem'}; trust it with: {trust_hint(caroot)}"
@@ -882,6 +887,23 @@ def test_start_up_lines_name_absolute_paths(tmp_path: Path) -> None:
         process.stderr,
         re.MULTILINE,
     ), process.stderr
+
+
+def test_first_run_trust_hint_names_a_normalised_interpreter(tmp_path: Path) -> None:
+    """Started as ``../…/python``, the printed trust command names it without ``..``."""
+    relative = os.path.relpath(sys.executable, tmp_path)
+    assert relative.startswith(".."), relative
+    process = ChatProcess(["--port", "0"], tmp_path)
+    process.args[0] = relative
+    # No mkcerts on PATH: the hint then names the interpreter (pki/provision.py).
+    process.env = {**process.env, "PATH": "/usr/bin:/bin"}
+    process.first_run()
+    caroot = tmp_path / "certs"
+    interpreter = Path(sys.executable)
+    expected = f"{interpreter.parent.resolve() / interpreter.name} -m tornado_chat.pki install"
+    assert process.out == [
+        f"created the local CA {caroot / 'ca.pem'}; trust it with: {expected} --caroot {caroot}"
+    ], process.out
 
 
 def test_database_url_password_is_not_logged(minted: ServerCertificate, tmp_path: Path) -> None:
