@@ -1,4 +1,4 @@
-"""The HTTPS/WSS server in the running event loop, and its life until a signal.
+"""One HTTPS/WSS server's life in an event loop: start, serve until a signal, stop.
 
 :class:`ChatServer` runs one server inside an existing event loop (tests use it
 in-process); :func:`serve` runs it until ``SIGTERM``/``SIGINT`` and reloads the
@@ -93,8 +93,8 @@ class ChatServer:
 
     Args:
         settings: validated settings.
-        sockets: pre-bound listening sockets (forked workers share the parent's);
-            by default ``settings.host:settings.port`` is bound in :meth:`start`.
+        sockets: pre-bound listening sockets (a forked worker's own); by
+            default ``settings.host:settings.port`` is bound in :meth:`start`.
         redirect_sockets: pre-bound sockets for the plain-HTTP redirect.
         tls_files: the pair to serve; by default resolved in :meth:`start`.
         renew_certificates: let this server renew a local-CA leaf (off in forked
