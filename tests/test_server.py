@@ -132,6 +132,18 @@ class ChatProcess:
             redirect = int(self.wait_for(r"redirecting http://\S+:(\d+) to").group(1))
         return port, redirect
 
+    def first_run(self) -> None:
+        """Start, wait for the "listening" line and the first stdout line, then stop."""
+        self.start()
+        try:
+            self.ports()
+            deadline = time.monotonic() + 10
+            # stdout has its own reader thread, which may lag behind stderr's.
+            while not self.out and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            self.stop()
+
     def send(self, signum: int) -> None:
         """Send a signal to the server process."""
         assert self.proc is not None
@@ -407,6 +419,33 @@ def test_redirect_port_answers_301(running: Running, host_header: str, location_
     )
     # RFC 6797 8.1: HSTS over plain HTTP must not be sent (and would be ignored).
     assert response.getheader("Strict-Transport-Security") is None
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [("POST", json.dumps({"username": "alice", "password": PASSWORD})), ("PUT", "x"), ("POST", "")],
+)
+def test_redirect_port_answers_other_methods_308(running: Running, method: str, body: str) -> None:
+    """Other methods, with a body or not, get 308 (same method on HTTPS), never a bare 400."""
+    conn = http.client.HTTPConnection("127.0.0.1", running.redirect_port, timeout=10)
+    try:
+        conn.request(
+            method,
+            "/api/login?next=1",
+            body,
+            headers={
+                "Host": f"localhost:{running.redirect_port}",
+                "Content-Type": "application/json",
+            },
+        )
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    assert response.status == 308
+    assert response.getheader("Location") == f"https://localhost:{running.port}/api/login?next=1"
+    assert response.getheader("Strict-Transport-Security") is None
+    assert "Traceback" not in running.process.stderr
 
 
 def test_plain_http_on_tls_port_is_one_hint(running: Running) -> None:
@@ -820,6 +859,143 @@ def test_processes_without_broker_exits_with_one_line(tmp_path: Path) -> None:
     )
 
 
+def test_start_up_lines_name_absolute_paths(tmp_path: Path) -> None:
+    """Started with relative defaults, the CA, data directory and database are named absolutely.
+
+    A server started from another directory than usual quietly makes a new CA
+    and an empty database there: the lines must show where.
+    """
+    process = ChatProcess(["--port", "0", "--db", "sqlite+aiosqlite:///state/chat.db"], tmp_path)
+    process.first_run()
+    caroot = tmp_path / "certs"
+    assert process.out == [
+        f"created the local CA {caroot / 'ca.pem'}; trust it with: {trust_hint(caroot)}"
+    ], process.out
+    assert str(caroot) in trust_hint(caroot)
+    database = tmp_path / "state" / "chat.db"
+    assert database.is_file()
+    assert re.search(
+        rf"INFO tornado_chat\.server: data directory {re.escape(str(tmp_path / 'data'))}, "
+        rf"database sqlite\+aiosqlite:///{re.escape(str(database))}$",
+        process.stderr,
+        re.MULTILINE,
+    ), process.stderr
+    assert re.search(
+        rf"listening on https://127\.0\.0\.1:\d+ \(certificate "
+        rf"{re.escape(str(caroot / 'server.pem'))}, expires \d{{4}}-\d\d-\d\d; "
+        rf"clients trust the local CA {re.escape(str(caroot / 'ca.pem'))}\)$",
+        process.stderr,
+        re.MULTILINE,
+    ), process.stderr
+
+
+def test_first_run_trust_hint_names_a_normalised_interpreter(tmp_path: Path) -> None:
+    """Started as ``../…/python``, the printed trust command names it without ``..``."""
+    relative = os.path.relpath(sys.executable, tmp_path)
+    assert relative.startswith(".."), relative
+    process = ChatProcess(["--port", "0"], tmp_path)
+    process.args[0] = relative
+    # No mkcerts on PATH: the hint then names the interpreter (pki/provision.py).
+    process.env = {**process.env, "PATH": "/usr/bin:/bin"}
+    process.first_run()
+    caroot = tmp_path / "certs"
+    interpreter = Path(sys.executable)
+    expected = f"{interpreter.parent.resolve() / interpreter.name} -m tornado_chat.pki install"
+    assert process.out == [
+        f"created the local CA {caroot / 'ca.pem'}; trust it with: {expected} --caroot {caroot}"
+    ], process.out
+
+
+def test_database_url_password_is_not_logged(minted: ServerCertificate, tmp_path: Path) -> None:
+    """The start-up line names a PostgreSQL database without its password."""
+    url = PG_ADMIN_URL.replace("postgresql://", "postgresql+asyncpg://", 1)
+    secret_url = url.replace("postgres@", "postgres:s3cret-pw@", 1)
+    assert "s3cret-pw" in secret_url
+    # The line comes before the port is bound: a held port ends the run right after it.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, stderr = run_cli(
+            [
+                "--port", str(port),
+                "--db", secret_url,
+                "--certfile", str(minted.cert_path),
+                "--keyfile", str(minted.key_path),
+            ],
+            tmp_path,
+        )  # fmt: skip
+    assert code == 2, stderr
+    line = next(line for line in stderr.splitlines() if ": data directory " in line)
+    assert line.endswith(f"database {secret_url.replace('s3cret-pw', '***')}"), line
+    assert "s3cret-pw" not in stderr
+
+
+# -- a CA root whose key is kept elsewhere ---------------------------------------
+
+
+def serve_keyless_ca_root(tmp_path: Path, days: int) -> tuple[ChatProcess, Path]:
+    """Serve a CA root holding ca.pem and a leaf of ``days`` days but not the CA key (as on a node).
+
+    The leaf is issued, the CA key removed, the server started from the CA
+    root, and the certificate its handshake presents checked to be that leaf.
+
+    Returns:
+        The stopped server process (its output read) and the CA root.
+    """
+    caroot = tmp_path / "certs"
+    ca = LocalCA.load_or_create(caroot)
+    leaf = ca.issue_server(LOCAL_NAMES, days=days)
+    assert leaf.cert_path == caroot / "server.pem"
+    (caroot / "ca-key.pem").unlink()
+    process = ChatProcess(
+        ["--port", "0", "--caroot", str(caroot), "--data-dir", str(tmp_path / "data")], tmp_path
+    ).start()
+    try:
+        port, _ = process.ports()
+        served = handshake_certificate(port, ca.cert_path)
+    finally:
+        process.stop()
+    assert served.serial_number == leaf.certificate.serial_number
+    assert not (caroot / "ca-key.pem").exists()
+    assert "Traceback" not in process.stderr
+    return process, caroot
+
+
+def test_ca_root_without_its_key_serves_the_valid_leaf(tmp_path: Path) -> None:
+    """docs/deploy.md keeps ca-key.pem off the nodes: a valid leaf there is served as is."""
+    process, _ = serve_keyless_ca_root(tmp_path, days=200)
+    assert "WARNING tornado_chat.server" not in process.stderr, process.stderr
+
+
+def test_ca_root_without_its_key_says_renewal_needs_it(tmp_path: Path) -> None:
+    """A keyless CA root's leaf due for renewal is served; a line says renewing needs the key."""
+    process, caroot = serve_keyless_ca_root(tmp_path, days=20)
+    assert re.search(
+        rf"WARNING tornado_chat\.server: certificate {re.escape(str(caroot / 'server.pem'))} "
+        r"expires on .+ and is due for renewal, which needs the CA key "
+        rf"{re.escape(str(caroot / 'ca-key.pem'))}: copy the key there, or serve a "
+        r"certificate with --certfile/--keyfile$",
+        process.stderr,
+        re.MULTILINE,
+    ), process.stderr
+
+
+def test_ca_root_without_key_or_leaf_points_to_certfile(tmp_path: Path) -> None:
+    """Nothing to serve and no key to sign with: one ERROR line naming --certfile/--keyfile."""
+    caroot = tmp_path / "certs"
+    LocalCA.load_or_create(caroot)
+    (caroot / "ca-key.pem").unlink()
+    code, stderr = run_cli(["--caroot", str(caroot)], tmp_path)
+    assert code == 1
+    assert_one_error_line(
+        stderr,
+        f"the CA key {caroot / 'ca-key.pem'} is missing and there is no certificate to serve "
+        f"({caroot / 'server.pem'}): copy the key there, or serve a certificate with "
+        "--certfile/--keyfile",
+    )
+
+
 # -- several processes -----------------------------------------------------------
 
 
@@ -891,6 +1067,48 @@ async def test_processes_share_one_port_and_stop_together(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
+
+
+async def test_processes_refuse_a_port_another_server_serves(
+    minted: ServerCertificate, pg_database: str, tmp_path: Path
+) -> None:
+    """A second --processes server on a served port exits 2 in one line; the first serves on.
+
+    SO_REUSEPORT would let it listen beside the first and take half its clients.
+    """
+    common = [
+        "--processes", "2",
+        "--db", pg_database,
+        "--broker", REDIS_URL,
+        "--certfile", str(minted.cert_path),
+        "--keyfile", str(minted.key_path),
+        "--shutdown-timeout", "5",
+    ]  # fmt: skip
+    first = ChatProcess(
+        [*common, "--port", "0", "--data-dir", str(tmp_path / "first")], tmp_path
+    ).start()
+    try:
+        port = int(
+            (await first.wait_for_async(r"starting 2 workers on https://\S+:(\d+)")).group(1)
+        )
+        await first.wait_for_async(r"worker 0 \(pid \d+\) ready")
+        await first.wait_for_async(r"worker 1 \(pid \d+\) ready")
+        second = ChatProcess(
+            [*common, "--port", str(port), "--data-dir", str(tmp_path / "second")], tmp_path
+        ).start()
+        try:
+            code = await asyncio.to_thread(second.wait, 60)
+        finally:
+            second.stop()
+        status, _, _ = await asyncio.to_thread(https_get, port, "/healthz", minted.ca_cert_path)
+    finally:
+        first.stop()
+    assert code == 2, second.stderr
+    assert_one_error_line(
+        second.stderr,
+        f"cannot listen on 127.0.0.1:{port}: address already in use (another server is running?)",
+    )
+    assert status == 200
 
 
 # -- local CA renewal ------------------------------------------------------------
@@ -979,7 +1197,7 @@ async def test_leaf_nearing_expiry_is_renewed_while_running(
     first = ca.issue_server(LOCAL_NAMES, days=45)
     first_serial = first.certificate.serial_number
     # Checked every 0.2 s instead of twice a day (read when the server starts).
-    monkeypatch.setattr("tornado_chat.server.RENEW_CHECK_SECONDS", 0.2)
+    monkeypatch.setattr("tornado_chat.server.chat_server.RENEW_CHECK_SECONDS", 0.2)
     settings = Settings(
         host="127.0.0.1", port=0, caroot=caroot, data_dir=tmp_path / "data", bcrypt_rounds=4
     )
@@ -1164,3 +1382,7 @@ class QuickHub:
 
     async def shutdown(self, code: int = 1001, reason: str = "") -> None:
         """Nothing to close."""
+
+    def members(self) -> list[object]:
+        """No sockets are left."""
+        return []

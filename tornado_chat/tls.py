@@ -1,7 +1,7 @@
 """Server-side TLS: the SSLContext, start-up diagnostics and certificate reload.
 
 * :func:`make_server_context` builds the one :class:`ssl.SSLContext` every
-  HTTPS/WSS connection uses (Mozilla "intermediate" profile, DESIGN.md "TLS").
+  HTTPS/WSS connection uses (Mozilla "intermediate" profile, SECURITY.md).
 * :func:`diagnose_certificate` turns every way a certificate/key pair can be
   unusable into one :class:`~tornado_chat.errors.CertificateError` line, and
   returns warnings for pairs that work but will surprise clients.
@@ -15,12 +15,8 @@
 
 from __future__ import annotations
 
-import _ssl
-import ctypes
-import ipaddress
 import logging
 import ssl
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -33,6 +29,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from tornado_chat.errors import CertificateError
+from tornado_chat.pki.names import (
+    client_host,
+    covers_host,
+    name_text,
+    subject_alt_names,
+    url_host,
+)
 
 log = logging.getLogger("tornado_chat.tls")
 
@@ -57,23 +60,17 @@ INTERMEDIATE_TLS12_CIPHERS: tuple[str, ...] = (
     "ECDHE-RSA-CHACHA20-POLY1305",
 )
 
-# Mozilla intermediate's key-exchange groups, in its order. OpenSSL's default
-# list adds X448 and secp521r1, which the profile rejects. X25519 matters in
-# practice: it is the key share browsers and OpenSSL clients send first, and a
-# server without it answers with a HelloRetryRequest, which costs every TLS 1.3
-# connection one more round trip and the server about 100 us more CPU
-# (bench/floor.py's handshake, measured both ways).
+# Mozilla intermediate's key-exchange groups, in its order, set where the
+# Python can set a list (SSLContext.set_groups). Elsewhere OpenSSL's default
+# list stays: it also offers X448 and P-521 (stronger, not weaker, than the
+# profile asks), and it puts X25519 first. X25519 matters in practice: it is
+# the key share browsers and OpenSSL clients send first, and a server without
+# it answers with a HelloRetryRequest, which costs every TLS 1.3 connection one
+# more round trip and the server about 100 us more CPU (bench/floor.py's
+# handshake). The only older public call, set_ecdh_curve, sets one group: P-256
+# alone would make every X25519-first client retry and refuse a P-384-only
+# one (bench/tls_groups.py, results in bench/RESULTS.md).
 KEY_EXCHANGE_GROUPS: tuple[str, ...] = ("X25519", "prime256v1", "secp384r1")
-# Python before 3.15 can set one group only (set_ecdh_curve); where the list
-# cannot be set (see _set_groups), P-256 alone, which every TLS client implements.
-FALLBACK_GROUP = "prime256v1"
-# OpenSSL's SSL_CTRL_SET_GROUPS_LIST (ssl.h, 1.1.1 and 3.x): SSL_CTX_set1_groups_list
-# is a macro over SSL_CTX_ctrl with it.
-_SSL_CTRL_SET_GROUPS_LIST = 92
-
-# Addresses that mean "every interface": a certificate cannot name them, so the
-# coverage check asks whether local clients (https://localhost) will accept it.
-_WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - compared, not bound
 # A certificate this close to expiry gets a start-up warning (the local CA
 # renews its leaves at the same threshold).
 EXPIRY_WARNING = timedelta(days=30)
@@ -90,6 +87,7 @@ class CertificateInfo:
         not_before: start of validity (aware, UTC).
         not_after: end of validity (aware, UTC).
         key_type: ``"EC"``, ``"RSA"``, ``"Ed25519"`` or ``"Ed448"``.
+        san: the subjectAltName entries themselves (``names`` is their text).
     """
 
     certfile: Path
@@ -98,10 +96,11 @@ class CertificateInfo:
     not_before: datetime
     not_after: datetime
     key_type: str
+    san: tuple[x509.GeneralName, ...] = ()
 
     def covers(self, host: str) -> bool:
         """Whether a client connecting to ``host`` would accept this certificate's names."""
-        return certificate_covers(self.names, host)
+        return covers_host(self.san, host)
 
 
 def make_server_context(certfile: Path | str, keyfile: Path | str) -> ssl.SSLContext:
@@ -121,8 +120,7 @@ def make_server_context(certfile: Path | str, keyfile: Path | str) -> ssl.SSLCon
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(":".join(INTERMEDIATE_TLS12_CIPHERS))
-    if not _set_groups(context, KEY_EXCHANGE_GROUPS):
-        context.set_ecdh_curve(FALLBACK_GROUP)
+    set_groups(context, KEY_EXCHANGE_GROUPS)
     # Compression enables CRIME-style attacks; renegotiation lets one client make
     # the server do handshake work over and over on one connection.
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
@@ -141,37 +139,20 @@ def make_server_context(certfile: Path | str, keyfile: Path | str) -> ssl.SSLCon
     return context
 
 
-def _set_groups(context: ssl.SSLContext, groups: Sequence[str]) -> bool:
-    """Set the key-exchange groups of ``context``; False where this Python cannot.
+def set_groups(context: ssl.SSLContext, groups: Sequence[str]) -> bool:
+    """Offer exactly ``groups`` for key exchange where this Python can; else change nothing.
 
-    Python 3.15 has ``SSLContext.set_groups``. Before it, the list is set with
-    OpenSSL's own call on the context's ``SSL_CTX``, found where CPython keeps
-    it (the first field after the object header) and used only after OpenSSL
-    reports for it exactly the options Python reports for the context, so a
-    layout that differs falls back instead of touching anything else.
+    ``SSLContext.set_groups`` is public API from Python 3.15 on. Before it
+    the context keeps OpenSSL's default groups (see :data:`KEY_EXCHANGE_GROUPS`).
+
+    Returns:
+        True when the list was set, False when OpenSSL's defaults stay.
     """
-    wanted = ":".join(groups)
     setter = getattr(context, "set_groups", None)
-    if setter is not None:
-        setter(wanted)
-        return True
-    if sys.implementation.name != "cpython":
+    if setter is None:
         return False
-    try:
-        libssl = ctypes.CDLL(_ssl.__file__)
-        ctrl = libssl.SSL_CTX_ctrl
-        get_options = libssl.SSL_CTX_get_options
-    except (OSError, AttributeError):
-        return False
-    ctrl.restype = ctypes.c_long
-    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
-    get_options.restype = ctypes.c_uint64
-    get_options.argtypes = [ctypes.c_void_p]
-    ctx_pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
-    if not ctx_pointer or get_options(ctx_pointer) != int(context.options):
-        log.debug("SSL_CTX not where expected; key exchange limited to %s", FALLBACK_GROUP)
-        return False
-    return bool(ctrl(ctx_pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, wanted.encode()) == 1)
+    setter(":".join(groups))
+    return True
 
 
 def inspect_certificate(
@@ -218,10 +199,15 @@ def inspect_certificate(
             f"certificate {cert_path} is not valid until {_when(not_before)}: "
             "check the system clock or the certificate's dates"
         )
+    san = tuple(subject_alt_names(leaf))
+    # DNS names first, then addresses, as people list them (localhost, 127.0.0.1).
+    dns = [name_text(name) for name in san if isinstance(name, x509.DNSName)]
+    addresses = [name_text(name) for name in san if isinstance(name, x509.IPAddress)]
     return CertificateInfo(
         certfile=cert_path,
         keyfile=key_path,
-        names=_subject_alt_names(leaf),
+        names=(*dns, *addresses),
+        san=san,
         not_before=not_before,
         not_after=not_after,
         key_type=_key_type(key),
@@ -261,7 +247,7 @@ def certificate_warnings(info: CertificateInfo, host: str) -> list[str]:
         Warning lines, possibly empty.
     """
     warnings: list[str] = []
-    checked = _client_host(host)
+    checked = client_host(host)
     if not info.names:
         warnings.append(
             f"certificate {info.certfile} has no subjectAltName: clients ignore the "
@@ -270,7 +256,7 @@ def certificate_warnings(info: CertificateInfo, host: str) -> list[str]:
     elif not info.covers(host):
         warnings.append(
             f"certificate {info.certfile} does not cover {checked} (it names "
-            f"{', '.join(info.names)}): clients of https://{_url_host(checked)} "
+            f"{', '.join(info.names)}): clients of https://{url_host(checked)} "
             "will reject it"
         )
     left = info.not_after - datetime.now(timezone.utc)
@@ -280,35 +266,6 @@ def certificate_warnings(info: CertificateInfo, host: str) -> list[str]:
             f"(in {max(left.days, 0)} days): renew it"
         )
     return warnings
-
-
-def certificate_covers(names: Sequence[str], host: str) -> bool:
-    """Whether a certificate with these subjectAltNames is valid for ``host``.
-
-    Args:
-        names: DNS names (``*.example.com`` wildcards allowed in the left-most
-            label) and IP addresses from the certificate.
-        host: a host name or IP address; the wildcard listen addresses
-            ``0.0.0.0`` and ``::`` are checked as ``localhost``.
-
-    Returns:
-        True when a verifying client would accept the certificate for ``host``.
-    """
-    target = _client_host(host)
-    try:
-        address = ipaddress.ip_address(target)
-    except ValueError:
-        address = None
-    for name in names:
-        if address is not None:
-            try:
-                if ipaddress.ip_address(name) == address:
-                    return True
-            except ValueError:
-                continue
-        elif _dns_name_matches(name, target):
-            return True
-    return False
 
 
 class CertificateReloader:
@@ -540,35 +497,6 @@ def _key_type(key: _PrivateKey) -> str:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return "Ed25519"
     return "Ed448"
-
-
-def _subject_alt_names(cert: x509.Certificate) -> tuple[str, ...]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return ()
-    dns = [str(name) for name in san.get_values_for_type(x509.DNSName)]
-    ips = [str(address) for address in san.get_values_for_type(x509.IPAddress)]
-    return (*dns, *ips)
-
-
-def _client_host(host: str) -> str:
-    host = host.strip("[]")
-    return "localhost" if host in _WILDCARD_ADDRESSES else host
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _dns_name_matches(pattern: str, host: str) -> bool:
-    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
-    if pattern == host:
-        return True
-    # RFC 6125 6.4.3: a wildcard stands for exactly one whole left-most label.
-    if pattern.startswith("*.") and "." in host:
-        return host.split(".", 1)[1] == pattern[2:] and bool(host.split(".", 1)[0])
-    return False
 
 
 def _when(moment: datetime) -> str:

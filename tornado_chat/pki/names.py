@@ -309,3 +309,51 @@ def subject_alt_names(certificate: x509.Certificate) -> list[x509.GeneralName]:
     except x509.ExtensionNotFound:
         return []
     return list(extension.value)
+
+
+# -- hosts as clients see them -------------------------------------------------
+
+#: Listen addresses that mean "every interface". No certificate can name them
+#: (:func:`parse_name` refuses unspecified addresses), so clients on this
+#: machine reach a server listening there as ``localhost``.
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - compared, not bound
+
+
+def client_host(host: str) -> str:
+    """The host a client connects to for a server listening on ``host``.
+
+    Args:
+        host: a listen address or host name (brackets around IPv6 accepted).
+
+    Returns:
+        ``localhost`` for the wildcard addresses, ``host`` without brackets otherwise.
+    """
+    host = host.strip("[]")
+    return "localhost" if host in WILDCARD_HOSTS else host
+
+
+def url_host(host: str) -> str:
+    """``host`` as it appears in a URL (IPv6 literals in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def covers_host(san: Iterable[x509.GeneralName], host: str) -> bool:
+    """Whether a verifying client of ``host`` accepts a certificate with these entries.
+
+    Args:
+        san: the certificate's subjectAltName entries.
+        host: a host name or IP address; the wildcard listen addresses mean
+            ``localhost`` (see :func:`client_host`).
+
+    Returns:
+        True when a DNS entry matches as RFC 6125 says (see :func:`covers`) or
+        an IP entry equals the address; False for a host that is no valid name.
+    """
+    try:
+        wanted = parse_name(client_host(host))
+    except PKIError:
+        return False
+    # A client connects to a host, never to a wildcard pattern.
+    if isinstance(wanted, x509.DNSName) and wanted.value.startswith("*."):
+        return False
+    return covers(san, wanted)

@@ -197,7 +197,20 @@ def mkcerts_command() -> list[str]:
             scripts = [Path(sysconfig.get_path("scripts", scheme)) for scheme in schemes]
             if any(Path(found).resolve() == (d / MKCERTS).resolve() for d in scripts):
                 return [MKCERTS]
-    return [sys.executable or "python3", "-m", "tornado_chat.pki"]
+    return [_interpreter(), "-m", "tornado_chat.pki"]
+
+
+def _interpreter() -> str:
+    """This interpreter's path, without the ``..`` a relative start leaves in it.
+
+    Started as ``../venv/bin/python``, ``sys.executable`` is ``/cwd/../venv/bin/python``.
+    Only the directory is resolved: a virtualenv's ``python`` is a symlink to
+    the base interpreter, which would run without the virtualenv's packages.
+    """
+    if not sys.executable:
+        return "python3"
+    executable = Path(sys.executable)
+    return str(executable.parent.resolve() / executable.name)
 
 
 def trust_hint(caroot: Path) -> str:

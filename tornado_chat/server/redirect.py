@@ -1,0 +1,78 @@
+"""The plain-HTTP listener: every request is answered with a redirect to HTTPS."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import tornado.httpserver
+import tornado.web
+
+if TYPE_CHECKING:
+    from tornado_chat.server.chat_server import ChatServer
+
+log = logging.getLogger("tornado_chat.server")
+
+# A redirect-only connection has nothing to wait for.
+REDIRECT_IDLE_TIMEOUT = 10.0
+
+
+@tornado.web.stream_request_body
+class RedirectHandler(tornado.web.RequestHandler):
+    """Plain HTTP: answer every request with a redirect to the same path over HTTPS.
+
+    GET and HEAD get 301; other methods get 308 (RFC 7538), which tells the
+    client to repeat the same method and body, where a 301 lets it turn a POST
+    into a GET. The host in the Location comes from the request's ``Host``
+    header only when the served certificate names it (so the redirect cannot
+    send anyone to a host of an attacker's choosing, and lands on a name that
+    verifies); otherwise it is the configured host. HSTS is never sent here:
+    RFC 6797 8.1 forbids it over plain HTTP.
+
+    The body of a request is never read: streaming it (to nowhere) lets the
+    answer go out as soon as the headers are in, where a buffered body over
+    the redirect server's limit of 0 bytes would be a bare 400. Tornado then
+    closes the connection instead of reading the rest.
+    """
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+
+    def initialize(self, server: ChatServer) -> None:
+        """Keep the server to ask for its port and certificate names."""
+        self.server = server
+
+    def prepare(self) -> None:
+        """Redirect before any method handler runs."""
+        path = self.request.path if self.request.path.startswith("/") else "/"
+        if self.request.query:
+            path = f"{path}?{self.request.query}"
+        self.redirect(
+            self.server.https_url(self.server.redirect_host(self.request.host_name), path),
+            status=301 if self.request.method in ("GET", "HEAD") else 308,
+        )
+
+    def data_received(self, chunk: bytes) -> None:
+        """Drop any body: the client sends it again to the HTTPS URL."""
+
+
+def make_redirect_server(server: ChatServer) -> tornado.httpserver.HTTPServer:
+    """The plain-HTTP server that redirects every request to ``server``."""
+    app = tornado.web.Application(
+        [(r".*", RedirectHandler, {"server": server})], log_function=_log_redirect
+    )
+    return tornado.httpserver.HTTPServer(
+        app,
+        max_body_size=0,
+        idle_connection_timeout=REDIRECT_IDLE_TIMEOUT,
+        body_timeout=REDIRECT_IDLE_TIMEOUT,
+    )
+
+
+def _log_redirect(handler: tornado.web.RequestHandler) -> None:
+    # The query is left out: a ?token= sent over plain HTTP must not reach the logs too.
+    log.debug(
+        "redirected %s %s from %s to HTTPS",
+        handler.request.method,
+        handler.request.path,
+        handler.request.remote_ip,
+    )
