@@ -7,6 +7,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -895,35 +896,13 @@ def test_restart_hint_only_after_a_browser_store_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A Java-only install or an uninstall prints no "Restart the browser"; an NSS one does."""
-    # A private JDK layout: the real keytool and a keystore of our own.
+    # A private JDK layout: the real keytool and a copy of its keystore.
+    real_jdk = Path(os.path.realpath("/usr/bin/keytool")).parent.parent
     jdk = tmp_path / "jdk"
     (jdk / "bin").mkdir(parents=True)
     (jdk / "lib" / "security").mkdir(parents=True)
-    (jdk / "bin" / "keytool").symlink_to(Path(os.path.realpath("/usr/bin/keytool")))
-    seed = tmp_path / "seed.pem"
-    seed.write_bytes(
-        LocalCA.create(tmp_path / "seed-ca").certificate.public_bytes(serialization.Encoding.PEM)
-    )
-    cacerts = jdk / "lib" / "security" / "cacerts"
-    subprocess.run(
-        [
-            str(jdk / "bin" / "keytool"),
-            "-importcert",
-            "-noprompt",
-            "-alias",
-            "seed",
-            "-file",
-            str(seed),
-            "-keystore",
-            str(cacerts),
-            "-storepass",
-            "changeit",
-            "-storetype",
-            "PKCS12",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    (jdk / "bin" / "keytool").symlink_to(real_jdk / "bin" / "keytool")
+    shutil.copyfile(real_jdk / "lib" / "security" / "cacerts", jdk / "lib" / "security" / "cacerts")
     monkeypatch.setenv("JAVA_HOME", str(jdk))
     status, out, err = run(capsys, "--caroot", str(caroot), "install", "--store", "java")
     assert status == 0, err
