@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,11 @@ from tornado_chat.config import (
     normalize_origin,
     parse_settings,
     settings_warnings,
+    unknown_env_warnings,
 )
 from tornado_chat.errors import ConfigError
 
+REPO = Path(__file__).resolve().parent.parent
 PG = "postgresql+asyncpg://chat:s3cret@127.0.0.1/chat"
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -378,3 +383,79 @@ def test_main_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     """main(['--help']) prints the help and returns 0."""
     assert main(["--help"]) == 0
     assert "env CHAT_PORT" in capsys.readouterr().out
+
+
+def run_server(
+    args: list[str], cwd: Path, *, blocked: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m tornado_chat ARGS`` in a subprocess, optionally without module ``blocked``.
+
+    ``sys.modules[name] = None`` makes every import of that module raise
+    ModuleNotFoundError, as if its extra had not been installed.
+    """
+    block = f"sys.modules[{blocked!r}] = None; " if blocked else ""
+    launcher = f"import sys; {block}from tornado_chat.__main__ import main; sys.exit(main())"
+    child = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    child["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), child.get("PYTHONPATH")]))
+    child.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", launcher, *args],
+        cwd=cwd,
+        env=child,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_broker_without_redis_installed_names_the_extra(tmp_path: Path) -> None:
+    """--broker redis://... without redis fails at start-up in one line naming the extra."""
+    out = run_server(
+        ["--port", "0", "--data-dir", "data", "--caroot", "certs", "--broker", REDIS],
+        tmp_path,
+        blocked="redis",
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == (
+        "ERROR: --broker redis://... needs the 'redis' package, which is not installed: "
+        "pip install 'tornado-chat[redis]'\n"
+    )
+    assert not (tmp_path / "data").exists()
+
+
+def test_redis_is_imported_only_for_a_broker() -> None:
+    """Parsing settings without --broker never imports redis (the [redis] extra is optional)."""
+    code = (
+        "import sys; sys.modules['redis'] = None; "
+        "from tornado_chat.config import parse_settings; from tornado_chat import app; "
+        "s = parse_settings([], {}); assert type(app.make_broker(s)).__name__ == 'LocalBroker'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+def test_unknown_chat_variables_name_the_closest_one() -> None:
+    """Misspelt CHAT_* variables are warned about with the real name they resemble."""
+    environ = {"CHAT_PROT": "9000", "CHAT_BROKR": REDIS, "CHAT_PORT": "1", "CHAT_XYZZY": "1"}
+    assert unknown_env_warnings(environ) == [
+        "ignoring unknown environment variable CHAT_BROKR: did you mean CHAT_BROKER?",
+        "ignoring unknown environment variable CHAT_PROT: did you mean CHAT_PORT?",
+        "ignoring unknown environment variable CHAT_XYZZY: see --help for the variables",
+    ]
+    settings = parse(**environ)
+    assert settings_warnings(settings, {"PATH": "/bin", **{n: "1" for n in env_names()}}) == []
+
+
+def test_start_up_warns_about_a_misspelt_variable(tmp_path: Path) -> None:
+    """The server's start-up log names an unknown CHAT_* variable and the closest real one."""
+    # A missing --certfile stops start-up right after the warnings are logged.
+    out = run_server(
+        ["--port", "0", "--certfile", "missing.pem", "--keyfile", "missing-key.pem"],
+        tmp_path,
+        CHAT_PROT="9000",
+    )
+    assert out.returncode == 2, out.stderr
+    assert (
+        "WARNING tornado_chat: ignoring unknown environment variable CHAT_PROT: "
+        "did you mean CHAT_PORT?"
+    ) in out.stderr
+    assert out.stderr.splitlines()[-1].startswith("ERROR: ")

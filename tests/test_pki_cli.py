@@ -7,6 +7,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,7 @@ def test_client_password_from_file_and_stdin(
     """--password-file FILE and --password-file - set the bundle password, never echoed."""
     secret = tmp_path / "secret"
     secret.write_text("from-a-file-123\nsecond line ignored\n")
+    secret.chmod(0o600)
     files = ["--cert-file", str(tmp_path / "b.pem"), "--key-file", str(tmp_path / "b.key")]
     status, out, _ = run(
         capsys,
@@ -235,6 +237,7 @@ def test_client_password_from_file_and_stdin(
         "--p12-file",
         str(tmp_path / "c.p12"),
         *files,
+        "--force",
         stdin="from-stdin-456\n",
     )
     assert status == 0
@@ -748,3 +751,180 @@ def test_missing_certutil_names_package_subprocess(tmp_path: Path) -> None:
         "ERROR: certutil not found; install it with: apt-get install libnss3-tools"
     )
     assert result.stderr.count("\n") == 1
+
+
+# -- first-hour paper cuts -------------------------------------------------------------------
+
+
+def test_password_file_readable_by_others_is_refused(
+    caroot: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A group/world-readable --password-file is refused with the exact chmod, like jwt-secret."""
+    secret = tmp_path / "p12-password"
+    secret.write_text("a long enough password\n")
+    secret.chmod(0o644)
+    files = ["--cert-file", str(tmp_path / "m.pem"), "--key-file", str(tmp_path / "m.key")]
+    args = ["--caroot", str(caroot), "client", "mallory", "--password-file", str(secret)]
+    status, out, err = run(capsys, *args, "--p12-file", str(tmp_path / "m.p12"), *files)
+    assert_one_line_error(
+        status,
+        err,
+        f"password file {secret} is accessible by other users (mode 0644);"
+        f" fix it with: chmod 600 {secret}",
+    )
+    assert out == ""
+    assert not (tmp_path / "m.p12").exists()
+    secret.chmod(0o600)
+    status, _, err = run(capsys, *args, "--p12-file", str(tmp_path / "m.p12"), *files)
+    assert status == 0, err
+
+
+def test_client_twice_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    """`mkcerts client NAME` run again keeps the first bundle unless --force (subprocess)."""
+    root = tmp_path / "certs"
+    env = subprocess_env()
+    command = [sys.executable, "-m", "tornado_chat.pki", "--caroot", str(root), "client", "carol"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    bundle = (root / "client-carol.p12").read_bytes()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 1
+    assert again.stderr == (
+        f"ERROR: {root / 'client-carol.pem'}, {root / 'client-carol-key.pem'},"
+        f" {root / 'client-carol.p12'} already exists; a new bundle would make the old one's"
+        " password useless; pass --force to replace it\n"
+    )
+    assert again.stdout == ""
+    assert (root / "client-carol.p12").read_bytes() == bundle
+    forced = subprocess.run(
+        [*command, "--force"], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert (root / "client-carol.p12").read_bytes() != bundle
+
+
+def test_sign_client_refuses_to_overwrite_without_force(
+    caroot: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`sign --client` leaves an existing certificate file alone unless --force."""
+    csr = write_csr(tmp_path / "app.csr", "app")
+    existing = tmp_path / "app.pem"
+    existing.write_text("someone else's certificate\n")
+    status, out, err = run(capsys, "--caroot", str(caroot), "sign", "--client", str(csr))
+    assert_one_line_error(status, err, f"{existing} already exists")
+    assert "pass --force to replace it" in err
+    assert out == ""
+    assert existing.read_text() == "someone else's certificate\n"
+    status, _, err = run(capsys, "--caroot", str(caroot), "sign", "--client", "--force", str(csr))
+    assert status == 0, err
+    assert x509.load_pem_x509_certificate(existing.read_bytes())
+
+
+def test_verify_client_certificate_as_server_says_it_is_a_client_one(
+    caroot: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """verify client.pem --purpose server names the cause: a client certificate."""
+    files = ["--cert-file", str(tmp_path / "d.pem"), "--key-file", str(tmp_path / "d.key")]
+    args = ["--caroot", str(caroot), "client", "dave", "--p12-file", str(tmp_path / "d.p12")]
+    status, _, err = run(capsys, *args, *files)
+    assert status == 0, err
+    status, out, err = run(
+        capsys, "--caroot", str(caroot), "verify", str(tmp_path / "d.pem"), "--purpose", "server"
+    )
+    assert_one_line_error(status, err, f"{tmp_path / 'd.pem'} is a client certificate")
+    assert "--purpose client" in err
+    assert "no DNS name" not in err
+    status, out, err = run(
+        capsys, "--caroot", str(caroot), "verify", str(tmp_path / "d.pem"), "--purpose", "client"
+    )
+    assert status == 0, err
+    assert out.startswith("OK: ")
+
+
+def test_status_elsewhere_names_the_absolute_directory_and_caroot(tmp_path: Path) -> None:
+    """`mkcerts status` run where there is no CA names the directory searched and --caroot."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "tornado_chat.pki", "status"],
+        env=subprocess_env(HOME=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"ERROR: no CA in {elsewhere / 'certs'} (ca.pem is missing): give the CA root with"
+        " --caroot DIR or $CHAT_CAROOT, or create one with the 'ca' command\n"
+    )
+    assert not (elsewhere / "certs").exists()
+
+
+def test_install_all_skips_stores_whose_tools_are_missing(tmp_path: Path) -> None:
+    """install --store all with certutil, keytool and update-ca-certificates off PATH skips them."""
+    root = tmp_path / "certs"
+    LocalCA.create(root)
+    env = subprocess_env(PATH=str(Path(sys.executable).parent), HOME=str(tmp_path))
+    env.pop("JAVA_HOME", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tornado_chat.pki",
+            "--caroot",
+            str(root),
+            "install",
+            "--store",
+            "all",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("skipped ")]
+    assert any("certutil not found" in line for line in skipped), result.stdout
+    assert len(skipped) == 3, result.stdout
+    assert "Restart the browser" not in result.stdout
+
+
+def test_restart_hint_only_after_a_browser_store_install(
+    caroot: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Java-only install or an uninstall prints no "Restart the browser"; an NSS one does."""
+    # A private JDK layout: the real keytool and a copy of its keystore.
+    real_jdk = Path(os.path.realpath("/usr/bin/keytool")).parent.parent
+    jdk = tmp_path / "jdk"
+    (jdk / "bin").mkdir(parents=True)
+    (jdk / "lib" / "security").mkdir(parents=True)
+    (jdk / "bin" / "keytool").symlink_to(real_jdk / "bin" / "keytool")
+    shutil.copyfile(real_jdk / "lib" / "security" / "cacerts", jdk / "lib" / "security" / "cacerts")
+    monkeypatch.setenv("JAVA_HOME", str(jdk))
+    status, out, err = run(capsys, "--caroot", str(caroot), "install", "--store", "java")
+    assert status == 0, err
+    assert "installed" in out
+    assert "Restart the browser" not in out
+    db = tmp_path / "nssdb"
+    status, out, err = run(capsys, "--caroot", str(caroot), "install", "--nss-db", str(db))
+    assert status == 0, err
+    assert "Restart the browser" in out
+    status, out, err = run(capsys, "--caroot", str(caroot), "uninstall", "--nss-db", str(db))
+    assert status == 0, err
+    assert "Restart the browser" not in out
+
+
+def test_issue_report_counts_the_default_365_days(
+    caroot: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A default server certificate is reported as valid for 365 days, as asked, not 364."""
+    files = ["--cert-file", str(tmp_path / "s.pem"), "--key-file", str(tmp_path / "s.key")]
+    status, out, err = run(capsys, "--caroot", str(caroot), "server", "localhost", *files)
+    assert status == 0, err
+    assert "(365 days):" in out
+    status, out, err = run(capsys, "--caroot", str(caroot), "verify", str(tmp_path / "s.pem"))
+    assert status == 0, err
+    assert "(365 days left)" in out

@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help and --version print and exit 0
         return exc.code if isinstance(exc.code, int) else 0
     configure_logging(settings.log_level)
-    for warning in settings_warnings(settings):
+    for warning in settings_warnings(settings, os.environ):
         log.warning("%s", warning)
     from tornado_chat.server import run
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import importlib.util
 import ipaddress
 import math
 import re
@@ -757,18 +759,73 @@ def validate_settings(settings: Settings) -> None:
         )
     if settings.log_level not in _LOG_LEVELS:
         raise ConfigError(f"--log-level {settings.log_level!r} is not one of {_LOG_LEVELS}")
+    if settings.broker:
+        # redis is the [redis] extra; the broker module imports it only when used.
+        require_extra("redis", "redis", "--broker redis://...")
 
 
-def settings_warnings(settings: Settings) -> list[str]:
+def require_extra(module: str, extra: str, needed_by: str) -> None:
+    """Refuse an option whose optional dependency is not installed.
+
+    The check runs before anything is imported, so the error is one line that
+    names the pip extra instead of a ``ModuleNotFoundError`` from deep inside.
+
+    Args:
+        module: the top-level module the option imports (``redis``).
+        extra: the extra of this package that installs it (``redis``).
+        needed_by: what needs it, as the user wrote it (``--broker redis://...``).
+
+    Raises:
+        ConfigError: ``module`` cannot be imported.
+    """
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(
+            f"{needed_by} needs the {module!r} package, which is not installed: "
+            f"pip install 'tornado-chat[{extra}]'"
+        )
+
+
+def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
+    """One line for each ``CHAT_*`` variable the server does not read.
+
+    A misspelt variable (``CHAT_PROT``) would otherwise be ignored without a
+    word while the server runs on the default it was meant to change.
+
+    Args:
+        environ: the environment the settings were read from.
+
+    Returns:
+        Warning lines naming each unknown variable and the closest real one.
+    """
+    known = env_names()
+    # Compared without the shared CHAT_ prefix, which would make every name look close.
+    suffixes = [name.removeprefix("CHAT_") for name in known]
+    warnings: list[str] = []
+    for name in sorted(environ):
+        if not name.startswith("CHAT_") or name in known:
+            continue
+        close = difflib.get_close_matches(name.removeprefix("CHAT_"), suffixes, n=1)
+        hint = f"did you mean CHAT_{close[0]}?" if close else "see --help for the variables"
+        warnings.append(f"ignoring unknown environment variable {name}: {hint}")
+    return warnings
+
+
+def settings_warnings(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str]:
     """Settings that work but deserve a warning at start-up, one line each.
 
     Args:
         settings: validated settings.
+        environ: the environment they were read from, to point out misspelt
+            ``CHAT_*`` variables (None skips that check).
 
     Returns:
         Warning lines, empty when there is nothing to say.
     """
-    warnings: list[str] = []
+    warnings: list[str] = unknown_env_warnings(environ) if environ is not None else []
     if settings.bcrypt_rounds < 10:
         warnings.append(
             f"--bcrypt-rounds {settings.bcrypt_rounds} is below 10: password hashes "

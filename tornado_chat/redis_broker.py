@@ -475,6 +475,8 @@ class RedisBroker(Broker):
             # A refused command (an ACL without +time, say) is not a network
             # problem: say which it is.
             what = "is unreachable" if _is_network(exc) else "refused a command"
+            if isinstance(exc, aioredis.AuthenticationError):  # a ConnectionError subclass
+                what = "refused the password (check the URL's user and password)"
             raise ChatError(f"the broker at {display} {what}: {_describe(exc)}") from None
         loop = asyncio.get_running_loop()
         for coro in (self._listen(), self._send_loop(), self._sub_loop(), self._beat_loop()):

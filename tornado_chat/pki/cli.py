@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO, cast
 
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
 from tornado_chat.errors import ChatError, PKIError
 from tornado_chat.pki.ca import (
     APPLE_MAX_DAYS,
@@ -29,9 +31,11 @@ from tornado_chat.pki.ca import (
     SERVER_KEY_FILE,
     IssuedCertificate,
     LocalCA,
+    client_file_stem,
+    extended_key_usages,
     utcnow,
 )
-from tornado_chat.pki.files import os_reason, read_bytes
+from tornado_chat.pki.files import file_mode, os_reason, read_bytes
 from tornado_chat.pki.keys import (
     CA_KEY_TYPES,
     DEFAULT_KEY_TYPE,
@@ -45,13 +49,13 @@ from tornado_chat.pki.truststore import (
     STORE_KINDS,
     StoreKind,
     TrustAnchor,
-    TrustState,
     find_trust_stores,
 )
 from tornado_chat.pki.truststore_nss import CERTUTIL_INSTALLERS, NSSTrustStore
 from tornado_chat.pki.verify import (
     check_key_matches,
     check_trust_anchors,
+    days_until,
     describe_certificate,
     load_certificates,
     verify_certificate,
@@ -93,10 +97,6 @@ class _Console:
 
 def _date(moment: datetime.datetime) -> str:
     return f"{moment:%Y-%m-%d}"
-
-
-def _days_left(moment: datetime.datetime) -> int:
-    return (moment - utcnow()).days
 
 
 def build_parser(default_caroot: str = DEFAULT_CAROOT) -> argparse.ArgumentParser:
@@ -245,7 +245,10 @@ def build_parser(default_caroot: str = DEFAULT_CAROOT) -> argparse.ArgumentParse
     client.add_argument(
         "--force",
         action="store_true",
-        help=f"allow a validity above {APPLE_MAX_DAYS} days (default: refuse)",
+        help=(
+            f"replace existing files and allow a validity above {APPLE_MAX_DAYS} days"
+            " (default: refuse both)"
+        ),
     )
 
     sign = commands.add_parser(
@@ -279,7 +282,10 @@ def build_parser(default_caroot: str = DEFAULT_CAROOT) -> argparse.ArgumentParse
     sign.add_argument(
         "--force",
         action="store_true",
-        help=f"allow a validity above {APPLE_MAX_DAYS} days (default: refuse)",
+        help=(
+            f"allow a validity above {APPLE_MAX_DAYS} days and, with --client, replace an"
+            " existing certificate file (default: refuse both)"
+        ),
     )
 
     store_help = (
@@ -388,7 +394,7 @@ def _report_issued(console: _Console, issued: IssuedCertificate, what: str) -> N
         console.warn(warning)
     expiry = issued.not_after
     console.say(
-        f"Issued a {what} certificate, valid until {_date(expiry)} ({_days_left(expiry)} days):"
+        f"Issued a {what} certificate, valid until {_date(expiry)} ({days_until(expiry)} days):"
     )
     if issued.names:
         console.say(f"  names: {', '.join(issued.names)}")
@@ -399,6 +405,25 @@ def _report_issued(console: _Console, issued: IssuedCertificate, what: str) -> N
         console.say(f"  {issued.p12_path}  PKCS#12 bundle (0600, AES-256, PBKDF2)")
     if issued.password_generated:
         console.say(f"  PKCS#12 password (shown only this once): {issued.p12_password}")
+
+
+def _load_ca(caroot: Path, *, require_key: bool = True) -> LocalCA:
+    """The existing CA; a missing one names the absolute directory searched and --caroot."""
+    if not (caroot / CA_CERT_FILE).exists():
+        # Run from another directory, the relative default finds nothing: point to
+        # --caroot before suggesting a second CA.
+        raise PKIError(
+            f"no CA in {caroot.absolute()} ({CA_CERT_FILE} is missing): give the CA root with"
+            f" --caroot DIR or ${CAROOT_ENV}, or create one with the 'ca' command"
+        )
+    return LocalCA.load(caroot, require_key=require_key)
+
+
+def _refuse_overwrite(paths: Sequence[Path], force: bool, why: str) -> None:
+    """Refuse to replace any of ``paths`` unless ``force``."""
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not force:
+        raise PKIError(f"{', '.join(existing)} already exists; {why}; pass --force to replace it")
 
 
 def _load_or_create(console: _Console, caroot: Path) -> LocalCA:
@@ -437,7 +462,15 @@ def _read_password(source: str, stdin: TextIO) -> str:
     if source == "-":
         line = stdin.readline()
     else:
-        line = read_bytes(Path(source), "password file").decode("utf-8", "replace")
+        path = Path(source)
+        mode = file_mode(path) if path.exists() else 0
+        if os.name == "posix" and mode & 0o077:
+            # The same rule as the JWT key file: a secret others can read is no secret.
+            raise PKIError(
+                f"password file {path} is accessible by other users (mode {mode:04o});"
+                f" fix it with: chmod 600 {path}"
+            )
+        line = read_bytes(path, "password file").decode("utf-8", "replace")
         line = line.splitlines()[0] if line else ""
     password = line.rstrip("\r\n")
     if not password:
@@ -446,8 +479,19 @@ def _read_password(source: str, stdin: TextIO) -> str:
 
 
 def _cmd_client(args: argparse.Namespace, console: _Console, stdin: TextIO) -> int:
+    caroot = Path(args.caroot)
+    stem = client_file_stem(args.name)
+    _refuse_overwrite(
+        [
+            args.cert_file or caroot / f"{stem}.pem",
+            args.key_file or caroot / f"{stem}-key.pem",
+            args.p12_file or caroot / f"{stem}.p12",
+        ],
+        args.force,
+        "a new bundle would make the old one's password useless",
+    )
     password = _read_password(args.password_file, stdin) if args.password_file else None
-    ca = _load_or_create(console, Path(args.caroot))
+    ca = _load_or_create(console, caroot)
     issued = ca.issue_client(
         args.name,
         days=args.days,
@@ -464,13 +508,16 @@ def _cmd_client(args: argparse.Namespace, console: _Console, stdin: TextIO) -> i
 
 def _cmd_sign(args: argparse.Namespace, console: _Console) -> int:
     csr_path: Path = args.csr or args.csr_option
+    cert_path: Path = args.cert_file or csr_path.with_suffix(".pem")
+    if args.client:
+        _refuse_overwrite([cert_path], args.force, "it may be another client's certificate")
     data = read_bytes(csr_path, "certificate signing request")
-    ca = LocalCA.load(Path(args.caroot))
+    ca = _load_ca(Path(args.caroot))
     _report_ca(console, ca)
     try:
         issued = ca.sign_csr(
             data,
-            args.cert_file or csr_path.with_suffix(".pem"),
+            cert_path,
             profile="client" if args.client else "server",
             days=args.days,
             force=args.force,
@@ -490,7 +537,7 @@ def _store_kinds(args: argparse.Namespace) -> tuple[list[StoreKind], bool]:
 
 
 def _cmd_trust(args: argparse.Namespace, console: _Console, environ: Mapping[str, str]) -> int:
-    ca = LocalCA.load(Path(args.caroot), require_key=False)
+    ca = _load_ca(Path(args.caroot), require_key=False)
     anchor = TrustAnchor.from_ca(ca)
     kinds, skip_unavailable = _store_kinds(args)
     if args.nss_db and "nss" not in kinds:
@@ -507,9 +554,12 @@ def _cmd_trust(args: argparse.Namespace, console: _Console, environ: Mapping[str
         for store in stores:
             console.say(f"  {store.status(anchor).line()}")
         return 0
-    if any(isinstance(store, NSSTrustStore) and store.certutil is None for store in stores):
+    if not skip_unavailable and any(
+        isinstance(store, NSSTrustStore) and store.certutil is None for store in stores
+    ):
         raise PKIError(f"certutil not found; install it with: {' or '.join(CERTUTIL_INSTALLERS)}")
     failures = 0
+    browser_changed = False
     for store in stores:
         reason = store.unavailable_reason()
         if reason is not None:
@@ -522,14 +572,14 @@ def _cmd_trust(args: argparse.Namespace, console: _Console, environ: Mapping[str
         try:
             if args.command == "install":
                 console.say(store.install(anchor))
+                # Browsers read NSS databases at start; Java and system stores need no restart.
+                browser_changed = browser_changed or store.kind == "nss"
             else:
                 console.say(store.uninstall(anchor))
         except PKIError as exc:
             console.error(str(exc))
             failures += 1
-    if args.command == "install" and any(
-        store.status(anchor).state is TrustState.INSTALLED for store in stores
-    ):
+    if browser_changed:
         console.say("Restart the browser to pick up the change.")
     return 1 if failures else 0
 
@@ -557,6 +607,12 @@ def _cmd_verify(args: argparse.Namespace, console: _Console) -> int:
     cert_path: Path = args.cert
     ca_path: Path = args.ca or Path(args.caroot) / CA_CERT_FILE
     certificates = load_certificates(cert_path)
+    usages = set(extended_key_usages(certificates[0]))
+    if args.purpose == "server" and usages == {ExtendedKeyUsageOID.CLIENT_AUTH}:
+        raise PKIError(
+            f"{cert_path} is a client certificate (its extended key usage allows only TLS client"
+            " authentication), so no server can use it; verify it with --purpose client"
+        )
     trusted = load_certificates(ca_path, "CA certificate")
     try:
         check_trust_anchors(trusted)
@@ -579,7 +635,7 @@ def _cmd_verify(args: argparse.Namespace, console: _Console) -> int:
     target = f" for {args.hostname}" if args.hostname else ""
     console.say(
         f"OK: {cert_path} is valid{target}, issued by {ca_path}, expires {_date(expiry)}"
-        f" ({_days_left(expiry)} days left)"
+        f" ({days_until(expiry)} days left)"
     )
     if args.key is not None:
         key = load_private_key(args.key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,8 +78,8 @@ class CertificateInfo:
     permitted: tuple[str, ...]
 
     def days_left(self, now: datetime.datetime | None = None) -> int:
-        """Whole days until expiry (negative once expired)."""
-        return (self.not_after - (now or utcnow())).days
+        """Days until expiry, a started day counting as one (negative once expired)."""
+        return days_until(self.not_after, now)
 
     def lines(self, now: datetime.datetime | None = None) -> list[str]:
         """The information as ``label: value`` lines for a terminal."""
@@ -179,6 +180,16 @@ def _subject(hostname: str) -> verification.Subject:
         return x509.DNSName(text.rstrip(".").lower())
     except ValueError:
         raise PKIError(f"invalid hostname {hostname!r}") from None
+
+
+def days_until(moment: datetime.datetime, now: datetime.datetime | None = None) -> int:
+    """Days from ``now`` until ``moment``, a started day counting as a whole one.
+
+    Leaves start an hour in the past (``ca.BACKDATE``), so a fresh 365-day
+    certificate has 364 days and 23 hours left: that reads as 365, not 364.
+    """
+    seconds = (moment - (now or utcnow())).total_seconds()
+    return math.ceil(seconds / 86400)
 
 
 def _purpose(certificate: x509.Certificate, purpose: Purpose) -> Literal["server", "client"]:
