@@ -38,8 +38,8 @@ from tornado_chat.storage import (
     Storage,
     StoredMessage,
     TicketGrant,
-    metadata,
 )
+from tornado_chat.storage.schema import metadata
 
 REPO = Path(__file__).resolve().parent.parent
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")

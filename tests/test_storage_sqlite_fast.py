@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from tornado_chat.errors import StorageError
-from tornado_chat.storage import Storage, _install_sqlite_pragmas
+from tornado_chat.storage import Storage
+from tornado_chat.storage.alchemy import AlchemyQueries
+from tornado_chat.storage.sqlite_fast import SqliteQueries
 
 
 @pytest.fixture
@@ -24,9 +25,7 @@ async def both(tmp_path: Path) -> AsyncIterator[tuple[Storage, Storage]]:
     """A fast-path Storage and a SQLAlchemy-only Storage on one SQLite file."""
     url = f"sqlite+aiosqlite:///{tmp_path}/chat.db"
     fast = await Storage.open(url)
-    engine = create_async_engine(url)
-    _install_sqlite_pragmas(engine)
-    slow = Storage(engine)
+    slow = await Storage.open(url, fast_path=False)
     yield fast, slow
     await fast.close()
     await slow.close()
@@ -39,7 +38,7 @@ def _fast_threads() -> set[str]:
 async def test_fast_path_is_taken_and_threads_stop_on_close(tmp_path: Path) -> None:
     """A file database stores through the writer thread; close() ends both threads."""
     storage = await Storage.open(f"sqlite+aiosqlite:///{tmp_path}/chat.db")
-    assert storage._fast_writer is not None and storage._fast_reader is not None
+    assert isinstance(storage._queries, SqliteQueries)
     uid = (await storage.create_user("alice", b"$2b$04$hash")).id
     await storage.append_message("r", uid, "alice", "hi", None)
     assert await storage.last_seq("r") == 1
@@ -58,7 +57,7 @@ async def test_in_memory_database_keeps_the_sqlalchemy_path() -> None:
     """:memory: has one shared connection, so no thread of its own can see it."""
     storage = await Storage.open("sqlite+aiosqlite://")
     try:
-        assert storage._fast_writer is None
+        assert type(storage._queries) is AlchemyQueries
         uid = (await storage.create_user("alice", b"$2b$04$hash")).id
         assert (await storage.append_message("r", uid, "alice", "hi", None)).seq == 1
     finally:
@@ -125,8 +124,8 @@ async def test_fast_path_failure_is_storage_error(tmp_path: Path) -> None:
     storage = await Storage.open(f"sqlite+aiosqlite:///{path}")
     try:
         uid = (await storage.create_user("alice", b"$2b$04$hash")).id
-        assert storage._fast_writer is not None
-        await storage._fast_writer.run(lambda db: db.execute("DROP TABLE messages"))
+        assert isinstance(storage._queries, SqliteQueries)
+        await storage._queries._writer.run(lambda db: db.execute("DROP TABLE messages"))
         with pytest.raises(StorageError, match=r"append_messages.*no such table") as caught:
             await storage.append_message("r", uid, "alice", "hi", None)
         assert "\n" not in str(caught.value)
