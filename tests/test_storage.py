@@ -26,13 +26,14 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.netfault import TcpRelay, free_port, fresh_pg_database, pg_port, with_port
+from tests.test_server import ChatProcess, assert_one_error_line, child_env
 from tornado_chat.errors import StorageError
 from tornado_chat.storage import DEFAULT_DB_TIMEOUT, Storage
-from tornado_chat.storage.engine import MIGRATIONS_DIR
+from tornado_chat.storage.engine import MIGRATIONS_DIR, POSTGRES_EXTRA
 from tornado_chat.storage.schema import metadata
 
 REPO = Path(__file__).resolve().parent.parent
@@ -236,6 +237,96 @@ async def test_acknowledged_message_survives_kill_9(db_url: str) -> None:
         assert [m.body for m in await s.messages("durable")] == ["survives"]
     finally:
         await s.close()
+
+
+# -- start-up: the URL forms, the driver, the location --------------------------------
+
+# Runs the server as ``python -m tornado_chat`` would, in an interpreter where
+# asyncpg cannot be imported (what an install without the postgres extra sees).
+WITHOUT_ASYNCPG = (
+    "import sys; sys.modules['asyncpg'] = None; "
+    "from tornado_chat.__main__ import main; sys.exit(main())"
+)
+
+
+async def test_open_without_asyncpg_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without asyncpg, opening a PostgreSQL URL is one StorageError naming the extra."""
+    monkeypatch.setitem(sys.modules, "asyncpg", None)
+    with pytest.raises(StorageError) as caught:
+        await Storage.open(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/test")
+    assert str(caught.value) == (
+        "PostgreSQL needs the asyncpg driver, which is not installed: "
+        "pip install 'tornado-chat[postgres]'"
+    )
+    assert POSTGRES_EXTRA in str(caught.value)
+
+
+def test_server_without_asyncpg_fails_in_one_line_naming_the_extra(tmp_path: Path) -> None:
+    """``--db postgresql+asyncpg://`` without asyncpg installed: one ERROR line, exit 1."""
+    result = subprocess.run(
+        [
+            *(sys.executable, "-c", WITHOUT_ASYNCPG),
+            *("--port", "0", "--data-dir", str(tmp_path / "data")),
+            *("--db", f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/test"),
+        ],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert_one_error_line(
+        result.stderr,
+        "PostgreSQL needs the asyncpg driver, which is not installed: "
+        "pip install 'tornado-chat[postgres]'",
+    )
+    assert result.returncode == 1
+
+
+def test_server_logs_the_absolute_path_of_a_relative_sqlite_url(tmp_path: Path) -> None:
+    """``--db sqlite:///rel/chat.db`` runs on aiosqlite and says where the file is (absolute)."""
+    process = ChatProcess(
+        ["--port", "0", "--data-dir", str(tmp_path / "data"), "--db", "sqlite:///rel/chat.db"],
+        tmp_path,
+    ).start()
+    try:
+        process.ports()
+        line = process.wait_for(r"database: .*").group(0)
+        assert line == f"database: SQLite file {tmp_path / 'rel' / 'chat.db'}"
+        assert (tmp_path / "rel" / "chat.db").is_file()
+    finally:
+        process.stop()
+    assert "Traceback" not in process.stderr
+
+
+@pytest.mark.postgres
+async def test_server_accepts_a_bare_postgresql_url_and_logs_no_credentials(
+    tmp_path: Path,
+) -> None:
+    """``--db postgresql://user:pw@...`` runs on asyncpg; the log names host and database only."""
+    async with fresh_pg_database() as url:
+        parsed = make_url(url)
+        bare = parsed.set(drivername="postgresql", password="not-logged-s3cret")
+        process = ChatProcess(
+            [
+                *("--port", "0", "--data-dir", str(tmp_path / "data")),
+                *("--db", bare.render_as_string(hide_password=False)),
+            ],
+            tmp_path,
+        ).start()
+        try:
+            await asyncio.to_thread(process.ports)
+            line = (await process.wait_for_async(r"database: .*")).group(0)
+            port = parsed.port or 5432
+            assert (
+                line == f"database: PostgreSQL database {parsed.database} on {parsed.host}:{port}"
+            )
+        finally:
+            await asyncio.to_thread(process.stop)
+        assert "not-logged-s3cret" not in process.stderr
+        assert f"{parsed.username}@" not in process.stderr
+        assert "Traceback" not in process.stderr
 
 
 # -- failures ----------------------------------------------------------------------------
