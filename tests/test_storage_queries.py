@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.netfault import fresh_pg_database
-from tornado_chat.errors import StorageError, UsernameTaken
+from tornado_chat.errors import StorageError, TooManyRequests, UsernameTaken
 from tornado_chat.storage import (
     RotateOutcome,
     RotateResult,
@@ -32,6 +32,7 @@ from tornado_chat.storage import (
     TicketGrant,
 )
 from tornado_chat.storage.alchemy import AlchemyQueries
+from tornado_chat.storage.facade import MAX_OUTSTANDING_TICKETS
 from tornado_chat.storage.sqlite_fast import SqliteQueries
 
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -78,6 +79,16 @@ async def storage(backend: Backend) -> AsyncIterator[Storage]:
     s = await backend.open()
     yield s
     await s.close()
+
+
+@pytest.fixture
+async def two_nodes(backend: Backend) -> AsyncIterator[tuple[Storage, Storage]]:
+    """Two Storages (two engines, like two nodes) on one database."""
+    s1 = await backend.open()
+    s2 = await backend.open()
+    yield s1, s2
+    await s1.close()
+    await s2.close()
 
 
 async def _user(storage: Storage, name: str = "alice") -> int:
@@ -219,27 +230,24 @@ async def test_rotate_race_exactly_one_wins(storage: Storage) -> None:
 # -- tickets ---------------------------------------------------------------------------
 
 
-async def test_ticket_consumed_exactly_once_under_race(backend: Backend) -> None:
+async def test_ticket_consumed_exactly_once_under_race(
+    two_nodes: tuple[Storage, Storage],
+) -> None:
     """Two consumers (on two engines, like two nodes) race for one ticket: one wins."""
-    s1 = await backend.open()
-    s2 = await backend.open()
-    try:
-        now = time.time()
-        uid = await _user(s1)
-        sid = await s1.create_session(uid, now + HOUR)
-        for i in range(5):
-            ticket = bytes([i]) * 32
-            await s1.add_ticket(ticket, uid, sid, now + 600, now + 30)
-            results = await asyncio.gather(
-                s1.consume_ticket(ticket, now),
-                s2.consume_ticket(ticket, now),
-                s1.consume_ticket(ticket, now),
-            )
-            grants = [r for r in results if r is not None]
-            assert grants == [TicketGrant(uid, "alice", sid, now + 600)]
-    finally:
-        await s1.close()
-        await s2.close()
+    s1, s2 = two_nodes
+    now = time.time()
+    uid = await _user(s1)
+    sid = await s1.create_session(uid, now + HOUR)
+    for i in range(5):
+        ticket = bytes([i]) * 32
+        await s1.add_ticket(ticket, uid, sid, now + 600, now + 30)
+        results = await asyncio.gather(
+            s1.consume_ticket(ticket, now),
+            s2.consume_ticket(ticket, now),
+            s1.consume_ticket(ticket, now),
+        )
+        grants = [r for r in results if r is not None]
+        assert grants == [TicketGrant(uid, "alice", sid, now + 600)]
 
 
 async def test_ticket_expired_or_session_revoked(storage: Storage) -> None:
@@ -253,6 +261,65 @@ async def test_ticket_expired_or_session_revoked(storage: Storage) -> None:
     await storage.revoke_session(sid, now)
     assert await storage.consume_ticket(b"y" * 32, now) is None
     assert await storage.consume_ticket(b"never issued".ljust(32), now) is None
+
+
+def _ticket(n: int) -> bytes:
+    return n.to_bytes(32, "big")
+
+
+async def test_outstanding_tickets_are_capped_per_user(storage: Storage) -> None:
+    """A user holding the most unused, unexpired tickets gets too_many_tickets; others do not."""
+    now = time.time()
+    uid = await _user(storage)
+    other = await _user(storage, "bob")
+    sid = await storage.create_session(uid, now + HOUR)
+    other_sid = await storage.create_session(other, now + HOUR)
+    for n in range(MAX_OUTSTANDING_TICKETS):
+        await storage.add_ticket(_ticket(n), uid, sid, now + 600, now + 30)
+    with pytest.raises(TooManyRequests) as caught:
+        await storage.add_ticket(_ticket(1000), uid, sid, now + 600, now + 30)
+    assert (caught.value.status, caught.value.code) == (429, "too_many_tickets")
+    assert 1 <= caught.value.retry_after <= 30
+    assert caught.value.headers() == {"Retry-After": str(caught.value.retry_after)}
+    # The refused ticket was not stored; another user is not limited by this one.
+    assert await storage.consume_ticket(_ticket(1000), now) is None
+    await storage.add_ticket(_ticket(2000), other, other_sid, now + 600, now + 30)
+    # A used ticket frees its slot.
+    assert await storage.consume_ticket(_ticket(0), now) is not None
+    await storage.add_ticket(_ticket(1001), uid, sid, now + 600, now + 30)
+    with pytest.raises(TooManyRequests):
+        await storage.add_ticket(_ticket(1002), uid, sid, now + 600, now + 30)
+
+
+async def test_expired_tickets_do_not_count_against_the_cap(storage: Storage) -> None:
+    """Tickets past their expiry hold no slot, even before they are purged."""
+    now = time.time()
+    uid = await _user(storage)
+    sid = await storage.create_session(uid, now + HOUR)
+    for n in range(MAX_OUTSTANDING_TICKETS):
+        await storage.add_ticket(_ticket(n), uid, sid, now + 600, now - 1)
+    await storage.add_ticket(_ticket(1000), uid, sid, now + 600, now + 30)
+    assert await storage.consume_ticket(_ticket(1000), now) is not None
+
+
+async def test_concurrent_ticket_mints_never_pass_the_cap(
+    two_nodes: tuple[Storage, Storage],
+) -> None:
+    """Mints for one user racing on two engines (two nodes): exactly the cap gets through."""
+    s1, s2 = two_nodes
+    uid = await _user(s1)
+    now = time.time()
+    sid = await s1.create_session(uid, now + HOUR)
+    results = await asyncio.gather(
+        *(
+            (s1 if n % 2 else s2).add_ticket(_ticket(n), uid, sid, now + 600, now + 30)
+            for n in range(2 * MAX_OUTSTANDING_TICKETS)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, TooManyRequests) for r in refused), refused
+    assert len(results) - len(refused) == MAX_OUTSTANDING_TICKETS
 
 
 # -- messages --------------------------------------------------------------------------

@@ -30,7 +30,11 @@ from tornado_chat.storage.records import (
 )
 from tornado_chat.storage.schema import messages, refresh_tokens, rooms, sessions, tickets, users
 
-__all__ = ["AlchemyQueries"]
+__all__ = ["PURGE_LOCK_ID", "AlchemyQueries"]
+
+#: The PostgreSQL advisory lock held by the node purging expired rows (an
+#: arbitrary constant, next to the migrations' one in engine.py).
+PURGE_LOCK_ID = 0x7C4A7_0002
 
 
 class AlchemyQueries:
@@ -253,9 +257,31 @@ class AlchemyQueries:
         session_id: str,
         access_expires_at: float,
         expires_at: float,
-    ) -> None:
-        """Store the hash of a one-time ws ticket bound to a user and session."""
+        now: float,
+        limit: int,
+    ) -> float | None:
+        """Store a ticket unless the user already holds ``limit`` outstanding ones.
+
+        Returns:
+            None when stored; else when the user's oldest outstanding ticket
+            expires (a slot frees then at the latest).
+        """
         async with self._write() as conn:
+            # The user's row lock makes concurrent mints for one user (on any
+            # node) count one after another, so the cap is exact; SQLite's
+            # BEGIN IMMEDIATE already serialises them (no FOR UPDATE there).
+            await conn.execute(sa.select(users.c.id).where(users.c.id == user_id).with_for_update())
+            held, oldest = (
+                await conn.execute(
+                    sa.select(sa.func.count(), sa.func.min(tickets.c.expires_at)).where(
+                        tickets.c.user_id == user_id,
+                        tickets.c.used_at.is_(None),
+                        tickets.c.expires_at > now,
+                    )
+                )
+            ).one()
+            if int(held) >= limit:
+                return float(oldest)
             await conn.execute(
                 tickets.insert().values(
                     ticket_hash=ticket_hash,
@@ -265,6 +291,7 @@ class AlchemyQueries:
                     expires_at=expires_at,
                 )
             )
+        return None
 
     async def consume_ticket(self, ticket_hash: bytes, now: float) -> TicketGrant | None:
         """Use a ticket once: the conditional UPDATE lets exactly one caller win."""
@@ -408,10 +435,20 @@ class AlchemyQueries:
 
     # -- housekeeping -----------------------------------------------------------
 
-    async def purge_expired(self, now: float) -> int:
-        """Delete dead sessions, expired refresh tokens and spent tickets; rows removed."""
+    async def purge_expired(self, now: float) -> int | None:
+        """Delete dead sessions, expired refresh tokens and spent tickets; rows removed.
+
+        None when another node is purging right now (PostgreSQL): one node at
+        a time is enough, and two would only wait for each other's row locks.
+        """
         removed = 0
         async with self._write() as conn:
+            if self._engine.dialect.name == "postgresql":
+                taken = await conn.scalar(
+                    sa.select(sa.func.pg_try_advisory_xact_lock(PURGE_LOCK_ID))
+                )
+                if not taken:
+                    return None
             for stmt in (
                 tickets.delete().where(
                     sa.or_(tickets.c.expires_at <= now, tickets.c.used_at.is_not(None))

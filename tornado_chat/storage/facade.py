@@ -17,9 +17,11 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tornado_chat.errors import TooManyRequests
 from tornado_chat.storage.alchemy import AlchemyQueries
 from tornado_chat.storage.engine import DEFAULT_DB_TIMEOUT, Database, open_database
 from tornado_chat.storage.failures import translate, within
+from tornado_chat.storage.housekeeping import Housekeeping
 from tornado_chat.storage.queries import Queries
 from tornado_chat.storage.records import (
     MessageItem,
@@ -31,7 +33,7 @@ from tornado_chat.storage.records import (
 )
 from tornado_chat.storage.sqlite_fast import SqliteQueries
 
-__all__ = ["MAX_PAGE_SIZE", "PING_TIMEOUT", "Storage"]
+__all__ = ["MAX_OUTSTANDING_TICKETS", "MAX_PAGE_SIZE", "PING_TIMEOUT", "Storage"]
 
 log = logging.getLogger("tornado_chat.storage")
 
@@ -40,6 +42,12 @@ _T = TypeVar("_T")
 #: The largest page :meth:`Storage.messages` returns, whatever ``limit`` asks for:
 #: one request must not be able to make the database read a whole room.
 MAX_PAGE_SIZE = 1000
+
+#: Unused, unexpired ws tickets one user may hold: more than the sockets a
+#: user may have open (``--max-sockets-per-user``, 20 by default), since each
+#: ticket opens one socket within 30 s; without a cap one connection could
+#: fill the table as fast as it can ask.
+MAX_OUTSTANDING_TICKETS = 32
 
 # How long ping() waits before declaring the database unreachable: readiness
 # probes must answer quickly, and a blackholed host would otherwise hang them.
@@ -73,10 +81,16 @@ class Storage:
         # out, then a reconnect) is bounded as a whole too.
         self._bound_calls = not database.is_sqlite
         self._user_deleted_listeners: list[Callable[[int], None]] = []
+        self._housekeeping: Housekeeping | None = None
 
     @classmethod
     async def open(
-        cls, url: str, *, timeout: float = DEFAULT_DB_TIMEOUT, fast_path: bool = True
+        cls,
+        url: str,
+        *,
+        timeout: float = DEFAULT_DB_TIMEOUT,
+        fast_path: bool = True,
+        purge_every: float | None = None,
     ) -> Storage:
         """Connect to ``url`` and bring its schema to the newest migration.
 
@@ -89,6 +103,10 @@ class Storage:
                 ``sqlite3`` threads (see :mod:`tornado_chat.storage.sqlite_fast`);
                 False keeps every query on SQLAlchemy (tests and benchmarks
                 compare the two).
+            purge_every: run :meth:`purge_expired` this often, in seconds,
+                until :meth:`close` (the server passes
+                :data:`~tornado_chat.storage.housekeeping.PURGE_EVERY`); None
+                never purges on its own.
 
         Returns:
             A ready Storage.
@@ -105,7 +123,11 @@ class Storage:
             queries = AlchemyQueries(
                 database.engine, serialize_all=database.serialize_all, timeout=timeout
             )
-        return cls(database, queries, timeout=timeout)
+        storage = cls(database, queries, timeout=timeout)
+        if purge_every is not None:
+            storage._housekeeping = Housekeeping(storage.purge_expired, purge_every)
+            storage._housekeeping.start()
+        return storage
 
     @property
     def location(self) -> str:
@@ -120,6 +142,8 @@ class Storage:
         the connections are dropped without that courtesy.
         """
         try:
+            if self._housekeeping is not None:
+                await self._housekeeping.close()
             with translate("close"):
                 await self._queries.close()
         finally:
@@ -269,13 +293,36 @@ class Storage:
         access_expires_at: float,
         expires_at: float,
     ) -> None:
-        """Store the hash of a one-time ws ticket bound to a user and session."""
-        await self._call(
+        """Store the hash of a one-time ws ticket bound to a user and session.
+
+        Raises:
+            TooManyRequests: ``too_many_tickets``, the user already holds
+                :data:`MAX_OUTSTANDING_TICKETS` unused, unexpired tickets;
+                ``Retry-After`` is when the oldest of them expires. Raised
+                here, where the count is exact, and answered as a 429 by the
+                handler that asked for the ticket.
+            StorageError: the database failed.
+        """
+        now = time.time()
+        full_until = await self._call(
             "add_ticket",
             self._queries.add_ticket(
-                ticket_hash, user_id, session_id, access_expires_at, expires_at
+                ticket_hash,
+                user_id,
+                session_id,
+                access_expires_at,
+                expires_at,
+                now,
+                MAX_OUTSTANDING_TICKETS,
             ),
         )
+        if full_until is not None:
+            raise TooManyRequests(
+                "too_many_tickets",
+                f"at most {MAX_OUTSTANDING_TICKETS} unused ws tickets per user; "
+                "use one or let them expire",
+                retry_after=full_until - now,
+            )
 
     async def consume_ticket(self, ticket_hash: bytes, now: float) -> TicketGrant | None:
         """Use a ticket once: the conditional UPDATE lets exactly one caller win.
@@ -359,12 +406,13 @@ class Storage:
 
     # -- housekeeping -----------------------------------------------------------
 
-    async def purge_expired(self, now: float) -> int:
+    async def purge_expired(self, now: float) -> int | None:
         """Delete expired or revoked sessions, expired refresh tokens and spent
         or expired tickets; returns how many rows went.
 
         A used refresh token is kept until it expires so that its reuse is
         still recognised (and revokes the family) while it would have been
-        valid.
+        valid. On PostgreSQL one node purges at a time: None means another
+        was at it (and nothing was done here).
         """
         return await self._call("purge_expired", self._queries.purge_expired(now))

@@ -68,8 +68,13 @@ class Queries(Protocol):
         session_id: str,
         access_expires_at: float,
         expires_at: float,
-    ) -> None:
-        """Store the hash of a one-time ws ticket."""
+        now: float,
+        limit: int,
+    ) -> float | None:
+        """Store a ticket unless the user holds ``limit`` outstanding ones.
+
+        None when stored; else when the user's oldest outstanding ticket expires.
+        """
 
     async def consume_ticket(self, ticket_hash: bytes, now: float) -> TicketGrant | None:
         """Use a ticket once (one winner); its grant, or None."""
@@ -94,8 +99,11 @@ class Queries(Protocol):
     async def list_rooms(self) -> list[str]:
         """Names of every room that has had a message, sorted."""
 
-    async def purge_expired(self, now: float) -> int:
-        """Delete dead sessions, expired refresh tokens, spent tickets; rows removed."""
+    async def purge_expired(self, now: float) -> int | None:
+        """Delete dead sessions, expired refresh tokens, spent tickets; rows removed.
+
+        None when another node is purging at this moment (nothing was done).
+        """
 
     async def close(self) -> None:
         """Release what the implementation holds besides the engine (threads)."""
