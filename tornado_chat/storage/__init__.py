@@ -11,6 +11,7 @@ One job per module:
   :mod:`~tornado_chat.storage.alchemy` (SQLAlchemy, every backend) and
   :mod:`~tornado_chat.storage.sqlite_fast` (hot queries on plain ``sqlite3``);
 - :mod:`~tornado_chat.storage.failures`: driver errors and deadlines as StorageError;
+- :mod:`~tornado_chat.storage.housekeeping`: the schedule purging expired rows;
 - :mod:`~tornado_chat.storage.facade`: :class:`Storage`, what the rest of the
   server calls.
 """

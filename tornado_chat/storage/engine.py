@@ -65,7 +65,6 @@ class Database:
 
     Attributes:
         engine: the async engine every SQLAlchemy query runs on.
-        where: the URL without its password, for error messages.
         location: where the data lives, for the start-up log line.
         serialize_all: every operation must take one lock in turn (SQLite
             ``:memory:``: one shared connection cannot hold two transactions).
@@ -74,7 +73,6 @@ class Database:
     """
 
     engine: AsyncEngine
-    where: str
     location: str
     serialize_all: bool
     sqlite_file: tuple[str, bool] | None
@@ -330,6 +328,6 @@ async def open_database(url: str, timeout: float) -> Database:
     finally:
         if migrator is not engine:
             await migrator.dispose()
-    database = Database(engine, where, _location(parsed, sqlite_file), serialize_all, sqlite_file)
+    database = Database(engine, _location(parsed, sqlite_file), serialize_all, sqlite_file)
     log.info("database: %s", database.location)
     return database

@@ -69,7 +69,6 @@ class Storage:
             queries: the implementation every call goes to.
             timeout: the longest one database step may take, in seconds.
         """
-        self._database = database
         self._engine: AsyncEngine = database.engine
         self._queries = queries
         self.timeout = timeout
@@ -128,11 +127,6 @@ class Storage:
             storage._housekeeping = Housekeeping(storage.purge_expired, purge_every)
             storage._housekeeping.start()
         return storage
-
-    @property
-    def location(self) -> str:
-        """Where the data lives (an absolute path, or PostgreSQL host and database)."""
-        return self._database.location
 
     async def close(self) -> None:
         """Close every pooled connection (and the SQLite threads' connections).
