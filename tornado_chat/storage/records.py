@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -77,6 +78,9 @@ class RotateResult:
     username: str | None
 
 
+# Cached: every message of one stored batch has the same millisecond, and
+# formatting a datetime costs more than the rest of building the record.
+@functools.lru_cache(maxsize=1024)
 def format_ts(ms: int) -> str:
     """ISO 8601 UTC with milliseconds and 'Z' from epoch milliseconds."""
     moment = datetime.fromtimestamp(ms // 1000, tz=timezone.utc)
