@@ -55,6 +55,9 @@ async def _until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0
 async def test_expired_rows_are_purged_on_a_schedule(db_url: str) -> None:
     """With purge_every, spent and expired tickets and revoked sessions go without a call."""
     storage = await Storage.open(db_url, purge_every=0.05)
+    assert storage._housekeeping is not None
+    schedule = storage._housekeeping._task
+    assert schedule is not None
     try:
         await _expired_rows(storage)
         live_uid = (await storage.create_user("bob", b"$2b$04$hash")).id
@@ -69,6 +72,7 @@ async def test_expired_rows_are_purged_on_a_schedule(db_url: str) -> None:
         assert await storage.session_active(live, live_uid, time.time())
     finally:
         await storage.close()
+    assert schedule.cancelled()  # close() stopped the schedule
 
 
 async def test_without_purge_every_nothing_is_purged(tmp_path: Path) -> None:

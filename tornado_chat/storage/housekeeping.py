@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -41,8 +40,9 @@ class Housekeeping:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # wait() rather than await: a cancellation of close() itself must
+            # not be mistaken for the task's and swallowed.
+            await asyncio.wait((task,))
 
     async def _run(self) -> None:
         while True:
@@ -53,6 +53,10 @@ class Housekeeping:
             except StorageError as error:
                 # The database is down: the next round tries again.
                 log.warning("purging expired rows failed: %s", error)
+                continue
+            except Exception:
+                # A bug: loud, but the schedule (and the server) carry on.
+                log.exception("purging expired rows failed")
                 continue
             if removed is None:
                 log.debug("another node is purging expired rows")
