@@ -34,7 +34,6 @@ from tornado_chat.storage.failures import translate
 __all__ = [
     "DEFAULT_DB_TIMEOUT",
     "Database",
-    "install_sqlite_pragmas",
     "open_database",
     "sqlite_pragmas",
     "timeout_ms",
@@ -108,13 +107,8 @@ def sqlite_pragmas(busy_timeout_ms: int) -> tuple[str, ...]:
     )
 
 
-def install_sqlite_pragmas(engine: AsyncEngine, busy_timeout_ms: int | None = None) -> None:
-    """Per-connection SQLite settings and explicit BEGIN handling.
-
-    ``busy_timeout_ms`` defaults to :data:`DEFAULT_DB_TIMEOUT`.
-    """
-    if busy_timeout_ms is None:
-        busy_timeout_ms = timeout_ms(DEFAULT_DB_TIMEOUT)
+def _install_sqlite_pragmas(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    """Per-connection SQLite settings and explicit BEGIN handling."""
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -306,7 +300,7 @@ async def open_database(url: str, timeout: float) -> Database:
     sqlite_file: tuple[str, bool] | None = None
     migrator = engine
     if parsed.get_backend_name() == "sqlite":
-        install_sqlite_pragmas(engine, timeout_ms(timeout))
+        _install_sqlite_pragmas(engine, timeout_ms(timeout))
         if not serialize_all:
             # The file name and URI flag exactly as the engine's driver gets them.
             connect_args, connect_kwargs = engine.dialect.create_connect_args(parsed)
