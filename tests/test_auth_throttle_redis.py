@@ -124,6 +124,7 @@ def apply(throttle: Throttle, op: str, user: str, address: str) -> Awaitable[Non
     return throttle.register_failed(address)
 
 
+@pytest.mark.redis
 async def test_redis_policy_matches_the_in_memory_throttle(brokers: Brokers) -> None:
     """Random operation sequences: every answer and Retry-After equals LoginThrottle's."""
     broker = await brokers()
@@ -150,6 +151,7 @@ async def test_redis_policy_matches_the_in_memory_throttle(brokers: Brokers) -> 
     assert compared > 600 and refusals > 100
 
 
+@pytest.mark.redis
 async def test_block_doubles_caps_and_a_quiet_window_forgets(brokers: Brokers) -> None:
     """Blocks of 1, 2, 4, 8, 8 s (refused failures not counted); a quiet window forgets."""
     clock = FakeClock(1000.0)
@@ -177,6 +179,7 @@ async def test_block_doubles_caps_and_a_quiet_window_forgets(brokers: Brokers) -
     assert await refused(throttle.before_login("alice", "10.0.0.1")) is None
 
 
+@pytest.mark.redis
 async def test_success_forgets_the_name_not_the_address(brokers: Brokers) -> None:
     """A login forgets the name's failures; the address keeps its count (registration too)."""
     clock = FakeClock(1000.0)
@@ -196,6 +199,7 @@ async def test_success_forgets_the_name_not_the_address(brokers: Brokers) -> Non
     )
 
 
+@pytest.mark.redis
 async def test_addresses_are_grouped_like_the_in_memory_throttle(brokers: Brokers) -> None:
     """IPv6 counts per /64 and IPv4-mapped IPv6 as its IPv4 address."""
     throttle = RedisLoginThrottle(await brokers(), clock=FakeClock(1000.0))
@@ -219,6 +223,7 @@ async def auth_service(storage: Storage, root: Path, throttle: Throttle) -> Auth
     return AuthService(storage, tokens, PasswordHasher(4), throttle, refresh_ttl=86400)
 
 
+@pytest.mark.redis
 async def test_two_processes_see_each_others_failures(brokers: Brokers, tmp_path: Path) -> None:
     """Failures counted through one AuthService/broker block logins through another one."""
     throttle_a = (await brokers()).make_login_throttle()
@@ -245,6 +250,7 @@ async def test_two_processes_see_each_others_failures(brokers: Brokers, tmp_path
         await storage.close()
 
 
+@pytest.mark.redis
 async def test_concurrent_guesses_on_two_nodes_learn_nothing_past_the_limit(
     brokers: Brokers, tmp_path: Path
 ) -> None:
@@ -265,6 +271,7 @@ async def test_concurrent_guesses_on_two_nodes_learn_nothing_past_the_limit(
         await storage.close()
 
 
+@pytest.mark.redis
 async def test_redis_clock_blocks_across_nodes_and_keys_expire(
     brokers: Brokers, shared_redis: tuple[redis.Redis, str]
 ) -> None:
@@ -295,6 +302,7 @@ async def test_redis_clock_blocks_across_nodes_and_keys_expire(
     assert admin.pttl(addr_key) > 0
 
 
+@pytest.mark.redis
 async def test_hostile_usernames_neither_break_keys_nor_collide(
     brokers: Brokers, shared_redis: tuple[redis.Redis, str], tmp_path: Path
 ) -> None:
@@ -364,6 +372,7 @@ def throttle_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+@pytest.mark.redis
 async def test_redis_down_falls_back_to_the_local_throttle(
     brokers: Brokers, private_redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -442,6 +451,8 @@ def two_servers(
         asyncio.run(drop_pg_database(db))
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
 async def test_failures_on_server_a_throttle_logins_on_server_b(
     two_servers: tuple[LiveServer, LiveServer], client_ssl: ssl.SSLContext
 ) -> None:

@@ -334,6 +334,7 @@ async def pair(prefix: str) -> AsyncIterator[tuple[Node, Node]]:
     await b.close()
 
 
+@pytest.mark.redis
 async def test_published_message_reaches_other_nodes_not_its_own(pair: tuple[Node, Node]) -> None:
     """Other nodes get room, seq, id, user, body, ts, client_id; the sender ignores its echo."""
     a, b = pair
@@ -349,6 +350,7 @@ async def test_published_message_reaches_other_nodes_not_its_own(pair: tuple[Nod
     assert not b.broker._payload(sent).startswith(a.broker._echo)
 
 
+@pytest.mark.redis
 async def test_a_script_missing_from_a_half_loaded_table_is_loaded(
     pair: tuple[Node, Node],
 ) -> None:
@@ -360,6 +362,7 @@ async def test_a_script_missing_from_a_half_loaded_table_is_loaded(
     assert "login_wait" in broker._shas
 
 
+@pytest.mark.redis
 async def test_full_outbox_keeps_each_rooms_latest_and_sends_it_later(
     pair: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -373,6 +376,7 @@ async def test_full_outbox_keeps_each_rooms_latest_and_sends_it_later(
     await until(lambda: [m.seq for m in b.messages] == [1, 2, 5])
 
 
+@pytest.mark.redis
 async def test_only_rooms_with_members_are_subscribed(pair: tuple[Node, Node], prefix: str) -> None:
     """Redis lists a room channel only while some node wants it; other rooms' messages stay away."""
     a, b = pair
@@ -391,6 +395,7 @@ async def test_only_rooms_with_members_are_subscribed(pair: tuple[Node, Node], p
         admin.close()
 
 
+@pytest.mark.redis
 async def test_revocation_reaches_every_other_node(pair: tuple[Node, Node]) -> None:
     """publish_revoke on one node calls the other's revoke listeners (not its own)."""
     a, b = pair
@@ -399,6 +404,7 @@ async def test_revocation_reaches_every_other_node(pair: tuple[Node, Node]) -> N
     assert a.revoked == []
 
 
+@pytest.mark.redis
 async def test_presence_travels_and_a_closed_node_leaves_at_once(pair: tuple[Node, Node]) -> None:
     """Local presence of one node shows on the other; a graceful close withdraws it."""
     a, b = pair
@@ -411,6 +417,7 @@ async def test_presence_travels_and_a_closed_node_leaves_at_once(pair: tuple[Nod
     await until(lambda: b.broker.presence.online("lobby") == frozenset())
 
 
+@pytest.mark.redis
 async def test_closed_node_leaves_no_trace_in_redis(prefix: str) -> None:
     """close() right after start() (a heartbeat in flight) leaves no node entry behind."""
     admin = redis.Redis.from_url(REDIS_URL)
@@ -427,6 +434,7 @@ async def test_closed_node_leaves_no_trace_in_redis(prefix: str) -> None:
         admin.close()
 
 
+@pytest.mark.redis
 async def test_silent_node_disappears_after_the_ttl(pair: tuple[Node, Node], prefix: str) -> None:
     """A node that stops heartbeating (a crash) loses its users everywhere after the TTL."""
     _a, b = pair
@@ -444,6 +452,7 @@ async def test_silent_node_disappears_after_the_ttl(pair: tuple[Node, Node], pre
         await ghost._client.aclose()
 
 
+@pytest.mark.redis
 async def test_rate_limit_is_one_budget_across_nodes(pair: tuple[Node, Node]) -> None:
     """A user's bucket spent on one node leaves (almost) nothing on the other."""
     a, b = pair
@@ -459,6 +468,7 @@ async def test_rate_limit_is_one_budget_across_nodes(pair: tuple[Node, Node]) ->
     assert admitted <= 1  # at most the charge that was in flight when the news came
 
 
+@pytest.mark.redis
 async def test_unreachable_redis_fails_start_with_one_line(prefix: str) -> None:
     """start() against a closed port raises one line naming the broker without credentials."""
     port = free_port()
@@ -470,6 +480,7 @@ async def test_unreachable_redis_fails_start_with_one_line(prefix: str) -> None:
     assert "pw" not in text and "\n" not in text
 
 
+@pytest.mark.redis
 async def test_reconnect_after_restart_catches_up_and_resends() -> None:
     """Redis killed and restarted empty: ping fails then recovers, every room is caught up,
     and a message published during the outage is delivered after the reconnect."""
@@ -547,6 +558,7 @@ def tls_redis(server_cert: ServerCertificate) -> Iterator[int]:
         proc.wait(10)
 
 
+@pytest.mark.redis
 async def test_rediss_is_verified_against_the_ca(
     tls_redis: int, server_cert: ServerCertificate
 ) -> None:
@@ -565,6 +577,7 @@ async def test_rediss_is_verified_against_the_ca(
         await b.broker.close()
 
 
+@pytest.mark.redis
 async def test_rediss_refuses_an_unknown_ca_and_a_wrong_host_name(
     tls_redis: int, server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -607,6 +620,7 @@ DOC_ACL = [
 ]  # fmt: skip
 
 
+@pytest.mark.redis
 async def test_documented_acl_is_enough_and_a_missing_right_is_named() -> None:
     """The ACL in docs/deploy.md runs everything; one without +time fails start in one line."""
     server = RedisServer(free_port()).start()

@@ -69,6 +69,10 @@ FLAG_CASES: list[tuple[str, str, str, Any]] = [
     ("--data-dir", "/tmp/d", "data_dir", Path("/tmp/d")),
     ("--db", PG, "db", PG),
     ("--db", "sqlite+aiosqlite:////tmp/x.db", "db", "sqlite+aiosqlite:////tmp/x.db"),
+    # The bare forms most documentation shows mean the one async driver the server runs on.
+    ("--db", "postgresql://chat:s3cret@127.0.0.1/chat", "db", PG),
+    ("--db", "sqlite:///rel/x.db", "db", "sqlite+aiosqlite:///rel/x.db"),
+    ("--db", "sqlite://", "db", "sqlite+aiosqlite://"),
     ("--broker", REDIS, "broker", REDIS),
     ("--jwt-secret-file", "/tmp/s", "jwt_secret_file", Path("/tmp/s")),
     ("--jwt-algorithm", "es256", "jwt_algorithm", "ES256"),
@@ -224,6 +228,18 @@ ERROR_CASES: list[tuple[list[str], dict[str, str], str]] = [
     ),
     ([], {"CHAT_DB": "not a url"}, "CHAT_DB: not a valid SQLAlchemy database URL"),
     (
+        ["--db", "postgresql+psycopg2://u:pw@h/db"],
+        {},
+        "argument --db: the postgresql+psycopg2 driver is not supported (the server runs on "
+        "asyncio): use postgresql+asyncpg://... or postgresql://...",
+    ),
+    (
+        [],
+        {"CHAT_DB": "sqlite+pysqlite:///x.db"},
+        "CHAT_DB: the sqlite+pysqlite driver is not supported (the server runs on asyncio): "
+        "use sqlite+aiosqlite://... or sqlite://...",
+    ),
+    (
         ["--broker", "amqp://u:pw@h/"],
         {},
         "argument --broker: the broker must be a redis://, rediss:// or unix:// URL "
@@ -303,6 +319,7 @@ def test_validation_error_is_one_line(argv: list[str], env: dict[str, str], expe
 def test_database_password_never_echoed() -> None:
     """A rejected database or broker URL is not repeated (it may carry a password)."""
     assert "pw" not in config_error("--db", "mysql://u:pw@h/db")
+    assert "pw" not in config_error("--db", "postgresql+psycopg2://u:pw@h/db")
     assert "pw" not in config_error("--broker", "amqp://u:pw@h/")
 
 

@@ -29,8 +29,13 @@ from tests.test_scaleout import (
 from tests.test_socket import *  # noqa: F403 - the contract tests, re-collected here
 from tornado_chat.pki import ServerCertificate
 
+pytestmark = pytest.mark.postgres
 
-@pytest.fixture(scope="module", params=["local-broker", "redis-broker"])
+
+@pytest.fixture(
+    scope="module",
+    params=["local-broker", pytest.param("redis-broker", marks=pytest.mark.redis)],
+)
 def server(
     request: pytest.FixtureRequest,
     server_cert: ServerCertificate,

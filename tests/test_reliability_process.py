@@ -346,7 +346,7 @@ class Database:
         return start_server(cert, self.data, *self.flags, *NO_RATE_LIMIT, *flags)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
     """The default SQLite in the data directory, or a scratch PostgreSQL database."""
     data = tmp_path / "data"

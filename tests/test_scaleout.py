@@ -29,6 +29,8 @@ from tests.test_server import ChatProcess, child_env
 from tornado_chat.pki import ServerCertificate
 from tornado_chat.storage import Storage
 
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+
 PG_ADMIN_URL = os.environ.get(
     "CHAT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 ).replace("postgresql://", "postgresql+asyncpg://", 1)

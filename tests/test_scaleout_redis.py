@@ -36,6 +36,8 @@ from tests.test_scaleout import (
 from tests.test_server import child_env
 from tornado_chat.pki import ServerCertificate
 
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+
 SENDERS = 4
 PER_SENDER = 40
 

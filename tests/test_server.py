@@ -1019,6 +1019,8 @@ async def pg_database() -> AsyncIterator[str]:
             await admin.close()
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
 async def test_processes_share_one_port_and_stop_together(
     minted: ServerCertificate, pg_database: str, tmp_path: Path
 ) -> None:

@@ -49,6 +49,7 @@ from tornado_chat.security import (
     TokenService,
 )
 from tornado_chat.storage import Storage, StoredMessage
+from tornado_chat.storage.housekeeping import PURGE_EVERY
 from tornado_chat.writer import MessageWriter
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -154,7 +155,9 @@ async def create_services(settings: Settings) -> Services:
     if settings.db is None:
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     keyring = KeyRing.load_or_create(settings.jwt_secret_path, settings.jwt_algorithm)
-    storage = await Storage.open(settings.db_url, timeout=settings.db_timeout)
+    storage = await Storage.open(
+        settings.db_url, timeout=settings.db_timeout, purge_every=PURGE_EVERY
+    )
     # bcrypt releases the GIL, so a small pool gives real parallel hashing
     # without starving the event loop thread; at a lower priority, a login
     # storm yields the cores to chat delivery (bench/RESULTS-reliability.md).

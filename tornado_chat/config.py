@@ -222,13 +222,33 @@ def _backend_name(url: str) -> str:
         raise argparse.ArgumentTypeError("not a valid SQLAlchemy database URL") from None
 
 
+# The asyncio driver each supported database runs on (the server never blocks
+# its event loop on a synchronous driver).
+_ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+
+
 def _database_url(text: str) -> str:
+    """A supported SQLAlchemy URL; a bare ``sqlite://`` or ``postgresql://`` gets its async driver.
+
+    Those two forms are what most documentation shows, and they can only mean
+    the one driver the server runs on; another named driver is refused with
+    the form to use instead.
+    """
     url = text.strip()
     backend = _backend_name(url)
-    if backend not in ("sqlite", "postgresql"):
+    driver = _ASYNC_DRIVERS.get(backend)
+    if driver is None:
         raise argparse.ArgumentTypeError(
             f"unsupported database {backend!r}: use sqlite+aiosqlite:///... "
             "or postgresql+asyncpg://..."
+        )
+    scheme, _, rest = url.partition("://")
+    if "+" not in scheme:
+        return f"{backend}+{driver}://{rest}"
+    if scheme.split("+", 1)[1] != driver:
+        raise argparse.ArgumentTypeError(
+            f"the {scheme} driver is not supported (the server runs on asyncio): "
+            f"use {backend}+{driver}://... or {backend}://..."
         )
     return url
 

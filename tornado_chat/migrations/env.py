@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from tornado_chat.storage import metadata
+from tornado_chat.storage.schema import metadata
 
 
 def run_migrations_online() -> None:

@@ -1,0 +1,40 @@
+"""Storage: users, refresh-token families, ws tickets, rooms and messages.
+
+One job per module:
+
+- :mod:`~tornado_chat.storage.schema`: the tables (mirroring the Alembic migrations);
+- :mod:`~tornado_chat.storage.engine`: opening a URL, engine settings, the SQLite
+  setup lock, timeouts and migrations;
+- :mod:`~tornado_chat.storage.records`: the records returned, and the one
+  row-to-message function;
+- :mod:`~tornado_chat.storage.queries`: the query interface, implemented by
+  :mod:`~tornado_chat.storage.alchemy` (SQLAlchemy, every backend) and
+  :mod:`~tornado_chat.storage.sqlite_fast` (hot queries on plain ``sqlite3``);
+- :mod:`~tornado_chat.storage.failures`: driver errors and deadlines as StorageError;
+- :mod:`~tornado_chat.storage.housekeeping`: the schedule purging expired rows;
+- :mod:`~tornado_chat.storage.facade`: :class:`Storage`, what the rest of the
+  server calls.
+"""
+
+from __future__ import annotations
+
+from tornado_chat.storage.engine import DEFAULT_DB_TIMEOUT
+from tornado_chat.storage.facade import MAX_PAGE_SIZE, Storage
+from tornado_chat.storage.records import (
+    RotateOutcome,
+    RotateResult,
+    StoredMessage,
+    TicketGrant,
+    User,
+)
+
+__all__ = [
+    "DEFAULT_DB_TIMEOUT",
+    "MAX_PAGE_SIZE",
+    "RotateOutcome",
+    "RotateResult",
+    "Storage",
+    "StoredMessage",
+    "TicketGrant",
+    "User",
+]

@@ -1,0 +1,412 @@
+"""The :class:`Storage` facade: what handlers call, each method one bounded transaction.
+
+Handlers never build queries; they call :class:`Storage`, which picks the
+query implementation once at :meth:`Storage.open`, turns every database
+failure into :class:`~tornado_chat.errors.StorageError` (so handlers answer
+503 instead of leaking a driver traceback) and builds the records it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tornado_chat.errors import TooManyRequests
+from tornado_chat.storage.alchemy import AlchemyQueries
+from tornado_chat.storage.engine import DEFAULT_DB_TIMEOUT, Database, open_database
+from tornado_chat.storage.failures import translate, within
+from tornado_chat.storage.housekeeping import Housekeeping
+from tornado_chat.storage.queries import Queries
+from tornado_chat.storage.records import (
+    MessageItem,
+    RotateResult,
+    StoredMessage,
+    TicketGrant,
+    User,
+    stored_message,
+)
+from tornado_chat.storage.sqlite_fast import SqliteQueries
+
+__all__ = ["MAX_OUTSTANDING_TICKETS", "MAX_PAGE_SIZE", "PING_TIMEOUT", "Storage"]
+
+log = logging.getLogger("tornado_chat.storage")
+
+_T = TypeVar("_T")
+
+#: The largest page :meth:`Storage.messages` returns, whatever ``limit`` asks for:
+#: one request must not be able to make the database read a whole room.
+MAX_PAGE_SIZE = 1000
+
+#: Unused, unexpired ws tickets one user may hold: more than the sockets a
+#: user may have open (``--max-sockets-per-user``, 20 by default), since each
+#: ticket opens one socket within 30 s; without a cap one connection could
+#: fill the table as fast as it can ask.
+MAX_OUTSTANDING_TICKETS = 32
+
+# How long ping() waits before declaring the database unreachable: readiness
+# probes must answer quickly, and a blackholed host would otherwise hang them.
+PING_TIMEOUT = 3.0
+
+
+class Storage:
+    """The database behind the chat server (SQLite or PostgreSQL).
+
+    Build with :meth:`open`; every method is a single transaction and raises
+    :class:`~tornado_chat.errors.StorageError` when the database fails.
+    """
+
+    def __init__(self, database: Database, queries: Queries, *, timeout: float) -> None:
+        """Wrap an opened database; use :meth:`open` rather than calling this directly.
+
+        Args:
+            database: the engine and what is known of it.
+            queries: the implementation every call goes to.
+            timeout: the longest one database step may take, in seconds.
+        """
+        self._engine: AsyncEngine = database.engine
+        self._queries = queries
+        self.timeout = timeout
+        # SQLite's work runs on threads, which a cancellation does not stop:
+        # a call abandoned on a deadline could still commit after its caller
+        # was told it failed. Its waits are bounded where they happen instead
+        # (this process's write lock, then busy_timeout). On PostgreSQL each
+        # step has the timeout, and a call of several steps (a pre-ping timing
+        # out, then a reconnect) is bounded as a whole too.
+        self._bound_calls = not database.is_sqlite
+        self._user_deleted_listeners: list[Callable[[int], None]] = []
+        self._housekeeping: Housekeeping | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        timeout: float = DEFAULT_DB_TIMEOUT,
+        fast_path: bool = True,
+        purge_every: float | None = None,
+    ) -> Storage:
+        """Connect to ``url`` and bring its schema to the newest migration.
+
+        Args:
+            url: a SQLAlchemy URL, ``sqlite+aiosqlite:///path/chat.db`` or
+                ``postgresql+asyncpg://user@host:port/db``.
+            timeout: the longest one database step may take, in seconds
+                (``--db-timeout``).
+            fast_path: on a SQLite file, run the hot queries on plain
+                ``sqlite3`` threads (see :mod:`tornado_chat.storage.sqlite_fast`);
+                False keeps every query on SQLAlchemy (tests and benchmarks
+                compare the two).
+            purge_every: run :meth:`purge_expired` this often, in seconds,
+                until :meth:`close` (the server passes
+                :data:`~tornado_chat.storage.housekeeping.PURGE_EVERY`); None
+                never purges on its own.
+
+        Returns:
+            A ready Storage.
+
+        Raises:
+            StorageError: unsupported URL, missing driver, unreachable
+                database, or failed migrations.
+        """
+        database = await open_database(url, timeout)
+        queries: Queries
+        if database.sqlite_file is not None and fast_path:
+            queries = SqliteQueries(database.engine, database.sqlite_file, timeout=timeout)
+        else:
+            queries = AlchemyQueries(
+                database.engine, serialize_all=database.serialize_all, timeout=timeout
+            )
+        storage = cls(database, queries, timeout=timeout)
+        if purge_every is not None:
+            storage._housekeeping = Housekeeping(storage.purge_expired, purge_every)
+            storage._housekeeping.start()
+        return storage
+
+    async def close(self) -> None:
+        """Close every pooled connection (and the SQLite threads' connections).
+
+        Bounded by the timeout: closing a connection politely waits for the
+        server to see it go, and a hung server never does; past the timeout
+        the connections are dropped without that courtesy.
+        """
+        try:
+            if self._housekeeping is not None:
+                await self._housekeeping.close()
+            with translate("close"):
+                await self._queries.close()
+        finally:
+            await self._dispose()
+
+    async def _dispose(self) -> None:
+        try:
+            await asyncio.wait_for(self._engine.dispose(), self.timeout)
+        except asyncio.TimeoutError:
+            log.warning(
+                "the database did not answer in %.1f s; dropping its connections", self.timeout
+            )
+            await self._engine.dispose(close=False)
+
+    async def _call(self, operation: str, call: Coroutine[Any, Any, _T]) -> _T:
+        """Await one query: driver errors become StorageError, bounded on PostgreSQL."""
+        with translate(operation):
+            if self._bound_calls:
+                return await within(self.timeout, operation, call)
+            return await call
+
+    async def ping(self) -> None:
+        """Check that the database answers (``SELECT 1``) within a few seconds.
+
+        Raises:
+            StorageError: unreachable, failing or too slow.
+        """
+        await within(min(PING_TIMEOUT, self.timeout), "ping", self._ping())
+
+    async def _ping(self) -> None:
+        with translate("ping"):
+            await self._queries.select_one()
+
+    # -- users ---------------------------------------------------------------
+
+    async def create_user(self, username: str, password_hash: bytes) -> User:
+        """Insert a user.
+
+        Raises:
+            UsernameTaken: the name exists, ignoring case (the UNIQUE
+                constraint on ``username_key`` decides, so two racing
+                registrations cannot both win).
+            StorageError: the database failed.
+        """
+        user_id = await self._call(
+            "create_user", self._queries.create_user(username, password_hash, time.time())
+        )
+        return User(id=user_id, username=username, password_hash=password_hash)
+
+    async def get_user(self, user_id: int) -> User | None:
+        """The user with this id, or None."""
+        return await self._call("get_user", self._queries.get_user(user_id))
+
+    async def get_user_by_name(self, username: str) -> User | None:
+        """The user with this name (case-insensitive), or None."""
+        return await self._call("get_user_by_name", self._queries.get_user_by_name(username))
+
+    async def delete_user(self, user_id: int) -> None:
+        """Delete a user, its sessions, refresh tokens and tickets.
+
+        Its messages stay in the history under the name they were sent with.
+        """
+        await self._call("delete_user", self._queries.delete_user(user_id))
+        for listener in list(self._user_deleted_listeners):
+            try:
+                listener(user_id)
+            except Exception:  # one broken listener must not stop the others
+                log.exception("user-deleted listener %r failed", listener)
+
+    def add_user_deleted_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(user_id)`` after :meth:`delete_user` commits (in this process).
+
+        Caches of session state (``AuthService``) drop what they know of the
+        user at once instead of waiting for their entries to expire.
+        """
+        self._user_deleted_listeners.append(listener)
+
+    # -- sessions (refresh-token families) -------------------------------------
+
+    async def create_session(self, user_id: int, expires_at: float) -> str:
+        """Start a refresh-token family for ``user_id``; returns its id.
+
+        The id is 192 random bits, URL-safe: it appears in access tokens
+        (``sid``) and must not be guessable.
+        """
+        session_id = secrets.token_urlsafe(24)
+        await self._call(
+            "create_session",
+            self._queries.create_session(session_id, user_id, time.time(), expires_at),
+        )
+        return session_id
+
+    async def session_active(self, session_id: str, user_id: int, now: float) -> bool:
+        """True if the session exists, belongs to ``user_id``, is neither revoked
+        nor expired, and the user still exists."""
+        return await self._call(
+            "session_active", self._queries.session_active(session_id, user_id, now)
+        )
+
+    async def revoke_session(self, session_id: str, now: float) -> bool:
+        """Revoke a session (its refresh tokens, tickets and access tokens).
+
+        Returns:
+            True if the session was active (not already revoked, not expired).
+        """
+        return await self._call("revoke_session", self._queries.revoke_session(session_id, now))
+
+    # -- refresh tokens --------------------------------------------------------
+
+    async def add_refresh_token(
+        self, session_id: str, token_hash: bytes, expires_at: float
+    ) -> None:
+        """Store the hash of a refresh token issued in ``session_id``."""
+        await self._call(
+            "add_refresh_token",
+            self._queries.add_refresh_token(session_id, token_hash, expires_at),
+        )
+
+    async def rotate_refresh_token(
+        self, token_hash: bytes, new_hash: bytes, new_expires_at: float, now: float
+    ) -> RotateResult:
+        """Exchange a refresh token for a new one in the same family.
+
+        One transaction: the presented token is marked used by a conditional
+        UPDATE (unused, unexpired, in an active session), so of two concurrent
+        presentations exactly one rotates; the other sees a used token.
+
+        Returns:
+            ROTATED with the session and user when the exchange happened;
+            REUSED when the token had already been used: the whole family is
+            revoked, since either the client or a thief holds a stale copy and
+            the server cannot tell which; UNKNOWN for anything else (never
+            issued, expired, or its session revoked or expired).
+        """
+        return await self._call(
+            "rotate_refresh_token",
+            self._queries.rotate_refresh_token(token_hash, new_hash, new_expires_at, now),
+        )
+
+    # -- ws tickets ------------------------------------------------------------
+
+    async def add_ticket(
+        self,
+        ticket_hash: bytes,
+        user_id: int,
+        session_id: str,
+        access_expires_at: float,
+        expires_at: float,
+    ) -> None:
+        """Store the hash of a one-time ws ticket bound to a user and session.
+
+        Raises:
+            TooManyRequests: ``too_many_tickets``, the user already holds
+                :data:`MAX_OUTSTANDING_TICKETS` unused, unexpired tickets;
+                ``Retry-After`` is when the oldest of them expires. Raised
+                here, where the count is exact, and answered as a 429 by the
+                handler that asked for the ticket.
+            StorageError: the database failed.
+        """
+        now = time.time()
+        full_until = await self._call(
+            "add_ticket",
+            self._queries.add_ticket(
+                ticket_hash,
+                user_id,
+                session_id,
+                access_expires_at,
+                expires_at,
+                now,
+                MAX_OUTSTANDING_TICKETS,
+            ),
+        )
+        if full_until is not None:
+            raise TooManyRequests(
+                "too_many_tickets",
+                f"at most {MAX_OUTSTANDING_TICKETS} unused ws tickets per user; "
+                "use one or let them expire",
+                retry_after=full_until - now,
+            )
+
+    async def consume_ticket(self, ticket_hash: bytes, now: float) -> TicketGrant | None:
+        """Use a ticket once: the conditional UPDATE lets exactly one caller win.
+
+        Returns:
+            The grant, or None if the ticket is unknown, used, expired, or its
+            session is no longer active (the ticket is spent either way).
+        """
+        return await self._call("consume_ticket", self._queries.consume_ticket(ticket_hash, now))
+
+    # -- rooms and messages ----------------------------------------------------
+
+    async def append_message(
+        self, room: str, user_id: int, username: str, body: str, client_id: str | None
+    ) -> StoredMessage:
+        """Store one message with the room's next ``seq``; durable on return."""
+        (message,) = await self.append_messages([(room, user_id, username, body, client_id)])
+        return message
+
+    async def append_messages(self, items: Sequence[MessageItem]) -> list[StoredMessage]:
+        """Store many messages in ONE transaction (group commit), in order.
+
+        Args:
+            items: ``(room, user_id, username, body, client_id)`` tuples; the
+                messages of one room get consecutive ``seq`` values in the
+                order given.
+
+        Returns:
+            The stored messages, in the order of ``items``; committed (durable)
+            before this returns.
+        """
+        if not items:
+            return []
+        per_room: dict[str, int] = {}
+        for room, *_ in items:
+            per_room[room] = per_room.get(room, 0) + 1
+        now = time.time()
+        now_ms = int(now * 1000)
+        stored = await self._call(
+            "append_messages", self._queries.append_messages(items, per_room, now, now_ms)
+        )
+        return [
+            stored_message(room, (message_id, seq, username, body, now_ms, client_id))
+            for (message_id, seq), (room, _uid, username, body, client_id) in zip(
+                stored, items, strict=True
+            )
+        ]
+
+    async def messages(
+        self,
+        room: str,
+        *,
+        since: int | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[StoredMessage]:
+        """A page of a room's history, ascending by ``seq``.
+
+        Args:
+            room: the room name (an unknown room has no messages).
+            since: only messages with ``seq > since``; the page starts right
+                after it (catch-up after a reconnect).
+            before: only messages with ``seq < before``; without ``since`` the
+                page is the LAST ``limit`` of them (scrolling back).
+            limit: at most this many (capped at :data:`MAX_PAGE_SIZE`); with
+                neither bound, the latest ``limit`` messages.
+        """
+        limit = min(limit, MAX_PAGE_SIZE)
+        if limit <= 0:
+            return []
+        rows = await self._call("messages", self._queries.message_rows(room, since, before, limit))
+        return [stored_message(room, row) for row in rows]
+
+    async def last_seq(self, room: str) -> int:
+        """The room's latest ``seq``; 0 for a room without messages."""
+        return await self._call("last_seq", self._queries.last_seq(room))
+
+    async def list_rooms(self) -> list[str]:
+        """Names of every room that has had a message, sorted."""
+        return await self._call("list_rooms", self._queries.list_rooms())
+
+    # -- housekeeping -----------------------------------------------------------
+
+    async def purge_expired(self, now: float) -> int | None:
+        """Delete expired or revoked sessions, expired refresh tokens and spent
+        or expired tickets; returns how many rows went.
+
+        A used refresh token is kept until it expires so that its reuse is
+        still recognised (and revokes the family) while it would have been
+        valid. On PostgreSQL one node purges at a time: None means another
+        was at it (and nothing was done here).
+        """
+        return await self._call("purge_expired", self._queries.purge_expired(now))
