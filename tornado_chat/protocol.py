@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-# Close codes: 4000 + the HTTP status that means the same (DESIGN.md).
+# Close codes: 4000 + the HTTP status that means the same (README.md's close-code table).
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL: Final = 1011
@@ -32,6 +32,8 @@ ROOM_PATTERN: Final = r"[A-Za-z0-9_.\-]{3,32}"
 _ROOM_RE: Final = re.compile(ROOM_PATTERN)
 MAX_CLIENT_ID_CHARS: Final = 64
 MAX_TOKEN_CHARS: Final = 4096
+# A seq in a query argument: at most 18 digits, so it always fits a 64-bit integer.
+MAX_SEQ_DIGITS: Final = 18
 
 # Characters that are valid JSON but cannot be stored or shown safely: NUL
 # (PostgreSQL text rejects it) and lone surrogates (not encodable as UTF-8).
@@ -73,6 +75,17 @@ ClientFrame = ChatMessage | Reauth
 def is_valid_room(name: str) -> bool:
     """Whether ``name`` is an acceptable room name (same rules as usernames)."""
     return _ROOM_RE.fullmatch(name) is not None
+
+
+def parse_seq(raw: str) -> int:
+    """A message ``seq`` (or count) from a query argument such as ``?since=``.
+
+    Raises:
+        ValueError: ``raw`` is not a whole number of at most 18 ASCII digits.
+    """
+    if not raw.isascii() or not raw.isdigit() or len(raw) > MAX_SEQ_DIGITS:
+        raise ValueError("not a whole number")
+    return int(raw)
 
 
 def parse_client_frame(data: str | bytes, *, max_body_chars: int) -> ClientFrame:
