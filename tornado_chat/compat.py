@@ -93,10 +93,42 @@ def source_hashes() -> dict[str, str]:
     return {name: source_hash(func) for name, func in RELIED_UPON.items()}
 
 
-def recorded_for(*names: str, version: str = TORNADO_VERSION) -> bool:
-    """Whether every named function was recorded for this Tornado version."""
+def changed_since_recorded(version: str = TORNADO_VERSION) -> list[str]:
+    """Functions whose installed source differs from the record for ``version``."""
     recorded = TESTED.get(version, {})
-    return all(name in recorded for name in names)
+    return [name for name, digest in recorded.items() if source_hash(RELIED_UPON[name]) != digest]
+
+
+# Each internal (the flag that enables it) and the upstream functions it relies on.
+INTERNALS: Final[dict[str, tuple[str, ...]]] = {
+    "WRITE_WITHOUT_FUTURE": (
+        "BaseIOStream.__init__",
+        "BaseIOStream.write",
+        "BaseIOStream._handle_write",
+        "BaseIOStream._add_io_state",
+        "BaseIOStream._maybe_add_error_listener",
+        "_StreamBuffer.append",
+    ),
+    "DROP_RESPONSE_HEADERS": ("RequestHandler.clear", "RequestHandler.flush"),
+    "CLOSE_ON_INVALID_TEXT": (
+        "WebSocketProtocol13._receive_frame",
+        "WebSocketProtocol13._handle_message",
+    ),
+    # Our timer mirrors periodic_ping's order (ping, wait the timeout, check,
+    # wait the rest of the interval) and relies on close() ending the pinging.
+    "PING_TIMER": (
+        "WebSocketProtocol13.close",
+        "WebSocketProtocol13.start_pinging",
+        "WebSocketProtocol13.periodic_ping",
+    ),
+    "SSL_ERROR_LOG": ("SSLIOStream._do_ssl_handshake",),
+}
+
+
+def recorded_for(internal: str, version: str = TORNADO_VERSION) -> bool:
+    """Whether every function ``internal`` relies on was recorded for ``version``."""
+    recorded = TESTED.get(version, {})
+    return all(name in recorded for name in INTERNALS[internal])
 
 
 # -- the fan-out write without a Future -----------------------------------------
@@ -108,14 +140,7 @@ def recorded_for(*names: str, version: str = TORNADO_VERSION) -> bool:
 # Fan-out writes never wait for that Future, so they take the same steps
 # without it. Tornado's own writes (pings, close frames) keep their Futures:
 # both count bytes with the same index, so their Futures still resolve in order.
-WRITE_WITHOUT_FUTURE: Final = recorded_for(
-    "BaseIOStream.__init__",
-    "BaseIOStream.write",
-    "BaseIOStream._handle_write",
-    "BaseIOStream._add_io_state",
-    "BaseIOStream._maybe_add_error_listener",
-    "_StreamBuffer.append",
-)
+WRITE_WITHOUT_FUTURE: Final = recorded_for("WRITE_WITHOUT_FUTURE")
 
 
 def buffered_bytes(stream: IOStream) -> int:
@@ -161,7 +186,7 @@ def write_without_future(stream: IOStream, data: bytes) -> None:
 
 # -- the upgrade's response headers ----------------------------------------------
 
-DROP_RESPONSE_HEADERS: Final = recorded_for("RequestHandler.clear", "RequestHandler.flush")
+DROP_RESPONSE_HEADERS: Final = recorded_for("DROP_RESPONSE_HEADERS")
 
 
 def drop_response_headers(handler: tornado.web.RequestHandler) -> None:
@@ -176,18 +201,9 @@ def drop_response_headers(handler: tornado.web.RequestHandler) -> None:
 
 # -- the WebSocket protocol's frame handling ---------------------------------------
 
-CLOSE_ON_INVALID_TEXT: Final = recorded_for(
-    "WebSocketProtocol13._receive_frame",
-    "WebSocketProtocol13._handle_message",
-)
+CLOSE_ON_INVALID_TEXT: Final = recorded_for("CLOSE_ON_INVALID_TEXT")
 
-# Our timer mirrors periodic_ping's order (ping, wait the timeout, check, wait
-# the rest of the interval) and relies on close() ending the pinging.
-PING_TIMER: Final = recorded_for(
-    "WebSocketProtocol13.close",
-    "WebSocketProtocol13.start_pinging",
-    "WebSocketProtocol13.periodic_ping",
-)
+PING_TIMER: Final = recorded_for("PING_TIMER")
 
 
 class ProtocolHooks(tornado.websocket.WebSocketProtocol13):
@@ -223,7 +239,7 @@ class ProtocolHooks(tornado.websocket.WebSocketProtocol13):
 # SSLIOStream._do_ssl_handshake logs every failed server handshake with this
 # format on the "tornado.general" logger, arguments (fileno, peer, error).
 TORNADO_SSL_ERROR_MESSAGE: Final = "SSL Error on %s %s: %s"
-SSL_ERROR_LOG: Final = recorded_for("SSLIOStream._do_ssl_handshake")
+SSL_ERROR_LOG: Final = recorded_for("SSL_ERROR_LOG")
 
 
 def is_tornado_ssl_error(record: logging.LogRecord) -> bool:

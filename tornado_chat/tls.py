@@ -32,6 +32,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from tornado_chat import compat
 from tornado_chat.errors import CertificateError
 
 log = logging.getLogger("tornado_chat.tls")
@@ -409,7 +410,7 @@ class HandshakeLogFilter(logging.Filter):
             "(not connected)" when the client has already gone.
     """
 
-    TORNADO_MESSAGE = "SSL Error on %s %s: %s"
+    TORNADO_MESSAGE = compat.TORNADO_SSL_ERROR_MESSAGE
 
     def __init__(self) -> None:
         super().__init__("tornado.general")
@@ -425,7 +426,7 @@ class HandshakeLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite a handshake-failure record in place; let every record through."""
-        if record.msg != self.TORNADO_MESSAGE:
+        if not compat.is_tornado_ssl_error(record):
             return True
         args = record.args
         if not isinstance(args, tuple) or len(args) != 3:

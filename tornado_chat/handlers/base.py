@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from http.client import responses
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
@@ -49,6 +50,17 @@ def set_security_headers(handler: tornado.web.RequestHandler) -> None:
     handler.set_header("Referrer-Policy", "no-referrer")
     handler.set_header("X-Frame-Options", "DENY")
     handler.set_header("Cross-Origin-Opener-Policy", "same-origin")
+
+
+def reason_phrase(status_code: int, exc: BaseException | None) -> str:
+    """The response's reason phrase, as ``send_error`` set it, through public API.
+
+    An ``HTTPError`` may carry its own reason; otherwise it is the standard
+    phrase of the status ("Not Found"), from the table Tornado uses too.
+    """
+    if isinstance(exc, tornado.web.HTTPError) and exc.reason:
+        return str(exc.reason)
+    return responses.get(status_code, "Unknown")
 
 
 def request_summary(handler: tornado.web.RequestHandler) -> str:
@@ -156,7 +168,7 @@ def write_json_error(
         code, message = "internal", "internal server error"
     else:
         code = _STATUS_CODES.get(status_code, "error")
-        message = handler._reason
+        message = reason_phrase(status_code, exc)
     handler.set_header("Content-Type", "application/json; charset=UTF-8")
     handler.write(json.dumps({"error": {"code": code, "message": message}}))
 
