@@ -255,7 +255,7 @@ async def test_invalid_utf8_ends_the_socket_either_way(
 ) -> None:
     """Not UTF-8: 1007 with the hook; Tornado's own drop (no close frame) without it.
 
-    The one fallback that differs on the wire: Tornado offers no public hook
+    A fallback that differs on the wire: Tornado offers no public hook
     before it drops the connection. Either way nothing of the frame is stored.
     """
     monkeypatch.setattr(compat, "CLOSE_ON_INVALID_TEXT", enabled)
@@ -270,3 +270,27 @@ async def test_invalid_utf8_ends_the_socket_either_way(
     assert code == (1007 if enabled else None)
     history = await client.request("GET", f"/api/rooms/{room}/messages", token=token)
     assert history.status == 200 and history.json["messages"] == []
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["1002", "tornado-lax"])
+async def test_bad_framing_fails_with_1002_or_is_tolerated_as_tornado_does(
+    pinging: LiveServer,
+    client: Client,
+    client_ssl: ssl.SSLContext,
+    monkeypatch: pytest.MonkeyPatch,
+    enabled: bool,
+) -> None:
+    """An invalid close code: 1002 with the hook; echoed, as Tornado does, without it.
+
+    Like the 1007 hook, this fallback differs on the wire (Tornado has no
+    public hook for framing); the connection ends either way.
+    """
+    monkeypatch.setattr(compat, "FAIL_ON_BAD_FRAMING", enabled)
+    token = (await client.user(f"cp_frm_{int(enabled)}"))["access_token"]
+    sock = await asyncio.to_thread(raw, pinging, client_ssl, token, f"cp-frm-{int(enabled)}")
+    try:
+        sock.send_close(999)
+        code = await asyncio.to_thread(sock.closed, 5)
+    finally:
+        sock.close()
+    assert code == (1002 if enabled else 999)

@@ -536,3 +536,52 @@ def test_no_credential_or_a_disabled_query_token_is_refused() -> None:
         choose_credential(**none, query_token=None, allow_query_token=True)
     with pytest.raises(InvalidToken, match="disabled"):
         choose_credential(**none, query_token="k", allow_query_token=False)
+
+
+def test_a_protocol_violation_closes_1002(caplog: pytest.LogCaptureFixture) -> None:
+    """An unmasked frame or an invalid close code: 1002, with the reason only in the log."""
+    s = live()
+    s.protocol_violation("client frame is not masked")
+    assert closed_with(s) == CloseDecision(protocol.CLOSE_PROTOCOL_ERROR, "protocol error")
+    assert "protocol error: closing user=alice addr=192.0.2.1: client frame is not masked" in (
+        caplog.text
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "valid"),
+    [
+        *[(c, True) for c in (1000, 1003, 1007, 1014, 3000, 4999)],
+        *[(c, False) for c in (999, 1004, 1005, 1006, 1015, 2999, 5000, 65535)],
+    ],
+)
+def test_close_codes_a_peer_may_send(code: int, valid: bool) -> None:
+    """RFC 6455 7.4: reserved and unassigned codes are not valid in a close frame."""
+    assert protocol.is_valid_close_code(code) is valid
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ["{nope", '{"type":"reauth","token":"t"}', b"\x00binary"],
+    ids=["json", "reauth", "binary"],
+)
+def test_every_frame_takes_from_the_budget_before_any_work(frame: str | bytes) -> None:
+    """Invalid frames and reauths count too; over the budget they are not even parsed."""
+    s = live()
+    budget = Budget()
+    s.frame_received(frame, budget)
+    assert budget.taken == 1
+    s = live()
+    assert s.frame_received(frame, Budget(ok=False)) is None
+    assert [f["code"] for f in frames(s)] == ["rate_limited"]
+    assert s.phase is Phase.LIVE, "a reauth over the budget is not started"
+
+
+def test_log_lines_clip_what_an_attacker_controls(caplog: pytest.LogCaptureFixture) -> None:
+    """A refusal reason quoting a 3,000-character header value is cut in the log line."""
+    caplog.set_level(logging.INFO, "tornado_chat.socket")
+    s = live()
+    s.frame_received('{"type":"reauth","token":"t"}', Budget())
+    s.reauth_refused(f"algorithm {'A' * 3000!r} is not accepted")
+    (line,) = [r.getMessage() for r in caplog.records if "reauth refused" in r.getMessage()]
+    assert len(line) < 300 and line.endswith("more]")

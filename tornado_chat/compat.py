@@ -15,6 +15,9 @@ keeps behaviour (tests/test_compat.py forces each one):
 * :class:`ProtocolHooks`: tells the socket about a text frame that is not
   UTF-8 before Tornado drops the connection, so it can close with 1007 (the
   fallback is Tornado's own drop, which clients see as 1006).
+* :class:`ProtocolHooks` also fails a connection with 1002 for an unmasked
+  client frame or an invalid close code (the fallback accepts both, as
+  Tornado does).
 * :data:`PING_TIMER`: pings with one timer per socket instead of Tornado's
   task per socket (the fallback is Tornado's ``periodic_ping`` task).
 * :func:`is_tornado_ssl_error`: recognises Tornado's log line for a failed TLS
@@ -38,6 +41,8 @@ import tornado.web
 import tornado.websocket
 from tornado.iostream import IOStream
 
+from tornado_chat import protocol
+
 TORNADO_VERSION: Final = tornado.version
 
 _io = tornado.iostream.BaseIOStream
@@ -54,7 +59,9 @@ RELIED_UPON: Final[dict[str, Callable[..., object]]] = {
     "SSLIOStream._do_ssl_handshake": tornado.iostream.SSLIOStream._do_ssl_handshake,
     "RequestHandler.clear": tornado.web.RequestHandler.clear,
     "RequestHandler.flush": tornado.web.RequestHandler.flush,
+    "WebSocketProtocol13._receive_frame_loop": _ws._receive_frame_loop,
     "WebSocketProtocol13._receive_frame": _ws._receive_frame,
+    "WebSocketProtocol13._read_bytes": _ws._read_bytes,
     "WebSocketProtocol13._handle_message": _ws._handle_message,
     "WebSocketProtocol13.close": _ws.close,
     "WebSocketProtocol13.start_pinging": _ws.start_pinging,
@@ -74,7 +81,9 @@ TESTED: Final[dict[str, dict[str, str]]] = {
         "SSLIOStream._do_ssl_handshake": "23954af3c271952c99b4ebb7f59c1ee1",
         "RequestHandler.clear": "499127e7b6e0b48eef8128879edec40a",
         "RequestHandler.flush": "3ae7fe815121807ec648ec904e132052",
+        "WebSocketProtocol13._receive_frame_loop": "f97f48daf51558f491241483ee4565e1",
         "WebSocketProtocol13._receive_frame": "1f0ef857d4df556b3453d2bf2ac71e3e",
+        "WebSocketProtocol13._read_bytes": "e70fe5d156b7ab8bb1bf3463535dc946",
         "WebSocketProtocol13._handle_message": "61f43d09e004be77ebc4cf2abd39ad83",
         "WebSocketProtocol13.close": "fed589693237a1cfa32c30fa99c693f7",
         "WebSocketProtocol13.start_pinging": "6e1c256f743aba28597550a40808e395",
@@ -122,6 +131,13 @@ INTERNALS: Final[dict[str, tuple[str, ...]]] = {
         "WebSocketProtocol13.periodic_ping",
     ),
     "SSL_ERROR_LOG": ("SSLIOStream._do_ssl_handshake",),
+    # The first read of each _receive_frame is the frame's two header bytes.
+    "FAIL_ON_BAD_FRAMING": (
+        "WebSocketProtocol13._receive_frame_loop",
+        "WebSocketProtocol13._receive_frame",
+        "WebSocketProtocol13._read_bytes",
+        "WebSocketProtocol13._handle_message",
+    ),
 }
 
 
@@ -206,28 +222,65 @@ CLOSE_ON_INVALID_TEXT: Final = recorded_for("CLOSE_ON_INVALID_TEXT")
 PING_TIMER: Final = recorded_for("PING_TIMER")
 
 
-class ProtocolHooks(tornado.websocket.WebSocketProtocol13):
-    """Tornado's RFC 6455 protocol with a hook for a text frame that is not UTF-8.
+FAIL_ON_BAD_FRAMING: Final = recorded_for("FAIL_ON_BAD_FRAMING")
 
-    Tornado drops such a connection without a close frame (clients see 1006);
-    RFC 6455 8.1 says to fail it with 1007, which :meth:`on_invalid_text` does.
+
+class ProtocolHooks(tornado.websocket.WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol with hooks where Tornado is laxer than the RFC.
+
+    Tornado drops a connection whose text frame is not UTF-8 without a close
+    frame (clients see 1006); RFC 6455 8.1 says to fail it with 1007
+    (:meth:`on_invalid_text`). Tornado accepts unmasked client frames and
+    echoes any close code; RFC 6455 5.1 and 7.4 say to fail the connection,
+    with 1002 (:meth:`on_protocol_error`, then the connection is dropped).
     """
 
+    _header_next = False
+
     def on_invalid_text(self) -> None:
-        """A complete text frame is not UTF-8 (subclasses close with 1007)."""
+        """A text frame or close reason is not UTF-8 (subclasses close with 1007)."""
         self._abort()
 
+    def on_protocol_error(self, why: str) -> None:
+        """The client broke the framing rules (subclasses send a 1002 close frame)."""
+
+    def _fail(self, why: str) -> None:
+        self.on_protocol_error(why)
+        self._abort()
+
+    async def _receive_frame(self) -> None:
+        self._header_next = FAIL_ON_BAD_FRAMING
+        await super()._receive_frame()
+
+    async def _read_bytes(self, n: int) -> bytes:
+        data = await super()._read_bytes(n)
+        if self._header_next:
+            self._header_next = False
+            if not data[1] & 0x80:
+                self._fail("client frame is not masked")
+                # Ends _receive_frame; _receive_frame_loop treats it as closed.
+                raise tornado.iostream.StreamClosedError()
+        return data
+
     def _handle_message(self, opcode: int, data: bytes) -> asyncio.Future[None] | None:
+        if self.client_terminated:
+            return super()._handle_message(opcode, data)
         # Compression is off (the handler's get_compression_options), so
         # ``data`` is the frame's payload as sent; ASCII needs no second look.
-        if (
-            CLOSE_ON_INVALID_TEXT
-            and opcode == 0x1
-            and not self.client_terminated
-            and not data.isascii()
-        ):
+        if CLOSE_ON_INVALID_TEXT and opcode == 0x1 and not data.isascii():
             try:
                 data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.on_invalid_text()
+                return None
+        if FAIL_ON_BAD_FRAMING and opcode == 0x8:
+            if len(data) == 1 or (
+                len(data) >= 2 and not protocol.is_valid_close_code(int.from_bytes(data[:2], "big"))
+            ):
+                self._fail("invalid close code")
+                return None
+            try:
+                data[2:].decode("utf-8")
             except UnicodeDecodeError:
                 self.on_invalid_text()
                 return None

@@ -124,4 +124,3 @@ class StorageError(ChatError):
 
 class UsernameTaken(StorageError):
     """The username already exists (enforced by a unique constraint)."""
-

@@ -17,6 +17,7 @@ from typing import Any, Final, Protocol
 
 # Close codes: 4000 + the HTTP status that means the same (README.md's close-code table).
 CLOSE_GOING_AWAY: Final = 1001
+CLOSE_PROTOCOL_ERROR: Final = 1002
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL: Final = 1011
 CLOSE_UNAUTHORIZED: Final = 4401
@@ -75,6 +76,15 @@ ClientFrame = ChatMessage | Reauth
 def is_valid_room(name: str) -> bool:
     """Whether ``name`` is an acceptable room name (same rules as usernames)."""
     return _ROOM_RE.fullmatch(name) is not None
+
+
+def is_valid_close_code(code: int) -> bool:
+    """Whether a peer may send ``code`` in a close frame (RFC 6455 7.4, IANA registry).
+
+    1004-1006 and 1015 are reserved for reporting, never sent; 1016-2999 are
+    unassigned; 3000-4999 are for libraries and applications.
+    """
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 def parse_seq(raw: str) -> int:

@@ -36,6 +36,7 @@ from typing import Protocol
 
 from tornado_chat import protocol
 from tornado_chat.errors import InvalidToken
+from tornado_chat.logs import clip
 from tornado_chat.protocol import ChatMessage, ProtocolError, Reauth
 
 log = logging.getLogger("tornado_chat.socket")
@@ -249,14 +250,14 @@ class Session:
         """The credential was missing or not acceptable: 4401."""
         if self.closing:
             return
-        log.info("ws auth failure %s origin=%s: %s", self.summary, self.origin, why)
+        log.info("ws auth failure %s origin=%s: %s", self.summary, self.origin, clip(why))
         self._close(protocol.CLOSE_UNAUTHORIZED, "authentication failed")
 
     def credentials_unavailable(self, why: str) -> None:
         """The credential could not be checked (storage down): 1011."""
         if self.closing:
             return
-        log.warning("ws auth unavailable %s: %s", self.summary, why)
+        log.warning("ws auth unavailable %s: %s", self.summary, clip(why))
         self._close(protocol.CLOSE_INTERNAL, "storage unavailable")
 
     def credentials_checked(self, claims: Claims, *, user_sockets: int, total: int) -> bool:
@@ -316,7 +317,7 @@ class Session:
         """Storage failed while joining: 1011."""
         if self.closing:
             return
-        log.warning("ws open failed user=%s room=%s: %s", self.username, self.room, why)
+        log.warning("ws open failed user=%s room=%s: %s", self.username, self.room, clip(why))
         self._close(protocol.CLOSE_INTERNAL, "storage unavailable")
 
     def joined(self, last_seq: int) -> bool | None:
@@ -341,7 +342,7 @@ class Session:
         """Storage failed during the replay: 1011."""
         if self.closing:
             return
-        log.warning("ws replay failed user=%s room=%s: %s", self.username, self.room, why)
+        log.warning("ws replay failed user=%s room=%s: %s", self.username, self.room, clip(why))
         self._close(protocol.CLOSE_INTERNAL, "storage unavailable")
 
     def replay_done(self) -> bool:
@@ -360,7 +361,7 @@ class Session:
 
         Args:
             message: the frame (``bytes`` for a binary frame).
-            budget: the user's message-rate budget.
+            budget: the user's message-rate budget; every frame takes from it.
 
         Returns:
             A message for the handler to store, a reauth for it to check (phase
@@ -369,14 +370,9 @@ class Session:
         """
         if self.phase not in _READING:
             return None
-        try:
-            frame = protocol.parse_client_frame(message, max_body_chars=self.limits.max_body_chars)
-        except ProtocolError as exc:
-            self._frames.append(protocol.error_frame(exc.code, exc.message))
-            return None
-        if isinstance(frame, Reauth):
-            self.phase = Phase.REAUTHENTICATING
-            return frame
+        # Every frame takes from the budget, before any work on it: invalid
+        # frames and reauths (a token check each) too, so a flood of them
+        # costs the server no more than a flood of messages.
         if not budget.take():
             if budget.exhausted:
                 log.warning(
@@ -392,11 +388,18 @@ class Session:
                 )
                 self._frames.append(protocol.error_frame("rate_limited", "slow down"))
             return None
+        try:
+            frame = protocol.parse_client_frame(message, max_body_chars=self.limits.max_body_chars)
+        except ProtocolError as exc:
+            self._frames.append(protocol.error_frame(exc.code, exc.message))
+            return None
+        if isinstance(frame, Reauth):
+            self.phase = Phase.REAUTHENTICATING
         return frame
 
     def message_not_stored(self, why: str) -> None:
         """Storing a message failed: the client is told to send it again."""
-        log.warning("message not stored user=%s room=%s: %s", self.username, self.room, why)
+        log.warning("message not stored user=%s room=%s: %s", self.username, self.room, clip(why))
         if not self.closing:
             self._frames.append(
                 protocol.error_frame("store_failed", "message not stored; send it again")
@@ -406,7 +409,7 @@ class Session:
 
     def reauth_refused(self, why: str) -> None:
         """The reauth token is not valid; the socket keeps its old expiry."""
-        log.info("reauth refused user=%s: %s", self.username, why)
+        log.info("reauth refused user=%s: %s", self.username, clip(why))
         self._reauth_over(protocol.error_frame("invalid_token", "reauth token is not valid"))
 
     def reauth_unavailable(self) -> None:
@@ -459,6 +462,15 @@ class Session:
             return
         log.warning("invalid UTF-8: closing user=%s addr=%s", self.username, self.addr)
         self._close(CLOSE_INVALID_DATA, "text frame is not valid UTF-8")
+
+    def protocol_violation(self, why: str) -> None:
+        """The client broke RFC 6455 framing (an unmasked frame, an invalid close code): 1002."""
+        if self.closing:
+            return
+        log.warning(
+            "protocol error: closing user=%s addr=%s: %s", self.username, self.addr, clip(why)
+        )
+        self._close(protocol.CLOSE_PROTOCOL_ERROR, "protocol error")
 
     def close_requested(self, code: int, reason: str) -> None:
         """Close with ``code`` for a reason the hub gives.

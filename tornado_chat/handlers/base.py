@@ -17,7 +17,7 @@ from tornado_chat.errors import (
     StorageError,
     Unauthorized,
 )
-from tornado_chat.logs import redact_uri
+from tornado_chat.logs import clip, redact_uri
 
 if TYPE_CHECKING:
     from tornado_chat.app import Services
@@ -131,7 +131,7 @@ class BaseHandler(tornado.web.RequestHandler):
         try:
             return await self.services.auth.authenticate(token)
         except InvalidToken as exc:
-            log.info("auth failure %s: %s", request_summary(self), exc)
+            log.info("auth failure %s: %s", request_summary(self), clip(str(exc)))
             raise Unauthorized("invalid_token", "access token is invalid or expired") from None
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:

@@ -101,7 +101,8 @@ class ChatWebSocketProtocol(compat.ProtocolHooks):
     Tornado closes a socket on its own for a frame over the size limit (1009)
     and a missed pong ("ping timed out"); the handler logs those as limit hits.
     A text frame that is not UTF-8 is closed with 1007 (Tornado would drop the
-    connection without a close frame, which a client sees as 1006).
+    connection without a close frame, which a client sees as 1006); an
+    unmasked frame or an invalid close code with 1002.
     """
 
     handler: ChatSocketHandler
@@ -161,6 +162,10 @@ class ChatWebSocketProtocol(compat.ProtocolHooks):
     def on_invalid_text(self) -> None:
         """A text frame is not UTF-8: the handler closes with 1007."""
         self.handler.invalid_text()
+
+    def on_protocol_error(self, why: str) -> None:
+        """The client broke the framing rules: the handler sends a 1002 close frame."""
+        self.handler.protocol_error(why)
 
 
 class ChatSocketHandler(tornado.websocket.WebSocketHandler):
@@ -271,12 +276,24 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     # -- open -------------------------------------------------------------------
 
+    def _query_credential(self, name: str) -> str | None:
+        """A credential from the query string; one that is not UTF-8 is an invalid one.
+
+        Tornado answers such an argument with an HTTPError, which in ``open()``
+        would drop the socket without a close frame instead of the 4401
+        README promises.
+        """
+        try:
+            return self.get_query_argument(name, None)
+        except tornado.web.HTTPError:
+            raise InvalidToken(f"?{name}= is not UTF-8") from None
+
     async def _credentials(self) -> AccessClaims:
         credential = choose_credential(
             bearer=self._bearer,
             ticket=self._ticket,
-            query_ticket=self.get_query_argument("ticket", None),
-            query_token=self.get_query_argument("token", None),
+            query_ticket=self._query_credential("ticket"),
+            query_token=self._query_credential("token"),
             allow_query_token=self.chat_settings.allow_query_token,
         )
         auth = self.services.auth
@@ -666,6 +683,12 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         session = self.session
         if session is not None:
             self._event(session.invalid_text)
+
+    def protocol_error(self, why: str) -> None:
+        """The client broke RFC 6455 framing: fail the connection with 1002."""
+        session = self.session
+        if session is not None:
+            self._event(session.protocol_violation, why)
 
     def on_pong(self, data: bytes) -> None:
         """A pong arrived: the ping timer's client is alive."""
