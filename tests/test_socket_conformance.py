@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import logging
+import socket
 import ssl
 import struct
 import time
@@ -233,3 +234,95 @@ async def test_an_attackers_alg_header_is_clipped_in_the_log(
     await wait_until(lambda: len(logged(caplog, "algorithm 'AAA")) >= 3)
     lines = logged(caplog, "algorithm 'AAA")
     assert all(alg not in line and len(line) < 600 for line in lines), lines
+
+
+# -- the own origin ----------------------------------------------------------------------
+
+
+def handshake_status(
+    live: LiveServer, ctx: ssl.SSLContext, token: str, host: str, origin: bytes
+) -> int:
+    """The status of a handshake over TLS verified for localhost, with any Host and Origin."""
+    raw = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+    with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        head = (
+            b"GET /ws/cf-origin HTTP/1.1\r\n"
+            + f"Host: {host}\r\n".encode()
+            + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            + b"Sec-WebSocket-Key: " + base64.b64encode(b"k" * 16) + b"\r\n"
+            + b"Sec-WebSocket-Version: 13\r\n"
+            + f"Sec-WebSocket-Protocol: chat.v1, bearer.{token}\r\n".encode()
+            + b"Origin: " + origin + b"\r\n\r\n"
+        )  # fmt: skip
+        tls.sendall(head)
+        status = b""
+        while b"\r\n" not in status:
+            chunk = tls.recv(4096)
+            if not chunk:
+                break
+            status += chunk
+    return int(status.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize(
+    ("host", "origin"),
+    [
+        ("evil.com:{port}", "https://evil.com:{port}"),
+        ("evil.com", "https://evil.com"),
+        ("localhost:{other}", "https://localhost:{other}"),
+        ("localhost:{port}", "https://localhost:{port}\x85"),
+        ("localhost:{port}", "https://localhost:0{port}"),
+        ("localhost:{port}", "HTTPS://localhost:{port}"),
+    ],
+    ids=[
+        "evil-host",
+        "evil-host-no-port",
+        "other-port",
+        "nel",
+        "leading-zero",
+        "upper-scheme",
+    ],
+)
+async def test_the_own_origin_comes_from_the_certificate_and_is_compared_strictly(
+    live: LiveServer, client: Client, client_ssl: ssl.SSLContext, host: str, origin: str
+) -> None:
+    """Host: evil.com with Origin https://evil.com is 403; near-spellings of the own origin too."""
+    token = await origin_token(client)
+    port = live.port
+    fill = {"port": port, "other": port + 1}
+    status = await asyncio.to_thread(
+        handshake_status,
+        live,
+        client_ssl,
+        token,
+        host.format(**fill),
+        origin.format(**fill).encode("latin-1"),
+    )
+    assert status == 403
+
+
+async def test_the_own_origin_is_still_accepted(
+    live: LiveServer, client: Client, client_ssl: ssl.SSLContext
+) -> None:
+    """https://localhost:PORT with Host localhost:PORT: 101, as before."""
+    token = await origin_token(client)
+    status = await asyncio.to_thread(
+        handshake_status,
+        live,
+        client_ssl,
+        token,
+        f"localhost:{live.port}",
+        f"https://localhost:{live.port}".encode(),
+    )
+    assert status == 101
+
+
+_tokens: dict[int, str] = {}
+
+
+async def origin_token(client: Client) -> str:
+    """One user's token for the origin tests (registered once per server)."""
+    key = client.server.port
+    if key not in _tokens:
+        _tokens[key] = (await client.user(f"cf_origin_{key}"))["access_token"]
+    return _tokens[key]

@@ -15,16 +15,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
+import re
 import time
+import urllib.parse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tornado.ioloop
 import tornado.web
 import tornado.websocket
+from cryptography import x509
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from tornado_chat import compat, config, protocol
+from tornado_chat.config import Settings
 from tornado_chat.errors import (
     BadRequest,
     Forbidden,
@@ -34,6 +40,8 @@ from tornado_chat.errors import (
 )
 from tornado_chat.handlers.base import request_summary, set_security_headers, write_json_error
 from tornado_chat.hub import Member
+from tornado_chat.pki.ca import SERVER_CERT_FILE
+from tornado_chat.pki.names import name_text, subject_alt_names
 from tornado_chat.protocol import Reauth
 from tornado_chat.session import (
     CloseDecision,
@@ -41,10 +49,10 @@ from tornado_chat.session import (
     SessionLimits,
     choose_credential,
 )
+from tornado_chat.tls import certificate_covers
 
 if TYPE_CHECKING:
     from tornado_chat.app import Services
-    from tornado_chat.config import Settings
     from tornado_chat.security import AccessClaims
 
 log = logging.getLogger("tornado_chat.socket")
@@ -63,16 +71,54 @@ CONTROL_HEADROOM = 1024
 _WRITE_WITHOUT_FUTURE = compat.WRITE_WITHOUT_FUTURE
 
 
+# An origin as a browser serialises it (RFC 6454 6.2): a lower-case scheme,
+# an ASCII host, and a port of digits without a leading zero.
+_ORIGIN_RE = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(:[1-9][0-9]{0,4})?")
+
+
 def normalize_origin(origin: str) -> str | None:
     """The canonical form of an ``Origin`` header, or None if it is not an origin.
 
     The same function canonicalises ``--allowed-origins``, so both sides of
-    the comparison are spelled alike (case, default port, IDNA, brackets).
+    the comparison are spelled alike (host case, default port, brackets). Only
+    an origin spelled as browsers spell one is canonicalised: an upper-case
+    scheme, a port with a leading zero or a character that ``str.strip``
+    would drop (``\x85``) is no origin a browser sent.
     """
+    if _ORIGIN_RE.fullmatch(origin) is None:
+        return None
     try:
         return config.normalize_origin(origin)
     except argparse.ArgumentTypeError:
         return None
+
+
+@functools.lru_cache(maxsize=4)
+def _certificate_names(path: Path, version: tuple[int, int]) -> tuple[str, ...]:
+    """The DNS names and addresses of a certificate file (cached per file version)."""
+    try:
+        leaf = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return ()
+    return tuple(
+        name_text(name)
+        for name in subject_alt_names(leaf)
+        if isinstance(name, (x509.DNSName, x509.IPAddress))
+    )
+
+
+def server_names(settings: Settings) -> tuple[str, ...]:
+    """The names this server answers to: those of the certificate it serves.
+
+    That is ``--certfile``, or the leaf the local CA keeps in ``--caroot``; a
+    renewed file is read again.
+    """
+    path = settings.certfile or settings.caroot / SERVER_CERT_FILE
+    try:
+        stat = path.stat()
+    except OSError:
+        return ()
+    return _certificate_names(path, (stat.st_mtime_ns, stat.st_size))
 
 
 def session_limits(settings: Settings) -> SessionLimits:
@@ -245,13 +291,33 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         absence cannot be a cross-site browser request.
         """
         norm = normalize_origin(origin)
-        if norm is None:
-            return False
-        own = normalize_origin(f"https://{self.request.host}")
-        allowed = norm == own or norm in self.chat_settings.allowed_origins
+        allowed = norm is not None and (
+            norm == self._own_origin() or norm in self.chat_settings.allowed_origins
+        )
         if not allowed:
             log.warning("origin refused %s origin=%s", request_summary(self), origin[:200])
         return allowed
+
+    def _own_origin(self) -> str | None:
+        """``https://HOST:PORT`` the client asked for, if it is this server's own.
+
+        The Host header alone says nothing (``Host: evil.com`` is one line of a
+        script): HOST must be a name of the served certificate and PORT the
+        port this connection reached.
+        """
+        own = normalize_origin(f"https://{self.request.host}")
+        if own is None:
+            return None
+        parts = urllib.parse.urlsplit(own)
+        stream = getattr(self.request.connection, "stream", None)
+        try:
+            local_port = stream.socket.getsockname()[1] if stream is not None else None
+        except (AttributeError, OSError):
+            local_port = None
+        if parts.hostname is None or (parts.port or 443) != local_port:
+            return None
+        names = server_names(self.chat_settings)
+        return own if certificate_covers(names, parts.hostname) else None
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         """Pick ``chat.v1``; remember a ``bearer.``/``ticket.`` credential, never echo it."""
