@@ -45,6 +45,18 @@ class StaticHandler(tornado.web.StaticFileHandler):
         if path.endswith(".html"):
             self.set_header("Cache-Control", "no-cache")
 
+    def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
+        """Tornado's checks, with a path the file system refuses answered 404.
+
+        A NUL byte (``/static/%00``) makes ``os.path.realpath`` raise
+        ValueError, which would otherwise be a 500; any path the file system
+        cannot even look up names no file we serve.
+        """
+        try:
+            return super().validate_absolute_path(root, absolute_path)
+        except (ValueError, OSError):
+            raise tornado.web.HTTPError(404) from None
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Plain short error pages (no traceback, no server details)."""
         self.set_header("Content-Type", "text/plain; charset=UTF-8")
