@@ -585,3 +585,31 @@ def test_log_lines_clip_what_an_attacker_controls(caplog: pytest.LogCaptureFixtu
     s.reauth_refused(f"algorithm {'A' * 3000!r} is not accepted")
     (line,) = [r.getMessage() for r in caplog.records if "reauth refused" in r.getMessage()]
     assert len(line) < 300 and line.endswith("more]")
+
+
+def reauthenticating() -> Session:
+    s = live()
+    s.frame_received('{"type":"reauth","token":"t"}', Budget())
+    return s
+
+
+@pytest.mark.parametrize(
+    ("make", "phase"),
+    [
+        (new, Phase.AUTHENTICATING),
+        (admitted, Phase.JOINING),
+        (replaying, Phase.REPLAYING),
+        (live, Phase.LIVE),
+        (reauthenticating, Phase.REAUTHENTICATING),
+    ],
+)
+def test_every_phase_closes_on_a_decision_and_ends_closed(
+    make: Callable[[], Session], phase: Phase
+) -> None:
+    """From each open phase a close decision moves to CLOSING, and the end to CLOSED."""
+    s = make()
+    assert s.phase is phase
+    s.close_requested(protocol.CLOSE_GOING_AWAY, "server shutting down")
+    assert closed_with(s).code == protocol.CLOSE_GOING_AWAY
+    s.closed(None, duration=0.5)
+    assert s.phase is Phase.CLOSED

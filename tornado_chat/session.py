@@ -9,16 +9,17 @@ and exactly one :class:`CloseDecision`. The Tornado handler
 hub and storage, writes what :meth:`Session.frames_to_send` returns and
 carries out what :meth:`Session.take_close` returns, in one place.
 
-The phases (any phase but CLOSED goes to CLOSING on a close decision, and
-CLOSING to CLOSED when the connection is gone)::
+The phases and what moves them::
 
-    AUTHENTICATING --credentials_checked--> JOINING --joined--> LIVE
-                                               |                 ^  |
-                                            joined      replay_done  | frame: reauth
-                                               v                 |  v
-                                           REPLAYING        REAUTHENTICATING
-                                               |  ^ reauth_done, reauth_refused |
-                                               +--------------------------------+
+    from               event                                to
+    AUTHENTICATING     credentials_checked (admitted)       JOINING
+    JOINING            joined (nothing to replay)           LIVE
+    JOINING            joined (``since`` < last seq)        REPLAYING
+    REPLAYING          replay_done                          LIVE
+    REPLAYING, LIVE    frame_received (a reauth frame)      REAUTHENTICATING
+    REAUTHENTICATING   reauth_done, reauth_refused, ...     REPLAYING or LIVE, as before
+    any but CLOSED     a close decision (the first only)    CLOSING
+    any                closed                               CLOSED
 
 Frames are accepted while replaying and live (the client may talk while its
 history arrives); Tornado reads no further frame while a reauth is checked.

@@ -87,9 +87,6 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
         self.set_header("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
 
-    def _request_summary(self) -> str:
-        return request_summary(self)
-
     def json_body(self) -> dict[str, Any]:
         """The request body as a JSON object.
 

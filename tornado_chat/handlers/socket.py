@@ -240,9 +240,6 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         """HSTS and friends on the handshake response too."""
         set_security_headers(self)
 
-    def _request_summary(self) -> str:
-        return request_summary(self)
-
     def prepare(self) -> None:
         """Refuse what can be refused with an HTTP status, before the upgrade.
 
