@@ -62,7 +62,7 @@ def test_each_internal_is_on_only_for_recorded_versions(internal: str) -> None:
     """On for the installed, recorded release; off for any other version string."""
     assert getattr(compat, internal) is (tornado.version in compat.TESTED)
     assert compat.recorded_for(internal, tornado.version) is (tornado.version in compat.TESTED)
-    for other in ("6.5.2", "6.6", "6.6.10", "7.0.0", ""):
+    for other in ("6.5.2", "6.5.9", "6.6", "6.6.10", "7.0.0", ""):
         assert not compat.recorded_for(internal, other)
 
 
