@@ -179,6 +179,22 @@ class Session:
         since: the ``?since=`` the client resumes from, if any.
     """
 
+    # An idle socket lives for hours: no per-instance dict.
+    __slots__ = (
+        "_close_taken",
+        "_frames",
+        "_replaying",
+        "addr",
+        "claims",
+        "decision",
+        "limits",
+        "origin",
+        "phase",
+        "room",
+        "since",
+        "summary",
+    )
+
     def __init__(
         self,
         limits: SessionLimits,

@@ -83,7 +83,7 @@ def normalize_origin(origin: str) -> str | None:
     the comparison are spelled alike (host case, default port, brackets). Only
     an origin spelled as browsers spell one is canonicalised: an upper-case
     scheme, a port with a leading zero or a character that ``str.strip``
-    would drop (``\x85``) is no origin a browser sent.
+    would drop (``\\x85``) is no origin a browser sent.
     """
     if _ORIGIN_RE.fullmatch(origin) is None:
         return None
@@ -121,8 +121,9 @@ def server_names(settings: Settings) -> tuple[str, ...]:
     return _certificate_names(path, (stat.st_mtime_ns, stat.st_size))
 
 
+@functools.lru_cache(maxsize=8)
 def session_limits(settings: Settings) -> SessionLimits:
-    """The slice of the settings a socket's session enforces."""
+    """The slice of the settings a socket's session enforces (one object per Settings)."""
     return SessionLimits(
         max_body_chars=settings.max_body_chars,
         max_sockets=settings.max_sockets,
