@@ -526,3 +526,19 @@ def test_close_codes() -> None:
     ) == (1001, 1009, 1011, 4401, 4403, 4408, 4429)
     assert protocol.SUBPROTOCOL == "chat.v1"
     assert (protocol.BEARER_PREFIX, protocol.TICKET_PREFIX) == ("bearer.", "ticket.")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("0", 0), ("42", 42), ("007", 7), ("9" * 18, 10**18 - 1)],
+)
+def test_parse_seq_accepts_whole_numbers(raw: str, expected: int) -> None:
+    """Up to 18 ASCII digits, so the value always fits a 64-bit integer."""
+    assert protocol.parse_seq(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "-1", "+1", "1.0", " 1", "1e3", "9" * 19, "١٢", "²", "0x10"])
+def test_parse_seq_refuses_anything_else(raw: str) -> None:
+    """Signs, spaces, non-ASCII digits and 19+ digits are ValueError (a 400 for the caller)."""
+    with pytest.raises(ValueError):
+        protocol.parse_seq(raw)

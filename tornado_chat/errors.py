@@ -11,18 +11,18 @@ Everything the package raises on purpose derives from :class:`ChatError`::
     │   ├── BadRequest           400 bad_request / invalid_username / weak_password / ...
     │   ├── Unauthorized         401 invalid_credentials / invalid_token
     │   ├── Forbidden            403 forbidden
-    │   ├── NotFound             404 not_found
     │   ├── Conflict             409 username_taken
     │   ├── TooManyRequests      429 too_many_attempts (carries Retry-After)
     │   └── ServiceUnavailable   503 unavailable (database or broker down)
     ├── InvalidToken             a JWT, refresh token or ticket is not acceptable
-    ├── StorageError             the database failed or is unreachable
-    │   └── UsernameTaken        unique constraint on users.username
-    └── SocketClose              a WebSocket must close with a documented code
+    └── StorageError             the database failed or is unreachable
+        └── UsernameTaken        unique constraint on users.username
 
 HTTP handlers map :class:`ApiError` to ``{"error": {"code", "message"}}`` in
-one place (``BaseHandler.write_error``); the socket handler maps
-:class:`SocketClose` (and :class:`InvalidToken`, as 4401) to close codes.
+one place (``handlers/base.write_json_error``). A socket's errors become close
+codes in one place too: ``session.Session`` decides the code
+(:class:`InvalidToken` is 4401, :class:`StorageError` 1011) and the socket
+handler carries it out.
 """
 
 from __future__ import annotations
@@ -88,12 +88,6 @@ class Forbidden(ApiError):
     status = 403
 
 
-class NotFound(ApiError):
-    """404: no such resource."""
-
-    status = 404
-
-
 class Conflict(ApiError):
     """409: the resource already exists."""
 
@@ -130,12 +124,3 @@ class StorageError(ChatError):
 
 class UsernameTaken(StorageError):
     """The username already exists (enforced by a unique constraint)."""
-
-
-class SocketClose(ChatError):
-    """A WebSocket must be closed with ``code`` and a short ``reason``."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"{code} {reason}")
-        self.code = code
-        self.reason = reason

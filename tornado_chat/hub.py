@@ -344,9 +344,7 @@ class Hub:
         if r is not None and r.delivered is None:
             r.delivered = seq
             self._drain_pending(r)
-            if r.pending and r.gap_timer is None:
-                loop = asyncio.get_running_loop()
-                r.gap_timer = loop.call_later(self._gap_wait, self._start_fill, r.name)
+            self._arm_gap_timer(r)
             if r.catch_up:
                 r.catch_up = False
                 self._spawn(self._catch_up(r.name))
@@ -383,9 +381,7 @@ class Hub:
             self._drain_pending(room)
         elif msg.seq > room.delivered + 1:
             self._hold(room, msg, origin)
-            if room.gap_timer is None:
-                loop = asyncio.get_running_loop()
-                room.gap_timer = loop.call_later(self._gap_wait, self._start_fill, room.name)
+            self._arm_gap_timer(room)
         # else: already delivered (a duplicate notification)
 
     @staticmethod
@@ -423,6 +419,12 @@ class Hub:
             room.gap_timer.cancel()
             room.gap_timer = None
 
+    def _arm_gap_timer(self, room: Room) -> None:
+        """Fill the room's gap from storage in ``gap_wait``, unless armed or nothing is held."""
+        if room.pending and room.gap_timer is None:
+            loop = asyncio.get_running_loop()
+            room.gap_timer = loop.call_later(self._gap_wait, self._start_fill, room.name)
+
     def _start_fill(self, room_name: str) -> None:
         room = self.rooms.get(room_name)
         if room is None:
@@ -447,9 +449,8 @@ class Hub:
         except Exception:  # the database may be down; retry on the next gap tick
             log.warning("room %s: gap fill failed, retrying", room_name, exc_info=True)
             room = self.rooms.get(room_name)
-            if room is not None and room.pending and room.gap_timer is None:
-                loop = asyncio.get_running_loop()
-                room.gap_timer = loop.call_later(self._gap_wait, self._start_fill, room_name)
+            if room is not None:
+                self._arm_gap_timer(room)
             return
         room = self.rooms.get(room_name)
         if room is None:
@@ -459,12 +460,10 @@ class Hub:
                 held = room.pending.pop(msg.seq, None)
                 self._fan_out(room, msg, held[1] if held else None)
         self._drain_pending(room)
-        if room.pending and room.gap_timer is None:
-            # One fetch returns at most one page (Storage.messages caps it), so
-            # a long gap needs several; do not wait for another live message to
-            # arm the next one, or the held messages stall in a quiet room.
-            loop = asyncio.get_running_loop()
-            room.gap_timer = loop.call_later(self._gap_wait, self._start_fill, room_name)
+        # One fetch returns at most one page (Storage.messages caps it), so a
+        # long gap needs several; do not wait for another live message to arm
+        # the next one, or the held messages stall in a quiet room.
+        self._arm_gap_timer(room)
 
     def catch_up(self, room: str | None = None) -> None:
         """Fetch and deliver what was stored after the last delivered ``seq``.

@@ -38,6 +38,17 @@ _SECRET_RE = re.compile(
 )
 
 
+def clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters for a log line, marked where it was cut.
+
+    For values an attacker controls (a JWT header's ``alg``, a reason quoting
+    one): a few thousand characters per frame must not grow the log by as much.
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more]"
+
+
 def redact(text: str) -> str:
     """Replace every credential in ``text`` with ``[REDACTED]``."""
     return _SECRET_RE.sub(lambda m: m.group("key") + "[REDACTED]", text)

@@ -15,8 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-# Close codes: 4000 + the HTTP status that means the same (DESIGN.md).
+# Close codes: 4000 + the HTTP status that means the same (README.md's close-code table).
 CLOSE_GOING_AWAY: Final = 1001
+CLOSE_PROTOCOL_ERROR: Final = 1002
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL: Final = 1011
 CLOSE_UNAUTHORIZED: Final = 4401
@@ -32,6 +33,8 @@ ROOM_PATTERN: Final = r"[A-Za-z0-9_.\-]{3,32}"
 _ROOM_RE: Final = re.compile(ROOM_PATTERN)
 MAX_CLIENT_ID_CHARS: Final = 64
 MAX_TOKEN_CHARS: Final = 4096
+# A seq in a query argument: at most 18 digits, so it always fits a 64-bit integer.
+MAX_SEQ_DIGITS: Final = 18
 
 # Characters that are valid JSON but cannot be stored or shown safely: NUL
 # (PostgreSQL text rejects it) and lone surrogates (not encodable as UTF-8).
@@ -73,6 +76,26 @@ ClientFrame = ChatMessage | Reauth
 def is_valid_room(name: str) -> bool:
     """Whether ``name`` is an acceptable room name (same rules as usernames)."""
     return _ROOM_RE.fullmatch(name) is not None
+
+
+def is_valid_close_code(code: int) -> bool:
+    """Whether a peer may send ``code`` in a close frame (RFC 6455 7.4, IANA registry).
+
+    1004-1006 and 1015 are reserved for reporting, never sent; 1016-2999 are
+    unassigned; 3000-4999 are for libraries and applications.
+    """
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def parse_seq(raw: str) -> int:
+    """A message ``seq`` (or count) from a query argument such as ``?since=``.
+
+    Raises:
+        ValueError: ``raw`` is not a whole number of at most 18 ASCII digits.
+    """
+    if not raw.isascii() or not raw.isdigit() or len(raw) > MAX_SEQ_DIGITS:
+        raise ValueError("not a whole number")
+    return int(raw)
 
 
 def parse_client_frame(data: str | bytes, *, max_body_chars: int) -> ClientFrame:

@@ -28,6 +28,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from tornado_chat import compat
 from tornado_chat.errors import CertificateError
 from tornado_chat.pki.names import (
     client_host,
@@ -366,7 +367,7 @@ class HandshakeLogFilter(logging.Filter):
             "(not connected)" when the client has already gone.
     """
 
-    TORNADO_MESSAGE = "SSL Error on %s %s: %s"
+    TORNADO_MESSAGE = compat.TORNADO_SSL_ERROR_MESSAGE
 
     def __init__(self) -> None:
         super().__init__("tornado.general")
@@ -382,7 +383,7 @@ class HandshakeLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite a handshake-failure record in place; let every record through."""
-        if record.msg != self.TORNADO_MESSAGE:
+        if not compat.is_tornado_ssl_error(record):
             return True
         args = record.args
         if not isinstance(args, tuple) or len(args) != 3:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from http.client import responses
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
@@ -16,7 +17,7 @@ from tornado_chat.errors import (
     StorageError,
     Unauthorized,
 )
-from tornado_chat.logs import redact_uri
+from tornado_chat.logs import clip, redact_uri
 
 if TYPE_CHECKING:
     from tornado_chat.app import Services
@@ -51,6 +52,17 @@ def set_security_headers(handler: tornado.web.RequestHandler) -> None:
     handler.set_header("Cross-Origin-Opener-Policy", "same-origin")
 
 
+def reason_phrase(status_code: int, exc: BaseException | None) -> str:
+    """The response's reason phrase, as ``send_error`` set it, through public API.
+
+    An ``HTTPError`` may carry its own reason; otherwise it is the standard
+    phrase of the status ("Not Found"), from the table Tornado uses too.
+    """
+    if isinstance(exc, tornado.web.HTTPError) and exc.reason:
+        return str(exc.reason)
+    return responses.get(status_code, "Unknown")
+
+
 def request_summary(handler: tornado.web.RequestHandler) -> str:
     """``METHOD /path?query (ip)`` with credentials in the URL redacted."""
     req = handler.request
@@ -74,9 +86,6 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
-
-    def _request_summary(self) -> str:
-        return request_summary(self)
 
     def json_body(self) -> dict[str, Any]:
         """The request body as a JSON object.
@@ -119,7 +128,7 @@ class BaseHandler(tornado.web.RequestHandler):
         try:
             return await self.services.auth.authenticate(token)
         except InvalidToken as exc:
-            log.info("auth failure %s: %s", request_summary(self), exc)
+            log.info("auth failure %s: %s", request_summary(self), clip(str(exc)))
             raise Unauthorized("invalid_token", "access token is invalid or expired") from None
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
@@ -156,7 +165,7 @@ def write_json_error(
         code, message = "internal", "internal server error"
     else:
         code = _STATUS_CODES.get(status_code, "error")
-        message = handler._reason
+        message = reason_phrase(status_code, exc)
     handler.set_header("Content-Type", "application/json; charset=UTF-8")
     handler.write(json.dumps({"error": {"code": code, "message": message}}))
 

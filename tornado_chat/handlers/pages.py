@@ -7,7 +7,7 @@ from typing import Any
 
 import tornado.web
 
-from tornado_chat.handlers.base import set_security_headers
+from tornado_chat.handlers.base import reason_phrase, set_security_headers
 
 # Only characters a real Host header has; anything else is left out of the CSP.
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
@@ -45,7 +45,20 @@ class StaticHandler(tornado.web.StaticFileHandler):
         if path.endswith(".html"):
             self.set_header("Cache-Control", "no-cache")
 
+    def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
+        """Tornado's checks, with a path the file system refuses answered 404.
+
+        A NUL byte (``/static/%00``) makes ``os.path.realpath`` raise
+        ValueError, which would otherwise be a 500; any path the file system
+        cannot even look up names no file we serve.
+        """
+        try:
+            return super().validate_absolute_path(root, absolute_path)
+        except (ValueError, OSError):
+            raise tornado.web.HTTPError(404) from None
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Plain short error pages (no traceback, no server details)."""
         self.set_header("Content-Type", "text/plain; charset=UTF-8")
-        self.finish(f"{status_code} {self._reason}\n")
+        reason = reason_phrase(status_code, kwargs.get("exc_info", (None, None, None))[1])
+        self.finish(f"{status_code} {reason}\n")

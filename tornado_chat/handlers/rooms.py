@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tornado_chat import protocol
 from tornado_chat.errors import BadRequest, ServiceUnavailable, StorageError
 from tornado_chat.handlers.base import BaseHandler
 
@@ -28,9 +29,10 @@ class RoomHistoryHandler(BaseHandler):
         raw = self.get_query_argument(name, None)
         if raw is None or raw == "":
             return None
-        if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
-            raise BadRequest("bad_request", f"{name} must be a whole number")
-        value = int(raw)
+        try:
+            value = protocol.parse_seq(raw)
+        except ValueError:
+            raise BadRequest("bad_request", f"{name} must be a whole number") from None
         if not low <= value <= high:
             raise BadRequest("bad_request", f"{name} must be between {low} and {high}")
         return value
@@ -42,21 +44,15 @@ class RoomHistoryHandler(BaseHandler):
         before = self._int_arg("before", 1, 2**62)
         limit = self._int_arg("limit", 1, MAX_HISTORY) or DEFAULT_HISTORY
         msgs = await self.services.storage.messages(room, since=since, before=before, limit=limit)
-        self.send_json(
-            {
-                "messages": [
-                    {
-                        "room": m.room,
-                        "seq": m.seq,
-                        "id": m.id,
-                        "user": m.user,
-                        "body": m.body,
-                        "ts": m.ts,
-                    }
-                    for m in msgs
-                ]
-            }
-        )
+        # The sender's client_id is an echo for its live socket only: history
+        # never carries it (protocol.message_payload leaves it out).
+        payloads = [
+            protocol.message_payload(
+                room=m.room, seq=m.seq, msg_id=m.id, user=m.user, body=m.body, ts=m.ts
+            )
+            for m in msgs
+        ]
+        self.send_json({"messages": payloads})
 
 
 class HealthHandler(BaseHandler):

@@ -1,4 +1,9 @@
-"""``/ws/{room}``: the chat WebSocket.
+"""``/ws/{room}``: the chat WebSocket, a thin Tornado adapter of a :class:`Session`.
+
+The session decides (what each event means, which error frame to send, how
+and with which code the socket closes); this handler does the I/O: it checks
+credentials, joins the hub, writes frames and replays, and carries out the one
+close decision in :meth:`ChatSocketHandler._perform_close`.
 
 Authentication happens in :meth:`ChatSocketHandler.open`: Tornado does not
 read a single frame of a socket until ``open()`` returns, so a socket without
@@ -10,19 +15,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
-import ssl
+import re
 import time
+import urllib.parse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import tornado
-import tornado.httputil
 import tornado.ioloop
 import tornado.web
 import tornado.websocket
+from cryptography import x509
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
-from tornado_chat import config, protocol
+from tornado_chat import compat, config, protocol
+from tornado_chat.config import Settings
 from tornado_chat.errors import (
     BadRequest,
     Forbidden,
@@ -32,11 +40,18 @@ from tornado_chat.errors import (
 )
 from tornado_chat.handlers.base import request_summary, set_security_headers, write_json_error
 from tornado_chat.hub import Member
-from tornado_chat.protocol import ProtocolError, Reauth
+from tornado_chat.pki.ca import SERVER_CERT_FILE
+from tornado_chat.pki.names import covers_host, subject_alt_names
+from tornado_chat.protocol import Reauth
+from tornado_chat.session import (
+    CloseDecision,
+    Session,
+    SessionLimits,
+    choose_credential,
+)
 
 if TYPE_CHECKING:
     from tornado_chat.app import Services
-    from tornado_chat.config import Settings
     from tornado_chat.security import AccessClaims
 
 log = logging.getLogger("tornado_chat.socket")
@@ -45,71 +60,75 @@ REPLAY_PAGE = 500
 # A replay is written in chunks of about this size, each once the previous one
 # has reached the kernel: it can be far larger than the outbox.
 REPLAY_CHUNK = 64 * 1024
-# RFC 6455 7.4.1: a text frame that is not UTF-8 fails the connection with 1007.
-CLOSE_INVALID_DATA = 1007
 # Room kept in the stream's write buffer beyond the outbox for Tornado's own
 # control frames (ping, pong, close: at most 127 bytes each, a few at a time),
 # so a nearly full outbox never makes one of those writes raise.
 CONTROL_HEADROOM = 1024
 
-# IOStream.write() makes a Future per call, adds a closure to it and resolves
-# it through a loop callback once the bytes are out: at 30k deliveries/s, one
-# write per recipient, that was the largest single cost in the profile (py-spy,
-# bench/run.py --profile: BaseIOStream.write 30% of the server's samples).
-# Fan-out writes never wait for that Future, so they use the same steps without
-# it; the steps are IOStream.write's own in every Tornado 6.5 and 6.x release
-# (setup.py requires >= 6.5.10), and any other major version takes the public
-# path. Tornado's own writes (pings, close frames) keep their Futures: both
-# count bytes with the same index, so their Futures still resolve in order.
-_WRITE_WITHOUT_FUTURE = tornado.version_info[0] == 6 and tornado.version_info[1] >= 5
+# Fan-out writes skip IOStream.write()'s Future on the Tornado versions
+# tornado_chat.compat was checked on; any other takes the public path.
+_WRITE_WITHOUT_FUTURE = compat.WRITE_WITHOUT_FUTURE
 
 
-def _write_without_future(stream: IOStream, data: bytes) -> None:
-    """``stream.write(data)`` minus the Future nobody awaits (see above).
-
-    With nothing queued before it (the usual case), the data goes straight to
-    the socket: Tornado's buffer, peek and advance steps cost more Python than
-    the TLS record itself (py-spy at 30k deliveries/s). Whatever the socket
-    does not take goes through Tornado's path, which retries it when the socket
-    is writable and handles errors (closing the stream) as it always does.
-    """
-    if not stream._write_buffer and not stream._connecting:
-        try:
-            sent = stream.socket.send(data)
-        except (BlockingIOError, ssl.SSLWantWriteError):
-            # Not writable now. TLS: OpenSSL holds the record and wants the
-            # same bytes again, which Tornado's retry below sends.
-            sent = 0
-        except OSError:
-            # Let Tornado meet the error on its own path and close the stream.
-            sent = 0
-        if sent:
-            # Both indexes move together: Tornado's own write Futures (pings,
-            # close frames) compare against them.
-            stream._total_write_index += sent
-            stream._total_write_done_index += sent
-            if sent == len(data):
-                return
-            data = data[sent:]
-    stream._write_buffer.append(data)
-    stream._total_write_index += len(data)
-    if not stream._connecting:
-        stream._handle_write()
-        if stream._write_buffer:
-            stream._add_io_state(stream.io_loop.WRITE)
-        stream._maybe_add_error_listener()
+# An origin as a browser serialises it (RFC 6454 6.2): a lower-case scheme,
+# an ASCII host, and a port of digits without a leading zero.
+_ORIGIN_RE = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(:[1-9][0-9]{0,4})?")
 
 
 def normalize_origin(origin: str) -> str | None:
     """The canonical form of an ``Origin`` header, or None if it is not an origin.
 
     The same function canonicalises ``--allowed-origins``, so both sides of
-    the comparison are spelled alike (case, default port, IDNA, brackets).
+    the comparison are spelled alike (host case, default port, brackets). Only
+    an origin spelled as browsers spell one is canonicalised: an upper-case
+    scheme, a port with a leading zero or a character that ``str.strip``
+    would drop (``\\x85``) is no origin a browser sent.
     """
+    if _ORIGIN_RE.fullmatch(origin) is None:
+        return None
     try:
         return config.normalize_origin(origin)
     except argparse.ArgumentTypeError:
         return None
+
+
+@functools.lru_cache(maxsize=4)
+def _certificate_names(path: Path, version: tuple[int, int]) -> tuple[x509.GeneralName, ...]:
+    """The subjectAltName entries of a certificate file (cached per file version)."""
+    try:
+        leaf = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return ()
+    return tuple(subject_alt_names(leaf))
+
+
+def server_names(settings: Settings) -> tuple[x509.GeneralName, ...]:
+    """The names this server answers to: those of the certificate it serves.
+
+    That is ``--certfile``, or the leaf the local CA keeps in ``--caroot``; a
+    renewed file is read again.
+    """
+    path = settings.certfile or settings.caroot / SERVER_CERT_FILE
+    try:
+        stat = path.stat()
+    except OSError:
+        return ()
+    return _certificate_names(path, (stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def session_limits(settings: Settings) -> SessionLimits:
+    """The slice of the settings a socket's session enforces (one object per Settings)."""
+    return SessionLimits(
+        max_body_chars=settings.max_body_chars,
+        max_sockets=settings.max_sockets,
+        max_sockets_per_user=settings.max_sockets_per_user,
+        outbox_bytes=settings.outbox_bytes,
+        max_frame_bytes=settings.max_frame_bytes,
+        handshake_timeout=settings.handshake_timeout,
+        reauth_grace=settings.reauth_grace,
+        allow_query_token=settings.allow_query_token,
+    )
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:
@@ -118,18 +137,20 @@ def _log_failure(task: asyncio.Future[None]) -> None:
         log.error("socket task failed", exc_info=task.exception())
 
 
-class ChatWebSocketProtocol(tornado.websocket.WebSocketProtocol13):
+class ChatWebSocketProtocol(compat.ProtocolHooks):
     """Tornado's RFC 6455 protocol, telling the handler about closes it starts itself.
 
     Tornado closes a socket on its own for a frame over the size limit (1009)
     and a missed pong ("ping timed out"); the handler logs those as limit hits.
     A text frame that is not UTF-8 is closed with 1007 (Tornado would drop the
-    connection without a close frame, which a client sees as 1006).
+    connection without a close frame, which a client sees as 1006); an
+    unmasked frame or an invalid close code with 1002.
     """
 
     handler: ChatSocketHandler
     _ping_timer: object | None = None
     _pong_due = False
+    pong_seen = False
 
     def start_pinging(self) -> None:
         """Ping with one timer per socket instead of Tornado's task per socket.
@@ -140,6 +161,9 @@ class ChatWebSocketProtocol(tornado.websocket.WebSocketProtocol13):
         the same job: ping every ``ping_interval``, and close with "ping timed
         out" when no pong came within ``ping_timeout``.
         """
+        if not compat.PING_TIMER:
+            super().start_pinging()
+            return
         if self._ping_timer is None and self.ping_interval > 0:
             self._ping_timer = tornado.ioloop.IOLoop.current().call_later(
                 self.ping_interval, self._ping_tick
@@ -155,13 +179,13 @@ class ChatWebSocketProtocol(tornado.websocket.WebSocketProtocol13):
             # The ping's timeout has passed (Tornado's order: ping, wait the
             # timeout, check, wait the rest of the interval).
             self._pong_due = False
-            if timeout > 0 and not self._received_pong:
+            if timeout > 0 and not self.pong_seen:
                 self.close(reason="ping timed out")
                 return
             rest = max(0.0, self.ping_interval - timeout)
             self._ping_timer = loop.call_later(rest, self._ping_tick)
             return
-        self._received_pong = False
+        self.pong_seen = False
         self.write_ping(b"")
         self._pong_due = True
         self._ping_timer = loop.call_later(timeout, self._ping_tick)
@@ -170,23 +194,20 @@ class ChatWebSocketProtocol(tornado.websocket.WebSocketProtocol13):
         """Close, first telling the handler why when the close is Tornado's own."""
         # A close the client started is only echoed here; not ours to report.
         if not self.server_terminated and not self.client_terminated:
-            self.handler.server_closing(code, reason)
+            self.handler.tornado_closing(code, reason)
         super().close(code, reason)
         # Tornado stops its ping task here; stop the timer that replaces it.
         timer, self._ping_timer = self._ping_timer, None
         if timer is not None:
             tornado.ioloop.IOLoop.current().remove_timeout(timer)
 
-    def _handle_message(self, opcode: int, data: bytes) -> asyncio.Future[None] | None:
-        # Compression is off (get_compression_options), so ``data`` is the
-        # frame's payload as sent; ASCII needs no second look.
-        if opcode == 0x1 and not self.client_terminated and not data.isascii():
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError:
-                self.handler.invalid_text()
-                return None
-        return super()._handle_message(opcode, data)
+    def on_invalid_text(self) -> None:
+        """A text frame is not UTF-8: the handler closes with 1007."""
+        self.handler.invalid_text()
+
+    def on_protocol_error(self, why: str) -> None:
+        """The client broke the framing rules: the handler sends a 1002 close frame."""
+        self.handler.protocol_error(why)
 
 
 class ChatSocketHandler(tornado.websocket.WebSocketHandler):
@@ -200,16 +221,13 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self.services = services
         self.chat_settings = settings
         self.member: Member | None = None
-        self.claims: AccessClaims | None = None
+        self.session: Session | None = None
         self._since: int | None = None
         self._bearer: str | None = None
         self._ticket: str | None = None
         self._expiry: object | None = None
-        self._closing_code: int | None = None
         self._opened = 0.0
-        self._room = "-"
         self._replay_task: asyncio.Future[None] | None = None
-        self._origin_text: str | None = None
         self._offered: list[str] | None = None
 
     # -- before the upgrade ---------------------------------------------------
@@ -217,9 +235,6 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     def set_default_headers(self) -> None:
         """HSTS and friends on the handshake response too."""
         set_security_headers(self)
-
-    def _request_summary(self) -> str:
-        return request_summary(self)
 
     def prepare(self) -> None:
         """Refuse what can be refused with an HTTP status, before the upgrade.
@@ -235,9 +250,10 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             raise ServiceUnavailable("server_full", "too many open sockets; try again later")
         raw = self.get_query_argument("since", None)
         if raw is not None:
-            if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
-                raise BadRequest("bad_request", "since must be a whole number")
-            self._since = int(raw)
+            try:
+                self._since = protocol.parse_seq(raw)
+            except ValueError:
+                raise BadRequest("bad_request", "since must be a whole number") from None
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """JSON error bodies for refused handshakes."""
@@ -268,13 +284,33 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         absence cannot be a cross-site browser request.
         """
         norm = normalize_origin(origin)
-        if norm is None:
-            return False
-        own = normalize_origin(f"https://{self.request.host}")
-        allowed = norm == own or norm in self.chat_settings.allowed_origins
+        allowed = norm is not None and (
+            norm == self._own_origin() or norm in self.chat_settings.allowed_origins
+        )
         if not allowed:
             log.warning("origin refused %s origin=%s", request_summary(self), origin[:200])
         return allowed
+
+    def _own_origin(self) -> str | None:
+        """``https://HOST:PORT`` the client asked for, if it is this server's own.
+
+        The Host header alone says nothing (``Host: evil.com`` is one line of a
+        script): HOST must be a name of the served certificate and PORT the
+        port this connection reached.
+        """
+        own = normalize_origin(f"https://{self.request.host}")
+        if own is None:
+            return None
+        parts = urllib.parse.urlsplit(own)
+        stream = getattr(self.request.connection, "stream", None)
+        try:
+            local_port = stream.socket.getsockname()[1] if stream is not None else None
+        except (AttributeError, OSError):
+            local_port = None
+        if parts.hostname is None or (parts.port or 443) != local_port:
+            return None
+        names = server_names(self.chat_settings)
+        return own if covers_host(names, parts.hostname) else None
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         """Pick ``chat.v1``; remember a ``bearer.``/``ticket.`` credential, never echo it."""
@@ -299,19 +335,30 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     # -- open -------------------------------------------------------------------
 
+    def _query_credential(self, name: str) -> str | None:
+        """A credential from the query string; one that is not UTF-8 is an invalid one.
+
+        Tornado answers such an argument with an HTTPError, which in ``open()``
+        would drop the socket without a close frame instead of the 4401
+        README promises.
+        """
+        try:
+            return self.get_query_argument(name, None)
+        except tornado.web.HTTPError:
+            raise InvalidToken(f"?{name}= is not UTF-8") from None
+
     async def _credentials(self) -> AccessClaims:
+        credential = choose_credential(
+            bearer=self._bearer,
+            ticket=self._ticket,
+            query_ticket=self._query_credential("ticket"),
+            query_token=self._query_credential("token"),
+            allow_query_token=self.chat_settings.allow_query_token,
+        )
         auth = self.services.auth
-        if self._bearer:
-            return await auth.authenticate(self._bearer)
-        ticket = self._ticket or self.get_query_argument("ticket", None)
-        if ticket:
-            return await auth.redeem_ticket(ticket)
-        token = self.get_query_argument("token", None)
-        if token:
-            if not self.chat_settings.allow_query_token:
-                raise InvalidToken("?token= is disabled on this server")
-            return await auth.authenticate(token)
-        raise InvalidToken("no credentials")
+        if credential.kind == "ticket":
+            return await auth.redeem_ticket(credential.value)
+        return await auth.authenticate(credential.value)
 
     async def open(self, room: str) -> None:
         """Authenticate, join the room, send welcome and any replay.
@@ -322,6 +369,14 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         it (Tornado reads no frame, not even a pong, until ``open()`` returns).
         """
         self._opened = time.monotonic()
+        session = self.session = Session(
+            session_limits(self.chat_settings),
+            room=room,
+            addr=self.request.remote_ip or "-",
+            summary=request_summary(self),
+            origin=self._origin(),
+            since=self._since,
+        )
         # No Nagle: frames are already coalesced once per loop turn
         # (Hub.flush), so holding a small write back until the previous one is
         # acknowledged only adds the client's delayed-ACK time (up to 40 ms on
@@ -329,36 +384,31 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)
         loop = tornado.ioloop.IOLoop.current()
         budget = max(0.0, self.chat_settings.handshake_timeout - self.request.request_time())
-        deadline = loop.call_later(budget, self._handshake_expired)
+        deadline = loop.call_later(budget, self._event, session.handshake_expired)
         try:
-            joined = await self._join(room)
+            last_seq = await self._join(session, room)
         finally:
             loop.remove_timeout(deadline)
-        if joined is None:
+        member = self.member
+        if last_seq is None or member is None:
             return
-        member, last_seq = joined
+        replay = session.joined(last_seq)
+        if replay is None:
+            return
         hub = self.services.hub
         welcome = protocol.welcome_frame(room, member.username, last_seq, hub.online(room))
-        since = self._since
-        if since is None or since >= last_seq:
+        if not replay:
             member.last_seq = last_seq
             hub.start_member(member, [(0, welcome)])
             return
+        since = session.since or 0
         self._replay_task = asyncio.ensure_future(self._replay(member, welcome, since, last_seq))
         self._replay_task.add_done_callback(_log_failure)
 
-    def _handshake_expired(self) -> None:
-        log.warning(
-            "ws handshake timeout addr=%s origin=%s: not open after %.1fs",
-            self.request.remote_ip,
-            self._origin(),
-            self.chat_settings.handshake_timeout,
-        )
-        self.close_with(protocol.CLOSE_INTERNAL, "handshake took too long; try again")
-
     def _origin(self) -> str:
-        if self._origin_text is not None:
-            return self._origin_text
+        """The handshake's Origin (or ``-``), as the log lines give it."""
+        if self.session is not None:
+            return self.session.origin
         return self.request.headers.get("Origin", "-")[:200]
 
     def _shed_upgrade_state(self) -> None:
@@ -367,9 +417,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         An idle socket lives for hours; the upgrade request's headers, query
         arguments and the 101 response's headers would stay with it (a few
         KiB each; bench/run.py --phases memory). What the logs still need is
-        kept: the method, URI and address of the request, and the Origin.
+        kept by the session: the request's summary, address and Origin.
         """
-        self._origin_text = self._origin()
         # The credential is spent (a reauth brings its own token).
         self._bearer = self._ticket = None
         # Tornado's upgrade coroutines stay suspended for the socket's whole
@@ -385,50 +434,31 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         request.query_arguments = {}
         request.body_arguments = {}
         request.files = {}
-        self._headers = tornado.httputil.HTTPHeaders()
+        compat.drop_response_headers(self)
         # Tornado's own _break_cycles does the same at close: the template UI
         # namespace is never used by a socket.
         self.ui = None  # type: ignore[assignment]
 
-    async def _join(self, room: str) -> tuple[Member, int] | None:
-        """Authenticate and join the room; (member, the room's last seq) or None if closed."""
-        self._room = room
+    async def _join(self, session: Session, room: str) -> int | None:
+        """Authenticate and join the room; the room's last seq, or None if closed."""
         hub = self.services.hub
         try:
             claims = await self._credentials()
         except InvalidToken as exc:
-            log.info("ws auth failure %s origin=%s: %s", request_summary(self), self._origin(), exc)
-            self.close_with(protocol.CLOSE_UNAUTHORIZED, "authentication failed")
+            self._event(session.credentials_refused, str(exc))
             return None
         except StorageError as exc:
-            log.warning("ws auth unavailable %s: %s", request_summary(self), exc)
-            self.close_with(protocol.CLOSE_INTERNAL, "storage unavailable")
+            self._event(session.credentials_unavailable, str(exc))
             return None
         conn = self.ws_connection
         if conn is None or conn.is_closing():  # gone or timed out while we checked
             return None
-        limits = self.chat_settings
-        if hub.sockets_of(claims.user_id) >= limits.max_sockets_per_user:
-            log.warning(
-                "ws refused user=%s addr=%s: too many sockets for this user (limit %d)",
-                claims.username,
-                self.request.remote_ip,
-                limits.max_sockets_per_user,
-            )
-            self.close_with(protocol.CLOSE_RATE_LIMITED, "too many sockets for this user")
+        admitted = session.credentials_checked(
+            claims, user_sockets=hub.sockets_of(claims.user_id), total=hub.total
+        )
+        if not admitted:
+            self._pump()
             return None
-        # prepare() refused the upgrade when full, but handshakes authenticate
-        # concurrently; this check and join() run in one turn, so it is exact.
-        if hub.total >= limits.max_sockets:
-            log.warning(
-                "ws refused user=%s addr=%s: server full (limit %d sockets)",
-                claims.username,
-                self.request.remote_ip,
-                limits.max_sockets,
-            )
-            self.close_with(protocol.CLOSE_RATE_LIMITED, "server full; try again later")
-            return None
-        self.claims = claims
         member = Member(
             self,
             room,
@@ -440,28 +470,16 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         first = hub.join(member)
         self.member = member
         # Bound what Tornado buffers for this socket: a client that stops
-        # reading overflows it and is closed with 4408 (Member.flush). Our
-        # frames may fill ``outbox_bytes`` (write_raw); the headroom above it
-        # is for Tornado's control frames.
-        stream = conn.stream
-        if stream is not None:
-            stream.max_write_buffer_size = limits.outbox_bytes + CONTROL_HEADROOM
-        self._schedule_expiry(claims.expires_at)
-        log.info(
-            "ws connect user=%s room=%s addr=%s origin=%s",
-            claims.username,
-            room,
-            self.request.remote_ip,
-            self._origin(),
-        )
+        # reading overflows it and is closed with 4408 (Member.flush).
+        self._limit_writes(conn.stream, "control")
+        self._schedule_expiry()
         storage = self.services.storage
         try:
             # A revocation that committed while the credentials were checked
             # found no socket to close; now that this one is in the hub, any
             # later one will find it, so one more look closes the gap.
             if not await self.services.auth.still_active(claims):
-                log.info("ws auth failure %s: session revoked while opening", request_summary(self))
-                self.close_with(protocol.CLOSE_UNAUTHORIZED, "session revoked")
+                self._event(session.revoked_while_opening)
                 return None
             # A room already live on this node has a delivery cursor: every
             # message up to it was stored and fanned out here (this member,
@@ -471,13 +489,12 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             # messages twice, so the database says where the room is.
             live = hub.rooms.get(room)
             known = None if live is None else live.delivered
-            if known is None or (self._since is not None and self._since > known):
+            if known is None or (session.since is not None and session.since > known):
                 last_seq = await storage.last_seq(room)
             else:
                 last_seq = known
         except StorageError as exc:
-            log.warning("ws open failed user=%s room=%s: %s", claims.username, room, exc)
-            self.close_with(protocol.CLOSE_INTERNAL, "storage unavailable")
+            self._event(session.join_failed, str(exc))
             return None
         if self.member is not member:  # closed while loading
             return None
@@ -489,7 +506,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 exclude=member,
             )
         self._shed_upgrade_state()
-        return member, last_seq
+        return last_seq
 
     async def _replay(self, member: Member, welcome: bytes, since: int, last_seq: int) -> None:
         """Send the welcome and the messages after ``since``, then release live frames.
@@ -499,7 +516,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         time, so a client that reconnects far behind is not closed with 4408
         for a backlog bigger than its outbox.
         """
-        hub = self.services.hub
+        session = self.session
+        assert session is not None
         room, username = member.room, member.username
         if not await self._write_paced([welcome]):
             return
@@ -508,8 +526,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             try:
                 page = await self.services.storage.messages(room, since=cursor, limit=REPLAY_PAGE)
             except StorageError as exc:
-                log.warning("ws replay failed user=%s room=%s: %s", username, room, exc)
-                self.close_with(protocol.CLOSE_INTERNAL, "storage unavailable")
+                self._event(session.replay_failed, str(exc))
                 return
             page = [m for m in page if m.seq <= last_seq]
             if not page:
@@ -518,10 +535,10 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             if not await self._write_paced(frames):
                 return
             cursor = page[-1].seq
-        if self.member is not member:
+        if self.member is not member or not session.replay_done():
             return
         member.last_seq = cursor
-        hub.start_member(member, [])
+        self.services.hub.start_member(member, [])
 
     async def _write_paced(self, frames: list[bytes]) -> bool:
         """Write frames in chunks, each after the previous one drained; False once closed.
@@ -563,85 +580,58 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     async def on_message(self, message: str | bytes) -> None:
         """Validate, rate-limit, store, fan out."""
-        member = self.member
-        if member is None or self._closing_code is not None:
+        member, session = self.member, self.session
+        if member is None or session is None:
             return
-        hub = self.services.hub
-        try:
-            frame = protocol.parse_client_frame(
-                message, max_body_chars=self.chat_settings.max_body_chars
-            )
-        except ProtocolError as exc:
-            hub.send(member, protocol.error_frame(exc.code, exc.message))
+        frame = session.frame_received(message, self.services.bucket(member.user_id))
+        self._pump()
+        if frame is None:
             return
         if isinstance(frame, Reauth):
-            await self._reauth(member, frame.token)
-            return
-        bucket = self.services.bucket(member.user_id)
-        if not bucket.take():
-            addr = self.request.remote_ip
-            if bucket.exhausted:
-                log.warning(
-                    "rate limit: closing user=%s room=%s addr=%s",
-                    member.username,
-                    member.room,
-                    addr,
-                )
-                self.close_with(protocol.CLOSE_RATE_LIMITED, "rate limit exceeded")
-            else:
-                log.info(
-                    "rate limit hit user=%s room=%s addr=%s", member.username, member.room, addr
-                )
-                hub.send(member, protocol.error_frame("rate_limited", "slow down"))
+            await self._reauth(session, member, frame.token)
             return
         try:
             await self.services.writer.submit(
                 member.room, member.user_id, member.username, frame.body, frame.client_id, member
             )
         except StorageError as exc:
-            log.warning("message not stored user=%s room=%s: %s", member.username, member.room, exc)
-            hub.send(
-                member, protocol.error_frame("store_failed", "message not stored; send it again")
-            )
+            self._event(session.message_not_stored, str(exc))
 
-    async def _reauth(self, member: Member, token: str) -> None:
-        hub = self.services.hub
+    async def _reauth(self, session: Session, member: Member, token: str) -> None:
+        auth = self.services.auth
         try:
-            claims = await self.services.auth.authenticate(token)
+            claims = await auth.authenticate(token)
         except InvalidToken as exc:
-            log.info("reauth refused user=%s: %s", member.username, exc)
-            hub.send(member, protocol.error_frame("invalid_token", "reauth token is not valid"))
+            self._event(session.reauth_refused, str(exc))
             return
         except StorageError:
-            hub.send(member, protocol.error_frame("unavailable", "try reauth again"))
+            self._event(session.reauth_unavailable)
             return
-        if claims.user_id != member.user_id:
-            log.warning("reauth refused: user=%s sent a token of another user", member.username)
-            hub.send(member, protocol.error_frame("invalid_token", "token belongs to another user"))
+        if not session.reauth_checked(claims):
+            self._pump()
             return
-        self.claims = claims
-        hub.rebind(member, claims.session_id)
-        self._schedule_expiry(claims.expires_at)
+        self.services.hub.rebind(member, claims.session_id)
+        self._schedule_expiry()
         # As in open(): the new session may have been revoked during the check.
         try:
-            active = await self.services.auth.still_active(claims)
+            active = await auth.still_active(claims)
         except StorageError:
             active = True  # the socket keeps its checked credentials until they expire
-        if not active:
-            self.close_with(protocol.CLOSE_UNAUTHORIZED, "session revoked")
+        session.reauth_done(active=active)
+        self._pump()
 
-    def _schedule_expiry(self, expires_at: float) -> None:
+    def _schedule_expiry(self) -> None:
+        session = self.session
+        if session is None:
+            return
         loop = tornado.ioloop.IOLoop.current()
         if self._expiry is not None:
             loop.remove_timeout(self._expiry)
-        delay = max(0.0, expires_at - time.time()) + self.chat_settings.reauth_grace
-        self._expiry = loop.call_later(delay, self._expired)
+        self._expiry = loop.call_later(
+            session.expires_in(time.time()), self._event, session.token_expired
+        )
 
-    def _expired(self) -> None:
-        self._expiry = None
-        self.close_with(protocol.CLOSE_UNAUTHORIZED, "token expired")
-
-    # -- output and closing -----------------------------------------------------------
+    # -- output ---------------------------------------------------------------------
 
     def write_raw(self, data: bytes) -> bool:
         """Write ready frames; False when they would overflow the socket's outbox."""
@@ -653,9 +643,9 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             # (is_closing() above is also true once the stream is closed.)
             # The same limit as the branch below: the outbox, without the
             # control-frame headroom.
-            if len(stream._write_buffer) + len(data) > self.chat_settings.outbox_bytes:
+            if compat.buffered_bytes(stream) + len(data) > self.chat_settings.outbox_bytes:
                 return False
-            _write_without_future(stream, data)
+            compat.write_without_future(stream, data)
             return True
         try:
             self._write_within_outbox(stream, data)
@@ -672,71 +662,98 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         frames that limit is the outbox, without the control-frame headroom
         the stream keeps otherwise for Tornado's own pings and close frames.
         """
-        stream.max_write_buffer_size = self.chat_settings.outbox_bytes
+        self._limit_writes(stream, "frames")
         try:
             return stream.write(data)
         finally:
             if not stream.closed():
-                stream.max_write_buffer_size = self.chat_settings.outbox_bytes + CONTROL_HEADROOM
+                self._limit_writes(stream, "control")
 
-    def server_closing(self, code: int | None, reason: str | None) -> None:
-        """Tornado (or :meth:`close_with`) is closing the socket; log the limits it enforces."""
-        if self._closing_code is not None:
-            return
-        self._closing_code = code or 1000
-        user = self.claims.username if self.claims else "-"
-        if code == protocol.CLOSE_TOO_BIG:
-            log.warning(
-                "frame too big: closing user=%s addr=%s (limit %d bytes)",
-                user,
-                self.request.remote_ip,
-                self.chat_settings.max_frame_bytes,
-            )
-        elif reason == "ping timed out":
-            log.info("ping timeout: closing user=%s addr=%s", user, self.request.remote_ip)
-        # Nothing more for this socket: the hub must not queue frames for it.
-        self._leave()
+    def _limit_writes(self, stream: IOStream | None, mode: str) -> None:
+        """Set the stream's write-buffer limit, the one place it is set.
 
-    def invalid_text(self) -> None:
-        """A text frame was not UTF-8: fail the connection with 1007 (RFC 6455 8.1)."""
-        log.warning(
-            "invalid UTF-8: closing user=%s addr=%s",
-            self.claims.username if self.claims else "-",
-            self.request.remote_ip,
-        )
-        self.close_with(CLOSE_INVALID_DATA, "text frame is not valid UTF-8")
-
-    def close_with(self, code: int, reason: str) -> None:
-        """Leave the room at once and close with ``code``.
-
-        With 1001 (the server stopping) the socket stays in the hub until
-        Tornado reports it closed: a graceful stop waits for the hub to empty
-        (ChatServer), so each 1001 reaches its client before the process ends.
+        ``frames``: the outbox, for our frames. ``control``: the outbox plus
+        headroom kept for Tornado's own control frames (the resting limit).
+        ``unbounded``: none, so a close frame can queue behind a full buffer.
         """
+        if stream is None:
+            return
+        outbox = self.chat_settings.outbox_bytes
+        if mode == "frames":
+            stream.max_write_buffer_size = outbox
+        elif mode == "control":
+            stream.max_write_buffer_size = outbox + CONTROL_HEADROOM
+        else:
+            stream.max_write_buffer_size = None
+
+    # -- events and the one close path ------------------------------------------------
+
+    def _event(self, event: Any, *args: Any) -> None:
+        """Tell the session what happened, then carry out what it decided."""
+        event(*args)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send the session's frames and carry out its close decision, if new."""
+        session = self.session
+        if session is None:
+            return
         member = self.member
-        if member is not None and code != protocol.CLOSE_TOO_SLOW:
+        for frame in session.frames_to_send():
+            if member is not None:
+                self.services.hub.send(member, frame)
+        decision = session.take_close()
+        if decision is not None:
+            self._perform_close(decision)
+
+    def _perform_close(self, decision: CloseDecision) -> None:
+        """The one close path: flush, leave the room, send the close frame."""
+        member = self.member
+        if member is not None and decision.flush_first:
             # Frames waiting for the hub's next flush (up to --write-delay away)
             # go out ahead of the close frame.
             member.flush()
-        if code != protocol.CLOSE_GOING_AWAY:
+        if decision.leave_now:
             self._leave()
+        if not decision.send_frame:
+            return  # Tornado is already closing
         conn = self.ws_connection
         if conn is None:
             return
-        self._closing_code = code
-        if code == protocol.CLOSE_TOO_SLOW:
-            log.warning(
-                "slow consumer closed user=%s room=%s addr=%s (outbox over %d bytes)",
-                self.claims.username if self.claims else "-",
-                self._room,
-                self.request.remote_ip,
-                self.chat_settings.outbox_bytes,
-            )
         # Let the close frame queue behind the full buffer.
-        if conn.stream is not None:
-            conn.stream.max_write_buffer_size = None
+        self._limit_writes(conn.stream, "unbounded")
         with contextlib.suppress(tornado.websocket.WebSocketClosedError, StreamClosedError):
-            self.close(code, reason)
+            self.close(decision.code, decision.reason)
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Close with ``code`` (the hub's :class:`~tornado_chat.hub.Peer` method)."""
+        session = self.session
+        if session is not None:
+            self._event(session.close_requested, code, reason)
+
+    def tornado_closing(self, code: int | None, reason: str | None) -> None:
+        """Tornado is closing the socket on its own (or echoing our close)."""
+        session = self.session
+        if session is not None:
+            self._event(session.tornado_closing, code, reason)
+
+    def invalid_text(self) -> None:
+        """A text frame was not UTF-8: fail the connection with 1007 (RFC 6455 8.1)."""
+        session = self.session
+        if session is not None:
+            self._event(session.invalid_text)
+
+    def protocol_error(self, why: str) -> None:
+        """The client broke RFC 6455 framing: fail the connection with 1002."""
+        session = self.session
+        if session is not None:
+            self._event(session.protocol_violation, why)
+
+    def on_pong(self, data: bytes) -> None:
+        """A pong arrived: the ping timer's client is alive."""
+        conn = self.ws_connection
+        if isinstance(conn, ChatWebSocketProtocol):
+            conn.pong_seen = True
 
     def _leave(self) -> None:
         if self._expiry is not None:
@@ -753,15 +770,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         """Leave the room; log who went and why."""
-        claims = self.claims
         self._leave()
-        if claims is not None:
-            log.info(
-                "ws disconnect user=%s room=%s addr=%s origin=%s code=%s after %.1fs",
-                claims.username,
-                self._room,
-                self.request.remote_ip,
-                self._origin(),
-                self._closing_code or self.close_code or "-",
-                time.monotonic() - self._opened,
-            )
+        session = self.session
+        if session is not None:
+            session.closed(self.close_code, duration=time.monotonic() - self._opened)
