@@ -30,8 +30,9 @@ from tornado.websocket import websocket_connect
 
 from tests.conftest import serve
 from tests.harness import Client, LiveServer, Response, Socket
+from tornado_chat.auth import KeyRing
+from tornado_chat.auth.tokens import hash_secret
 from tornado_chat.pki import ServerCertificate
-from tornado_chat.security import KeyRing, hash_secret
 
 # -- helpers shared with the test_auth_* modules ----------------------------------------
 

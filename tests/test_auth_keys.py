@@ -33,8 +33,8 @@ from tests.test_attacks import (
     ws_outcome,
 )
 from tornado_chat import keys
+from tornado_chat.auth import KeyRing
 from tornado_chat.pki import ServerCertificate
-from tornado_chat.security import KeyRing
 
 REPO = Path(__file__).resolve().parent.parent
 

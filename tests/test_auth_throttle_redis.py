@@ -39,19 +39,20 @@ from tests.test_scaleout import (
 )
 from tests.test_scaleout_redis import RedisServer
 from tests.test_security import FakeClock
-from tornado_chat.app import create_services
-from tornado_chat.errors import TooManyRequests, Unauthorized
-from tornado_chat.pki import ServerCertificate
-from tornado_chat.redis_broker import RedisBroker, RedisLoginThrottle
-from tornado_chat.security import (
+from tornado_chat.app import create_services, make_login_throttle
+from tornado_chat.auth import (
     AuthService,
     KeyRing,
     LoginThrottle,
     PasswordHasher,
     Throttle,
     TokenService,
-    throttle_user_key,
 )
+from tornado_chat.auth.throttle import throttle_user_key
+from tornado_chat.auth.throttle_redis import RedisLoginThrottle
+from tornado_chat.errors import TooManyRequests, Unauthorized
+from tornado_chat.pki import ServerCertificate
+from tornado_chat.redis_broker import RedisBroker
 from tornado_chat.storage import Storage
 
 # -- fixtures --------------------------------------------------------------------------
@@ -221,8 +222,8 @@ async def auth_service(storage: Storage, root: Path, throttle: Throttle) -> Auth
 
 async def test_two_processes_see_each_others_failures(brokers: Brokers, tmp_path: Path) -> None:
     """Failures counted through one AuthService/broker block logins through another one."""
-    throttle_a = (await brokers()).make_login_throttle()
-    throttle_b = (await brokers()).make_login_throttle()
+    throttle_a = make_login_throttle(await brokers())
+    throttle_b = make_login_throttle(await brokers())
     assert isinstance(throttle_a, RedisLoginThrottle)
     storage = await Storage.open(f"sqlite+aiosqlite:///{tmp_path}/chat.db")
     try:
@@ -251,8 +252,8 @@ async def test_concurrent_guesses_on_two_nodes_learn_nothing_past_the_limit(
     """12 concurrent wrong guesses spread over two nodes: exactly 5 get 401, the rest 429."""
     storage = await Storage.open(f"sqlite+aiosqlite:///{tmp_path}/chat.db")
     try:
-        a = await auth_service(storage, tmp_path, (await brokers()).make_login_throttle())
-        b = await auth_service(storage, tmp_path, (await brokers()).make_login_throttle())
+        a = await auth_service(storage, tmp_path, make_login_throttle(await brokers()))
+        b = await auth_service(storage, tmp_path, make_login_throttle(await brokers()))
         await a.register("erin", PASSWORD)
         results = await asyncio.gather(
             *((a, b)[i % 2].login("erin", f"guess {i:04d}", "192.0.2.4") for i in range(12)),
@@ -368,9 +369,9 @@ async def test_redis_down_falls_back_to_the_local_throttle(
     brokers: Brokers, private_redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis paused (no answer) then killed: logins still answer 401/429 in time, one warning."""
-    caplog.set_level(logging.INFO, logger="tornado_chat.broker")
+    caplog.set_level(logging.INFO, logger="tornado_chat.auth")
     broker = await brokers(broker_url(private_redis.url, unique_prefix(), ttl=15.0))
-    throttle = broker.make_login_throttle()
+    throttle = make_login_throttle(broker)
     assert isinstance(throttle, RedisLoginThrottle)
     storage = await Storage.open(f"sqlite+aiosqlite:///{tmp_path}/chat.db")
     try:

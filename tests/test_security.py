@@ -25,6 +25,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tornado_chat.auth import (
+    AccessClaims,
+    AuthService,
+    KeyRing,
+    LoginThrottle,
+    PasswordHasher,
+    TokenService,
+)
+from tornado_chat.auth.passwords import validate_password
+from tornado_chat.auth.service import validate_username
+from tornado_chat.auth.tokens import hash_secret, new_secret_token
 from tornado_chat.errors import (
     BadRequest,
     ConfigError,
@@ -32,18 +43,6 @@ from tornado_chat.errors import (
     InvalidToken,
     TooManyRequests,
     Unauthorized,
-)
-from tornado_chat.security import (
-    AccessClaims,
-    AuthService,
-    KeyRing,
-    LoginThrottle,
-    PasswordHasher,
-    TokenService,
-    hash_secret,
-    new_secret_token,
-    validate_password,
-    validate_username,
 )
 from tornado_chat.storage import Storage
 

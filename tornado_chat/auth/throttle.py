@@ -1,0 +1,219 @@
+"""The login throttle's interface, and its in-process implementation.
+
+:class:`LoginThrottle` keeps the failures in this process's memory; with a
+Redis broker, :class:`~tornado_chat.auth.throttle_redis.RedisLoginThrottle`
+applies the same policy to every node at once. The application factory picks
+one (``tornado_chat.app.make_login_throttle``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from tornado_chat.errors import TooManyRequests
+
+__all__ = ["LoginThrottle", "Throttle"]
+
+LOGIN_REFUSED = "too many failed login attempts; try again later"
+REGISTER_REFUSED = "too many attempts; try again later"
+
+
+def refuse_login(wait: float) -> TooManyRequests:
+    """The 429 a blocked login gets, ``wait`` seconds before it may be tried again."""
+    return TooManyRequests("too_many_attempts", LOGIN_REFUSED, retry_after=wait)
+
+
+def refuse_registration(wait: float) -> TooManyRequests:
+    """The 429 a blocked registration gets."""
+    return TooManyRequests("too_many_attempts", REGISTER_REFUSED, retry_after=wait)
+
+
+def throttle_user_key(username: str) -> str:
+    """What the throttle counts a username as: lower-cased, at most 64 characters."""
+    # Bounded: an attacker's megabyte "username" must not become a key.
+    return username.lower()[:64]
+
+
+def throttle_address_key(address: str) -> str:
+    """What the throttle counts a client address as.
+
+    IPv6 by /64 (one host usually owns a whole /64), IPv4-mapped IPv6 as the
+    IPv4 address; anything unparsable as its first 64 characters.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class Throttle(Protocol):
+    """What :class:`AuthService` asks of a login throttle.
+
+    Every method that may refuse raises :class:`TooManyRequests`
+    (``too_many_attempts`` with ``retry_after``). :meth:`login_failed` and
+    :meth:`login_succeeded` check and update in one step, so that concurrent
+    guesses admitted together cannot all slip past the limit.
+    """
+
+    async def before_login(self, username: str, address: str) -> None:
+        """Refuse while the username or the address is blocked."""
+
+    async def login_failed(self, username: str, address: str) -> None:
+        """Refuse if blocked by now; otherwise count a failure of both keys."""
+
+    async def login_succeeded(self, username: str, address: str) -> None:
+        """Refuse if blocked by now; otherwise forget the username's failures."""
+
+    async def before_register(self, address: str) -> None:
+        """Refuse while the address is blocked (registration)."""
+
+    async def register_failed(self, address: str) -> None:
+        """Count a failure of the address alone (a taken name at registration)."""
+
+
+@dataclass(slots=True)
+class _Failures:
+    count: int
+    last: float
+    blocked_until: float
+
+
+class LoginThrottle:
+    """Per-username and per-client-address failure backoff, in this process's memory.
+
+    After ``max_failures`` failures within ``window`` seconds of each other, a
+    key (a username, see :func:`throttle_user_key`, or a client address, see
+    :func:`throttle_address_key`) is blocked for ``base_delay`` seconds,
+    doubling with every further failure up to ``max_delay``. A quiet
+    ``window`` forgets the failures. Memory is bounded: stale entries are
+    dropped as new ones arrive and at most ``max_entries`` keys of each kind
+    are kept (oldest evicted first).
+
+    With a Redis broker, :class:`~tornado_chat.auth.throttle_redis.RedisLoginThrottle`
+    applies the same policy to every node at once (and falls back to this one
+    when Redis does not answer).
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_failures: int = 5,
+        base_delay: float = 1.0,
+        max_delay: float = 300.0,
+        window: float = 900.0,
+        max_entries: int = 100_000,
+    ) -> None:
+        """Configure the policy (see the class docstring)."""
+        self._clock = clock
+        self._max_failures = max(1, max_failures)
+        self._base_delay = base_delay
+        self._max_delay = max_delay
+        self._window = window
+        self._max_entries = max_entries
+        self._users: OrderedDict[str, _Failures] = OrderedDict()
+        self._addresses: OrderedDict[str, _Failures] = OrderedDict()
+
+    _user_key = staticmethod(throttle_user_key)
+    _address_key = staticmethod(throttle_address_key)
+
+    def _wait(self, table: OrderedDict[str, _Failures], key: str, now: float) -> float:
+        entry = table.get(key)
+        return 0.0 if entry is None else max(0.0, entry.blocked_until - now)
+
+    def check(self, username: str, address: str) -> None:
+        """Refuse an attempt while the username or the address is blocked.
+
+        Raises:
+            TooManyRequests: ``too_many_attempts`` with ``retry_after``.
+        """
+        now = self._clock()
+        wait = max(
+            self._wait(self._users, self._user_key(username), now),
+            self._wait(self._addresses, self._address_key(address), now),
+        )
+        if wait > 0:
+            raise refuse_login(wait)
+
+    def check_address(self, address: str) -> None:
+        """Like :meth:`check`, for the address alone (used by registration).
+
+        Raises:
+            TooManyRequests: ``too_many_attempts`` with ``retry_after``.
+        """
+        wait = self._wait(self._addresses, self._address_key(address), self._clock())
+        if wait > 0:
+            raise refuse_registration(wait)
+
+    def address_failure(self, address: str) -> None:
+        """Count a failure against the address alone (used by registration)."""
+        self._record(self._addresses, self._address_key(address), self._clock())
+
+    def failure(self, username: str, address: str) -> None:
+        """Count a failed attempt against both the username and the address."""
+        now = self._clock()
+        self._record(self._users, self._user_key(username), now)
+        self._record(self._addresses, self._address_key(address), now)
+
+    def success(self, username: str, address: str) -> None:
+        """Forget the username's failures.
+
+        The address keeps its count: otherwise an attacker could log in to
+        an account of their own between guesses to reset it.
+        """
+        self._users.pop(self._user_key(username), None)
+
+    # The Throttle protocol: no await inside, so each check-and-update is atomic.
+
+    async def before_login(self, username: str, address: str) -> None:
+        """:meth:`check`."""
+        self.check(username, address)
+
+    async def login_failed(self, username: str, address: str) -> None:
+        """:meth:`check`, then :meth:`failure`."""
+        self.check(username, address)
+        self.failure(username, address)
+
+    async def login_succeeded(self, username: str, address: str) -> None:
+        """:meth:`check`, then :meth:`success`."""
+        self.check(username, address)
+        self.success(username, address)
+
+    async def before_register(self, address: str) -> None:
+        """:meth:`check_address`."""
+        self.check_address(address)
+
+    async def register_failed(self, address: str) -> None:
+        """:meth:`address_failure`."""
+        self.address_failure(address)
+
+    def _record(self, table: OrderedDict[str, _Failures], key: str, now: float) -> None:
+        entry = table.pop(key, None)
+        if entry is None or now - entry.last > self._window:
+            entry = _Failures(0, now, 0.0)
+        entry.count += 1
+        entry.last = now
+        excess = entry.count - self._max_failures
+        if excess >= 0:
+            delay = min(self._max_delay, self._base_delay * 2.0 ** min(excess, 32))
+            entry.blocked_until = max(entry.blocked_until, now + delay)
+        table[key] = entry  # re-inserted last: the table stays ordered by `last`
+        self._evict(table, now)
+
+    def _evict(self, table: OrderedDict[str, _Failures], now: float) -> None:
+        while table:
+            oldest = next(iter(table.values()))
+            stale = now - oldest.last > self._window and oldest.blocked_until <= now
+            if not stale and len(table) <= self._max_entries:
+                break
+            table.popitem(last=False)
