@@ -417,6 +417,27 @@ async def test_redis_down_falls_back_to_the_local_throttle(
         await storage.close()
 
 
+async def test_scripts_are_loaded_again_after_redis_forgot_them(
+    brokers: Brokers, private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The throttle runs its own scripts: after SCRIPT FLUSH it loads them again, no fallback."""
+    broker = await brokers(broker_url(private_redis.url, unique_prefix(), ttl=15.0))
+    throttle = RedisLoginThrottle(broker, clock=FakeClock(1000.0), max_failures=1)
+    await throttle.login_failed("ivy", "192.0.2.60")
+    admin = redis.Redis.from_url(private_redis.url)
+    try:
+        assert admin.script_flush()
+    finally:
+        admin.close()
+    # Blocked by the name from another address: answered by Redis, not by the
+    # local fallback, which would have logged a warning.
+    assert await refused(throttle.before_login("ivy", "192.0.2.61")) == (
+        1,
+        "too many failed login attempts; try again later",
+    )
+    assert throttle_warnings(caplog) == []
+
+
 # -- end to end: two servers, one PostgreSQL, one Redis --------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -83,6 +84,22 @@ def test_default_broker_is_local_and_redis_only_when_asked() -> None:
     assert isinstance(throttle, RedisLoginThrottle)
     assert throttle.user_key("Bob").startswith("p.1:login:user:")
     assert throttle.address_key("192.0.2.1").startswith("p.1:login:addr:")
+
+
+def test_broker_module_loads_no_database_layer() -> None:
+    """Importing the broker interface loads neither SQLAlchemy, Alembic nor asyncpg."""
+    code = (
+        "import sys, tornado_chat.broker\n"
+        "print(sorted(m for m in sys.modules"
+        " if m.split('.')[0] in {'sqlalchemy', 'alembic', 'asyncpg', 'tornado_chat'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    # The proof that the check sees modules at all: the broker's own are listed.
+    assert result.stdout.strip() == str(
+        sorted(["tornado_chat", "tornado_chat.broker", "tornado_chat.limits"])
+    )
 
 
 def test_broker_with_sqlite_warns(caplog: pytest.LogCaptureFixture) -> None:

@@ -44,6 +44,7 @@ from tornado_chat.errors import (
     TooManyRequests,
     Unauthorized,
 )
+from tornado_chat.pki.files import write_atomic
 from tornado_chat.storage import Storage
 
 ISS = "tornado_chat"
@@ -146,6 +147,24 @@ def test_keyring_created_private_with_a_long_secret(tmp_path: Path) -> None:
     again = KeyRing.load_or_create(path)
     assert again.current_kid == ring.current_kid
     assert again.signing_key() == ring.signing_key()
+
+
+def test_first_start_race_leaves_one_complete_key_file(tmp_path: Path) -> None:
+    """Rings created at once agree on one key; the exclusive write never replaces a file."""
+    path = tmp_path / "data" / "jwt-secret"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        rings = list(pool.map(lambda _: KeyRing.load_or_create(path), range(16)))
+    assert len({ring.current_kid for ring in rings}) == 1
+    assert KeyRing.open(path).current_kid == rings[0].current_kid
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError):
+        write_atomic(path, b"not a key", 0o600, "JWT key file", exclusive=True)
+    assert path.read_bytes() == before
+    with pytest.raises(FileExistsError):
+        KeyRing.create(path)
+    assert path.read_bytes() == before
+    # Every temporary file was renamed or removed.
+    assert [p.name for p in path.parent.iterdir()] == ["jwt-secret"]
 
 
 def test_keyring_refuses_group_or_world_accessible_file(tmp_path: Path) -> None:

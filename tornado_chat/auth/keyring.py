@@ -246,6 +246,24 @@ class KeyRing:
                 accessible, unreadable, malformed, for another algorithm, or
                 whose secret is shorter than 32 bytes (one line, file named).
         """
+        try:
+            return cls.create(path, algorithm)
+        except FileExistsError:
+            # Two processes starting at once: the loser reads the winner's file.
+            return cls._load(Path(path), algorithm)
+
+    @classmethod
+    def create(cls, path: Path, algorithm: str = "HS256") -> KeyRing:
+        """Create a new key file holding one fresh key; never replace an existing one.
+
+        Args:
+            path: the key file; its parent directory is created with mode 0700.
+            algorithm: ``HS256`` (default) or ``ES256``.
+
+        Raises:
+            FileExistsError: the file exists (it is left as it was).
+            ConfigError: unsupported algorithm, or the file cannot be written.
+        """
         if algorithm not in SUPPORTED_ALGORITHMS:
             raise ConfigError(
                 f"unsupported JWT algorithm {algorithm!r}; use one of "
@@ -260,12 +278,7 @@ class KeyRing:
             ) from error
         key = _generate_key(algorithm)
         ring = cls(path, algorithm, [key], key.kid)
-        try:
-            # O_EXCL: two processes starting at once must not both write a
-            # key; the loser reads the winner's file below.
-            ring._write(exclusive=True)
-        except FileExistsError:
-            return cls._load(path, algorithm)
+        ring._write(exclusive=True)
         log.info("created JWT signing key file %s (kid %s)", path, key.kid)
         return ring
 
