@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -449,6 +450,25 @@ def test_invalid_passwords(password: object) -> None:
     assert caught.value.code == "weak_password"
 
 
+@pytest.mark.parametrize("password", ["\0" * 8, "password\0", "\0correct horse", "abc\0defgh"])
+def test_nul_in_a_password_is_refused(password: str) -> None:
+    """bcrypt stops at a NUL: such a password is 400 invalid_password, not silently shortened."""
+    with pytest.raises(BadRequest) as caught:
+        validate_password(password)
+    assert (caught.value.code, caught.value.status) == ("invalid_password", 400)
+    assert caught.value.message == "password must not contain NUL characters"
+
+
+async def test_a_nul_password_never_verifies() -> None:
+    """Against a hash made before NULs were refused, no password holding a NUL matches."""
+    hasher = PasswordHasher(4)
+    legacy = bcrypt.hashpw(b"\0" * 8, bcrypt.gensalt(4))
+    assert bcrypt.checkpw(b"\0", legacy)  # what bcrypt alone would let in
+    assert not await hasher.verify("\0", legacy)
+    assert not await hasher.verify("\0" * 8, legacy)
+    assert await hasher.verify(PASSWORD, await hasher.hash(PASSWORD))
+
+
 def test_secret_tokens_and_hashes() -> None:
     """Tokens carry 256 random bits (43 base64url chars); their hash is SHA-256."""
     token = new_secret_token("rt_")
@@ -779,6 +799,40 @@ async def test_refresh_rotation_and_reuse_revokes_family(env: Env) -> None:
             await env.auth.authenticate(access)
     # Another login (a new family) is unaffected.
     assert (await env.auth.login("alice", PASSWORD, "192.0.2.5")).access_token
+
+
+async def test_register_refuses_a_nul_in_the_password(env: Env) -> None:
+    """Registration answers invalid_password for a NUL; nothing is stored."""
+    with pytest.raises(BadRequest) as caught:
+        await env.auth.register("nul_user", "\0" * 8)
+    assert caught.value.code == "invalid_password"
+    with pytest.raises(Unauthorized):
+        await env.auth.login("nul_user", "\0", "192.0.2.70")
+
+
+async def test_lone_surrogates_are_refused_not_crashes(env: Env) -> None:
+    """A lone surrogate (JSON can carry one) in a credential is a 4xx error, never a crash."""
+    assert len(hash_secret("rt_\ud800")) == 32 and hash_secret("rt_\ud800") != hash_secret("rt_")
+    await env.auth.register("surrogate_user", PASSWORD)
+    pair = await env.auth.login("surrogate_user", PASSWORD, "192.0.2.72")
+    with pytest.raises(Unauthorized) as refused:
+        await env.auth.refresh("rt_\ud800" + pair.refresh_token[3:])
+    assert refused.value.code == "invalid_token"
+    with pytest.raises(InvalidToken):
+        await env.auth.redeem_ticket("wst_\udfff")
+    with pytest.raises(InvalidToken):
+        await env.auth.authenticate(pair.access_token + "\ud800")
+    with pytest.raises(InvalidToken):
+        env.tokens.verify_access("\ud800")
+    with pytest.raises(Unauthorized):
+        await env.auth.login("surrogate_user", PASSWORD + "\ud800", "192.0.2.71")
+    with pytest.raises(Unauthorized):
+        await env.auth.login("\ud800", PASSWORD, "192.0.2.71")
+    with pytest.raises(BadRequest) as weak:
+        await env.auth.register("surrogate_two", "\ud800" * 8)
+    assert weak.value.code == "weak_password"
+    # The genuine token still works.
+    assert (await env.auth.refresh(pair.refresh_token)).refresh_token != pair.refresh_token
 
 
 @pytest.mark.parametrize("junk", [None, 42, ["rt_x"], {"t": 1}, "", "rt_unknown", "x" * 10_000])

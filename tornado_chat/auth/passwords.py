@@ -26,12 +26,17 @@ def validate_password(password: object) -> str:
 
     At least 8 characters and at most 72 UTF-8 bytes: bcrypt ignores what
     follows byte 72, so longer passwords are refused rather than truncated.
+    No NUL character: bcrypt stops reading at the first one, so ``"a\0b..."``
+    would be the password ``"a"`` (and eight NULs the empty password).
 
     Raises:
-        BadRequest: ``weak_password``.
+        BadRequest: ``invalid_password`` (a NUL character), ``weak_password``
+            (anything else).
     """
     if not isinstance(password, str):
         raise BadRequest("weak_password", "password must be a string")
+    if "\0" in password:
+        raise BadRequest("invalid_password", "password must not contain NUL characters")
     if len(password) < MIN_PASSWORD_CHARS:
         raise BadRequest(
             "weak_password", f"password must be at least {MIN_PASSWORD_CHARS} characters"
@@ -92,7 +97,9 @@ class PasswordHasher:
         """Check a password against a stored hash, off the event loop.
 
         With ``hashed`` None (unknown user), a non-string, unencodable or
-        over-long password, or a corrupt hash, a check against a dummy hash
+        over-long password, one holding a NUL (which bcrypt would stop at:
+        no such password is accepted, see :func:`validate_password`), or a
+        corrupt hash, a check against a dummy hash
         of the same cost still runs so the answer takes the same time, and
         the result is False.
         """
@@ -104,7 +111,7 @@ class PasswordHasher:
         return await loop.run_in_executor(self._executor, self._check, encoded, hashed)
 
     def _check(self, password: bytes, hashed: bytes | None) -> bool:
-        if hashed is not None and 0 < len(password) <= BCRYPT_MAX_BYTES:
+        if hashed is not None and 0 < len(password) <= BCRYPT_MAX_BYTES and b"\0" not in password:
             try:
                 return bcrypt.checkpw(password, hashed)
             except ValueError:

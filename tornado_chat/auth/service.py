@@ -15,13 +15,13 @@ from collections.abc import Callable
 from tornado_chat.auth.passwords import PasswordHasher, validate_password
 from tornado_chat.auth.throttle import Throttle
 from tornado_chat.auth.tokens import (
-    MAX_OPAQUE_TOKEN_CHARS,
     REFRESH_PREFIX,
     TICKET_PREFIX,
     AccessClaims,
     TokenPair,
     TokenService,
     hash_secret,
+    is_opaque_token,
     new_secret_token,
 )
 from tornado_chat.errors import (
@@ -238,11 +238,7 @@ class AuthService:
                 whole family (and the revoke listeners hear of it).
             StorageError: the database failed.
         """
-        if (
-            not isinstance(refresh_token, str)
-            or not refresh_token.startswith(REFRESH_PREFIX)
-            or len(refresh_token) > MAX_OPAQUE_TOKEN_CHARS
-        ):
+        if not is_opaque_token(refresh_token, REFRESH_PREFIX):
             raise Unauthorized("invalid_token", "invalid refresh token")
         now = self._clock()
         new_token = new_secret_token(REFRESH_PREFIX)
@@ -330,11 +326,7 @@ class AuthService:
             InvalidToken: unknown, used, expired, or its session revoked.
             StorageError: the database failed.
         """
-        if (
-            not isinstance(ticket, str)
-            or not ticket.startswith(TICKET_PREFIX)
-            or len(ticket) > MAX_OPAQUE_TOKEN_CHARS
-        ):
+        if not is_opaque_token(ticket, TICKET_PREFIX):
             raise InvalidToken("malformed ticket")
         now = self._clock()
         digest = hash_secret(ticket)

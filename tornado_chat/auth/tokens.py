@@ -22,14 +22,21 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 
 from tornado_chat.auth.keyring import KeyRing
 from tornado_chat.errors import InvalidToken
 
-__all__ = ["AccessClaims", "TokenPair", "TokenService", "hash_secret", "new_secret_token"]
+__all__ = [
+    "AccessClaims",
+    "TokenPair",
+    "TokenService",
+    "hash_secret",
+    "is_opaque_token",
+    "new_secret_token",
+]
 
 REFRESH_PREFIX = "rt_"
 TICKET_PREFIX = "wst_"
@@ -37,6 +44,7 @@ TICKET_PREFIX = "wst_"
 # not ours and is refused before hashing.
 MAX_OPAQUE_TOKEN_CHARS = 128
 
+_OPAQUE_BODY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _SUBJECT_RE = re.compile(r"[1-9][0-9]{0,17}")
 # Claims an access token must carry; each is checked by verify_access.
 _REQUIRED_CLAIMS = ("exp", "iat", "sub", "iss", "aud", "jti")
@@ -142,10 +150,14 @@ class TokenService:
         """
         if not isinstance(token, str):
             raise InvalidToken("token is not a string")
-        if len(token) > self._max_token_bytes or len(token.encode("utf-8")) > (
+        if len(token) > self._max_token_bytes or len(token.encode("utf-8", "surrogatepass")) > (
             self._max_token_bytes
         ):
             raise InvalidToken(f"token larger than {self._max_token_bytes} bytes")
+        if not token.isascii():
+            # A compact JWS is base64url and dots; other text (a lone
+            # surrogate from a JSON frame, say) would not even encode.
+            raise InvalidToken("token is not ASCII")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as error:
@@ -221,5 +233,22 @@ def hash_secret(token: str) -> bytes:
     random bits, so nobody can guess them from the hash however fast it is,
     and a lookup by hash must be cheap. Storing only the hash means a
     database leak yields no usable refresh token or ticket.
+
+    Never raises: a lone surrogate (JSON can carry one) is encoded as is,
+    giving bytes no UTF-8 text has, so the hash matches no issued token.
     """
-    return hashlib.sha256(token.encode("utf-8")).digest()
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def is_opaque_token(token: object, prefix: str) -> TypeGuard[str]:
+    """Whether ``token`` has the shape of an opaque token made by :func:`new_secret_token`.
+
+    ``prefix`` and then base64url characters, at most ``MAX_OPAQUE_TOKEN_CHARS``
+    in all: anything else is refused before it is hashed or looked up.
+    """
+    return (
+        isinstance(token, str)
+        and len(token) <= MAX_OPAQUE_TOKEN_CHARS
+        and token.startswith(prefix)
+        and _OPAQUE_BODY_RE.fullmatch(token, len(prefix)) is not None
+    )
