@@ -1,6 +1,7 @@
 """Login throttling and registration enumeration, over real HTTPS.
 
-The throttle counts failures per username and per client address. Each test
+The throttle counts failures per (username, address), per client address and,
+at a much higher threshold, per username. Each test
 speaks from its own loopback address (127.0.0.N: all of 127/8 reaches the
 server's 127.0.0.1 listener on Linux), so tests do not share an address budget.
 """
@@ -22,9 +23,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tests.conftest import serve
 from tests.harness import PASSWORD, LiveServer, Response
 from tests.test_attacks import error_code
+from tornado_chat.auth.throttle import MAX_FAILURES, USER_MAX_FAILURES
 from tornado_chat.pki import ServerCertificate
-
-MAX_FAILURES = 5  # LoginThrottle's default
 
 
 @pytest.fixture(scope="module")
@@ -106,17 +106,36 @@ async def test_the_server_sees_each_test_address(source: Any) -> None:
     assert (await source("127.0.0.21").login("thr_premise")).status == 200
 
 
+async def test_a_strangers_guesses_do_not_lock_the_owner_out(source: Any) -> None:
+    """Wrong guesses for a name from one address: that address gets 429, the owner gets in."""
+    owner = source("127.0.0.33")
+    assert (await owner.register("thr_dave")).status == 201
+    stranger = source("127.0.0.34")
+    for _ in range(MAX_FAILURES):
+        resp = await stranger.login("thr_dave", "guess-guess-guess")
+        assert resp.status == 401 and error_code(resp) == "invalid_credentials"
+    for _ in range(3):
+        assert_throttled(await stranger.login("thr_dave", "guess-guess-guess"))
+    assert_throttled(await stranger.login("thr_dave"))  # even the right password
+    # The owner, from his usual address, is not locked out by someone else's guesses.
+    assert (await owner.login("thr_dave")).status == 200
+    # Nor is the name blocked for a third address: it only gets its own answer.
+    resp = await source("127.0.0.35").login("thr_dave", "another guess")
+    assert resp.status == 401 and error_code(resp) == "invalid_credentials"
+
+
 async def test_login_throttled_per_username_429_with_retry_after(source: Any) -> None:
-    """Five wrong passwords for one name: then 429 + Retry-After, even for the right password."""
+    """Guesses for one name from many addresses: past the name's limit, 429 from any address."""
     owner = source("127.0.0.30")
     assert (await owner.register("thr_victim")).status == 201
-    attacker = source("127.0.0.31")
-    for _ in range(MAX_FAILURES):
+    # Four guesses per address: no address or (name, address) pair reaches its limit.
+    guessers = [source(f"127.0.2.{1 + i // 4}") for i in range(USER_MAX_FAILURES)]
+    for attacker in guessers:
         resp = await attacker.login("thr_victim", "guess-guess-guess")
         assert resp.status == 401 and error_code(resp) == "invalid_credentials"
-    wait = assert_throttled(await attacker.login("thr_victim"))
-    # The username is blocked from every address, the owner's too: the limit
-    # is per account, whatever botnet the guesses come from.
+    wait = assert_throttled(await guessers[-1].login("thr_victim"))
+    # The username is blocked from every address, the owner's too: past this
+    # limit it is per account, whatever botnet the guesses come from.
     assert_throttled(await source("127.0.0.32").login("thr_victim", "another guess"))
     assert_throttled(await owner.login("thr_victim"))
     # Backoff, not lockout: after Retry-After the right password works.

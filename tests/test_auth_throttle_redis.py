@@ -48,7 +48,7 @@ from tornado_chat.auth import (
     Throttle,
     TokenService,
 )
-from tornado_chat.auth.throttle import throttle_user_key
+from tornado_chat.auth.throttle import USER_MAX_FAILURES, throttle_user_key
 from tornado_chat.auth.throttle_redis import RedisLoginThrottle
 from tornado_chat.errors import TooManyRequests, Unauthorized
 from tornado_chat.pki import ServerCertificate
@@ -128,7 +128,13 @@ def apply(throttle: Throttle, op: str, user: str, address: str) -> Awaitable[Non
 async def test_redis_policy_matches_the_in_memory_throttle(brokers: Brokers) -> None:
     """Random operation sequences: every answer and Retry-After equals LoginThrottle's."""
     broker = await brokers()
-    policy = {"max_failures": 3, "base_delay": 1.0, "max_delay": 8.0, "window": 40.0}
+    policy = {
+        "max_failures": 3,
+        "user_max_failures": 4,
+        "base_delay": 1.0,
+        "max_delay": 8.0,
+        "window": 40.0,
+    }
     rng = random.Random(20250611)
     compared = refusals = 0
     for run in range(6):
@@ -155,7 +161,13 @@ async def test_block_doubles_caps_and_a_quiet_window_forgets(brokers: Brokers) -
     """Blocks of 1, 2, 4, 8, 8 s (refused failures not counted); a quiet window forgets."""
     clock = FakeClock(1000.0)
     throttle = RedisLoginThrottle(
-        await brokers(), clock=clock, max_failures=5, base_delay=1.0, max_delay=8.0, window=900.0
+        await brokers(),
+        clock=clock,
+        max_failures=5,
+        user_max_failures=5,
+        base_delay=1.0,
+        max_delay=8.0,
+        window=900.0,
     )
     for _ in range(4):
         await throttle.login_failed("alice", "10.0.0.1")
@@ -234,14 +246,17 @@ async def test_two_processes_see_each_others_failures(brokers: Brokers, tmp_path
             # Alternate nodes: neither one alone reaches the limit.
             node = a if i % 2 else b
             with pytest.raises(Unauthorized):
-                await node.login("dave", "wrong password", f"198.51.100.{i}")
+                await node.login("dave", "wrong password", "198.51.100.9")
         for node in (a, b):
             with pytest.raises(TooManyRequests) as caught:
-                await node.login("dave", PASSWORD, "203.0.113.5")
+                await node.login("dave", PASSWORD, "198.51.100.9")
             assert (caught.value.code, caught.value.retry_after) == ("too_many_attempts", 1)
-        # The in-memory view of either node alone would have let the owner in.
+        # The in-memory view of either node alone would have let that address in.
         assert isinstance(throttle_b, RedisLoginThrottle)
-        throttle_b.local.check("dave", "203.0.113.5")
+        throttle_b.local.check("dave", "198.51.100.9")
+        # The owner, from another address, is let in by both nodes.
+        for node in (a, b):
+            assert (await node.login("dave", PASSWORD, "203.0.113.5")).refresh_token
     finally:
         await storage.close()
 
@@ -271,16 +286,20 @@ async def test_redis_clock_blocks_across_nodes_and_keys_expire(
 ) -> None:
     """On Redis's own clock: keys sit under the prefix, hashed, with TTLs that bound them."""
     admin, prefix = shared_redis
-    a = RedisLoginThrottle(await brokers(), window=60.0, base_delay=100.0, max_delay=300.0)
-    b = RedisLoginThrottle(await brokers(), window=60.0, base_delay=100.0, max_delay=300.0)
+    policy = {"window": 60.0, "base_delay": 100.0, "max_delay": 300.0, "user_max_failures": 5}
+    a = RedisLoginThrottle(await brokers(), **policy)
+    b = RedisLoginThrottle(await brokers(), **policy)
     await a.login_failed("Frank", "192.0.2.77")
     user_key = f"{prefix}:login:user:{hashlib.sha256(b'frank').hexdigest()}"
+    pair_key = (
+        f"{prefix}:login:pair:{hashlib.sha256(b'192.0.2.77' + bytes(1) + b'frank').hexdigest()}"
+    )
     addr_key = f"{prefix}:login:addr:{hashlib.sha256(b'192.0.2.77').hexdigest()}"
     assert sorted(k.decode() for k in admin.scan_iter(match=f"{prefix}:login:*")) == sorted(
-        [user_key, addr_key]
+        [user_key, pair_key, addr_key]
     )
     # One failure: kept for the window (plus a second), no longer.
-    for key in (user_key, addr_key):
+    for key in (user_key, pair_key, addr_key):
         assert 59_000 < admin.pttl(key) <= 61_000
     for _ in range(4):
         await b.login_failed("frank", "192.0.2.78")
@@ -289,10 +308,10 @@ async def test_redis_clock_blocks_across_nodes_and_keys_expire(
     # Blocked for 100 s, longer than the window: the key lives as long as the block.
     assert 99_000 < admin.pttl(user_key) <= 101_000
     assert 59_000 < admin.pttl(addr_key) <= 61_000
-    # A success (once unblocked) deletes the name's key; the address's stays.
+    # A success (once unblocked) deletes the name's and the pair's keys; the address's stays.
     admin.hset(user_key, "until", "0")
     await b.login_succeeded("frank", "192.0.2.77")
-    assert not admin.exists(user_key) and admin.exists(addr_key)
+    assert not admin.exists(user_key) and not admin.exists(pair_key) and admin.exists(addr_key)
     assert admin.pttl(addr_key) > 0
 
 
@@ -302,7 +321,7 @@ async def test_hostile_usernames_neither_break_keys_nor_collide(
     """Long, ':' '*' newline, non-ASCII and lone-surrogate names: one hashed key each, no 500."""
     admin, prefix = shared_redis
     clock = FakeClock(1000.0)
-    throttle = RedisLoginThrottle(await brokers(), clock=clock, max_failures=2)
+    throttle = RedisLoginThrottle(await brokers(), clock=clock, max_failures=2, user_max_failures=2)
     hostile = [
         "a" * 100_000,
         "a" * 64 + "b",  # the same first 64 characters: the same key, as in memory
@@ -320,11 +339,15 @@ async def test_hostile_usernames_neither_break_keys_nor_collide(
         await throttle.login_failed(name, address)
     keys = {k.decode() for k in admin.scan_iter(match=f"{prefix}:login:*")}
     user_keys = {k for k in keys if k.startswith(f"{prefix}:login:user:")}
+    pair_keys = {k for k in keys if k.startswith(f"{prefix}:login:pair:")}
     assert all(
-        re.fullmatch(rf"{re.escape(prefix)}:login:user:[0-9a-f]{{64}}", k) for k in user_keys
+        re.fullmatch(rf"{re.escape(prefix)}:login:(user|pair):[0-9a-f]{{64}}", k)
+        for k in user_keys | pair_keys
     )
     assert len(user_keys) == len({throttle_user_key(n) for n in hostile}) == len(hostile) - 1
-    assert keys - user_keys == {throttle.address_key(a) for a in addresses}
+    assert pair_keys == {throttle.pair_key(n, a) for n, a in zip(hostile, addresses, strict=True)}
+    assert len(pair_keys) == len(hostile)
+    assert keys - user_keys - pair_keys == {throttle.address_key(a) for a in addresses}
     # The two names sharing 64 characters reached the limit together; no other did.
     assert await refused(throttle.before_login("a" * 70, "192.0.2.1")) is not None
     for name in ["evil:*:user", "*", "", "ünïcødé-ünïcødé", "alice"]:
@@ -422,7 +445,9 @@ async def test_scripts_are_loaded_again_after_redis_forgot_them(
 ) -> None:
     """The throttle runs its own scripts: after SCRIPT FLUSH it loads them again, no fallback."""
     broker = await brokers(broker_url(private_redis.url, unique_prefix(), ttl=15.0))
-    throttle = RedisLoginThrottle(broker, clock=FakeClock(1000.0), max_failures=1)
+    throttle = RedisLoginThrottle(
+        broker, clock=FakeClock(1000.0), max_failures=1, user_max_failures=1
+    )
     await throttle.login_failed("ivy", "192.0.2.60")
     admin = redis.Redis.from_url(private_redis.url)
     try:
@@ -467,7 +492,7 @@ def two_servers(
 async def test_failures_on_server_a_throttle_logins_on_server_b(
     two_servers: tuple[LiveServer, LiveServer], client_ssl: ssl.SSLContext
 ) -> None:
-    """Five wrong passwords through A: B answers 429 + Retry-After, for the name and the address."""
+    """Guesses through A: B answers 429 for that address, and for the name past its limit."""
     a, b = two_servers
     clients: list[From] = []
 
@@ -482,14 +507,22 @@ async def test_failures_on_server_a_throttle_logins_on_server_b(
         for _ in range(5):
             resp = await attacker_a.login("thr_shared", "guess-guess-guess")
             assert resp.status == 401, (resp.status, resp.body)
-        # The owner, from a clean address, on the other server: blocked by the name.
-        assert_throttled(await make(b, "127.0.0.92").login("thr_shared"))
+        # The owner, from a clean address, on the other server: let in (a
+        # stranger's guesses do not lock an account out).
+        assert (await make(b, "127.0.0.92").login("thr_shared")).status == 200
         # The attacker's address is blocked on B too (registration shares its budget).
         attacker_b = make(b, "127.0.0.91")
+        assert_throttled(await attacker_b.login("thr_shared"))
         assert_throttled(await attacker_b.login("thr_other_name"))
         assert_throttled(await attacker_b.register("thr_fresh_name"))
         # Another client on B is not affected.
         assert (await make(b, "127.0.0.93").register("thr_bystander")).status == 201
+        # Guesses spread over many addresses on A, four each (under every
+        # address's limit), reach the name's own limit: B blocks the owner too.
+        for i in range(USER_MAX_FAILURES):
+            resp = await make(a, f"127.0.3.{1 + i // 4}").login("thr_shared", "guess-guess-guess")
+            assert resp.status == 401, (resp.status, resp.body)
+        assert_throttled(await make(b, "127.0.0.92").login("thr_shared"))
     finally:
         for c in clients:
             c.http.close()

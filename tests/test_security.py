@@ -36,6 +36,7 @@ from tornado_chat.auth import (
 )
 from tornado_chat.auth.passwords import validate_password
 from tornado_chat.auth.service import validate_username
+from tornado_chat.auth.throttle import USER_MAX_FAILURES
 from tornado_chat.auth.tokens import hash_secret, new_secret_token
 from tornado_chat.errors import (
     BadRequest,
@@ -588,14 +589,35 @@ def test_throttle_window_forgets_and_keys_are_separate() -> None:
     with pytest.raises(TooManyRequests):
         throttle.check("someone-new", "192.0.2.7")
     throttle.check("user0", "192.0.2.8")  # the names themselves are not blocked
-    for _ in range(5):
-        throttle.failure("Bob", f"198.51.100.{_}")  # one name, many addresses
+    for i in range(USER_MAX_FAILURES):
+        throttle.failure("Bob", f"198.51.100.{i}")  # one name, many addresses
     with pytest.raises(TooManyRequests):
         throttle.check("bob", "203.0.113.1")  # case-insensitive, any address
     clock.advance(901)
     throttle.check("bob", "192.0.2.7")
     throttle.failure("bob", "192.0.2.7")  # a fresh window: one failure, no block
     throttle.check("bob", "192.0.2.7")
+
+
+def test_a_strangers_guesses_do_not_lock_the_owner_out() -> None:
+    """Guesses from one address block that address (and its pair), not the name elsewhere."""
+    clock = FakeClock(0.0)
+    throttle = LoginThrottle(clock=clock)
+    for _ in range(8):
+        throttle.failure("dave", "192.0.2.66")
+    with pytest.raises(TooManyRequests):
+        throttle.check("dave", "192.0.2.66")
+    throttle.check("dave", "203.0.113.9")  # the owner, from his own address
+    throttle.success("dave", "203.0.113.9")
+    with pytest.raises(TooManyRequests):
+        throttle.check("dave", "192.0.2.66")  # the owner's login forgave no guesser
+    # Only guesses spread over many addresses reach the name's own, higher limit.
+    for i in range(USER_MAX_FAILURES - 1):
+        throttle.failure("dave", f"198.51.{i // 4}.{i % 4}")
+    throttle.check("dave", "203.0.113.9")
+    throttle.failure("dave", "198.51.200.1")
+    with pytest.raises(TooManyRequests):
+        throttle.check("dave", "203.0.113.9")
 
 
 def test_throttle_success_resets_username_not_address() -> None:
@@ -633,10 +655,12 @@ def test_throttle_memory_is_bounded() -> None:
     for i in range(1000):
         throttle.failure(f"user{i}", f"10.{i // 250}.{i % 250}.1")
     assert len(throttle._users) <= 100
+    assert len(throttle._pairs) <= 100
     assert len(throttle._addresses) <= 100
     clock.advance(11)
     throttle.failure("late", "10.9.9.9")
     assert len(throttle._users) == 1
+    assert len(throttle._pairs) == 1
     assert len(throttle._addresses) == 1
 
 

@@ -19,6 +19,7 @@ from tornado_chat.errors import TooManyRequests
 
 __all__ = ["LoginThrottle", "Throttle"]
 
+
 LOGIN_REFUSED = "too many failed login attempts; try again later"
 REGISTER_REFUSED = "too many attempts; try again later"
 
@@ -56,6 +57,21 @@ def throttle_address_key(address: str) -> str:
     return str(ip)
 
 
+# A username alone (counted from every address) is blocked only after this many
+# failures: a stranger's few guesses must not lock the owner out, while a
+# guessing campaign spread over many addresses still meets a limit. The
+# (username, address) pair and the address are blocked after MAX_FAILURES.
+MAX_FAILURES = 5
+USER_MAX_FAILURES = 50
+
+
+def throttle_pair_key(username: str, address: str) -> str:
+    """What the throttle counts one username tried from one address as."""
+    # Unambiguous: the address comes first and the server only ever sees IP
+    # addresses, whose keys hold no NUL; whatever follows the first NUL is the name.
+    return throttle_address_key(address) + "\0" + throttle_user_key(username)
+
+
 class Throttle(Protocol):
     """What :class:`AuthService` asks of a login throttle.
 
@@ -66,13 +82,13 @@ class Throttle(Protocol):
     """
 
     async def before_login(self, username: str, address: str) -> None:
-        """Refuse while the username or the address is blocked."""
+        """Refuse while the username, the pair or the address is blocked."""
 
     async def login_failed(self, username: str, address: str) -> None:
-        """Refuse if blocked by now; otherwise count a failure of both keys."""
+        """Refuse if blocked by now; otherwise count a failure of the three keys."""
 
     async def login_succeeded(self, username: str, address: str) -> None:
-        """Refuse if blocked by now; otherwise forget the username's failures."""
+        """Refuse if blocked by now; otherwise forget the username's and the pair's failures."""
 
     async def before_register(self, address: str) -> None:
         """Refuse while the address is blocked (registration)."""
@@ -89,15 +105,23 @@ class _Failures:
 
 
 class LoginThrottle:
-    """Per-username and per-client-address failure backoff, in this process's memory.
+    """Failure backoff per (username, address), per address and per username, in memory.
 
-    After ``max_failures`` failures within ``window`` seconds of each other, a
-    key (a username, see :func:`throttle_user_key`, or a client address, see
-    :func:`throttle_address_key`) is blocked for ``base_delay`` seconds,
-    doubling with every further failure up to ``max_delay``. A quiet
-    ``window`` forgets the failures. Memory is bounded: stale entries are
-    dropped as new ones arrive and at most ``max_entries`` keys of each kind
-    are kept (oldest evicted first).
+    A key is blocked for ``base_delay`` seconds once it has failed its
+    threshold of times within ``window`` seconds of each other, doubling with
+    every further failure up to ``max_delay``; a quiet ``window`` forgets the
+    failures. The keys and their thresholds:
+
+    - a username tried from one address (:func:`throttle_pair_key`) and a
+      client address (:func:`throttle_address_key`): ``max_failures``, so
+      one address's guesses are stopped early;
+    - a username from any address (:func:`throttle_user_key`):
+      ``user_max_failures``, much higher, so a stranger's guesses do not lock
+      the owner out on their own address, while guesses spread over many
+      addresses still meet a limit (SECURITY.md states the trade-off).
+
+    Memory is bounded: stale entries are dropped as new ones arrive and at
+    most ``max_entries`` keys of each kind are kept (oldest evicted first).
 
     With a Redis broker, :class:`~tornado_chat.auth.throttle_redis.RedisLoginThrottle`
     applies the same policy to every node at once (and falls back to this one
@@ -108,7 +132,8 @@ class LoginThrottle:
         self,
         *,
         clock: Callable[[], float] = time.monotonic,
-        max_failures: int = 5,
+        max_failures: int = MAX_FAILURES,
+        user_max_failures: int = USER_MAX_FAILURES,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
         window: float = 900.0,
@@ -117,14 +142,17 @@ class LoginThrottle:
         """Configure the policy (see the class docstring)."""
         self._clock = clock
         self._max_failures = max(1, max_failures)
+        self._user_max_failures = max(1, user_max_failures)
         self._base_delay = base_delay
         self._max_delay = max_delay
         self._window = window
         self._max_entries = max_entries
         self._users: OrderedDict[str, _Failures] = OrderedDict()
+        self._pairs: OrderedDict[str, _Failures] = OrderedDict()
         self._addresses: OrderedDict[str, _Failures] = OrderedDict()
 
     _user_key = staticmethod(throttle_user_key)
+    _pair_key = staticmethod(throttle_pair_key)
     _address_key = staticmethod(throttle_address_key)
 
     def _wait(self, table: OrderedDict[str, _Failures], key: str, now: float) -> float:
@@ -132,7 +160,7 @@ class LoginThrottle:
         return 0.0 if entry is None else max(0.0, entry.blocked_until - now)
 
     def check(self, username: str, address: str) -> None:
-        """Refuse an attempt while the username or the address is blocked.
+        """Refuse an attempt while the username, the pair or the address is blocked.
 
         Raises:
             TooManyRequests: ``too_many_attempts`` with ``retry_after``.
@@ -140,6 +168,7 @@ class LoginThrottle:
         now = self._clock()
         wait = max(
             self._wait(self._users, self._user_key(username), now),
+            self._wait(self._pairs, self._pair_key(username, address), now),
             self._wait(self._addresses, self._address_key(address), now),
         )
         if wait > 0:
@@ -157,21 +186,23 @@ class LoginThrottle:
 
     def address_failure(self, address: str) -> None:
         """Count a failure against the address alone (used by registration)."""
-        self._record(self._addresses, self._address_key(address), self._clock())
+        self._record(self._addresses, self._address_key(address), self._clock(), self._max_failures)
 
     def failure(self, username: str, address: str) -> None:
-        """Count a failed attempt against both the username and the address."""
+        """Count a failed attempt against the username, the pair and the address."""
         now = self._clock()
-        self._record(self._users, self._user_key(username), now)
-        self._record(self._addresses, self._address_key(address), now)
+        self._record(self._users, self._user_key(username), now, self._user_max_failures)
+        self._record(self._pairs, self._pair_key(username, address), now, self._max_failures)
+        self._record(self._addresses, self._address_key(address), now, self._max_failures)
 
     def success(self, username: str, address: str) -> None:
-        """Forget the username's failures.
+        """Forget the username's failures and the pair's.
 
         The address keeps its count: otherwise an attacker could log in to
         an account of their own between guesses to reset it.
         """
         self._users.pop(self._user_key(username), None)
+        self._pairs.pop(self._pair_key(username, address), None)
 
     # The Throttle protocol: no await inside, so each check-and-update is atomic.
 
@@ -197,13 +228,15 @@ class LoginThrottle:
         """:meth:`address_failure`."""
         self.address_failure(address)
 
-    def _record(self, table: OrderedDict[str, _Failures], key: str, now: float) -> None:
+    def _record(
+        self, table: OrderedDict[str, _Failures], key: str, now: float, threshold: int
+    ) -> None:
         entry = table.pop(key, None)
         if entry is None or now - entry.last > self._window:
             entry = _Failures(0, now, 0.0)
         entry.count += 1
         entry.last = now
-        excess = entry.count - self._max_failures
+        excess = entry.count - threshold
         if excess >= 0:
             delay = min(self._max_delay, self._base_delay * 2.0 ** min(excess, 32))
             entry.blocked_until = max(entry.blocked_until, now + delay)

@@ -1,8 +1,9 @@
 """The login throttle shared by every node through Redis (with ``--broker redis://...``).
 
-Keys, under the broker's prefix: ``{prefix}:login:user:{sha256}`` and
-``{prefix}:login:addr:{sha256}`` (hashes), failures of a username or a client
-address, keyed by the SHA-256 of what
+Keys, under the broker's prefix: ``{prefix}:login:user:{sha256}``,
+``{prefix}:login:pair:{sha256}`` and ``{prefix}:login:addr:{sha256}``
+(hashes), failures of a username, of a username from one address, or of a
+client address, keyed by the SHA-256 of what
 :class:`~tornado_chat.auth.throttle.LoginThrottle` would count them as, each
 expiring once it can no longer block or count. This module owns its Lua
 scripts and runs them on the broker's command connection through redis-py's
@@ -22,10 +23,13 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from tornado_chat.auth.throttle import (
+    MAX_FAILURES,
+    USER_MAX_FAILURES,
     LoginThrottle,
     refuse_login,
     refuse_registration,
     throttle_address_key,
+    throttle_pair_key,
     throttle_user_key,
 )
 
@@ -69,9 +73,10 @@ end
 LOGIN_WAIT_LUA = _LOGIN_CLOCK + "return wait_of(KEYS)\n"
 
 # KEYS: the keys to charge. ARGV: now, '1' to refuse (return the wait, count
-# nothing) when a key is blocked already, max failures, base delay ms, max
-# delay ms, window ms. Returns the wait in ms, 0 when the failure was counted.
-# Each key lives until it can neither block nor count (plus a second).
+# nothing) when a key is blocked already, base delay ms, max delay ms, window
+# ms, then each key's threshold (failures before it blocks), in KEYS order.
+# Returns the wait in ms, 0 when the failure was counted. Each key lives until
+# it can neither block nor count (plus a second).
 LOGIN_FAIL_LUA = (
     _LOGIN_CLOCK
     + """
@@ -79,9 +84,9 @@ if ARGV[2] == '1' then
   local wait = wait_of(KEYS)
   if wait > 0 then return wait end
 end
-local max_failures, base, cap, window =
-  tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-for _, key in ipairs(KEYS) do
+local base, cap, window = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+for i, key in ipairs(KEYS) do
+  local max_failures = tonumber(ARGV[5 + i])
   local e = redis.call('HMGET', key, 'n', 'last', 'until')
   local n, last, blocked = tonumber(e[1]), tonumber(e[2]), tonumber(e[3])
   if not n or not last or not blocked or now - last > window then
@@ -101,15 +106,16 @@ return 0
 """
 )
 
-# KEYS: user key, address key. ARGV: now. Refuses (returns the wait in ms)
-# while either is blocked; otherwise forgets the user's failures, never the
-# address's (or one's own account would reset a guessing address).
+# KEYS: user key, pair key, address key. ARGV: now. Refuses (returns the wait
+# in ms) while any is blocked; otherwise forgets the user's and the pair's
+# failures, never the address's (or one's own account would reset a guessing
+# address).
 LOGIN_OK_LUA = (
     _LOGIN_CLOCK
     + """
 local wait = wait_of(KEYS)
 if wait > 0 then return wait end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
 return 0
 """
 )
@@ -173,7 +179,8 @@ class RedisLoginThrottle:
             its broker, started later: nothing is sent before a login).
         clock: seconds; ``None`` (the server's choice) uses Redis's ``TIME``.
             Tests pass a fake clock; every node of a deployment must agree.
-        max_failures, base_delay, max_delay, window: as for LoginThrottle.
+        max_failures, user_max_failures, base_delay, max_delay, window: as for
+            LoginThrottle.
         timeout: seconds a login waits for Redis before deciding locally.
     """
 
@@ -182,7 +189,8 @@ class RedisLoginThrottle:
         link: RedisLink,
         *,
         clock: Callable[[], float] | None = None,
-        max_failures: int = 5,
+        max_failures: int = MAX_FAILURES,
+        user_max_failures: int = USER_MAX_FAILURES,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
         window: float = 900.0,
@@ -192,9 +200,12 @@ class RedisLoginThrottle:
         self._scripts: tuple[aioredis.Redis, dict[str, AsyncScript]] | None = None
         self._clock = clock
         self._timeout = timeout
-        self._policy = [max(1, max_failures), _ms(base_delay), _ms(max_delay), _ms(window)]
+        self._policy = [_ms(base_delay), _ms(max_delay), _ms(window)]
+        self._max_failures = max(1, max_failures)
+        self._user_max_failures = max(1, user_max_failures)
         self.local = LoginThrottle(
             max_failures=max_failures,
+            user_max_failures=user_max_failures,
             base_delay=base_delay,
             max_delay=max_delay,
             window=window,
@@ -202,12 +213,17 @@ class RedisLoginThrottle:
         )
         prefix = link.options.prefix
         self._user_prefix = f"{prefix}:login:user:"
+        self._pair_prefix = f"{prefix}:login:pair:"
         self._address_prefix = f"{prefix}:login:addr:"
         self._down = False
 
     def user_key(self, username: str) -> str:
         """The Redis key counting ``username``'s failures."""
         return self._user_prefix + _digest(throttle_user_key(username))
+
+    def pair_key(self, username: str, address: str) -> str:
+        """The Redis key counting ``username``'s failures from ``address``."""
+        return self._pair_prefix + _digest(throttle_pair_key(username, address))
 
     def address_key(self, address: str) -> str:
         """The Redis key counting the failures of ``address`` (grouped as in LoginThrottle)."""
@@ -249,27 +265,30 @@ class RedisLoginThrottle:
         return wait_ms / 1000
 
     async def before_login(self, username: str, address: str) -> None:
-        """Refuse while the username or the address is blocked on any node."""
+        """Refuse while the username, the pair or the address is blocked on any node."""
         await self._login_step("login_wait", username, address)
 
     async def login_failed(self, username: str, address: str) -> None:
-        """Refuse if blocked by now; otherwise count a failure of both, for every node."""
-        await self._login_step("login_fail", username, address, ["1", *self._policy])
+        """Refuse if blocked by now; otherwise count a failure of the three keys, for every node."""
+        thresholds = [self._user_max_failures, self._max_failures, self._max_failures]
+        await self._login_step("login_fail", username, address, ["1", *self._policy, *thresholds])
         self.local.failure(username, address)
 
     async def login_succeeded(self, username: str, address: str) -> None:
-        """Refuse if blocked by now; otherwise forget the username's failures."""
+        """Refuse if blocked by now; otherwise forget the username's and the pair's failures."""
         await self._login_step("login_ok", username, address)
         self.local.success(username, address)
 
     async def _login_step(
         self, script: str, username: str, address: str, args: Sequence[Any] = ()
     ) -> None:
-        """Run a login script on the name's and the address's keys; refuse if it says wait.
+        """Run a login script on the name's, the pair's and the address's keys.
 
-        When Redis does not answer, this node's own throttle decides.
+        Refuses if the script says wait; when Redis does not answer, this
+        node's own throttle decides.
         """
-        wait = await self._run(script, [self.user_key(username), self.address_key(address)], args)
+        keys = [self.user_key(username), self.pair_key(username, address)]
+        wait = await self._run(script, [*keys, self.address_key(address)], args)
         if wait is None:
             self.local.check(username, address)
         elif wait > 0:
@@ -285,5 +304,7 @@ class RedisLoginThrottle:
 
     async def register_failed(self, address: str) -> None:
         """Count a failure of the address alone, for every node."""
-        await self._run("login_fail", [self.address_key(address)], ["0", *self._policy])
+        await self._run(
+            "login_fail", [self.address_key(address)], ["0", *self._policy, self._max_failures]
+        )
         self.local.address_failure(address)
