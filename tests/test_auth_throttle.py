@@ -9,9 +9,11 @@ server's 127.0.0.1 listener on Linux), so tests do not share an address budget.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import ssl
 import statistics
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -196,6 +198,64 @@ async def test_failed_logins_throttle_registration_probes(source: Any) -> None:
     for i in range(MAX_FAILURES):
         assert (await c.login(f"thr_nobody_{i}", "wrong password")).status == 401
     assert_throttled(await c.register("thr_after_logins"))
+
+
+# -- the password-hashing queue is bounded ----------------------------------------------
+
+
+@pytest.fixture
+def queue_server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A server of its own: these tests stall its hashing threads on purpose."""
+    yield from serve(server_cert, tmp_path_factory.mktemp("queue"))
+
+
+async def test_a_registration_flood_is_refused_not_queued(
+    queue_server: LiveServer, client_ssl: ssl.SSLContext
+) -> None:
+    """With every hashing thread busy, one address gets 16 checks queued and 429 past them."""
+    services = queue_server.services
+    executor = services.executor
+    assert isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+    queue = services.auth._passwords._queue
+    assert queue is not None
+    gate = threading.Event()
+    # Occupy every thread: admitted checks then wait in the queue, deterministically.
+    blockers = [executor.submit(gate.wait) for _ in range(executor._max_workers)]
+    flooders = [From(queue_server, client_ssl, "127.0.0.80") for _ in range(3)]
+    bystander = From(queue_server, client_ssl, "127.0.0.81")
+    try:
+        flood = [
+            asyncio.ensure_future(flooders[i % 3].register(f"thr_flood_{i:02d}"))
+            for i in range(3 * 8)
+        ]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while sum(task.done() for task in flood) < 8 or queue.queued < 16:
+            assert loop.time() < deadline, (sum(t.done() for t in flood), queue.queued)
+            await asyncio.sleep(0.01)
+        refused = [task.result() for task in flood if task.done()]
+        assert len(refused) == 8 and queue.queued == 16
+        for resp in refused:
+            assert_throttled(resp)
+            assert resp.json["error"]["message"] == (
+                "too many password checks in progress from this address; try again later"
+            )
+        # Another address is still admitted (it waits its turn, it is not refused).
+        other = asyncio.ensure_future(bystander.register("thr_flood_other"))
+        while queue.queued < 17:
+            assert loop.time() < deadline and not other.done(), queue.queued
+            await asyncio.sleep(0.01)
+        gate.set()
+        statuses = [r.status for r in await asyncio.gather(*flood, other)]
+        assert statuses.count(201) == 17 and statuses.count(429) == 8, statuses
+    finally:
+        gate.set()
+        for blocker in blockers:
+            blocker.result(10)
+        for c in [*flooders, bystander]:
+            c.http.close()
 
 
 # -- timing: unknown users cost a bcrypt check like wrong passwords ---------------------

@@ -120,6 +120,8 @@ def apply(throttle: Throttle, op: str, user: str, address: str) -> Awaitable[Non
         return throttle.login_failed(user, address)
     if op == "ok":
         return throttle.login_succeeded(user, address)
+    if op == "abandon":
+        return throttle.login_abandoned(user, address)
     if op == "reg":
         return throttle.before_register(address)
     return throttle.register_failed(address)
@@ -144,7 +146,18 @@ async def test_redis_policy_matches_the_in_memory_throttle(brokers: Brokers) -> 
         for _ in range(150):
             user, address = rng.choice(USERS), rng.choice(ADDRESSES)
             op = rng.choice(
-                ["before", "failed", "failed", "failed", "ok", "reg", "regfail", "tick"]
+                [
+                    "before",
+                    "before",
+                    "failed",
+                    "failed",
+                    "failed",
+                    "ok",
+                    "abandon",
+                    "reg",
+                    "regfail",
+                    "tick",
+                ]
             )
             if op == "tick":
                 clock.advance(rng.choice(STEPS))

@@ -673,10 +673,14 @@ class SpyHasher(PasswordHasher):
     def __init__(self, rounds: int) -> None:
         super().__init__(rounds)
         self.seen: list[bytes | None] = []
+        self.fail_next = 0  # this many verify calls raise instead of checking
 
-    async def verify(self, password: str, hashed: bytes | None) -> bool:
+    async def verify(self, password: str, hashed: bytes | None, *, address: str = "") -> bool:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise RuntimeError("the check could not run")
         self.seen.append(hashed)
-        return await super().verify(password, hashed)
+        return await super().verify(password, hashed, address=address)
 
 
 class Env:
@@ -801,6 +805,34 @@ async def test_login_burst_learns_nothing_past_the_limit(env: Env) -> None:
     kinds = [type(r).__name__ for r in results]
     assert kinds.count("Unauthorized") == 5
     assert kinds.count("TooManyRequests") == 7
+
+
+async def test_a_burst_is_counted_before_it_is_hashed(env: Env) -> None:
+    """40 concurrent wrong guesses from one address: 5 password checks run, not 40."""
+    await env.auth.register("burst", PASSWORD)
+    results = await asyncio.gather(
+        *(env.auth.login("burst", f"guess {i:04d}", "192.0.2.5") for i in range(40)),
+        return_exceptions=True,
+    )
+    kinds = [type(r).__name__ for r in results]
+    assert (kinds.count("Unauthorized"), kinds.count("TooManyRequests")) == (5, 35)
+    assert len(env.hasher.seen) == 5  # the 35 refused were never hashed
+
+
+async def test_a_check_that_fails_gives_its_reservation_back(env: Env) -> None:
+    """A login whose check raises (the queue was full, say) leaves no reserved failure behind."""
+    await env.auth.register("flaky", PASSWORD)
+    env.hasher.fail_next = 4
+    for _ in range(4):
+        with pytest.raises(RuntimeError):
+            await env.auth.login("flaky", "wrong password", "192.0.2.6")
+    # Every one of the five failures of the pair is still available, one at a time...
+    for _ in range(5):
+        with pytest.raises(Unauthorized):
+            await env.auth.login("flaky", "wrong password", "192.0.2.6")
+    # ...and then the limit holds.
+    with pytest.raises(TooManyRequests):
+        await env.auth.login("flaky", PASSWORD, "192.0.2.6")
 
 
 async def test_refresh_rotation_and_reuse_revokes_family(env: Env) -> None:

@@ -28,6 +28,7 @@ from tornado_chat.auth import (
     Throttle,
     TokenService,
 )
+from tornado_chat.auth.hash_queue import HashQueue
 from tornado_chat.broker import Broker, LocalBroker
 from tornado_chat.config import Settings
 from tornado_chat.handlers.auth import (
@@ -160,8 +161,9 @@ async def create_services(settings: Settings) -> Services:
     # bcrypt releases the GIL, so a small pool gives real parallel hashing
     # without starving the event loop thread; at a lower priority, a login
     # storm yields the cores to chat delivery (bench/RESULTS-reliability.md).
+    hash_workers = max(2, os.cpu_count() or 2)
     executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=max(2, os.cpu_count() or 2),
+        max_workers=hash_workers,
         thread_name_prefix="bcrypt",
         initializer=_lower_thread_priority,
     )
@@ -184,7 +186,8 @@ async def create_services(settings: Settings) -> Services:
     auth = AuthService(
         storage,
         tokens,
-        PasswordHasher(settings.bcrypt_rounds, executor),
+        # Bounded and fair per client address: a flood is refused, not queued.
+        PasswordHasher(settings.bcrypt_rounds, executor, queue=HashQueue(hash_workers)),
         make_login_throttle(broker),
         refresh_ttl=settings.refresh_ttl,
         ticket_ttl=settings.ticket_ttl,

@@ -5,6 +5,7 @@ One module per job:
 - :mod:`~tornado_chat.auth.keyring`: the JWT signing keys and their file;
 - :mod:`~tornado_chat.auth.tokens`: access JWTs, opaque secrets and their hashes;
 - :mod:`~tornado_chat.auth.passwords`: password rules and bcrypt off the event loop;
+- :mod:`~tornado_chat.auth.hash_queue`: bcrypt checks bounded and served fairly per address;
 - :mod:`~tornado_chat.auth.throttle`: the throttle interface and the in-process one;
 - :mod:`~tornado_chat.auth.throttle_redis`: the same policy shared through Redis
   (imported only with a Redis broker);

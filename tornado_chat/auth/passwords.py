@@ -9,6 +9,7 @@ import logging
 
 import bcrypt
 
+from tornado_chat.auth.hash_queue import HashQueue
 from tornado_chat.errors import BadRequest, ConfigError
 
 __all__ = ["PasswordHasher", "validate_password"]
@@ -58,12 +59,20 @@ class PasswordHasher:
     """bcrypt, always in an executor: a cost-12 hash takes ~250 ms of CPU
     that must never stall the event loop (bcrypt releases the GIL)."""
 
-    def __init__(self, rounds: int, executor: concurrent.futures.Executor | None = None) -> None:
+    def __init__(
+        self,
+        rounds: int,
+        executor: concurrent.futures.Executor | None = None,
+        *,
+        queue: HashQueue | None = None,
+    ) -> None:
         """Configure the cost.
 
         Args:
             rounds: bcrypt cost factor (4-31; 12 in production, 4 in tests).
             executor: where hashing runs; None uses the loop's default executor.
+            queue: bounds and orders the checks by client address (the
+                server's choice); None runs every check as it comes.
 
         Raises:
             ConfigError: rounds out of bcrypt's range.
@@ -72,6 +81,7 @@ class PasswordHasher:
             raise ConfigError(f"bcrypt rounds must be between 4 and 31, not {rounds}")
         self._rounds = rounds
         self._executor = executor
+        self._queue = queue
         # A well-formed hash that matches no password: its salt is real, so
         # checking against it costs exactly one bcrypt of this cost, which is
         # what makes unknown users as slow as wrong passwords.
@@ -82,18 +92,32 @@ class PasswordHasher:
         """The bcrypt cost factor."""
         return self._rounds
 
-    async def hash(self, password: str) -> bytes:
+    async def hash(self, password: str, *, address: str = "") -> bytes:
         """bcrypt-hash a password off the event loop.
 
+        Args:
+            password: the new password.
+            address: the client's address, for the queue's per-address bound.
+
         Raises:
-            BadRequest: ``weak_password`` (see :func:`validate_password`).
+            BadRequest: ``weak_password`` / ``invalid_password`` (see
+                :func:`validate_password`).
+            TooManyRequests: the address has too many checks in flight.
+            ServerBusy: the server has too many checks in flight.
         """
         encoded = validate_password(password).encode("utf-8")
         salt = bcrypt.gensalt(self._rounds)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, bcrypt.hashpw, encoded, salt)
+        async with self._turn(address):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, bcrypt.hashpw, encoded, salt)
 
-    async def verify(self, password: str, hashed: bytes | None) -> bool:
+    def _turn(self, address: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The queue's slot for ``address``, or nothing to wait for without a queue."""
+        if self._queue is None:
+            return contextlib.nullcontext()
+        return self._queue.slot(address)
+
+    async def verify(self, password: str, hashed: bytes | None, *, address: str = "") -> bool:
         """Check a password against a stored hash, off the event loop.
 
         With ``hashed`` None (unknown user), a non-string, unencodable or
@@ -102,13 +126,18 @@ class PasswordHasher:
         corrupt hash, a check against a dummy hash
         of the same cost still runs so the answer takes the same time, and
         the result is False.
+
+        Raises:
+            TooManyRequests: ``address`` has too many checks in flight.
+            ServerBusy: the server has too many checks in flight.
         """
         encoded = b""  # never matches: every stored password has 8+ characters
         if isinstance(password, str):
             with contextlib.suppress(UnicodeEncodeError):
                 encoded = password.encode("utf-8")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._check, encoded, hashed)
+        async with self._turn(address):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._check, encoded, hashed)
 
     def _check(self, password: bytes, hashed: bytes | None) -> bool:
         if hashed is not None and 0 < len(password) <= BCRYPT_MAX_BYTES and b"\0" not in password:

@@ -175,19 +175,24 @@ class AuthService:
         ``username_taken`` answer costs as much as a login attempt; with
         ``address`` given, each such answer also counts as a failure of that
         client in the login throttle, so registration enumerates users no
-        faster than login could.
+        faster than login could. The hash waits its turn in the password
+        queue, bounded per address (see
+        :class:`~tornado_chat.auth.hash_queue.HashQueue`).
 
         Raises:
-            BadRequest: ``invalid_username`` / ``weak_password``.
+            BadRequest: ``invalid_username`` / ``weak_password`` /
+                ``invalid_password``.
             Conflict: ``username_taken`` (409).
-            TooManyRequests: ``too_many_attempts`` (with ``address``).
+            TooManyRequests: ``too_many_attempts`` (with ``address``, or too
+                many password checks in flight from it).
+            ServerBusy: ``server_busy``: too many password checks in flight.
             StorageError: the database failed.
         """
         name = validate_username(username)
         secret = validate_password(password)
         if address is not None:
             await self._throttle.before_register(address)
-        password_hash = await self._passwords.hash(secret)
+        password_hash = await self._passwords.hash(secret, address=address or "")
         try:
             return await self._storage.create_user(name, password_hash)
         except UsernameTaken as error:
@@ -199,23 +204,33 @@ class AuthService:
         """Check credentials and open a new session (refresh family).
 
         Unknown users and wrong passwords get the same answer after the same
-        work (one bcrypt check). The throttle is consulted before and again
-        after the check: concurrent guesses that were all admitted together
-        get ``429`` for right and wrong passwords alike once the limit trips,
-        so a burst learns nothing past it.
+        work (one bcrypt check). A failure is counted before the check (the
+        throttle reserves it, so a burst of concurrent guesses gets no more
+        checks than the limit leaves) and settled after it; the throttle is
+        consulted again then, so guesses admitted together get ``429`` for
+        right and wrong passwords alike once the limit trips, and a burst
+        learns nothing past it.
 
         Raises:
             Unauthorized: ``invalid_credentials``.
-            TooManyRequests: ``too_many_attempts``.
+            TooManyRequests: ``too_many_attempts`` (throttled, or too many
+                password checks in flight from ``address``).
+            ServerBusy: ``server_busy``: too many password checks in flight.
             StorageError: the database failed.
         """
         if not isinstance(username, str) or not isinstance(password, str):
             raise Unauthorized("invalid_credentials", "invalid username or password")
         await self._throttle.before_login(username, address)
         user: User | None = None
-        if _USERNAME_RE.fullmatch(username):
-            user = await self._storage.get_user_by_name(username)
-        ok = await self._passwords.verify(password, None if user is None else user.password_hash)
+        try:
+            if _USERNAME_RE.fullmatch(username):
+                user = await self._storage.get_user_by_name(username)
+            stored = None if user is None else user.password_hash
+            ok = await self._passwords.verify(password, stored, address=address)
+        except BaseException:
+            # No answer on the password: the reservation is given back.
+            await self._throttle.login_abandoned(username, address)
+            raise
         if not ok or user is None:
             await self._throttle.login_failed(username, address)
             raise Unauthorized("invalid_credentials", "invalid username or password")

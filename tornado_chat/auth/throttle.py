@@ -63,6 +63,11 @@ def throttle_address_key(address: str) -> str:
 # (username, address) pair and the address are blocked after MAX_FAILURES.
 MAX_FAILURES = 5
 USER_MAX_FAILURES = 50
+# A login reserves a failure of its name and of its (name, address) pair
+# before the password is hashed; the reservation is settled when the check
+# ends. One that is never settled (the process died mid-check) stops counting
+# after this long, which no bounded hashing queue comes near.
+PENDING_TTL = 60.0
 
 
 def throttle_pair_key(username: str, address: str) -> str:
@@ -82,13 +87,22 @@ class Throttle(Protocol):
     """
 
     async def before_login(self, username: str, address: str) -> None:
-        """Refuse while the username, the pair or the address is blocked."""
+        """Admit a password check, reserving a failure of the name and the pair.
+
+        Refuses while the username, the pair or the address is blocked, or
+        while the failures counted and reserved would reach the name's or the
+        pair's limit: concurrent guesses are stopped before they are hashed.
+        Every admitted login is settled by exactly one of the three calls below.
+        """
 
     async def login_failed(self, username: str, address: str) -> None:
-        """Refuse if blocked by now; otherwise count a failure of the three keys."""
+        """Settle as a failure: refuse if blocked by now; otherwise count one of the three keys."""
 
     async def login_succeeded(self, username: str, address: str) -> None:
-        """Refuse if blocked by now; otherwise forget the username's and the pair's failures."""
+        """Settle as a success: refuse if blocked by now; otherwise forget the name's and pair's."""
+
+    async def login_abandoned(self, username: str, address: str) -> None:
+        """Settle a check that never finished (an error): release the reservation only."""
 
     async def before_register(self, address: str) -> None:
         """Refuse while the address is blocked (registration)."""
@@ -102,6 +116,8 @@ class _Failures:
     count: int
     last: float
     blocked_until: float
+    pending: int = 0  # reserved by password checks in progress
+    pending_at: float = 0.0  # when ``pending`` last changed (see PENDING_TTL)
 
 
 class LoginThrottle:
@@ -119,6 +135,11 @@ class LoginThrottle:
       ``user_max_failures``, much higher, so a stranger's guesses do not lock
       the owner out on their own address, while guesses spread over many
       addresses still meet a limit (SECURITY.md states the trade-off).
+
+    A login reserves a failure of its name and its pair before the password
+    is hashed (see :meth:`admit`), so a burst of concurrent guesses gets no
+    more hashes than the limit leaves; the reservation is settled when the
+    check ends.
 
     Memory is bounded: stale entries are dropped as new ones arrive and at
     most ``max_entries`` keys of each kind are kept (oldest evicted first).
@@ -159,6 +180,54 @@ class LoginThrottle:
         entry = table.get(key)
         return 0.0 if entry is None else max(0.0, entry.blocked_until - now)
 
+    def _no_slot(
+        self, table: OrderedDict[str, _Failures], key: str, now: float, threshold: int
+    ) -> bool:
+        """Whether the checks in progress already take every failure left before the limit.
+
+        Past the limit (a block that has run out) one check at a time is
+        left, as before reservations: its failure blocks again at once.
+        """
+        entry = table.get(key)
+        if entry is None:
+            return False
+        counted = 0 if now - entry.last > self._window else entry.count
+        return _pending(entry, now) >= max(1, threshold - counted)
+
+    def admit(self, username: str, address: str) -> None:
+        """Refuse like :meth:`check`, and while no failure is left to reserve; else reserve one.
+
+        The failures left to reserve for a key are its threshold less those
+        counted, at least one (see :meth:`_no_slot`).
+
+        Raises:
+            TooManyRequests: ``too_many_attempts`` with ``retry_after`` (the
+                block's rest, or ``base_delay`` while reserved checks settle).
+        """
+        self.check(username, address)
+        now = self._clock()
+        user, pair = self._user_key(username), self._pair_key(username, address)
+        if self._no_slot(self._users, user, now, self._user_max_failures) or self._no_slot(
+            self._pairs, pair, now, self._max_failures
+        ):
+            raise refuse_login(self._base_delay)
+        for table, key in ((self._users, user), (self._pairs, pair)):
+            entry = table.get(key)
+            if entry is None:
+                entry = table[key] = _Failures(0, now, 0.0)
+            entry.pending = _pending(entry, now) + 1
+            entry.pending_at = now
+
+    def release(self, username: str, address: str) -> None:
+        """Give back one reservation of :meth:`admit` (the check it admitted ended)."""
+        now = self._clock()
+        user, pair = self._user_key(username), self._pair_key(username, address)
+        for table, key in ((self._users, user), (self._pairs, pair)):
+            entry = table.get(key)
+            if entry is not None:
+                entry.pending = max(0, _pending(entry, now) - 1)
+                entry.pending_at = now
+
     def check(self, username: str, address: str) -> None:
         """Refuse an attempt while the username, the pair or the address is blocked.
 
@@ -196,29 +265,43 @@ class LoginThrottle:
         self._record(self._addresses, self._address_key(address), now, self._max_failures)
 
     def success(self, username: str, address: str) -> None:
-        """Forget the username's failures and the pair's.
+        """Forget the username's failures and the pair's (not their reservations).
 
         The address keeps its count: otherwise an attacker could log in to
         an account of their own between guesses to reset it.
         """
-        self._users.pop(self._user_key(username), None)
-        self._pairs.pop(self._pair_key(username, address), None)
+        now = self._clock()
+        user, pair = self._user_key(username), self._pair_key(username, address)
+        for table, key in ((self._users, user), (self._pairs, pair)):
+            entry = table.get(key)
+            if entry is None:
+                continue
+            if _pending(entry, now):
+                entry.count, entry.blocked_until = 0, 0.0
+            else:
+                del table[key]
 
     # The Throttle protocol: no await inside, so each check-and-update is atomic.
 
     async def before_login(self, username: str, address: str) -> None:
-        """:meth:`check`."""
-        self.check(username, address)
+        """:meth:`admit`."""
+        self.admit(username, address)
 
     async def login_failed(self, username: str, address: str) -> None:
-        """:meth:`check`, then :meth:`failure`."""
+        """:meth:`release`, :meth:`check`, then :meth:`failure`."""
+        self.release(username, address)
         self.check(username, address)
         self.failure(username, address)
 
     async def login_succeeded(self, username: str, address: str) -> None:
-        """:meth:`check`, then :meth:`success`."""
+        """:meth:`release`, :meth:`check`, then :meth:`success`."""
+        self.release(username, address)
         self.check(username, address)
         self.success(username, address)
+
+    async def login_abandoned(self, username: str, address: str) -> None:
+        """:meth:`release`."""
+        self.release(username, address)
 
     async def before_register(self, address: str) -> None:
         """:meth:`check_address`."""
@@ -232,8 +315,10 @@ class LoginThrottle:
         self, table: OrderedDict[str, _Failures], key: str, now: float, threshold: int
     ) -> None:
         entry = table.pop(key, None)
-        if entry is None or now - entry.last > self._window:
+        if entry is None:
             entry = _Failures(0, now, 0.0)
+        elif now - entry.last > self._window:
+            entry.count, entry.blocked_until = 0, 0.0
         entry.count += 1
         entry.last = now
         excess = entry.count - threshold
@@ -246,7 +331,16 @@ class LoginThrottle:
     def _evict(self, table: OrderedDict[str, _Failures], now: float) -> None:
         while table:
             oldest = next(iter(table.values()))
-            stale = now - oldest.last > self._window and oldest.blocked_until <= now
+            stale = (
+                now - oldest.last > self._window
+                and oldest.blocked_until <= now
+                and not _pending(oldest, now)
+            )
             if not stale and len(table) <= self._max_entries:
                 break
             table.popitem(last=False)
+
+
+def _pending(entry: _Failures, now: float) -> int:
+    """The reservations of an entry still in force (see PENDING_TTL)."""
+    return entry.pending if now - entry.pending_at <= PENDING_TTL else 0

@@ -24,6 +24,7 @@ from redis.commands.core import AsyncScript
 
 from tornado_chat.auth.throttle import (
     MAX_FAILURES,
+    PENDING_TTL,
     USER_MAX_FAILURES,
     LoginThrottle,
     refuse_login,
@@ -48,10 +49,13 @@ LOGIN_THROTTLE_TIMEOUT = 0.5
 
 # The login throttle (RedisLoginThrottle): the policy of
 # tornado_chat.auth.throttle.LoginThrottle, in milliseconds. A key is a hash of
-# n (failures in the current window), last (time of the latest failure) and
-# until (blocked until). ARGV[1] is the time in ms, or '' for Redis's own
-# clock (what the server uses: every node agrees with it).
-_LOGIN_CLOCK = """
+# n (failures in the current window), last (time of the latest failure), until
+# (blocked until), p (failures reserved by password checks in progress) and
+# pt (when p last changed: p stops counting PENDING_TTL after it). ARGV[1] is
+# the time in ms, or '' for Redis's own clock (what the server uses: every
+# node agrees with it).
+_LOGIN_CLOCK = (
+    """
 local now
 if ARGV[1] == '' then
   local t = redis.call('TIME')
@@ -59,6 +63,10 @@ if ARGV[1] == '' then
 else
   now = tonumber(ARGV[1])
 end
+local now_text = string.format('%.0f', now)
+local PENDING_TTL = """
+    + str(round(PENDING_TTL * 1000))
+    + """
 local function wait_of(keys)
   local wait = 0
   for _, key in ipairs(keys) do
@@ -67,26 +75,74 @@ local function wait_of(keys)
   end
   return wait
 end
+local function pending_of(key)
+  local e = redis.call('HMGET', key, 'p', 'pt')
+  local p, pt = tonumber(e[1]), tonumber(e[2])
+  if not p or not pt or now - pt > PENDING_TTL then return 0 end
+  return p
+end
+local function release(key)
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('HSET', key, 'p', math.max(0, pending_of(key) - 1), 'pt', now_text)
+  end
+end
+-- Each key lives until it can neither block nor count (plus a second).
+local function keep(key, window, blocked)
+  local ttl = math.max(window, blocked - now, PENDING_TTL) + 1000
+  redis.call('PEXPIRE', key, string.format('%.0f', ttl))
+end
 """
+)
 
 # KEYS: the keys to check. ARGV: now. Returns the wait in ms (0: admitted).
 LOGIN_WAIT_LUA = _LOGIN_CLOCK + "return wait_of(KEYS)\n"
 
+# KEYS: user key, pair key, address key. ARGV: now, base delay ms, window ms,
+# the user's threshold, the pair's. Refuses (returns the wait in ms) while a
+# key is blocked, or with the base delay while the user's or the pair's
+# reservations take every failure left before its threshold (at least one is
+# left: past the limit, one check at a time); otherwise reserves one failure
+# of the user and of the pair and returns 0.
+LOGIN_ADMIT_LUA = (
+    _LOGIN_CLOCK
+    + """
+local wait = wait_of(KEYS)
+if wait > 0 then return wait end
+local base, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 1, 2 do
+  local e = redis.call('HMGET', KEYS[i], 'n', 'last')
+  local n, last = tonumber(e[1]), tonumber(e[2])
+  if not n or not last or now - last > window then n = 0 end
+  if pending_of(KEYS[i]) >= math.max(1, tonumber(ARGV[3 + i]) - n) then return base end
+end
+for i = 1, 2 do
+  local p = pending_of(KEYS[i]) + 1
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('HSET', KEYS[i], 'n', 0, 'last', now_text, 'until', 0)
+  end
+  redis.call('HSET', KEYS[i], 'p', p, 'pt', now_text)
+  keep(KEYS[i], window, tonumber(redis.call('HGET', KEYS[i], 'until')) or 0)
+end
+return 0
+"""
+)
+
 # KEYS: the keys to charge. ARGV: now, '1' to refuse (return the wait, count
-# nothing) when a key is blocked already, base delay ms, max delay ms, window
-# ms, then each key's threshold (failures before it blocks), in KEYS order.
-# Returns the wait in ms, 0 when the failure was counted. Each key lives until
-# it can neither block nor count (plus a second).
+# nothing) when a key is blocked already, how many leading keys hold a
+# reservation to release first, base delay ms, max delay ms, window ms, then
+# each key's threshold (failures before it blocks), in KEYS order. Returns the
+# wait in ms, 0 when the failure was counted.
 LOGIN_FAIL_LUA = (
     _LOGIN_CLOCK
     + """
+for i = 1, tonumber(ARGV[3]) do release(KEYS[i]) end
 if ARGV[2] == '1' then
   local wait = wait_of(KEYS)
   if wait > 0 then return wait end
 end
-local base, cap, window = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local base, cap, window = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 for i, key in ipairs(KEYS) do
-  local max_failures = tonumber(ARGV[5 + i])
+  local max_failures = tonumber(ARGV[6 + i])
   local e = redis.call('HMGET', key, 'n', 'last', 'until')
   local n, last, blocked = tonumber(e[1]), tonumber(e[2]), tonumber(e[3])
   if not n or not last or not blocked or now - last > window then
@@ -98,32 +154,45 @@ for i, key in ipairs(KEYS) do
     local delay = math.floor(math.min(cap, base * 2 ^ math.min(excess, 32)))
     blocked = math.max(blocked, now + delay)
   end
-  redis.call('HSET', key, 'n', n, 'last', string.format('%.0f', now),
-             'until', string.format('%.0f', blocked))
-  redis.call('PEXPIRE', key, string.format('%.0f', math.max(window, blocked - now) + 1000))
+  redis.call('HSET', key, 'n', n, 'last', now_text, 'until', string.format('%.0f', blocked))
+  keep(key, window, blocked)
 end
 return 0
 """
 )
 
-# KEYS: user key, pair key, address key. ARGV: now. Refuses (returns the wait
-# in ms) while any is blocked; otherwise forgets the user's and the pair's
-# failures, never the address's (or one's own account would reset a guessing
-# address).
+# KEYS: user key, pair key, address key. ARGV: now. Releases the reservation
+# of the user and the pair; refuses (returns the wait in ms) while any key is
+# blocked; otherwise forgets the user's and the pair's failures (keeping the
+# reservations of other checks in progress), never the address's (or one's
+# own account would reset a guessing address).
 LOGIN_OK_LUA = (
     _LOGIN_CLOCK
     + """
+release(KEYS[1])
+release(KEYS[2])
 local wait = wait_of(KEYS)
 if wait > 0 then return wait end
-redis.call('DEL', KEYS[1], KEYS[2])
+for i = 1, 2 do
+  if pending_of(KEYS[i]) > 0 then
+    redis.call('HSET', KEYS[i], 'n', 0, 'until', 0)
+  else
+    redis.call('DEL', KEYS[i])
+  end
+end
 return 0
 """
 )
 
+# KEYS: user key, pair key. ARGV: now. Releases their reservation; returns 0.
+LOGIN_RELEASE_LUA = _LOGIN_CLOCK + "release(KEYS[1])\nrelease(KEYS[2])\nreturn 0\n"
+
 _SCRIPTS = {
     "login_wait": LOGIN_WAIT_LUA,
+    "login_admit": LOGIN_ADMIT_LUA,
     "login_fail": LOGIN_FAIL_LUA,
     "login_ok": LOGIN_OK_LUA,
+    "login_release": LOGIN_RELEASE_LUA,
 }
 
 
@@ -264,31 +333,45 @@ class RedisLoginThrottle:
             log.info("login throttle: Redis answers again; failed logins are shared again")
         return wait_ms / 1000
 
+    def _keys(self, username: str, address: str) -> list[str]:
+        return [
+            self.user_key(username),
+            self.pair_key(username, address),
+            self.address_key(address),
+        ]
+
     async def before_login(self, username: str, address: str) -> None:
-        """Refuse while the username, the pair or the address is blocked on any node."""
-        await self._login_step("login_wait", username, address)
+        """Admit a password check on every node, reserving a failure of the name and the pair."""
+        args = [self._policy[0], self._policy[2], self._user_max_failures, self._max_failures]
+        wait = await self._run("login_admit", self._keys(username, address), args)
+        if wait is None:
+            self.local.admit(username, address)
+        elif wait > 0:
+            raise refuse_login(wait)
 
     async def login_failed(self, username: str, address: str) -> None:
-        """Refuse if blocked by now; otherwise count a failure of the three keys, for every node."""
+        """Settle as a failure: refuse if blocked by now; otherwise count it, for every node."""
         thresholds = [self._user_max_failures, self._max_failures, self._max_failures]
-        await self._login_step("login_fail", username, address, ["1", *self._policy, *thresholds])
+        args = ["1", 2, *self._policy, *thresholds]
+        wait = await self._run("login_fail", self._keys(username, address), args)
+        self.local.release(username, address)
+        self._refuse(wait, username, address)
         self.local.failure(username, address)
 
     async def login_succeeded(self, username: str, address: str) -> None:
-        """Refuse if blocked by now; otherwise forget the username's and the pair's failures."""
-        await self._login_step("login_ok", username, address)
+        """Settle as a success: refuse if blocked by now; otherwise forget the name's and pair's."""
+        wait = await self._run("login_ok", self._keys(username, address), ())
+        self.local.release(username, address)
+        self._refuse(wait, username, address)
         self.local.success(username, address)
 
-    async def _login_step(
-        self, script: str, username: str, address: str, args: Sequence[Any] = ()
-    ) -> None:
-        """Run a login script on the name's, the pair's and the address's keys.
+    async def login_abandoned(self, username: str, address: str) -> None:
+        """Settle a check that never finished: release the reservation only."""
+        await self._run("login_release", self._keys(username, address)[:2], ())
+        self.local.release(username, address)
 
-        Refuses if the script says wait; when Redis does not answer, this
-        node's own throttle decides.
-        """
-        keys = [self.user_key(username), self.pair_key(username, address)]
-        wait = await self._run(script, [*keys, self.address_key(address)], args)
+    def _refuse(self, wait: float | None, username: str, address: str) -> None:
+        """Refuse if Redis said wait; when it did not answer, this node's own throttle decides."""
         if wait is None:
             self.local.check(username, address)
         elif wait > 0:
@@ -305,6 +388,6 @@ class RedisLoginThrottle:
     async def register_failed(self, address: str) -> None:
         """Count a failure of the address alone, for every node."""
         await self._run(
-            "login_fail", [self.address_key(address)], ["0", *self._policy, self._max_failures]
+            "login_fail", [self.address_key(address)], ["0", 0, *self._policy, self._max_failures]
         )
         self.local.address_failure(address)
