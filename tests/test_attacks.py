@@ -4,7 +4,7 @@ Every case asserts the exact HTTP status or WebSocket close code. Forged
 tokens that need a valid signature are signed with the server's own key file
 (an attacker holding that key has won; those cases prove that each claim is
 checked on its own, not only the signature). The unit-level versions live in
-``test_security.py``; the contract basics in ``test_api.py`` and
+``test_auth_tokens.py`` and ``test_auth_service.py``; the contract basics in ``test_api.py`` and
 ``test_socket.py``.
 """
 

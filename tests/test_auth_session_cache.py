@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_security import PASSWORD, Env
+from tests.test_auth_service import PASSWORD, Env
 from tornado_chat.auth.service import SESSION_CACHE_TTL
 from tornado_chat.errors import InvalidToken
 

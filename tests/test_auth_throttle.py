@@ -25,7 +25,10 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tests.conftest import serve
 from tests.harness import PASSWORD, LiveServer, Response
 from tests.test_attacks import error_code
+from tests.test_auth_tokens import FakeClock
+from tornado_chat.auth import LoginThrottle
 from tornado_chat.auth.throttle import MAX_FAILURES, USER_MAX_FAILURES
+from tornado_chat.errors import TooManyRequests
 from tornado_chat.pki import ServerCertificate
 
 
@@ -307,3 +310,114 @@ async def test_unknown_user_takes_as_long_as_a_wrong_password(
     finally:
         for c in made:
             c.http.close()
+
+
+# -- the in-memory policy, without a server ---------------------------------------------
+
+
+def test_throttle_backoff_doubles_and_caps() -> None:
+    """After 5 failures: blocked 1 s, then 2, 4, ... up to max_delay; Retry-After says so."""
+    clock = FakeClock(1000.0)
+    throttle = LoginThrottle(clock=clock, max_failures=5, base_delay=1.0, max_delay=8.0)
+    for _ in range(4):
+        throttle.failure("alice", "10.0.0.1")
+        throttle.check("alice", "10.0.0.1")
+    throttle.failure("alice", "10.0.0.1")
+    with pytest.raises(TooManyRequests) as caught:
+        throttle.check("alice", "10.0.0.1")
+    assert (caught.value.code, caught.value.status) == ("too_many_attempts", 429)
+    assert caught.value.headers() == {"Retry-After": "1"}
+    expected = [2.0, 4.0, 8.0, 8.0]
+    for delay in expected:
+        clock.advance(100)
+        throttle.check("alice", "10.0.0.1")
+        throttle.failure("alice", "10.0.0.1")
+        clock.advance(delay - 0.01)
+        with pytest.raises(TooManyRequests):
+            throttle.check("alice", "10.0.0.1")
+        clock.advance(0.02)
+        throttle.check("alice", "10.0.0.1")
+
+
+def test_throttle_window_forgets_and_keys_are_separate() -> None:
+    """Username and address are counted separately; a quiet window resets the count."""
+    clock = FakeClock(0.0)
+    throttle = LoginThrottle(clock=clock, window=900.0)
+    for i in range(5):
+        throttle.failure(f"user{i}", "192.0.2.7")  # one address, many names
+    with pytest.raises(TooManyRequests):
+        throttle.check("someone-new", "192.0.2.7")
+    throttle.check("user0", "192.0.2.8")  # the names themselves are not blocked
+    for i in range(USER_MAX_FAILURES):
+        throttle.failure("Bob", f"198.51.100.{i}")  # one name, many addresses
+    with pytest.raises(TooManyRequests):
+        throttle.check("bob", "203.0.113.1")  # case-insensitive, any address
+    clock.advance(901)
+    throttle.check("bob", "192.0.2.7")
+    throttle.failure("bob", "192.0.2.7")  # a fresh window: one failure, no block
+    throttle.check("bob", "192.0.2.7")
+
+
+def test_a_strangers_guesses_block_their_address_not_the_name() -> None:
+    """Guesses from one address block that address (and its pair), not the name elsewhere."""
+    clock = FakeClock(0.0)
+    throttle = LoginThrottle(clock=clock)
+    for _ in range(8):
+        throttle.failure("dave", "192.0.2.66")
+    with pytest.raises(TooManyRequests):
+        throttle.check("dave", "192.0.2.66")
+    throttle.check("dave", "203.0.113.9")  # the owner, from his own address
+    throttle.success("dave", "203.0.113.9")
+    with pytest.raises(TooManyRequests):
+        throttle.check("dave", "192.0.2.66")  # the owner's login forgave no guesser
+    # Only guesses spread over many addresses reach the name's own, higher limit.
+    for i in range(USER_MAX_FAILURES - 1):
+        throttle.failure("dave", f"198.51.{i // 4}.{i % 4}")
+    throttle.check("dave", "203.0.113.9")
+    throttle.failure("dave", "198.51.200.1")
+    with pytest.raises(TooManyRequests):
+        throttle.check("dave", "203.0.113.9")
+
+
+def test_throttle_success_resets_username_not_address() -> None:
+    """A success clears the username's count; the address keeps its failures."""
+    clock = FakeClock(0.0)
+    throttle = LoginThrottle(clock=clock)
+    for _ in range(4):
+        throttle.failure("carol", "192.0.2.9")
+    throttle.success("carol", "192.0.2.9")
+    throttle.failure("carol", "192.0.2.10")
+    throttle.check("carol", "192.0.2.10")  # the name's count restarted at 1
+    throttle.failure("mallory", "192.0.2.9")  # the address's 5th failure
+    with pytest.raises(TooManyRequests):
+        throttle.check("anyone", "192.0.2.9")
+
+
+def test_throttle_groups_ipv6_by_64() -> None:
+    """IPv6 clients are counted per /64; IPv4-mapped addresses count as IPv4."""
+    throttle = LoginThrottle(clock=FakeClock(0.0))
+    for i in range(5):
+        throttle.failure(f"u{i}", f"2001:db8:1:2::{i + 1:x}")
+    with pytest.raises(TooManyRequests):
+        throttle.check("x", "2001:db8:1:2:ffff::1")
+    throttle.check("x", "2001:db8:1:3::1")
+    for i in range(5):
+        throttle.failure(f"v{i}", "::ffff:192.0.2.99")
+    with pytest.raises(TooManyRequests):
+        throttle.check("x", "192.0.2.99")
+
+
+def test_throttle_memory_is_bounded() -> None:
+    """Many distinct keys never grow the tables past max_entries; stale ones are dropped."""
+    clock = FakeClock(0.0)
+    throttle = LoginThrottle(clock=clock, max_entries=100, window=10.0)
+    for i in range(1000):
+        throttle.failure(f"user{i}", f"10.{i // 250}.{i % 250}.1")
+    assert len(throttle._users) <= 100
+    assert len(throttle._pairs) <= 100
+    assert len(throttle._addresses) <= 100
+    clock.advance(11)
+    throttle.failure("late", "10.9.9.9")
+    assert len(throttle._users) == 1
+    assert len(throttle._pairs) == 1
+    assert len(throttle._addresses) == 1

@@ -28,6 +28,7 @@ from tests.conftest import make_settings
 from tests.harness import PASSWORD, LiveServer
 from tests.netfault import free_port
 from tests.test_auth_throttle import From, assert_throttled
+from tests.test_auth_tokens import FakeClock
 from tests.test_scaleout import (
     REDIS_URL,
     broker_url,
@@ -38,7 +39,6 @@ from tests.test_scaleout import (
     unique_prefix,
 )
 from tests.test_scaleout_redis import RedisServer
-from tests.test_security import FakeClock
 from tornado_chat.app import create_services, make_login_throttle
 from tornado_chat.auth import (
     AuthService,
