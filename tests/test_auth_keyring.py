@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_auth_tokens import b64, secret_of
+from tests.test_attacks import b64
+from tests.test_auth_tokens import secret_of
 from tornado_chat.auth import (
     KeyRing,
 )

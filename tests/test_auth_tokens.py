@@ -5,9 +5,7 @@ The clock is a fake one the tests move; the key ring lives in a temp dir.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
 import json
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tests.test_attacks import b64, forge
 from tornado_chat.auth import (
     AccessClaims,
     KeyRing,
@@ -49,19 +48,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def forge(header: dict[str, Any], payload: dict[str, Any], hmac_key: bytes | None) -> str:
-    """Build a JWT by hand (PyJWT refuses to make the malicious ones)."""
-    signing_input = b64(json.dumps(header).encode()) + "." + b64(json.dumps(payload).encode())
-    signature = b""
-    if hmac_key is not None:
-        signature = hmac.new(hmac_key, signing_input.encode(), hashlib.sha256).digest()
-    return signing_input + "." + b64(signature)
 
 
 @pytest.fixture
