@@ -279,6 +279,20 @@ def test_unknown_or_missing_kid_is_refused(keyring: KeyRing, tokens: TokenServic
         tokens.verify_access(no_kid)
 
 
+def test_a_refusal_quotes_at_most_64_characters_of_the_token(
+    keyring: KeyRing, tokens: TokenService, clock: FakeClock
+) -> None:
+    """A 2,000-character ``alg`` (or junk) is quoted cut short in the reason that gets logged."""
+    huge_alg = forge({"alg": "A" * 2000, "kid": keyring.current_kid}, claims_for(clock), None)
+    with pytest.raises(InvalidToken) as caught:
+        tokens.verify_access(huge_alg)
+    assert str(caught.value) == f"algorithm 'AAA{'A' * 60}... (2002 characters) is not accepted"
+    header = b64(b'{"alg": "HS256", "kid": "' + b"k" * 1500 + b'"')  # not JSON: no closing brace
+    with pytest.raises(InvalidToken) as caught:
+        tokens.verify_access(header + ".e30.c2ln")
+    assert len(str(caught.value)) < 200
+
+
 @pytest.mark.parametrize("junk", ["", "abc", "a.b.c", "....", None, 12, b"x.y.z"])
 def test_garbage_is_invalid_token_not_a_crash(tokens: TokenService, junk: Any) -> None:
     """Malformed input of any type is InvalidToken, never another exception."""

@@ -46,6 +46,10 @@ MAX_OPAQUE_TOKEN_CHARS = 128
 
 _OPAQUE_BODY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _SUBJECT_RE = re.compile(r"[1-9][0-9]{0,17}")
+# A refusal's reason is logged (reauth, socket opens); any part of it taken
+# from the token is cut to this many characters, so a client cannot grow the
+# log by kilobytes a frame.
+MAX_SHOWN_CHARS = 64
 # Claims an access token must carry; each is checked by verify_access.
 _REQUIRED_CLAIMS = ("exp", "iat", "sub", "iss", "aud", "jti")
 
@@ -161,11 +165,11 @@ class TokenService:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as error:
-            raise InvalidToken(f"malformed token: {error}") from error
+            raise InvalidToken(f"malformed token: {_clipped(str(error))}") from error
         algorithm = header.get("alg")
         if algorithm != self._keyring.algorithm:
             # Pinned: the header never chooses how the token is checked.
-            raise InvalidToken(f"algorithm {algorithm!r} is not accepted")
+            raise InvalidToken(f"algorithm {_clipped(repr(algorithm))} is not accepted")
         kid = header.get("kid")
         if not isinstance(kid, str):
             raise InvalidToken("token has no key id")
@@ -188,7 +192,7 @@ class TokenService:
                 },
             )
         except jwt.PyJWTError as error:
-            raise InvalidToken(f"token rejected: {error}") from error
+            raise InvalidToken(f"token rejected: {_clipped(str(error))}") from error
         return self._check_claims(claims)
 
     def _check_claims(self, claims: Mapping[str, Any]) -> AccessClaims:
@@ -212,6 +216,13 @@ class TokenService:
         if not isinstance(name, str) or not isinstance(sid, str) or not isinstance(jti, str):
             raise InvalidToken("bad 'name', 'sid' or 'jti' claim")
         return AccessClaims(int(sub), name, sid, jti, exp)
+
+
+def _clipped(text: str) -> str:
+    """``text`` cut to MAX_SHOWN_CHARS (a token is the client's, and refusals are logged)."""
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    return f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def _numeric(claims: Mapping[str, Any], name: str) -> float:
