@@ -87,7 +87,11 @@ def write_atomic(path: Path, data: bytes, mode: int, what: str, *, exclusive: bo
         else:
             os.replace(temporary, path)
     except FileExistsError:
-        raise
+        if exclusive:
+            raise  # the caller's answer: someone else created the file first
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise PKIError(f"failed to write {what} {path}: temporary file name taken") from None
     except OSError as exc:
         with contextlib.suppress(OSError):
             temporary.unlink()
