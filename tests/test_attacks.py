@@ -4,7 +4,7 @@ Every case asserts the exact HTTP status or WebSocket close code. Forged
 tokens that need a valid signature are signed with the server's own key file
 (an attacker holding that key has won; those cases prove that each claim is
 checked on its own, not only the signature). The unit-level versions live in
-``test_security.py``; the contract basics in ``test_api.py`` and
+``test_auth_tokens.py`` and ``test_auth_service.py``; the contract basics in ``test_api.py`` and
 ``test_socket.py``.
 """
 
@@ -29,9 +29,10 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from tests.conftest import serve
-from tests.harness import Client, LiveServer, Response, Socket
+from tests.harness import PASSWORD, Client, LiveServer, Response, Socket
+from tornado_chat.auth import KeyRing
+from tornado_chat.auth.tokens import hash_secret
 from tornado_chat.pki import ServerCertificate
-from tornado_chat.security import KeyRing, hash_secret
 
 # -- helpers shared with the test_auth_* modules ----------------------------------------
 
@@ -516,6 +517,77 @@ async def test_reauth_moves_a_socket_to_its_new_session(client: Client) -> None:
     await still_open(sock, "old session gone, socket stays")
     assert (await client.request("POST", "/api/logout", token=second["access_token"])).status == 204
     assert await sock.closed() == 4401
+
+
+@pytest.fixture(scope="module")
+def guarded_server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A server of its own for tests whose failed logins must not throttle the others."""
+    yield from serve(server_cert, tmp_path_factory.mktemp("guarded"))
+
+
+@pytest.fixture
+async def guarded(guarded_server: LiveServer, client_ssl: ssl.SSLContext) -> AsyncIterator[Client]:
+    """A client of the guarded server."""
+    c = Client(guarded_server, client_ssl)
+    yield c
+    c.close()
+
+
+async def test_nul_in_a_password_is_refused_at_registration(guarded: Client) -> None:
+    """Over HTTPS: a password with a NUL is 400 invalid_password, and no account exists after."""
+    for password in ["\0" * 8, "correct\0horse battery"]:
+        resp = await guarded.register("atk_nul", password)
+        assert resp.status == 400 and error_code(resp) == "invalid_password", resp.body
+    resp = await guarded.login("atk_nul", "\0")
+    assert resp.status == 401 and error_code(resp) == "invalid_credentials"
+
+
+async def test_undecodable_credentials_are_json_4xx_never_500(guarded: Client) -> None:
+    """Lone surrogates and bytes that are not UTF-8, on every credential path: 400/401 JSON."""
+    client = guarded
+    pair = await client.user("atk_surrogate")
+    # json.dumps writes "\ud800" as an escape, which the server decodes to a lone surrogate.
+    lone = "\ud800"
+    cases: list[tuple[str, Any, bytes | None, str | None, int, str]] = [
+        ("/api/token/refresh", {"refresh_token": "rt_" + lone}, None, None, 401, "invalid_token"),
+        ("/api/token/refresh", {"refresh_token": lone}, None, None, 401, "invalid_token"),
+        ("/api/login", {"username": lone, "password": lone * 8}, None, None, 401, ""),
+        ("/api/login", {"username": "atk_surrogate", "password": lone}, None, None, 401, ""),
+        ("/api/register", {"username": "atk_sur2", "password": lone * 8}, None, None, 400, ""),
+        ("/api/register", {"username": lone * 4, "password": PASSWORD}, None, None, 400, ""),
+        ("/api/ws-ticket", None, b"", pair["access_token"] + lone, 401, "invalid_token"),
+        ("/api/token/refresh", None, b'{"refresh_token":"rt_\xff\xfe"}', None, 400, ""),
+        ("/api/login", None, b'{"username":"\xed\xa0\x80","password":"x"}', None, 400, ""),
+        ("/api/register", None, b'{"username":"abc","password":"\xc3"}', None, 400, ""),
+    ]
+    for path, body, raw, token, status, code in cases:
+        if body is not None:
+            raw = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            # Header bytes that are not UTF-8 either.
+            headers["Authorization"] = "Bearer " + token.encode("utf-8", "surrogatepass").decode(
+                "latin-1"
+            )
+        resp = await client.request("POST", path, headers=headers, raw=raw)
+        answer = error_code(resp)
+        assert resp.status == status, (path, raw, resp.status, resp.body)
+        assert answer == code or (not code and answer), (path, raw, answer)
+    # The server is fine and the account untouched.
+    assert (await client.login("atk_surrogate")).status == 200
+
+
+async def test_a_reauth_with_a_lone_surrogate_is_an_error_frame(client: Client) -> None:
+    """A reauth token holding a lone surrogate gets the invalid_token error; the socket lives."""
+    pair = await client.user("atk_reauth_sur")
+    sock, _ = await client.join("atk-reauth-sur", pair["access_token"])
+    await sock.send({"type": "reauth", "token": "\ud800"})
+    frame = await sock.recv_type("error")
+    assert frame["code"] == "invalid_token", frame
+    await still_open(sock, "still here")
+    sock.close()
 
 
 async def test_tokens_of_a_deleted_user_are_refused(server: LiveServer, client: Client) -> None:

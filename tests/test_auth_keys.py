@@ -8,11 +8,13 @@ import asyncio
 import io
 import json
 import os
+import shlex
 import ssl
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import jwt
@@ -33,8 +35,8 @@ from tests.test_attacks import (
     ws_outcome,
 )
 from tornado_chat import keys
+from tornado_chat.auth import KeyRing
 from tornado_chat.pki import ServerCertificate
-from tornado_chat.security import KeyRing
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,12 +48,15 @@ def run_keys(*argv: str, environ: dict[str, str] | None = None) -> tuple[int, st
     return code, out.getvalue(), err.getvalue()
 
 
-def run_keys_process(*argv: str) -> subprocess.CompletedProcess[str]:
-    """``python -m tornado_chat.keys`` as a subprocess (no CHAT_* inherited)."""
+def run_keys_process(
+    *argv: str, cwd: Path | None = None, command: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``python -m tornado_chat.keys`` (or ``command``) as a subprocess (no CHAT_* inherited)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-m", "tornado_chat.keys", *argv],
+        [*(command or [sys.executable, "-m", "tornado_chat.keys"]), *argv],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -170,6 +175,68 @@ def test_command_runs_as_python_dash_m(key_file: Path) -> None:
     result = run_keys_process("--jwt-secret-file", str(key_file), "retire", "nope")
     assert result.returncode == 1
     assert "no such key" in one_error_line(result.stderr)
+
+
+def test_init_creates_the_key_file_and_never_replaces_it(tmp_path: Path) -> None:
+    """``init`` creates a 0600 key file (HS256 or ES256); run again, it refuses, changes nothing."""
+    path = tmp_path / "etc" / "jwt-secret"
+    result = run_keys_process("--jwt-secret-file", str(path), "rotate", cwd=tmp_path)
+    assert result.returncode == 1
+    # The error names the command that creates the file.
+    assert f"keys --jwt-secret-file {path} init;" in one_error_line(result.stderr)
+    result = run_keys_process("--jwt-secret-file", str(path), "init", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"created {path} (mode 0600): ")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    ring = KeyRing.open(path)
+    assert ring.algorithm == "HS256" and result.stdout.count(ring.current_kid) == 2
+    before = path.read_bytes()
+    result = run_keys_process("--jwt-secret-file", str(path), "init", cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert one_error_line(result.stderr) == (
+        f"ERROR: JWT key file {path} already exists; it was left as it is "
+        "(rotate adds a new key to it)"
+    )
+    assert path.read_bytes() == before
+    es = tmp_path / "data"
+    result = run_keys_process("--data-dir", str(es), "init", "--jwt-algorithm", "es256")
+    assert result.returncode == 0, result.stderr
+    assert KeyRing.open(es / "jwt-secret").algorithm == "ES256"
+    assert stat.S_IMODE(es.stat().st_mode) == 0o700
+
+
+def test_suggested_retire_command_works_as_printed(tmp_path: Path) -> None:
+    """After ``rotate``, the printed ``retire`` command keeps ``--jwt-secret-file`` and works."""
+    path = tmp_path / "etc dir" / "jwt-secret"  # a space: the path is quoted for a shell
+    KeyRing.load_or_create(path)
+    result = run_keys_process("--jwt-secret-file", str(path), "rotate", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    hint = result.stdout.splitlines()[1]
+    previous, _, command = hint.partition(" still verifies until you retire it: ")
+    words = shlex.split(command)
+    assert words[:4] == ["python", "-m", "tornado_chat.keys", "--jwt-secret-file"]
+    assert words[4:] == [str(path), "retire", previous]
+    # Pasted as printed, from the same directory: no data/ there, so only the flag finds it.
+    result = run_keys_process(*words[3:], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert previous not in KeyRing.open(path).kids
+
+
+def test_console_script_names_itself(tmp_path: Path) -> None:
+    """``tornado-chat-keys --help`` says ``usage: tornado-chat-keys``; its hints name it too."""
+    script = Path(sys.executable).parent / "tornado-chat-keys"
+    assert script.exists(), "the package (and its console script) is not installed here"
+    result = run_keys_process("--help", command=[str(script)])
+    assert result.returncode == 0 and result.stdout.startswith("usage: tornado-chat-keys ")
+    result = run_keys_process("--help")
+    assert result.returncode == 0 and result.stdout.startswith(
+        "usage: python -m tornado_chat.keys "
+    )
+    path = tmp_path / "jwt-secret"
+    result = run_keys_process("--jwt-secret-file", str(path), "list", command=[str(script)])
+    assert one_error_line(result.stderr).startswith(
+        f"ERROR: no JWT key file at {path} (create it with: tornado-chat-keys "
+    )
 
 
 class FakeMonotonic:

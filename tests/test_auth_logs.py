@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -146,6 +146,21 @@ def assert_clean(text: str, secrets: list[str]) -> None:
             assert fragment not in text, f"credential leaked into the log: {fragment[:12]}..."
 
 
+async def logged_through_marker(client: Client, tag: str, read: Callable[[], str]) -> None:
+    """Send a last request and wait (with a deadline) for its access-log line.
+
+    The server logs in the order it handles things, so once this line is
+    there, the lines of the scenario's requests are too.
+    """
+    path = f"/api/logs-end-{tag}"
+    assert (await client.request("GET", path)).status == 404
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while f"404 GET {path} " not in read():
+        assert loop.time() < deadline, "the marker request was never logged"
+        await asyncio.sleep(0.02)
+
+
 # -- in-process, every logger at DEBUG, no filter on the capturing handler ---------------
 
 
@@ -156,6 +171,7 @@ class _Capture(logging.Handler):
         super().__init__(logging.DEBUG)
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
         self.lines: list[str] = []
+        self.secrets: list[str] = []  # checked again once the server has stopped
         self._test_thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -186,6 +202,8 @@ def captured_server(
         live.stop()
         root.removeHandler(capture)
         root.setLevel(level)
+    # Whatever was logged after a test's own check (a late close) is checked here.
+    assert_clean("\n".join(capture.lines), capture.secrets)
 
 
 @pytest.fixture
@@ -206,7 +224,8 @@ async def test_no_credential_in_any_log_record_at_debug(
     client, capture = captured
     start = len(capture.lines)
     secrets = await scenario(client, "inproc")
-    await asyncio.sleep(0.2)  # let the last close and access-log lines land
+    capture.secrets += secrets
+    await logged_through_marker(client, "inproc", lambda: "\n".join(capture.lines[start:]))
     text = "\n".join(capture.lines[start:])
     # The capture did see the traffic (a vacuous pass is no pass).
     assert "ws auth failure" in text and "[REDACTED]" in text, text[-2000:]
@@ -233,8 +252,12 @@ def _wait_for_port(log_file: Path, proc: subprocess.Popen[bytes], timeout: float
 @pytest.fixture(scope="module")
 def process_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[int, Path]]:
-    """``python -m tornado_chat --log-level debug`` with stderr in a file; (port, that file)."""
+) -> Iterator[tuple[int, Path, list[str]]]:
+    """``python -m tornado_chat --log-level debug`` with stderr in a file.
+
+    Yields (port, that file, a list the tests add the secrets they sent to):
+    once the server has stopped, its whole stderr is checked against them.
+    """
     root = tmp_path_factory.mktemp("logproc")
     log_file = root / "stderr.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
@@ -252,8 +275,9 @@ def process_server(
     ]
     with log_file.open("wb") as sink:
         proc = subprocess.Popen(args, cwd=root, env=env, stdout=sink, stderr=sink)
+    secrets: list[str] = []
     try:
-        yield _wait_for_port(log_file, proc), log_file
+        yield _wait_for_port(log_file, proc), log_file, secrets
     finally:
         proc.terminate()
         try:
@@ -261,19 +285,21 @@ def process_server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+    assert_clean(log_file.read_text(errors="replace"), secrets)
 
 
 async def test_no_credential_in_a_server_process_stderr(
-    process_server: tuple[int, Path], client_ssl: ssl.SSLContext
+    process_server: tuple[int, Path, list[str]], client_ssl: ssl.SSLContext
 ) -> None:
     """Run as ``python -m tornado_chat --log-level debug``: stderr never holds a credential."""
-    port, log_file = process_server
+    port, log_file, checked = process_server
     client = Client(_ServerStub(port), client_ssl)  # type: ignore[arg-type]
     try:
         secrets = await scenario(client, "proc")
+        checked += secrets
+        await logged_through_marker(client, "proc", lambda: log_file.read_text(errors="replace"))
     finally:
         client.close()
-    await asyncio.sleep(0.3)
     text = await asyncio.to_thread(log_file.read_text, errors="replace")
     assert "ws auth failure" in text and "[REDACTED]" in text, text[-2000:]
     assert "refresh token reuse" in text

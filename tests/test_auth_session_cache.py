@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.test_security import PASSWORD, Env
+from tests.test_auth_service import PASSWORD, Env
+from tornado_chat.auth.service import SESSION_CACHE_TTL
 from tornado_chat.errors import InvalidToken
-from tornado_chat.security import SESSION_CACHE_TTL
 
 
 class CountingReads:
@@ -119,7 +119,7 @@ async def test_deleting_a_user_drops_its_cached_sessions(env: Env) -> None:
 
 async def test_the_cache_is_bounded(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past its size bound the oldest entry goes, so memory stays bounded."""
-    monkeypatch.setattr("tornado_chat.security.SESSION_CACHE_MAX", 3)
+    monkeypatch.setattr("tornado_chat.auth.service.SESSION_CACHE_MAX", 3)
     tokens = [await _login(env) for _ in range(5)]
     for token in tokens:
         await env.auth.authenticate(token)

@@ -1,6 +1,7 @@
 """Login throttling and registration enumeration, over real HTTPS.
 
-The throttle counts failures per username and per client address. Each test
+The throttle counts failures per (username, address), per client address and,
+at a much higher threshold, per username. Each test
 speaks from its own loopback address (127.0.0.N: all of 127/8 reaches the
 server's 127.0.0.1 listener on Linux), so tests do not share an address budget.
 """
@@ -8,9 +9,11 @@ server's 127.0.0.1 listener on Linux), so tests do not share an address budget.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import ssl
 import statistics
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -22,9 +25,11 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tests.conftest import serve
 from tests.harness import PASSWORD, LiveServer, Response
 from tests.test_attacks import error_code
+from tests.test_auth_tokens import FakeClock
+from tornado_chat.auth import LoginThrottle
+from tornado_chat.auth.throttle import MAX_FAILURES, USER_MAX_FAILURES
+from tornado_chat.errors import TooManyRequests
 from tornado_chat.pki import ServerCertificate
-
-MAX_FAILURES = 5  # LoginThrottle's default
 
 
 @pytest.fixture(scope="module")
@@ -106,17 +111,36 @@ async def test_the_server_sees_each_test_address(source: Any) -> None:
     assert (await source("127.0.0.21").login("thr_premise")).status == 200
 
 
+async def test_a_strangers_guesses_do_not_lock_the_owner_out(source: Any) -> None:
+    """Wrong guesses for a name from one address: that address gets 429, the owner gets in."""
+    owner = source("127.0.0.33")
+    assert (await owner.register("thr_dave")).status == 201
+    stranger = source("127.0.0.34")
+    for _ in range(MAX_FAILURES):
+        resp = await stranger.login("thr_dave", "guess-guess-guess")
+        assert resp.status == 401 and error_code(resp) == "invalid_credentials"
+    for _ in range(3):
+        assert_throttled(await stranger.login("thr_dave", "guess-guess-guess"))
+    assert_throttled(await stranger.login("thr_dave"))  # even the right password
+    # The owner, from his usual address, is not locked out by someone else's guesses.
+    assert (await owner.login("thr_dave")).status == 200
+    # Nor is the name blocked for a third address: it only gets its own answer.
+    resp = await source("127.0.0.35").login("thr_dave", "another guess")
+    assert resp.status == 401 and error_code(resp) == "invalid_credentials"
+
+
 async def test_login_throttled_per_username_429_with_retry_after(source: Any) -> None:
-    """Five wrong passwords for one name: then 429 + Retry-After, even for the right password."""
+    """Guesses for one name from many addresses: past the name's limit, 429 from any address."""
     owner = source("127.0.0.30")
     assert (await owner.register("thr_victim")).status == 201
-    attacker = source("127.0.0.31")
-    for _ in range(MAX_FAILURES):
+    # Four guesses per address: no address or (name, address) pair reaches its limit.
+    guessers = [source(f"127.0.2.{1 + i // 4}") for i in range(USER_MAX_FAILURES)]
+    for attacker in guessers:
         resp = await attacker.login("thr_victim", "guess-guess-guess")
         assert resp.status == 401 and error_code(resp) == "invalid_credentials"
-    wait = assert_throttled(await attacker.login("thr_victim"))
-    # The username is blocked from every address, the owner's too: the limit
-    # is per account, whatever botnet the guesses come from.
+    wait = assert_throttled(await guessers[-1].login("thr_victim"))
+    # The username is blocked from every address, the owner's too: past this
+    # limit it is per account, whatever botnet the guesses come from.
     assert_throttled(await source("127.0.0.32").login("thr_victim", "another guess"))
     assert_throttled(await owner.login("thr_victim"))
     # Backoff, not lockout: after Retry-After the right password works.
@@ -179,6 +203,64 @@ async def test_failed_logins_throttle_registration_probes(source: Any) -> None:
     assert_throttled(await c.register("thr_after_logins"))
 
 
+# -- the password-hashing queue is bounded ----------------------------------------------
+
+
+@pytest.fixture
+def queue_server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A server of its own: these tests stall its hashing threads on purpose."""
+    yield from serve(server_cert, tmp_path_factory.mktemp("queue"))
+
+
+async def test_a_registration_flood_is_refused_not_queued(
+    queue_server: LiveServer, client_ssl: ssl.SSLContext
+) -> None:
+    """With every hashing thread busy, one address gets 16 checks queued and 429 past them."""
+    services = queue_server.services
+    executor = services.executor
+    assert isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+    queue = services.auth._passwords._queue
+    assert queue is not None
+    gate = threading.Event()
+    # Occupy every thread: admitted checks then wait in the queue, deterministically.
+    blockers = [executor.submit(gate.wait) for _ in range(executor._max_workers)]
+    flooders = [From(queue_server, client_ssl, "127.0.0.80") for _ in range(3)]
+    bystander = From(queue_server, client_ssl, "127.0.0.81")
+    try:
+        flood = [
+            asyncio.ensure_future(flooders[i % 3].register(f"thr_flood_{i:02d}"))
+            for i in range(3 * 8)
+        ]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while sum(task.done() for task in flood) < 8 or queue.queued < 16:
+            assert loop.time() < deadline, (sum(t.done() for t in flood), queue.queued)
+            await asyncio.sleep(0.01)
+        refused = [task.result() for task in flood if task.done()]
+        assert len(refused) == 8 and queue.queued == 16
+        for resp in refused:
+            assert_throttled(resp)
+            assert resp.json["error"]["message"] == (
+                "too many password checks in progress from this address; try again later"
+            )
+        # Another address is still admitted (it waits its turn, it is not refused).
+        other = asyncio.ensure_future(bystander.register("thr_flood_other"))
+        while queue.queued < 17:
+            assert loop.time() < deadline and not other.done(), queue.queued
+            await asyncio.sleep(0.01)
+        gate.set()
+        statuses = [r.status for r in await asyncio.gather(*flood, other)]
+        assert statuses.count(201) == 17 and statuses.count(429) == 8, statuses
+    finally:
+        gate.set()
+        for blocker in blockers:
+            blocker.result(10)
+        for c in [*flooders, bystander]:
+            c.http.close()
+
+
 # -- timing: unknown users cost a bcrypt check like wrong passwords ---------------------
 
 COSTLY_ROUNDS = 10  # ~50 ms a check: large against HTTP noise, cheap enough for a test
@@ -228,3 +310,114 @@ async def test_unknown_user_takes_as_long_as_a_wrong_password(
     finally:
         for c in made:
             c.http.close()
+
+
+# -- the in-memory policy, without a server ---------------------------------------------
+
+
+def test_throttle_backoff_doubles_and_caps() -> None:
+    """After 5 failures: blocked 1 s, then 2, 4, ... up to max_delay; Retry-After says so."""
+    clock = FakeClock(1000.0)
+    throttle = LoginThrottle(clock=clock, max_failures=5, base_delay=1.0, max_delay=8.0)
+    for _ in range(4):
+        throttle.failure("alice", "10.0.0.1")
+        throttle.check("alice", "10.0.0.1")
+    throttle.failure("alice", "10.0.0.1")
+    with pytest.raises(TooManyRequests) as caught:
+        throttle.check("alice", "10.0.0.1")
+    assert (caught.value.code, caught.value.status) == ("too_many_attempts", 429)
+    assert caught.value.headers() == {"Retry-After": "1"}
+    expected = [2.0, 4.0, 8.0, 8.0]
+    for delay in expected:
+        clock.advance(100)
+        throttle.check("alice", "10.0.0.1")
+        throttle.failure("alice", "10.0.0.1")
+        clock.advance(delay - 0.01)
+        with pytest.raises(TooManyRequests):
+            throttle.check("alice", "10.0.0.1")
+        clock.advance(0.02)
+        throttle.check("alice", "10.0.0.1")
+
+
+def test_throttle_window_forgets_and_keys_are_separate() -> None:
+    """Username and address are counted separately; a quiet window resets the count."""
+    clock = FakeClock(0.0)
+    throttle = LoginThrottle(clock=clock, window=900.0)
+    for i in range(5):
+        throttle.failure(f"user{i}", "192.0.2.7")  # one address, many names
+    with pytest.raises(TooManyRequests):
+        throttle.check("someone-new", "192.0.2.7")
+    throttle.check("user0", "192.0.2.8")  # the names themselves are not blocked
+    for i in range(USER_MAX_FAILURES):
+        throttle.failure("Bob", f"198.51.100.{i}")  # one name, many addresses
+    with pytest.raises(TooManyRequests):
+        throttle.check("bob", "203.0.113.1")  # case-insensitive, any address
+    clock.advance(901)
+    throttle.check("bob", "192.0.2.7")
+    throttle.failure("bob", "192.0.2.7")  # a fresh window: one failure, no block
+    throttle.check("bob", "192.0.2.7")
+
+
+def test_a_strangers_guesses_block_their_address_not_the_name() -> None:
+    """Guesses from one address block that address (and its pair), not the name elsewhere."""
+    clock = FakeClock(0.0)
+    throttle = LoginThrottle(clock=clock)
+    for _ in range(8):
+        throttle.failure("dave", "192.0.2.66")
+    with pytest.raises(TooManyRequests):
+        throttle.check("dave", "192.0.2.66")
+    throttle.check("dave", "203.0.113.9")  # the owner, from his own address
+    throttle.success("dave", "203.0.113.9")
+    with pytest.raises(TooManyRequests):
+        throttle.check("dave", "192.0.2.66")  # the owner's login forgave no guesser
+    # Only guesses spread over many addresses reach the name's own, higher limit.
+    for i in range(USER_MAX_FAILURES - 1):
+        throttle.failure("dave", f"198.51.{i // 4}.{i % 4}")
+    throttle.check("dave", "203.0.113.9")
+    throttle.failure("dave", "198.51.200.1")
+    with pytest.raises(TooManyRequests):
+        throttle.check("dave", "203.0.113.9")
+
+
+def test_throttle_success_resets_username_not_address() -> None:
+    """A success clears the username's count; the address keeps its failures."""
+    clock = FakeClock(0.0)
+    throttle = LoginThrottle(clock=clock)
+    for _ in range(4):
+        throttle.failure("carol", "192.0.2.9")
+    throttle.success("carol", "192.0.2.9")
+    throttle.failure("carol", "192.0.2.10")
+    throttle.check("carol", "192.0.2.10")  # the name's count restarted at 1
+    throttle.failure("mallory", "192.0.2.9")  # the address's 5th failure
+    with pytest.raises(TooManyRequests):
+        throttle.check("anyone", "192.0.2.9")
+
+
+def test_throttle_groups_ipv6_by_64() -> None:
+    """IPv6 clients are counted per /64; IPv4-mapped addresses count as IPv4."""
+    throttle = LoginThrottle(clock=FakeClock(0.0))
+    for i in range(5):
+        throttle.failure(f"u{i}", f"2001:db8:1:2::{i + 1:x}")
+    with pytest.raises(TooManyRequests):
+        throttle.check("x", "2001:db8:1:2:ffff::1")
+    throttle.check("x", "2001:db8:1:3::1")
+    for i in range(5):
+        throttle.failure(f"v{i}", "::ffff:192.0.2.99")
+    with pytest.raises(TooManyRequests):
+        throttle.check("x", "192.0.2.99")
+
+
+def test_throttle_memory_is_bounded() -> None:
+    """Many distinct keys never grow the tables past max_entries; stale ones are dropped."""
+    clock = FakeClock(0.0)
+    throttle = LoginThrottle(clock=clock, max_entries=100, window=10.0)
+    for i in range(1000):
+        throttle.failure(f"user{i}", f"10.{i // 250}.{i % 250}.1")
+    assert len(throttle._users) <= 100
+    assert len(throttle._pairs) <= 100
+    assert len(throttle._addresses) <= 100
+    clock.advance(11)
+    throttle.failure("late", "10.9.9.9")
+    assert len(throttle._users) == 1
+    assert len(throttle._pairs) == 1
+    assert len(throttle._addresses) == 1

@@ -28,6 +28,7 @@ from tests.conftest import make_settings
 from tests.harness import PASSWORD, LiveServer
 from tests.netfault import free_port
 from tests.test_auth_throttle import From, assert_throttled
+from tests.test_auth_tokens import FakeClock
 from tests.test_scaleout import (
     REDIS_URL,
     broker_url,
@@ -38,20 +39,20 @@ from tests.test_scaleout import (
     unique_prefix,
 )
 from tests.test_scaleout_redis import RedisServer
-from tests.test_security import FakeClock
-from tornado_chat.app import create_services
-from tornado_chat.errors import TooManyRequests, Unauthorized
-from tornado_chat.pki import ServerCertificate
-from tornado_chat.redis_broker import RedisBroker, RedisLoginThrottle
-from tornado_chat.security import (
+from tornado_chat.app import create_services, make_login_throttle
+from tornado_chat.auth import (
     AuthService,
     KeyRing,
     LoginThrottle,
     PasswordHasher,
     Throttle,
     TokenService,
-    throttle_user_key,
 )
+from tornado_chat.auth.throttle import USER_MAX_FAILURES, throttle_user_key
+from tornado_chat.auth.throttle_redis import RedisLoginThrottle
+from tornado_chat.errors import TooManyRequests, Unauthorized
+from tornado_chat.pki import ServerCertificate
+from tornado_chat.redis_broker import RedisBroker
 from tornado_chat.storage import Storage
 
 # -- fixtures --------------------------------------------------------------------------
@@ -119,6 +120,8 @@ def apply(throttle: Throttle, op: str, user: str, address: str) -> Awaitable[Non
         return throttle.login_failed(user, address)
     if op == "ok":
         return throttle.login_succeeded(user, address)
+    if op == "abandon":
+        return throttle.login_abandoned(user, address)
     if op == "reg":
         return throttle.before_register(address)
     return throttle.register_failed(address)
@@ -128,7 +131,13 @@ def apply(throttle: Throttle, op: str, user: str, address: str) -> Awaitable[Non
 async def test_redis_policy_matches_the_in_memory_throttle(brokers: Brokers) -> None:
     """Random operation sequences: every answer and Retry-After equals LoginThrottle's."""
     broker = await brokers()
-    policy = {"max_failures": 3, "base_delay": 1.0, "max_delay": 8.0, "window": 40.0}
+    policy = {
+        "max_failures": 3,
+        "user_max_failures": 4,
+        "base_delay": 1.0,
+        "max_delay": 8.0,
+        "window": 40.0,
+    }
     rng = random.Random(20250611)
     compared = refusals = 0
     for run in range(6):
@@ -138,7 +147,18 @@ async def test_redis_policy_matches_the_in_memory_throttle(brokers: Brokers) -> 
         for _ in range(150):
             user, address = rng.choice(USERS), rng.choice(ADDRESSES)
             op = rng.choice(
-                ["before", "failed", "failed", "failed", "ok", "reg", "regfail", "tick"]
+                [
+                    "before",
+                    "before",
+                    "failed",
+                    "failed",
+                    "failed",
+                    "ok",
+                    "abandon",
+                    "reg",
+                    "regfail",
+                    "tick",
+                ]
             )
             if op == "tick":
                 clock.advance(rng.choice(STEPS))
@@ -156,7 +176,13 @@ async def test_block_doubles_caps_and_a_quiet_window_forgets(brokers: Brokers) -
     """Blocks of 1, 2, 4, 8, 8 s (refused failures not counted); a quiet window forgets."""
     clock = FakeClock(1000.0)
     throttle = RedisLoginThrottle(
-        await brokers(), clock=clock, max_failures=5, base_delay=1.0, max_delay=8.0, window=900.0
+        await brokers(),
+        clock=clock,
+        max_failures=5,
+        user_max_failures=5,
+        base_delay=1.0,
+        max_delay=8.0,
+        window=900.0,
     )
     for _ in range(4):
         await throttle.login_failed("alice", "10.0.0.1")
@@ -226,8 +252,8 @@ async def auth_service(storage: Storage, root: Path, throttle: Throttle) -> Auth
 @pytest.mark.redis
 async def test_two_processes_see_each_others_failures(brokers: Brokers, tmp_path: Path) -> None:
     """Failures counted through one AuthService/broker block logins through another one."""
-    throttle_a = (await brokers()).make_login_throttle()
-    throttle_b = (await brokers()).make_login_throttle()
+    throttle_a = make_login_throttle(await brokers())
+    throttle_b = make_login_throttle(await brokers())
     assert isinstance(throttle_a, RedisLoginThrottle)
     storage = await Storage.open(f"sqlite+aiosqlite:///{tmp_path}/chat.db")
     try:
@@ -238,14 +264,17 @@ async def test_two_processes_see_each_others_failures(brokers: Brokers, tmp_path
             # Alternate nodes: neither one alone reaches the limit.
             node = a if i % 2 else b
             with pytest.raises(Unauthorized):
-                await node.login("dave", "wrong password", f"198.51.100.{i}")
+                await node.login("dave", "wrong password", "198.51.100.9")
         for node in (a, b):
             with pytest.raises(TooManyRequests) as caught:
-                await node.login("dave", PASSWORD, "203.0.113.5")
+                await node.login("dave", PASSWORD, "198.51.100.9")
             assert (caught.value.code, caught.value.retry_after) == ("too_many_attempts", 1)
-        # The in-memory view of either node alone would have let the owner in.
+        # The in-memory view of either node alone would have let that address in.
         assert isinstance(throttle_b, RedisLoginThrottle)
-        throttle_b.local.check("dave", "203.0.113.5")
+        throttle_b.local.check("dave", "198.51.100.9")
+        # The owner, from another address, is let in by both nodes.
+        for node in (a, b):
+            assert (await node.login("dave", PASSWORD, "203.0.113.5")).refresh_token
     finally:
         await storage.close()
 
@@ -257,8 +286,8 @@ async def test_concurrent_guesses_on_two_nodes_learn_nothing_past_the_limit(
     """12 concurrent wrong guesses spread over two nodes: exactly 5 get 401, the rest 429."""
     storage = await Storage.open(f"sqlite+aiosqlite:///{tmp_path}/chat.db")
     try:
-        a = await auth_service(storage, tmp_path, (await brokers()).make_login_throttle())
-        b = await auth_service(storage, tmp_path, (await brokers()).make_login_throttle())
+        a = await auth_service(storage, tmp_path, make_login_throttle(await brokers()))
+        b = await auth_service(storage, tmp_path, make_login_throttle(await brokers()))
         await a.register("erin", PASSWORD)
         results = await asyncio.gather(
             *((a, b)[i % 2].login("erin", f"guess {i:04d}", "192.0.2.4") for i in range(12)),
@@ -277,16 +306,20 @@ async def test_redis_clock_blocks_across_nodes_and_keys_expire(
 ) -> None:
     """On Redis's own clock: keys sit under the prefix, hashed, with TTLs that bound them."""
     admin, prefix = shared_redis
-    a = RedisLoginThrottle(await brokers(), window=60.0, base_delay=100.0, max_delay=300.0)
-    b = RedisLoginThrottle(await brokers(), window=60.0, base_delay=100.0, max_delay=300.0)
+    policy = {"window": 60.0, "base_delay": 100.0, "max_delay": 300.0, "user_max_failures": 5}
+    a = RedisLoginThrottle(await brokers(), **policy)
+    b = RedisLoginThrottle(await brokers(), **policy)
     await a.login_failed("Frank", "192.0.2.77")
     user_key = f"{prefix}:login:user:{hashlib.sha256(b'frank').hexdigest()}"
+    pair_key = (
+        f"{prefix}:login:pair:{hashlib.sha256(b'192.0.2.77' + bytes(1) + b'frank').hexdigest()}"
+    )
     addr_key = f"{prefix}:login:addr:{hashlib.sha256(b'192.0.2.77').hexdigest()}"
     assert sorted(k.decode() for k in admin.scan_iter(match=f"{prefix}:login:*")) == sorted(
-        [user_key, addr_key]
+        [user_key, pair_key, addr_key]
     )
     # One failure: kept for the window (plus a second), no longer.
-    for key in (user_key, addr_key):
+    for key in (user_key, pair_key, addr_key):
         assert 59_000 < admin.pttl(key) <= 61_000
     for _ in range(4):
         await b.login_failed("frank", "192.0.2.78")
@@ -295,10 +328,10 @@ async def test_redis_clock_blocks_across_nodes_and_keys_expire(
     # Blocked for 100 s, longer than the window: the key lives as long as the block.
     assert 99_000 < admin.pttl(user_key) <= 101_000
     assert 59_000 < admin.pttl(addr_key) <= 61_000
-    # A success (once unblocked) deletes the name's key; the address's stays.
+    # A success (once unblocked) deletes the name's and the pair's keys; the address's stays.
     admin.hset(user_key, "until", "0")
     await b.login_succeeded("frank", "192.0.2.77")
-    assert not admin.exists(user_key) and admin.exists(addr_key)
+    assert not admin.exists(user_key) and not admin.exists(pair_key) and admin.exists(addr_key)
     assert admin.pttl(addr_key) > 0
 
 
@@ -309,7 +342,7 @@ async def test_hostile_usernames_neither_break_keys_nor_collide(
     """Long, ':' '*' newline, non-ASCII and lone-surrogate names: one hashed key each, no 500."""
     admin, prefix = shared_redis
     clock = FakeClock(1000.0)
-    throttle = RedisLoginThrottle(await brokers(), clock=clock, max_failures=2)
+    throttle = RedisLoginThrottle(await brokers(), clock=clock, max_failures=2, user_max_failures=2)
     hostile = [
         "a" * 100_000,
         "a" * 64 + "b",  # the same first 64 characters: the same key, as in memory
@@ -327,11 +360,15 @@ async def test_hostile_usernames_neither_break_keys_nor_collide(
         await throttle.login_failed(name, address)
     keys = {k.decode() for k in admin.scan_iter(match=f"{prefix}:login:*")}
     user_keys = {k for k in keys if k.startswith(f"{prefix}:login:user:")}
+    pair_keys = {k for k in keys if k.startswith(f"{prefix}:login:pair:")}
     assert all(
-        re.fullmatch(rf"{re.escape(prefix)}:login:user:[0-9a-f]{{64}}", k) for k in user_keys
+        re.fullmatch(rf"{re.escape(prefix)}:login:(user|pair):[0-9a-f]{{64}}", k)
+        for k in user_keys | pair_keys
     )
     assert len(user_keys) == len({throttle_user_key(n) for n in hostile}) == len(hostile) - 1
-    assert keys - user_keys == {throttle.address_key(a) for a in addresses}
+    assert pair_keys == {throttle.pair_key(n, a) for n, a in zip(hostile, addresses, strict=True)}
+    assert len(pair_keys) == len(hostile)
+    assert keys - user_keys - pair_keys == {throttle.address_key(a) for a in addresses}
     # The two names sharing 64 characters reached the limit together; no other did.
     assert await refused(throttle.before_login("a" * 70, "192.0.2.1")) is not None
     for name in ["evil:*:user", "*", "", "ünïcødé-ünïcødé", "alice"]:
@@ -377,9 +414,9 @@ async def test_redis_down_falls_back_to_the_local_throttle(
     brokers: Brokers, private_redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis paused (no answer) then killed: logins still answer 401/429 in time, one warning."""
-    caplog.set_level(logging.INFO, logger="tornado_chat.broker")
+    caplog.set_level(logging.INFO, logger="tornado_chat.auth")
     broker = await brokers(broker_url(private_redis.url, unique_prefix(), ttl=15.0))
-    throttle = broker.make_login_throttle()
+    throttle = make_login_throttle(broker)
     assert isinstance(throttle, RedisLoginThrottle)
     storage = await Storage.open(f"sqlite+aiosqlite:///{tmp_path}/chat.db")
     try:
@@ -425,6 +462,29 @@ async def test_redis_down_falls_back_to_the_local_throttle(
         await storage.close()
 
 
+async def test_scripts_are_loaded_again_after_redis_forgot_them(
+    brokers: Brokers, private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The throttle runs its own scripts: after SCRIPT FLUSH it loads them again, no fallback."""
+    broker = await brokers(broker_url(private_redis.url, unique_prefix(), ttl=15.0))
+    throttle = RedisLoginThrottle(
+        broker, clock=FakeClock(1000.0), max_failures=1, user_max_failures=1
+    )
+    await throttle.login_failed("ivy", "192.0.2.60")
+    admin = redis.Redis.from_url(private_redis.url)
+    try:
+        assert admin.script_flush()
+    finally:
+        admin.close()
+    # Blocked by the name from another address: answered by Redis, not by the
+    # local fallback, which would have logged a warning.
+    assert await refused(throttle.before_login("ivy", "192.0.2.61")) == (
+        1,
+        "too many failed login attempts; try again later",
+    )
+    assert throttle_warnings(caplog) == []
+
+
 # -- end to end: two servers, one PostgreSQL, one Redis --------------------------------------
 
 
@@ -456,7 +516,7 @@ def two_servers(
 async def test_failures_on_server_a_throttle_logins_on_server_b(
     two_servers: tuple[LiveServer, LiveServer], client_ssl: ssl.SSLContext
 ) -> None:
-    """Five wrong passwords through A: B answers 429 + Retry-After, for the name and the address."""
+    """Guesses through A: B answers 429 for that address, and for the name past its limit."""
     a, b = two_servers
     clients: list[From] = []
 
@@ -471,14 +531,22 @@ async def test_failures_on_server_a_throttle_logins_on_server_b(
         for _ in range(5):
             resp = await attacker_a.login("thr_shared", "guess-guess-guess")
             assert resp.status == 401, (resp.status, resp.body)
-        # The owner, from a clean address, on the other server: blocked by the name.
-        assert_throttled(await make(b, "127.0.0.92").login("thr_shared"))
+        # The owner, from a clean address, on the other server: let in (a
+        # stranger's guesses do not lock an account out).
+        assert (await make(b, "127.0.0.92").login("thr_shared")).status == 200
         # The attacker's address is blocked on B too (registration shares its budget).
         attacker_b = make(b, "127.0.0.91")
+        assert_throttled(await attacker_b.login("thr_shared"))
         assert_throttled(await attacker_b.login("thr_other_name"))
         assert_throttled(await attacker_b.register("thr_fresh_name"))
         # Another client on B is not affected.
         assert (await make(b, "127.0.0.93").register("thr_bystander")).status == 201
+        # Guesses spread over many addresses on A, four each (under every
+        # address's limit), reach the name's own limit: B blocks the owner too.
+        for i in range(USER_MAX_FAILURES):
+            resp = await make(a, f"127.0.3.{1 + i // 4}").login("thr_shared", "guess-guess-guess")
+            assert resp.status == 401, (resp.status, resp.body)
+        assert_throttled(await make(b, "127.0.0.92").login("thr_shared"))
     finally:
         for c in clients:
             c.http.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -20,7 +21,9 @@ from tests.netfault import free_port
 from tests.test_hub import FakePeer, FakeStore, add, msg, turn, wait_for
 from tests.test_scaleout import REDIS_URL, broker_url, check_redis, delete_prefix, unique_prefix
 from tests.test_scaleout_redis import RedisServer
-from tornado_chat.app import make_broker
+from tornado_chat.app import make_broker, make_login_throttle
+from tornado_chat.auth import LoginThrottle
+from tornado_chat.auth.throttle_redis import RedisLoginThrottle
 from tornado_chat.broker import LocalBroker, SharedTokenBucket
 from tornado_chat.config import Settings
 from tornado_chat.errors import ChatError, ConfigError
@@ -28,8 +31,7 @@ from tornado_chat.hub import Hub
 from tornado_chat.limits import TokenBucket
 from tornado_chat.pki import ServerCertificate, ensure_server_certificate
 from tornado_chat.presence import ClusterPresence
-from tornado_chat.redis_broker import RedisBroker, RedisLoginThrottle, parse_broker_url
-from tornado_chat.security import LoginThrottle
+from tornado_chat.redis_broker import RedisBroker, parse_broker_url
 from tornado_chat.storage import StoredMessage
 
 # -- the URL ----------------------------------------------------------------------------
@@ -75,13 +77,29 @@ def test_default_broker_is_local_and_redis_only_when_asked() -> None:
     assert isinstance(local, LocalBroker)
     bucket = local.make_bucket(1, 5.0, 20)
     assert type(bucket) is TokenBucket
-    assert type(local.make_login_throttle()) is LoginThrottle
+    assert type(make_login_throttle(local)) is LoginThrottle
     remote = make_broker(Settings(broker="redis://127.0.0.1:1/0?prefix=p.1"))
     assert isinstance(remote, RedisBroker)
-    throttle = remote.make_login_throttle()
+    throttle = make_login_throttle(remote)
     assert isinstance(throttle, RedisLoginThrottle)
     assert throttle.user_key("Bob").startswith("p.1:login:user:")
     assert throttle.address_key("192.0.2.1").startswith("p.1:login:addr:")
+
+
+def test_broker_module_loads_no_database_layer() -> None:
+    """Importing the broker interface loads neither SQLAlchemy, Alembic nor asyncpg."""
+    code = (
+        "import sys, tornado_chat.broker\n"
+        "print(sorted(m for m in sys.modules"
+        " if m.split('.')[0] in {'sqlalchemy', 'alembic', 'asyncpg', 'tornado_chat'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    # The proof that the check sees modules at all: the broker's own are listed.
+    assert result.stdout.strip() == str(
+        sorted(["tornado_chat", "tornado_chat.broker", "tornado_chat.limits"])
+    )
 
 
 def test_broker_with_sqlite_warns(caplog: pytest.LogCaptureFixture) -> None:
@@ -356,10 +374,12 @@ async def test_a_script_missing_from_a_half_loaded_table_is_loaded(
 ) -> None:
     """A reconnect clears the script table while others reload it: a missing script is loaded."""
     broker = pair[0].broker
-    broker._shas.pop("login_wait")  # as if another caller were half-way through loading
+    broker._shas.pop("rate")  # as if another caller were half-way through loading
     assert broker._shas  # not empty: "any script loaded" would not reload
-    assert await broker._script("login_wait", [f"{broker.options.prefix}:login:x"], [""]) == 0
-    assert "login_wait" in broker._shas
+    # A first charge of a fresh bucket of 5 leaves 4 tokens.
+    level = await broker._script("rate", [f"{broker.options.prefix}:rate:x"], [1.0, 5, 10_000])
+    assert level == b"4.000000"
+    assert "rate" in broker._shas
 
 
 @pytest.mark.redis

@@ -20,6 +20,15 @@ import tornado.routing
 import tornado.web
 
 from tornado_chat import protocol
+from tornado_chat.auth import (
+    AuthService,
+    KeyRing,
+    LoginThrottle,
+    PasswordHasher,
+    Throttle,
+    TokenService,
+)
+from tornado_chat.auth.hash_queue import HashQueue
 from tornado_chat.broker import Broker, LocalBroker
 from tornado_chat.config import Settings
 from tornado_chat.handlers.auth import (
@@ -42,12 +51,6 @@ from tornado_chat.handlers.socket import ChatSocketHandler
 from tornado_chat.hub import Hub, Member
 from tornado_chat.limits import TokenBucket
 from tornado_chat.logs import install_redaction
-from tornado_chat.security import (
-    AuthService,
-    KeyRing,
-    PasswordHasher,
-    TokenService,
-)
 from tornado_chat.storage import Storage, StoredMessage
 from tornado_chat.storage.housekeeping import PURGE_EVERY
 from tornado_chat.writer import MessageWriter
@@ -161,8 +164,9 @@ async def create_services(settings: Settings) -> Services:
     # bcrypt releases the GIL, so a small pool gives real parallel hashing
     # without starving the event loop thread; at a lower priority, a login
     # storm yields the cores to chat delivery (bench/RESULTS-reliability.md).
+    hash_workers = max(2, os.cpu_count() or 2)
     executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=max(2, os.cpu_count() or 2),
+        max_workers=hash_workers,
         thread_name_prefix="bcrypt",
         initializer=_lower_thread_priority,
     )
@@ -185,9 +189,9 @@ async def create_services(settings: Settings) -> Services:
     auth = AuthService(
         storage,
         tokens,
-        PasswordHasher(settings.bcrypt_rounds, executor),
-        # In memory, or shared by every node through the Redis broker.
-        broker.make_login_throttle(),
+        # Bounded and fair per client address: a flood is refused, not queued.
+        PasswordHasher(settings.bcrypt_rounds, executor, queue=HashQueue(hash_workers)),
+        make_login_throttle(broker),
         refresh_ttl=settings.refresh_ttl,
         ticket_ttl=settings.ticket_ttl,
     )
@@ -235,6 +239,19 @@ def make_broker(settings: Settings) -> Broker:
     from tornado_chat.redis_broker import RedisBroker
 
     return RedisBroker(settings.broker)
+
+
+def make_login_throttle(broker: Broker) -> Throttle:
+    """The login throttle: this process's own, or shared by every node through a Redis broker."""
+    if isinstance(broker, LocalBroker):
+        return LoginThrottle()
+    # Imported here: a single-process server never loads the Redis client.
+    from tornado_chat.auth.throttle_redis import RedisLoginThrottle
+    from tornado_chat.redis_broker import RedisBroker
+
+    if isinstance(broker, RedisBroker):
+        return RedisLoginThrottle(broker)
+    return LoginThrottle()
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tornado_chat.limits import TokenBucket
-from tornado_chat.security import LoginThrottle, Throttle
 
 if TYPE_CHECKING:
     from tornado_chat.storage import StoredMessage
@@ -77,10 +76,6 @@ class Broker(ABC):
     def make_bucket(self, user_id: int, rate: float, burst: int) -> TokenBucket:
         """A user's message-rate bucket; this node's own unless the broker shares one."""
         return TokenBucket(rate, burst)
-
-    def make_login_throttle(self) -> Throttle:
-        """The login throttle; this process's own unless the broker shares one."""
-        return LoginThrottle()
 
 
 class LocalBroker(Broker):

@@ -14,6 +14,7 @@ Everything the package raises on purpose derives from :class:`ChatError`::
     │   ├── Conflict             409 username_taken
     │   ├── TooManyRequests      429 too_many_attempts (carries Retry-After)
     │   └── ServiceUnavailable   503 unavailable (database or broker down)
+    │       └── ServerBusy       503 server_busy (too much work queued; carries Retry-After)
     ├── InvalidToken             a JWT, refresh token or ticket is not acceptable
     └── StorageError             the database failed or is unreachable
         └── UsernameTaken        unique constraint on users.username
@@ -112,6 +113,18 @@ class ServiceUnavailable(ApiError):
     """503: a backing service (database, broker) is unreachable."""
 
     status = 503
+
+
+class ServerBusy(ServiceUnavailable):
+    """503 server_busy: too much work is queued (password hashing); try again later."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__("server_busy", message)
+        self.retry_after = max(1, int(retry_after + 0.999))
+
+    def headers(self) -> dict[str, str]:
+        """The Retry-After header, in whole seconds."""
+        return {"Retry-After": str(self.retry_after)}
 
 
 class InvalidToken(ChatError):

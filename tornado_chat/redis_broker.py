@@ -19,11 +19,10 @@ What travels through Redis, all under one key prefix (``?prefix=``, default
 ``{prefix}:rate:{user_id}`` (hash)
     The per-user message-rate bucket shared by every node (a Lua token bucket
     on the Redis clock).
-``{prefix}:login:user:{sha256}`` and ``{prefix}:login:addr:{sha256}`` (hashes)
-    The login throttle shared by every node (:class:`RedisLoginThrottle`):
-    failures of a username or a client address, keyed by the SHA-256 of what
-    :class:`~tornado_chat.security.LoginThrottle` would count them as, each
-    expiring once it can no longer block or count.
+``{prefix}:login:...`` (hashes)
+    The login throttle shared by every node, kept by
+    :class:`~tornado_chat.auth.throttle_redis.RedisLoginThrottle` over this
+    broker's connection.
 
 The database stays the source of truth. Messages are stored first, then
 published; a publish that Redis loses is recovered from the database: a node
@@ -41,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -50,14 +48,14 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -66,25 +64,18 @@ from tornado_chat.broker import Broker, SharedTokenBucket
 from tornado_chat.errors import ChatError, ConfigError
 from tornado_chat.limits import TokenBucket
 from tornado_chat.presence import ClusterPresence, Entry
-from tornado_chat.security import (
-    LoginThrottle,
-    Throttle,
-    refuse_login,
-    refuse_registration,
-    throttle_address_key,
-    throttle_user_key,
-)
 from tornado_chat.storage import StoredMessage
 
-__all__ = ["RedisBroker", "RedisLoginThrottle", "RedisOptions", "parse_broker_url"]
+__all__ = ["RedisBroker", "RedisOptions", "parse_broker_url"]
 
 log = logging.getLogger("tornado_chat.broker")
 
 DEFAULT_PREFIX = "tornado_chat"
 DEFAULT_PRESENCE_TTL = 15.0
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
-# Reconnect backoff: quick first retries (a restart takes about a second),
-# then at most every few seconds.
+# Reconnect backoff (redis-py's equal jitter: each wait is between half and
+# all of RETRY_MIN doubled per failure, capped at RETRY_MAX): quick first
+# retries (a restart takes about a second), then at most every few seconds.
 RETRY_MIN = 0.1
 RETRY_MAX = 3.0
 CONNECT_TIMEOUT = 5.0
@@ -94,10 +85,6 @@ MAX_BATCH = 512
 # remembered and caught up by the other nodes from the database).
 MAX_OUTBOX = 20_000
 MAX_UNSENT_REVOKES = 10_000
-# A login waits at most this long for the shared throttle before this
-# process's own throttle decides instead (Redis answers in a millisecond or
-# two; anything slower is an outage as far as a login is concerned).
-LOGIN_THROTTLE_TIMEOUT = 0.5
 
 # -- Lua ------------------------------------------------------------------------
 # Stamps are Redis microseconds as decimal strings: Lua numbers are doubles,
@@ -186,86 +173,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return string.format('%.6f', tokens)
 """
 
-# The login throttle (RedisLoginThrottle): the policy of
-# tornado_chat.security.LoginThrottle, in milliseconds. A key is a hash of
-# n (failures in the current window), last (time of the latest failure) and
-# until (blocked until). ARGV[1] is the time in ms, or '' for Redis's own
-# clock (what the server uses: every node agrees with it).
-_LOGIN_CLOCK = """
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now = tonumber(ARGV[1])
-end
-local function wait_of(keys)
-  local wait = 0
-  for _, key in ipairs(keys) do
-    local blocked = tonumber(redis.call('HGET', key, 'until'))
-    if blocked and blocked - now > wait then wait = blocked - now end
-  end
-  return wait
-end
-"""
-
-# KEYS: the keys to check. ARGV: now. Returns the wait in ms (0: admitted).
-LOGIN_WAIT_LUA = _LOGIN_CLOCK + "return wait_of(KEYS)\n"
-
-# KEYS: the keys to charge. ARGV: now, '1' to refuse (return the wait, count
-# nothing) when a key is blocked already, max failures, base delay ms, max
-# delay ms, window ms. Returns the wait in ms, 0 when the failure was counted.
-# Each key lives until it can neither block nor count (plus a second).
-LOGIN_FAIL_LUA = (
-    _LOGIN_CLOCK
-    + """
-if ARGV[2] == '1' then
-  local wait = wait_of(KEYS)
-  if wait > 0 then return wait end
-end
-local max_failures, base, cap, window =
-  tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-for _, key in ipairs(KEYS) do
-  local e = redis.call('HMGET', key, 'n', 'last', 'until')
-  local n, last, blocked = tonumber(e[1]), tonumber(e[2]), tonumber(e[3])
-  if not n or not last or not blocked or now - last > window then
-    n, blocked = 0, 0
-  end
-  n = n + 1
-  local excess = n - max_failures
-  if excess >= 0 then
-    local delay = math.floor(math.min(cap, base * 2 ^ math.min(excess, 32)))
-    blocked = math.max(blocked, now + delay)
-  end
-  redis.call('HSET', key, 'n', n, 'last', string.format('%.0f', now),
-             'until', string.format('%.0f', blocked))
-  redis.call('PEXPIRE', key, string.format('%.0f', math.max(window, blocked - now) + 1000))
-end
-return 0
-"""
-)
-
-# KEYS: user key, address key. ARGV: now. Refuses (returns the wait in ms)
-# while either is blocked; otherwise forgets the user's failures, never the
-# address's (or one's own account would reset a guessing address).
-LOGIN_OK_LUA = (
-    _LOGIN_CLOCK
-    + """
-local wait = wait_of(KEYS)
-if wait > 0 then return wait end
-redis.call('DEL', KEYS[1])
-return 0
-"""
-)
-
 _SCRIPTS = {
     "set_room": SET_ROOM_LUA,
     "heartbeat": HEARTBEAT_LUA,
     "room_snapshot": ROOM_SNAPSHOT_LUA,
     "rate": RATE_LUA,
-    "login_wait": LOGIN_WAIT_LUA,
-    "login_fail": LOGIN_FAIL_LUA,
-    "login_ok": LOGIN_OK_LUA,
 }
 
 
@@ -367,8 +279,31 @@ def _parse_entry(value: Any) -> Entry | None:
 
 # -- the broker ---------------------------------------------------------------------
 
-_PUBLISH = 0
-_RATE = 1
+
+@dataclass(frozen=True, slots=True)
+class _Publish:
+    """An outbox item: a notification to publish on ``channel``.
+
+    ``subject`` is what to keep when it cannot be sent: the stored message
+    (its room is caught up later) or the id of the revoked session (resent).
+    """
+
+    channel: bytes
+    payload: bytes
+    subject: StoredMessage | str
+
+
+@dataclass(frozen=True, slots=True)
+class _RateCharge:
+    """An outbox item: one token charged to a user's shared bucket."""
+
+    user_id: int
+    rate: float
+    burst: int
+    bucket: SharedTokenBucket
+
+
+_OutboxItem = _Publish | _RateCharge
 
 
 class RedisBroker(Broker):
@@ -416,7 +351,7 @@ class RedisBroker(Broker):
         self._sub_wake = asyncio.Event()
         self._local: dict[str, frozenset[str]] = {}  # this node's users per room
         self._dirty: dict[str, frozenset[str]] = {}  # local presence not yet written
-        self._outbox: list[tuple[Any, ...]] = []
+        self._outbox: list[_OutboxItem] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._beat_now = asyncio.Event()
@@ -531,6 +466,11 @@ class RedisBroker(Broker):
         """Whether the subscription connection is live."""
         return self._connected
 
+    @property
+    def client(self) -> aioredis.Redis | None:
+        """The command connection (None before :meth:`start` and after :meth:`close`)."""
+        return self._client
+
     # -- hooks from the node -------------------------------------------------------
 
     def publish_message(self, msg: StoredMessage) -> None:
@@ -538,7 +478,7 @@ class RedisBroker(Broker):
         if not self._connected or len(self._outbox) >= MAX_OUTBOX:
             self._unsent[msg.room] = msg
             return
-        self._outbox.append((_PUBLISH, self._room_channel(msg.room), self._payload(msg), msg))
+        self._outbox.append(_Publish(self._room_channel(msg.room), self._payload(msg), msg))
         self._wake.set()
 
     def publish_revoke(self, session_id: str) -> None:
@@ -547,7 +487,7 @@ class RedisBroker(Broker):
             self._remember_revoke(session_id)
             return
         payload = json.dumps({"t": "r", "n": self.node_id, "session": session_id})
-        self._outbox.append((_PUBLISH, self._ch_revoke, payload.encode(), session_id))
+        self._outbox.append(_Publish(self._ch_revoke, payload.encode(), session_id))
         self._wake.set()
 
     def subscribe_room(self, room: str) -> None:
@@ -578,14 +518,10 @@ class RedisBroker(Broker):
             if not self._connected:
                 bucket.settle(None)
                 return
-            self._outbox.append((_RATE, user_id, rate, burst, bucket))
+            self._outbox.append(_RateCharge(user_id, rate, burst, bucket))
             self._wake.set()
 
         return SharedTokenBucket(rate, burst, charge)
-
-    def make_login_throttle(self) -> Throttle:
-        """The login throttle shared by every node through this Redis."""
-        return RedisLoginThrottle(self)
 
     # -- encoding ---------------------------------------------------------------------
 
@@ -718,7 +654,8 @@ class RedisBroker(Broker):
 
     async def _listen(self) -> None:
         """Own the pub/sub connection: subscribe, read, reconnect forever."""
-        delay = RETRY_MIN
+        backoff = EqualJitterBackoff(cap=RETRY_MAX, base=RETRY_MIN)
+        failures = 0  # since the last live connection
         while not self._stopped:
             client = self._new_client()
             pubsub: Any = client.pubsub()
@@ -738,7 +675,7 @@ class RedisBroker(Broker):
                         self.options.display,
                         _describe(exc),
                     )
-                    delay = RETRY_MIN
+                    failures = 0
             finally:
                 self._connected = False
                 self._pubsub = None
@@ -746,8 +683,10 @@ class RedisBroker(Broker):
                     await pubsub.aclose()
                 with contextlib.suppress(Exception):
                     await client.aclose()
-            await asyncio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
-            delay = min(delay * 2, RETRY_MAX)
+            await asyncio.sleep(backoff.compute(failures))
+            # Bounded: the delay is capped long before, and 2 ** failures
+            # must stay a float.
+            failures = min(failures + 1, 32)
 
     async def _read(self, pubsub: Any) -> None:
         # A silent connection (a network partition sends no reset) is found by
@@ -834,20 +773,19 @@ class RedisBroker(Broker):
         batch, self._outbox = self._outbox, []
         self._fail(batch)
 
-    def _fail(self, batch: Sequence[tuple[Any, ...]]) -> None:
+    def _fail(self, batch: Sequence[_OutboxItem]) -> None:
         for item in batch:
-            if item[0] == _RATE:
-                item[4].settle(None)
-            elif isinstance(item[3], StoredMessage):
-                old = self._unsent.get(item[3].room)
-                if old is None or old.seq < item[3].seq:
-                    self._unsent[item[3].room] = item[3]
+            if isinstance(item, _RateCharge):
+                item.bucket.settle(None)
+            elif isinstance(item.subject, StoredMessage):
+                msg = item.subject
+                old = self._unsent.get(msg.room)
+                if old is None or old.seq < msg.seq:
+                    self._unsent[msg.room] = msg
             else:
-                self._remember_revoke(item[3])
+                self._remember_revoke(item.subject)
 
-    async def _send(
-        self, batch: Sequence[tuple[Any, ...]], dirty: dict[str, frozenset[str]]
-    ) -> None:
+    async def _send(self, batch: Sequence[_OutboxItem], dirty: dict[str, frozenset[str]]) -> None:
         ops: list[tuple[Any, ...]] = []
         for room, users in dirty.items():
             tail = json.dumps({"n": self.node_id, "room": room, "users": sorted(users)})[1:]
@@ -859,20 +797,21 @@ class RedisBroker(Broker):
                 )
             )
         for item in batch:
-            if item[0] == _PUBLISH:
-                ops.append(("publish", item[1], item[2]))
+            if isinstance(item, _Publish):
+                ops.append(("publish", item.channel, item.payload))
             else:
-                _, user_id, rate, burst, _bucket = item
-                ttl = math.ceil(burst / rate * 1000) + 1000
-                ops.append(("rate", [f"{self._rate_prefix}{user_id}"], [rate, burst, ttl]))
+                ttl = math.ceil(item.burst / item.rate * 1000) + 1000
+                ops.append(
+                    ("rate", [f"{self._rate_prefix}{item.user_id}"], [item.rate, item.burst, ttl])
+                )
         results = await self._pipeline(ops)
         for item, result in zip(batch, results[len(dirty) :], strict=True):
-            if item[0] == _RATE:
+            if isinstance(item, _RateCharge):
                 shared: float | None = None
                 if not isinstance(result, Exception):
                     with contextlib.suppress(ValueError, TypeError):
                         shared = float(_text(result))
-                item[4].settle(shared)
+                item.bucket.settle(shared)
             elif isinstance(result, Exception):
                 self._fail([item])
 
@@ -1004,144 +943,3 @@ class RedisBroker(Broker):
     def _forget(self, task: asyncio.Task[None]) -> None:
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
-
-
-# -- the shared login throttle ---------------------------------------------------------
-
-
-def _digest(key: str) -> str:
-    # Usernames are the client's: hashed, no character of theirs reaches a
-    # Redis key (no ':' or '*' games, no megabyte keys, no lone surrogate
-    # that UTF-8 would refuse).
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _ms(seconds: float) -> int:
-    return round(seconds * 1000)
-
-
-class RedisLoginThrottle:
-    """:class:`~tornado_chat.security.LoginThrottle`'s policy, shared by every node.
-
-    Each operation is one Lua script (atomic in Redis) on the Redis clock, so
-    nodes with skewed clocks agree and a restart forgets nothing. Keys expire
-    by themselves once they can no longer block or count: Redis memory stays
-    bounded by the failures of the last ``window``.
-
-    When Redis does not answer within ``timeout`` (or the broker knows it is
-    disconnected), this node's in-memory throttle decides instead: fail-open
-    to the per-process limit, not fail-closed, since refusing every login
-    while Redis is down would let whoever can disturb Redis lock everyone out.
-    That local throttle also counts every failure while Redis answers, so an
-    outage does not hand out a fresh budget. One warning is logged per outage.
-
-    Args:
-        broker: the started broker whose connection and prefix are used.
-        clock: seconds; ``None`` (the server's choice) uses Redis's ``TIME``.
-            Tests pass a fake clock; every node of a deployment must agree.
-        max_failures, base_delay, max_delay, window: as for LoginThrottle.
-        timeout: seconds a login waits for Redis before deciding locally.
-    """
-
-    def __init__(
-        self,
-        broker: RedisBroker,
-        *,
-        clock: Callable[[], float] | None = None,
-        max_failures: int = 5,
-        base_delay: float = 1.0,
-        max_delay: float = 300.0,
-        window: float = 900.0,
-        timeout: float = LOGIN_THROTTLE_TIMEOUT,
-    ) -> None:
-        self._broker = broker
-        self._clock = clock
-        self._timeout = timeout
-        self._policy = [max(1, max_failures), _ms(base_delay), _ms(max_delay), _ms(window)]
-        self.local = LoginThrottle(
-            max_failures=max_failures,
-            base_delay=base_delay,
-            max_delay=max_delay,
-            window=window,
-            clock=time.monotonic if clock is None else clock,
-        )
-        prefix = broker.options.prefix
-        self._user_prefix = f"{prefix}:login:user:"
-        self._address_prefix = f"{prefix}:login:addr:"
-        self._down = False
-
-    def user_key(self, username: str) -> str:
-        """The Redis key counting ``username``'s failures."""
-        return self._user_prefix + _digest(throttle_user_key(username))
-
-    def address_key(self, address: str) -> str:
-        """The Redis key counting the failures of ``address`` (grouped as in LoginThrottle)."""
-        return self._address_prefix + _digest(throttle_address_key(address))
-
-    async def _run(self, script: str, keys: list[str], args: Sequence[Any]) -> float | None:
-        """Run one throttle script: the wait in seconds, or None when Redis did not answer."""
-        now = "" if self._clock is None else str(_ms(self._clock()))
-        broker = self._broker
-        try:
-            if not broker.connected:
-                raise ConnectionError("the broker is reconnecting")
-            reply = await asyncio.wait_for(
-                broker._script(script, keys, [now, *args]), self._timeout
-            )
-            wait_ms = int(reply)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure: this process decides
-            if not self._down:
-                self._down = True
-                log.warning(
-                    "login throttle: Redis at %s did not answer (%s); failed logins "
-                    "are counted by this process alone until it does",
-                    broker.options.display,
-                    _describe(exc) if str(exc) else f"no answer within {self._timeout:g} s",
-                )
-            return None
-        if self._down:
-            self._down = False
-            log.info("login throttle: Redis answers again; failed logins are shared again")
-        return wait_ms / 1000
-
-    async def before_login(self, username: str, address: str) -> None:
-        """Refuse while the username or the address is blocked on any node."""
-        await self._login_step("login_wait", username, address)
-
-    async def login_failed(self, username: str, address: str) -> None:
-        """Refuse if blocked by now; otherwise count a failure of both, for every node."""
-        await self._login_step("login_fail", username, address, ["1", *self._policy])
-        self.local.failure(username, address)
-
-    async def login_succeeded(self, username: str, address: str) -> None:
-        """Refuse if blocked by now; otherwise forget the username's failures."""
-        await self._login_step("login_ok", username, address)
-        self.local.success(username, address)
-
-    async def _login_step(
-        self, script: str, username: str, address: str, args: Sequence[Any] = ()
-    ) -> None:
-        """Run a login script on the name's and the address's keys; refuse if it says wait.
-
-        When Redis does not answer, this node's own throttle decides.
-        """
-        wait = await self._run(script, [self.user_key(username), self.address_key(address)], args)
-        if wait is None:
-            self.local.check(username, address)
-        elif wait > 0:
-            raise refuse_login(wait)
-
-    async def before_register(self, address: str) -> None:
-        """Refuse while the address is blocked on any node."""
-        wait = await self._run("login_wait", [self.address_key(address)], ())
-        if wait is None:
-            self.local.check_address(address)
-        elif wait > 0:
-            raise refuse_registration(wait)
-
-    async def register_failed(self, address: str) -> None:
-        """Count a failure of the address alone, for every node."""
-        await self._run("login_fail", [self.address_key(address)], ["0", *self._policy])
-        self.local.address_failure(address)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from tornado_chat.auth import TokenPair
 from tornado_chat.handlers.base import BaseHandler
-from tornado_chat.security import TokenPair
 
 
 def _pair(pair: TokenPair) -> dict[str, object]:

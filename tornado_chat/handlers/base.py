@@ -21,8 +21,8 @@ from tornado_chat.logs import clip, redact_uri
 
 if TYPE_CHECKING:
     from tornado_chat.app import Services
+    from tornado_chat.auth import AccessClaims
     from tornado_chat.config import Settings
-    from tornado_chat.security import AccessClaims
 
 log = logging.getLogger("tornado_chat.http")
 

@@ -52,7 +52,7 @@ from tornado_chat.session import (
 
 if TYPE_CHECKING:
     from tornado_chat.app import Services
-    from tornado_chat.security import AccessClaims
+    from tornado_chat.auth import AccessClaims
 
 log = logging.getLogger("tornado_chat.socket")
 

@@ -48,7 +48,7 @@ def read_bytes(path: Path, what: str) -> bytes:
         raise PKIError(f"failed to read {what} {path}: {os_reason(exc)}") from None
 
 
-def write_atomic(path: Path, data: bytes, mode: int, what: str) -> None:
+def write_atomic(path: Path, data: bytes, mode: int, what: str, *, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` with exactly ``mode``, replacing any old file.
 
     Args:
@@ -56,8 +56,11 @@ def write_atomic(path: Path, data: bytes, mode: int, what: str) -> None:
         data: the bytes to write.
         mode: permission bits, for example :data:`KEY_MODE`.
         what: what the file is, for error messages.
+        exclusive: never replace a file: the complete temporary file is
+            hard-linked into place, which fails if ``path`` exists.
 
     Raises:
+        FileExistsError: ``exclusive`` and ``path`` exists.
         PKIError: the directory or file cannot be written.
     """
     directory = path.parent
@@ -76,7 +79,19 @@ def write_atomic(path: Path, data: bytes, mode: int, what: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(temporary, path)
+        if exclusive:
+            try:
+                os.link(temporary, path)
+            finally:
+                temporary.unlink()
+        else:
+            os.replace(temporary, path)
+    except FileExistsError:
+        if exclusive:
+            raise  # the caller's answer: someone else created the file first
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise PKIError(f"failed to write {what} {path}: temporary file name taken") from None
     except OSError as exc:
         with contextlib.suppress(OSError):
             temporary.unlink()
