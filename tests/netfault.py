@@ -212,6 +212,7 @@ class TcpRelay:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._writers.clear()  # (those of tasks cancelled before they ran)
         if server is not None:
             await server.wait_closed()
 
