@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 import threading
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from tornado_chat.config import Settings
 from tornado_chat.server import ChatServer
 
 PASSWORD = "correct horse battery"
+log = logging.getLogger("tests.harness")
 
 
 class LiveServer:
@@ -55,6 +57,16 @@ class LiveServer:
             self.port = self.server.port
             ready.set()
             loop.run_forever()
+            # As asyncio.run does: whatever the stopped server left running is
+            # cancelled and run to its end here. Left pending on a closed loop,
+            # the garbage collector would report it ("Task was destroyed but it
+            # is pending!") in whichever test happened to be running then.
+            leftover = asyncio.all_tasks(loop)
+            if leftover:
+                log.warning("tasks still pending after the server stopped: %r", leftover)
+                for task in leftover:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 

@@ -122,24 +122,38 @@ class TcpRelay:
     connection (both directions), :meth:`restore` listens again on the same
     port. :meth:`pause` models a database that hangs instead: connections are
     still accepted but no byte goes through until :meth:`resume`.
+    :meth:`cut` and :meth:`close` return only once every connection's task has
+    ended, so none is left pending on a stopped loop (asyncio would report it,
+    "Task was destroyed but it is pending!", whenever the garbage collector
+    happened to run: in whichever test was running by then).
     """
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="tcp-relay", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="tcp-relay", daemon=True)
         self._thread.start()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
         self.connections = 0
         # Chunks read while paused and not yet passed on (what a hung database
         # has been sent and not answered).
         self.held = 0
+
+    def _run(self) -> None:
+        self._loop.run_forever()
+        # Like asyncio.run: whatever is still pending is cancelled and run to
+        # its end before the loop closes (close() has normally ended it all).
+        leftover = asyncio.all_tasks(self._loop)
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            self._loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+        self._loop.close()
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
@@ -152,7 +166,7 @@ class TcpRelay:
     restore = start
 
     def cut(self) -> None:
-        """Stop listening and abort every relayed connection."""
+        """Stop listening, abort every relayed connection and wait for their tasks to end."""
         self._call(self._cut())
 
     def pause(self) -> None:
@@ -168,27 +182,51 @@ class TcpRelay:
         """Whether the relay is listening."""
         return self._server is not None
 
+    @property
+    def active(self) -> int:
+        """Relayed connections whose task has not ended yet."""
+        return len(self._tasks)
+
     def close(self) -> None:
-        """Cut (if up) and stop the relay's thread."""
-        if self._server is not None:
-            self.cut()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        """Cut (if up), end every connection's task and stop the relay's thread."""
+        if self._thread.is_alive():
+            self._call(self._cut())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        if self._thread.is_alive():
+            raise RuntimeError("the relay's event loop did not stop within 10 s")
 
     async def _start(self) -> None:
         if self._server is None:
-            self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+            self._server = await asyncio.start_server(self._accepted, "127.0.0.1", self.port)
 
     async def _cut(self) -> None:
         server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
+        if server is not None:
+            server.close()
         for writer in list(self._writers):
             writer.transport.abort()
-        self._writers.clear()
-        await server.wait_closed()
+        # A task paused in _flowing.wait() would outlive its aborted sockets:
+        # cancel them all and wait, so nothing relays after cut() returns.
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._writers.clear()  # (those of tasks cancelled before they ran)
+        if server is not None:
+            await server.wait_closed()
+
+    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback, not a coroutine: the task is ours to track from the
+        # moment it exists (the stream protocol's own task is untracked, and on
+        # Python < 3.13 logs an error when it ends cancelled).
+        if self._server is None:  # accepted just before a cut
+            writer.transport.abort()
+            return
+        self._writers.add(writer)
+        task = self._loop.create_task(self._relay(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -196,8 +234,9 @@ class TcpRelay:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.transport.abort()
+            self._writers.discard(writer)
             return
-        self._writers.update((writer, up_writer))
+        self._writers.add(up_writer)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
@@ -212,8 +251,10 @@ class TcpRelay:
                     await dst.drain()
             dst.transport.abort()
 
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        self._writers.difference_update((writer, up_writer))
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        finally:
+            self._writers.difference_update((writer, up_writer))
 
 
 # -- PostgreSQL scratch databases -------------------------------------------------

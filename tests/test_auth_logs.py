@@ -139,26 +139,28 @@ def fragments(secret: str) -> list[str]:
     return [p for p in parts if len(p) >= 8]
 
 
+# The scenario's last request: once its access-log line is there, so is every
+# line the scenario caused (the server logs in order on one loop).
+LAST_LINE = "401 POST /api/logout"
+
+
+async def wait_for_lines(read: Callable[[], str], *needles: str, timeout: float = 15) -> str:
+    """``read()`` once it contains every needle (polled until ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = read()
+        if all(needle in text for needle in needles):
+            return text
+        missing = [needle for needle in needles if needle not in text]
+        assert time.monotonic() < deadline, (missing, text[-2000:])
+        await asyncio.sleep(0.05)
+
+
 def assert_clean(text: str, secrets: list[str]) -> None:
     """No secret, nor a telling fragment of one, occurs in ``text``."""
     for secret in secrets:
         for fragment in fragments(secret):
             assert fragment not in text, f"credential leaked into the log: {fragment[:12]}..."
-
-
-async def logged_through_marker(client: Client, tag: str, read: Callable[[], str]) -> None:
-    """Send a last request and wait (with a deadline) for its access-log line.
-
-    The server logs in the order it handles things, so once this line is
-    there, the lines of the scenario's requests are too.
-    """
-    path = f"/api/logs-end-{tag}"
-    assert (await client.request("GET", path)).status == 404
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while f"404 GET {path} " not in read():
-        assert loop.time() < deadline, "the marker request was never logged"
-        await asyncio.sleep(0.02)
 
 
 # -- in-process, every logger at DEBUG, no filter on the capturing handler ---------------
@@ -171,7 +173,6 @@ class _Capture(logging.Handler):
         super().__init__(logging.DEBUG)
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
         self.lines: list[str] = []
-        self.secrets: list[str] = []  # checked again once the server has stopped
         self._test_thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -202,8 +203,6 @@ def captured_server(
         live.stop()
         root.removeHandler(capture)
         root.setLevel(level)
-    # Whatever was logged after a test's own check (a late close) is checked here.
-    assert_clean("\n".join(capture.lines), capture.secrets)
 
 
 @pytest.fixture
@@ -218,20 +217,26 @@ async def captured(
 
 
 async def test_no_credential_in_any_log_record_at_debug(
-    captured: tuple[Client, _Capture],
+    captured_server: tuple[LiveServer, _Capture], captured: tuple[Client, _Capture]
 ) -> None:
     """Tokens, tickets, refresh tokens and passwords are in no server log record, even at DEBUG."""
+    live, _ = captured_server
     client, capture = captured
     start = len(capture.lines)
     secrets = await scenario(client, "inproc")
-    capture.secrets += secrets
-    await logged_through_marker(client, "inproc", lambda: "\n".join(capture.lines[start:]))
-    text = "\n".join(capture.lines[start:])
     # The capture did see the traffic (a vacuous pass is no pass).
-    assert "ws auth failure" in text and "[REDACTED]" in text, text[-2000:]
-    assert "GET /api/nope?token=[REDACTED]" in text
-    assert "refresh token reuse" in text
-    assert_clean(text, secrets)
+    await wait_for_lines(
+        lambda: "\n".join(capture.lines[start:]),
+        "ws auth failure",
+        "[REDACTED]",
+        "GET /api/nope?token=[REDACTED]",
+        "refresh token reuse",
+        LAST_LINE,
+    )
+    # Stopped, the server logs nothing more: the check covers every line the
+    # scenario and the shutdown caused, however late one came.
+    await asyncio.to_thread(live.stop)
+    assert_clean("\n".join(capture.lines[start:]), secrets)
 
 
 # -- python -m tornado_chat --log-level debug, its whole stderr --------------------------
@@ -252,12 +257,8 @@ def _wait_for_port(log_file: Path, proc: subprocess.Popen[bytes], timeout: float
 @pytest.fixture(scope="module")
 def process_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[int, Path, list[str]]]:
-    """``python -m tornado_chat --log-level debug`` with stderr in a file.
-
-    Yields (port, that file, a list the tests add the secrets they sent to):
-    once the server has stopped, its whole stderr is checked against them.
-    """
+) -> Iterator[tuple[int, Path, subprocess.Popen[bytes]]]:
+    """``python -m tornado_chat --log-level debug`` with stderr in a file; (port, file, process)."""
     root = tmp_path_factory.mktemp("logproc")
     log_file = root / "stderr.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
@@ -275,34 +276,44 @@ def process_server(
     ]
     with log_file.open("wb") as sink:
         proc = subprocess.Popen(args, cwd=root, env=env, stdout=sink, stderr=sink)
-    secrets: list[str] = []
     try:
-        yield _wait_for_port(log_file, proc), log_file, secrets
+        yield _wait_for_port(log_file, proc), log_file, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    assert_clean(log_file.read_text(errors="replace"), secrets)
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still running after 20 s; returns once it has exited."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 async def test_no_credential_in_a_server_process_stderr(
-    process_server: tuple[int, Path, list[str]], client_ssl: ssl.SSLContext
+    process_server: tuple[int, Path, subprocess.Popen[bytes]], client_ssl: ssl.SSLContext
 ) -> None:
     """Run as ``python -m tornado_chat --log-level debug``: stderr never holds a credential."""
-    port, log_file, checked = process_server
+    port, log_file, proc = process_server
     client = Client(_ServerStub(port), client_ssl)  # type: ignore[arg-type]
     try:
         secrets = await scenario(client, "proc")
-        checked += secrets
-        await logged_through_marker(client, "proc", lambda: log_file.read_text(errors="replace"))
     finally:
         client.close()
+    await wait_for_lines(
+        lambda: log_file.read_text(errors="replace"),
+        "ws auth failure",
+        "[REDACTED]",
+        "refresh token reuse",
+        LAST_LINE,
+    )
+    # The whole stderr, shutdown included: nothing can be written after this.
+    await asyncio.to_thread(stop_process, proc)
     text = await asyncio.to_thread(log_file.read_text, errors="replace")
-    assert "ws auth failure" in text and "[REDACTED]" in text, text[-2000:]
-    assert "refresh token reuse" in text
     assert_clean(text, secrets)
 
 

@@ -260,8 +260,15 @@ async def test_catch_up_delivers_what_was_stored_since_the_cursor() -> None:
     hub.deliver(msg(4))
     hub.catch_up()
     await wait_for(lambda: peer.seqs() == [4, 5, 6, 7])
+    # The catch-up ends with a fetch past 7 that finds nothing.
+    await wait_for(lambda: store.calls[-1] == ("lobby", 7) and store.answered == len(store.calls))
+    asked = len(store.calls)
     hub.catch_up("lobby")
-    await asyncio.sleep(0.05)
+    # The second catch-up has its answer (and stops: it moved nothing), and
+    # whatever it delivered is written out: only then does "no duplicate" mean something.
+    await wait_for(lambda: store.answered == asked + 1)
+    hub.flush()
+    assert store.calls[asked:] == [("lobby", 7)]
     assert peer.seqs() == [4, 5, 6, 7]
 
 
@@ -361,8 +368,12 @@ async def test_published_message_reaches_other_nodes_not_its_own(pair: tuple[Nod
     sent = StoredMessage(7, "lobby", 3, "alice", "héllo \u2603", "2026-01-01T00:00:00.000Z", "c1")
     a.broker.publish_message(sent)
     await until(lambda: b.messages == [sent])
-    await asyncio.sleep(0.05)
-    assert a.messages == []
+    # Redis delivers one channel's messages to each subscriber in the order it
+    # ran the PUBLISHes: once b's answer reaches a, a has read its own echo too.
+    answer = StoredMessage(8, "lobby", 4, "bob", "ack", "2026-01-01T00:00:01.000Z", None)
+    b.broker.publish_message(answer)
+    await until(lambda: a.messages == [answer])
+    assert b.messages == [sent]
     # The echo is recognised by its first bytes, before any JSON decoding.
     assert a.broker._payload(sent).startswith(a.broker._echo)
     assert not b.broker._payload(sent).startswith(a.broker._echo)
@@ -447,7 +458,9 @@ async def test_closed_node_leaves_no_trace_in_redis(prefix: str) -> None:
             await broker.start()
             broker.set_local_presence("lobby", frozenset({"alice"}))
             await broker.close()
-            await asyncio.sleep(0.05)
+            # close() withdrew the node and waited for its tasks (a heartbeat in
+            # flight included): nothing is left that could register it again.
+            assert asyncio.all_tasks() == {asyncio.current_task()}
             assert admin.zscore(f"{prefix}:nodes", f"brief-{i}") is None
             assert not admin.exists(f"{prefix}:node:brief-{i}")
     finally:

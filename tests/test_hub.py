@@ -95,6 +95,7 @@ class FakeStore:
         self.page = page
         self.calls: list[tuple[str, int]] = []
         self.failures = 0  # how many of the next calls raise
+        self.answered = 0  # calls that returned messages (the caller has them)
 
     async def fetch(self, room: str, since: int) -> list[StoredMessage]:
         """Messages of ``room`` with seq > since, ascending, at most one page."""
@@ -106,6 +107,7 @@ class FakeStore:
         found = sorted(
             (m for m in self.messages if m.room == room and m.seq > since), key=lambda m: m.seq
         )
+        self.answered += 1
         return found[: self.page]
 
 
@@ -124,6 +126,31 @@ async def wait_for(predicate: object, timeout: float = 1.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(GAP / 4)
+
+
+async def gap_timers_due(hub: Hub, store: FakeStore | None = None, room: str = "probe") -> None:
+    """Return once every gap fill armed before this call has run (or would have).
+
+    A "nothing was fetched" check needs proof that the fill it rules out was
+    due; a fixed sleep is no proof on a loaded machine. So this opens a gap of
+    its own in ``room`` and waits until that gap's fill has delivered: timers
+    of one ``gap_wait`` fire in the order they were armed, and fill tasks run
+    in the order they were created, so any fill armed earlier (in any room)
+    has fetched and delivered by then. ``store`` (when the hub reads from a
+    FakeStore) is given the probe room's two messages; another fetch function
+    must answer ``room`` itself.
+    """
+    if store is not None:
+        store.messages += [msg(1, room=room), msg(2, room=room)]
+    _, peer = add(hub, room, 999, "gap-probe", "gap-probe")
+    hub.note_last_seq(room, 0)
+    hub.deliver(msg(2, room=room))  # seq 1 "lost": a gap only a fill can close
+    await wait_for(lambda: peer.seqs()[:2] == [1, 2], timeout=30)
+
+
+def fetched(store: FakeStore, room: str = "lobby") -> list[tuple[str, int]]:
+    """The fetches ``store`` answered for ``room`` (not for a probe room)."""
+    return [call for call in store.calls if call[0] == room]
 
 
 def add(
@@ -419,8 +446,8 @@ async def test_out_of_order_held_then_drained_without_fetch() -> None:
     hub.deliver(msg(1))
     await turn()
     assert p.seqs() == [1, 2, 3]
-    await asyncio.sleep(WIDE_GAP * 1.5)
-    assert store.calls == [], "a gap closed by live notifications needs no database read"
+    await gap_timers_due(hub, store)  # the timer armed for seq 1 would have fired by now
+    assert fetched(store) == [], "a gap closed by live notifications needs no database read"
     assert hub.rooms["lobby"].pending == {}
     assert hub.rooms["lobby"].gap_timer is None
 
@@ -489,8 +516,9 @@ async def test_gap_filled_from_fetch_after_gap_wait() -> None:
     assert store.calls == [], "the fill waits gap_wait first"
     await wait_for(lambda: p.seqs() == [1, 2, 3])
     assert store.calls == [("lobby", 0)]
-    await asyncio.sleep(WIDE_GAP * 1.5)
+    await gap_timers_due(hub, store)  # a second fill, had one been armed, has run
     assert p.seqs() == [1, 2, 3]
+    assert fetched(store) == [("lobby", 0)]
     assert hub.rooms["lobby"].pending == {}
 
 
@@ -553,7 +581,7 @@ async def test_live_messages_arriving_during_fill() -> None:
     async def slow_fetch(room: str, since: int) -> list[StoredMessage]:
         calls.append(since)
         await release.wait()
-        return [msg(s) for s in (1, 2, 3, 4) if s > since]
+        return [msg(s, room=room) for s in (1, 2, 3, 4) if s > since]
 
     hub = Hub(slow_fetch, gap_wait=GAP)
     _, p = add(hub)
@@ -564,7 +592,7 @@ async def test_live_messages_arriving_during_fill() -> None:
     hub.deliver(msg(4))
     release.set()
     await wait_for(lambda: p.seqs() == [1, 2, 3, 4])
-    await asyncio.sleep(GAP * 3)
+    await gap_timers_due(hub)  # a further fill, had one been armed, has run
     assert p.seqs() == [1, 2, 3, 4]
 
 
@@ -588,8 +616,8 @@ async def test_leaving_room_cancels_gap_fill() -> None:
     hub.note_last_seq("lobby", 0)
     hub.deliver(msg(2))
     hub.leave(m)
-    await asyncio.sleep(GAP * 4)
-    assert store.calls == []
+    await gap_timers_due(hub, store)  # the gap timer armed for seq 1 would have fired
+    assert fetched(store) == []
 
 
 async def test_held_member_gets_replay_then_live_without_duplicates() -> None:

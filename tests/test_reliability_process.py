@@ -52,6 +52,24 @@ def assert_in_order(seqs: Sequence[int]) -> None:
 # -- a client that stops reading ---------------------------------------------------------
 
 
+async def settled_rss(pid: int, timeout: float = 10.0) -> int:
+    """The largest RSS of ``pid`` seen until it stopped growing (5 readings in a row, 20 ms apart).
+
+    A baseline taken once, after a fixed pause, can catch the process still
+    growing from the warm-up on a slow machine; this waits for the growth to end.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    peak, steady = rss_bytes(pid), 0
+    while steady < 5:
+        assert loop.time() < deadline, f"RSS of {pid} still growing after {timeout} s"
+        await asyncio.sleep(0.02)
+        now = rss_bytes(pid)
+        steady = steady + 1 if now <= peak else 0
+        peak = max(peak, now)
+    return peak
+
+
 async def chat_round(
     socks: Sequence[Socket], per_socket: int, body: str, window: int = 8
 ) -> list[int]:
@@ -124,8 +142,7 @@ async def test_stalled_client_closed_4408_memory_bounded_others_unaffected(
                 pass
         # Warm up with the same traffic, so the baseline includes allocator growth.
         await chat_round(talkers, 100, body)
-        await asyncio.sleep(0.3)
-        baseline = max(rss_bytes(pid) for _ in range(5))
+        baseline = await settled_rss(pid)
 
         stalled = await asyncio.to_thread(
             RawWebSocket,

@@ -453,15 +453,23 @@ def test_plain_http_on_tls_port_is_one_hint(running: Running) -> None:
     before = len(running.process.err)
     with socket.create_connection(("127.0.0.1", running.port), timeout=10) as raw:
         raw.sendall(b"GET /ws/lobby HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\r\n")
+        # Read until the server has closed the connection (a timeout fails the
+        # test): after that nothing more can happen on it.
         with contextlib.suppress(ConnectionError):
-            raw.recv(100)
+            while raw.recv(100):
+                pass
     running.process.wait_for(
         r"WARNING tornado\.general: plain HTTP request on the TLS port from 127\.0\.0\.1: "
         r"use https:// / wss://$",
         after=before,
     )
-    time.sleep(0.2)
+    # A request after it leaves a line of its own: the server logs in order, so
+    # every line the plain-HTTP connection caused is above that one.
+    marker = f"/api/after-plain-http-{secrets.token_hex(4)}"
+    assert https_get(running.port, marker, running.ca)[0] == 404
+    running.process.wait_for(re.escape(marker), after=before)
     new = running.process.err[before:]
+    new = new[: next(i for i, line in enumerate(new) if marker in line)]
     assert len([line for line in new if "TLS port" in line]) == 1
     assert "Traceback" not in running.process.stderr
 

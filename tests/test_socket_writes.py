@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +17,10 @@ from tornado_chat.handlers import socket as socket_module
 from tornado_chat.pki import ServerCertificate
 
 DELAY = 0.3  # --write-delay of the second server: long enough to see, short enough to wait
+# What the third server's write delay becomes once its sockets are set up:
+# longer than any wait in these tests, so a frame that arrives was written by
+# something other than the delay's timer.
+FOREVER = 600.0
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +29,41 @@ def delayed_server(
 ) -> Iterator[LiveServer]:
     """A server with ``--write-delay``."""
     yield from serve(server_cert, tmp_path_factory.mktemp("data"), write_delay=DELAY)
+
+
+@pytest.fixture(scope="module")
+def held_server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A ``--write-delay`` server whose delay :func:`hold_frames` can make endless."""
+    yield from serve(server_cert, tmp_path_factory.mktemp("data"), write_delay=DELAY)
+
+
+async def hold_frames(live: LiveServer) -> None:
+    """From now on the server's hub flushes only when something other than its timer asks.
+
+    Setting up sockets needs the delay to run out (welcome and presence frames
+    wait for it too); the frames of the test proper must not, or a slow
+    machine would let the timer deliver what the test expects the close to.
+    """
+
+    async def endless() -> None:
+        hub = live.services.hub
+        deadline = asyncio.get_running_loop().time() + 10
+        while hub._flush_scheduled:  # a timer armed before would still fire in DELAY
+            assert asyncio.get_running_loop().time() < deadline, "the hub never flushed"
+            await asyncio.sleep(0.01)
+        hub._write_delay = FOREVER
+
+    await asyncio.to_thread(live.call, endless())
+
+
+@pytest.fixture
+async def held(held_server: LiveServer, client_ssl: ssl.SSLContext) -> AsyncIterator[Client]:
+    """A client of the server that holds every frame back."""
+    c = Client(held_server, client_ssl)
+    yield c
+    c.close()
 
 
 @pytest.fixture
@@ -43,6 +83,18 @@ async def two_in_room(
     sb, _ = await client.join(room, b["access_token"])
     assert (await sa.recv_type("presence"))["user"] == second
     return sa, sb, b
+
+
+async def stored(client: Client, token: str, room: str, count: int, timeout: float = 10) -> None:
+    """Poll the room's history until it holds ``count`` messages."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = await client.request("GET", f"/api/rooms/{room}/messages", token=token)
+        assert r.status == 200, (r.status, r.body)
+        if len(r.json["messages"]) >= count:
+            return
+        assert time.monotonic() < deadline, f"{room} holds {len(r.json['messages'])} messages"
+        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("without_future", [True, False])
@@ -89,14 +141,17 @@ async def test_write_delay_delivers_everything_in_order_within_the_delay(delayed
     sb.close()
 
 
-async def test_close_writes_frames_still_inside_the_write_delay(delayed: Client) -> None:
+async def test_close_writes_frames_still_inside_the_write_delay(held: Client) -> None:
     """A socket closed (logout: 4401) while frames wait for the delay gets them before the close."""
-    sa, sb, b = await two_in_room(delayed, "wd-close", "wd_close_a", "wd_close_b")
+    sa, sb, b = await two_in_room(held, "wd-close", "wd_close_a", "wd_close_b")
+    await hold_frames(held.server)
     await sa.say("last words")
-    # Logout answers long before the delay is over: the message is still queued for b.
-    started = time.monotonic()
-    response = await delayed.request("POST", "/api/logout", token=b["access_token"])
-    assert response.status == 204 and time.monotonic() - started < DELAY
+    # Stored means queued for b: the store's callback fans out before anything
+    # else reads the database. The delay now outlasts the test: from here only
+    # the close can write the message to b.
+    await stored(held, b["access_token"], "wd-close", 1)
+    response = await held.request("POST", "/api/logout", token=b["access_token"])
+    assert response.status == 204
     got = await sb.messages(1)
     assert got[0]["body"] == "last words"
     assert await sb.closed() == protocol.CLOSE_UNAUTHORIZED
