@@ -40,6 +40,7 @@ setup(
             "hypothesis>=6.100",
             "playwright>=1.48",
             "websockets>=13.0",
+            "check-jsonschema>=0.29",
         ],
     },
     entry_points={
