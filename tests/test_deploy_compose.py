@@ -122,7 +122,9 @@ def test_nodes_share_the_signing_keys(compose: dict[str, Any]) -> None:
 def test_node_environment_is_valid_settings(compose: dict[str, Any]) -> None:
     """Each node's CHAT_* variables are settings the server reads, and they validate."""
     for name in NODES:
-        env = {k: _interpolated(str(v)) for k, v in compose["services"][name]["environment"].items()}
+        env = {
+            k: _interpolated(str(v)) for k, v in compose["services"][name]["environment"].items()
+        }
         assert set(env) <= set(env_names()), set(env) - set(env_names())
         settings = parse_settings([], env)
         assert settings.db_url.startswith("postgresql+asyncpg://")
