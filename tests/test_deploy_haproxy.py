@@ -319,47 +319,64 @@ async def chat_through_failover(
                 return
 
     sent_third = [asyncio.Event() for _ in range(rooms)]
+    sent_on: dict[str, Socket] = {}  # body -> the socket that took it
     resent = 0
 
     async def send(member: Member, body: str) -> None:
         while True:
             await member.connected.wait()
-            assert member.sock is not None
+            sock = member.sock
+            assert sock is not None
             try:
-                await member.sock.say(body)
+                await sock.say(body)
+                sent_on[body] = sock
                 return
             except WebSocketClosedError:
                 await asyncio.sleep(0.01)  # the reader is reconnecting it
 
-    async def talk(member: Member, index: int) -> None:
+    async def settle(member: Member, mine: set[str]) -> None:
+        """Resend what a closed socket took and the stopped node never stored."""
         nonlocal resent
+        await member.connected.wait()
+        orphans = {body for body in mine if sent_on[body] is not member.sock}
+        if not orphans:
+            return
+        # The stopped node may still be storing them; once it has exited,
+        # the room's history is the truth.
+        await node_gone.wait()
+        r = await front.request(
+            "GET", f"/api/rooms/{member.room}/messages?limit=500", token=member.token
+        )
+        assert r.status == 200, r.body
+        stored = {m["body"] for m in r.json["messages"]}
+        for body in sorted(orphans - stored):
+            resent += 1
+            await send(member, body)
+
+    async def talk(member: Member, index: int) -> None:
         mine = pending.setdefault(member.room, set())
         closes_seen = 0
         for k in range(per_sender):
             if len(member.close_codes) > closes_seen:
                 closes_seen = len(member.close_codes)
-                # Sent before the close and not echoed: stored by the stopped
-                # node or not. Its history says once it has exited.
-                await node_gone.wait()
-                await member.connected.wait()
-                r = await front.request(
-                    "GET", f"/api/rooms/{member.room}/messages?limit=500", token=member.token
-                )
-                assert r.status == 200, r.body
-                stored = {m["body"] for m in r.json["messages"]}
-                for body in sorted(mine - stored):
-                    resent += 1
-                    await send(member, body)
+                await settle(member, mine)
             body = f"{member.room} {k}"
             mine.add(body)
             await send(member, body)
             if k == per_sender // 3:
                 sent_third[index].set()
             await asyncio.sleep(interval)
-        if mine:
+        # Every message echoed before the last one goes out; a close meanwhile
+        # leaves orphans to settle.
+        deadline = loop.time() + 60
+        while mine and loop.time() < deadline:
+            if len(member.close_codes) > closes_seen:
+                closes_seen = len(member.close_codes)
+                await settle(member, mine)
             echoed[member.room].clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(echoed[member.room].wait(), 60)
+            if mine:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(echoed[member.room].wait(), 1)
         assert not mine, f"never echoed: {sorted(mine)}"
         await send(member, ends[member.room])
 
