@@ -1,0 +1,487 @@
+"""The API documents: valid by their standards' own validators, complete, and true of the server.
+
+The OpenAPI document (``tornado_chat/api/openapi.json``, served at
+``/api/openapi.json``) is checked by ``openapi-spec-validator``, against the
+route table, and by Schemathesis against a live server over TLS verified with
+the test CA: no 5xx, and every response's status, content type, headers and
+body as the document says, with and without valid credentials. The AsyncAPI
+document (``docs/asyncapi.yaml``) is checked by the AsyncAPI initiative's
+parser (``tools/asyncapi``, installed by ``tools/run-tests``) and against
+README's close-code table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import schemathesis
+import yaml
+from hypothesis import HealthCheck, given, settings
+from openapi_spec_validator import validate as validate_openapi
+from schemathesis import GenerationMode
+from schemathesis.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.conftest import serve
+from tests.harness import PASSWORD, Client, LiveServer
+from tornado_chat import protocol
+from tornado_chat.app import make_app
+from tornado_chat.handlers.docs import OPENAPI_PATH
+from tornado_chat.pki import ServerCertificate
+
+ROOT = Path(__file__).resolve().parent.parent
+ASYNCAPI_PATH = ROOT / "docs" / "asyncapi.yaml"
+ASYNCAPI_TOOL = ROOT / "tools" / "asyncapi"
+DOCUMENT: dict[str, Any] = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
+OPERATIONS = [(path, method.upper()) for path, item in DOCUMENT["paths"].items() for method in item]
+# Every response the document describes must hold for every request.
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+# Bounded and derandomized (the ``ci`` profile of tests/conftest.py is not
+# relied on here: this module fixes its own), so a run passes or fails for the code.
+EXAMPLES = settings(
+    max_examples=15,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+# -- the documents themselves -------------------------------------------------------------
+
+
+def test_openapi_document_is_valid_openapi_3_1() -> None:
+    """openapi-spec-validator accepts the document as OpenAPI 3.1."""
+    assert DOCUMENT["openapi"].startswith("3.1.")
+    validate_openapi(DOCUMENT)
+
+
+def test_openapi_validator_rejects_a_broken_document() -> None:
+    """The validator is not a rubber stamp: a response without a description fails."""
+    broken = json.loads(json.dumps(DOCUMENT))
+    del broken["paths"]["/api/me"]["get"]["responses"]["200"]["description"]
+    with pytest.raises(Exception, match="description"):
+        validate_openapi(broken)
+
+
+def asyncapi_diagnostics(path: Path) -> tuple[int, dict[str, Any]]:
+    """Run the AsyncAPI parser on ``path``: (exit status, its JSON report)."""
+    node = shutil.which("node")
+    assert node, "node is missing: tools/run-tests installs it (apt-get install nodejs npm)"
+    assert (ASYNCAPI_TOOL / "node_modules" / "@asyncapi" / "parser").is_dir(), (
+        "the AsyncAPI parser is missing: run tools/run-tests, or `npm ci --prefix tools/asyncapi`"
+    )
+    proc = subprocess.run(
+        [node, str(ASYNCAPI_TOOL / "validate.mjs"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.stdout, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_asyncapi_document_is_valid_asyncapi_3() -> None:
+    """The AsyncAPI initiative's parser finds no error or warning in docs/asyncapi.yaml."""
+    doc = yaml.safe_load(ASYNCAPI_PATH.read_text(encoding="utf-8"))
+    assert str(doc["asyncapi"]).startswith("3.")
+    status, report = asyncapi_diagnostics(ASYNCAPI_PATH)
+    assert status == 0 and report["parsed"], report["diagnostics"]
+
+
+def test_asyncapi_parser_rejects_a_broken_document(tmp_path: Path) -> None:
+    """The parser run is not a rubber stamp: a reference to no message fails it."""
+    text = ASYNCAPI_PATH.read_text(encoding="utf-8")
+    broken = tmp_path / "asyncapi.yaml"
+    broken.write_text(text.replace("#/channels/room/messages/reauth", "#/channels/room/messages/x"))
+    status, report = asyncapi_diagnostics(broken)
+    assert status == 1 and not report["parsed"]
+    assert any(d["code"] == "invalid-ref" for d in report["diagnostics"]), report
+
+
+def readme_section(title: str) -> str:
+    """README.md's section under the heading ``title`` (up to the next heading)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(title)
+    end = text.find("\n#", start + len(title))
+    return text[start : end if end != -1 else len(text)]
+
+
+def test_asyncapi_describes_every_frame_close_code_and_subprotocol() -> None:
+    """Every frame, README close code, subprotocol and URL parameter is in docs/asyncapi.yaml."""
+    doc = yaml.safe_load(ASYNCAPI_PATH.read_text(encoding="utf-8"))
+    channel = doc["channels"]["room"]
+    assert channel["address"] == "/ws/{room}"
+    section = readme_section("### WebSocket")
+    readme_codes = {int(c) for c in re.findall(r"^\| (\d{4}) \|", section, re.MULTILINE)}
+    documented = {entry["code"] for entry in channel["x-close-codes"]}
+    assert readme_codes and documented == readme_codes
+    assert documented >= {
+        protocol.CLOSE_GOING_AWAY,
+        protocol.CLOSE_TOO_BIG,
+        protocol.CLOSE_INTERNAL,
+        protocol.CLOSE_UNAUTHORIZED,
+        protocol.CLOSE_FORBIDDEN,
+        protocol.CLOSE_TOO_SLOW,
+        protocol.CLOSE_RATE_LIMITED,
+    }
+    names = [p["name"] for p in channel["x-subprotocols"]]
+    assert names == [
+        protocol.SUBPROTOCOL,
+        f"{protocol.BEARER_PREFIX}<access token>",
+        f"{protocol.TICKET_PREFIX}<ticket>",
+    ]
+    assert set(channel["bindings"]["ws"]["query"]["properties"]) == {"since", "ticket", "token"}
+    messages = doc["components"]["messages"]
+
+    def frame_type(name: str) -> str:
+        return str(messages[name]["payload"]["properties"]["type"]["const"])
+
+    received = [m for op in doc["operations"].values() if op["action"] == "receive"
+                for m in op["messages"]]  # fmt: skip
+    sent = [m for op in doc["operations"].values() if op["action"] == "send"
+            for m in op["messages"]]  # fmt: skip
+    by_ref = {f"#/channels/room/messages/{k}": v["$ref"].rsplit("/", 1)[1]
+              for k, v in channel["messages"].items()}  # fmt: skip
+    assert sorted(frame_type(by_ref[m["$ref"]]) for m in received) == ["message", "reauth"]
+    assert sorted(frame_type(by_ref[m["$ref"]]) for m in sent) == [
+        "error",
+        "message",
+        "presence",
+        "welcome",
+    ]
+
+
+# -- the document against the route table -------------------------------------------------
+
+
+def route_path(pattern: str) -> str:
+    """A Tornado route pattern as an OpenAPI path template with ``{}`` for each parameter."""
+    path = pattern.removesuffix("$")
+    path = path.replace("()", "")  # "/()": the index page's empty group matches nothing
+    path = re.sub(r"\([^()]*\)", "{}", path)
+    return path.replace("\\.", ".")
+
+
+def template(path: str) -> str:
+    """An OpenAPI path with every ``{name}`` as ``{}``."""
+    return re.sub(r"\{[^{}]*\}", "{}", path)
+
+
+@pytest.fixture(scope="module")
+def api_server(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """One server for the module; a generous message rate so nothing is rate-limited.
+
+    The login throttle has no setting, so fuzzed logins do reach its 429, which
+    the document describes and Schemathesis checks like any other answer.
+    """
+    yield from serve(
+        server_cert, tmp_path_factory.mktemp("api"), rate_per_sec=100000.0, rate_burst=100000
+    )
+
+
+def test_document_paths_are_the_route_table(api_server: LiveServer) -> None:
+    """Every route has a path in the document and every path a route (no more, no less)."""
+    app = make_app(api_server.settings, api_server.services)
+    routes = {route_path(rule.matcher.regex.pattern) for rule in app.wildcard_router.rules}
+    documented = {template(path) for path in DOCUMENT["paths"]}
+    assert routes == documented, {
+        "routes only": routes - documented,
+        "doc only": documented - routes,
+    }
+
+
+def test_route_pattern_helpers() -> None:
+    """route_path turns each kind of pattern in app.py into the document's template form."""
+    assert route_path(r"/api/rooms/([A-Za-z0-9_.\-]{3,32})/messages$") == "/api/rooms/{}/messages"
+    assert route_path(r"/()$") == "/"
+    assert route_path(r"/static/(.+)$") == "/static/{}"
+    assert route_path(r"/api/openapi\.json$") == "/api/openapi.json"
+    assert template("/api/rooms/{room}/messages") == "/api/rooms/{}/messages"
+
+
+def test_room_parameter_is_the_protocol_pattern() -> None:
+    """Every ``room`` parameter has exactly the room pattern the routes use."""
+    rooms = [
+        param
+        for item in DOCUMENT["paths"].values()
+        for op in item.values()
+        for param in op.get("parameters", [])
+        if param["name"] == "room"
+    ]
+    assert len(rooms) == 2
+    for param in rooms:
+        assert param["schema"]["pattern"] == f"^{protocol.ROOM_PATTERN}$"
+
+
+def test_served_document_is_the_file(api_server: LiveServer, ca_file: Path) -> None:
+    """``GET /api/openapi.json`` serves the repository's file byte for byte, as JSON."""
+    resp = requests.get(f"{api_server.base_url}/api/openapi.json", verify=str(ca_file), timeout=30)
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert resp.content == OPENAPI_PATH.read_bytes()
+
+
+# -- Schemathesis against the live server -------------------------------------------------
+
+
+class ErrorRecords(logging.Handler):
+    """Keeps every record at ERROR or above, and any record carrying a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep the record if it is an error or carries exception info."""
+        if record.levelno >= logging.ERROR or record.exc_info:
+            self.records.append(record)
+
+
+@pytest.fixture
+def no_server_errors() -> Iterator[None]:
+    """Fails the test if the server logged an error or a traceback during it."""
+    handler = ErrorRecords()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+    assert not handler.records, [
+        f"{r.levelname} {r.name}: {r.getMessage()}" for r in handler.records
+    ]
+
+
+@pytest.fixture(scope="module")
+def api_schema() -> schemathesis.BaseSchema:
+    """The document as Schemathesis reads it."""
+    return schemathesis.openapi.from_path(str(OPENAPI_PATH))
+
+
+@pytest.fixture(scope="module")
+def session(ca_file: Path) -> Iterator[requests.Session]:
+    """A requests session verifying TLS against the test CA (hostname checked)."""
+    s = requests.Session()
+    # Not the environment's REQUESTS_CA_BUNDLE, which requests would let
+    # override the session's own CA: only the test CA is trusted.
+    s.trust_env = False
+    s.verify = str(ca_file)
+    yield s
+    s.close()
+
+
+class Accounts:
+    """Logged-in sessions made before any fuzzing (fuzzed logins trip the address throttle)."""
+
+    def __init__(self, base_url: str, http: requests.Session, count: int) -> None:
+        self.base_url = base_url
+        self.http = http
+        self.shared = self.log_in("schemathesis")["access_token"]
+        # Each fuzzed logout revokes its session: it spends one of these, so
+        # the other operations keep a live token.
+        self.spare = [self.log_in(f"st-logout-{i}")["access_token"] for i in range(count)]
+
+    def log_in(self, username: str) -> dict[str, Any]:
+        """Register ``username`` and log in; the token pair."""
+        creds = {"username": username, "password": PASSWORD}
+        r = self.http.post(f"{self.base_url}/api/register", json=creds, timeout=30)
+        assert r.status_code == 201, r.text
+        r = self.http.post(f"{self.base_url}/api/login", json=creds, timeout=30)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def token_for(self, path: str) -> str:
+        """A token that is still valid, and stays so for every path but logout."""
+        if path == "/api/logout" and self.spare:
+            return self.spare.pop()
+        return self.shared
+
+
+@pytest.fixture(scope="module")
+def accounts(api_server: LiveServer, session: requests.Session) -> Accounts:
+    """The shared token and the spare ones for logout (two runs of its examples)."""
+    assert EXAMPLES.max_examples is not None
+    return Accounts(api_server.base_url, session, 4 * EXAMPLES.max_examples)
+
+
+def test_tls_is_verified(api_server: LiveServer, session: requests.Session) -> None:
+    """The fuzzing session refuses a server its CA did not vouch for: verification is on."""
+    assert session.verify and session.verify is not True
+    other = requests.Session()  # the system store, which does not hold the test CA
+    with pytest.raises(requests.exceptions.SSLError):
+        other.get(f"{api_server.base_url}/healthz", timeout=30)
+    other.close()
+    ctx = ssl.create_default_context(cafile=str(session.verify))
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+
+
+# -- the success answers, reached on purpose ------------------------------------------------
+
+
+async def test_every_success_response_conforms(
+    api_schema: schemathesis.BaseSchema,
+    api_server: LiveServer,
+    session: requests.Session,
+    client_ssl: ssl.SSLContext,
+    accounts: Accounts,
+    no_server_errors: None,
+) -> None:
+    """Each operation's documented success (and 409/401/429 of a real user) is what it answers.
+
+    Runs before the fuzzing, whose failed logins block this client address.
+    """
+    base = api_server.base_url
+
+    def call(path: str, method: str, status: int, **case: Any) -> requests.Response:
+        token = case.pop("token", None)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        response = (
+            api_schema[path][method]
+            .Case(**case)
+            .call_and_validate(
+                base_url=base,
+                session=session,
+                headers=headers,
+                checks=CHECKS,
+                verify=session.verify,
+            )
+        )
+        assert response.status_code == status, response.text
+        return response
+
+    creds = {"username": "doc.alice", "password": PASSWORD}
+    call("/api/register", "POST", 201, body=creds)
+    call("/api/register", "POST", 409, body={**creds, "username": "DOC.ALICE"})
+    pair = call("/api/login", "POST", 200, body=creds).json()
+    pair = call(
+        "/api/token/refresh", "POST", 200, body={"refresh_token": pair["refresh_token"]}
+    ).json()
+    token = pair["access_token"]
+    call("/api/me", "GET", 200, token=token)
+    call("/api/ws-ticket", "POST", 200, token=token)
+
+    client = Client(api_server, client_ssl)
+    try:
+        sock, _welcome = await client.join("doc-room", token)
+        await sock.say("hello", client_id="c1")
+        await sock.recv_type("message")
+        sock.close()
+    finally:
+        client.close()
+    history = call(
+        "/api/rooms/{room}/messages",
+        "GET",
+        200,
+        token=token,
+        path_parameters={"room": "doc-room"},
+        query={"since": 0, "limit": 10},
+    ).json()
+    assert [m["body"] for m in history["messages"]] == ["hello"]
+    rooms = call("/api/rooms", "GET", 200, token=token).json()
+    assert "doc-room" in [r["name"] for r in rooms["rooms"]]
+    call("/healthz", "GET", 200)
+    call("/readyz", "GET", 200)
+    call("/api/openapi.json", "GET", 200)
+    call("/", "GET", 200)
+    for name in ("chat.js", "chat.css", "favicon.svg", "index.html"):
+        call("/static/{path}", "GET", 200, path_parameters={"path": name})
+    call("/static/{path}", "GET", 404, path_parameters={"path": "missing.txt"})
+    call("/ws/{room}", "GET", 400, path_parameters={"room": "doc-room"})
+    call("/api/logout", "POST", 204, token=token)
+    call("/api/me", "GET", 401, token=token)
+    # Wrong passwords until the throttle answers 429 with Retry-After.
+    wrong = {**creds, "password": "wrong password"}
+    statuses = []
+    for _ in range(10):
+        case = api_schema["/api/login"]["POST"].Case(body=wrong)
+        response = case.call_and_validate(
+            base_url=base, session=session, checks=CHECKS, verify=session.verify
+        )
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            break
+    assert statuses[-1] == 429 and set(statuses[:-1]) == {401}, statuses
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+@pytest.mark.parametrize("authenticated", [True, False], ids=["bearer", "anonymous"])
+@pytest.mark.parametrize(("path", "method"), OPERATIONS)
+def test_schemathesis(
+    api_schema: schemathesis.BaseSchema,
+    api_server: LiveServer,
+    session: requests.Session,
+    accounts: Accounts,
+    no_server_errors: None,
+    path: str,
+    method: str,
+    authenticated: bool,
+    mode: GenerationMode,
+) -> None:
+    """Schemathesis: no 5xx and every response as documented, with or without a valid token.
+
+    Negative examples (values outside the document's schemas) must also be
+    refused with a 4xx.
+    """
+    operation = api_schema[path][method]
+    checks = [*CHECKS, negative_data_rejection] if mode is GenerationMode.NEGATIVE else CHECKS
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @EXAMPLES
+    def run(case: schemathesis.Case) -> None:
+        headers = {}
+        if authenticated:
+            headers["Authorization"] = f"Bearer {accounts.token_for(path)}"
+        case.call_and_validate(
+            base_url=api_server.base_url,
+            session=session,
+            headers=headers,
+            checks=checks,
+            verify=session.verify,
+        )
+
+    run()
+
+
+def test_every_error_response_is_the_contract_body() -> None:
+    """Every documented 4xx/5xx is the contract body with its codes, or a page's plain text."""
+    for path, method in OPERATIONS:
+        responses = DOCUMENT["paths"][path][method.lower()]["responses"]
+        for status, response in responses.items():
+            if "$ref" in response:
+                response = DOCUMENT["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
+            if not status.startswith(("4", "5")) or "content" not in response:
+                continue
+            content = response["content"]
+            schema = content.get("application/json", {}).get("schema")
+            if schema is None:
+                assert set(content) <= {"text/plain", "text/html"}, (path, status)
+                continue
+            error = schema["properties"]["error"]
+            assert schema["required"] == ["error"] and error["required"] == ["code", "message"]
+            assert error["properties"]["code"]["enum"], (path, status)
