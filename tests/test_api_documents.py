@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import ssl
 import subprocess
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ import schemathesis
 import yaml
 from hypothesis import HealthCheck, given, settings
 from openapi_spec_validator import validate as validate_openapi
+from requests.adapters import HTTPAdapter
 from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
@@ -37,6 +40,7 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.openapi.checks import JsonSchemaError, UndefinedContentType, UndefinedStatusCode
 
 from tests.conftest import serve
 from tests.harness import PASSWORD, Client, LiveServer
@@ -58,10 +62,14 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
 ]
+# Where requests and curl would find another CA bundle than the one a test names.
+CA_BUNDLE_VARIABLES = {"REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"}
+# Operations whose failures count against the client address in the login throttle.
+THROTTLED = {"/api/login", "/api/register"}
 # Bounded and derandomized (the ``ci`` profile of tests/conftest.py is not
 # relied on here: this module fixes its own), so a run passes or fails for the code.
 EXAMPLES = settings(
-    max_examples=15,
+    max_examples=25,
     derandomize=True,
     database=None,
     deadline=None,
@@ -296,6 +304,51 @@ def session(ca_file: Path) -> Iterator[requests.Session]:
     s.close()
 
 
+class LoopbackAdapter(HTTPAdapter):
+    """Connects from one given loopback address instead of the default 127.0.0.1."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        """Every pooled connection binds ``address`` as its source."""
+        kwargs["source_address"] = (self.address, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+class LoopbackClients:
+    """Sessions from distinct loopback addresses, each a client of its own to the throttle.
+
+    The login throttle counts failures per client address and has no setting;
+    fuzzed logins and registrations from one address would meet its 429 after
+    five failures and explore nothing else. 127.0.0.0/8 is all loopback, so
+    each example comes from its own real address (127.0.1.1, 127.0.1.2, ...)
+    and the throttle stays as it is.
+    """
+
+    def __init__(self, ca_file: Path) -> None:
+        self.ca_file = ca_file
+        self.count = 0
+
+    def session(self) -> requests.Session:
+        """A new session, TLS verified as ever, from the next unused loopback address."""
+        self.count += 1
+        assert self.count < 250 * 250
+        s = requests.Session()
+        s.trust_env = False
+        s.verify = str(self.ca_file)
+        adapter = LoopbackAdapter(f"127.0.{1 + self.count // 250}.{1 + self.count % 250}")
+        s.mount("https://", adapter)
+        return s
+
+
+@pytest.fixture(scope="module")
+def loopback_clients(ca_file: Path) -> LoopbackClients:
+    """Fresh client addresses for the throttled operations."""
+    return LoopbackClients(ca_file)
+
+
 class Accounts:
     """Logged-in sessions made before any fuzzing (fuzzed logins trip the address throttle)."""
 
@@ -429,14 +482,67 @@ async def test_every_success_response_conforms(
     assert statuses[-1] == 429 and set(statuses[:-1]) == {401}, statuses
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+@pytest.mark.parametrize(
+    ("change", "failure"),
+    [
+        ("an extra required field", JsonSchemaError),
+        ("no 401 answer", UndefinedStatusCode),
+        ("a text/plain 200", UndefinedContentType),
+    ],
+)
+def test_schemathesis_catches_a_wrong_document(
+    api_server: LiveServer,
+    session: requests.Session,
+    accounts: Accounts,
+    change: str,
+    failure: type[Exception],
+) -> None:
+    """The checks are no rubber stamp: each kind of mismatch with the server fails the run."""
+    wrong = json.loads(json.dumps(DOCUMENT))
+    me = wrong["paths"]["/api/me"]["get"]
+    if change == "an extra required field":
+        wrong["components"]["schemas"]["User"]["required"].append("email")
+    elif change == "no 401 answer":
+        del me["responses"]["401"]
+    else:
+        me["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    token = accounts.shared if change != "no 401 answer" else "not-a-token"
+    case = schemathesis.openapi.from_dict(wrong)["/api/me"]["GET"].Case()
+    with pytest.raises(schemathesis.errors.FailureGroup) as caught:
+        case.call_and_validate(
+            base_url=api_server.base_url,
+            session=session,
+            headers={"Authorization": f"Bearer {token}"},
+            checks=CHECKS,
+            verify=session.verify,
+        )
+    assert [type(e) for e in caught.value.exceptions] == [failure], caught.value
+
+
+def fuzz_runs() -> list[tuple[str, str, GenerationMode]]:
+    """Every operation with valid inputs, and with invalid ones where it has any to break.
+
+    An operation without parameters or body has no invalid request to make,
+    and the only invalid ``/static/{path}`` (an empty name) is no longer that
+    path once sent.
+    """
+    runs = []
+    for path, method in OPERATIONS:
+        runs.append((path, method, GenerationMode.POSITIVE))
+        op = DOCUMENT["paths"][path][method.lower()]
+        if (op.get("parameters") or "requestBody" in op) and path != "/static/{path}":
+            runs.append((path, method, GenerationMode.NEGATIVE))
+    return runs
+
+
 @pytest.mark.parametrize("authenticated", [True, False], ids=["bearer", "anonymous"])
-@pytest.mark.parametrize(("path", "method"), OPERATIONS)
+@pytest.mark.parametrize(("path", "method", "mode"), fuzz_runs())
 def test_schemathesis(
     api_schema: schemathesis.BaseSchema,
     api_server: LiveServer,
     session: requests.Session,
     accounts: Accounts,
+    loopback_clients: LoopbackClients,
     no_server_errors: None,
     path: str,
     method: str,
@@ -450,6 +556,7 @@ def test_schemathesis(
     """
     operation = api_schema[path][method]
     checks = [*CHECKS, negative_data_rejection] if mode is GenerationMode.NEGATIVE else CHECKS
+    throttled = path in THROTTLED
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @EXAMPLES
@@ -457,13 +564,18 @@ def test_schemathesis(
         headers = {}
         if authenticated:
             headers["Authorization"] = f"Bearer {accounts.token_for(path)}"
-        case.call_and_validate(
-            base_url=api_server.base_url,
-            session=session,
-            headers=headers,
-            checks=checks,
-            verify=session.verify,
-        )
+        http = loopback_clients.session() if throttled else session
+        try:
+            case.call_and_validate(
+                base_url=api_server.base_url,
+                session=http,
+                headers=headers,
+                checks=checks,
+                verify=http.verify,
+            )
+        finally:
+            if throttled:
+                http.close()
 
     run()
 
@@ -485,3 +597,50 @@ def test_every_error_response_is_the_contract_body() -> None:
             error = schema["properties"]["error"]
             assert schema["required"] == ["error"] and error["required"] == ["code", "message"]
             assert error["properties"]["code"]["enum"], (path, status)
+
+
+@pytest.mark.parametrize("authenticated", [True, False], ids=["bearer", "anonymous"])
+def test_schemathesis_cli_coverage_phase(
+    api_server: LiveServer,
+    ca_file: Path,
+    accounts: Accounts,
+    no_server_errors: None,
+    tmp_path: Path,
+    authenticated: bool,
+) -> None:
+    """The Schemathesis CLI, as a user runs it: its deterministic boundary cases all conform.
+
+    Its coverage phase sends each schema's edges (empty, shortest, longest, one
+    past each bound, every missing required field) that random examples rarely hit.
+    The bearer run leaves logout out: its first call would revoke the token for
+    the rest (the fuzzing above covers logout with a session per example).
+    """
+    command = [
+        str(Path(sysconfig.get_path("scripts")) / "schemathesis"),
+        "run",
+        str(OPENAPI_PATH),
+        "--url",
+        api_server.base_url,
+        "--tls-verify",
+        str(ca_file),
+        "--phases",
+        "coverage",
+        "--generation-deterministic",
+        "--checks",
+        ",".join(check.__name__ for check in [*CHECKS, negative_data_rejection]),
+        "--no-color",
+    ]
+    if authenticated:
+        command += [
+            "-H",
+            f"Authorization: Bearer {accounts.shared}",
+            "--exclude-path",
+            "/api/logout",
+        ]
+    # Only the test CA: no bundle from the environment to fall back on.
+    env = {k: v for k, v in os.environ.items() if k not in CA_BUNDLE_VARIABLES}
+    proc = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert re.search(r"\b[1-9][0-9]* generated, [0-9]+ passed", proc.stdout), proc.stdout[-2000:]
