@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import requests
 import schemathesis
@@ -181,6 +182,58 @@ def test_asyncapi_describes_every_frame_close_code_and_subprotocol() -> None:
         "presence",
         "welcome",
     ]
+
+
+def frame_schemas() -> dict[str, dict[str, Any]]:
+    """Each server frame's payload schema in docs/asyncapi.yaml, by the frame's ``type``."""
+    doc = yaml.safe_load(ASYNCAPI_PATH.read_text(encoding="utf-8"))
+    messages = doc["components"]["messages"]
+    return {
+        messages[name]["payload"]["properties"]["type"]["const"]: messages[name]["payload"]
+        for name in ("welcome", "serverMessage", "presence", "error")
+    }
+
+
+def check_frame(frame: dict[str, Any] | None, schemas: dict[str, dict[str, Any]]) -> str:
+    """Validate a received frame against its payload schema; its type."""
+    assert frame is not None, "the socket closed"
+    jsonschema.Draft7Validator(schemas[frame["type"]]).validate(frame)
+    return str(frame["type"])
+
+
+async def test_server_frames_match_the_asyncapi_payloads(
+    api_server: LiveServer, client_ssl: ssl.SSLContext
+) -> None:
+    """Each kind of frame the server sends validates against its payload in docs/asyncapi.yaml."""
+    schemas = frame_schemas()
+    client = Client(api_server, client_ssl)
+    try:
+        alice = await client.user("frames.alice")
+        bob = await client.user("frames.bob")
+        first, welcome = await client.join("frames-room", alice["access_token"])
+        assert check_frame(welcome, schemas) == "welcome"
+        second, welcome = await client.join("frames-room", bob["access_token"])
+        assert check_frame(welcome, schemas) == "welcome"
+        assert check_frame(await first.recv(), schemas) == "presence"
+        await first.say("hello", client_id="c1")
+        mine = await first.recv_type("message")
+        assert check_frame(mine, schemas) == "message" and mine["client_id"] == "c1"
+        theirs = await second.recv_type("message")
+        assert check_frame(theirs, schemas) == "message" and "client_id" not in theirs
+        await first.send({"type": "shout"})
+        error = await first.recv_type("error")
+        assert check_frame(error, schemas) == "error" and error["code"] == "unknown_type"
+        await first.send({"type": "reauth", "token": "not-a-token"})
+        error = await first.recv_type("error")
+        assert check_frame(error, schemas) == "error" and error["code"] == "invalid_token"
+        second.close()
+        leave = await first.recv_type("presence")
+        assert check_frame(leave, schemas) == "presence" and leave["event"] == "leave"
+        first.close()
+        refused = await client.connect("frames-room", token="not-a-token")
+        assert await refused.closed() == protocol.CLOSE_UNAUTHORIZED
+    finally:
+        client.close()
 
 
 # -- the document against the route table -------------------------------------------------
@@ -403,11 +456,13 @@ async def test_every_success_response_conforms(
     session: requests.Session,
     client_ssl: ssl.SSLContext,
     accounts: Accounts,
+    loopback_clients: LoopbackClients,
     no_server_errors: None,
 ) -> None:
     """Each operation's documented success (and 409/401/429 of a real user) is what it answers.
 
-    Runs before the fuzzing, whose failed logins block this client address.
+    It asks for ``accounts`` so they are made before any failed login here or in
+    the fuzzing counts against this client address.
     """
     base = api_server.base_url
 
@@ -468,17 +523,20 @@ async def test_every_success_response_conforms(
     call("/ws/{room}", "GET", 400, path_parameters={"room": "doc-room"})
     call("/api/logout", "POST", 204, token=token)
     call("/api/me", "GET", 401, token=token)
-    # Wrong passwords until the throttle answers 429 with Retry-After.
+    # Wrong passwords until the throttle answers 429 with Retry-After, from a
+    # client address of their own so that the other tests' address stays unblocked.
     wrong = {**creds, "password": "wrong password"}
     statuses = []
+    http = loopback_clients.session()
     for _ in range(10):
         case = api_schema["/api/login"]["POST"].Case(body=wrong)
         response = case.call_and_validate(
-            base_url=base, session=session, checks=CHECKS, verify=session.verify
+            base_url=base, session=http, checks=CHECKS, verify=http.verify
         )
         statuses.append(response.status_code)
         if response.status_code == 429:
             break
+    http.close()
     assert statuses[-1] == 429 and set(statuses[:-1]) == {401}, statuses
 
 
