@@ -40,6 +40,7 @@ from tornado_chat.handlers.auth import (
     AuthTicketHandler,
 )
 from tornado_chat.handlers.base import NotFoundHandler, request_summary
+from tornado_chat.handlers.docs import OpenApiHandler
 from tornado_chat.handlers.pages import StaticHandler
 from tornado_chat.handlers.rooms import (
     HealthHandler,
@@ -281,6 +282,7 @@ def make_app(settings: Settings, services: Services) -> tornado.web.Application:
         tornado.web.url(r"/api/ws-ticket", AuthTicketHandler, deps),
         tornado.web.url(r"/api/rooms", RoomListHandler, deps),
         tornado.web.url(rf"/api/rooms/({room})/messages", RoomHistoryHandler, deps),
+        tornado.web.url(r"/api/openapi\.json", OpenApiHandler, deps),
         tornado.web.url(rf"/ws/({room})", ChatSocketHandler, deps),
         tornado.web.url(r"/healthz", HealthHandler, deps),
         tornado.web.url(r"/readyz", ReadyHandler, deps),
