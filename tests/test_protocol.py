@@ -478,6 +478,16 @@ def test_message_payload_matches_frame() -> None:
     assert frame_json(protocol.message_frame(msg)) == payload
 
 
+def test_history_fields_are_the_frame_without_its_type() -> None:
+    """History items (v1) are the message frame's fields minus ``type`` and ``client_id``."""
+    fields = protocol.message_fields(room="r1x", seq=1, msg_id=2, user="u", body="b", ts="t")
+    assert fields == {"room": "r1x", "seq": 1, "id": 2, "user": "u", "body": "b", "ts": "t"}
+    frame = protocol.message_payload(
+        room="r1x", seq=1, msg_id=2, user="u", body="b", ts="t", client_id="c"
+    )
+    assert frame == {"type": "message", **fields, "client_id": "c"}
+
+
 def test_large_message_frame_decodes() -> None:
     """A body whose frame needs the 64-bit length form still decodes to the same message."""
     body = "ü" * 40_000  # 80,000 UTF-8 bytes

@@ -178,6 +178,13 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+def message_fields(
+    *, room: str, seq: int, msg_id: int, user: str, body: str, ts: str
+) -> dict[str, Any]:
+    """A stored message as history (``GET /api/rooms/{room}/messages``) shows it."""
+    return {"room": room, "seq": seq, "id": msg_id, "user": user, "body": body, "ts": ts}
+
+
 def message_payload(
     *,
     room: str,
@@ -191,12 +198,7 @@ def message_payload(
     """The ``message`` frame's fields; ``client_id`` only for the sender's copy."""
     frame: dict[str, Any] = {
         "type": "message",
-        "room": room,
-        "seq": seq,
-        "id": msg_id,
-        "user": user,
-        "body": body,
-        "ts": ts,
+        **message_fields(room=room, seq=seq, msg_id=msg_id, user=user, body=body, ts=ts),
     }
     if client_id is not None:
         frame["client_id"] = client_id

@@ -44,10 +44,10 @@ class RoomHistoryHandler(BaseHandler):
         before = self._int_arg("before", 1, 2**62)
         limit = self._int_arg("limit", 1, MAX_HISTORY) or DEFAULT_HISTORY
         msgs = await self.services.storage.messages(room, since=since, before=before, limit=limit)
-        # The sender's client_id is an echo for its live socket only: history
-        # never carries it (protocol.message_payload leaves it out).
+        # History is the v1 shape: the frame's fields without its "type", and
+        # never the sender's client_id (an echo for its live socket only).
         payloads = [
-            protocol.message_payload(
+            protocol.message_fields(
                 room=m.room, seq=m.seq, msg_id=m.id, user=m.user, body=m.body, ts=m.ts
             )
             for m in msgs
