@@ -228,6 +228,27 @@ async def test_security_headers_and_json_404(client: Client) -> None:
     assert "script-src 'self'" in r.headers["Content-Security-Policy"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("DELETE", "/api/login", "POST"),
+        ("POST", "/api/me", "GET"),
+        ("PUT", "/healthz", "GET"),
+        ("POST", "/", "GET, HEAD"),
+        ("POST", "/static/chat.js", "GET, HEAD"),
+        ("POST", "/ws/lobby", "GET"),
+        ("OPTIONS", "/api/openapi.json", "GET"),
+    ],
+)
+async def test_405_names_the_allowed_methods(
+    client: Client, method: str, path: str, allow: str
+) -> None:
+    """A 405 carries ``Allow`` with the methods the route implements (RFC 9110 15.5.6)."""
+    r = await client.request(method, path, {} if method in ("POST", "PUT") else None)
+    assert r.status == 405
+    assert r.headers.get("Allow") == allow
+
+
 async def test_tls_is_verified_for_real(server: LiveServer, client: Client) -> None:
     """A client that does not trust the test CA cannot talk to the server."""
     import ssl

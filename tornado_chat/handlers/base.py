@@ -150,10 +150,26 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish()
 
 
+def allowed_methods(handler: tornado.web.RequestHandler) -> str:
+    """The methods ``handler`` implements, for a 405's ``Allow`` header (RFC 9110 15.5.6).
+
+    A method is implemented when the handler's class overrides Tornado's
+    default for it (which answers 405).
+    """
+    base = tornado.web.RequestHandler
+    return ", ".join(
+        method
+        for method in handler.SUPPORTED_METHODS
+        if getattr(type(handler), method.lower(), None) is not getattr(base, method.lower(), None)
+    )
+
+
 def write_json_error(
     handler: tornado.web.RequestHandler, status_code: int, exc: BaseException | None
 ) -> None:
     """Set the status and write the contract's error body for ``exc`` (not finished)."""
+    if status_code == 405:
+        handler.set_header("Allow", allowed_methods(handler))
     if isinstance(exc, StorageError):
         exc = ServiceUnavailable("unavailable", "the database is unavailable; try again")
     if isinstance(exc, ApiError):

@@ -7,7 +7,7 @@ from typing import Any
 
 import tornado.web
 
-from tornado_chat.handlers.base import reason_phrase, set_security_headers
+from tornado_chat.handlers.base import allowed_methods, reason_phrase, set_security_headers
 
 # Only characters a real Host header has; anything else is left out of the CSP.
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
@@ -60,5 +60,7 @@ class StaticHandler(tornado.web.StaticFileHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Plain short error pages (no traceback, no server details)."""
         self.set_header("Content-Type", "text/plain; charset=UTF-8")
+        if status_code == 405:
+            self.set_header("Allow", allowed_methods(self))
         reason = reason_phrase(status_code, kwargs.get("exc_info", (None, None, None))[1])
         self.finish(f"{status_code} {reason}\n")
