@@ -102,6 +102,7 @@ class SessionLimits:
     max_body_chars: int
     max_sockets: int
     max_sockets_per_user: int
+    max_sockets_per_address: int
     outbox_bytes: int
     max_frame_bytes: int
     handshake_timeout: float
@@ -277,13 +278,23 @@ class Session:
         log.warning("ws auth unavailable %s: %s", self.summary, clip(why))
         self._close(protocol.CLOSE_INTERNAL, "storage unavailable")
 
-    def credentials_checked(self, claims: Claims, *, user_sockets: int, total: int) -> bool:
+    def credentials_checked(
+        self,
+        claims: Claims,
+        *,
+        user_sockets: int,
+        total: int,
+        address_sockets: int = 0,
+        open_allowed: bool = True,
+    ) -> bool:
         """The credential is valid; admit the socket if the socket limits allow.
 
         Args:
             claims: the verified claims.
             user_sockets: the user's open sockets on this node.
             total: all open sockets on this node.
+            address_sockets: open sockets of the client's address group on this node.
+            open_allowed: whether the user's socket-open budget had a token.
 
         Returns:
             True when the handler should join the room (phase JOINING).
@@ -291,6 +302,16 @@ class Session:
         if self.phase is not Phase.AUTHENTICATING:
             return False
         limits = self.limits
+        if not open_allowed:
+            # Refused before joining: a connect/close loop makes no presence
+            # news for the room's other members.
+            log.warning(
+                "ws refused user=%s addr=%s: too many connections (socket opens over the rate)",
+                claims.username,
+                self.addr,
+            )
+            self._close(protocol.CLOSE_RATE_LIMITED, "too many connections; slow down")
+            return False
         if user_sockets >= limits.max_sockets_per_user:
             log.warning(
                 "ws refused user=%s addr=%s: too many sockets for this user (limit %d)",
@@ -299,6 +320,17 @@ class Session:
                 limits.max_sockets_per_user,
             )
             self._close(protocol.CLOSE_RATE_LIMITED, "too many sockets for this user")
+            return False
+        # As for a full server below: the handshake refused the upgrade, but
+        # handshakes of one address authenticate concurrently.
+        if address_sockets >= limits.max_sockets_per_address:
+            log.warning(
+                "ws refused user=%s addr=%s: too many sockets from this address (limit %d)",
+                claims.username,
+                self.addr,
+                limits.max_sockets_per_address,
+            )
+            self._close(protocol.CLOSE_RATE_LIMITED, "too many sockets from this address")
             return False
         # The handshake refused the upgrade when full, but handshakes
         # authenticate concurrently; the handler runs this check and the join
