@@ -338,13 +338,16 @@ class Hub:
         left = sorted(u for u in old - users if u not in local)
         if not joined and not left:
             return
-        # Deltas, as for local joins and leaves; each carries the count after
-        # all of them (the welcome is where a client gets the whole list).
-        count = self.online_count(room)
-        for user in joined:
-            self.broadcast(room, protocol.presence_frame("join", user, count))
+        # Deltas, as for local joins and leaves (the welcome is where a client
+        # gets the whole list), each with the count after it: a client that
+        # applies them in order always holds a list of that length.
+        count = self.online_count(room) - len(joined) + len(left)
         for user in left:
+            count -= 1
             self.broadcast(room, protocol.presence_frame("leave", user, count))
+        for user in joined:
+            count += 1
+            self.broadcast(room, protocol.presence_frame("join", user, count))
 
     def sockets_of(self, user_id: int) -> int:
         """Open sockets of a user on this node."""
