@@ -338,7 +338,7 @@ async def test_pending_handshakes_per_address_are_capped_while_authentication_st
 async def test_a_connect_close_loop_is_cut_off_and_floods_no_room(
     capped: LiveServer, client: Client, client_ssl: ssl.SSLContext
 ) -> None:
-    """After 3 opens the user's next one closes 4429 before joining: the room hears 3 joins, 3 leaves."""
+    """After 3 opens the next closes 4429 before joining: the room hears 3 joins and 3 leaves."""
     watcher = (await client.user("loop_watch"))["access_token"]
     looper = (await client.user("loop_mallory"))["access_token"]
     watch, _ = await join_from(capped, client_ssl, "127.0.0.16", "loop-room", f"bearer.{watcher}")
