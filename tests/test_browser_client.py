@@ -57,6 +57,12 @@ TOO_MANY_SOCKETS = (
     " or leave a room here; reconnecting after a pause…"
 )
 SERVER_FULL = "The server is full right now. Reconnecting after a pause…"
+TOO_MANY_OPENS = "This account opened connections too quickly. Reconnecting after a pause…"
+TOO_MANY_FROM_ADDRESS = (
+    "Too many connections are open from your network address (people behind the same"
+    " router count together). Close other tabs of this chat or try later; reconnecting"
+    " after a pause…"
+)
 CLOSE_TEXTS: dict[tuple[int, str], str] = {
     (1001, "server shutting down"): "The server is restarting. Reconnecting…",
     (1007, "text frame is not valid UTF-8"): (
@@ -72,6 +78,8 @@ CLOSE_TEXTS: dict[tuple[int, str], str] = {
     (4429, "rate limit exceeded"): TOO_MANY_MESSAGES,
     (4429, "too many sockets for this user"): TOO_MANY_SOCKETS,
     (4429, "server full; try again later"): SERVER_FULL,
+    (4429, "too many connections; slow down"): TOO_MANY_OPENS,
+    (4429, "too many sockets from this address"): TOO_MANY_FROM_ADDRESS,
     (4429, ""): "The server asked this page to slow down. Reconnecting after a pause…",
 }
 # In-page instrumentation for the tests: every WebSocket the page creates
