@@ -16,6 +16,7 @@ Screenshots land in ``test-artifacts/browser/`` on every run; with
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
@@ -509,6 +510,56 @@ def test_two_people_chat_and_see_each_other(alice: ChatPage, bob: ChatPage) -> N
     shot = save_screenshot(alice.page, "conversation.png")
     if os.environ.get("CHAT_TEST_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(shot, REPO / "docs" / "screenshot.png")
+
+
+def sockets_of(server: LiveServer, username: str, room: str) -> int:
+    """How many sockets ``username`` has in ``room`` on the server."""
+
+    async def run() -> int:
+        return sum(
+            1 for m in server.services.hub.members() if m.username == username and m.room == room
+        )
+
+    return int(server.call(run()))
+
+
+def test_member_list_is_kept_from_presence_deltas(
+    open_page: Callable[..., ChatPage], chat_server: LiveServer, alice: ChatPage, bob: ChatPage
+) -> None:
+    """Presence frames carry no list: the page applies joins and leaves; a second tab is no news."""
+    seen: list[dict[str, Any]] = []
+
+    def record(payload: str | bytes) -> None:
+        if isinstance(payload, str) and '"presence"' in payload:
+            seen.append(json.loads(payload))
+
+    wendy = open_page()
+    wendy.page.on("websocket", lambda ws: ws.on("framereceived", record))
+    wendy.register("wendy")
+    wendy.join("lobby")
+    expect(wendy.online()).to_have_text(["alice", "bob", "wendy"])
+    # bob's second tab: he does not join again, and closing it does not make him leave.
+    tab = open_page()
+    tab.login("bob")
+    tab.join("lobby")
+    assert sockets_of(chat_server, "bob", "lobby") == 2
+    tab.page.context.close()
+    deadline = time.monotonic() + 10
+    while sockets_of(chat_server, "bob", "lobby") != 1:
+        assert time.monotonic() < deadline, "bob's second socket never left"
+        time.sleep(0.05)
+    # A newcomer's join and leave are deltas the page applies.
+    erin = open_page()
+    erin.register("erin")
+    erin.join("lobby")
+    expect(wendy.online()).to_have_text(["alice", "bob", "erin", "wendy"])
+    erin.page.context.close()
+    expect(wendy.online()).to_have_text(["alice", "bob", "wendy"])
+    assert seen == [
+        {"type": "presence", "event": "join", "user": "erin", "count": 4},
+        {"type": "presence", "event": "leave", "user": "erin", "count": 3},
+    ]
+    wendy.page.context.close()
 
 
 def test_script_injection_renders_as_text(
