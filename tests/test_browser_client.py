@@ -549,15 +549,15 @@ def test_member_list_is_kept_from_presence_deltas(
         assert time.monotonic() < deadline, "bob's second socket never left"
         time.sleep(0.05)
     # A newcomer's join and leave are deltas the page applies.
-    erin = open_page()
-    erin.register("erin")
-    erin.join("lobby")
-    expect(wendy.online()).to_have_text(["alice", "bob", "erin", "wendy"])
-    erin.page.context.close()
+    ernie = open_page()
+    ernie.register("ernie")
+    ernie.join("lobby")
+    expect(wendy.online()).to_have_text(["alice", "bob", "ernie", "wendy"])
+    ernie.page.context.close()
     expect(wendy.online()).to_have_text(["alice", "bob", "wendy"])
     assert seen == [
-        {"type": "presence", "event": "join", "user": "erin", "count": 4},
-        {"type": "presence", "event": "leave", "user": "erin", "count": 3},
+        {"type": "presence", "event": "join", "user": "ernie", "count": 4},
+        {"type": "presence", "event": "leave", "user": "ernie", "count": 3},
     ]
     wendy.page.context.close()
 
