@@ -183,11 +183,12 @@ def test_counts_pair_up_and_forget_empty_groups() -> None:
 
 
 def test_the_address_cap_is_never_more_than_half_the_server() -> None:
-    """One address can never fill the server, whatever --max-sockets-per-address says."""
+    """By default one address can never fill the server; a cap given explicitly is kept."""
     assert sockets_per_address(Settings()) == 256
     assert sockets_per_address(Settings(max_sockets=200)) == 100
     assert sockets_per_address(Settings(max_sockets=1)) == 1
     assert sockets_per_address(Settings(max_sockets_per_address=7)) == 7
+    assert sockets_per_address(Settings(max_sockets=4, max_sockets_per_address=300)) == 300
 
 
 # -- over WSS: sockets per address ------------------------------------------------

@@ -33,6 +33,9 @@ from tornado_chat import __version__
 from tornado_chat.errors import ConfigError
 
 DEFAULT_PORT = 8443
+# --max-sockets-per-address when not given: an office of about 100 people
+# behind one NAT address with two tabs each fits, with room to spare.
+DEFAULT_SOCKETS_PER_ADDRESS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,8 @@ class Settings:
     max_sockets_per_user: int = 20
     max_sockets: int = 10_000
     # Per client address (IPv6: per prefix), counted per process; see README.
-    max_sockets_per_address: int = 256
+    # None: DEFAULT_SOCKETS_PER_ADDRESS, at most half of max_sockets.
+    max_sockets_per_address: int | None = None
     max_pending_per_address: int = 64
     ipv6_prefix: int = 64
     # Socket opens per user (a token bucket per process): a connect/close loop
@@ -565,10 +569,10 @@ _OPTIONS: tuple[_Option, ...] = (
         "--max-sockets-per-address",
         "max_sockets_per_address",
         _int_in(1, 10_000_000),
-        "open WebSockets per client address (IPv6: per --ipv6-prefix) and process; "
-        "never more than half of --max-sockets, so one address cannot fill the server",
+        "open WebSockets per client address (IPv6: per --ipv6-prefix) and process",
         "N",
         "limits",
+        shown_default="256, at most half of --max-sockets so one address cannot fill the server",
     ),
     _Option(
         "--max-pending-per-address",

@@ -107,12 +107,15 @@ def session_limits(settings: Settings) -> SessionLimits:
 
 
 def sockets_per_address(settings: Settings) -> int:
-    """The per-address socket cap in force: never more than half of ``--max-sockets``.
+    """The per-address socket cap in force.
 
-    The cap exists so that one address cannot make the server full; a
-    ``--max-sockets`` below twice ``--max-sockets-per-address`` would let it.
+    ``--max-sockets-per-address`` when given; by default 256, but never more
+    than half of ``--max-sockets``: the cap exists so that one address cannot
+    make the server full, which 256 would not prevent on a small server.
     """
-    return max(1, min(settings.max_sockets_per_address, settings.max_sockets // 2))
+    if settings.max_sockets_per_address is not None:
+        return settings.max_sockets_per_address
+    return max(1, min(config.DEFAULT_SOCKETS_PER_ADDRESS, settings.max_sockets // 2))
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:
