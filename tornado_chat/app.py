@@ -75,7 +75,7 @@ class Services:
     addresses: AddressCounts = field(default_factory=AddressCounts)
     # Socket-open budgets per user; full ones are swept when it grows.
     open_buckets: dict[int, TokenBucket] = field(default_factory=dict)
-    _open_sweep_at: int = 1024
+    _open_sweep_at: int = field(default=1024, init=False, repr=False)
     # The subjectAltName entries of the certificate being served, as the
     # server holds it (ChatServer sets this and keeps it current across
     # reloads and renewals); the socket handler's own-origin check uses them.

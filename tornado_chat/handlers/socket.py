@@ -8,6 +8,11 @@ close decision in :meth:`ChatSocketHandler._perform_close`.
 Authentication happens in :meth:`ChatSocketHandler.open`: Tornado does not
 read a single frame of a socket until ``open()`` returns, so a socket without
 valid credentials is closed with 4401 before anything it sent is processed.
+
+Each handshake is counted against its client's address group
+(``Services.addresses``) as pending from :meth:`ChatSocketHandler.prepare`
+until its credentials are checked, and as an open socket from its admission
+until it leaves the room.
 """
 
 from __future__ import annotations
