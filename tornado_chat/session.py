@@ -302,48 +302,35 @@ class Session:
         if self.phase is not Phase.AUTHENTICATING:
             return False
         limits = self.limits
+        # Each refusal comes before joining, so the room hears nothing of it
+        # (a connect/close loop makes no presence news). The handshake already
+        # refused a full server or address with 503, but handshakes
+        # authenticate concurrently; the handler runs these checks and the
+        # join in one loop turn, so they are exact.
         if not open_allowed:
-            # Refused before joining: a connect/close loop makes no presence
-            # news for the room's other members.
-            log.warning(
-                "ws refused user=%s addr=%s: too many connections (socket opens over the rate)",
-                claims.username,
-                self.addr,
+            return self._refuse(
+                claims,
+                "too many connections (socket opens over the rate)",
+                "too many connections; slow down",
             )
-            self._close(protocol.CLOSE_RATE_LIMITED, "too many connections; slow down")
-            return False
         if user_sockets >= limits.max_sockets_per_user:
-            log.warning(
-                "ws refused user=%s addr=%s: too many sockets for this user (limit %d)",
-                claims.username,
-                self.addr,
-                limits.max_sockets_per_user,
+            return self._refuse(
+                claims,
+                f"too many sockets for this user (limit {limits.max_sockets_per_user})",
+                "too many sockets for this user",
             )
-            self._close(protocol.CLOSE_RATE_LIMITED, "too many sockets for this user")
-            return False
-        # As for a full server below: the handshake refused the upgrade, but
-        # handshakes of one address authenticate concurrently.
         if address_sockets >= limits.max_sockets_per_address:
-            log.warning(
-                "ws refused user=%s addr=%s: too many sockets from this address (limit %d)",
-                claims.username,
-                self.addr,
-                limits.max_sockets_per_address,
+            return self._refuse(
+                claims,
+                f"too many sockets from this address (limit {limits.max_sockets_per_address})",
+                "too many sockets from this address",
             )
-            self._close(protocol.CLOSE_RATE_LIMITED, "too many sockets from this address")
-            return False
-        # The handshake refused the upgrade when full, but handshakes
-        # authenticate concurrently; the handler runs this check and the join
-        # in one loop turn, so it is exact.
         if total >= limits.max_sockets:
-            log.warning(
-                "ws refused user=%s addr=%s: server full (limit %d sockets)",
-                claims.username,
-                self.addr,
-                limits.max_sockets,
+            return self._refuse(
+                claims,
+                f"server full (limit {limits.max_sockets} sockets)",
+                "server full; try again later",
             )
-            self._close(protocol.CLOSE_RATE_LIMITED, "server full; try again later")
-            return False
         self.claims = claims
         self.phase = Phase.JOINING
         log.info(
@@ -354,6 +341,12 @@ class Session:
             self.origin,
         )
         return True
+
+    def _refuse(self, claims: Claims, why: str, reason: str) -> bool:
+        """Close with 4429 and ``reason`` (``why``, with the limit, goes to the log)."""
+        log.warning("ws refused user=%s addr=%s: %s", claims.username, self.addr, why)
+        self._close(protocol.CLOSE_RATE_LIMITED, reason)
+        return False
 
     def revoked_while_opening(self) -> None:
         """The session was revoked while the credential was checked: 4401."""
