@@ -298,7 +298,9 @@ async def run_one(
     name: str, source: Path, certs: servers.Certificates, workdir: Path
 ) -> dict[str, Any]:
     extra, scenario = SCENARIOS[name]
-    server = servers.tornado_chat_server(certs, workdir, sys.executable, source, extra)
+    server = servers.tornado_chat_server(
+        certs, workdir, sys.executable, source, extra, address_limits=True
+    )
     ctx = ssl.create_default_context(cafile=str(certs.ca))
     http = Http(server.port, ctx)
     with servers.running(server, certs.ca, "/readyz"):

@@ -281,12 +281,18 @@ def tornado_chat_server(
     python: str,
     source: Path = ROOT,
     extra_args: Sequence[str] = (),
+    *,
+    address_limits: bool = False,
 ) -> Server:
     """tornado_chat as shipped (bcrypt cost 12), with per-user limits lifted for the load.
 
     ``source`` is the directory holding the ``tornado_chat`` package to run
     (this checkout, or a revision exported by :func:`export_source`);
-    ``extra_args`` are more flags (``run.py --chat-args``).
+    ``extra_args`` are more flags (``run.py --chat-args``). The load comes
+    from one address, so the per-address caps and the per-user socket-open
+    budget are lifted too, unless ``address_limits`` (bench/attack.py, which
+    measures them); through ``CHAT_*`` variables, which a revision older than
+    those limits only warns about.
     """
     port = free_port()
     data = workdir / "tornado_chat-data"
@@ -324,6 +330,13 @@ def tornado_chat_server(
     # This checkout's package first; an outer PYTHONPATH (a sitecustomize for
     # an experiment, say) still applies.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source), env.get("PYTHONPATH")) if p)
+    if not address_limits:
+        env.update(
+            CHAT_MAX_SOCKETS_PER_ADDRESS="10000000",
+            CHAT_MAX_PENDING_PER_ADDRESS="10000000",
+            CHAT_OPEN_RATE_PER_SEC="1000000",
+            CHAT_OPEN_BURST="1000000",
+        )
     return Server("tornado_chat", argv, env, workdir, port)
 
 

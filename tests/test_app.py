@@ -7,13 +7,17 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any, cast
 
 import jwt
 import pytest
 
 from tests.conftest import serve
 from tests.harness import Client, LiveServer
+from tornado_chat.app import Services
+from tornado_chat.config import Settings
 from tornado_chat.pki import ServerCertificate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,3 +93,23 @@ async def test_hs256_to_es256_switch_keeps_sessions(
         client.close()
     finally:
         new.close()
+
+
+def test_socket_open_budgets_are_per_user_and_full_ones_are_swept() -> None:
+    """take_open() is a per-user bucket; once 1024 are held, the refilled ones are dropped."""
+    unused = cast(Any, None)  # take_open() needs only the settings
+    services = Services(
+        Settings(open_rate_per_sec=1000.0, open_burst=2), unused, unused, unused, unused, unused,
+        unused,
+    )  # fmt: skip
+    assert services.take_open(1) and services.take_open(1) and not services.take_open(1)
+    assert services.take_open(2)
+    for user in range(3, 1025):
+        services.take_open(user)
+    assert len(services.open_buckets) == 1024
+    deadline = time.monotonic() + 10
+    while any(b.full_in() > 0 for b in services.open_buckets.values()):
+        assert time.monotonic() < deadline, "the buckets never refilled"
+        time.sleep(0.01)
+    assert services.take_open(5000)
+    assert list(services.open_buckets) == [5000]

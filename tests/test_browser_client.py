@@ -16,6 +16,7 @@ Screenshots land in ``test-artifacts/browser/`` on every run; with
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import re
@@ -58,6 +59,12 @@ TOO_MANY_SOCKETS = (
     " or leave a room here; reconnecting after a pause…"
 )
 SERVER_FULL = "The server is full right now. Reconnecting after a pause…"
+TOO_MANY_OPENS = "This account opened connections too quickly. Reconnecting after a pause…"
+TOO_MANY_FROM_ADDRESS = (
+    "Too many connections are open from your network address (people behind the same"
+    " router count together). Close other tabs of this chat or try later; reconnecting"
+    " after a pause…"
+)
 CLOSE_TEXTS: dict[tuple[int, str], str] = {
     (1001, "server shutting down"): "The server is restarting. Reconnecting…",
     (1007, "text frame is not valid UTF-8"): (
@@ -73,6 +80,8 @@ CLOSE_TEXTS: dict[tuple[int, str], str] = {
     (4429, "rate limit exceeded"): TOO_MANY_MESSAGES,
     (4429, "too many sockets for this user"): TOO_MANY_SOCKETS,
     (4429, "server full; try again later"): SERVER_FULL,
+    (4429, "too many connections; slow down"): TOO_MANY_OPENS,
+    (4429, "too many sockets from this address"): TOO_MANY_FROM_ADDRESS,
     (4429, ""): "The server asked this page to slow down. Reconnecting after a pause…",
 }
 # In-page instrumentation for the tests: every WebSocket the page creates
@@ -521,6 +530,56 @@ def test_two_people_chat_and_see_each_other(alice: ChatPage, bob: ChatPage) -> N
     shot = save_screenshot(alice.page, "conversation.png")
     if os.environ.get("CHAT_TEST_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(shot, REPO / "docs" / "screenshot.png")
+
+
+def sockets_of(server: LiveServer, username: str, room: str) -> int:
+    """How many sockets ``username`` has in ``room`` on the server."""
+
+    async def run() -> int:
+        return sum(
+            1 for m in server.services.hub.members() if m.username == username and m.room == room
+        )
+
+    return int(server.call(run()))
+
+
+def test_member_list_is_kept_from_presence_deltas(
+    open_page: Callable[..., ChatPage], chat_server: LiveServer, alice: ChatPage, bob: ChatPage
+) -> None:
+    """Presence frames carry no list: the page applies joins and leaves; a second tab is no news."""
+    seen: list[dict[str, Any]] = []
+
+    def record(payload: str | bytes) -> None:
+        if isinstance(payload, str) and '"presence"' in payload:
+            seen.append(json.loads(payload))
+
+    wendy = open_page()
+    wendy.page.on("websocket", lambda ws: ws.on("framereceived", record))
+    wendy.register("wendy")
+    wendy.join("lobby")
+    expect(wendy.online()).to_have_text(["alice", "bob", "wendy"])
+    # bob's second tab: he does not join again, and closing it does not make him leave.
+    tab = open_page()
+    tab.login("bob")
+    tab.join("lobby")
+    assert sockets_of(chat_server, "bob", "lobby") == 2
+    tab.page.context.close()
+    deadline = time.monotonic() + 10
+    while sockets_of(chat_server, "bob", "lobby") != 1:
+        assert time.monotonic() < deadline, "bob's second socket never left"
+        time.sleep(0.05)
+    # A newcomer's join and leave are deltas the page applies.
+    ernie = open_page()
+    ernie.register("ernie")
+    ernie.join("lobby")
+    expect(wendy.online()).to_have_text(["alice", "bob", "ernie", "wendy"])
+    ernie.page.context.close()
+    expect(wendy.online()).to_have_text(["alice", "bob", "wendy"])
+    assert seen == [
+        {"type": "presence", "event": "join", "user": "ernie", "count": 4},
+        {"type": "presence", "event": "leave", "user": "ernie", "count": 3},
+    ]
+    wendy.page.context.close()
 
 
 def test_script_injection_renders_as_text(

@@ -199,7 +199,7 @@ async def test_a_client_that_stops_reading_is_closed_4408_either_way(
     token = (await client.user(name))["access_token"]
     sock = await asyncio.to_thread(raw, pinging, client_ssl, token, room, rcvbuf=4096)
     hub = pinging.services.hub
-    frame = protocol.presence_frame("join", "x" * 32 * 1024, [])
+    frame = protocol.presence_frame("join", "x" * 32 * 1024, 0)
 
     async def flood() -> None:
         for _ in range(400):

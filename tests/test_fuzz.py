@@ -83,9 +83,18 @@ def errors() -> Iterator[ErrorRecords]:
 def fuzz_server(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory, errors: ErrorRecords
 ) -> Iterator[LiveServer]:
-    """One server for the module; a generous rate limit so valid frames are stored."""
+    """One server for the module; generous rate limits so valid frames are stored.
+
+    The socket-open budget too: the properties open a socket per example, all
+    as one user.
+    """
     yield from serve(
-        server_cert, tmp_path_factory.mktemp("fuzz"), rate_per_sec=100000.0, rate_burst=100000
+        server_cert,
+        tmp_path_factory.mktemp("fuzz"),
+        rate_per_sec=100000.0,
+        rate_burst=100000,
+        open_rate_per_sec=100000.0,
+        open_burst=100000,
     )
 
 

@@ -181,7 +181,7 @@ def test_member_holds_frames_until_start() -> None:
     m = Member(peer, "lobby", 1, "alice", "s1")
     assert not m.ready
     live2, live3 = protocol.message_frame(msg(2)), protocol.message_frame(msg(3))
-    presence = protocol.presence_frame("join", "bob", ["alice", "bob"])
+    presence = protocol.presence_frame("join", "bob", 2)
     assert m.queue(live2, 2) is False
     assert m.queue(presence) is False
     assert m.queue(live3, 3) is False
@@ -315,12 +315,11 @@ async def test_broadcast_presence_excludes_and_coalesces() -> None:
     _, pa = add(hub, user_id=1, username="alice")
     b, pb = add(hub, user_id=2, username="bob")
     _, pc = add(hub, room="other", user_id=3, username="carol")
-    hub.broadcast("lobby", protocol.presence_frame("join", "bob", hub.online("lobby")), exclude=b)
-    hub.broadcast("nowhere", protocol.presence_frame("join", "x", []))  # no such room: no-op
+    count = hub.online_count("lobby")
+    hub.broadcast("lobby", protocol.presence_frame("join", "bob", count), exclude=b)
+    hub.broadcast("nowhere", protocol.presence_frame("join", "x", 0))  # no such room: no-op
     await turn()
-    assert pa.frames() == [
-        {"type": "presence", "event": "join", "user": "bob", "online": ["alice", "bob"]}
-    ]
+    assert pa.frames() == [{"type": "presence", "event": "join", "user": "bob", "count": 2}]
     assert pb.writes == []
     assert pc.writes == []
 
@@ -730,3 +729,19 @@ async def test_shutdown_flushes_then_closes_1001_and_cancels_fills() -> None:
     assert p1.seqs() == [1], "queued frames are written before the close"
     assert p1.closes == p2.closes == [(protocol.CLOSE_GOING_AWAY, "server shutting down")]
     await asyncio.wait_for(cancelled.wait(), 1)
+
+
+async def test_remote_presence_is_sent_as_deltas_with_the_count() -> None:
+    """A remote update sends one small frame per user who came or went, never the list."""
+    hub = Hub()
+    _, peer = add(hub, "lobby", 1, "alice")
+    hub.set_remote("lobby", frozenset({f"u{i:03d}" for i in range(100)}))
+    await turn()
+    before = len(peer.frames())
+    hub.set_remote("lobby", frozenset({f"u{i:03d}" for i in range(1, 100)} | {"zed"}))
+    await turn()
+    assert peer.frames()[before:] == [
+        {"type": "presence", "event": "leave", "user": "u000", "count": 100},
+        {"type": "presence", "event": "join", "user": "zed", "count": 101},
+    ]
+    assert hub.online_count("lobby") == 101 and hub.online_count("nowhere") == 0

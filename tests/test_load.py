@@ -64,7 +64,13 @@ async def test_500_sockets_zero_loss_per_room_order_no_duplicates(
     raise_open_files(4 * ROOMS * PER_ROOM)
     started = time.monotonic()
     process, endpoint = await asyncio.to_thread(
-        start_server, server_cert, tmp_path / "data", *NO_RATE_LIMIT
+        start_server,
+        server_cert,
+        tmp_path / "data",
+        *NO_RATE_LIMIT,
+        # Every socket comes from 127.0.0.1: lift the per-address cap (256 by default).
+        "--max-sockets-per-address",
+        "1000",
     )
     client = Client(endpoint, client_ssl)  # type: ignore[arg-type]
     sockets: dict[str, list[Socket]] = {}

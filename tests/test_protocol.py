@@ -507,9 +507,9 @@ def test_welcome_frame() -> None:
 
 
 def test_presence_frame() -> None:
-    """The presence frame carries event, user and the online list."""
-    obj = frame_json(protocol.presence_frame("leave", "bob", ("alice",)))
-    assert obj == {"type": "presence", "event": "leave", "user": "bob", "online": ["alice"]}
+    """The presence frame is a delta: event, user and the count, never the online list."""
+    obj = frame_json(protocol.presence_frame("leave", "bob", 1))
+    assert obj == {"type": "presence", "event": "leave", "user": "bob", "count": 1}
 
 
 def test_error_frame() -> None:

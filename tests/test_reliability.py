@@ -250,7 +250,11 @@ async def test_total_sockets_flag_is_exact(
     server_cert: ServerCertificate, tmp_path: Path, client_ssl: ssl.SSLContext
 ) -> None:
     """--max-sockets: the next handshake gets 503; a concurrent burst admits exactly the limit."""
-    live = LiveServer(make_settings(server_cert, tmp_path, max_sockets=3)).start()
+    # Every handshake comes from 127.0.0.1: the per-address cap (by default at
+    # most half of --max-sockets) must not be the limit that answers here.
+    live = LiveServer(
+        make_settings(server_cert, tmp_path, max_sockets=3, max_sockets_per_address=3)
+    ).start()
     client = Client(live, client_ssl)
     try:
         tokens = [(await client.user(f"full_{i}"))["access_token"] for i in range(6)]

@@ -31,6 +31,7 @@ LIMITS = SessionLimits(
     max_body_chars=100,
     max_sockets=10,
     max_sockets_per_user=3,
+    max_sockets_per_address=5,
     outbox_bytes=4096,
     max_frame_bytes=8192,
     handshake_timeout=5.0,
@@ -142,6 +143,33 @@ def test_socket_limits_close_4429(user_sockets: int, total: int, reason: str) ->
     s = new()
     assert not s.credentials_checked(ALICE, user_sockets=user_sockets, total=total)
     assert closed_with(s) == CloseDecision(protocol.CLOSE_RATE_LIMITED, reason)
+
+
+@pytest.mark.parametrize(
+    ("address_sockets", "open_allowed", "reason"),
+    [
+        (5, True, "too many sockets from this address"),
+        (0, False, "too many connections; slow down"),
+    ],
+)
+def test_address_cap_and_open_rate_close_4429(
+    address_sockets: int, open_allowed: bool, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The address group's sockets at the cap, or an empty open budget: 4429 with its reason."""
+    caplog.set_level(logging.WARNING, "tornado_chat.socket")
+    s = new()
+    assert not s.credentials_checked(
+        ALICE, user_sockets=0, total=0, address_sockets=address_sockets, open_allowed=open_allowed
+    )
+    assert closed_with(s) == CloseDecision(protocol.CLOSE_RATE_LIMITED, reason)
+    assert s.claims is None and "ws refused user=alice addr=192.0.2.1" in caplog.text
+
+
+def test_address_cap_admits_below_it() -> None:
+    """One socket under the address cap is admitted."""
+    s = new()
+    assert s.credentials_checked(ALICE, user_sockets=0, total=0, address_sockets=4)
+    assert s.phase is Phase.JOINING
 
 
 def test_refused_credentials_close_4401(caplog: pytest.LogCaptureFixture) -> None:

@@ -20,6 +20,7 @@ from tests.conftest import serve
 from tests.harness import Client, LiveServer
 from tests.netfault import OP_CLOSE, OP_TEXT, RawWebSocket
 from tornado_chat.pki import ServerCertificate
+from tornado_chat.pki.ca import LocalCA
 
 
 @pytest.fixture(scope="module")
@@ -240,11 +241,16 @@ async def test_an_attackers_alg_header_is_clipped_in_the_log(
 
 
 def handshake_status(
-    live: LiveServer, ctx: ssl.SSLContext, token: str, host: str, origin: bytes
+    live: LiveServer,
+    ctx: ssl.SSLContext,
+    token: str,
+    host: str,
+    origin: bytes,
+    server_hostname: str = "localhost",
 ) -> int:
-    """The status of a handshake over TLS verified for localhost, with any Host and Origin."""
+    """The status of a handshake over verified TLS (for localhost), with any Host and Origin."""
     raw = socket.create_connection(("127.0.0.1", live.port), timeout=10)
-    with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+    with ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
         head = (
             b"GET /ws/cf-origin HTTP/1.1\r\n"
             + f"Host: {host}\r\n".encode()
@@ -326,3 +332,49 @@ async def origin_token(client: Client) -> str:
     if key not in _tokens:
         _tokens[key] = (await client.user(f"cf_origin_{key}"))["access_token"]
     return _tokens[key]
+
+
+# -- the own origin follows the certificate being served ----------------------------------
+
+
+async def test_the_own_origin_follows_the_served_certificate_not_the_file(
+    server_cert: ServerCertificate,
+    tmp_path_factory: pytest.TempPathFactory,
+    client_ssl: ssl.SSLContext,
+) -> None:
+    """A new certificate file changes the own origin only once the server serves it (reload)."""
+    work = tmp_path_factory.mktemp("served")
+    cert, key = work / "leaf.pem", work / "leaf-key.pem"
+    cert.write_bytes(server_cert.cert_path.read_bytes())
+    key.write_bytes(server_cert.key_path.read_bytes())
+    key.chmod(0o600)
+    servers = serve(server_cert, work / "data", certfile=cert, keyfile=key)
+    live = next(servers)
+
+    async def reload() -> bool:
+        return bool(live.server.reload_certificate())
+
+    def status(server_hostname: str, host: str) -> Any:
+        # No credential: the upgrade (101) or its refusal (403) is all this needs.
+        return asyncio.to_thread(
+            handshake_status,
+            live,
+            client_ssl,
+            "-",
+            f"{host}:{live.port}",
+            f"https://{host}:{live.port}".encode(),
+            server_hostname,
+        )
+
+    try:
+        assert await status("localhost", "localhost") == 101
+        # The file now names only chat.localhost and 127.0.0.1; the server still serves the old one.
+        LocalCA.load(server_cert.ca_cert_path.parent).issue_server(
+            ["chat.localhost", "127.0.0.1"], cert_path=cert, key_path=key
+        )
+        assert await status("localhost", "localhost") == 101
+        assert live.call(reload())
+        assert await status("127.0.0.1", "localhost") == 403
+        assert await status("127.0.0.1", "127.0.0.1") == 101
+    finally:
+        servers.close()

@@ -12,14 +12,16 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tornado.routing
 import tornado.web
+from cryptography import x509
 
 from tornado_chat import protocol
+from tornado_chat.addresses import AddressCounts
 from tornado_chat.auth import (
     AuthService,
     KeyRing,
@@ -73,6 +75,34 @@ class Services:
     writer: MessageWriter[Member]
     executor: concurrent.futures.Executor
     buckets: dict[int, TokenBucket] = field(default_factory=dict)
+    # Open sockets and pending handshakes per client address group.
+    addresses: AddressCounts = field(default_factory=AddressCounts)
+    # Socket-open budgets per user; full ones are swept when it grows.
+    open_buckets: dict[int, TokenBucket] = field(default_factory=dict)
+    _open_sweep_at: int = field(default=1024, init=False, repr=False)
+    # The subjectAltName entries of the certificate being served, as the
+    # server holds it (ChatServer sets this and keeps it current across
+    # reloads and renewals); the socket handler's own-origin check uses them.
+    served_names: Callable[[], tuple[x509.GeneralName, ...]] = tuple
+
+    def take_open(self, user_id: int) -> bool:
+        """Take a token from the user's socket-open budget; False when it is empty.
+
+        Per process, like the socket limits. A bucket that is full again is
+        worth exactly what a new one is, so those are dropped whenever the
+        map has doubled since the last sweep: memory follows the users who
+        opened a socket in the last ``burst / rate`` seconds.
+        """
+        buckets = self.open_buckets
+        b = buckets.get(user_id)
+        if b is None:
+            if len(buckets) >= self._open_sweep_at:
+                for uid in [u for u, old in buckets.items() if old.full_in() == 0]:
+                    del buckets[uid]
+                self._open_sweep_at = max(1024, 2 * len(buckets))
+            s = self.settings
+            b = buckets[user_id] = TokenBucket(s.open_rate_per_sec, s.open_burst)
+        return b.take()
 
     def bucket(self, user_id: int) -> TokenBucket:
         """The user's message-rate bucket (shared by all of the user's sockets).

@@ -33,6 +33,9 @@ from tornado_chat import __version__
 from tornado_chat.errors import ConfigError
 
 DEFAULT_PORT = 8443
+# --max-sockets-per-address when not given: an office of about 100 people
+# behind one NAT address with two tabs each fits, with room to spare.
+DEFAULT_SOCKETS_PER_ADDRESS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,15 @@ class Settings:
     rate_burst: int = 20
     max_sockets_per_user: int = 20
     max_sockets: int = 10_000
+    # Per client address (IPv6: per prefix), counted per process; see README.
+    # None: DEFAULT_SOCKETS_PER_ADDRESS, at most half of max_sockets.
+    max_sockets_per_address: int | None = None
+    max_pending_per_address: int = 64
+    ipv6_prefix: int = 64
+    # Socket opens per user (a token bucket per process): a connect/close loop
+    # would otherwise send every member of a room a join and a leave each turn.
+    open_rate_per_sec: float = 1.0
+    open_burst: int = 20
     handshake_timeout: float = 10.0
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
@@ -550,6 +562,49 @@ _OPTIONS: tuple[_Option, ...] = (
         "max_sockets",
         _int_in(1, 10_000_000),
         "open WebSockets per process",
+        "N",
+        "limits",
+    ),
+    _Option(
+        "--max-sockets-per-address",
+        "max_sockets_per_address",
+        _int_in(1, 10_000_000),
+        "open WebSockets per client address (IPv6: per --ipv6-prefix) and process",
+        "N",
+        "limits",
+        shown_default="256, at most half of --max-sockets so one address cannot fill the server",
+    ),
+    _Option(
+        "--max-pending-per-address",
+        "max_pending_per_address",
+        _int_in(1, 10_000_000),
+        "WebSocket handshakes per client address and process that have sent their "
+        "upgrade request and are not authenticated yet",
+        "N",
+        "limits",
+    ),
+    _Option(
+        "--ipv6-prefix",
+        "ipv6_prefix",
+        _int_in(32, 128),
+        "IPv6 clients are counted per address prefix of this length (one site's /64 "
+        "holds more addresses than anyone can count one by one)",
+        "BITS",
+        "limits",
+    ),
+    _Option(
+        "--open-rate-per-sec",
+        "open_rate_per_sec",
+        _positive_float,
+        "WebSocket opens per second per user (token bucket refill); more close with 4429",
+        "RATE",
+        "limits",
+    ),
+    _Option(
+        "--open-burst",
+        "open_burst",
+        _int_in(1, 1_000_000),
+        "WebSocket open burst per user (token bucket size)",
         "N",
         "limits",
     ),

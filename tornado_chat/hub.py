@@ -17,7 +17,9 @@ live), :meth:`Hub.catch_up` fetches whatever was stored after the last
 delivered ``seq``, so even a quiet room misses nothing.
 
 Presence is cluster-wide: ``online`` lists this node's users plus the users
-the broker reports on other nodes (:meth:`Hub.set_remote`). A :class:`RoomObserver`
+the broker reports on other nodes (:meth:`Hub.set_remote`). Members hear of it
+as deltas: a user joins when its first socket in the room on any node opens
+and leaves when its last one closes; a second socket is no news. A :class:`RoomObserver`
 (the broker) hears when a room gets its first or loses its last local member
 (subscribe or unsubscribe) and when its local users change.
 """
@@ -301,6 +303,14 @@ class Hub:
             return r.online_users() if r else []
         return sorted(remote.union(r.online) if r else remote)
 
+    def online_count(self, room: str) -> int:
+        """Number of users online in ``room``, on this node and the others."""
+        r = self.rooms.get(room)
+        remote = self.remote.get(room)
+        if not remote:
+            return len(r.online) if r else 0
+        return len(remote.union(r.online)) if r else len(remote)
+
     def online_counts(self) -> dict[str, int]:
         """Number of online users per room, on this node and the others."""
         counts = {name: len(room.online) for name, room in self.rooms.items()}
@@ -328,11 +338,16 @@ class Hub:
         left = sorted(u for u in old - users if u not in local)
         if not joined and not left:
             return
-        online = self.online(room)
-        for user in joined:
-            self.broadcast(room, protocol.presence_frame("join", user, online))
+        # Deltas, as for local joins and leaves (the welcome is where a client
+        # gets the whole list), each with the count after it: a client that
+        # applies them in order always holds a list of that length.
+        count = self.online_count(room) - len(joined) + len(left)
         for user in left:
-            self.broadcast(room, protocol.presence_frame("leave", user, online))
+            count -= 1
+            self.broadcast(room, protocol.presence_frame("leave", user, count))
+        for user in joined:
+            count += 1
+            self.broadcast(room, protocol.presence_frame("join", user, count))
 
     def sockets_of(self, user_id: int) -> int:
         """Open sockets of a user on this node."""

@@ -256,10 +256,16 @@ def welcome_frame(room: str, user: str, last_seq: int, online: Iterable[str]) ->
     )
 
 
-def presence_frame(event: str, user: str, online: Iterable[str]) -> bytes:
-    """A ``presence`` frame: ``event`` is ``join`` or ``leave``."""
+def presence_frame(event: str, user: str, count: int) -> bytes:
+    """A ``presence`` delta: ``user`` joined or left (``event``); ``count`` are online now.
+
+    The full list travels only in the welcome; a client keeps it from there
+    with these deltas. Sending the list on every join and leave made each one
+    cost every member the whole room (a connect/close loop in a room of n
+    users sent n * n names per turn).
+    """
     return text_frame(
-        encode_json({"type": "presence", "event": event, "user": user, "online": list(online)})
+        encode_json({"type": "presence", "event": event, "user": user, "count": count})
     )
 
 

@@ -102,6 +102,7 @@ class SessionLimits:
     max_body_chars: int
     max_sockets: int
     max_sockets_per_user: int
+    max_sockets_per_address: int
     outbox_bytes: int
     max_frame_bytes: int
     handshake_timeout: float
@@ -277,13 +278,23 @@ class Session:
         log.warning("ws auth unavailable %s: %s", self.summary, clip(why))
         self._close(protocol.CLOSE_INTERNAL, "storage unavailable")
 
-    def credentials_checked(self, claims: Claims, *, user_sockets: int, total: int) -> bool:
+    def credentials_checked(
+        self,
+        claims: Claims,
+        *,
+        user_sockets: int,
+        total: int,
+        address_sockets: int = 0,
+        open_allowed: bool = True,
+    ) -> bool:
         """The credential is valid; admit the socket if the socket limits allow.
 
         Args:
             claims: the verified claims.
             user_sockets: the user's open sockets on this node.
             total: all open sockets on this node.
+            address_sockets: open sockets of the client's address group on this node.
+            open_allowed: whether the user's socket-open budget had a token.
 
         Returns:
             True when the handler should join the room (phase JOINING).
@@ -291,27 +302,35 @@ class Session:
         if self.phase is not Phase.AUTHENTICATING:
             return False
         limits = self.limits
+        # Each refusal comes before joining, so the room hears nothing of it
+        # (a connect/close loop makes no presence news). The handshake already
+        # refused a full server or address with 503, but handshakes
+        # authenticate concurrently; the handler runs these checks and the
+        # join in one loop turn, so they are exact.
+        if not open_allowed:
+            return self._refuse(
+                claims,
+                "too many connections (socket opens over the rate)",
+                "too many connections; slow down",
+            )
         if user_sockets >= limits.max_sockets_per_user:
-            log.warning(
-                "ws refused user=%s addr=%s: too many sockets for this user (limit %d)",
-                claims.username,
-                self.addr,
-                limits.max_sockets_per_user,
+            return self._refuse(
+                claims,
+                f"too many sockets for this user (limit {limits.max_sockets_per_user})",
+                "too many sockets for this user",
             )
-            self._close(protocol.CLOSE_RATE_LIMITED, "too many sockets for this user")
-            return False
-        # The handshake refused the upgrade when full, but handshakes
-        # authenticate concurrently; the handler runs this check and the join
-        # in one loop turn, so it is exact.
+        if address_sockets >= limits.max_sockets_per_address:
+            return self._refuse(
+                claims,
+                f"too many sockets from this address (limit {limits.max_sockets_per_address})",
+                "too many sockets from this address",
+            )
         if total >= limits.max_sockets:
-            log.warning(
-                "ws refused user=%s addr=%s: server full (limit %d sockets)",
-                claims.username,
-                self.addr,
-                limits.max_sockets,
+            return self._refuse(
+                claims,
+                f"server full (limit {limits.max_sockets} sockets)",
+                "server full; try again later",
             )
-            self._close(protocol.CLOSE_RATE_LIMITED, "server full; try again later")
-            return False
         self.claims = claims
         self.phase = Phase.JOINING
         log.info(
@@ -322,6 +341,12 @@ class Session:
             self.origin,
         )
         return True
+
+    def _refuse(self, claims: Claims, why: str, reason: str) -> bool:
+        """Close with 4429 and ``reason`` (``why``, with the limit, goes to the log)."""
+        log.warning("ws refused user=%s addr=%s: %s", claims.username, self.addr, why)
+        self._close(protocol.CLOSE_RATE_LIMITED, reason)
+        return False
 
     def revoked_while_opening(self) -> None:
         """The session was revoked while the credential was checked: 4401."""

@@ -8,6 +8,11 @@ close decision in :meth:`ChatSocketHandler._perform_close`.
 Authentication happens in :meth:`ChatSocketHandler.open`: Tornado does not
 read a single frame of a socket until ``open()`` returns, so a socket without
 valid credentials is closed with 4401 before anything it sent is processed.
+
+Each handshake is counted against its client's address group
+(``Services.addresses``) as pending from :meth:`ChatSocketHandler.prepare`
+until its credentials are checked, and as an open socket from its admission
+until it leaves the room.
 """
 
 from __future__ import annotations
@@ -20,16 +25,15 @@ import logging
 import re
 import time
 import urllib.parse
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tornado.ioloop
 import tornado.web
 import tornado.websocket
-from cryptography import x509
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from tornado_chat import compat, config, protocol
+from tornado_chat.addresses import address_group
 from tornado_chat.config import Settings
 from tornado_chat.errors import (
     BadRequest,
@@ -40,8 +44,7 @@ from tornado_chat.errors import (
 )
 from tornado_chat.handlers.base import request_summary, set_security_headers, write_json_error
 from tornado_chat.hub import Member
-from tornado_chat.pki.ca import SERVER_CERT_FILE
-from tornado_chat.pki.names import covers_host, subject_alt_names
+from tornado_chat.pki.names import covers_host
 from tornado_chat.protocol import Reauth
 from tornado_chat.session import (
     CloseDecision,
@@ -92,30 +95,6 @@ def normalize_origin(origin: str) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=4)
-def _certificate_names(path: Path, version: tuple[int, int]) -> tuple[x509.GeneralName, ...]:
-    """The subjectAltName entries of a certificate file (cached per file version)."""
-    try:
-        leaf = x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError):
-        return ()
-    return tuple(subject_alt_names(leaf))
-
-
-def server_names(settings: Settings) -> tuple[x509.GeneralName, ...]:
-    """The names this server answers to: those of the certificate it serves.
-
-    That is ``--certfile``, or the leaf the local CA keeps in ``--caroot``; a
-    renewed file is read again.
-    """
-    path = settings.certfile or settings.caroot / SERVER_CERT_FILE
-    try:
-        stat = path.stat()
-    except OSError:
-        return ()
-    return _certificate_names(path, (stat.st_mtime_ns, stat.st_size))
-
-
 @functools.lru_cache(maxsize=8)
 def session_limits(settings: Settings) -> SessionLimits:
     """The slice of the settings a socket's session enforces (one object per Settings)."""
@@ -123,12 +102,25 @@ def session_limits(settings: Settings) -> SessionLimits:
         max_body_chars=settings.max_body_chars,
         max_sockets=settings.max_sockets,
         max_sockets_per_user=settings.max_sockets_per_user,
+        max_sockets_per_address=sockets_per_address(settings),
         outbox_bytes=settings.outbox_bytes,
         max_frame_bytes=settings.max_frame_bytes,
         handshake_timeout=settings.handshake_timeout,
         reauth_grace=settings.reauth_grace,
         allow_query_token=settings.allow_query_token,
     )
+
+
+def sockets_per_address(settings: Settings) -> int:
+    """The per-address socket cap in force.
+
+    ``--max-sockets-per-address`` when given; by default 256, but never more
+    than half of ``--max-sockets``: the cap exists so that one address cannot
+    make the server full, which 256 would not prevent on a small server.
+    """
+    if settings.max_sockets_per_address is not None:
+        return settings.max_sockets_per_address
+    return max(1, min(config.DEFAULT_SOCKETS_PER_ADDRESS, settings.max_sockets // 2))
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:
@@ -229,6 +221,11 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self._opened = 0.0
         self._replay_task: asyncio.Future[None] | None = None
         self._offered: list[str] | None = None
+        # The client's address group, and what it is counted for in
+        # services.addresses (each count is dropped exactly once).
+        self._group = ""
+        self._pending = False
+        self._counted = False
 
     # -- before the upgrade ---------------------------------------------------
 
@@ -246,7 +243,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         origin = self.request.headers.get("Origin")
         if origin is not None and not self._origin_allowed(origin):
             raise Forbidden("forbidden", "cross-origin WebSocket not allowed")
-        if self.services.hub.total >= self.chat_settings.max_sockets:
+        settings = self.chat_settings
+        if self.services.hub.total >= settings.max_sockets:
             raise ServiceUnavailable("server_full", "too many open sockets; try again later")
         raw = self.get_query_argument("since", None)
         if raw is not None:
@@ -254,6 +252,42 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 self._since = protocol.parse_seq(raw)
             except ValueError:
                 raise BadRequest("bad_request", "since must be a whole number") from None
+        # One address (an IPv6 client: its prefix) may hold only its share of
+        # the server, and only so many handshakes waiting for authentication.
+        addresses = self.services.addresses
+        group = self._group = address_group(self.request.remote_ip or "-", settings.ipv6_prefix)
+        limit = sockets_per_address(settings)
+        if addresses.sockets(group) >= limit:
+            raise ServiceUnavailable(
+                "too_many_sockets_from_address",
+                "too many open sockets from your address; try again later",
+            )
+        if addresses.pending(group) >= settings.max_pending_per_address:
+            raise ServiceUnavailable(
+                "too_many_pending_from_address",
+                "too many connections being opened from your address; try again later",
+            )
+        addresses.add_pending(group)
+        self._pending = True
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        """Tornado's upgrade; a handshake it refuses stops counting as pending."""
+        try:
+            await super().get(*args, **kwargs)
+        finally:
+            # Normally open() already ended it; this covers a refused upgrade
+            # (400, 403, 426) and a client gone before open().
+            self._end_pending()
+
+    def on_connection_close(self) -> None:
+        """The client went away: a handshake still authenticating is no longer pending."""
+        self._end_pending()
+        super().on_connection_close()
+
+    def _end_pending(self) -> None:
+        if self._pending:
+            self._pending = False
+            self.services.addresses.drop_pending(self._group)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """JSON error bodies for refused handshakes."""
@@ -309,7 +343,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             local_port = None
         if parts.hostname is None or (parts.port or 443) != local_port:
             return None
-        names = server_names(self.chat_settings)
+        names = self.services.served_names()
         return own if covers_host(names, parts.hostname) else None
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
@@ -389,6 +423,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             last_seq = await self._join(session, room)
         finally:
             loop.remove_timeout(deadline)
+            self._end_pending()
         member = self.member
         if last_seq is None or member is None:
             return
@@ -453,12 +488,20 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         conn = self.ws_connection
         if conn is None or conn.is_closing():  # gone or timed out while we checked
             return None
+        self._end_pending()
+        addresses = self.services.addresses
         admitted = session.credentials_checked(
-            claims, user_sockets=hub.sockets_of(claims.user_id), total=hub.total
+            claims,
+            user_sockets=hub.sockets_of(claims.user_id),
+            total=hub.total,
+            address_sockets=addresses.sockets(self._group),
+            open_allowed=self.services.take_open(claims.user_id),
         )
         if not admitted:
             self._pump()
             return None
+        addresses.add_socket(self._group)
+        self._counted = True
         member = Member(
             self,
             room,
@@ -502,7 +545,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         if first:
             hub.broadcast(
                 room,
-                protocol.presence_frame("join", claims.username, hub.online(room)),
+                protocol.presence_frame("join", claims.username, hub.online_count(room)),
                 exclude=member,
             )
         self._shed_upgrade_state()
@@ -759,13 +802,16 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         if self._expiry is not None:
             tornado.ioloop.IOLoop.current().remove_timeout(self._expiry)
             self._expiry = None
+        if self._counted:
+            self._counted = False
+            self.services.addresses.drop_socket(self._group)
         member, self.member = self.member, None
         if member is None:
             return
         hub = self.services.hub
         if hub.leave(member):
-            online = hub.online(member.room)
-            hub.broadcast(member.room, protocol.presence_frame("leave", member.username, online))
+            count = hub.online_count(member.room)
+            hub.broadcast(member.room, protocol.presence_frame("leave", member.username, count))
         self.services.forget_bucket(member.user_id)
 
     def on_close(self) -> None:

@@ -24,6 +24,7 @@ import tornado.httpserver
 import tornado.ioloop
 import tornado.iostream
 import tornado.web
+from cryptography import x509
 from sqlalchemy.engine import make_url
 
 from tornado_chat.config import Settings, normalize_host
@@ -164,6 +165,11 @@ class ChatServer:
         """Names and validity of the certificate being served."""
         return self._reloader.info if self._reloader else None
 
+    def _served_names(self) -> tuple[x509.GeneralName, ...]:
+        """The subjectAltName entries of the certificate being served."""
+        info = self.certificate
+        return info.san if info is not None else ()
+
     @property
     def services(self) -> Any:
         """The services the application was built with."""
@@ -251,6 +257,10 @@ class ChatServer:
                 sock.close()
             raise
         self._services = services
+        # The handlers learn the served certificate's names from here, the
+        # one place that knows which certificate is served now (reloads and
+        # renewals replace self._reloader.info).
+        services.served_names = self._served_names
         try:
             app = self._build_app(services)
         except BaseException:

@@ -61,16 +61,32 @@ const CLOSE_MESSAGES = {
   4429: "The server asked this page to slow down. Reconnecting after a pause…",
 };
 
-// 4429 covers three situations, told apart by the close reason's start. Each
-// starts the backoff further along (backoffFrom is the retry number n above):
-// sending too fast waits 4-8 s; too many sockets for this account, which only
-// closing other tabs or rooms fixes, 15-30 s; a full server 8-16 s, growing.
+// 4429 covers five situations, told apart by the close reason's start (the
+// first entry that matches wins). Each starts the backoff further along
+// (backoffFrom is the retry number n above): sending too fast, or opening
+// connections too fast, waits 4-8 s; too many sockets for this account or
+// from this network address, which only closing other tabs or rooms fixes,
+// 15-30 s; a full server 8-16 s, growing.
 const RATE_LIMIT_CLOSES = [
   {
     reason: "rate limit",
     kind: "rate",
     backoffFrom: 4,
     text: "You sent too many messages too quickly. Reconnecting after a pause…",
+  },
+  {
+    reason: "too many connections",
+    kind: "opens",
+    backoffFrom: 4,
+    text: "This account opened connections too quickly. Reconnecting after a pause…",
+  },
+  {
+    reason: "too many sockets from this address",
+    kind: "address",
+    backoffFrom: 6,
+    text: "Too many connections are open from your network address (people behind " +
+      "the same router count together). Close other tabs of this chat or try " +
+      "later; reconnecting after a pause…",
   },
   {
     reason: "too many sockets",
@@ -594,11 +610,12 @@ class RoomConnection {
     return closed;
   }
 
-  // Refused because this account has too many sockets open: a socket closing
-  // here frees a slot, so such a room retries at once (see leaveRoom).
+  // Refused because this account (or this address) has too many sockets
+  // open: a socket closing here frees a slot, so such a room retries at once
+  // (see leaveRoom).
   waitingForSlot() {
     return !this.stopped && !this.socket && this.lastClose !== null &&
-      this.lastClose.kind === "sockets";
+      (this.lastClose.kind === "sockets" || this.lastClose.kind === "address");
   }
 
   onFrame(raw) {
@@ -666,8 +683,15 @@ class RoomConnection {
     if (this.welcomeSeq !== null && seq === this.welcomeSeq) this.flushPending();
   }
 
+  // Presence frames are deltas: the welcome's list, then who joined or left.
+  // (A server older than deltas sent the whole list each time; taken as is.)
   onPresence(frame) {
-    if (Array.isArray(frame.online)) this.online = frame.online;
+    if (Array.isArray(frame.online)) {
+      this.online = frame.online;
+    } else if (typeof frame.user === "string") {
+      const others = this.online.filter((name) => name !== frame.user);
+      this.online = frame.event === "join" ? [...others, frame.user] : others;
+    }
     scheduleRoomListRefresh();
     if (this.isActive()) {
       renderOnline(this);
