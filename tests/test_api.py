@@ -249,6 +249,13 @@ async def test_405_names_the_allowed_methods(
     assert r.headers.get("Allow") == allow
 
 
+async def test_405_comes_before_the_socket_checks(client: Client) -> None:
+    """A PUT to a socket route is 405 even with a foreign Origin (the method is wrong first)."""
+    r = await client.request("PUT", "/ws/lobby", {}, headers={"Origin": "https://evil.example"})
+    assert r.status == 405 and r.headers.get("Allow") == "GET"
+    assert _error(r) == "method_not_allowed"
+
+
 async def test_tls_is_verified_for_real(server: LiveServer, client: Client) -> None:
     """A client that does not trust the test CA cannot talk to the server."""
     import ssl

@@ -239,7 +239,11 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         The Origin check is done here, not left to Tornado: Tornado 6.6 accepts
         an Origin whose host:port equals the Host header whatever its scheme,
         and we want exact scheme, host and port matching on every version.
+        A method other than GET is answered 405 first (with ``Allow``), as on
+        every other route, whatever else is wrong with the request.
         """
+        if self.request.method != "GET":
+            raise tornado.web.HTTPError(405)
         origin = self.request.headers.get("Origin")
         if origin is not None and not self._origin_allowed(origin):
             raise Forbidden("forbidden", "cross-origin WebSocket not allowed")
