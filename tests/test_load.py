@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness import Client, Socket
-from tests.netfault import NO_RATE_LIMIT, assert_clean_log, start_server
+from tests.netfault import NO_RATE_LIMIT, NO_REGISTER_LIMIT, assert_clean_log, start_server
 from tornado_chat.pki import ServerCertificate
 
 ROOMS = 25
@@ -64,7 +64,7 @@ async def test_500_sockets_zero_loss_per_room_order_no_duplicates(
     raise_open_files(4 * ROOMS * PER_ROOM)
     started = time.monotonic()
     process, endpoint = await asyncio.to_thread(
-        start_server, server_cert, tmp_path / "data", *NO_RATE_LIMIT
+        start_server, server_cert, tmp_path / "data", *NO_RATE_LIMIT, *NO_REGISTER_LIMIT
     )
     client = Client(endpoint, client_ssl)  # type: ignore[arg-type]
     sockets: dict[str, list[Socket]] = {}

@@ -64,6 +64,11 @@ class Settings:
     ticket_ttl: int = 30
     reauth_grace: float = 5.0
     bcrypt_rounds: int = 12
+    # Registrations per client address: a bucket of register_burst, refilled
+    # at register_per_hour (the defaults of tornado_chat.auth.throttle, which
+    # says why).
+    register_burst: int = 40
+    register_per_hour: int = 30
     allow_query_token: bool = True
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     # Limits
@@ -502,6 +507,23 @@ _OPTIONS: tuple[_Option, ...] = (
         "bcrypt_rounds",
         _int_in(4, 31),
         "bcrypt cost factor (4..31; below 10 is for tests only)",
+        "N",
+        "auth",
+    ),
+    _Option(
+        "--register-burst",
+        "register_burst",
+        _int_in(1, 10_000_000),
+        "accounts one client address (IPv6: one /64) may register at once; enough for a "
+        "classroom behind one NAT address",
+        "N",
+        "auth",
+    ),
+    _Option(
+        "--register-per-hour",
+        "register_per_hour",
+        _int_in(1, 100_000_000),
+        "accounts per hour one client address may register once its burst is spent",
         "N",
         "auth",
     ),
