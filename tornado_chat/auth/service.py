@@ -29,6 +29,8 @@ from tornado_chat.errors import (
     ConfigError,
     Conflict,
     InvalidToken,
+    TicketLimitReached,
+    TooManyRequests,
     Unauthorized,
     UsernameTaken,
 )
@@ -336,6 +338,8 @@ class AuthService:
         Raises:
             Unauthorized: ``invalid_token``, the access token expires within a
                 second (an HTTP error, since the ticket endpoint raises it).
+            TooManyRequests: ``too_many_tickets``, the user holds the most
+                unused tickets; ``Retry-After`` is when the oldest expires.
             StorageError: the database failed.
         """
         now = self._clock()
@@ -343,9 +347,20 @@ class AuthService:
         if expires_at - now < 1:
             raise Unauthorized("invalid_token", "access token expires too soon; refresh it first")
         ticket = new_secret_token(TICKET_PREFIX)
-        await self._storage.add_ticket(
-            hash_secret(ticket), claims.user_id, claims.session_id, claims.expires_at, expires_at
-        )
+        try:
+            await self._storage.add_ticket(
+                hash_secret(ticket),
+                claims.user_id,
+                claims.session_id,
+                claims.expires_at,
+                expires_at,
+            )
+        except TicketLimitReached as full:
+            raise TooManyRequests(
+                "too_many_tickets",
+                f"at most {full.limit} unused ws tickets per user; use one or let them expire",
+                retry_after=full.wait,
+            ) from full
         return ticket, int(expires_at - now)
 
     async def redeem_ticket(self, ticket: str) -> AccessClaims:
