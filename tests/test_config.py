@@ -440,6 +440,20 @@ def test_broker_without_redis_installed_names_the_extra(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
+def test_settings_refuse_a_postgresql_db_without_asyncpg(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--db postgresql://... without the [postgres] extra: one ConfigError line, at parse time."""
+    url = "postgresql://chat@db.example/chat"
+    assert parse("--db", url).db == "postgresql+asyncpg://chat@db.example/chat"
+    monkeypatch.setitem(sys.modules, "asyncpg", None)
+    with pytest.raises(ConfigError) as caught:
+        parse("--db", url)
+    assert str(caught.value) == (
+        "--db postgresql+asyncpg://... needs the 'asyncpg' package, which is not installed: "
+        "pip install 'tornado-chat[postgres]'"
+    )
+    parse("--db", "sqlite:///chat.db")  # SQLite needs no extra
+
+
 def test_redis_is_imported_only_for_a_broker() -> None:
     """Parsing settings without --broker never imports redis (the [redis] extra is optional)."""
     code = (
