@@ -772,7 +772,7 @@ def validate_settings(settings: Settings) -> None:
         )
     if settings.processes > 1 and settings.uses_sqlite:
         # SQLite serialises writers on one file lock; per-room seq must be assigned
-        # by a database server that all workers talk to (DESIGN.md, Scale-out).
+        # by a database server that all workers talk to (docs/deploy.md, "PostgreSQL").
         raise ConfigError(
             f"--processes {settings.processes} cannot share a SQLite database: "
             "use --db postgresql+asyncpg://..."
