@@ -45,6 +45,9 @@ PG_ADMIN_URL = os.environ.get(
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 # Load generators are not the subject of the rate limit.
 NO_RATE_LIMIT = ("--rate-per-sec", "1000000", "--rate-burst", "1000000")
+# Nor are their many accounts, all registered from 127.0.0.1, the subject of
+# the registration budget.
+NO_REGISTER_LIMIT = ("--register-burst", "1000000", "--register-per-hour", "1000000")
 
 
 def free_port() -> int:

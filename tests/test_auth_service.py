@@ -27,10 +27,12 @@ from tornado_chat.errors import (
     ConfigError,
     Conflict,
     InvalidToken,
+    TicketLimitReached,
     TooManyRequests,
     Unauthorized,
 )
 from tornado_chat.storage import Storage
+from tornado_chat.storage.facade import MAX_OUTSTANDING_TICKETS
 
 
 @pytest.mark.parametrize("name", ["abc", "A.b-c_9", "x" * 32])
@@ -344,6 +346,24 @@ async def test_ticket_single_use_and_bound(env: Env) -> None:
     assert granted.expires_at == claims.expires_at
     with pytest.raises(InvalidToken):
         await env.auth.redeem_ticket(ticket)  # replay
+
+
+async def test_the_ticket_cap_is_answered_429_with_retry_after(env: Env) -> None:
+    """Past the storage's cap a ticket is 429 too_many_tickets, Retry-After until one expires."""
+    await env.auth.register("alice", PASSWORD)
+    pair = await env.auth.login("alice", PASSWORD, "192.0.2.12")
+    claims = await env.auth.authenticate(pair.access_token)
+    for _ in range(MAX_OUTSTANDING_TICKETS):
+        await env.auth.issue_ticket(claims)
+    with pytest.raises(TooManyRequests) as caught:
+        await env.auth.issue_ticket(claims)
+    assert (caught.value.status, caught.value.code) == (429, "too_many_tickets")
+    assert caught.value.message == (
+        f"at most {MAX_OUTSTANDING_TICKETS} unused ws tickets per user; use one or let them expire"
+    )
+    assert 1 <= caught.value.retry_after <= 30
+    assert caught.value.headers() == {"Retry-After": str(caught.value.retry_after)}
+    assert isinstance(caught.value.__cause__, TicketLimitReached)
 
 
 async def test_ticket_race_exactly_one_wins(env: Env) -> None:

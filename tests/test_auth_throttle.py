@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import ssl
 import statistics
@@ -27,6 +28,7 @@ from tests.harness import PASSWORD, LiveServer, Response
 from tests.test_attacks import error_code
 from tests.test_auth_tokens import FakeClock
 from tornado_chat.auth import LoginThrottle
+from tornado_chat.auth.hash_queue import HashQueue
 from tornado_chat.auth.throttle import MAX_FAILURES, USER_MAX_FAILURES
 from tornado_chat.errors import TooManyRequests
 from tornado_chat.pki import ServerCertificate
@@ -214,49 +216,59 @@ def queue_server(
     yield from serve(server_cert, tmp_path_factory.mktemp("queue"))
 
 
-async def test_a_registration_flood_is_refused_not_queued(
-    queue_server: LiveServer, client_ssl: ssl.SSLContext
-) -> None:
-    """With every hashing thread busy, one address gets 16 checks queued and 429 past them."""
-    services = queue_server.services
-    executor = services.executor
+@contextlib.contextmanager
+def stalled_hashing(live: LiveServer) -> Iterator[tuple[HashQueue, threading.Event]]:
+    """Occupy every hashing thread until the yielded gate is set (set on exit too).
+
+    Admitted checks then wait in the yielded queue, deterministically.
+    """
+    executor = live.services.executor
     assert isinstance(executor, concurrent.futures.ThreadPoolExecutor)
-    queue = services.auth._passwords._queue
-    assert queue is not None
+    queue = live.services.auth._passwords._queue
+    assert isinstance(queue, HashQueue)
     gate = threading.Event()
-    # Occupy every thread: admitted checks then wait in the queue, deterministically.
     blockers = [executor.submit(gate.wait) for _ in range(executor._max_workers)]
-    flooders = [From(queue_server, client_ssl, "127.0.0.80") for _ in range(3)]
-    bystander = From(queue_server, client_ssl, "127.0.0.81")
     try:
-        flood = [
-            asyncio.ensure_future(flooders[i % 3].register(f"thr_flood_{i:02d}"))
-            for i in range(3 * 8)
-        ]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while sum(task.done() for task in flood) < 8 or queue.queued < 16:
-            assert loop.time() < deadline, (sum(t.done() for t in flood), queue.queued)
-            await asyncio.sleep(0.01)
-        refused = [task.result() for task in flood if task.done()]
-        assert len(refused) == 8 and queue.queued == 16
-        for resp in refused:
-            assert_throttled(resp)
-            assert resp.json["error"]["message"] == (
-                "too many password checks in progress from this address; try again later"
-            )
-        # Another address is still admitted (it waits its turn, it is not refused).
-        other = asyncio.ensure_future(bystander.register("thr_flood_other"))
-        while queue.queued < 17:
-            assert loop.time() < deadline and not other.done(), queue.queued
-            await asyncio.sleep(0.01)
-        gate.set()
-        statuses = [r.status for r in await asyncio.gather(*flood, other)]
-        assert statuses.count(201) == 17 and statuses.count(429) == 8, statuses
+        yield queue, gate
     finally:
         gate.set()
         for blocker in blockers:
             blocker.result(10)
+
+
+async def test_a_registration_flood_is_refused_not_queued(
+    queue_server: LiveServer, client_ssl: ssl.SSLContext
+) -> None:
+    """With every hashing thread busy, one address gets 16 checks queued and 429 past them."""
+    flooders = [From(queue_server, client_ssl, "127.0.0.80") for _ in range(3)]
+    bystander = From(queue_server, client_ssl, "127.0.0.81")
+    try:
+        with stalled_hashing(queue_server) as (queue, gate):
+            flood = [
+                asyncio.ensure_future(flooders[i % 3].register(f"thr_flood_{i:02d}"))
+                for i in range(3 * 8)
+            ]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while sum(task.done() for task in flood) < 8 or queue.queued < 16:
+                assert loop.time() < deadline, (sum(t.done() for t in flood), queue.queued)
+                await asyncio.sleep(0.01)
+            refused = [task.result() for task in flood if task.done()]
+            assert len(refused) == 8 and queue.queued == 16
+            for resp in refused:
+                assert_throttled(resp)
+                assert resp.json["error"]["message"] == (
+                    "too many password checks in progress from this address; try again later"
+                )
+            # Another address is still admitted (it waits its turn, it is not refused).
+            other = asyncio.ensure_future(bystander.register("thr_flood_other"))
+            while queue.queued < 17:
+                assert loop.time() < deadline and not other.done(), queue.queued
+                await asyncio.sleep(0.01)
+            gate.set()
+            statuses = [r.status for r in await asyncio.gather(*flood, other)]
+            assert statuses.count(201) == 17 and statuses.count(429) == 8, statuses
+    finally:
         for c in [*flooders, bystander]:
             c.http.close()
 

@@ -124,6 +124,8 @@ def apply(throttle: Throttle, op: str, user: str, address: str) -> Awaitable[Non
         return throttle.login_abandoned(user, address)
     if op == "reg":
         return throttle.before_register(address)
+    if op == "regback":
+        return throttle.register_abandoned(address)
     return throttle.register_failed(address)
 
 
@@ -137,6 +139,9 @@ async def test_redis_policy_matches_the_in_memory_throttle(brokers: Brokers) -> 
         "base_delay": 1.0,
         "max_delay": 8.0,
         "window": 40.0,
+        # Two registrations at once, one back every 10 s (Retry-After up to 10).
+        "register_burst": 2,
+        "register_per_hour": 360,
     }
     rng = random.Random(20250611)
     compared = refusals = 0
@@ -156,6 +161,8 @@ async def test_redis_policy_matches_the_in_memory_throttle(brokers: Brokers) -> 
                     "ok",
                     "abandon",
                     "reg",
+                    "reg",
+                    "regback",
                     "regfail",
                     "tick",
                 ]
@@ -237,6 +244,47 @@ async def test_addresses_are_grouped_like_the_in_memory_throttle(brokers: Broker
         await throttle.register_failed("::ffff:192.0.2.99" if i % 2 else "192.0.2.99")
     assert await refused(throttle.before_login("x", "192.0.2.99")) is not None
     assert throttle.address_key("::ffff:192.0.2.99") == throttle.address_key("192.0.2.99")
+
+
+@pytest.mark.redis
+async def test_two_nodes_share_one_registration_budget(
+    brokers: Brokers, shared_redis: tuple[redis.Redis, str]
+) -> None:
+    """Registrations spent on either node count for both; the key expires once full again."""
+    clock = FakeClock(1000.0)
+    policy = {"clock": clock, "register_burst": 3, "register_per_hour": 60}
+    a = RedisLoginThrottle(await brokers(), **policy)
+    b = RedisLoginThrottle(await brokers(), **policy)
+    for node in (a, b, a):
+        assert await refused(node.before_register("2001:db8:5:6::1")) is None
+    spent = "too many accounts registered from this address; try again later"
+    for node in (a, b):
+        # The same /64, from the other node: its budget is gone too.
+        assert await refused(node.before_register("2001:db8:5:6::99")) == (60, spent)
+        assert await refused(node.before_register("2001:db8:5:7::1")) is None
+    await b.register_abandoned("2001:db8:5:6::1")  # given back on b, usable on a
+    assert await refused(a.before_register("2001:db8:5:6::2")) is None
+    clock.advance(30)
+    assert await refused(b.before_register("2001:db8:5:6::1")) == (30, spent)
+    ttl = shared_redis[0].pttl(a.budget_key("2001:db8:5:6::1"))
+    assert 0 < ttl <= 3 * 60_000 + 1000  # three registrations to come back, then gone
+    # Each node also counted them: an outage does not hand out a fresh budget.
+    assert a.local.spend_registration is not None
+    with pytest.raises(TooManyRequests):
+        a.local.spend_registration("2001:db8:5:6::3")
+
+
+async def test_registration_budget_without_redis_is_decided_by_this_process() -> None:
+    """A broker not connected: this process's own budget refuses past the burst."""
+    throttle = RedisLoginThrottle(
+        RedisBroker("redis://127.0.0.1:1/0"), clock=FakeClock(0.0), register_burst=2
+    )
+    for _ in range(2):
+        assert await refused(throttle.before_register("192.0.2.77")) is None
+    assert await refused(throttle.before_register("192.0.2.77")) == (
+        120,
+        "too many accounts registered from this address; try again later",
+    )
 
 
 # -- shared between processes ------------------------------------------------------------

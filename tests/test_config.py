@@ -176,6 +176,7 @@ def test_every_settings_field_with_a_flag_has_its_default_in_help() -> None:
         *("--rate-per-sec", "--rate-burst", "--max-sockets-per-user", "--max-sockets"),
         *("--handshake-timeout", "--ping-interval", "--ping-timeout", "--outbox-bytes"),
         *("--shutdown-timeout", "--write-delay", "--db-timeout"),
+        *("--register-burst", "--register-per-hour"),
     }
     assert documented <= flags, documented - flags
     for action in parser._actions:
@@ -438,6 +439,20 @@ def test_broker_without_redis_installed_names_the_extra(tmp_path: Path) -> None:
         "pip install 'tornado-chat[redis]'\n"
     )
     assert not (tmp_path / "data").exists()
+
+
+def test_settings_refuse_a_postgresql_db_without_asyncpg(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--db postgresql://... without the [postgres] extra: one ConfigError line, at parse time."""
+    url = "postgresql://chat@db.example/chat"
+    assert parse("--db", url).db == "postgresql+asyncpg://chat@db.example/chat"
+    monkeypatch.setitem(sys.modules, "asyncpg", None)
+    with pytest.raises(ConfigError) as caught:
+        parse("--db", url)
+    assert str(caught.value) == (
+        "--db postgresql+asyncpg://... needs the 'asyncpg' package, which is not installed: "
+        "pip install 'tornado-chat[postgres]'"
+    )
+    parse("--db", "sqlite:///chat.db")  # SQLite needs no extra
 
 
 def test_redis_is_imported_only_for_a_broker() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness import Client, Socket
-from tests.netfault import NO_RATE_LIMIT, assert_clean_log, start_server
+from tests.netfault import NO_RATE_LIMIT, NO_REGISTER_LIMIT, assert_clean_log, start_server
 from tornado_chat.pki import ServerCertificate
 
 ROOMS = 25
@@ -68,6 +68,7 @@ async def test_500_sockets_zero_loss_per_room_order_no_duplicates(
         server_cert,
         tmp_path / "data",
         *NO_RATE_LIMIT,
+        *NO_REGISTER_LIMIT,
         # Every socket comes from 127.0.0.1: lift the per-address cap (256 by default).
         "--max-sockets-per-address",
         "1000",

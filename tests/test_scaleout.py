@@ -25,6 +25,7 @@ import pytest
 import redis
 
 from tests.harness import Client, Socket
+from tests.netfault import NO_REGISTER_LIMIT
 from tests.test_server import ChatProcess, child_env
 from tornado_chat.pki import ServerCertificate
 from tornado_chat.storage import Storage
@@ -160,6 +161,8 @@ class Cluster:
             "--data-dir", str(self.root / name),
             "--jwt-secret-file", str(self.secret),
             "--shutdown-timeout", "5",
+            # Every test's accounts come from 127.0.0.1, counted in the shared Redis.
+            *NO_REGISTER_LIMIT,
             *self.extra,
             *extra,
         ]  # fmt: skip

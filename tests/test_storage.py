@@ -255,14 +255,17 @@ async def test_open_without_asyncpg_names_the_extra(monkeypatch: pytest.MonkeyPa
     with pytest.raises(StorageError) as caught:
         await Storage.open(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/test")
     assert str(caught.value) == (
-        "PostgreSQL needs the asyncpg driver, which is not installed: "
+        "a PostgreSQL database needs the 'asyncpg' package, which is not installed: "
         "pip install 'tornado-chat[postgres]'"
     )
     assert POSTGRES_EXTRA in str(caught.value)
 
 
 def test_server_without_asyncpg_fails_in_one_line_naming_the_extra(tmp_path: Path) -> None:
-    """``--db postgresql+asyncpg://`` without asyncpg installed: one ERROR line, exit 1."""
+    """``--db postgresql+asyncpg://`` without asyncpg: one ERROR line, exit 2, nothing written.
+
+    The settings check it, before the data directory and its JWT key file exist.
+    """
     result = subprocess.run(
         [
             *(sys.executable, "-c", WITHOUT_ASYNCPG),
@@ -278,10 +281,12 @@ def test_server_without_asyncpg_fails_in_one_line_naming_the_extra(tmp_path: Pat
     )
     assert_one_error_line(
         result.stderr,
-        "PostgreSQL needs the asyncpg driver, which is not installed: "
+        "--db postgresql+asyncpg://... needs the 'asyncpg' package, which is not installed: "
         "pip install 'tornado-chat[postgres]'",
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
+    assert not (tmp_path / "data" / "jwt-secret").exists()
+    assert not (tmp_path / "data").exists()
 
 
 def test_server_logs_the_absolute_path_of_a_relative_sqlite_url(tmp_path: Path) -> None:

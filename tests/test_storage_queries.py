@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.netfault import fresh_pg_database
-from tornado_chat.errors import StorageError, TooManyRequests, UsernameTaken
+from tornado_chat.errors import StorageError, TicketLimitReached, UsernameTaken
 from tornado_chat.storage import (
     RotateOutcome,
     RotateResult,
@@ -268,7 +268,11 @@ def _ticket(n: int) -> bytes:
 
 
 async def test_outstanding_tickets_are_capped_per_user(storage: Storage) -> None:
-    """A user holding the most unused, unexpired tickets gets too_many_tickets; others do not."""
+    """A user holding the most unused, unexpired tickets is refused another; others are not.
+
+    The service answers that refusal as 429 ``too_many_tickets``
+    (``test_auth_service.py::test_the_ticket_cap_is_answered_429_with_retry_after``).
+    """
     now = time.time()
     uid = await _user(storage)
     other = await _user(storage, "bob")
@@ -276,18 +280,17 @@ async def test_outstanding_tickets_are_capped_per_user(storage: Storage) -> None
     other_sid = await storage.create_session(other, now + HOUR)
     for n in range(MAX_OUTSTANDING_TICKETS):
         await storage.add_ticket(_ticket(n), uid, sid, now + 600, now + 30)
-    with pytest.raises(TooManyRequests) as caught:
+    with pytest.raises(TicketLimitReached) as caught:
         await storage.add_ticket(_ticket(1000), uid, sid, now + 600, now + 30)
-    assert (caught.value.status, caught.value.code) == (429, "too_many_tickets")
-    assert 1 <= caught.value.retry_after <= 30
-    assert caught.value.headers() == {"Retry-After": str(caught.value.retry_after)}
+    assert caught.value.limit == MAX_OUTSTANDING_TICKETS
+    assert 0 < caught.value.wait <= 30
     # The refused ticket was not stored; another user is not limited by this one.
     assert await storage.consume_ticket(_ticket(1000), now) is None
     await storage.add_ticket(_ticket(2000), other, other_sid, now + 600, now + 30)
     # A used ticket frees its slot.
     assert await storage.consume_ticket(_ticket(0), now) is not None
     await storage.add_ticket(_ticket(1001), uid, sid, now + 600, now + 30)
-    with pytest.raises(TooManyRequests):
+    with pytest.raises(TicketLimitReached):
         await storage.add_ticket(_ticket(1002), uid, sid, now + 600, now + 30)
 
 
@@ -318,7 +321,7 @@ async def test_concurrent_ticket_mints_never_pass_the_cap(
         return_exceptions=True,
     )
     refused = [r for r in results if isinstance(r, BaseException)]
-    assert all(isinstance(r, TooManyRequests) for r in refused), refused
+    assert all(isinstance(r, TicketLimitReached) for r in refused), refused
     assert len(results) - len(refused) == MAX_OUTSTANDING_TICKETS
 
 

@@ -222,7 +222,7 @@ async def create_services(settings: Settings) -> Services:
         tokens,
         # Bounded and fair per client address: a flood is refused, not queued.
         PasswordHasher(settings.bcrypt_rounds, executor, queue=HashQueue(hash_workers)),
-        make_login_throttle(broker),
+        make_login_throttle(broker, settings),
         refresh_ttl=settings.refresh_ttl,
         ticket_ttl=settings.ticket_ttl,
     )
@@ -272,17 +272,22 @@ def make_broker(settings: Settings) -> Broker:
     return RedisBroker(settings.broker)
 
 
-def make_login_throttle(broker: Broker) -> Throttle:
-    """The login throttle: this process's own, or shared by every node through a Redis broker."""
+def make_login_throttle(broker: Broker, settings: Settings | None = None) -> Throttle:
+    """The login throttle: this process's own, or shared by every node through a Redis broker.
+
+    ``settings`` gives the registration budget (the defaults without it).
+    """
+    budget = Settings() if settings is None else settings
+    burst, per_hour = budget.register_burst, budget.register_per_hour
     if isinstance(broker, LocalBroker):
-        return LoginThrottle()
+        return LoginThrottle(register_burst=burst, register_per_hour=per_hour)
     # Imported here: a single-process server never loads the Redis client.
     from tornado_chat.auth.throttle_redis import RedisLoginThrottle
     from tornado_chat.redis_broker import RedisBroker
 
     if isinstance(broker, RedisBroker):
-        return RedisLoginThrottle(broker)
-    return LoginThrottle()
+        return RedisLoginThrottle(broker, register_burst=burst, register_per_hour=per_hour)
+    return LoginThrottle(register_burst=burst, register_per_hour=per_hour)
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import importlib.util
 import ipaddress
 import math
 import re
@@ -23,14 +22,16 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from tornado_chat import __version__
+from tornado_chat.cli_support import OneLineParser, UsageError
 from tornado_chat.errors import ConfigError
+from tornado_chat.extras import require_extra
 
 DEFAULT_PORT = 8443
 # --max-sockets-per-address when not given: an office of about 100 people
@@ -67,6 +68,11 @@ class Settings:
     ticket_ttl: int = 30
     reauth_grace: float = 5.0
     bcrypt_rounds: int = 12
+    # Registrations per client address: a bucket of register_burst, refilled
+    # at register_per_hour (the defaults of tornado_chat.auth.throttle, which
+    # says why).
+    register_burst: int = 40
+    register_per_hour: int = 30
     allow_query_token: bool = True
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     # Limits
@@ -518,6 +524,23 @@ _OPTIONS: tuple[_Option, ...] = (
         "auth",
     ),
     _Option(
+        "--register-burst",
+        "register_burst",
+        _int_in(1, 10_000_000),
+        "accounts one client address (IPv6: one /64) may register at once; enough for a "
+        "classroom behind one NAT address",
+        "N",
+        "auth",
+    ),
+    _Option(
+        "--register-per-hour",
+        "register_per_hour",
+        _int_in(1, 100_000_000),
+        "accounts per hour one client address may register once its burst is spent",
+        "N",
+        "auth",
+    ),
+    _Option(
         "--max-frame-bytes",
         "max_frame_bytes",
         _int_in(1024, 16 * 1024 * 1024),
@@ -699,17 +722,9 @@ def _show_default(value: object) -> str:
     return str(value)
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are ConfigError (one line) instead of exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        """Raise instead of printing usage, so every error is one line."""
-        raise ConfigError(message.replace("\n", " "))
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; its help shows each default and environment variable."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="tornado-chat",
         description=(
             "A real-time chat server over HTTPS and WSS only, with JWT authentication "
@@ -760,7 +775,10 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         SystemExit: ``--help`` or ``--version`` was printed (code 0).
     """
     parser = build_parser()
-    args = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
+    try:
+        args = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
+    except UsageError as exc:
+        raise ConfigError(str(exc)) from None
     values: dict[str, Any] = {}
     for option in _OPTIONS:
         if option.dest in args:
@@ -809,7 +827,7 @@ def validate_settings(settings: Settings) -> None:
         )
     if settings.processes > 1 and settings.uses_sqlite:
         # SQLite serialises writers on one file lock; per-room seq must be assigned
-        # by a database server that all workers talk to (DESIGN.md, Scale-out).
+        # by a database server that all workers talk to (docs/deploy.md, "PostgreSQL").
         raise ConfigError(
             f"--processes {settings.processes} cannot share a SQLite database: "
             "use --db postgresql+asyncpg://..."
@@ -837,31 +855,10 @@ def validate_settings(settings: Settings) -> None:
     if settings.broker:
         # redis is the [redis] extra; the broker module imports it only when used.
         require_extra("redis", "redis", "--broker redis://...")
-
-
-def require_extra(module: str, extra: str, needed_by: str) -> None:
-    """Refuse an option whose optional dependency is not installed.
-
-    The check runs before anything is imported, so the error is one line that
-    names the pip extra instead of a ``ModuleNotFoundError`` from deep inside.
-
-    Args:
-        module: the top-level module the option imports (``redis``).
-        extra: the extra of this package that installs it (``redis``).
-        needed_by: what needs it, as the user wrote it (``--broker redis://...``).
-
-    Raises:
-        ConfigError: ``module`` cannot be imported.
-    """
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise ConfigError(
-            f"{needed_by} needs the {module!r} package, which is not installed: "
-            f"pip install 'tornado-chat[{extra}]'"
-        )
+    if _backend_name(settings.db_url) == "postgresql":
+        # asyncpg is the [postgres] extra. Checked here, before the server
+        # writes anything (the data directory, the JWT key file).
+        require_extra("asyncpg", "postgres", "--db postgresql+asyncpg://...")
 
 
 def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:

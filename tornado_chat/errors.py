@@ -17,7 +17,8 @@ Everything the package raises on purpose derives from :class:`ChatError`::
     │       └── ServerBusy       503 server_busy (too much work queued; carries Retry-After)
     ├── InvalidToken             a JWT, refresh token or ticket is not acceptable
     └── StorageError             the database failed or is unreachable
-        └── UsernameTaken        unique constraint on users.username
+        ├── UsernameTaken        unique constraint on users.username
+        └── TicketLimitReached   a user already holds the most unused ws tickets
 
 HTTP handlers map :class:`ApiError` to ``{"error": {"code", "message"}}`` in
 one place (``handlers/base.write_json_error``). A socket's errors become close
@@ -137,3 +138,17 @@ class StorageError(ChatError):
 
 class UsernameTaken(StorageError):
     """The username already exists (enforced by a unique constraint)."""
+
+
+class TicketLimitReached(StorageError):
+    """The user already holds the most unused ws tickets; nothing was stored.
+
+    Args:
+        limit: the most unused, unexpired tickets one user may hold.
+        wait: seconds until the oldest of them expires (a slot frees).
+    """
+
+    def __init__(self, limit: int, wait: float) -> None:
+        super().__init__(f"the user holds {limit} unused ws tickets")
+        self.limit = limit
+        self.wait = wait

@@ -306,6 +306,26 @@ class _RateCharge:
 _OutboxItem = _Publish | _RateCharge
 
 
+@dataclass(frozen=True, slots=True)
+class _PublishCommand:
+    """A pipelined command: PUBLISH ``payload`` on ``channel``."""
+
+    channel: bytes
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _ScriptCommand:
+    """A pipelined command: EVALSHA of the broker's script ``name`` (see ``_SCRIPTS``)."""
+
+    name: str
+    keys: Sequence[Any]
+    args: Sequence[Any]
+
+
+_Command = _PublishCommand | _ScriptCommand
+
+
 class RedisBroker(Broker):
     """Redis pub/sub between nodes, with cluster-wide presence and rate limits.
 
@@ -786,11 +806,11 @@ class RedisBroker(Broker):
                 self._remember_revoke(item.subject)
 
     async def _send(self, batch: Sequence[_OutboxItem], dirty: dict[str, frozenset[str]]) -> None:
-        ops: list[tuple[Any, ...]] = []
+        commands: list[_Command] = []
         for room, users in dirty.items():
             tail = json.dumps({"n": self.node_id, "room": room, "users": sorted(users)})[1:]
-            ops.append(
-                (
+            commands.append(
+                _ScriptCommand(
                     "set_room",
                     [self._k_node, self._k_nodes, self._room_channel(room)],
                     [room, json.dumps(sorted(users)), self._ttl_ms, self.node_id, tail],
@@ -798,13 +818,15 @@ class RedisBroker(Broker):
             )
         for item in batch:
             if isinstance(item, _Publish):
-                ops.append(("publish", item.channel, item.payload))
+                commands.append(_PublishCommand(item.channel, item.payload))
             else:
                 ttl = math.ceil(item.burst / item.rate * 1000) + 1000
-                ops.append(
-                    ("rate", [f"{self._rate_prefix}{item.user_id}"], [item.rate, item.burst, ttl])
+                commands.append(
+                    _ScriptCommand(
+                        "rate", [f"{self._rate_prefix}{item.user_id}"], [item.rate, item.burst, ttl]
+                    )
                 )
-        results = await self._pipeline(ops)
+        results = await self._pipeline(commands)
         for item, result in zip(batch, results[len(dirty) :], strict=True):
             if isinstance(item, _RateCharge):
                 shared: float | None = None
@@ -822,20 +844,21 @@ class RedisBroker(Broker):
         }
         self._shas.update(loaded)  # all at once: no caller sees half a table
 
-    async def _pipeline(self, ops: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Run ops (``publish`` or a script) in one round trip, reloading scripts if needed."""
+    async def _pipeline(self, commands: Sequence[_Command]) -> list[Any]:
+        """Run commands in one round trip (one result each), reloading scripts if needed."""
         assert self._client is not None
         # Not just "any loaded": a reconnect clears the table while another
-        # caller is still loading it, so check the scripts these ops need.
-        if any(op[0] != "publish" and op[0] not in self._shas for op in ops):
+        # caller is still loading it, so check the scripts these commands need.
+        if any(isinstance(c, _ScriptCommand) and c.name not in self._shas for c in commands):
             await self._load_scripts()
         for attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
-            for op in ops:
-                if op[0] == "publish":
-                    pipe.publish(op[1], op[2])
+            for command in commands:
+                if isinstance(command, _PublishCommand):
+                    pipe.publish(command.channel, command.payload)
                 else:
-                    pipe.evalsha(self._shas[op[0]], len(op[1]), *op[1], *op[2])
+                    keys = command.keys
+                    pipe.evalsha(self._shas[command.name], len(keys), *keys, *command.args)
             results: list[Any] = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 await self._load_scripts()  # Redis restarted and lost the scripts
@@ -844,7 +867,7 @@ class RedisBroker(Broker):
         return results
 
     async def _script(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        result = (await self._pipeline([(name, keys, args)]))[0]
+        result = (await self._pipeline([_ScriptCommand(name, keys, args)]))[0]
         if isinstance(result, Exception):
             raise result
         return result

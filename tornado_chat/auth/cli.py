@@ -25,9 +25,10 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 from tornado_chat.auth.keyring import SUPPORTED_ALGORITHMS, KeyRing
+from tornado_chat.cli_support import OneLineParser, UsageError
 from tornado_chat.errors import ChatError
 
 __all__ = ["build_parser", "key_file_path", "main"]
@@ -41,17 +42,6 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
-    """A command line the parser refused (reported as one ``ERROR:`` line)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, without the usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
 def program_name(argv0: str) -> str:
     """How the user ran the command: the console script's name, else ``python -m ...``."""
     return CONSOLE_SCRIPT if Path(argv0).stem == CONSOLE_SCRIPT else PROG
@@ -59,7 +49,7 @@ def program_name(argv0: str) -> str:
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The command line: ``init``, ``list``, ``rotate`` and ``retire KID``."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog=prog,
         description=(
             "Manage the JWT signing keys of a tornado_chat server. A running server "
@@ -83,7 +73,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         type=Path,
         help=f"the server's data directory (default: $CHAT_DATA_DIR, else {DEFAULT_DATA_DIR})",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     init = commands.add_parser(
         "init", help="create the key file with one new key; never replaces an existing file"
     )
@@ -185,7 +175,7 @@ def main(
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
-        print(f"ERROR: {exc}", file=err)
+        print(f"ERROR: {exc.with_help_hint}", file=err)
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0

@@ -29,6 +29,8 @@ from tornado_chat.errors import (
     ConfigError,
     Conflict,
     InvalidToken,
+    TicketLimitReached,
+    TooManyRequests,
     Unauthorized,
     UsernameTaken,
 )
@@ -175,29 +177,46 @@ class AuthService:
         ``username_taken`` answer costs as much as a login attempt; with
         ``address`` given, each such answer also counts as a failure of that
         client in the login throttle, so registration enumerates users no
-        faster than login could. The hash waits its turn in the password
-        queue, bounded per address (see
+        faster than login could. With ``address`` given, each registration
+        also spends one of that address's registration budget before the
+        password is hashed (given back when no account could be created for
+        another reason than a taken name). The hash waits its turn in the
+        password queue, bounded per address (see
         :class:`~tornado_chat.auth.hash_queue.HashQueue`).
 
         Raises:
             BadRequest: ``invalid_username`` / ``weak_password`` /
                 ``invalid_password``.
             Conflict: ``username_taken`` (409).
-            TooManyRequests: ``too_many_attempts`` (with ``address``, or too
-                many password checks in flight from it).
+            TooManyRequests: ``too_many_attempts`` (with ``address``: blocked
+                by failures, the registration budget spent, or too many
+                password checks in flight from it).
             ServerBusy: ``server_busy``: too many password checks in flight.
             StorageError: the database failed.
         """
         name = validate_username(username)
         secret = validate_password(password)
-        if address is not None:
-            await self._throttle.before_register(address)
-        password_hash = await self._passwords.hash(secret, address=address or "")
+        if address is None:
+            password_hash = await self._passwords.hash(secret, address="")
+            return await self._create_user(name, password_hash)
+        await self._throttle.before_register(address)
+        try:
+            password_hash = await self._passwords.hash(secret, address=address)
+            return await self._create_user(name, password_hash)
+        except Conflict:
+            # The budget stays spent (the hash was paid for), and the taken
+            # name counts as a failure of the address, as a wrong password would.
+            await self._throttle.register_failed(address)
+            raise
+        except BaseException:
+            # Refused by the hashing queue, or the database failed: no account.
+            await self._throttle.register_abandoned(address)
+            raise
+
+    async def _create_user(self, name: str, password_hash: bytes) -> User:
         try:
             return await self._storage.create_user(name, password_hash)
         except UsernameTaken as error:
-            if address is not None:
-                await self._throttle.register_failed(address)
             raise Conflict("username_taken", "that username is taken") from error
 
     async def login(self, username: object, password: object, address: str) -> TokenPair:
@@ -319,6 +338,8 @@ class AuthService:
         Raises:
             Unauthorized: ``invalid_token``, the access token expires within a
                 second (an HTTP error, since the ticket endpoint raises it).
+            TooManyRequests: ``too_many_tickets``, the user holds the most
+                unused tickets; ``Retry-After`` is when the oldest expires.
             StorageError: the database failed.
         """
         now = self._clock()
@@ -326,9 +347,20 @@ class AuthService:
         if expires_at - now < 1:
             raise Unauthorized("invalid_token", "access token expires too soon; refresh it first")
         ticket = new_secret_token(TICKET_PREFIX)
-        await self._storage.add_ticket(
-            hash_secret(ticket), claims.user_id, claims.session_id, claims.expires_at, expires_at
-        )
+        try:
+            await self._storage.add_ticket(
+                hash_secret(ticket),
+                claims.user_id,
+                claims.session_id,
+                claims.expires_at,
+                expires_at,
+            )
+        except TicketLimitReached as full:
+            raise TooManyRequests(
+                "too_many_tickets",
+                f"at most {full.limit} unused ws tickets per user; use one or let them expire",
+                retry_after=full.wait,
+            ) from full
         return ticket, int(expires_at - now)
 
     async def redeem_ticket(self, ticket: str) -> AccessClaims:

@@ -1,9 +1,12 @@
 """The login throttle's interface, and its in-process implementation.
 
-:class:`LoginThrottle` keeps the failures in this process's memory; with a
-Redis broker, :class:`~tornado_chat.auth.throttle_redis.RedisLoginThrottle`
-applies the same policy to every node at once. The application factory picks
-one (``tornado_chat.app.make_login_throttle``).
+The throttle also holds registration's budget per client address (a token
+bucket: ``register_burst`` at once, refilled at ``register_per_hour``), spent
+before the password is hashed. :class:`LoginThrottle` keeps the failures and
+the budgets in this process's memory; with a Redis broker,
+:class:`~tornado_chat.auth.throttle_redis.RedisLoginThrottle` applies the
+same policy to every node at once. The application factory picks one
+(``tornado_chat.app.make_login_throttle``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,15 @@ __all__ = ["LoginThrottle", "Throttle"]
 
 LOGIN_REFUSED = "too many failed login attempts; try again later"
 REGISTER_REFUSED = "too many attempts; try again later"
+REGISTER_BUDGET_SPENT = "too many accounts registered from this address; try again later"
+
+# Registration budget per client address (the defaults of --register-burst and
+# --register-per-hour; config.Settings repeats them and a test keeps the two
+# equal). A classroom or an office behind one NAT address registers its 30-odd
+# people in one go; a script gets 40 accounts and then 30 an hour, so the
+# hundreds needed to fill a server take a day from one address.
+REGISTER_BURST = 40
+REGISTER_PER_HOUR = 30
 
 
 def refuse_login(wait: float) -> TooManyRequests:
@@ -32,6 +44,11 @@ def refuse_login(wait: float) -> TooManyRequests:
 def refuse_registration(wait: float) -> TooManyRequests:
     """The 429 a blocked registration gets."""
     return TooManyRequests("too_many_attempts", REGISTER_REFUSED, retry_after=wait)
+
+
+def refuse_registration_budget(wait: float) -> TooManyRequests:
+    """The 429 a registration gets once its address has spent its budget."""
+    return TooManyRequests("too_many_attempts", REGISTER_BUDGET_SPENT, retry_after=wait)
 
 
 def throttle_user_key(username: str) -> str:
@@ -105,10 +122,17 @@ class Throttle(Protocol):
         """Settle a check that never finished (an error): release the reservation only."""
 
     async def before_register(self, address: str) -> None:
-        """Refuse while the address is blocked (registration)."""
+        """Refuse while the address is blocked or its registration budget is spent; else spend one.
+
+        Called before the password is hashed, so a burst of registrations
+        from one address costs no more hashes than its budget.
+        """
 
     async def register_failed(self, address: str) -> None:
         """Count a failure of the address alone (a taken name at registration)."""
+
+    async def register_abandoned(self, address: str) -> None:
+        """Give back the registration :meth:`before_register` spent (nothing was created)."""
 
 
 @dataclass(slots=True)
@@ -118,6 +142,15 @@ class _Failures:
     blocked_until: float
     pending: int = 0  # reserved by password checks in progress
     pending_at: float = 0.0  # when ``pending`` last changed (see PENDING_TTL)
+
+
+@dataclass(slots=True)
+class _Budget:
+    # When the address's budget is whole again: each registration pushes it
+    # one interval later (from now at the earliest), and a registration is
+    # refused while that would put it more than ``register_burst`` intervals
+    # ahead (a token bucket kept as one time, which Redis stores as is).
+    full_at: float
 
 
 class LoginThrottle:
@@ -141,6 +174,10 @@ class LoginThrottle:
     more hashes than the limit leaves; the reservation is settled when the
     check ends.
 
+    Registration spends one of its address's ``register_burst`` tokens
+    before hashing; they come back at ``register_per_hour`` (see
+    :meth:`spend_registration`).
+
     Memory is bounded: stale entries are dropped as new ones arrive and at
     most ``max_entries`` keys of each kind are kept (oldest evicted first).
 
@@ -159,9 +196,13 @@ class LoginThrottle:
         max_delay: float = 300.0,
         window: float = 900.0,
         max_entries: int = 100_000,
+        register_burst: int = REGISTER_BURST,
+        register_per_hour: int = REGISTER_PER_HOUR,
     ) -> None:
         """Configure the policy (see the class docstring)."""
         self._clock = clock
+        self._register_every = 3600.0 / max(1, register_per_hour)  # seconds per registration
+        self._register_span = max(1, register_burst) * self._register_every
         self._max_failures = max(1, max_failures)
         self._user_max_failures = max(1, user_max_failures)
         self._base_delay = base_delay
@@ -171,6 +212,7 @@ class LoginThrottle:
         self._users: OrderedDict[str, _Failures] = OrderedDict()
         self._pairs: OrderedDict[str, _Failures] = OrderedDict()
         self._addresses: OrderedDict[str, _Failures] = OrderedDict()
+        self._budgets: OrderedDict[str, _Budget] = OrderedDict()
 
     _user_key = staticmethod(throttle_user_key)
     _pair_key = staticmethod(throttle_pair_key)
@@ -253,6 +295,43 @@ class LoginThrottle:
         if wait > 0:
             raise refuse_registration(wait)
 
+    def spend_registration(self, address: str, *, enforce: bool = True) -> None:
+        """Spend one registration of the address's budget (grouped as :func:`throttle_address_key`).
+
+        Args:
+            address: the client's address.
+            enforce: False counts the registration even with no budget left
+                (the shared throttle already admitted it; this copy only has
+                to be current when Redis stops answering).
+
+        Raises:
+            TooManyRequests: ``too_many_attempts`` while the budget is spent,
+                with ``retry_after`` until one registration is back.
+        """
+        now = self._clock()
+        key = self._address_key(address)
+        budget = self._budgets.get(key)
+        full_at = max(now, budget.full_at if budget is not None else now) + self._register_every
+        excess = full_at - now - self._register_span
+        if excess > 0 and enforce:
+            raise refuse_registration_budget(excess)
+        if budget is None:
+            self._budgets[key] = _Budget(min(full_at, now + self._register_span))
+        else:
+            budget.full_at = min(full_at, now + self._register_span)
+            self._budgets.move_to_end(key)  # ordered by last change
+        while self._budgets:
+            oldest = next(iter(self._budgets.values()))
+            if oldest.full_at > now and len(self._budgets) <= self._max_entries:
+                break
+            self._budgets.popitem(last=False)
+
+    def return_registration(self, address: str) -> None:
+        """Give one registration back to the address's budget (it created nothing)."""
+        budget = self._budgets.get(self._address_key(address))
+        if budget is not None:
+            budget.full_at = max(self._clock(), budget.full_at - self._register_every)
+
     def address_failure(self, address: str) -> None:
         """Count a failure against the address alone (used by registration)."""
         self._record(self._addresses, self._address_key(address), self._clock(), self._max_failures)
@@ -304,8 +383,13 @@ class LoginThrottle:
         self.release(username, address)
 
     async def before_register(self, address: str) -> None:
-        """:meth:`check_address`."""
+        """:meth:`check_address`, then :meth:`spend_registration`."""
         self.check_address(address)
+        self.spend_registration(address)
+
+    async def register_abandoned(self, address: str) -> None:
+        """:meth:`return_registration`."""
+        self.return_registration(address)
 
     async def register_failed(self, address: str) -> None:
         """:meth:`address_failure`."""

@@ -3,11 +3,13 @@
 Keys, under the broker's prefix: ``{prefix}:login:user:{sha256}``,
 ``{prefix}:login:pair:{sha256}`` and ``{prefix}:login:addr:{sha256}``
 (hashes), failures of a username, of a username from one address, or of a
-client address, keyed by the SHA-256 of what
-:class:`~tornado_chat.auth.throttle.LoginThrottle` would count them as, each
-expiring once it can no longer block or count. This module owns its Lua
-scripts and runs them on the broker's command connection through redis-py's
-script objects (``EVALSHA``, loading the script again after a Redis restart).
+client address, and ``{prefix}:register:addr:{sha256}`` (a string), when the
+registration budget of a client address is whole again; each keyed by the
+SHA-256 of what :class:`~tornado_chat.auth.throttle.LoginThrottle` would
+count it as, and expiring once it can no longer block or count. This module
+owns its Lua scripts and runs them on the broker's command connection through
+redis-py's script objects (``EVALSHA``, loading the script again after a Redis
+restart).
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from redis.commands.core import AsyncScript
 from tornado_chat.auth.throttle import (
     MAX_FAILURES,
     PENDING_TTL,
+    REGISTER_BURST,
+    REGISTER_PER_HOUR,
     USER_MAX_FAILURES,
     LoginThrottle,
     refuse_login,
     refuse_registration,
+    refuse_registration_budget,
     throttle_address_key,
     throttle_pair_key,
     throttle_user_key,
@@ -93,9 +98,6 @@ local function keep(key, window, blocked)
 end
 """
 )
-
-# KEYS: the keys to check. ARGV: now. Returns the wait in ms (0: admitted).
-LOGIN_WAIT_LUA = _LOGIN_CLOCK + "return wait_of(KEYS)\n"
 
 # KEYS: user key, pair key, address key. ARGV: now, base delay ms, window ms,
 # the user's threshold, the pair's. Refuses (returns the wait in ms) while a
@@ -187,12 +189,61 @@ return 0
 # KEYS: user key, pair key. ARGV: now. Releases their reservation; returns 0.
 LOGIN_RELEASE_LUA = _LOGIN_CLOCK + "release(KEYS[1])\nrelease(KEYS[2])\nreturn 0\n"
 
+# The registration budget (LoginThrottle.spend_registration's): a key holds
+# the time its address's budget is whole again, in ms. ARGV after now: ms per
+# registration, and the burst's span (burst times that).
+_BUDGET = """
+local every, span = tonumber(ARGV[2]), tonumber(ARGV[3])
+local function full_at(key)
+  local value = tonumber(redis.call('GET', key))
+  if not value or value < now then return now end
+  return value
+end
+local function set_full_at(key, value)
+  local ttl = value - now
+  if ttl <= 0 then
+    redis.call('DEL', key)
+  else
+    redis.call('SET', key, string.format('%.3f', value), 'PX', string.format('%.0f', ttl + 1000))
+  end
+end
+"""
+
+# KEYS: the address's failure key, its budget key. ARGV: now, ms per
+# registration, span. Returns the wait in ms while the address is blocked,
+# minus the wait while its budget is spent, or 0 when one was spent.
+REGISTER_SPEND_LUA = (
+    _LOGIN_CLOCK
+    + _BUDGET
+    + """
+local wait = wait_of({KEYS[1]})
+if wait > 0 then return wait end
+local after = full_at(KEYS[2]) + every
+local excess = after - now - span
+if excess > 0 then return -math.max(1, math.ceil(excess)) end
+set_full_at(KEYS[2], after)
+return 0
+"""
+)
+
+# KEYS: the address's budget key. ARGV: now, ms per registration, span.
+# Gives one registration back; returns 0.
+REGISTER_RETURN_LUA = (
+    _LOGIN_CLOCK
+    + _BUDGET
+    + """
+set_full_at(KEYS[1], full_at(KEYS[1]) - every)
+return 0
+"""
+)
+
 _SCRIPTS = {
-    "login_wait": LOGIN_WAIT_LUA,
     "login_admit": LOGIN_ADMIT_LUA,
     "login_fail": LOGIN_FAIL_LUA,
     "login_ok": LOGIN_OK_LUA,
     "login_release": LOGIN_RELEASE_LUA,
+    "register_spend": REGISTER_SPEND_LUA,
+    "register_return": REGISTER_RETURN_LUA,
 }
 
 
@@ -248,8 +299,8 @@ class RedisLoginThrottle:
             its broker, started later: nothing is sent before a login).
         clock: seconds; ``None`` (the server's choice) uses Redis's ``TIME``.
             Tests pass a fake clock; every node of a deployment must agree.
-        max_failures, user_max_failures, base_delay, max_delay, window: as for
-            LoginThrottle.
+        max_failures, user_max_failures, base_delay, max_delay, window,
+            register_burst, register_per_hour: as for LoginThrottle.
         timeout: seconds a login waits for Redis before deciding locally.
     """
 
@@ -263,6 +314,8 @@ class RedisLoginThrottle:
         base_delay: float = 1.0,
         max_delay: float = 300.0,
         window: float = 900.0,
+        register_burst: int = REGISTER_BURST,
+        register_per_hour: int = REGISTER_PER_HOUR,
         timeout: float = LOGIN_THROTTLE_TIMEOUT,
     ) -> None:
         self._link = link
@@ -272,18 +325,24 @@ class RedisLoginThrottle:
         self._policy = [_ms(base_delay), _ms(max_delay), _ms(window)]
         self._max_failures = max(1, max_failures)
         self._user_max_failures = max(1, user_max_failures)
+        burst, per_hour = max(1, register_burst), max(1, register_per_hour)
+        every = 3_600_000 / per_hour
+        self._budget = [every, burst * every]
         self.local = LoginThrottle(
             max_failures=max_failures,
             user_max_failures=user_max_failures,
             base_delay=base_delay,
             max_delay=max_delay,
             window=window,
+            register_burst=burst,
+            register_per_hour=per_hour,
             clock=time.monotonic if clock is None else clock,
         )
         prefix = link.options.prefix
         self._user_prefix = f"{prefix}:login:user:"
         self._pair_prefix = f"{prefix}:login:pair:"
         self._address_prefix = f"{prefix}:login:addr:"
+        self._budget_prefix = f"{prefix}:register:addr:"
         self._down = False
 
     def user_key(self, username: str) -> str:
@@ -297,6 +356,10 @@ class RedisLoginThrottle:
     def address_key(self, address: str) -> str:
         """The Redis key counting the failures of ``address`` (grouped as in LoginThrottle)."""
         return self._address_prefix + _digest(throttle_address_key(address))
+
+    def budget_key(self, address: str) -> str:
+        """The Redis key holding the registration budget of ``address`` (grouped likewise)."""
+        return self._budget_prefix + _digest(throttle_address_key(address))
 
     def _script(self, client: aioredis.Redis, name: str) -> AsyncScript:
         """The named script bound to ``client`` (redis-py loads it on first use)."""
@@ -378,12 +441,24 @@ class RedisLoginThrottle:
             raise refuse_login(wait)
 
     async def before_register(self, address: str) -> None:
-        """Refuse while the address is blocked on any node."""
-        wait = await self._run("login_wait", [self.address_key(address)], ())
+        """Refuse while the address is blocked or its budget is spent (any node); else spend one."""
+        keys = [self.address_key(address), self.budget_key(address)]
+        wait = await self._run("register_spend", keys, self._budget)
         if wait is None:
             self.local.check_address(address)
-        elif wait > 0:
+            self.local.spend_registration(address)
+            return
+        if wait > 0:
             raise refuse_registration(wait)
+        if wait < 0:
+            raise refuse_registration_budget(-wait)
+        # Admitted by every node: counted here too, so an outage starts from it.
+        self.local.spend_registration(address, enforce=False)
+
+    async def register_abandoned(self, address: str) -> None:
+        """Give back the registration spent by :meth:`before_register`, on every node."""
+        await self._run("register_return", [self.budget_key(address)], self._budget)
+        self.local.return_registration(address)
 
     async def register_failed(self, address: str) -> None:
         """Count a failure of the address alone, for every node."""

@@ -15,10 +15,11 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO, cast
+from typing import TextIO, cast
 
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from tornado_chat.cli_support import OneLineParser, UsageError
 from tornado_chat.errors import ChatError, PKIError
 from tornado_chat.pki.ca import (
     APPLE_MAX_DAYS,
@@ -67,17 +68,6 @@ DEFAULT_CAROOT = "certs"
 DEFAULT_SERVER_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
 
-class UsageError(Exception):
-    """A command line argparse rejected (reported as one ``ERROR:`` line)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line and exit 1, like every other failure."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
 class _Console:
     """Where output goes: results on stdout, warnings and errors on stderr."""
 
@@ -116,7 +106,7 @@ def build_parser(default_caroot: str = DEFAULT_CAROOT) -> argparse.ArgumentParse
     )
     key_help = f"key type (default: {DEFAULT_KEY_TYPE})"
 
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description=(
             "Local certificate authority for tornado_chat: mint a name-constrained CA, trust"
@@ -128,10 +118,10 @@ def build_parser(default_caroot: str = DEFAULT_CAROOT) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument("--caroot", default=default_caroot, metavar="DIR", help=caroot_help)
-    common = _Parser(add_help=False)
+    common = OneLineParser(add_help=False)
     # Accept --caroot after the command too; SUPPRESS keeps the global value.
     common.add_argument("--caroot", default=argparse.SUPPRESS, metavar="DIR", help=caroot_help)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
 
     ca = commands.add_parser(
         "ca",
@@ -668,7 +658,7 @@ def main(
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
-        console.error(str(exc))
+        console.error(exc.with_help_hint)
         return 1
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import importlib
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, StaticPool
 
 from tornado_chat.errors import StorageError
+from tornado_chat.extras import install_command, require_extra
 from tornado_chat.storage.failures import translate
 
 __all__ = [
@@ -51,7 +51,7 @@ DEFAULT_DB_TIMEOUT = 5.0
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 #: What to install when the PostgreSQL driver is missing.
-POSTGRES_EXTRA = "pip install 'tornado-chat[postgres]'"
+POSTGRES_EXTRA = install_command("postgres")
 
 # An arbitrary constant: the PostgreSQL advisory lock that serialises
 # migrations when several processes start at once.
@@ -168,20 +168,6 @@ async def _sqlite_setup_lock(
         os.close(fd)  # also releases the lock
 
 
-def _require_asyncpg() -> None:
-    """Import asyncpg, or fail in one line naming the extra that provides it.
-
-    Raises:
-        StorageError: asyncpg is not installed.
-    """
-    try:
-        importlib.import_module("asyncpg")
-    except ImportError:
-        raise StorageError(
-            f"PostgreSQL needs the asyncpg driver, which is not installed: {POSTGRES_EXTRA}"
-        ) from None
-
-
 def _engine_options(parsed: sa.URL, timeout: float) -> tuple[dict[str, Any], bool]:
     """Engine keyword arguments for a URL, and whether to serialise all access.
 
@@ -203,7 +189,9 @@ def _engine_options(parsed: sa.URL, timeout: float) -> tuple[dict[str, Any], boo
         # per checkout; pool them on every version.
         return {"poolclass": AsyncAdaptedQueuePool, "pool_timeout": timeout}, False
     if backend == "postgresql":
-        _require_asyncpg()
+        # asyncpg is the [postgres] extra; the server's settings check it at
+        # start-up, this covers Storage used on its own.
+        require_extra("asyncpg", "postgres", "a PostgreSQL database", error=StorageError)
         return {
             # A connection killed by a database restart is noticed and
             # replaced at checkout, so the pool recovers on its own.

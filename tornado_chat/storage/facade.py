@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tornado_chat.errors import TooManyRequests
+from tornado_chat.errors import TicketLimitReached
 from tornado_chat.storage.alchemy import AlchemyQueries
 from tornado_chat.storage.engine import DEFAULT_DB_TIMEOUT, Database, open_database
 from tornado_chat.storage.failures import translate, within
@@ -290,11 +290,10 @@ class Storage:
         """Store the hash of a one-time ws ticket bound to a user and session.
 
         Raises:
-            TooManyRequests: ``too_many_tickets``, the user already holds
-                :data:`MAX_OUTSTANDING_TICKETS` unused, unexpired tickets;
-                ``Retry-After`` is when the oldest of them expires. Raised
-                here, where the count is exact, and answered as a 429 by the
-                handler that asked for the ticket.
+            TicketLimitReached: the user already holds
+                :data:`MAX_OUTSTANDING_TICKETS` unused, unexpired tickets
+                (counted in the same transaction, so the count is exact);
+                its ``wait`` is how long until the oldest of them expires.
             StorageError: the database failed.
         """
         now = time.time()
@@ -311,12 +310,7 @@ class Storage:
             ),
         )
         if full_until is not None:
-            raise TooManyRequests(
-                "too_many_tickets",
-                f"at most {MAX_OUTSTANDING_TICKETS} unused ws tickets per user; "
-                "use one or let them expire",
-                retry_after=full_until - now,
-            )
+            raise TicketLimitReached(MAX_OUTSTANDING_TICKETS, full_until - now)
 
     async def consume_ticket(self, ticket_hash: bytes, now: float) -> TicketGrant | None:
         """Use a ticket once: the conditional UPDATE lets exactly one caller win.
