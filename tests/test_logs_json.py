@@ -162,10 +162,15 @@ def test_request_id_reuses_a_plain_offer(offered: str) -> None:
 
 @pytest.mark.parametrize(
     "offered",
-    [None, "", "x" * 65, "a" * 2000, 'a"b', "a\nb", "a b", "a\rb", "é", "a;b", "a\x00"],
+    [
+        *(None, "", "x" * 65, "a" * 2000, 'a"b', "a\nb", "a b", "a\rb", "é", "a;b", "a\x00"),
+        # A refresh token or a ticket sent as a request id by mistake.
+        "rt_" + "A" * 43,
+        "wst_" + "b-" * 20,
+    ],
 )
 def test_request_id_replaces_anything_else(offered: str | None) -> None:
-    """Anything else gets a fresh id: 16 random hex characters."""
+    """Anything else (a credential too) gets a fresh id: 16 random hex characters."""
     rid = request_id(offered)
     assert HEX16.fullmatch(rid)
     assert rid != request_id(offered)
@@ -283,7 +288,7 @@ async def test_http_answer_and_its_lines_share_the_request_id(
 async def test_error_answers_carry_the_request_id_of_their_lines(
     json_server: tuple[LiveServer, _JsonCapture], client: Client
 ) -> None:
-    """A 401 (its auth failure line too), a 404 and a 405 name their request in header and log."""
+    """A 401 (its auth failure line too), 404s and 405s name their request in header and log."""
     capture = json_server[1]
     resp = await client.request("GET", "/api/me", token="GarbageToken.x.y")
     assert resp.status == 401
@@ -292,7 +297,13 @@ async def test_error_answers_carry_the_request_id_of_their_lines(
     assert failure["logger"] == "tornado_chat.http"
     assert "user_id" not in failure
     await capture.wait_for("401 GET /api/me", request_id=rid, peer="127.0.0.1")
-    for method, path, status in (("GET", "/api/nope", 404), ("DELETE", "/api/me", 405)):
+    answers = (
+        ("GET", "/api/nope", 404),
+        ("DELETE", "/api/me", 405),
+        ("GET", "/", 200),  # the static page and its errors too
+        ("GET", "/static/nope.js", 404),
+    )
+    for method, path, status in answers:
         resp = await client.request(method, path)
         assert resp.status == status
         rid = resp.headers["X-Request-ID"]
@@ -334,27 +345,53 @@ async def test_an_attacker_request_id_is_not_reflected(
     assert offered[:40] not in capture.text()
 
 
+async def raw_request(live: LiveServer, client_ssl: ssl.SSLContext, data: bytes) -> str:
+    """Send ``data`` as written over verified TLS; the answer's status line and headers."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", live.port, ssl=client_ssl, server_hostname="localhost"
+    )
+    try:
+        writer.write(data)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 15)
+    finally:
+        writer.close()
+    return answer.split(b"\r\n\r\n")[0].decode()
+
+
+async def test_a_method_tornado_refuses_before_prepare_has_a_request_id(
+    json_server: tuple[LiveServer, _JsonCapture], client_ssl: ssl.SSLContext
+) -> None:
+    """PROPFIND (405 before any handler code) still answers and logs a request id."""
+    live, capture = json_server
+    head = await raw_request(
+        live,
+        client_ssl,
+        b"PROPFIND /api/me HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    assert head.startswith("HTTP/1.1 405 "), head
+    rid = re.search(r"\r\nX-Request-ID: (\S+)", head, re.IGNORECASE)
+    assert rid is not None and HEX16.fullmatch(rid.group(1)), head
+    await capture.wait_for("405 PROPFIND /api/me", request_id=rid.group(1))
+
+
 async def test_an_attacker_request_id_with_newlines_is_not_reflected(
     json_server: tuple[LiveServer, _JsonCapture], client_ssl: ssl.SSLContext
 ) -> None:
     """A folded X-Request-ID (a newline inside the header) gets a fresh id, and is not logged."""
     live, capture = json_server
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", live.port, ssl=client_ssl, server_hostname="localhost"
+    head = await raw_request(
+        live,
+        client_ssl,
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
+        b'X-Request-ID: InjectedN4\r\n "level":"CRITICAL"\r\n'
+        b"Connection: close\r\n\r\n",
     )
-    try:
-        writer.write(
-            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
-            b'X-Request-ID: InjectedN4\r\n "level":"CRITICAL"\r\n'
-            b"Connection: close\r\n\r\n"
-        )
-        await writer.drain()
-        head = (await asyncio.wait_for(reader.read(), 15)).split(b"\r\n\r\n")[0].decode()
-    finally:
-        writer.close()
     lines = head.split("\r\n")
     assert lines[0].split()[1] in ("200", "400"), head
-    answered = [v for k, _, v in (h.partition(": ") for h in lines[1:]) if k == "X-Request-ID"]
+    answered = [
+        v for k, _, v in (h.partition(": ") for h in lines[1:]) if k.lower() == "x-request-id"
+    ]
     if lines[0].split()[1] == "200":
         assert len(answered) == 1 and HEX16.fullmatch(answered[0]), head
         await capture.wait_for("200 GET /healthz", request_id=answered[0])

@@ -144,6 +144,10 @@ def install_redaction() -> None:
 # A client's own X-Request-ID is kept only in this shape: nothing that could
 # forge a field, break a line or grow the log.
 _OFFERED_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A refresh token or a ws ticket (auth/tokens.py: ``rt_``/``wst_`` and 43
+# characters) has that shape too; a client that sends one as its request id
+# must not get it written into every line of the request.
+_CREDENTIAL_PREFIXES = ("rt_", "wst_")
 
 
 def request_id(offered: str | None) -> str:
@@ -153,10 +157,14 @@ def request_id(offered: str | None) -> str:
         offered: the request's ``X-Request-ID`` header, if any.
 
     Returns:
-        ``offered`` when it is 1 to 64 characters of ``[A-Za-z0-9._-]``,
-        otherwise 16 random hex characters.
+        ``offered`` when it is 1 to 64 characters of ``[A-Za-z0-9._-]`` and
+        not a credential, otherwise 16 random hex characters.
     """
-    if offered is not None and _OFFERED_ID.fullmatch(offered):
+    if (
+        offered is not None
+        and _OFFERED_ID.fullmatch(offered)
+        and not offered.startswith(_CREDENTIAL_PREFIXES)
+    ):
         return offered
     return secrets.token_hex(8)
 
