@@ -60,19 +60,19 @@ def request_context(handler: tornado.web.RequestHandler) -> LogContext:
     Tornado sets default headers before ``initialize()`` and again for every
     error, so the id is kept on the handler, where each of those finds it.
     """
-    context: LogContext | None = getattr(handler, "_log_context", None)
+    context: LogContext | None = getattr(handler, "_chat_log_context", None)
     if context is None:
         request = handler.request
         offered = request.headers.get("X-Request-ID")
         context = LogContext(request_id(offered), peer=request.remote_ip)
-        handler._log_context = context  # type: ignore[attr-defined]
+        handler._chat_log_context = context  # type: ignore[attr-defined]
     return context
 
 
 def log_as_user(handler: tornado.web.RequestHandler, user_id: int) -> LogContext:
     """From now on, the request's records name ``user_id`` (it has authenticated)."""
     context = dataclasses.replace(request_context(handler), user_id=user_id)
-    handler._log_context = context  # type: ignore[attr-defined]
+    handler._chat_log_context = context  # type: ignore[attr-defined]
     enter_context(context)
     return context
 
