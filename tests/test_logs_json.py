@@ -24,6 +24,8 @@ import pytest
 
 from tests.conftest import make_settings
 from tests.harness import Client, LiveServer
+from tests.netfault import RawWebSocket
+from tornado_chat import protocol
 from tornado_chat.config import parse_settings
 from tornado_chat.errors import ConfigError
 from tornado_chat.logs import (
@@ -435,3 +437,40 @@ async def test_refused_socket_lines_share_the_101_request_id(
     assert await sock.closed() == 4401
     failure = await capture.wait_for("ws auth failure", request_id=rid)
     assert "user_id" not in failure
+
+
+async def test_a_socket_closed_by_other_work_is_logged_under_its_own_request_id(
+    json_server: tuple[LiveServer, _JsonCapture], client: Client, client_ssl: ssl.SSLContext
+) -> None:
+    """A slow consumer closed from a fan-out that another request caused names its own socket."""
+    live, capture = json_server
+    name, room = "json_slow", "json-slow"
+    token = (await client.user(name))["access_token"]
+    sock = await asyncio.to_thread(
+        RawWebSocket,
+        live.port,
+        f"/ws/{room}",
+        client_ssl,
+        subprotocols=["chat.v1", f"bearer.{token}"],
+        rcvbuf=4096,
+    )
+    try:
+        await asyncio.to_thread(sock.recv_until, "welcome")
+        rid = (await capture.wait_for(f"ws connect user={name}"))["request_id"]
+        hub = live.services.hub
+        frame = protocol.presence_frame("join", "x" * 32 * 1024, 0)
+
+        async def flood() -> None:
+            # As if another request's handler (its own log context) fanned out.
+            with bound_context(LogContext("0ther0request000", peer="192.0.2.9")):
+                for _ in range(400):
+                    if room not in hub.rooms:
+                        return
+                    hub.broadcast(room, frame)
+                    await asyncio.sleep(0)
+
+        live.call(flood())
+        line = await capture.wait_for(f"slow consumer closed user={name} room={room}")
+    finally:
+        sock.close()
+    assert (line["request_id"], line["peer"]) == (rid, "127.0.0.1")
