@@ -232,7 +232,9 @@ class JsonFormatter(logging.Formatter):
 
     Fields: ``time`` (RFC 3339, UTC, milliseconds), ``level``, ``logger``,
     ``message``; ``peer``, ``request_id`` and ``user_id`` when the record was
-    logged while a request or socket was handled; ``exc`` (the traceback) and
+    logged while a request or socket was handled (read when the line is
+    formatted, which a ``StreamHandler`` does inside the logging call, so in
+    the caller's context); ``exc`` (the traceback) and
     ``stack`` when the record has one; then any ``extra=`` attribute. Every
     text value is redacted here as well as by :class:`RedactingFilter`, which
     only sees the message: the other fields would otherwise escape it.
