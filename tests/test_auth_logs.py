@@ -9,11 +9,15 @@ query):
   own, so each source logger must already be clean;
 * ``python -m tornado_chat --log-level debug`` as a subprocess, asserting on
   every byte of its stderr: the production path, formatter included.
+
+Each runs once per ``--log-format`` (text and JSON Lines); in JSON every line
+of the process's stderr must also parse, with the fields every line has.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -40,6 +44,7 @@ from tests.test_attacks import (
     ticket_proto,
     ws_outcome,
 )
+from tornado_chat.logs import JsonFormatter
 from tornado_chat.pki import ServerCertificate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,9 +174,12 @@ def assert_clean(text: str, secrets: list[str]) -> None:
 class _Capture(logging.Handler):
     """Formats every record logged by threads other than the test's own."""
 
-    def __init__(self) -> None:
+    def __init__(self, fmt: str) -> None:
         super().__init__(logging.DEBUG)
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        if fmt == "json":
+            self.setFormatter(JsonFormatter())
+        else:
+            self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
         self.lines: list[str] = []
         self._test_thread = threading.get_ident()
 
@@ -181,14 +189,20 @@ class _Capture(logging.Handler):
         self.lines.append(self.format(record))
 
 
-@pytest.fixture(scope="module")
+# Both --log-format values: each capture below runs once per format.
+FORMATS = ("text", "json")
+
+
+@pytest.fixture(scope="module", params=FORMATS)
 def captured_server(
-    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    server_cert: ServerCertificate,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[LiveServer, _Capture]]:
     """A server whose every log record, at every level, is captured from its start."""
     root = logging.getLogger()
     level = root.level
-    capture = _Capture()
+    capture = _Capture(request.param)
     root.setLevel(logging.DEBUG)
     root.addHandler(capture)
     live = LiveServer(make_settings(server_cert, tmp_path_factory.mktemp("logs")))
@@ -254,11 +268,16 @@ def _wait_for_port(log_file: Path, proc: subprocess.Popen[bytes], timeout: float
     raise AssertionError(f"server did not start:\n{log_file.read_text(errors='replace')}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=FORMATS)
 def process_server(
-    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    server_cert: ServerCertificate,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[int, Path, subprocess.Popen[bytes]]]:
-    """``python -m tornado_chat --log-level debug`` with stderr in a file; (port, file, process)."""
+    """``python -m tornado_chat --log-level debug`` with stderr in a file; (port, file, process).
+
+    Started with ``--log-format`` from the fixture's parameter (text, json).
+    """
     root = tmp_path_factory.mktemp("logproc")
     log_file = root / "stderr.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
@@ -273,6 +292,7 @@ def process_server(
         f"--keyfile={server_cert.key_path}",
         "--bcrypt-rounds=4",
         "--log-level=debug",
+        f"--log-format={request.param}",
     ]
     with log_file.open("wb") as sink:
         proc = subprocess.Popen(args, cwd=root, env=env, stdout=sink, stderr=sink)
@@ -315,6 +335,10 @@ async def test_no_credential_in_a_server_process_stderr(
     await asyncio.to_thread(stop_process, proc)
     text = await asyncio.to_thread(log_file.read_text, errors="replace")
     assert_clean(text, secrets)
+    if "--log-format=json" in proc.args:
+        for line in text.splitlines():
+            obj = json.loads(line)
+            assert {"time", "level", "logger", "message"} <= set(obj), line
 
 
 def test_fragments_cover_each_credential_kind() -> None:

@@ -1,15 +1,16 @@
-"""Unit tests for tornado_chat.logs: credentials never reach a log line."""
+"""Unit tests for tornado_chat.logs: credentials never reach a log line, text or JSON."""
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import Iterator
 
 import pytest
 
 from tornado_chat import logs
-from tornado_chat.logs import SECRET_NAMES, RedactingFilter, redact, redact_uri
+from tornado_chat.logs import SECRET_NAMES, JsonFormatter, RedactingFilter, redact, redact_uri
 
 JWT = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl-_x"
 TICKET = "Zm9vYmFyYmF6cXV4-_0123456789"
@@ -83,19 +84,36 @@ def test_redact_is_idempotent() -> None:
     assert redact(once) == once
 
 
-@pytest.fixture
-def capture() -> Iterator[tuple[logging.Logger, io.StringIO]]:
-    """A private logger writing formatted lines to a buffer, with the redacting filter."""
+# Both --log-format values: every test of emitted lines runs against each.
+FORMATS = ("text", "json")
+
+
+def formatter(fmt: str) -> logging.Formatter:
+    """``LEVEL message`` lines, or the server's JSON Lines."""
+    return JsonFormatter() if fmt == "json" else logging.Formatter("%(levelname)s %(message)s")
+
+
+def as_text(raw: str, fmt: str) -> str:
+    """Emitted lines as ``LEVEL message``, whichever format wrote them (JSON parsed first)."""
+    if fmt == "text":
+        return raw
+    lines = [json.loads(line) for line in raw.splitlines()]
+    return "".join(f"{obj['level']} {obj['message']}\n" for obj in lines)
+
+
+@pytest.fixture(params=FORMATS)
+def capture(request: pytest.FixtureRequest) -> Iterator[tuple[logging.Logger, io.StringIO, str]]:
+    """A private logger writing lines to a buffer, with the redacting filter; and the format."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.setFormatter(formatter(request.param))
     logger = logging.getLogger("tornado_chat.test_logs.private")
     logger.addHandler(handler)
     logger.addFilter(RedactingFilter())
     logger.setLevel(logging.INFO)
     logger.propagate = False
     try:
-        yield logger, stream
+        yield logger, stream, request.param
     finally:
         logger.removeHandler(handler)
         for f in list(logger.filters):
@@ -104,14 +122,14 @@ def capture() -> Iterator[tuple[logging.Logger, io.StringIO]]:
 
 
 def test_filter_redacts_args_of_a_real_record(
-    capture: tuple[logging.Logger, io.StringIO],
+    capture: tuple[logging.Logger, io.StringIO, str],
 ) -> None:
     """A credential passed as a %-argument is redacted in the emitted line."""
-    logger, stream = capture
+    logger, stream, fmt = capture
     logger.info("ws auth failure %s: %s", f"GET /ws/lobby?token={JWT} (::1)", "expired")
     logger.warning("handshake %s", {"Sec-WebSocket-Protocol": f"chat.v1, bearer.{JWT}"})
-    out = stream.getvalue()
-    assert JWT not in out
+    assert JWT not in stream.getvalue()
+    out = as_text(stream.getvalue(), fmt)
     assert "INFO ws auth failure GET /ws/lobby?token=[REDACTED] (::1): expired" in out
     assert "bearer.[REDACTED]" in out
 
@@ -163,7 +181,8 @@ def clean_redaction() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("clean_redaction")
-def test_install_redaction_is_idempotent_and_covers_access_log() -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_install_redaction_is_idempotent_and_covers_access_log(fmt: str) -> None:
     """install_redaction adds one filter per target however often it runs; covers tornado.access."""
     logs.install_redaction()
     logs.install_redaction()
@@ -174,6 +193,8 @@ def test_install_redaction_is_idempotent_and_covers_access_log() -> None:
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
     access = logging.getLogger("tornado.access")
     old_level = access.level
     access.addHandler(handler)
@@ -183,7 +204,11 @@ def test_install_redaction_is_idempotent_and_covers_access_log() -> None:
     finally:
         access.removeHandler(handler)
         access.setLevel(old_level)
-    assert stream.getvalue() == "101 GET /ws/lobby?token=[REDACTED] (127.0.0.1) 1.50ms\n"
+    expected = "101 GET /ws/lobby?token=[REDACTED] (127.0.0.1) 1.50ms"
+    if fmt == "json":
+        assert json.loads(stream.getvalue())["message"] == expected
+    else:
+        assert stream.getvalue() == expected + "\n"
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
 """``python -m tornado_chat`` (and the ``tornado-chat`` console script).
 
 Reads flags and ``CHAT_*`` variables, configures logging (one line per
-record), runs the server until ``SIGTERM``/``SIGINT``, and turns every error a
-person can fix into ``ERROR: <one line>`` on stderr with a non-zero exit code:
-2 for configuration (flags, files, certificates, ports), 1 for anything else.
+record: text, or JSON Lines with ``--log-format json``), runs the server until
+``SIGTERM``/``SIGINT``, and turns every error a person can fix into
+``ERROR: <one line>`` on stderr with a non-zero exit code: 2 for configuration
+(flags, files, certificates, ports), 1 for anything else.
 """
 
 from __future__ import annotations
@@ -75,10 +76,23 @@ def summarize_exception(exc_info: _ExcInfo | tuple[None, None, None]) -> str:
     return f"{kind.__name__}: {message}{where}" if message else f"{kind.__name__}{where}"
 
 
-def configure_logging(level: str) -> None:
-    """Log to stderr, one line per record, at ``level`` (``info``, ``debug``...)."""
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr, one line per record, at ``level`` (``info``, ``debug``...).
+
+    Args:
+        level: the lowest level logged.
+        fmt: ``text`` or ``json`` (JSON Lines, :class:`~tornado_chat.logs.JsonFormatter`).
+    """
+    from tornado_chat.logs import JsonFormatter, install_redaction
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter(LOG_FORMAT, full_tracebacks=level == "debug"))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+        # A Python warning would otherwise be printed as bare text lines in
+        # the middle of the JSON ones, which a collector cannot parse.
+        logging.captureWarnings(True)
+    else:
+        handler.setFormatter(OneLineFormatter(LOG_FORMAT, full_tracebacks=level == "debug"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -87,10 +101,6 @@ def configure_logging(level: str) -> None:
     if level != "debug":
         # Alembic announces each of its plugins at INFO on every start.
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    try:
-        from tornado_chat.logs import install_redaction
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return
     install_redaction()
 
 
@@ -120,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(exc, EXIT_CONFIG)
     except SystemExit as exc:  # --help and --version print and exit 0
         return exc.code if isinstance(exc.code, int) else 0
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     for warning in settings_warnings(settings, os.environ):
         log.warning("%s", warning)
     from tornado_chat.server import run

@@ -41,7 +41,7 @@ from tornado_chat.handlers.auth import (
     AuthRegisterHandler,
     AuthTicketHandler,
 )
-from tornado_chat.handlers.base import NotFoundHandler, request_summary
+from tornado_chat.handlers.base import NotFoundHandler, request_context, request_summary
 from tornado_chat.handlers.docs import OpenApiHandler
 from tornado_chat.handlers.pages import StaticHandler
 from tornado_chat.handlers.rooms import (
@@ -53,7 +53,7 @@ from tornado_chat.handlers.rooms import (
 from tornado_chat.handlers.socket import ChatSocketHandler
 from tornado_chat.hub import Hub, Member
 from tornado_chat.limits import TokenBucket
-from tornado_chat.logs import install_redaction
+from tornado_chat.logs import bound_context, install_redaction
 from tornado_chat.storage import Storage, StoredMessage
 from tornado_chat.storage.housekeeping import PURGE_EVERY
 from tornado_chat.writer import MessageWriter
@@ -294,13 +294,15 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     """The access log: status, method, redacted URI, address, time. Never headers."""
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    access_log.log(
-        level,
-        "%d %s %.1fms",
-        status,
-        request_summary(handler),
-        1000.0 * handler.request.request_time(),
-    )
+    # Named explicitly: Tornado may log a request outside the task that handled it.
+    with bound_context(request_context(handler)):
+        access_log.log(
+            level,
+            "%d %s %.1fms",
+            status,
+            request_summary(handler),
+            1000.0 * handler.request.request_time(),
+        )
 
 
 def make_app(settings: Settings, services: Services) -> tornado.web.Application:

@@ -99,6 +99,7 @@ class Settings:
     shutdown_timeout: float = 10.0
     # Logging
     log_level: str = "info"
+    log_format: str = "text"
 
     @property
     def db_url(self) -> str:
@@ -131,6 +132,7 @@ class Settings:
 # --------------------------------------------------------------------------
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_LOG_FORMATS = ("text", "json")
 _JWT_ALGORITHMS = ("HS256", "ES256")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -690,6 +692,14 @@ _OPTIONS: tuple[_Option, ...] = (
         "LEVEL",
         "logging",
     ),
+    _Option(
+        "--log-format",
+        "log_format",
+        _choice(_LOG_FORMATS, fold=str.lower),
+        "text (one line per record) or json (JSON Lines for a log collector)",
+        "FORMAT",
+        "logging",
+    ),
 )
 
 # --no-query-token is the one switch; its variable takes a boolean.
@@ -852,6 +862,8 @@ def validate_settings(settings: Settings) -> None:
         )
     if settings.log_level not in _LOG_LEVELS:
         raise ConfigError(f"--log-level {settings.log_level!r} is not one of {_LOG_LEVELS}")
+    if settings.log_format not in _LOG_FORMATS:
+        raise ConfigError(f"--log-format {settings.log_format!r} is not one of {_LOG_FORMATS}")
     if settings.broker:
         # redis is the [redis] extra; the broker module imports it only when used.
         require_extra("redis", "redis", "--broker redis://...")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from http.client import responses
@@ -17,7 +18,7 @@ from tornado_chat.errors import (
     StorageError,
     Unauthorized,
 )
-from tornado_chat.logs import clip, redact_uri
+from tornado_chat.logs import LogContext, clip, enter_context, redact_uri, request_id
 
 if TYPE_CHECKING:
     from tornado_chat.app import Services
@@ -50,6 +51,30 @@ def set_security_headers(handler: tornado.web.RequestHandler) -> None:
     handler.set_header("Referrer-Policy", "no-referrer")
     handler.set_header("X-Frame-Options", "DENY")
     handler.set_header("Cross-Origin-Opener-Policy", "same-origin")
+    handler.set_header("X-Request-ID", request_context(handler).request_id)
+
+
+def request_context(handler: tornado.web.RequestHandler) -> LogContext:
+    """The request's log context (its id and the client's address), made on first use.
+
+    Tornado sets default headers before ``initialize()`` and again for every
+    error, so the id is kept on the handler, where each of those finds it.
+    """
+    context: LogContext | None = getattr(handler, "_chat_log_context", None)
+    if context is None:
+        request = handler.request
+        offered = request.headers.get("X-Request-ID")
+        context = LogContext(request_id(offered), peer=request.remote_ip)
+        handler._chat_log_context = context  # type: ignore[attr-defined]
+    return context
+
+
+def log_as_user(handler: tornado.web.RequestHandler, user_id: int) -> LogContext:
+    """From now on, the request's records name ``user_id`` (it has authenticated)."""
+    context = dataclasses.replace(request_context(handler), user_id=user_id)
+    handler._chat_log_context = context  # type: ignore[attr-defined]
+    enter_context(context)
+    return context
 
 
 def reason_phrase(status_code: int, exc: BaseException | None) -> str:
@@ -79,6 +104,10 @@ class BaseHandler(tornado.web.RequestHandler):
         """Receive the shared services from the application factory."""
         self.services = services
         self.chat_settings = settings
+
+    def prepare(self) -> None:
+        """Every record logged while handling the request names it (and its client)."""
+        enter_context(request_context(self))
 
     def set_default_headers(self) -> None:
         """Security headers; API responses are never cached."""
@@ -126,13 +155,17 @@ class BaseHandler(tornado.web.RequestHandler):
         """
         token = self.bearer_token()
         try:
-            return await self.services.auth.authenticate(token)
+            claims = await self.services.auth.authenticate(token)
         except InvalidToken as exc:
             log.info("auth failure %s: %s", request_summary(self), clip(str(exc)))
             raise Unauthorized("invalid_token", "access token is invalid or expired") from None
+        log_as_user(self, claims.user_id)
+        return claims
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Expected errors are one info line; only real bugs get a traceback."""
+        # Also for errors raised before prepare() (a method Tornado does not know).
+        enter_context(request_context(self))
         if isinstance(value, ApiError):
             log.info("%d %s %s", value.status, value.code, request_summary(self))
         elif isinstance(value, StorageError):
@@ -191,4 +224,5 @@ class NotFoundHandler(BaseHandler):
 
     def prepare(self) -> None:
         """Any method on an unknown path."""
+        super().prepare()
         raise tornado.web.HTTPError(404)

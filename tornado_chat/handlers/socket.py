@@ -42,8 +42,15 @@ from tornado_chat.errors import (
     ServiceUnavailable,
     StorageError,
 )
-from tornado_chat.handlers.base import request_summary, set_security_headers, write_json_error
+from tornado_chat.handlers.base import (
+    log_as_user,
+    request_context,
+    request_summary,
+    set_security_headers,
+    write_json_error,
+)
 from tornado_chat.hub import Member
+from tornado_chat.logs import bound_context, enter_context
 from tornado_chat.pki.names import covers_host
 from tornado_chat.protocol import Reauth
 from tornado_chat.session import (
@@ -242,6 +249,9 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         A method other than GET is answered 405 first (with ``Allow``), as on
         every other route, whatever else is wrong with the request.
         """
+        # The upgrade, open() and the frame loop run in this task: each record
+        # they log names the socket's request id (and, once known, its user).
+        enter_context(request_context(self))
         if self.request.method != "GET":
             raise tornado.web.HTTPError(405)
         origin = self.request.headers.get("Origin")
@@ -301,6 +311,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Refused handshakes are one info line, never a traceback."""
+        enter_context(request_context(self))
         if isinstance(value, (BadRequest, Forbidden, ServiceUnavailable, tornado.web.HTTPError)):
             log.info("handshake refused %s: %s", request_summary(self), value)
         elif isinstance(value, asyncio.CancelledError):
@@ -489,6 +500,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         except StorageError as exc:
             self._event(session.credentials_unavailable, str(exc))
             return None
+        log_as_user(self, claims.user_id)
         conn = self.ws_connection
         if conn is None or conn.is_closing():  # gone or timed out while we checked
             return None
@@ -630,19 +642,29 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         member, session = self.member, self.session
         if member is None or session is None:
             return
-        frame = session.frame_received(message, self.services.bucket(member.user_id))
-        self._pump()
-        if frame is None:
-            return
-        if isinstance(frame, Reauth):
-            await self._reauth(session, member, frame.token)
-            return
-        try:
-            await self.services.writer.submit(
-                member.room, member.user_id, member.username, frame.body, frame.client_id, member
-            )
-        except StorageError as exc:
-            self._event(session.message_not_stored, str(exc))
+        with bound_context(request_context(self)):
+            frame = session.frame_received(message, self.services.bucket(member.user_id))
+            self._pump()
+            if frame is None:
+                return
+            if isinstance(frame, Reauth):
+                await self._reauth(session, member, frame.token)
+                return
+            try:
+                # The writer's batch task may start here, and then stores (and
+                # fans out) every socket's messages: it must not inherit this
+                # socket's request id.
+                with bound_context(None):
+                    await self.services.writer.submit(
+                        member.room,
+                        member.user_id,
+                        member.username,
+                        frame.body,
+                        frame.client_id,
+                        member,
+                    )
+            except StorageError as exc:
+                self._event(session.message_not_stored, str(exc))
 
     async def _reauth(self, session: Session, member: Member, token: str) -> None:
         auth = self.services.auth
@@ -736,9 +758,14 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     # -- events and the one close path ------------------------------------------------
 
     def _event(self, event: Any, *args: Any) -> None:
-        """Tell the session what happened, then carry out what it decided."""
-        event(*args)
-        self._pump()
+        """Tell the session what happened, then carry out what it decided.
+
+        Under this socket's log context: the event may come from another
+        socket's work (a fan-out that overflowed this outbox) or a timer.
+        """
+        with bound_context(request_context(self)):
+            event(*args)
+            self._pump()
 
     def _pump(self) -> None:
         """Send the session's frames and carry out its close decision, if new."""
@@ -820,7 +847,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         """Leave the room; log who went and why."""
-        self._leave()
-        session = self.session
-        if session is not None:
-            session.closed(self.close_code, duration=time.monotonic() - self._opened)
+        with bound_context(request_context(self)):
+            self._leave()
+            session = self.session
+            if session is not None:
+                session.closed(self.close_code, duration=time.monotonic() - self._opened)
