@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from typing import Any
 
 import jwt
 import pytest
@@ -91,6 +92,51 @@ async def test_reconnect_with_since_gets_exactly_the_missed_messages(client: Cli
         await sb2.recv_type("message", timeout=0.3)
     sa.close()
     sb2.close()
+
+
+async def test_a_socket_closed_during_its_replay_leaves_no_task_behind(
+    server: LiveServer, client: Client
+) -> None:
+    """Closing a socket whose history replay is waiting on storage cancels the replay."""
+    a = await client.user("ws_replay_gone")
+    sa, _ = await client.join("ws-replay-gone", a["access_token"])
+    await sa.say("one")
+    await sa.messages(1)
+    sa.close()
+    storage = server.server.services.storage
+    stuck = asyncio.Event()
+
+    async def never(*args: object, **kwargs: object) -> None:
+        stuck.set()
+        await asyncio.Event().wait()  # a history read that never answers
+
+    def replays() -> int:
+        return sum(
+            1
+            for task in asyncio.all_tasks(server.loop)
+            if getattr(task.get_coro(), "__qualname__", "") == "ChatSocketHandler._replay"
+        )
+
+    async def on_loop(fn: Any) -> Any:
+        return fn()
+
+    storage.messages = never
+    try:
+        sb = await client.connect("ws-replay-gone", token=a["access_token"], query="?since=0")
+        await sb.recv()  # the welcome: the replay has started
+        await asyncio.wait_for(asyncio.to_thread(server.call, _wait_set(stuck)), 10)
+        assert server.call(on_loop(replays)) == 1
+        sb.close()
+        deadline = time.monotonic() + 10
+        while server.call(on_loop(replays)):
+            assert time.monotonic() < deadline, "the replay outlived its socket"
+            await asyncio.sleep(0.02)
+    finally:
+        del storage.messages
+
+
+async def _wait_set(event: asyncio.Event) -> None:
+    await event.wait()
 
 
 async def test_error_frames_keep_the_socket_open(client: Client) -> None:

@@ -830,6 +830,10 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             conn.pong_seen = True
 
     def _leave(self) -> None:
+        # A replay still reading history has nobody left to write to.
+        replay, self._replay_task = self._replay_task, None
+        if replay is not None and not replay.done():
+            replay.cancel()
         if self._expiry is not None:
             tornado.ioloop.IOLoop.current().remove_timeout(self._expiry)
             self._expiry = None
