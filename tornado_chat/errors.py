@@ -17,7 +17,9 @@ Everything the package raises on purpose derives from :class:`ChatError`::
     │       └── ServerBusy       503 server_busy (too much work queued; carries Retry-After)
     ├── InvalidToken             a JWT, refresh token or ticket is not acceptable
     └── StorageError             the database failed or is unreachable
-        └── UsernameTaken        unique constraint on users.username
+        ├── UsernameTaken        unique constraint on users.username
+        ├── RoomNameTaken        unique constraint on rooms.name
+        └── InviteRefused        an invite code unknown, used up or expired
 
 HTTP handlers map :class:`ApiError` to ``{"error": {"code", "message"}}`` in
 one place (``handlers/base.write_json_error``). A socket's errors become close
@@ -137,3 +139,11 @@ class StorageError(ChatError):
 
 class UsernameTaken(StorageError):
     """The username already exists (enforced by a unique constraint)."""
+
+
+class RoomNameTaken(StorageError):
+    """A room of that name exists, whatever its visibility (unique constraint)."""
+
+
+class InviteRefused(StorageError):
+    """The invite code is unknown, used up or expired (nothing was created)."""
