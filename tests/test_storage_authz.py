@@ -34,6 +34,7 @@ HOUR = queries_suite.HOUR
 backend = queries_suite.backend
 storage = queries_suite.storage
 two_nodes = queries_suite.two_nodes
+both = queries_suite.both
 
 
 async def _users(storage: Storage, *names: str) -> list[int]:
@@ -68,6 +69,24 @@ async def test_racing_first_registrations_make_one_admin(
         assert sum(account.is_admin for account in listed) == 1
         for user in created:  # empty again for the next round
             await s1.delete_user(user.id)
+
+
+async def test_revoke_user_sessions_ends_only_that_users_active_sessions(
+    storage: Storage,
+) -> None:
+    """After a password reset every session of the user ends; other users' stay."""
+    now = time.time()
+    alice, bob = await _users(storage, "alice", "bob")
+    first = await storage.create_session(alice, now + HOUR)
+    second = await storage.create_session(alice, now + HOUR)
+    expired = await storage.create_session(alice, now - 1)
+    other = await storage.create_session(bob, now + HOUR)
+    assert await storage.revoke_user_sessions(alice) == sorted([first, second])
+    assert expired not in await storage.revoke_user_sessions(alice)
+    assert not await storage.session_active(first, alice, now)
+    assert not await storage.session_active(second, alice, now)
+    assert await storage.session_active(other, bob, now)
+    assert await storage.revoke_user_sessions(10_000) == []
 
 
 async def test_promote_demote_set_password_and_list(storage: Storage) -> None:
@@ -406,3 +425,23 @@ async def test_racing_direct_room_creations_make_one(two_nodes: tuple[Storage, S
         )
         assert len({room.id for room in rooms}) == 1, rooms
         assert len(await s1.members(rooms[0].name)) == 2
+
+
+async def test_both_sqlite_paths_read_the_same_room_access(both: tuple[Storage, Storage]) -> None:
+    """room_access on the fast path and on SQLAlchemy agree on one file, state by state."""
+    fast, slow = both
+    alice, bob, carol, dave = await _users(slow, "alice", "bob", "carol", "dave")
+    await slow.create_room("team", "private", owner_id=alice)
+    await slow.add_member("team", bob, "moderator")
+    await slow.add_member("team", carol)
+    await slow.mute("team", carol, by=alice, seconds=60)
+    await slow.ban("team", dave, by=alice, seconds=60)
+    dm = await fast.direct_room(alice, bob)
+    now = time.time()
+    for room in ("team", dm.name, "nowhere"):
+        for uid in (alice, bob, carol, dave):
+            for when in (now, now + 120):
+                fast_answer = await fast.room_access(room, uid, when)
+                assert fast_answer == await slow.room_access(room, uid, when), (room, uid)
+    assert await fast.room_access("team", dave) == RoomAccess("private", None, True, None)
+    assert (await fast.room_access("team", carol, now + 120)).muted_until is None

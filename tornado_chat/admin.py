@@ -185,7 +185,10 @@ async def _set_password(
     password = _new_password(read, user.username)
     hashed = await PasswordHasher(settings.bcrypt_rounds).hash(password)
     await storage.set_password(user.id, hashed)
-    return f"password of {user.username} replaced; its sessions stay open (deactivate ends them)"
+    # A reset often follows a suspected compromise: whoever holds a session
+    # of the old password is logged out too.
+    revoked = await storage.revoke_user_sessions(user.id)
+    return f"password of {user.username} replaced: {len(revoked)} session(s) ended"
 
 
 async def _deactivate(storage: Storage, args: argparse.Namespace) -> str:

@@ -305,17 +305,12 @@ class AlchemyQueries:
             ).first()
             if found is None:
                 return None
-            revoked = await conn.execute(
-                sessions.update()
-                .where(
-                    sessions.c.user_id == user_id,
-                    sessions.c.revoked_at.is_(None),
-                    sessions.c.expires_at > now,
-                )
-                .values(revoked_at=now)
-                .returning(sessions.c.id)
-            )
-            return sorted(str(sid) for sid in revoked.scalars())
+            return await _revoke_all(conn, user_id, now)
+
+    async def revoke_user_sessions(self, user_id: int, now: float) -> list[str]:
+        """Revoke every active session of a user; their ids."""
+        async with self._write() as conn:
+            return await _revoke_all(conn, user_id, now)
 
     async def list_users(self) -> list[Account]:
         """Every account, by name (ignoring case)."""
@@ -974,6 +969,21 @@ async def _revoke(conn: AsyncConnection, session_id: str, now: float) -> bool:
         )
     ).first()
     return row is not None and float(row.expires_at) > now
+
+
+async def _revoke_all(conn: AsyncConnection, user_id: int, now: float) -> list[str]:
+    """Revoke every active session of a user; their ids, sorted."""
+    revoked = await conn.execute(
+        sessions.update()
+        .where(
+            sessions.c.user_id == user_id,
+            sessions.c.revoked_at.is_(None),
+            sessions.c.expires_at > now,
+        )
+        .values(revoked_at=now)
+        .returning(sessions.c.id)
+    )
+    return sorted(str(sid) for sid in revoked.scalars())
 
 
 async def _session_owner(conn: AsyncConnection, session_id: str) -> tuple[int, str] | None:

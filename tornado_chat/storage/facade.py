@@ -258,6 +258,15 @@ class Storage:
             "deactivate_user", self._queries.deactivate_user(user_id, time.time())
         )
 
+    async def revoke_user_sessions(self, user_id: int) -> list[str]:
+        """End every active session of a user (after a password reset); their ids.
+
+        The caller tells the revoke listeners, as for :meth:`deactivate_user`.
+        """
+        return await self._call(
+            "revoke_user_sessions", self._queries.revoke_user_sessions(user_id, time.time())
+        )
+
     async def reactivate_user(self, user_id: int) -> bool:
         """Let a deactivated account log in again; False if there is no such user."""
         return await self._call("reactivate_user", self._queries.reactivate_user(user_id))

@@ -73,10 +73,10 @@ class Queries(Protocol):
         """Set or clear the server-admin flag; False if there is no such user."""
 
     async def deactivate_user(self, user_id: int, now: float) -> list[str] | None:
-        """Deactivate a user and revoke its active sessions; their ids.
+        """Deactivate a user and revoke its active sessions; their ids. None if no such user."""
 
-        None if there is no such user; an empty list if it was already deactivated.
-        """
+    async def revoke_user_sessions(self, user_id: int, now: float) -> list[str]:
+        """Revoke every active session of a user; their ids."""
 
     async def reactivate_user(self, user_id: int) -> bool:
         """Clear the deactivation; False if there is no such user."""
