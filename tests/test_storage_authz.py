@@ -445,3 +445,20 @@ async def test_both_sqlite_paths_read_the_same_room_access(both: tuple[Storage, 
                 assert fast_answer == await slow.room_access(room, uid, when), (room, uid)
     assert await fast.room_access("team", dave) == RoomAccess("private", None, True, None)
     assert (await fast.room_access("team", carol, now + 120)).muted_until is None
+
+
+async def test_purge_drops_spent_invites_and_ended_bans_and_mutes(storage: Storage) -> None:
+    """Housekeeping removes used-up and expired invites and ended restrictions, nothing live."""
+    (alice, bob, carol) = await _users(storage, "alice", "bob", "carol")
+    await storage.create_room("team", "public", owner_id=alice)
+    spent, live = hash_secret("inv_spent"), hash_secret("inv_live")
+    await storage.create_invite(spent, created_by=alice, expires_in=60, uses=1)
+    await storage.create_invite(live, created_by=alice, expires_in=3600, uses=1)
+    await storage.create_user("dave", HASH, invite_hash=spent)
+    await storage.ban("team", bob, by=alice, seconds=60)
+    await storage.ban("team", carol, by=alice)  # no end: kept
+    await storage.mute("team", alice, by=None, seconds=60)
+    # Two minutes on: the spent invite, bob's ban and alice's mute have ended.
+    assert await storage.purge_expired(time.time() + 120) == 3
+    assert (await storage.room_access("team", carol)).banned
+    assert (await storage.create_user("erin", HASH, invite_hash=live)).username == "erin"

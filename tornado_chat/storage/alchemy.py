@@ -932,7 +932,8 @@ class AlchemyQueries:
     # -- housekeeping -----------------------------------------------------------
 
     async def purge_expired(self, now: float) -> int | None:
-        """Delete dead sessions, expired refresh tokens and spent tickets; rows removed.
+        """Delete dead sessions, expired refresh tokens, spent tickets and invites, ended
+        bans and mutes; rows removed.
 
         None when another node is purging right now (PostgreSQL): one node at
         a time is enough, and two would only wait for each other's row locks.
@@ -953,6 +954,12 @@ class AlchemyQueries:
                 sessions.delete().where(
                     sa.or_(sessions.c.expires_at <= now, sessions.c.revoked_at.is_not(None))
                 ),
+                invites.delete().where(
+                    sa.or_(invites.c.expires_at <= now, invites.c.uses_left <= 0)
+                ),
+                # A ban without end stays until lifted; ended bans and mutes go.
+                room_bans.delete().where(room_bans.c.until <= now),
+                room_mutes.delete().where(room_mutes.c.until <= now),
             ):
                 removed += int((await conn.execute(stmt)).rowcount or 0)
         return removed

@@ -601,8 +601,9 @@ class Storage:
     # -- housekeeping -----------------------------------------------------------
 
     async def purge_expired(self, now: float) -> int | None:
-        """Delete expired or revoked sessions, expired refresh tokens and spent
-        or expired tickets; returns how many rows went.
+        """Delete expired or revoked sessions, expired refresh tokens, spent or
+        expired tickets and invites, and bans and mutes that have ended;
+        returns how many rows went.
 
         A used refresh token is kept until it expires so that its reuse is
         still recognised (and revokes the family) while it would have been

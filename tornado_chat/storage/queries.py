@@ -204,7 +204,8 @@ class Queries(Protocol):
         """
 
     async def purge_expired(self, now: float) -> int | None:
-        """Delete dead sessions, expired refresh tokens, spent tickets; rows removed.
+        """Delete dead sessions, expired refresh tokens, spent tickets and invites, ended
+        bans and mutes; rows removed.
 
         None when another node is purging at this moment (nothing was done).
         """
