@@ -69,14 +69,14 @@ async def test_migrations_apply_on_empty_db_and_are_idempotent(db_url: str) -> N
     async with first._engine.connect() as conn:
         revision, diff = await conn.run_sync(_schema_report)
     await first.close()
-    assert revision == "0001"
+    assert revision == HEAD
     assert diff == []
 
     second = await Storage.open(db_url)
     try:
         async with second._engine.connect() as conn:
             revision, _ = await conn.run_sync(_schema_report)
-        assert revision == "0001"
+        assert revision == HEAD
         assert [m.body for m in await second.messages("lobby")] == ["hello"]
         assert (await second.get_user(uid)) is not None
     finally:

@@ -19,7 +19,7 @@ import ipaddress
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -749,14 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     groups = {key: parser.add_argument_group(title) for key, title in _GROUPS.items()}
     for option in _OPTIONS:
-        default = option.shown_default or _show_default(_default_of(option.dest))
-        groups[option.group].add_argument(
-            option.flag,
-            dest=option.dest,
-            type=option.convert,
-            metavar=option.metavar,
-            help=f"{option.help} (default: {default}; env {option.env})".replace("%", "%%"),
-        )
+        _add_option(groups[option.group], option)
     groups["auth"].add_argument(
         _NO_QUERY_TOKEN_FLAG,
         dest="no_query_token",
@@ -789,12 +782,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Se
         args = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
     except UsageError as exc:
         raise ConfigError(str(exc)) from None
-    values: dict[str, Any] = {}
-    for option in _OPTIONS:
-        if option.dest in args:
-            values[option.dest] = args[option.dest]
-        elif option.env in environ:
-            values[option.dest] = _from_env(option.env, environ[option.env], option.convert)
+    values = _option_values(args, environ, None)
     if args.get("no_query_token"):
         values["allow_query_token"] = False
     elif _NO_QUERY_TOKEN_ENV in environ:
@@ -916,3 +904,66 @@ def settings_warnings(settings: Settings, environ: Mapping[str, str] | None = No
             "are cheap to brute-force; use 12 (the default) outside tests"
         )
     return warnings
+
+
+# --------------------------------------------------------------------------
+# Rows of the option table for other commands (python -m tornado_chat.admin),
+# so that they find the server's database exactly as the server does.
+# --------------------------------------------------------------------------
+
+
+def _add_option(parser: Any, option: _Option) -> None:
+    """One row of the option table as an argument of ``parser`` (a parser or an argument group).
+
+    Its help states the default and the variable.
+    """
+    default = option.shown_default or _show_default(_default_of(option.dest))
+    parser.add_argument(
+        option.flag,
+        dest=option.dest,
+        type=option.convert,
+        metavar=option.metavar,
+        default=argparse.SUPPRESS,
+        help=f"{option.help} (default: {default}; env {option.env})".replace("%", "%%"),
+    )
+
+
+def _option_values(
+    args: Mapping[str, Any], environ: Mapping[str, str], dests: Collection[str] | None
+) -> dict[str, Any]:
+    """The values given for the table's options (all, or ``dests``): flag, else variable."""
+    values: dict[str, Any] = {}
+    for option in _OPTIONS:
+        if dests is not None and option.dest not in dests:
+            continue
+        if option.dest in args:
+            values[option.dest] = args[option.dest]
+        elif option.env in environ:
+            values[option.dest] = _from_env(option.env, environ[option.env], option.convert)
+    return values
+
+
+def add_options(parser: argparse.ArgumentParser, dests: Collection[str]) -> None:
+    """Add the option table's rows whose ``Settings`` field is in ``dests`` to ``parser``."""
+    for option in _OPTIONS:
+        if option.dest in dests:
+            _add_option(parser, option)
+
+
+def settings_of(
+    args: Mapping[str, Any], environ: Mapping[str, str], dests: Collection[str]
+) -> Settings:
+    """Settings from the ``dests`` options of :func:`add_options` and their ``CHAT_*`` variables.
+
+    Every other field keeps its default; nothing else is validated.
+
+    Raises:
+        ConfigError: a variable's value is invalid (one line naming it).
+    """
+    return Settings(**_option_values(args, environ, dests))
+
+
+def whole_seconds(low: int, high: int) -> Callable[[str], int]:
+    """The option table's duration converter (``7d``, ``12h``, ``90``): whole seconds in range."""
+    convert: Callable[[str], int] = _seconds(low, high, whole=True)
+    return convert

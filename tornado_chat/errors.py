@@ -18,7 +18,9 @@ Everything the package raises on purpose derives from :class:`ChatError`::
     ├── InvalidToken             a JWT, refresh token or ticket is not acceptable
     └── StorageError             the database failed or is unreachable
         ├── UsernameTaken        unique constraint on users.username
-        └── TicketLimitReached   a user already holds the most unused ws tickets
+        ├── TicketLimitReached   a user already holds the most unused ws tickets
+        ├── RoomNameTaken        unique constraint on rooms.name
+        └── InviteRefused        an invite code unknown, used up or expired
 
 HTTP handlers map :class:`ApiError` to ``{"error": {"code", "message"}}`` in
 one place (``handlers/base.write_json_error``). A socket's errors become close
@@ -152,3 +154,11 @@ class TicketLimitReached(StorageError):
         super().__init__(f"the user holds {limit} unused ws tickets")
         self.limit = limit
         self.wait = wait
+
+
+class RoomNameTaken(StorageError):
+    """A room of that name exists, whatever its visibility (unique constraint)."""
+
+
+class InviteRefused(StorageError):
+    """The invite code is unknown, used up or expired (nothing was created)."""

@@ -1,4 +1,4 @@
-"""Storage: users, refresh-token families, ws tickets, rooms and messages.
+"""Storage: users, sessions, tickets, invites, rooms, members, bans, mutes and messages.
 
 One job per module:
 
@@ -21,20 +21,34 @@ from __future__ import annotations
 from tornado_chat.storage.engine import DEFAULT_DB_TIMEOUT
 from tornado_chat.storage.facade import MAX_PAGE_SIZE, Storage
 from tornado_chat.storage.records import (
+    Account,
+    Member,
+    Role,
+    Room,
+    RoomAccess,
+    RoomListing,
     RotateOutcome,
     RotateResult,
     StoredMessage,
     TicketGrant,
     User,
+    Visibility,
 )
 
 __all__ = [
     "DEFAULT_DB_TIMEOUT",
     "MAX_PAGE_SIZE",
+    "Account",
+    "Member",
+    "Role",
+    "Room",
+    "RoomAccess",
+    "RoomListing",
     "RotateOutcome",
     "RotateResult",
     "Storage",
     "StoredMessage",
     "TicketGrant",
     "User",
+    "Visibility",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -19,22 +20,105 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tornado_chat.errors import StorageError, UsernameTaken
+from tornado_chat.errors import InviteRefused, RoomNameTaken, StorageError, UsernameTaken
 from tornado_chat.storage.queries import MessageRow
 from tornado_chat.storage.records import (
+    Account,
+    Member,
     MessageItem,
+    Role,
+    Room,
+    RoomAccess,
+    RoomListing,
     RotateOutcome,
     RotateResult,
     TicketGrant,
     User,
+    Visibility,
 )
-from tornado_chat.storage.schema import messages, refresh_tokens, rooms, sessions, tickets, users
+from tornado_chat.storage.schema import (
+    ROLES,
+    direct_rooms,
+    invites,
+    messages,
+    refresh_tokens,
+    room_bans,
+    room_members,
+    room_mutes,
+    rooms,
+    sessions,
+    tickets,
+    users,
+)
 
-__all__ = ["PURGE_LOCK_ID", "AlchemyQueries"]
+__all__ = ["FIRST_USER_LOCK_ID", "PURGE_LOCK_ID", "AlchemyQueries", "direct_room_name"]
 
 #: The PostgreSQL advisory lock held by the node purging expired rows (an
 #: arbitrary constant, next to the migrations' one in engine.py).
 PURGE_LOCK_ID = 0x7C4A7_0002
+#: The PostgreSQL advisory lock taken by a registration that finds no user:
+#: of two first registrations racing, the second waits and then sees the
+#: first, so exactly one account of an empty database becomes admin.
+FIRST_USER_LOCK_ID = 0x7C4A7_0003
+
+_USER_COLUMNS = (
+    users.c.id,
+    users.c.username,
+    users.c.password_hash,
+    users.c.is_admin,
+    users.c.deactivated_at,
+)
+
+
+def direct_room_name(user_low: int, user_high: int) -> str:
+    """The name a direct room of two users gets: a valid room name, fixed per pair."""
+    return f"dm.{user_low}.{user_high}"
+
+
+def _user(row: Any) -> User:
+    return User(
+        int(row.id),
+        str(row.username),
+        bytes(row.password_hash),
+        bool(row.is_admin),
+        None if row.deactivated_at is None else float(row.deactivated_at),
+    )
+
+
+def _owner_name() -> sa.ScalarSelect[Any]:
+    """The name of the room's owner (the member whose role is "owner"), or NULL."""
+    return (
+        sa.select(users.c.username)
+        .select_from(room_members.join(users, users.c.id == room_members.c.user_id))
+        .where(room_members.c.room_id == rooms.c.id, room_members.c.role == "owner")
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+_ROOM_COLUMNS = (
+    rooms.c.id,
+    rooms.c.name,
+    rooms.c.visibility,
+    _owner_name().label("owner"),
+    rooms.c.topic,
+    rooms.c.created_at,
+)
+
+
+def _room(row: Any) -> Room:
+    return Room(
+        int(row.id),
+        str(row.name),
+        row.visibility,
+        None if row.owner is None else str(row.owner),
+        None if row.topic is None else str(row.topic),
+        float(row.created_at),
+    )
+
+
+def _room_id_of(name: str) -> sa.ScalarSelect[Any]:
+    return sa.select(rooms.c.id).where(rooms.c.name == name).scalar_subquery()
 
 
 class AlchemyQueries:
@@ -111,10 +195,38 @@ class AlchemyQueries:
 
     # -- users ---------------------------------------------------------------
 
-    async def create_user(self, username: str, password_hash: bytes, now: float) -> int:
-        """Insert a user; the UNIQUE constraint on ``username_key`` decides races."""
+    async def create_user(
+        self,
+        username: str,
+        password_hash: bytes,
+        now: float,
+        *,
+        admin: bool,
+        invite_hash: bytes | None,
+    ) -> User:
+        """Insert a user; the UNIQUE constraint on ``username_key`` decides races.
+
+        The invite's conditional UPDATE lets as many registrations through as
+        it has uses left (a row lock on PostgreSQL, the write lock on SQLite).
+        """
         try:
             async with self._write() as conn:
+                if invite_hash is not None:
+                    spent = (
+                        await conn.execute(
+                            invites.update()
+                            .where(
+                                invites.c.code_hash == invite_hash,
+                                invites.c.uses_left > 0,
+                                invites.c.expires_at > now,
+                            )
+                            .values(uses_left=invites.c.uses_left - 1)
+                            .returning(invites.c.code_hash)
+                        )
+                    ).first()
+                    if spent is None:
+                        raise InviteRefused("unknown, used up or expired invite")
+                make_admin = admin or await self._no_user_yet(conn)
                 result = await conn.execute(
                     users.insert()
                     .values(
@@ -122,21 +234,31 @@ class AlchemyQueries:
                         username_key=username.lower(),
                         password_hash=password_hash,
                         created_at=now,
+                        is_admin=make_admin,
                     )
                     .returning(users.c.id)
                 )
-                return int(result.scalar_one())
+                user_id = int(result.scalar_one())
         except exc.IntegrityError as error:
             raise UsernameTaken(f"username {username!r} is taken") from error
+        return User(user_id, username, password_hash, make_admin, None)
+
+    async def _no_user_yet(self, conn: AsyncConnection) -> bool:
+        """Whether the users table is empty, serialised with other first registrations."""
+        empty_query = sa.select(sa.literal(1)).select_from(users).limit(1)
+        if (await conn.execute(empty_query)).first() is not None:
+            return False
+        if self._engine.dialect.name == "postgresql":
+            # READ COMMITTED: once the lock is ours, the next statement sees
+            # a racing first registration that committed meanwhile.
+            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(FIRST_USER_LOCK_ID)))
+            return (await conn.execute(empty_query)).first() is None
+        return True  # SQLite: BEGIN IMMEDIATE already made this the only writer
 
     async def _user_where(self, condition: sa.ColumnElement[bool]) -> User | None:
         async with self._read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(users.c.id, users.c.username, users.c.password_hash).where(condition)
-                )
-            ).first()
-        return None if row is None else User(int(row.id), row.username, bytes(row.password_hash))
+            row = (await conn.execute(sa.select(*_USER_COLUMNS).where(condition))).first()
+        return None if row is None else _user(row)
 
     async def get_user(self, user_id: int) -> User | None:
         """The user with this id, or None."""
@@ -150,6 +272,87 @@ class AlchemyQueries:
         """Delete a user; foreign keys cascade to its sessions, tokens and tickets."""
         async with self._write() as conn:
             await conn.execute(users.delete().where(users.c.id == user_id))
+
+    async def _update_user(self, user_id: int, **values: Any) -> bool:
+        async with self._write() as conn:
+            result = await conn.execute(
+                users.update().where(users.c.id == user_id).values(**values).returning(users.c.id)
+            )
+            return result.first() is not None
+
+    async def set_password(self, user_id: int, password_hash: bytes) -> bool:
+        """Replace a user's password hash; False if there is no such user."""
+        return await self._update_user(user_id, password_hash=password_hash)
+
+    async def set_admin(self, user_id: int, is_admin: bool) -> bool:
+        """Set or clear the server-admin flag; False if there is no such user."""
+        return await self._update_user(user_id, is_admin=is_admin)
+
+    async def reactivate_user(self, user_id: int) -> bool:
+        """Clear the deactivation; False if there is no such user."""
+        return await self._update_user(user_id, deactivated_at=None)
+
+    async def deactivate_user(self, user_id: int, now: float) -> list[str] | None:
+        """Deactivate a user and revoke its active sessions in one transaction; their ids."""
+        async with self._write() as conn:
+            found = (
+                await conn.execute(
+                    users.update()
+                    .where(users.c.id == user_id)
+                    .values(deactivated_at=sa.func.coalesce(users.c.deactivated_at, now))
+                    .returning(users.c.id)
+                )
+            ).first()
+            if found is None:
+                return None
+            return await _revoke_all(conn, user_id, now)
+
+    async def revoke_user_sessions(self, user_id: int, now: float) -> list[str]:
+        """Revoke every active session of a user; their ids."""
+        async with self._write() as conn:
+            return await _revoke_all(conn, user_id, now)
+
+    async def list_users(self) -> list[Account]:
+        """Every account, by name (ignoring case)."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(
+                        users.c.id,
+                        users.c.username,
+                        users.c.is_admin,
+                        users.c.deactivated_at,
+                        users.c.created_at,
+                    ).order_by(users.c.username_key)
+                )
+            ).all()
+        return [
+            Account(
+                int(r.id),
+                str(r.username),
+                bool(r.is_admin),
+                None if r.deactivated_at is None else float(r.deactivated_at),
+                float(r.created_at),
+            )
+            for r in rows
+        ]
+
+    # -- invites -----------------------------------------------------------------
+
+    async def create_invite(
+        self, code_hash: bytes, created_by: int | None, now: float, expires_at: float, uses: int
+    ) -> None:
+        """Store the hash of an invite code (spent by :meth:`create_user`)."""
+        async with self._write() as conn:
+            await conn.execute(
+                invites.insert().values(
+                    code_hash=code_hash,
+                    created_by=created_by,
+                    created_at=now,
+                    expires_at=expires_at,
+                    uses_left=uses,
+                )
+            )
 
     # -- sessions (refresh-token families) -------------------------------------
 
@@ -176,6 +379,7 @@ class AlchemyQueries:
                         sessions.c.user_id == user_id,
                         sessions.c.revoked_at.is_(None),
                         sessions.c.expires_at > now,
+                        users.c.deactivated_at.is_(None),
                     )
                 )
             ).first()
@@ -206,7 +410,12 @@ class AlchemyQueries:
         async with self._write() as conn:
             active_session = (
                 sa.select(sessions.c.id)
-                .where(sessions.c.revoked_at.is_(None), sessions.c.expires_at > now)
+                .select_from(sessions.join(users, users.c.id == sessions.c.user_id))
+                .where(
+                    sessions.c.revoked_at.is_(None),
+                    sessions.c.expires_at > now,
+                    users.c.deactivated_at.is_(None),
+                )
                 .scalar_subquery()
             )
             claimed = (
@@ -319,6 +528,7 @@ class AlchemyQueries:
                         sessions.c.user_id == claimed.user_id,
                         sessions.c.revoked_at.is_(None),
                         sessions.c.expires_at > now,
+                        users.c.deactivated_at.is_(None),
                     )
                 )
             ).first()
@@ -428,15 +638,302 @@ class AlchemyQueries:
         return 0 if value is None else int(value)
 
     async def list_rooms(self) -> list[str]:
-        """Names of every room that has had a message, sorted."""
+        """Names of every public room, sorted (never a private or direct one)."""
         async with self._read() as conn:
-            names = (await conn.execute(sa.select(rooms.c.name).order_by(rooms.c.name))).all()
+            names = (
+                await conn.execute(
+                    sa.select(rooms.c.name)
+                    .where(rooms.c.visibility == "public")
+                    .order_by(rooms.c.name)
+                )
+            ).all()
         return [str(r.name) for r in names]
+
+    # -- rooms: creation, access, membership ----------------------------------------
+
+    async def create_room(
+        self, name: str, visibility: Visibility, owner_id: int | None, topic: str | None, now: float
+    ) -> Room:
+        """Create a room and its owner's membership; the UNIQUE name decides races."""
+        try:
+            async with self._write() as conn:
+                room_id = int(
+                    (
+                        await conn.execute(
+                            rooms.insert()
+                            .values(name=name, visibility=visibility, topic=topic, created_at=now)
+                            .returning(rooms.c.id)
+                        )
+                    ).scalar_one()
+                )
+                owner: str | None = None
+                if owner_id is not None:
+                    await conn.execute(
+                        room_members.insert().values(
+                            room_id=room_id, user_id=owner_id, role="owner", joined_at=now
+                        )
+                    )
+                    owner = await conn.scalar(
+                        sa.select(users.c.username).where(users.c.id == owner_id)
+                    )
+        except exc.IntegrityError as error:
+            # The name (an owner that does not exist fails the foreign key,
+            # which a caller holding the owner's session cannot cause).
+            raise RoomNameTaken(f"room {name!r} exists") from error
+        return Room(room_id, name, visibility, owner, topic, now)
+
+    async def get_room(self, name: str) -> Room | None:
+        """The room of this name, or None."""
+        async with self._read() as conn:
+            row = (
+                await conn.execute(sa.select(*_ROOM_COLUMNS).where(rooms.c.name == name))
+            ).first()
+        return None if row is None else _room(row)
+
+    async def room_access(self, room: str, user_id: int, now: float) -> RoomAccess:
+        """Visibility, role, ban and mute of ``user_id`` in ``room``, in one statement."""
+        query = (
+            sa.select(
+                rooms.c.visibility,
+                room_members.c.role,
+                room_bans.c.room_id.label("ban"),
+                room_mutes.c.until.label("muted_until"),
+            )
+            .select_from(
+                rooms.outerjoin(
+                    room_members,
+                    sa.and_(
+                        room_members.c.room_id == rooms.c.id, room_members.c.user_id == user_id
+                    ),
+                )
+                .outerjoin(
+                    room_bans,
+                    sa.and_(
+                        room_bans.c.room_id == rooms.c.id,
+                        room_bans.c.user_id == user_id,
+                        sa.or_(room_bans.c.until.is_(None), room_bans.c.until > now),
+                    ),
+                )
+                .outerjoin(
+                    room_mutes,
+                    sa.and_(
+                        room_mutes.c.room_id == rooms.c.id,
+                        room_mutes.c.user_id == user_id,
+                        room_mutes.c.until > now,
+                    ),
+                )
+            )
+            .where(rooms.c.name == room)
+        )
+        async with self._read() as conn:
+            row = (await conn.execute(query)).first()
+        return room_access_of(row)
+
+    async def rooms_for(self, user_id: int) -> list[RoomListing]:
+        """Public rooms and the private and direct rooms ``user_id`` belongs to, by name."""
+        peer = users.alias("peer")
+        query = (
+            sa.select(rooms.c.name, rooms.c.visibility, room_members.c.role, peer.c.username)
+            .select_from(
+                rooms.outerjoin(
+                    room_members,
+                    sa.and_(
+                        room_members.c.room_id == rooms.c.id, room_members.c.user_id == user_id
+                    ),
+                )
+                .outerjoin(direct_rooms, direct_rooms.c.room_id == rooms.c.id)
+                .outerjoin(
+                    peer,
+                    peer.c.id
+                    == sa.case(
+                        (direct_rooms.c.user_low == user_id, direct_rooms.c.user_high),
+                        else_=direct_rooms.c.user_low,
+                    ),
+                )
+            )
+            .where(sa.or_(rooms.c.visibility == "public", room_members.c.user_id.is_not(None)))
+            .order_by(rooms.c.name)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            RoomListing(
+                str(r.name),
+                r.visibility,
+                r.role,
+                None if r.username is None else str(r.username),
+            )
+            for r in rows
+        ]
+
+    async def members(self, room: str) -> list[Member]:
+        """The room's members, by role (owner first) then name."""
+        rank = sa.case({role: i for i, role in enumerate(ROLES)}, value=room_members.c.role)
+        query = (
+            sa.select(users.c.id, users.c.username, room_members.c.role)
+            .select_from(
+                room_members.join(users, users.c.id == room_members.c.user_id).join(
+                    rooms, rooms.c.id == room_members.c.room_id
+                )
+            )
+            .where(rooms.c.name == room)
+            .order_by(rank, users.c.username_key)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [Member(int(r.id), str(r.username), r.role) for r in rows]
+
+    async def add_member(self, room: str, user_id: int, role: Role, now: float) -> bool:
+        """Add a member; False if the room is unknown or the user already a member."""
+        async with self._write() as conn:
+            room_id = await conn.scalar(sa.select(rooms.c.id).where(rooms.c.name == room))
+            if room_id is None:
+                return False
+            stmt = (
+                self._insert_of(room_members)
+                .values(room_id=room_id, user_id=user_id, role=role, joined_at=now)
+                .on_conflict_do_nothing(
+                    index_elements=[room_members.c.room_id, room_members.c.user_id]
+                )
+                .returning(room_members.c.user_id)
+            )
+            return (await conn.execute(stmt)).first() is not None
+
+    async def set_role(self, room: str, user_id: int, role: Role) -> bool:
+        """Change a member's role; False if not a member."""
+        async with self._write() as conn:
+            result = await conn.execute(
+                room_members.update()
+                .where(
+                    room_members.c.room_id == _room_id_of(room), room_members.c.user_id == user_id
+                )
+                .values(role=role)
+                .returning(room_members.c.user_id)
+            )
+            return result.first() is not None
+
+    async def remove_member(self, room: str, user_id: int) -> bool:
+        """Remove a member; False if not a member."""
+        return await self._lift(room_members, room, user_id)
+
+    async def _restrict(
+        self, table: sa.Table, room: str, user_id: int, values: dict[str, Any]
+    ) -> bool:
+        """Insert or replace the ban or mute row of ``user_id`` in ``room``; False if no room.
+
+        A ban also removes the membership, in the same transaction.
+        """
+        async with self._write() as conn:
+            room_id = await conn.scalar(sa.select(rooms.c.id).where(rooms.c.name == room))
+            if room_id is None:
+                return False
+            stmt = self._insert_of(table).values(room_id=room_id, user_id=user_id, **values)
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[table.c.room_id, table.c.user_id], set_=values
+                )
+            )
+            if table is room_bans:
+                await _remove_member(conn, room, user_id)
+            return True
+
+    async def _lift(self, table: sa.Table, room: str, user_id: int) -> bool:
+        """Delete the membership, ban or mute row of ``user_id`` in ``room``; False if none."""
+        async with self._write() as conn:
+            result = await conn.execute(
+                table.delete()
+                .where(table.c.room_id == _room_id_of(room), table.c.user_id == user_id)
+                .returning(table.c.user_id)
+            )
+            return result.first() is not None
+
+    async def ban(
+        self,
+        room: str,
+        user_id: int,
+        by: int | None,
+        reason: str | None,
+        until: float | None,
+        now: float,
+    ) -> bool:
+        """Ban (or re-ban) a user, removing its membership in the same transaction."""
+        values = {"reason": reason, "until": until, "by_user_id": by, "created_at": now}
+        return await self._restrict(room_bans, room, user_id, values)
+
+    async def unban(self, room: str, user_id: int) -> bool:
+        """Lift a ban; False if there was none."""
+        return await self._lift(room_bans, room, user_id)
+
+    async def mute(self, room: str, user_id: int, by: int | None, until: float, now: float) -> bool:
+        """Mute (or re-mute) a user until ``until``; False if the room is unknown."""
+        values = {"until": until, "by_user_id": by, "created_at": now}
+        return await self._restrict(room_mutes, room, user_id, values)
+
+    async def unmute(self, room: str, user_id: int) -> bool:
+        """Lift a mute; False if there was none."""
+        return await self._lift(room_mutes, room, user_id)
+
+    async def direct_room(self, user_a: int, user_b: int, now: float) -> Room:
+        """The pair's direct room, created with both as members if new (race-safe).
+
+        The pair's primary key makes one room per pair. Two racers insert the
+        same room name first, so the second waits for the first to commit,
+        inserts nothing and then finds the pair; if an unrelated room holds
+        the name, a random suffix is tried and a lost race on the pair (two
+        different suffixes) is retried once, finding the winner's room.
+        """
+        low, high = sorted((user_a, user_b))
+        try:
+            return await self._direct_room(low, high, now)
+        except exc.IntegrityError:
+            return await self._direct_room(low, high, now)
+
+    async def _direct_room(self, low: int, high: int, now: float) -> Room:
+        pair_room = (
+            sa.select(*_ROOM_COLUMNS)
+            .select_from(rooms.join(direct_rooms, direct_rooms.c.room_id == rooms.c.id))
+            .where(direct_rooms.c.user_low == low, direct_rooms.c.user_high == high)
+        )
+        async with self._write() as conn:
+            found = (await conn.execute(pair_room)).first()
+            if found is not None:
+                return _room(found)
+            base = direct_room_name(low, high)
+            room_id: int | None = None
+            for name in (base, f"{base}.{secrets.token_hex(3)}"):
+                inserted = (
+                    await conn.execute(
+                        self._insert_of(rooms)
+                        .values(name=name, visibility="direct", created_at=now)
+                        .on_conflict_do_nothing(index_elements=[rooms.c.name])
+                        .returning(rooms.c.id)
+                    )
+                ).first()
+                if inserted is not None:
+                    room_id = int(inserted.id)
+                    break
+                found = (await conn.execute(pair_room)).first()
+                if found is not None:  # a racer created it and committed
+                    return _room(found)
+            if room_id is None:
+                raise RoomNameTaken(f"no free name for the direct room {base!r}")
+            await conn.execute(
+                direct_rooms.insert().values(user_low=low, user_high=high, room_id=room_id)
+            )
+            await conn.execute(
+                room_members.insert(),
+                [
+                    {"room_id": room_id, "user_id": uid, "role": "member", "joined_at": now}
+                    for uid in (low, high)
+                ],
+            )
+        return Room(room_id, name, "direct", None, None, now)
 
     # -- housekeeping -----------------------------------------------------------
 
     async def purge_expired(self, now: float) -> int | None:
-        """Delete dead sessions, expired refresh tokens and spent tickets; rows removed.
+        """Delete dead sessions, expired refresh tokens, spent tickets and invites, ended
+        bans and mutes; rows removed.
 
         None when another node is purging right now (PostgreSQL): one node at
         a time is enough, and two would only wait for each other's row locks.
@@ -457,6 +954,12 @@ class AlchemyQueries:
                 sessions.delete().where(
                     sa.or_(sessions.c.expires_at <= now, sessions.c.revoked_at.is_not(None))
                 ),
+                invites.delete().where(
+                    sa.or_(invites.c.expires_at <= now, invites.c.uses_left <= 0)
+                ),
+                # A ban without end stays until lifted; ended bans and mutes go.
+                room_bans.delete().where(room_bans.c.until <= now),
+                room_mutes.delete().where(room_mutes.c.until <= now),
             ):
                 removed += int((await conn.execute(stmt)).rowcount or 0)
         return removed
@@ -475,6 +978,21 @@ async def _revoke(conn: AsyncConnection, session_id: str, now: float) -> bool:
     return row is not None and float(row.expires_at) > now
 
 
+async def _revoke_all(conn: AsyncConnection, user_id: int, now: float) -> list[str]:
+    """Revoke every active session of a user; their ids, sorted."""
+    revoked = await conn.execute(
+        sessions.update()
+        .where(
+            sessions.c.user_id == user_id,
+            sessions.c.revoked_at.is_(None),
+            sessions.c.expires_at > now,
+        )
+        .values(revoked_at=now)
+        .returning(sessions.c.id)
+    )
+    return sorted(str(sid) for sid in revoked.scalars())
+
+
 async def _session_owner(conn: AsyncConnection, session_id: str) -> tuple[int, str] | None:
     """(user_id, username) of a session, or None if it (or its user) is gone."""
     row = (
@@ -485,3 +1003,26 @@ async def _session_owner(conn: AsyncConnection, session_id: str) -> tuple[int, s
         )
     ).first()
     return None if row is None else (int(row.id), str(row.username))
+
+
+def room_access_of(row: Sequence[Any] | None) -> RoomAccess:
+    """The access record of a ``(visibility, role, ban, muted_until)`` row, or of no row.
+
+    Both query implementations read that row (the fast path with its own
+    SQL), so every :class:`RoomAccess` is built here.
+    """
+    if row is None:
+        return RoomAccess(None, None, False, None)
+    visibility, role, ban, muted_until = row
+    return RoomAccess(
+        visibility, role, ban is not None, None if muted_until is None else float(muted_until)
+    )
+
+
+async def _remove_member(conn: AsyncConnection, room: str, user_id: int) -> None:
+    """Delete a membership row, if there is one."""
+    await conn.execute(
+        room_members.delete().where(
+            room_members.c.room_id == _room_id_of(room), room_members.c.user_id == user_id
+        )
+    )

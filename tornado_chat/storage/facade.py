@@ -24,11 +24,18 @@ from tornado_chat.storage.failures import translate, within
 from tornado_chat.storage.housekeeping import Housekeeping
 from tornado_chat.storage.queries import Queries
 from tornado_chat.storage.records import (
+    Account,
+    Member,
     MessageItem,
+    Role,
+    Room,
+    RoomAccess,
+    RoomListing,
     RotateResult,
     StoredMessage,
     TicketGrant,
     User,
+    Visibility,
     stored_message,
 )
 from tornado_chat.storage.sqlite_fast import SqliteQueries
@@ -173,19 +180,40 @@ class Storage:
 
     # -- users ---------------------------------------------------------------
 
-    async def create_user(self, username: str, password_hash: bytes) -> User:
-        """Insert a user.
+    async def create_user(
+        self,
+        username: str,
+        password_hash: bytes,
+        *,
+        admin: bool = False,
+        invite_hash: bytes | None = None,
+    ) -> User:
+        """Insert a user; the first account of an empty database is the server admin.
+
+        Args:
+            username: the name (unique regardless of case).
+            password_hash: its bcrypt hash.
+            admin: make it a server admin even if other accounts exist
+                (``python -m tornado_chat.admin create-user --admin``).
+            invite_hash: the hash of an invite code (``hash_secret``), one use
+                of which this registration spends in the same transaction.
 
         Raises:
             UsernameTaken: the name exists, ignoring case (the UNIQUE
                 constraint on ``username_key`` decides, so two racing
                 registrations cannot both win).
+            InviteRefused: the invite is unknown, used up or expired; of
+                registrations racing for its last use exactly one gets it.
             StorageError: the database failed.
+
+        Either error leaves everything as it was (the invite unspent).
         """
-        user_id = await self._call(
-            "create_user", self._queries.create_user(username, password_hash, time.time())
+        return await self._call(
+            "create_user",
+            self._queries.create_user(
+                username, password_hash, time.time(), admin=admin, invite_hash=invite_hash
+            ),
         )
-        return User(id=user_id, username=username, password_hash=password_hash)
 
     async def get_user(self, user_id: int) -> User | None:
         """The user with this id, or None."""
@@ -206,6 +234,69 @@ class Storage:
                 listener(user_id)
             except Exception:  # one broken listener must not stop the others
                 log.exception("user-deleted listener %r failed", listener)
+
+    async def set_password(self, user_id: int, password_hash: bytes) -> bool:
+        """Replace a user's password hash; False if there is no such user."""
+        return await self._call("set_password", self._queries.set_password(user_id, password_hash))
+
+    async def set_admin(self, user_id: int, is_admin: bool) -> bool:
+        """Promote (True) or demote (False) a server admin; False if there is no such user."""
+        return await self._call("set_admin", self._queries.set_admin(user_id, is_admin))
+
+    async def deactivate_user(self, user_id: int) -> list[str] | None:
+        """Deactivate an account: its sessions are revoked in the same transaction.
+
+        A deactivated account has no active session (:meth:`session_active`
+        is False, refresh tokens and tickets are refused) until reactivated
+        and logged in again.
+
+        Returns:
+            The ids of the sessions revoked (the caller tells the revoke
+            listeners, which close their sockets); None if there is no such user.
+        """
+        return await self._call(
+            "deactivate_user", self._queries.deactivate_user(user_id, time.time())
+        )
+
+    async def revoke_user_sessions(self, user_id: int) -> list[str]:
+        """End every active session of a user (after a password reset); their ids.
+
+        The caller tells the revoke listeners, as for :meth:`deactivate_user`.
+        """
+        return await self._call(
+            "revoke_user_sessions", self._queries.revoke_user_sessions(user_id, time.time())
+        )
+
+    async def reactivate_user(self, user_id: int) -> bool:
+        """Let a deactivated account log in again; False if there is no such user."""
+        return await self._call("reactivate_user", self._queries.reactivate_user(user_id))
+
+    async def list_users(self) -> list[Account]:
+        """Every account (without password hashes), by name ignoring case."""
+        return await self._call("list_users", self._queries.list_users())
+
+    # -- invites -----------------------------------------------------------------
+
+    async def create_invite(
+        self, code_hash: bytes, *, created_by: int | None, expires_in: float, uses: int
+    ) -> float:
+        """Store the hash of an invite code (``hash_secret``); when it expires.
+
+        Args:
+            code_hash: SHA-256 of the code, like tickets: a database copy holds
+                no usable invite.
+            created_by: the admin who made it (None from the admin command).
+            expires_in: seconds it stays valid.
+            uses: registrations it admits (at least 1).
+        """
+        if uses < 1 or expires_in <= 0:
+            raise ValueError("an invite needs at least one use and a lifetime")
+        now = time.time()
+        await self._call(
+            "create_invite",
+            self._queries.create_invite(code_hash, created_by, now, now + expires_in, uses),
+        )
+        return now + expires_in
 
     def add_user_deleted_listener(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(user_id)`` after :meth:`delete_user` commits (in this process).
@@ -389,14 +480,124 @@ class Storage:
         return await self._call("last_seq", self._queries.last_seq(room))
 
     async def list_rooms(self) -> list[str]:
-        """Names of every room that has had a message, sorted."""
+        """Names of every public room, sorted; never a private or direct one."""
         return await self._call("list_rooms", self._queries.list_rooms())
+
+    # -- rooms: creation, access, membership, moderation ----------------------------
+
+    async def create_room(
+        self,
+        name: str,
+        visibility: Visibility,
+        *,
+        owner_id: int | None,
+        topic: str | None = None,
+    ) -> Room:
+        """Create a public or private room, ``owner_id`` its owner (None: no owner).
+
+        Raises:
+            RoomNameTaken: a room of that name exists, of any visibility (the
+                name of a private or direct room is taken too, though nothing
+                else of it is shown).
+            StorageError: the database failed.
+        """
+        if visibility == "direct":
+            raise ValueError("direct rooms are made by direct_room()")
+        return await self._call(
+            "create_room",
+            self._queries.create_room(name, visibility, owner_id, topic, time.time()),
+        )
+
+    async def get_room(self, name: str) -> Room | None:
+        """The room of this name, or None."""
+        return await self._call("get_room", self._queries.get_room(name))
+
+    async def room_access(self, room: str, user_id: int, now: float | None = None) -> RoomAccess:
+        """What ``user_id`` is to ``room`` (visibility, role, ban, mute) at ``now``: one read.
+
+        What :mod:`tornado_chat.authz` decides on; on the socket-open path,
+        so the SQLite fast path answers it on its reader thread. ``now``
+        defaults to the current time; bans and mutes that ended by then do
+        not count.
+        """
+        when = time.time() if now is None else now
+        return await self._call("room_access", self._queries.room_access(room, user_id, when))
+
+    async def rooms_for(self, user_id: int) -> list[RoomListing]:
+        """The room list of ``user_id``: public rooms and its private and direct ones."""
+        return await self._call("rooms_for", self._queries.rooms_for(user_id))
+
+    async def members(self, room: str) -> list[Member]:
+        """The room's members, owner first, then moderators, then members, by name."""
+        return await self._call("members", self._queries.members(room))
+
+    async def add_member(self, room: str, user_id: int, role: Role = "member") -> bool:
+        """Add a member or moderator; False if the room is unknown or already a member."""
+        if role == "owner":
+            raise ValueError("a room's owner is set when it is created")
+        return await self._call(
+            "add_member", self._queries.add_member(room, user_id, role, time.time())
+        )
+
+    async def set_role(self, room: str, user_id: int, role: Role) -> bool:
+        """Make a member a moderator or a moderator a member; False if not a member."""
+        if role == "owner":
+            raise ValueError("a room's owner is set when it is created")
+        return await self._call("set_role", self._queries.set_role(room, user_id, role))
+
+    async def remove_member(self, room: str, user_id: int) -> bool:
+        """Remove a member (leave or kick); False if not a member."""
+        return await self._call("remove_member", self._queries.remove_member(room, user_id))
+
+    async def ban(
+        self,
+        room: str,
+        user_id: int,
+        *,
+        by: int | None,
+        reason: str | None = None,
+        seconds: float | None = None,
+    ) -> bool:
+        """Ban a user from a room for ``seconds`` (None: until lifted); also removes it.
+
+        A second ban replaces the first. Returns False if the room is unknown.
+        """
+        now = time.time()
+        until = None if seconds is None else now + seconds
+        return await self._call("ban", self._queries.ban(room, user_id, by, reason, until, now))
+
+    async def unban(self, room: str, user_id: int) -> bool:
+        """Lift a ban; False if there was none."""
+        return await self._call("unban", self._queries.unban(room, user_id))
+
+    async def mute(self, room: str, user_id: int, *, by: int | None, seconds: float) -> bool:
+        """Mute a user in a room for ``seconds``; False if the room is unknown."""
+        now = time.time()
+        return await self._call("mute", self._queries.mute(room, user_id, by, now + seconds, now))
+
+    async def unmute(self, room: str, user_id: int) -> bool:
+        """Lift a mute; False if there was none."""
+        return await self._call("unmute", self._queries.unmute(room, user_id))
+
+    async def direct_room(self, user_a: int, user_b: int) -> Room:
+        """The direct room of two different users: the same whichever asks, made once.
+
+        Raises:
+            ValueError: the two ids are the same.
+            StorageError: the database failed (or a user does not exist).
+        """
+        if user_a == user_b:
+            raise ValueError("a direct room needs two different users")
+        return await self._call(
+            "direct_room", self._queries.direct_room(user_a, user_b, time.time())
+        )
 
     # -- housekeeping -----------------------------------------------------------
 
     async def purge_expired(self, now: float) -> int | None:
-        """Delete expired or revoked sessions, expired refresh tokens and spent
-        or expired tickets; returns how many rows went.
+        """Delete expired or revoked sessions, expired refresh tokens, spent or
+        expired tickets and invites, and bans and mutes that have ended;
+        returns how many rows went.
 
         A used refresh token is kept until it expires so that its reuse is
         still recognised (and revokes the family) while it would have been

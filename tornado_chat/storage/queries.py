@@ -14,7 +14,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from tornado_chat.storage.records import MessageItem, RotateResult, TicketGrant, User
+from tornado_chat.storage.records import (
+    Account,
+    Member,
+    MessageItem,
+    Role,
+    Room,
+    RoomAccess,
+    RoomListing,
+    RotateResult,
+    TicketGrant,
+    User,
+    Visibility,
+)
 
 __all__ = ["MessageRow", "Queries"]
 
@@ -28,8 +40,22 @@ class Queries(Protocol):
     async def select_one(self) -> None:
         """``SELECT 1`` (the readiness probe)."""
 
-    async def create_user(self, username: str, password_hash: bytes, now: float) -> int:
-        """Insert a user; its id. Raises UsernameTaken when the name exists, ignoring case."""
+    async def create_user(
+        self,
+        username: str,
+        password_hash: bytes,
+        now: float,
+        *,
+        admin: bool,
+        invite_hash: bytes | None,
+    ) -> User:
+        """Insert a user, an admin if ``admin`` or if no account exists yet (atomically).
+
+        With ``invite_hash``, one use of that invite is spent in the same
+        transaction. Raises UsernameTaken when the name exists, ignoring case,
+        and InviteRefused when the invite is unknown, used up or expired;
+        either way nothing is written.
+        """
 
     async def get_user(self, user_id: int) -> User | None:
         """The user with this id, or None."""
@@ -40,13 +66,36 @@ class Queries(Protocol):
     async def delete_user(self, user_id: int) -> None:
         """Delete a user (cascading to its sessions, tokens and tickets)."""
 
+    async def set_password(self, user_id: int, password_hash: bytes) -> bool:
+        """Replace a user's password hash; False if there is no such user."""
+
+    async def set_admin(self, user_id: int, is_admin: bool) -> bool:
+        """Set or clear the server-admin flag; False if there is no such user."""
+
+    async def deactivate_user(self, user_id: int, now: float) -> list[str] | None:
+        """Deactivate a user and revoke its active sessions; their ids. None if no such user."""
+
+    async def revoke_user_sessions(self, user_id: int, now: float) -> list[str]:
+        """Revoke every active session of a user; their ids."""
+
+    async def reactivate_user(self, user_id: int) -> bool:
+        """Clear the deactivation; False if there is no such user."""
+
+    async def list_users(self) -> list[Account]:
+        """Every account, by name."""
+
+    async def create_invite(
+        self, code_hash: bytes, created_by: int | None, now: float, expires_at: float, uses: int
+    ) -> None:
+        """Store the hash of an invite code good for ``uses`` registrations until ``expires_at``."""
+
     async def create_session(
         self, session_id: str, user_id: int, now: float, expires_at: float
     ) -> None:
         """Insert a refresh-token family."""
 
     async def session_active(self, session_id: str, user_id: int, now: float) -> bool:
-        """True if the session is the user's, unrevoked, unexpired, and the user exists."""
+        """True if the session is the user's, unrevoked, unexpired, and the user exists, active."""
 
     async def revoke_session(self, session_id: str, now: float) -> bool:
         """Revoke a session; True if it was active until now."""
@@ -97,10 +146,66 @@ class Queries(Protocol):
         """The room's latest ``seq``; 0 for an unknown room."""
 
     async def list_rooms(self) -> list[str]:
-        """Names of every room that has had a message, sorted."""
+        """Names of every public room, sorted (never a private or direct one)."""
+
+    async def create_room(
+        self, name: str, visibility: Visibility, owner_id: int | None, topic: str | None, now: float
+    ) -> Room:
+        """Create a room owned by ``owner_id``; RoomNameTaken if the name is used."""
+
+    async def get_room(self, name: str) -> Room | None:
+        """The room of this name, or None."""
+
+    async def room_access(self, room: str, user_id: int, now: float) -> RoomAccess:
+        """What ``user_id`` is to ``room``: its visibility, the role, a ban or mute in force."""
+
+    async def rooms_for(self, user_id: int) -> list[RoomListing]:
+        """Public rooms and the private and direct rooms ``user_id`` belongs to, by name."""
+
+    async def members(self, room: str) -> list[Member]:
+        """The room's members, by role (owner first) then name."""
+
+    async def add_member(self, room: str, user_id: int, role: Role, now: float) -> bool:
+        """Add a member; False if the room is unknown or the user already a member."""
+
+    async def set_role(self, room: str, user_id: int, role: Role) -> bool:
+        """Change a member's role; False if not a member."""
+
+    async def remove_member(self, room: str, user_id: int) -> bool:
+        """Remove a member; False if not a member."""
+
+    async def ban(
+        self,
+        room: str,
+        user_id: int,
+        by: int | None,
+        reason: str | None,
+        until: float | None,
+        now: float,
+    ) -> bool:
+        """Ban (or re-ban) a user until ``until`` (None: until lifted), removing its membership.
+
+        False if the room is unknown.
+        """
+
+    async def unban(self, room: str, user_id: int) -> bool:
+        """Lift a ban; False if there was none."""
+
+    async def mute(self, room: str, user_id: int, by: int | None, until: float, now: float) -> bool:
+        """Mute (or re-mute) a user until ``until``; False if the room is unknown."""
+
+    async def unmute(self, room: str, user_id: int) -> bool:
+        """Lift a mute; False if there was none."""
+
+    async def direct_room(self, user_a: int, user_b: int, now: float) -> Room:
+        """The direct room of two distinct users, created with both as members if new.
+
+        The same room for ``(a, b)`` and ``(b, a)``; two racing creations make one.
+        """
 
     async def purge_expired(self, now: float) -> int | None:
-        """Delete dead sessions, expired refresh tokens, spent tickets; rows removed.
+        """Delete dead sessions, expired refresh tokens, spent tickets and invites, ended
+        bans and mutes; rows removed.
 
         None when another node is purging at this moment (nothing was done).
         """

@@ -7,18 +7,30 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 __all__ = [
+    "Account",
+    "Member",
     "MessageItem",
+    "Role",
+    "Room",
+    "RoomAccess",
+    "RoomListing",
     "RotateOutcome",
     "RotateResult",
     "StoredMessage",
     "TicketGrant",
     "User",
+    "Visibility",
     "format_ts",
     "stored_message",
 ]
+
+#: Who may see a room: anyone (public), its members (private), its two people (direct).
+Visibility: TypeAlias = Literal["public", "private", "direct"]
+#: A member's role in a room, highest first: owner > moderator > member.
+Role: TypeAlias = Literal["owner", "moderator", "member"]
 
 #: A message to store: ``(room, user_id, username, body, client_id)``.
 MessageItem: TypeAlias = tuple[str, int, str, str, "str | None"]
@@ -26,11 +38,78 @@ MessageItem: TypeAlias = tuple[str, int, str, str, "str | None"]
 
 @dataclass(frozen=True, slots=True)
 class User:
-    """A registered account."""
+    """A registered account.
+
+    ``is_admin``: a server admin (acts as owner of every room);
+    ``deactivated_at``: when the account was deactivated, None while active.
+    """
 
     id: int
     username: str
     password_hash: bytes
+    is_admin: bool = False
+    deactivated_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """An account as the admin listing shows it (no password hash)."""
+
+    id: int
+    username: str
+    is_admin: bool
+    deactivated_at: float | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """A room: ``owner`` is the owner's user name, None for a room without owner."""
+
+    id: int
+    name: str
+    visibility: Visibility
+    owner: str | None
+    topic: str | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RoomAccess:
+    """What one user is to one room, read in one query when a socket opens.
+
+    ``visibility`` is None when no room of that name exists; ``role`` None
+    when the user is not a member; ``banned`` only counts a ban in force;
+    ``muted_until`` is the end of a mute in force, else None.
+    """
+
+    visibility: Visibility | None
+    role: Role | None
+    banned: bool
+    muted_until: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomListing:
+    """A room as one user's room list shows it.
+
+    ``role`` is the user's role (None in a public room they have not joined);
+    ``peer`` is the other person's name in a direct room, else None.
+    """
+
+    name: str
+    visibility: Visibility
+    role: Role | None
+    peer: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A member of a room and its role."""
+
+    user_id: int
+    username: str
+    role: Role
 
 
 @dataclass(frozen=True, slots=True)

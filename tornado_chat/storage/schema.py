@@ -9,7 +9,27 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["messages", "metadata", "refresh_tokens", "rooms", "sessions", "tickets", "users"]
+__all__ = [
+    "ROLES",
+    "VISIBILITIES",
+    "direct_rooms",
+    "invites",
+    "messages",
+    "metadata",
+    "refresh_tokens",
+    "room_bans",
+    "room_members",
+    "room_mutes",
+    "rooms",
+    "sessions",
+    "tickets",
+    "users",
+]
+
+#: What ``rooms.visibility`` may hold (checked by the queries that write it).
+VISIBILITIES = ("public", "private", "direct")
+#: What ``room_members.role`` may hold, highest first.
+ROLES = ("owner", "moderator", "member")
 
 metadata = sa.MetaData()
 
@@ -25,6 +45,11 @@ users = sa.Table(
     sa.Column("username_key", sa.String(32), nullable=False),
     sa.Column("password_hash", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
+    # The server admin acts as owner of every room; the first account of an
+    # empty database gets the flag (revision 0002).
+    sa.Column("is_admin", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Set while the account is deactivated: no login, no session is active.
+    sa.Column("deactivated_at", sa.Double, nullable=True),
     sa.UniqueConstraint("username_key", name="uq_users_username_key"),
     # Never reuse the id of a deleted user on SQLite (PostgreSQL sequences
     # never do): ids appear in tokens, logs and message history.
@@ -94,7 +119,117 @@ rooms = sa.Table(
     sa.Column("name", sa.String(64), nullable=False),
     sa.Column("last_seq", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     sa.Column("created_at", sa.Double, nullable=False),
+    # Rooms that existed before revision 0002, and rooms created by a first
+    # message (v1's join), are public and have no owner: admins moderate them.
+    # The owner is the member whose role is "owner" (room_members), so there
+    # is one place that says who owns a room; deleting that account leaves
+    # the room without one.
+    sa.Column("visibility", sa.String(16), nullable=False, server_default="public"),
+    sa.Column("topic", sa.Text, nullable=True),
     sa.UniqueConstraint("name", name="uq_rooms_name"),
+)
+
+
+def _room_user_columns(table: str) -> list[sa.Column[int]]:
+    """The ``(room_id, user_id)`` primary key of a per-room, per-user table."""
+    return [
+        sa.Column(
+            "room_id",
+            sa.Integer,
+            sa.ForeignKey("rooms.id", ondelete="CASCADE", name=f"fk_{table}_room_id"),
+            primary_key=True,
+        ),
+        sa.Column(
+            "user_id",
+            sa.Integer,
+            sa.ForeignKey("users.id", ondelete="CASCADE", name=f"fk_{table}_user_id"),
+            primary_key=True,
+        ),
+    ]
+
+
+def _by_column(table: str) -> sa.Column[int]:
+    """Who imposed a ban or mute (kept when that account goes)."""
+    return sa.Column(
+        "by_user_id",
+        sa.Integer,
+        sa.ForeignKey("users.id", ondelete="SET NULL", name=f"fk_{table}_by_user_id"),
+        nullable=True,
+    )
+
+
+room_members = sa.Table(
+    "room_members",
+    metadata,
+    *_room_user_columns("room_members"),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("joined_at", sa.Double, nullable=False),
+    # "Which rooms is this user in" (the room list) walks this index.
+    sa.Index("ix_room_members_user_id", "user_id"),
+)
+
+room_bans = sa.Table(
+    "room_bans",
+    metadata,
+    *_room_user_columns("room_bans"),
+    sa.Column("reason", sa.Text, nullable=True),
+    # None: banned until lifted.
+    sa.Column("until", sa.Double, nullable=True),
+    _by_column("room_bans"),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+room_mutes = sa.Table(
+    "room_mutes",
+    metadata,
+    *_room_user_columns("room_mutes"),
+    sa.Column("until", sa.Double, nullable=False),
+    _by_column("room_mutes"),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+direct_rooms = sa.Table(
+    "direct_rooms",
+    metadata,
+    # The pair in ascending id order, as the primary key: (a, b) and (b, a)
+    # are one row, so two people always share one direct room, and two
+    # racing creations cannot make two.
+    sa.Column(
+        "user_low",
+        sa.Integer,
+        sa.ForeignKey("users.id", ondelete="CASCADE", name="fk_direct_rooms_user_low"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "user_high",
+        sa.Integer,
+        sa.ForeignKey("users.id", ondelete="CASCADE", name="fk_direct_rooms_user_high"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "room_id",
+        sa.Integer,
+        sa.ForeignKey("rooms.id", ondelete="CASCADE", name="fk_direct_rooms_room_id"),
+        nullable=False,
+    ),
+    sa.CheckConstraint("user_low < user_high", name="ck_direct_rooms_ordered"),
+    sa.UniqueConstraint("room_id", name="uq_direct_rooms_room_id"),
+)
+
+invites = sa.Table(
+    "invites",
+    metadata,
+    # SHA-256 of the code, like tickets: a database copy yields no usable invite.
+    sa.Column("code_hash", sa.LargeBinary(32), primary_key=True),
+    sa.Column(
+        "created_by",
+        sa.Integer,
+        sa.ForeignKey("users.id", ondelete="SET NULL", name="fk_invites_created_by"),
+        nullable=True,
+    ),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("expires_at", sa.Double, nullable=False),
+    sa.Column("uses_left", sa.Integer, nullable=False),
 )
 
 messages = sa.Table(

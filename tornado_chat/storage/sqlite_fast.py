@@ -1,7 +1,7 @@
 """The SQLite fast path: the hot queries on plain ``sqlite3`` connections of their own threads.
 
 On a SQLite file, the hot calls (appending messages, reading history,
-``last_seq``, ``session_active``) skip SQLAlchemy and aiosqlite: each is one
+``last_seq``, ``session_active``, ``room_access``) skip SQLAlchemy and aiosqlite: each is one
 blocking function on a dedicated thread with its own plain ``sqlite3``
 connection (same pragmas, same statements, ``BEGIN IMMEDIATE`` for the write).
 Through aiosqlite every statement, BEGIN and COMMIT is a separate hop to its
@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tornado_chat.storage.alchemy import AlchemyQueries
+from tornado_chat.storage.alchemy import AlchemyQueries, room_access_of
 from tornado_chat.storage.engine import sqlite_pragmas, timeout_ms
 from tornado_chat.storage.queries import MessageRow
-from tornado_chat.storage.records import MessageItem
+from tornado_chat.storage.records import MessageItem, RoomAccess
 
 __all__ = ["SqliteQueries"]
 
@@ -193,14 +193,37 @@ def _sqlite_session_active(
     row = db.execute(
         "SELECT 1 FROM sessions JOIN users ON users.id = sessions.user_id"
         " WHERE sessions.id = ? AND sessions.user_id = ?"
-        " AND sessions.revoked_at IS NULL AND sessions.expires_at > ?",
+        " AND sessions.revoked_at IS NULL AND sessions.expires_at > ?"
+        " AND users.deactivated_at IS NULL",
         (session_id, user_id, now),
     ).fetchone()
     return row is not None
 
 
+_ROOM_ACCESS_SQL = (
+    "SELECT rooms.visibility, room_members.role, room_bans.room_id, room_mutes.until"
+    " FROM rooms"
+    " LEFT JOIN room_members ON room_members.room_id = rooms.id AND room_members.user_id = ?"
+    " LEFT JOIN room_bans ON room_bans.room_id = rooms.id AND room_bans.user_id = ?"
+    " AND (room_bans.until IS NULL OR room_bans.until > ?)"
+    " LEFT JOIN room_mutes ON room_mutes.room_id = rooms.id AND room_mutes.user_id = ?"
+    " AND room_mutes.until > ?"
+    " WHERE rooms.name = ?"
+)
+
+
+def _sqlite_room_access(
+    db: sqlite3.Connection, room: str, user_id: int, now: float
+) -> tuple[Any, ...] | None:
+    """The row of :meth:`SqliteQueries.room_access`, blocking; None for an unknown room."""
+    row: tuple[Any, ...] | None = db.execute(
+        _ROOM_ACCESS_SQL, (user_id, user_id, now, user_id, now, room)
+    ).fetchone()
+    return row
+
+
 class SqliteQueries(AlchemyQueries):
-    """The queries on a SQLite file: the hot four on ``sqlite3`` threads, the rest inherited.
+    """The queries on a SQLite file: the hot five on ``sqlite3`` threads, the rest inherited.
 
     Subclassing keeps the rare statements written once (in SQLAlchemy) while
     the hot ones, which both implementations run, are tested against each
@@ -266,3 +289,8 @@ class SqliteQueries(AlchemyQueries):
         """The room's latest ``seq``; 0 for an unknown room."""
         found = await self._reader_thread.run(_sqlite_last_seq, room)
         return 0 if found is None else found
+
+    async def room_access(self, room: str, user_id: int, now: float) -> RoomAccess:
+        """What ``user_id`` is to ``room``, read on the reader thread (every socket open)."""
+        row = await self._reader_thread.run(_sqlite_room_access, room, user_id, now)
+        return room_access_of(row)
