@@ -167,6 +167,21 @@ async def test_login_failures_look_alike(env: Env) -> None:
         await env.auth.login(None, PASSWORD, "192.0.2.2")
 
 
+async def test_a_deactivated_account_cannot_log_in_or_refresh(env: Env) -> None:
+    """Deactivation: the right password gets 401 invalid_credentials, the old refresh token too."""
+    user = await env.auth.register("dora", PASSWORD)
+    pair = await env.auth.login("dora", PASSWORD, "192.0.2.9")
+    await env.storage.deactivate_user(user.id)
+    with pytest.raises(Unauthorized) as caught:
+        await env.auth.login("dora", PASSWORD, "192.0.2.9")
+    assert caught.value.code == "invalid_credentials"
+    assert env.hasher.seen[-1] is not None  # the same bcrypt check as a wrong password
+    with pytest.raises(Unauthorized):
+        await env.auth.refresh(pair.refresh_token)
+    await env.storage.reactivate_user(user.id)
+    assert (await env.auth.login("dora", PASSWORD, "192.0.2.9")).expires_in == 900
+
+
 async def test_login_throttled_even_with_right_password(env: Env) -> None:
     """After 5 failures the 6th attempt gets 429 although the password is right."""
     await env.auth.register("alice", PASSWORD)

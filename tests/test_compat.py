@@ -4,6 +4,7 @@ public fallback behaves the same over real WSS."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import ssl
 import time
@@ -294,3 +295,20 @@ async def test_bad_framing_fails_with_1002_or_is_tolerated_as_tornado_does(
     finally:
         sock.close()
     assert code == (1002 if enabled else 999)
+
+
+def test_asyncio_still_reports_unretrieved_exceptions_as_matched() -> None:
+    """The server quiets asyncio's "never retrieved" lines by their text: it is still asyncio's."""
+    loop = asyncio.new_event_loop()
+    seen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    try:
+        future = loop.create_future()
+        future.set_exception(ConnectionResetError("dropped"))
+        del future
+        gc.collect()
+    finally:
+        loop.close()
+    assert seen, "asyncio reported nothing for an unretrieved exception"
+    assert all(compat.is_unretrieved_future_error(context) for context in seen)
+    assert not compat.is_unretrieved_future_error({"message": "Task was destroyed"})

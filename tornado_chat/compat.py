@@ -32,7 +32,7 @@ import inspect
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import tornado
 import tornado.httputil
@@ -70,7 +70,7 @@ RELIED_UPON: Final[dict[str, Callable[..., object]]] = {
 
 # tornado.version -> {name in RELIED_UPON: source_hash() of it}, recorded with
 # source_hashes() on each release the test suite passed on: 6.5.10 is the
-# oldest setup.py admits (constraints/oldest.txt, the py310 tox env), 6.6.1
+# oldest pyproject.toml admits (constraints/oldest.txt, the py310 tox env), 6.6.1
 # the newest. Between them the relied-upon code differs only in annotations,
 # the ping answer and a yield in the frame loop, none of which the internals
 # touch.
@@ -320,3 +320,15 @@ SSL_ERROR_LOG: Final = recorded_for("SSL_ERROR_LOG")
 def is_tornado_ssl_error(record: logging.LogRecord) -> bool:
     """Whether ``record`` is Tornado's failed-handshake line (on a tested Tornado)."""
     return SSL_ERROR_LOG and record.msg == TORNADO_SSL_ERROR_MESSAGE
+
+
+# asyncio's message for a Future whose exception nobody retrieved (CPython's
+# ``asyncio.futures.Future.__del__``); tests/test_compat.py checks that the
+# running Python still says it, so a change upstream fails a test instead of
+# silently letting these lines through.
+ASYNCIO_UNRETRIEVED_MESSAGE: Final = "exception was never retrieved"
+
+
+def is_unretrieved_future_error(context: dict[str, Any]) -> bool:
+    """Whether an event-loop exception ``context`` is asyncio's "never retrieved" report."""
+    return ASYNCIO_UNRETRIEVED_MESSAGE in str(context.get("message"))

@@ -34,7 +34,7 @@ from tornado_chat.errors import ChatError
 __all__ = ["build_parser", "key_file_path", "main"]
 
 PROG = "python -m tornado_chat.keys"
-# The console script setup.py installs; its --help and hints name it.
+# The console script pyproject.toml declares ([project.scripts]); its --help and hints name it.
 CONSOLE_SCRIPT = "tornado-chat-keys"
 DEFAULT_DATA_DIR = "data"
 KEY_FILE_NAME = "jwt-secret"

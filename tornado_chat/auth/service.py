@@ -250,7 +250,9 @@ class AuthService:
             # No answer on the password: the reservation is given back.
             await self._throttle.login_abandoned(username, address)
             raise
-        if not ok or user is None:
+        # A deactivated account answers as a wrong password does (after the
+        # same bcrypt check), so a login tells nobody it exists.
+        if not ok or user is None or user.deactivated_at is not None:
             await self._throttle.login_failed(username, address)
             raise Unauthorized("invalid_credentials", "invalid username or password")
         await self._throttle.login_succeeded(username, address)

@@ -42,7 +42,7 @@ from tornado_chat.pki.names import covers, parse_names, subject_alt_names
 #: Renew a leaf this many days before it expires.
 DEFAULT_RENEW_WITHIN_DAYS = 30
 LOCK_FILE = ".mkcerts.lock"
-#: The console script setup.py installs.
+#: The console script pyproject.toml declares ([project.scripts]).
 MKCERTS = "mkcerts"
 
 

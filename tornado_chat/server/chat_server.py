@@ -27,6 +27,7 @@ import tornado.web
 from cryptography import x509
 from sqlalchemy.engine import make_url
 
+from tornado_chat import compat
 from tornado_chat.config import Settings, normalize_host
 from tornado_chat.errors import ChatError
 from tornado_chat.pki.names import WILDCARD_HOSTS, client_host, url_host
@@ -83,7 +84,7 @@ class TLSHTTPServer(tornado.httpserver.HTTPServer):
 def _quiet_lost_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """Loop exception handler after an abandoned shutdown: lost connections at debug level."""
     exc = context.get("exception")
-    if isinstance(exc, ConnectionError) and "never retrieved" in str(context.get("message")):
+    if isinstance(exc, ConnectionError) and compat.is_unretrieved_future_error(context):
         log.debug("a dropped database connection's pending call: %r", exc)
         return
     loop.default_exception_handler(context)

@@ -1,6 +1,6 @@
 // tornado_chat browser client: plain ES module, no build step, no dependencies.
 //
-// Security rules this file keeps (see DESIGN.md, "Public contract, v1"):
+// Security rules this file keeps (README.md: "Using it", the API and WebSocket sections):
 // - Every piece of user content reaches the DOM through textContent, never
 //   innerHTML, so a message body such as <img src=x onerror=...> shows as text.
 // - The access token travels only in the Authorization header and in the
