@@ -36,7 +36,11 @@ def _load(path: Path = COMPOSE) -> dict[str, Any]:
 
 def _interpolated(value: str) -> str:
     """``value`` with Compose's ``${NAME:?message}`` references filled as a ``.env`` would."""
-    return re.sub(r"\$\{([A-Z_]+)(:\?[^}]*)?\}", lambda m: f"{m.group(1).lower()}-value", value)
+    return re.sub(
+        r"\$\{([A-Z_]+)(:\?[^}]*)?\}",
+        lambda m: f"{m.group(1).lower().replace('_', '-')}-value",
+        value,
+    )
 
 
 def _schema_check(path: Path) -> subprocess.CompletedProcess[str]:

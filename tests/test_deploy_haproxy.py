@@ -455,6 +455,9 @@ def two_nodes(
         "--rate-per-sec", "1000",
         "--rate-burst", "1000",
         "--max-sockets-per-user", "1000",
+        # As deploy/compose.yaml: every client arrives from HAProxy's address.
+        "--max-sockets-per-address", "1000000",
+        "--max-pending-per-address", "1000000",
     )  # fmt: skip
     try:
         cluster.start("a")
