@@ -11,13 +11,13 @@ same policy to every node at once. The application factory picks one
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from tornado_chat.addresses import address_group
 from tornado_chat.errors import TooManyRequests
 
 __all__ = ["LoginThrottle", "Throttle"]
@@ -58,20 +58,13 @@ def throttle_user_key(username: str) -> str:
 
 
 def throttle_address_key(address: str) -> str:
-    """What the throttle counts a client address as.
+    """What the throttle, the registration budget and the hash queue count an address as.
 
-    IPv6 by /64 (one host usually owns a whole /64), IPv4-mapped IPv6 as the
-    IPv4 address; anything unparsable as its first 64 characters.
+    :func:`tornado_chat.addresses.address_group` at IPv6 /64 (one host usually
+    owns a whole /64; ``--ipv6-prefix`` applies to the socket caps only),
+    cut to 64 characters for anything that is no address.
     """
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address[:64]
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
+    return address_group(address, 64)[:64]
 
 
 # A username alone (counted from every address) is blocked only after this many
