@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -22,6 +24,7 @@ from tornado_chat import compat, protocol
 from tornado_chat.handlers import socket as socket_module
 from tornado_chat.handlers.base import reason_phrase
 from tornado_chat.pki import ServerCertificate
+from tornado_chat.server.chat_server import TLSHTTPServer
 from tornado_chat.tls import HandshakeLogFilter
 
 # -- the record of upstream source -------------------------------------------------
@@ -312,3 +315,48 @@ def test_asyncio_still_reports_unretrieved_exceptions_as_matched() -> None:
     assert seen, "asyncio reported nothing for an unretrieved exception"
     assert all(compat.is_unretrieved_future_error(context) for context in seen)
     assert not compat.is_unretrieved_future_error({"message": "Task was destroyed"})
+
+
+# -- a connection reset before the server accepted it ---------------------------------
+
+
+def reset_before_accept() -> tuple[socket.socket, Any]:
+    """A server-side socket whose client sent a reset before it was accepted."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with socket.create_connection(listener.getsockname()) as probe:
+            # Linger 0: close() sends a reset instead of a FIN.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection, address = listener.accept()
+    deadline = time.monotonic() + 10
+    while True:  # the reset has arrived once the socket has no peer
+        try:
+            connection.getpeername()
+        except OSError:
+            return connection, address
+        assert time.monotonic() < deadline, "the reset never arrived"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["internal", "fallback"])
+async def test_a_connection_reset_before_accept_is_closed_without_an_error(
+    server_cert: ServerCertificate, monkeypatch: pytest.MonkeyPatch, enabled: bool
+) -> None:
+    """The TLS server's accept path closes it; Tornado's own path raises (asyncio logs a traceback).
+
+    HAProxy's health checks end with a reset; one landing between the kernel's
+    accept and the TLS wrap failed tests/test_deploy_haproxy.py once.
+    """
+    monkeypatch.setattr(compat, "QUIET_ACCEPT_RESET", enabled)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(server_cert.cert_path, server_cert.key_path)
+    server = TLSHTTPServer(tornado.web.Application(), ssl_options=context)
+    connection, address = reset_before_accept()
+    try:
+        if enabled:
+            server._handle_connection(connection, address)
+        else:
+            with pytest.raises(ConnectionResetError):
+                server._handle_connection(connection, address)
+        assert connection.fileno() == -1  # nothing left open either way
+    finally:
+        connection.close()

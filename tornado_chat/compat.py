@@ -20,6 +20,10 @@ keeps behaviour (tests/test_compat.py forces each one):
   Tornado does).
 * :data:`PING_TIMER`: pings with one timer per socket instead of Tornado's
   task per socket (the fallback is Tornado's ``periodic_ping`` task).
+* :class:`QuietAcceptReset`: a client that resets its connection before the
+  server accepts it (a load balancer's health check does) is closed quietly
+  (the fallback is Tornado's path: asyncio logs the ``ConnectionResetError``
+  as an unhandled exception in the accept callback, with a traceback).
 * :func:`is_tornado_ssl_error`: recognises Tornado's log line for a failed TLS
   handshake by its exact text (the fallback lets the line through as it is).
 """
@@ -30,6 +34,7 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, Final
@@ -37,6 +42,7 @@ from typing import Any, Final
 import tornado
 import tornado.httputil
 import tornado.iostream
+import tornado.tcpserver
 import tornado.web
 import tornado.websocket
 from tornado.iostream import IOStream
@@ -57,6 +63,8 @@ RELIED_UPON: Final[dict[str, Callable[..., object]]] = {
     "BaseIOStream._maybe_add_error_listener": _io._maybe_add_error_listener,
     "_StreamBuffer.append": tornado.iostream._StreamBuffer.append,
     "SSLIOStream._do_ssl_handshake": tornado.iostream.SSLIOStream._do_ssl_handshake,
+    "TCPServer.add_sockets": tornado.tcpserver.TCPServer.add_sockets,
+    "TCPServer._handle_connection": tornado.tcpserver.TCPServer._handle_connection,
     "RequestHandler.clear": tornado.web.RequestHandler.clear,
     "RequestHandler.flush": tornado.web.RequestHandler.flush,
     "WebSocketProtocol13._receive_frame_loop": _ws._receive_frame_loop,
@@ -83,6 +91,8 @@ TESTED: Final[dict[str, dict[str, str]]] = {
         "BaseIOStream._maybe_add_error_listener": "96f7599861c6ca166c3deb322bd22867",
         "_StreamBuffer.append": "392f26ef0b16423fe87b78690669528e",
         "SSLIOStream._do_ssl_handshake": "23954af3c271952c99b4ebb7f59c1ee1",
+        "TCPServer.add_sockets": "4cc159003c60dd83276cdcb0247f274a",
+        "TCPServer._handle_connection": "64ab6df184cb62dd5c8bd165dc1a39cd",
         "RequestHandler.clear": "ef381ebe7a488cddedf9aeabba021e50",
         "RequestHandler.flush": "f2cd791ba8a7264f33a7584f2f7b48b8",
         "WebSocketProtocol13._receive_frame_loop": "414a75b9742a87c88f83a663251e7f49",
@@ -101,6 +111,8 @@ TESTED: Final[dict[str, dict[str, str]]] = {
         "BaseIOStream._maybe_add_error_listener": "96f7599861c6ca166c3deb322bd22867",
         "_StreamBuffer.append": "10e85183c3bc6260bbf368ad488e5b10",
         "SSLIOStream._do_ssl_handshake": "23954af3c271952c99b4ebb7f59c1ee1",
+        "TCPServer.add_sockets": "4cc159003c60dd83276cdcb0247f274a",
+        "TCPServer._handle_connection": "9c38c32e7f22ee10e42ebda9efec1d1e",
         "RequestHandler.clear": "499127e7b6e0b48eef8128879edec40a",
         "RequestHandler.flush": "3ae7fe815121807ec648ec904e132052",
         "WebSocketProtocol13._receive_frame_loop": "f97f48daf51558f491241483ee4565e1",
@@ -153,6 +165,9 @@ INTERNALS: Final[dict[str, tuple[str, ...]]] = {
         "WebSocketProtocol13.periodic_ping",
     ),
     "SSL_ERROR_LOG": ("SSLIOStream._do_ssl_handshake",),
+    # add_sockets registers _handle_connection as the accept callback, which
+    # wraps the socket in TLS before any stream exists.
+    "QUIET_ACCEPT_RESET": ("TCPServer.add_sockets", "TCPServer._handle_connection"),
     # The first read of each _receive_frame is the frame's two header bytes.
     "FAIL_ON_BAD_FRAMING": (
         "WebSocketProtocol13._receive_frame_loop",
@@ -307,6 +322,36 @@ class ProtocolHooks(tornado.websocket.WebSocketProtocol13):
                 self.on_invalid_text()
                 return None
         return super()._handle_message(opcode, data)
+
+
+# -- a connection reset before it was accepted ----------------------------------------
+
+QUIET_ACCEPT_RESET: Final = recorded_for("QUIET_ACCEPT_RESET")
+log = logging.getLogger(__name__)
+
+
+class QuietAcceptReset(tornado.tcpserver.TCPServer):
+    """Closes quietly a connection its client reset before the server accepted it.
+
+    Such a socket has no peer any more, so ``SSLContext.wrap_socket`` reads
+    from it to look for early data (CPython does since the fix for
+    CVE-2023-40217) and raises ``ConnectionResetError``. Tornado's
+    ``_handle_connection`` quiets ``ECONNABORTED`` and ``EINVAL`` there, not
+    this, so the error escapes the accept callback and asyncio logs it with a
+    traceback; HAProxy's health checks (which end with a reset) made that
+    happen in tests/test_deploy_haproxy.py. Nothing was read or written yet,
+    so closing is all there is to do.
+    """
+
+    def _handle_connection(self, connection: socket.socket, address: Any) -> None:
+        if not QUIET_ACCEPT_RESET:
+            super()._handle_connection(connection, address)
+            return
+        try:
+            super()._handle_connection(connection, address)
+        except ConnectionResetError:
+            log.debug("connection from %s reset before the TLS handshake", address)
+            connection.close()
 
 
 # -- log records of Tornado matched by their text ------------------------------------

@@ -72,8 +72,12 @@ ServicesFactory = Callable[[Settings], Awaitable["Services"]]
 AppFactory = Callable[[Settings, "Services"], tornado.web.Application]
 
 
-class TLSHTTPServer(tornado.httpserver.HTTPServer):
-    """An HTTPServer that tells the handshake log filter who each client is."""
+class TLSHTTPServer(compat.QuietAcceptReset, tornado.httpserver.HTTPServer):
+    """An HTTPServer that tells the handshake log filter who each client is.
+
+    A client that resets before it is accepted is closed without a traceback
+    (:class:`~tornado_chat.compat.QuietAcceptReset`).
+    """
 
     def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
         """Remember the client's address by descriptor, then serve as usual."""
