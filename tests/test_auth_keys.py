@@ -152,6 +152,21 @@ def test_key_file_found_like_the_server_finds_it(key_file: Path, tmp_path: Path)
     assert code == 1 and str(tmp_path / "elsewhere") in err
 
 
+def test_variables_are_read_as_the_server_reads_them(tmp_path: Path) -> None:
+    """CHAT_JWT_ALGORITHM picks init's algorithm; a value the server refuses is refused here too."""
+    data_dir = tmp_path / "data"
+    code, _out, err = run_keys(
+        "--data-dir", str(data_dir), "init", environ={"CHAT_JWT_ALGORITHM": "es256"}
+    )
+    assert code == 0, err
+    assert KeyRing.open(data_dir / "jwt-secret").algorithm == "ES256"
+    code, _out, err = run_keys(
+        "--data-dir", str(tmp_path / "other"), "init", environ={"CHAT_JWT_ALGORITHM": "none"}
+    )
+    assert code == 2 and "CHAT_JWT_ALGORITHM" in one_error_line(err)
+    assert not (tmp_path / "other").exists()
+
+
 def test_raw_secret_file_is_rotated_into_a_key_ring(tmp_path: Path) -> None:
     """A raw HS256 secret (openssl rand) keeps verifying after rotate rewrites the file as JSON."""
     path = tmp_path / "jwt-secret"

@@ -12,8 +12,8 @@ The key file is found like the server finds it: ``--jwt-secret-file``, else
 ``CHAT_JWT_SECRET_FILE``, else ``jwt-secret`` in ``--data-dir`` /
 ``CHAT_DATA_DIR`` / ``data``. Results go to stdout; a failure is one
 ``ERROR: ...`` line on stderr and exit status 1 (2 for a wrong command line),
-never a traceback. This module and ``__main__`` are the only ones here that
-read the environment.
+never a traceback. The options and their ``CHAT_*`` variables are the
+server's own rows of :mod:`tornado_chat.config`, so both read them alike.
 """
 
 from __future__ import annotations
@@ -27,17 +27,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from tornado_chat.auth.keyring import SUPPORTED_ALGORITHMS, KeyRing
+from tornado_chat.auth.keyring import KeyRing
 from tornado_chat.cli_support import OneLineParser, UsageError
-from tornado_chat.errors import ChatError
+from tornado_chat.config import add_options, settings_of
+from tornado_chat.errors import ChatError, ConfigError
 
-__all__ = ["build_parser", "key_file_path", "main"]
+__all__ = ["build_parser", "main"]
 
 PROG = "python -m tornado_chat.keys"
 # The console script pyproject.toml declares ([project.scripts]); its --help and hints name it.
 CONSOLE_SCRIPT = "tornado-chat-keys"
-DEFAULT_DATA_DIR = "data"
-KEY_FILE_NAME = "jwt-secret"
+# The server's options that locate the key file (rows of config.py's table).
+_LOCATION_OPTIONS = ("jwt_secret_file", "data_dir")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -61,30 +62,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
             "if it may be compromised."
         ),
     )
-    parser.add_argument(
-        "--jwt-secret-file",
-        metavar="PATH",
-        type=Path,
-        help="the key file (default: $CHAT_JWT_SECRET_FILE, else DATA_DIR/jwt-secret)",
-    )
-    parser.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        type=Path,
-        help=f"the server's data directory (default: $CHAT_DATA_DIR, else {DEFAULT_DATA_DIR})",
-    )
+    add_options(parser, _LOCATION_OPTIONS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     init = commands.add_parser(
         "init", help="create the key file with one new key; never replaces an existing file"
     )
-    init.add_argument(
-        "--jwt-algorithm",
-        metavar="ALG",
-        type=str.upper,
-        choices=SUPPORTED_ALGORITHMS,
-        help="HS256 or ES256, as the server's --jwt-algorithm "
-        "(default: $CHAT_JWT_ALGORITHM, else HS256)",
-    )
+    add_options(init, ("jwt_algorithm",))
     commands.add_parser("list", help="show every key that verifies; * marks the signing one")
     commands.add_parser(
         "rotate", help="add a new signing key; previous keys keep verifying until retired"
@@ -96,22 +79,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return parser
 
 
-def key_file_path(args: argparse.Namespace, environ: Mapping[str, str]) -> Path:
-    """Where the key file is: flag, then variable, then the data directory's file."""
-    if args.jwt_secret_file is not None:
-        return Path(args.jwt_secret_file)
-    if environ.get("CHAT_JWT_SECRET_FILE"):
-        return Path(environ["CHAT_JWT_SECRET_FILE"])
-    data_dir = args.data_dir or Path(environ.get("CHAT_DATA_DIR") or DEFAULT_DATA_DIR)
-    return Path(data_dir) / KEY_FILE_NAME
-
-
 def _location_options(args: argparse.Namespace) -> str:
     """`` --jwt-secret-file PATH`` or `` --data-dir DIR`` as given (shell-quoted), or ''."""
-    if args.jwt_secret_file is not None:
-        return f" --jwt-secret-file {shlex.quote(str(args.jwt_secret_file))}"
-    if args.data_dir is not None:
-        return f" --data-dir {shlex.quote(str(args.data_dir))}"
+    given = vars(args)
+    if "jwt_secret_file" in given:
+        return f" --jwt-secret-file {shlex.quote(str(given['jwt_secret_file']))}"
+    if "data_dir" in given:
+        return f" --data-dir {shlex.quote(str(given['data_dir']))}"
     return ""
 
 
@@ -185,11 +159,17 @@ def main(
             file=err,
         )
         return EXIT_USAGE
-    path = key_file_path(args, env)
+    try:
+        # The server's own option table and CHAT_* variables find the file.
+        settings = settings_of(vars(args), env, (*_LOCATION_OPTIONS, "jwt_algorithm"))
+    except ConfigError as exc:
+        print(f"ERROR: {exc}", file=err)
+        return EXIT_USAGE
+    path = settings.jwt_secret_path
     # The options that found the file, repeated in the commands suggested.
     where = _location_options(args)
     if args.command == "init":
-        return _init(path, args.jwt_algorithm or env.get("CHAT_JWT_ALGORITHM") or "HS256", out, err)
+        return _init(path, settings.jwt_algorithm, out, err)
     if not path.exists():
         print(
             f"ERROR: no JWT key file at {path} (create it with: {prog}{where} init; "
