@@ -160,6 +160,18 @@ class Services:
         self.close_session(session_id)
         self.broker.publish_revoke(session_id)
 
+    def evict(self, room: str, user_id: int, reason: str) -> None:
+        """A user lost the right to be in ``room`` (kicked, banned, removed): close with 4403.
+
+        The seam every moderation route calls after its database change;
+        this node's sockets close at once.
+        """
+        self.hub.close_in_room(room, user_id, protocol.CLOSE_FORBIDDEN, reason)
+
+    def deactivated(self, user_id: int) -> None:
+        """An account was deactivated: close its sockets with 4401."""
+        self.hub.close_user(user_id, protocol.CLOSE_UNAUTHORIZED, "account deactivated")
+
     async def close(self) -> None:
         """Store pending messages, then close the broker and the database."""
         await self.writer.close()

@@ -573,6 +573,25 @@ class Hub:
             m.peer.close_with(code, reason)
         return len(members)
 
+    def close_in_room(self, room: str, user_id: int, code: int, reason: str) -> int:
+        """Close every socket ``user_id`` has in ``room`` on this node; returns how many."""
+        r = self.rooms.get(room)
+        if r is None:
+            return 0
+        members = [m for m in r.members if m.user_id == user_id]
+        for m in members:
+            m.peer.close_with(code, reason)
+        return len(members)
+
+    def close_user(self, user_id: int, code: int, reason: str) -> int:
+        """Close every socket of ``user_id`` on this node, in every room; returns how many."""
+        if not self.users.get(user_id):
+            return 0
+        members = [m for m in self.members() if m.user_id == user_id]
+        for m in members:
+            m.peer.close_with(code, reason)
+        return len(members)
+
     def members(self) -> list[Member]:
         """Every member on this node."""
         return [m for room in self.rooms.values() for m in room.members]
