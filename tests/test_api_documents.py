@@ -564,7 +564,7 @@ def test_schemathesis_catches_a_wrong_document(
     wrong = json.loads(json.dumps(DOCUMENT))
     me = wrong["paths"]["/api/me"]["get"]
     if change == "an extra required field":
-        wrong["components"]["schemas"]["User"]["required"].append("email")
+        wrong["components"]["schemas"]["Me"]["required"].append("email")
     elif change == "no 401 answer":
         del me["responses"]["401"]
     else:

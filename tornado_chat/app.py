@@ -32,7 +32,7 @@ from tornado_chat.auth import (
 )
 from tornado_chat.auth.hash_queue import HashQueue
 from tornado_chat.broker import Broker, LocalBroker
-from tornado_chat.config import Settings
+from tornado_chat.config import Settings, registration_mode
 from tornado_chat.handlers.auth import (
     AuthLoginHandler,
     AuthLogoutHandler,
@@ -84,6 +84,9 @@ class Services:
     # server holds it (ChatServer sets this and keeps it current across
     # reloads and renewals); the socket handler's own-origin check uses them.
     served_names: Callable[[], tuple[x509.GeneralName, ...]] = tuple
+    # The registration mode in force (config.registration_mode): from --host
+    # here; ChatServer sets it from the addresses it actually bound.
+    registration: str = "open"
 
     def take_open(self, user_id: int) -> bool:
         """Take a token from the user's socket-open budget; False when it is empty.
@@ -168,6 +171,9 @@ class Services:
         """
         self.hub.close_in_room(room, user_id, protocol.CLOSE_FORBIDDEN, reason)
 
+    def muted(self, room: str, user_id: int, until: float | None) -> None:
+        """``user_id`` was muted in ``room`` until ``until`` (None: unmuted); sockets obey it."""
+
     def deactivated(self, user_id: int) -> None:
         """An account was deactivated: close its sockets with 4401."""
         self.hub.close_user(user_id, protocol.CLOSE_UNAUTHORIZED, "account deactivated")
@@ -247,6 +253,7 @@ async def create_services(settings: Settings) -> Services:
         broker=broker,
         writer=MessageWriter(storage, lambda batch: services.on_stored(batch)),
         executor=executor,
+        registration=registration_mode(settings.registration, [settings.host])[0],
     )
     broker.message_listeners.append(hub.deliver)
     broker.revoke_listeners.append(auth.forget_session)
