@@ -43,6 +43,16 @@ from tornado_chat.handlers.auth import (
 )
 from tornado_chat.handlers.base import NotFoundHandler, request_context, request_summary
 from tornado_chat.handlers.docs import OpenApiHandler
+from tornado_chat.handlers.moderation import (
+    BanHandler,
+    BansHandler,
+    DirectRoomHandler,
+    InvitesHandler,
+    MemberHandler,
+    MembersHandler,
+    MuteHandler,
+    MutesHandler,
+)
 from tornado_chat.handlers.pages import StaticHandler
 from tornado_chat.handlers.rooms import (
     HealthHandler,
@@ -328,6 +338,8 @@ def make_app(settings: Settings, services: Services) -> tornado.web.Application:
     """Build the Tornado application and its route table."""
     install_redaction()
     room = protocol.ROOM_PATTERN
+    # User names follow the same rules as room names (auth/service.py).
+    user = protocol.ROOM_PATTERN
     deps = {"services": services, "settings": settings}
     routes: list[tornado.routing.Rule] = [
         tornado.web.url(r"/api/register", AuthRegisterHandler, deps),
@@ -338,6 +350,14 @@ def make_app(settings: Settings, services: Services) -> tornado.web.Application:
         tornado.web.url(r"/api/ws-ticket", AuthTicketHandler, deps),
         tornado.web.url(r"/api/rooms", RoomListHandler, deps),
         tornado.web.url(rf"/api/rooms/({room})/messages", RoomHistoryHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/members", MembersHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/members/({user})", MemberHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/bans", BansHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/bans/({user})", BanHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/mutes", MutesHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/mutes/({user})", MuteHandler, deps),
+        tornado.web.url(r"/api/dms", DirectRoomHandler, deps),
+        tornado.web.url(r"/api/invites", InvitesHandler, deps),
         tornado.web.url(r"/api/openapi\.json", OpenApiHandler, deps),
         tornado.web.url(rf"/ws/({room})", ChatSocketHandler, deps),
         tornado.web.url(r"/healthz", HealthHandler, deps),
