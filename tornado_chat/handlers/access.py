@@ -14,14 +14,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
+from tornado_chat.auth.service import validate_username
 from tornado_chat.authz import Action, Answer, Caller, Relation, RoomFacts, Target, decide
-from tornado_chat.errors import ApiError, Unauthorized
+from tornado_chat.errors import ApiError, BadRequest, Unauthorized
 from tornado_chat.storage import RoomAccess, User
 
 if TYPE_CHECKING:
     from tornado_chat.handlers.base import BaseHandler
 
-__all__ = ["Granted", "caller", "refuse", "room_action", "server_action", "user_not_found"]
+__all__ = [
+    "Granted",
+    "caller",
+    "is_plain_text",
+    "is_username",
+    "refuse",
+    "room_action",
+    "server_action",
+    "user_not_found",
+]
 
 # One message per code: the answer to a room one may not see must not differ
 # from the answer to a room that does not exist, down to the byte.
@@ -62,9 +72,30 @@ def refuse(answer: Answer) -> NoReturn:
     raise ApiError(code, message, status=status)
 
 
+def is_plain_text(text: object, max_chars: int) -> bool:
+    """Whether ``text`` is a string of at most ``max_chars`` without control characters.
+
+    Lone surrogates (which JSON can carry) are refused too: no database can store them.
+    """
+    return (
+        isinstance(text, str)
+        and len(text) <= max_chars
+        and not any(ch < " " or ch == "\x7f" or "\ud800" <= ch <= "\udfff" for ch in text)
+    )
+
+
 def user_not_found() -> ApiError:
     """404 ``user_not_found``: the person an action names has no account."""
     return ApiError("user_not_found", "no such user", status=404)
+
+
+def is_username(name: str) -> bool:
+    """Whether ``name`` has the shape of a user name (3-32 of ``A-Za-z0-9_.-``)."""
+    try:
+        validate_username(name)
+    except BadRequest:
+        return False
+    return True
 
 
 def _relation(access: RoomAccess) -> Relation:
@@ -138,7 +169,9 @@ async def room_action(
     target_user: User | None = None
     target_access: RoomAccess | None = None
     if target_name is not None:
-        target_user = await storage.get_user_by_name(target_name)
+        # A name no account can have is nobody's (and never reaches a query).
+        valid = is_username(target_name)
+        target_user = await storage.get_user_by_name(target_name) if valid else None
         if target_user is None:
             # Decided as for a stranger of the lowest rank: only a caller who
             # could act on such a person hears that the name is unknown.

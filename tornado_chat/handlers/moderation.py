@@ -25,6 +25,8 @@ from tornado_chat.authz import Action
 from tornado_chat.errors import ApiError, BadRequest
 from tornado_chat.handlers.access import (
     caller,
+    is_plain_text,
+    is_username,
     room_action,
     server_action,
     user_not_found,
@@ -102,7 +104,7 @@ class MembersHandler(BaseHandler):
             raise BadRequest("bad_request", 'role must be "member" or "moderator"')
         storage = self.services.storage
         # Making or unmaking a moderator is the owner's; a plain add is a moderator's.
-        target = await storage.get_user_by_name(name)
+        target = await storage.get_user_by_name(name) if is_username(name) else None
         current = None
         if target is not None:
             current = (await storage.room_access(room, target.id)).role
@@ -147,7 +149,7 @@ class BansHandler(BaseHandler):
         body = self.json_body()
         name = _username(body)
         reason = body.get("reason")
-        if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS):
+        if reason is not None and not is_plain_text(reason, MAX_REASON_CHARS):
             raise BadRequest("bad_request", f"reason must be text of at most {MAX_REASON_CHARS}")
         seconds = _seconds(body, required=False)
         granted = await room_action(self, room, Action.BAN, name, known=known)
@@ -212,7 +214,7 @@ class DirectRoomHandler(BaseHandler):
         user = await server_action(self, Action.CREATE_DM)
         name = _username(self.json_body())
         storage = self.services.storage
-        peer = await storage.get_user_by_name(name)
+        peer = await storage.get_user_by_name(name) if is_username(name) else None
         if peer is None:
             raise user_not_found()
         if peer.id == user.id:

@@ -13,7 +13,7 @@ from tornado_chat.errors import (
     ServiceUnavailable,
     StorageError,
 )
-from tornado_chat.handlers.access import caller, room_action, server_action
+from tornado_chat.handlers.access import caller, is_plain_text, room_action, server_action
 from tornado_chat.handlers.base import BaseHandler
 
 MAX_HISTORY = 500
@@ -38,11 +38,7 @@ def room_request(body: dict[str, Any]) -> tuple[str, Literal["public", "private"
         chosen: Literal["public", "private"] = visibility
     else:
         raise _invalid_room('visibility must be "public" or "private"')
-    if topic is not None and (
-        not isinstance(topic, str)
-        or len(topic) > MAX_TOPIC_CHARS
-        or any(ch < " " or ch == "\x7f" for ch in topic)
-    ):
+    if topic is not None and not is_plain_text(topic, MAX_TOPIC_CHARS):
         raise _invalid_room(f"topic must be text of at most {MAX_TOPIC_CHARS} characters")
     return name, chosen, topic
 
