@@ -854,3 +854,25 @@ async def test_deactivation_is_refused_even_while_the_session_is_cached(
         assert answer(await client.login("mx_cached")) == "401 invalid_credentials"
     finally:
         client.close()
+
+
+async def test_leaving_closes_sockets_only_in_a_private_room(cast: Cast) -> None:
+    """Leaving a private room ends the socket there (4403); leaving a public one does not."""
+    target = await token_of_existing(cast.client, TARGET)
+    private = await _setup(cast)
+    sock, _ = await cast.client.join(private, target)
+    r = await cast.client.request("DELETE", f"/api/rooms/{private}/members/{TARGET}", token=target)
+    assert r.status == 204
+    assert await sock.closed() == 4403
+    public = await _setup(cast, "public")
+    sock, _ = await cast.client.join(public, target)
+    try:
+        r = await cast.client.request(
+            "DELETE", f"/api/rooms/{public}/members/{TARGET}", token=target
+        )
+        assert r.status == 204
+        await sock.say("still here", client_id="left-1")
+        echo = (await sock.messages(1))[0]
+        assert (echo["body"], echo["client_id"]) == ("still here", "left-1")
+    finally:
+        sock.close()
