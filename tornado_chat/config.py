@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
@@ -861,6 +861,12 @@ def validate_settings(settings: Settings) -> None:
         require_extra("asyncpg", "postgres", "--db postgresql+asyncpg://...")
 
 
+#: ``CHAT_*`` variables that programs shipped beside the server read from the
+#: same environment: the image's health check (deploy/healthcheck.py) finds
+#: its CA through this one, and deploy/Containerfile sets it for both.
+NEIGHBOUR_ENV_NAMES: Final = frozenset({"CHAT_HEALTHCHECK_CAFILE"})
+
+
 def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
     """One line for each ``CHAT_*`` variable the server does not read.
 
@@ -878,7 +884,7 @@ def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
     suffixes = [name.removeprefix("CHAT_") for name in known]
     warnings: list[str] = []
     for name in sorted(environ):
-        if not name.startswith("CHAT_") or name in known:
+        if not name.startswith("CHAT_") or name in known or name in NEIGHBOUR_ENV_NAMES:
             continue
         close = difflib.get_close_matches(name.removeprefix("CHAT_"), suffixes, n=1)
         hint = f"did you mean CHAT_{close[0]}?" if close else "see --help for the variables"
