@@ -27,8 +27,18 @@ import pytest
 from tornado.httpclient import HTTPClientError
 
 from tests import test_storage_queries as queries_suite
-from tests.conftest import serve
+from tests.conftest import make_settings, serve
 from tests.harness import Client, LiveServer, Socket
+from tests.test_admin_cli import run_process
+from tests.test_scaleout import (
+    REDIS_URL,
+    broker_url,
+    check_redis,
+    create_pg_database,
+    delete_prefix,
+    drop_pg_database,
+    unique_prefix,
+)
 from tornado_chat import protocol
 from tornado_chat.broker import RoomControl
 from tornado_chat.pki import ServerCertificate
@@ -475,3 +485,206 @@ async def test_deactivated_since_lists_recent_deactivations(storage: Any) -> Non
     assert await storage.deactivated_since(time.time() + 60) == []
     await storage.reactivate_user(second.id)
     assert [uid for uid, _ in await storage.deactivated_since(before)] == [first.id]
+
+
+async def test_admin_command_deactivating_a_user_closes_the_socket_within_5s(
+    client: Client, authz_server: LiveServer
+) -> None:
+    """``python -m tornado_chat.admin deactivate`` on the running server's SQLite: 4401 in 5 s.
+
+    The command is another process and tells no broker; the server's watch
+    of ``users.deactivated_at`` finds it.
+    """
+    world = World(authz_server, client, "cli")
+    token = await world.user("member")
+    sock, _ = await client.join("cli-room", token)
+    started = time.monotonic()
+    done = await asyncio.to_thread(
+        run_process,
+        "--data-dir",
+        str(authz_server.settings.data_dir),
+        "deactivate",
+        world.name("member"),
+    )
+    assert (done.returncode, done.stderr) == (0, ""), done
+    assert done.stdout.startswith(f"deactivated {world.name('member')}: 1 session(s) ended")
+    assert await sock.closed(timeout=5) == 4401
+    assert time.monotonic() - started < 5
+    answer, _ = await outcome(client, "cli-room", token)
+    assert answer == "close 4401"
+
+
+# -- two nodes sharing PostgreSQL and Redis --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_servers(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LiveServer, LiveServer]]:
+    """Nodes A and B on one fresh PostgreSQL database and one Redis key prefix."""
+    db = asyncio.run(create_pg_database("chat_authz"))
+    admin = check_redis(REDIS_URL)
+    prefix = unique_prefix()
+    broker = broker_url(REDIS_URL, prefix)
+    nodes: list[LiveServer] = []
+    # One signing key, as every node of a deployment has (docs/deploy.md).
+    keys = tmp_path_factory.mktemp("keys") / "jwt-secret"
+    try:
+        for name in ("a", "b"):
+            settings = make_settings(
+                server_cert,
+                tmp_path_factory.mktemp(f"node-{name}"),
+                db=db,
+                broker=broker,
+                jwt_secret_file=keys,
+            )
+            nodes.append(LiveServer(settings).start())
+        yield nodes[0], nodes[1]
+    finally:
+        for node in nodes:
+            node.stop()
+        asyncio.run(drop_pg_database(db))
+        delete_prefix(admin, prefix)
+        admin.close()
+
+
+@pytest.fixture
+async def on_two(
+    two_servers: tuple[LiveServer, LiveServer], client_ssl: ssl.SSLContext
+) -> AsyncIterator[tuple[World, Client]]:
+    """A world made through node A, and a verified client of node B."""
+    a, b = two_servers
+    on_a, on_b = Client(a, client_ssl), Client(b, client_ssl)
+    yield World(a, on_a, "two"), on_b
+    on_a.close()
+    on_b.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_two_nodes_kick_on_a_closes_the_socket_on_b_within_2s(
+    on_two: tuple[World, Client],
+) -> None:
+    """A kick on node A closes the user's socket on node B with 4403; B then refuses too."""
+    world, on_b = on_two
+    world.prefix = "twk"
+    await world.user("owner")
+    token = await world.user("member")
+    ids, room = world.ids, "twk-room"
+    await world.call(world.storage.create_room, room, "private", owner_id=ids["owner"])
+    await world.call(world.storage.add_member, room, ids["member"])
+    sock, _ = await on_b.join(room, token)
+    await world.call(world.storage.remove_member, room, ids["member"])
+    started = time.monotonic()
+    await world.call(world.services.evict, room, ids["member"], "kicked")
+    assert await sock.closed(timeout=2) == 4403
+    assert time.monotonic() - started < 2
+    answer, _ = await outcome(on_b, room, token, since=0)
+    assert answer == "handshake 404"
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_two_nodes_ban_and_deactivation_on_a_act_on_b(on_two: tuple[World, Client]) -> None:
+    """A ban on A closes B's socket with 4403 (then 403 there); a deactivation on A, 4401."""
+    world, on_b = on_two
+    world.prefix = "twb"
+    await world.user("owner")
+    token = await world.user("member")
+    ids, room = world.ids, "twb-room"
+    await world.call(world.storage.create_room, room, "public", owner_id=ids["owner"])
+    banned, _ = await on_b.join(room, token)
+    other, _ = await on_b.join("twb-other", token)
+    await world.call(world.storage.ban, room, ids["member"], by=ids["owner"])
+    started = time.monotonic()
+    await world.call(world.services.evict, room, ids["member"], "banned")
+    assert await banned.closed(timeout=2) == 4403
+    assert time.monotonic() - started < 2
+    answer, _ = await outcome(on_b, room, token)
+    assert answer == "handshake 403"
+    started = time.monotonic()
+    await world.call(world.storage.deactivate_user, ids["member"])
+    await world.call(world.services.deactivated, ids["member"])
+    assert await other.closed(timeout=5) == 4401
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_two_nodes_mute_on_a_acts_on_b(on_two: tuple[World, Client]) -> None:
+    """A mute on A: B's live socket answers ``muted`` and stores nothing; an unmute lifts it."""
+    world, on_b = on_two
+    world.prefix = "twm"
+    await world.user("owner")
+    token = await world.user("member")
+    ids, room = world.ids, "twm-room"
+    await world.call(world.storage.create_room, room, "public", owner_id=ids["owner"])
+    sock, _ = await on_b.join(room, token)
+    await world.call(world.storage.mute, room, ids["member"], by=ids["owner"], seconds=600)
+    await world.call(world.services.muted, room, ids["member"], time.time() + 600)
+    # The notice travels through Redis: poll until B applies it, within a deadline.
+    deadline = time.monotonic() + 2
+    n = 0
+    while True:
+        n += 1
+        await sock.say("hi", client_id=f"m{n}")
+        got = await next_frame(sock)
+        assert got is not None
+        if got["type"] == "error":
+            assert got["code"] == "muted"
+            break
+        assert time.monotonic() < deadline, "the mute did not reach node B"
+        await asyncio.sleep(0.05)
+    stored = await world.call(world.storage.last_seq, room)
+    await sock.say("still muted", client_id="m-last")
+    again = await next_frame(sock)
+    assert again is not None and (again["type"], again["code"]) == ("error", "muted"), again
+    assert await world.call(world.storage.last_seq, room) == stored
+    await world.call(world.storage.unmute, room, ids["member"])
+    await world.call(world.services.muted, room, ids["member"], None)
+    deadline = time.monotonic() + 2
+    while True:
+        n += 1
+        await sock.say("back", client_id=f"m{n}")
+        got = await next_frame(sock)
+        assert got is not None
+        if got["type"] == "message":
+            break
+        assert time.monotonic() < deadline, "the unmute did not reach node B"
+        await asyncio.sleep(0.05)
+    sock.close()
+
+
+def test_broker_reads_room_controls_and_ignores_malformed_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ``{"t": "c"}`` notice from another node reaches the control listeners; a bad one, none."""
+    from tornado_chat.redis_broker import RedisBroker
+
+    broker = RedisBroker("redis://127.0.0.1:1/0?prefix=ctl", node_id="here")
+    got: list[RoomControl] = []
+    broker.control_listeners.append(got.append)
+    channel = b"ctl:revoke"
+
+    def notice(**fields: Any) -> bytes:
+        return json.dumps({"t": "c", "n": "there", **fields}).encode()
+
+    broker._dispatch(channel, notice(kind="evict", user=7, room="r", reason="kicked"))
+    broker._dispatch(channel, notice(kind="mute", user=7, room="r", until=12.5))
+    broker._dispatch(channel, notice(kind="deactivated", user=8, room=None))
+    assert got == [
+        RoomControl("evict", 7, "r", reason="kicked"),
+        RoomControl("mute", 7, "r", until=12.5),
+        RoomControl("deactivated", 8),
+    ]
+    for bad in (
+        notice(kind="evict", user=7),  # no room
+        notice(kind="explode", user=7, room="r"),
+        notice(kind="mute", user="7", room="r"),
+        notice(kind="deactivated", user=True),
+    ):
+        broker._dispatch(channel, bad)
+    assert len(got) == 3
+    assert caplog.text.count("ignored a malformed notification") == 4
+    broker._dispatch(channel, json.dumps({"t": "c", "n": "here", "kind": "evict"}).encode())
+    assert len(got) == 3  # its own echo
