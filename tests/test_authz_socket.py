@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -273,6 +274,31 @@ async def test_socket_matrix(client: Client, authz_server: LiveServer) -> None:
     assert observed == EXPECTED
 
 
+def security_table() -> dict[tuple[str, str], dict[str, str]]:
+    """SECURITY.md's "Authorization (sockets)" table, parsed."""
+    text = (ROOT / "SECURITY.md").read_text(encoding="utf-8")
+    section = text.split("### Authorization (sockets)", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(section) if line.startswith("| action |"))
+    lines: list[str] = []
+    for line in section[start:]:  # the first table only
+        if not line.startswith("|"):
+            break
+        lines.append(line)
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[:2] == ["action", "room"], header
+    callers = header[2:]
+    table: dict[tuple[str, str], dict[str, str]] = {}
+    for line in lines[2:]:
+        cells = [cell.strip().strip("`") for cell in line.strip("|").split("|")]
+        table[(cells[0], cells[1])] = dict(zip(callers, cells[2:], strict=True))
+    return table
+
+
+def test_security_md_table_is_the_matrix_the_tests_assert() -> None:
+    """The table in SECURITY.md says exactly what test_socket_matrix checks."""
+    assert security_table() == EXPECTED
+
+
 # -- IDOR attempts ----------------------------------------------------------------------------
 
 
@@ -457,6 +483,13 @@ def test_close_codes_are_the_protocol_ones() -> None:
     """The controls close with the contract's codes: 4403 for a room, 4401 for an account."""
     assert RoomControl("evict", 1, "r").code == protocol.CLOSE_FORBIDDEN
     assert RoomControl("deactivated", 1).code == protocol.CLOSE_UNAUTHORIZED
+
+
+def test_readme_says_what_4403_means() -> None:
+    """README's close-code table says what 4403 now means."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| 4403 |"))
+    assert re.search(r"removed|kicked|banned", row), row
 
 
 # -- two nodes sharing PostgreSQL and Redis --------------------------------------------------
