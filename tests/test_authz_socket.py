@@ -479,6 +479,50 @@ async def test_controls_reported_while_a_socket_opens_are_applied_after_it_joins
     assert await on_server(authz_server, services.controls_since, later, "cs", 901) == []
 
 
+async def test_a_ban_or_mute_landing_while_a_socket_opens_still_acts(
+    client: Client, authz_server: LiveServer
+) -> None:
+    """A ban (or mute) committed after the handshake read the room access, before the join.
+
+    The evict call found no socket to close then; the socket finds it once
+    joined and closes with 4403 before its welcome (a mute: its messages
+    are refused).
+    """
+    world = World(authz_server, client, "race")
+    await world.user("owner")
+    token = await world.user("member")
+    ids, storage, services = world.ids, world.storage, world.services
+    for room in ("race-ban", "race-mute"):
+        await world.call(storage.create_room, room, "public", owner_id=ids["owner"])
+    real = storage.room_access
+
+    async def racing(room: str, user_id: int, now: float | None = None) -> Any:
+        access = await real(room, user_id, now)
+        if user_id == ids["member"] and room == "race-ban":
+            await storage.ban(room, user_id, by=ids["owner"])
+            services.evict(room, user_id, "banned")
+        elif user_id == ids["member"] and room == "race-mute":
+            await storage.mute(room, user_id, by=ids["owner"], seconds=600)
+            services.muted(room, user_id, time.time() + 600)
+        return access
+
+    await world.call(setattr, storage, "room_access", racing)
+    try:
+        answer, _ = await outcome(client, "race-ban", token)
+        assert answer == "close 4403"
+        answer, sock = await outcome(client, "race-mute", token)
+        assert answer == "allowed" and sock is not None
+        await sock.say("hello", client_id="r1")
+        got = await next_frame(sock)
+        assert got is not None and (got["type"], got["code"]) == ("error", "muted"), got
+        sock.close()
+    finally:
+        await world.call(delattr, storage, "room_access")
+    # Without the race, the database says the same at the handshake.
+    answer, _ = await outcome(client, "race-ban", token)
+    assert answer == "handshake 403"
+
+
 def test_close_codes_are_the_protocol_ones() -> None:
     """The controls close with the contract's codes: 4403 for a room, 4401 for an account."""
     assert RoomControl("evict", 1, "r").code == protocol.CLOSE_FORBIDDEN
