@@ -43,6 +43,8 @@ from tests.test_scaleout import (
 from tornado_chat import protocol
 from tornado_chat.broker import RoomControl
 from tornado_chat.pki import ServerCertificate
+from tornado_chat.session import Session, SessionLimits, authorize_open, mute_in_force
+from tornado_chat.storage import RoomAccess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -537,6 +539,69 @@ def test_readme_says_what_4403_means() -> None:
 
 
 # -- two nodes sharing PostgreSQL and Redis --------------------------------------------------
+
+
+# -- the pure parts: the open decision, the mute, the session's answer -----------------------
+
+
+@pytest.mark.parametrize(
+    ("access", "admin", "answer"),
+    [
+        (RoomAccess(None, None, False, None), False, "allowed"),  # v1: created on open
+        (RoomAccess("public", None, False, None), False, "allowed"),
+        (RoomAccess("public", None, True, None), False, "handshake 403"),
+        (RoomAccess("public", None, True, None), True, "allowed"),
+        (RoomAccess("private", None, False, None), False, "handshake 404"),
+        (RoomAccess("private", None, True, None), False, "handshake 404"),
+        (RoomAccess("private", None, False, None), True, "allowed"),
+        (RoomAccess("private", "owner", False, None), False, "allowed"),
+        (RoomAccess("private", "member", False, 99.0), False, "allowed"),
+        (RoomAccess("direct", None, False, None), True, "handshake 404"),
+        (RoomAccess("direct", "member", False, None), False, "allowed"),
+        # Rows no route writes: a ban or mute in a direct room does not count.
+        (RoomAccess("direct", "member", True, 99.0), False, "allowed"),
+        (RoomAccess("direct", "owner", False, None), False, "allowed"),
+    ],
+)
+@pytest.mark.parametrize("replay", [False, True])
+def test_authorize_open(access: RoomAccess, admin: bool, answer: str, replay: bool) -> None:
+    """The handshake's answer for each room access record, with and without ``since``."""
+    assert str(authorize_open(access, admin=admin, replay=replay)) == answer
+
+
+def test_mute_in_force_only_where_the_policy_holds_it() -> None:
+    """A mute counts for a member of a public or private room; not for an admin, nor in a DM."""
+    assert mute_in_force(RoomAccess("public", None, False, 50.0), admin=False) == 50.0
+    assert mute_in_force(RoomAccess("private", "moderator", False, 50.0), admin=False) == 50.0
+    assert mute_in_force(RoomAccess("public", "member", False, 50.0), admin=True) is None
+    assert mute_in_force(RoomAccess("direct", "member", False, 50.0), admin=False) is None
+    assert mute_in_force(RoomAccess("public", "member", False, None), admin=False) is None
+
+
+def test_session_refuses_a_muted_message_until_the_mute_ends() -> None:
+    """Before ``until``: an ``error`` frame ``muted`` and the message is dropped; after: nothing."""
+    limits = SessionLimits(
+        max_body_chars=100,
+        max_sockets=10,
+        max_sockets_per_user=3,
+        max_sockets_per_address=5,
+        outbox_bytes=4096,
+        max_frame_bytes=8192,
+        handshake_timeout=5.0,
+        reauth_grace=2.0,
+    )
+    session = Session(limits, room="r", addr="-", summary="GET /ws/r", origin="-")
+    assert session.message_muted(100.0, now=90.5) is True
+    (frame,) = session.frames_to_send()
+    payload = json.loads(frame[2:])
+    assert payload == {
+        "type": "error",
+        "code": "muted",
+        "message": "you are muted in this room for 10 more s",
+    }
+    assert session.message_muted(100.0, now=100.0) is False
+    assert session.frames_to_send() == []
+    assert session.take_close() is None
 
 
 # -- the query the deactivation watch polls, on every backend ---------------------------------
