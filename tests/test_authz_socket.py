@@ -397,6 +397,19 @@ async def test_kick_closes_only_that_room_within_2s(
     elsewhere.close()
 
 
+async def test_a_long_reason_is_cut_to_fit_the_close_frame(
+    client: Client, authz_server: LiveServer
+) -> None:
+    """A ban reason longer than a close frame holds still closes with 4403, the reason cut."""
+    world = World(authz_server, client, "lr")
+    token = await world.user("member")
+    sock, _ = await client.join("lr-room", token)
+    reason = "é" * 200  # 400 bytes of UTF-8
+    await world.call(world.services.evict, "lr-room", world.ids["member"], reason)
+    assert await sock.closed(timeout=2) == 4403
+    assert sock.conn.close_reason == "é" * 61  # 122 bytes: the 123rd would split a character
+
+
 async def test_deactivation_closes_every_socket_within_5s(
     client: Client, authz_server: LiveServer
 ) -> None:
