@@ -843,3 +843,28 @@ def test_broker_reads_room_controls_and_ignores_malformed_ones(
     assert caplog.text.count("ignored a malformed notification") == 4
     broker._dispatch(channel, json.dumps({"t": "c", "n": "here", "kind": "evict"}).encode())
     assert len(got) == 3  # its own echo
+
+
+def test_broker_keeps_controls_published_while_disconnected_and_resends_them() -> None:
+    """A kick published while Redis is away is sent once the broker is connected again."""
+    from tornado_chat.redis_broker import RedisBroker
+
+    broker = RedisBroker("redis://127.0.0.1:1/0?prefix=ctl", node_id="here")
+    kick = RoomControl("evict", 7, "r", reason="kicked")
+    broker.publish_control(kick)  # not connected: kept
+    assert broker._outbox == []
+    broker._connected = True
+    broker._requeue()
+    (item,) = broker._outbox
+    assert item.subject == kick  # type: ignore[union-attr]
+    assert json.loads(item.payload) == {  # type: ignore[union-attr]
+        "t": "c",
+        "n": "here",
+        "kind": "evict",
+        "user": 7,
+        "room": "r",
+        "until": None,
+        "reason": "kicked",
+    }
+    broker._fail(broker._outbox)  # the send failed: kept again
+    assert broker._unsent_controls == [kick]
