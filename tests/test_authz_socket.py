@@ -397,6 +397,19 @@ async def test_kick_closes_only_that_room_within_2s(
     elsewhere.close()
 
 
+async def test_a_long_reason_is_cut_to_fit_the_close_frame(
+    client: Client, authz_server: LiveServer
+) -> None:
+    """A ban reason longer than a close frame holds still closes with 4403, the reason cut."""
+    world = World(authz_server, client, "lr")
+    token = await world.user("member")
+    sock, _ = await client.join("lr-room", token)
+    reason = "é" * 200  # 400 bytes of UTF-8
+    await world.call(world.services.evict, "lr-room", world.ids["member"], reason)
+    assert await sock.closed(timeout=2) == 4403
+    assert sock.conn.close_reason == "é" * 61  # 122 bytes: the 123rd would split a character
+
+
 async def test_deactivation_closes_every_socket_within_5s(
     client: Client, authz_server: LiveServer
 ) -> None:
@@ -830,3 +843,28 @@ def test_broker_reads_room_controls_and_ignores_malformed_ones(
     assert caplog.text.count("ignored a malformed notification") == 4
     broker._dispatch(channel, json.dumps({"t": "c", "n": "here", "kind": "evict"}).encode())
     assert len(got) == 3  # its own echo
+
+
+def test_broker_keeps_controls_published_while_disconnected_and_resends_them() -> None:
+    """A kick published while Redis is away is sent once the broker is connected again."""
+    from tornado_chat.redis_broker import RedisBroker
+
+    broker = RedisBroker("redis://127.0.0.1:1/0?prefix=ctl", node_id="here")
+    kick = RoomControl("evict", 7, "r", reason="kicked")
+    broker.publish_control(kick)  # not connected: kept
+    assert broker._outbox == []
+    broker._connected = True
+    broker._requeue()
+    (item,) = broker._outbox
+    assert item.subject == kick  # type: ignore[union-attr]
+    assert json.loads(item.payload) == {  # type: ignore[union-attr]
+        "t": "c",
+        "n": "here",
+        "kind": "evict",
+        "user": 7,
+        "room": "r",
+        "until": None,
+        "reason": "kicked",
+    }
+    broker._fail(broker._outbox)  # the send failed: kept again
+    assert broker._unsent_controls == [kick]
