@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
@@ -907,6 +907,12 @@ def registration_mode(chosen: str | None, addresses: Collection[str]) -> tuple[s
     return "invite", "a listening address is not loopback; --registration open allows anyone"
 
 
+#: ``CHAT_*`` variables that programs shipped beside the server read from the
+#: same environment: the image's health check (deploy/healthcheck.py) finds
+#: its CA through this one, and deploy/Containerfile sets it for both.
+NEIGHBOUR_ENV_NAMES: Final = frozenset({"CHAT_HEALTHCHECK_CAFILE"})
+
+
 def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
     """One line for each ``CHAT_*`` variable the server does not read.
 
@@ -924,7 +930,7 @@ def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
     suffixes = [name.removeprefix("CHAT_") for name in known]
     warnings: list[str] = []
     for name in sorted(environ):
-        if not name.startswith("CHAT_") or name in known:
+        if not name.startswith("CHAT_") or name in known or name in NEIGHBOUR_ENV_NAMES:
             continue
         close = difflib.get_close_matches(name.removeprefix("CHAT_"), suffixes, n=1)
         hint = f"did you mean CHAT_{close[0]}?" if close else "see --help for the variables"
