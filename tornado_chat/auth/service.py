@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable
 
+from tornado_chat import metrics
 from tornado_chat.auth.passwords import PasswordHasher, validate_password
 from tornado_chat.auth.throttle import Throttle
 from tornado_chat.auth.tokens import (
@@ -219,6 +220,7 @@ class AuthService:
         except UsernameTaken as error:
             raise Conflict("username_taken", "that username is taken") from error
 
+    @metrics.count_logins
     async def login(self, username: object, password: object, address: str) -> TokenPair:
         """Check credentials and open a new session (refresh family).
 
