@@ -76,8 +76,8 @@ HANDSHAKE_TIMEOUT_REASON = "handshake took too long; try again"
 _CLOSE_TOO_SLOW = 4408
 _BROKER_KINDS = {"m": "message", "p": "presence", "r": "revoke"}
 
-# Every metric this module exports, by its name in the exposition (counters
-# without the _total the text format adds); docs/operations.md explains each.
+# Every metric this module exports, as the exposition names it (counters with
+# their _total, histograms without a suffix); docs/operations.md explains each.
 METRIC_NAMES = (
     "tornado_chat_open_sockets",
     "tornado_chat_handshakes_total",
