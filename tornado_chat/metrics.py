@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -206,8 +206,14 @@ class _Metrics:
             multiprocess_mode="livemin",
             registry=registry,
         )
-        # Stored timestamps of messages fanned out since the last flush.
+        # Stored timestamps of messages fanned out since the last flush, and
+        # the deliveries queued meanwhile: counted once per flush, not per message.
         self.fanned: list[str] = []
+        self.queued = 0
+        # Labelled children by label value: labels() takes a lock and builds a
+        # key on every call, a dict lookup does not.
+        self.db_children: dict[str, Any] = {}
+        self.http_children: dict[tuple[str, int], Any] = {}
         # The last timestamp's second and its epoch value (one parse per second).
         self.ts_cache: tuple[str, float] = ("", 0.0)
         # Route templates per application (tests run several in one process).
@@ -349,19 +355,22 @@ def fanned_out(msg: StoredMessage, sockets: int) -> None:
     """A message was queued to ``sockets`` local sockets; its latency is taken at the flush."""
     m = _on
     if m is not None:
-        m.delivered.inc(sockets)
+        m.queued += sockets
         m.fanned.append(msg.ts)
 
 
 def flushed() -> None:
-    """The hub wrote every queued frame: observe the latency of each message fanned out."""
+    """The hub wrote every queued frame: count the deliveries, observe each message's latency."""
     m = _on
     if m is None or not m.fanned:
         return
     now = time.time()
     stamps, m.fanned = m.fanned, []
+    queued, m.queued = m.queued, 0
+    m.delivered.inc(queued)
+    observe = m.latency.observe
     for ts in stamps:
-        m.latency.observe(max(0.0, now - _epoch(m, ts)))
+        observe(max(0.0, now - _epoch(m, ts)))
 
 
 def _epoch(m: _Metrics, ts: str) -> float:
@@ -388,15 +397,20 @@ def _epoch(m: _Metrics, ts: str) -> float:
     return value + int(ts[20:23]) / 1000
 
 
-@contextlib.contextmanager
-def _timed(operation: str) -> Iterator[None]:
-    m = _on
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        if m is not None:
-            m.db.labels(operation).observe(time.perf_counter() - start)
+class _Timer:
+    """Times one database call into its operation's histogram."""
+
+    __slots__ = ("child", "start")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.start = 0.0
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.child.observe(time.perf_counter() - self.start)
 
 
 _UNTIMED = contextlib.nullcontext()
@@ -404,9 +418,13 @@ _UNTIMED = contextlib.nullcontext()
 
 def db_timer(operation: str) -> contextlib.AbstractContextManager[Any]:
     """A context manager timing one database call (a shared no-op when off)."""
-    if _on is None:
+    m = _on
+    if m is None:
         return _UNTIMED
-    return _timed(operation)
+    child = m.db_children.get(operation)
+    if child is None:
+        child = m.db_children[operation] = m.db.labels(operation)
+    return _Timer(child)
 
 
 def broker_published() -> None:
@@ -452,7 +470,11 @@ def http_request(handler: tornado.web.RequestHandler) -> None:
     if m is None:
         return
     status = handler.get_status()
-    m.http.labels(_route(m, handler), str(status)).inc()
+    route = _route(m, handler)
+    child = m.http_children.get((route, status))
+    if child is None:
+        child = m.http_children[route, status] = m.http.labels(route, str(status))
+    child.inc()
     if status != 101 and handler.request.headers.get("Upgrade", "").lower() == "websocket":
         m.handshakes.labels(str(status)).inc()
 
