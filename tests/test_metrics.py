@@ -502,6 +502,7 @@ async def test_processes_share_one_metrics_port_and_sum_every_worker(
         assert directory_mode(shared_dir) == 0o700
 
         # A worker killed: its sockets are gone from the gauge, its counts stay.
+        mark = len(process.err)
         os.kill(pids[0], signal.SIGKILL)
 
         async def dropped(sock: Socket) -> bool:
@@ -517,7 +518,8 @@ async def test_processes_share_one_metrics_port_and_sum_every_worker(
         samples = await until(mport, "tornado_chat_open_sockets", n - closed, timeout=20)
         assert value(samples, "tornado_chat_handshakes_total", outcome="ok") == n
         assert value(samples, "tornado_chat_messages_delivered_total") == n
-        await process.wait_for_async(r"worker 0 \(pid \d+\) ready")  # replaced
+        # The supervisor replaces it (a new pid) before the server is stopped.
+        await asyncio.to_thread(process.wait_for, r"worker 0 \(pid \d+\) ready", 60, after=mark)
         process.send(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 30) == 0
     finally:
