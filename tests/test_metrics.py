@@ -176,7 +176,7 @@ async def client(node: Node, client_ssl: ssl.SSLContext) -> AsyncIterator[Client
 async def test_real_traffic_is_counted_exactly(
     node: Node, client: Client, server_cert: ServerCertificate
 ) -> None:
-    """Logins, sockets, messages, refused handshakes and HTTP statuses, each counted exactly."""
+    """Logins, sockets, messages, refused handshakes (4401, 403, 404, TLS) and HTTP statuses."""
     assert node.metrics_port is not None
     port = node.metrics_port
     for name in ("mx_alice", "mx_bob"):
@@ -194,6 +194,9 @@ async def test_real_traffic_is_counted_exactly(
 
     refused = await client.connect("mx-room", token="not-a-token")
     assert await refused.closed() == 4401
+    with pytest.raises(HTTPClientError) as handshake_403:
+        await client.connect("mx-room", token=alice, origin="https://evil.example")
+    assert handshake_403.value.code == 403
     with pytest.raises(HTTPClientError) as handshake_404:
         await client.connect("x")  # too short for a room name: no route
     assert handshake_404.value.code == 404
@@ -212,6 +215,7 @@ async def test_real_traffic_is_counted_exactly(
         ("tornado_chat_open_sockets", ()): 2,
         ("tornado_chat_handshakes_total", (("outcome", "ok"),)): 2,
         ("tornado_chat_handshakes_total", (("outcome", "4401"),)): 1,
+        ("tornado_chat_handshakes_total", (("outcome", "403"),)): 1,
         ("tornado_chat_handshakes_total", (("outcome", "404"),)): 1,
         ("tornado_chat_logins_total", (("outcome", "ok"),)): 2,
         ("tornado_chat_logins_total", (("outcome", "invalid_credentials"),)): 1,
@@ -226,6 +230,7 @@ async def test_real_traffic_is_counted_exactly(
         ("tornado_chat_http_requests_total", (("route", "/api/login"), ("status", "200"))): 2,
         ("tornado_chat_http_requests_total", (("route", "/api/login"), ("status", "401"))): 1,
         ("tornado_chat_http_requests_total", (("route", "/ws/{room}"), ("status", "101"))): 3,
+        ("tornado_chat_http_requests_total", (("route", "/ws/{room}"), ("status", "403"))): 1,
         ("tornado_chat_http_requests_total", (("route", "unmatched"), ("status", "404"))): 2,
         ("tornado_chat_db_call_duration_seconds_count", (("operation", "get_user_by_name"),)): 3,
     }
