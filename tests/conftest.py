@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +25,42 @@ NO_REGISTER_BUDGET = 1_000_000
 hypothesis_settings.register_profile("ci", derandomize=True, database=None)
 hypothesis_settings.register_profile("explore")
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "explore"))
+
+
+class _AbandonedTasks(logging.Handler):
+    """Collects asyncio's "Task was destroyed but it is pending!" reports.
+
+    Such a task was dropped mid-flight (a relay, a fill, a replay that
+    outlived its socket): in a test it hides a bug or raises an error at
+    teardown under load. Every test is checked for them (see below).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.reports: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Task was destroyed but it is pending"):
+            task = record.__dict__.get("task")
+            self.reports.append(f"{record.getMessage()} {task!r}")
+
+
+_ABANDONED = _AbandonedTasks()
+logging.getLogger("asyncio").addHandler(_ABANDONED)
+
+
+@pytest.fixture(autouse=True)
+def no_abandoned_tasks() -> Iterator[None]:
+    """Fail the test during which asyncio reported a pending task destroyed.
+
+    Reported when the garbage collector frees the task, so the test named
+    may be the one just after the culprit; the report names the coroutine.
+    """
+    del _ABANDONED.reports[:]
+    yield
+    reports = list(_ABANDONED.reports)
+    del _ABANDONED.reports[:]
+    assert not reports, reports
 
 
 @pytest.fixture(scope="session")

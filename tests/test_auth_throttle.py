@@ -28,7 +28,7 @@ from tests.harness import PASSWORD, LiveServer, Response
 from tests.test_attacks import error_code
 from tests.test_auth_tokens import FakeClock
 from tornado_chat.auth import LoginThrottle
-from tornado_chat.auth.hash_queue import HashQueue
+from tornado_chat.auth.hash_queue import PER_ADDRESS, TOTAL, HashQueue
 from tornado_chat.auth.throttle import MAX_FAILURES, USER_MAX_FAILURES
 from tornado_chat.errors import TooManyRequests
 from tornado_chat.pki import ServerCertificate
@@ -270,6 +270,39 @@ async def test_a_registration_flood_is_refused_not_queued(
             assert statuses.count(201) == 17 and statuses.count(429) == 8, statuses
     finally:
         for c in [*flooders, bystander]:
+            c.http.close()
+
+
+async def test_a_full_hashing_queue_answers_503_with_retry_after(
+    queue_server: LiveServer, client_ssl: ssl.SSLContext
+) -> None:
+    """256 checks queued from 16 addresses: the next, from anyone, is 503 server_busy."""
+    addresses = [f"127.0.1.{i}" for i in range(1, TOTAL // PER_ADDRESS + 1)]
+    # Two clients per address: Tornado's client runs at most 10 requests at once.
+    clients = [From(queue_server, client_ssl, a) for a in addresses for _ in range(2)]
+    latecomer = From(queue_server, client_ssl, "127.0.1.200")
+    try:
+        with stalled_hashing(queue_server) as (queue, gate):
+            filling = [
+                asyncio.ensure_future(clients[i % len(clients)].register(f"busy_{i:03d}"))
+                for i in range(TOTAL)
+            ]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while queue.queued < TOTAL:
+                assert loop.time() < deadline, queue.queued
+                assert not any(task.done() for task in filling), "a check was refused early"
+                await asyncio.sleep(0.01)
+            busy = await latecomer.register("busy_latecomer")
+            assert (busy.status, error_code(busy)) == (503, "server_busy")
+            assert busy.headers["Retry-After"].isdigit() and int(busy.headers["Retry-After"]) >= 1
+            gate.set()
+            statuses = [r.status for r in await asyncio.gather(*filling)]
+            assert statuses == [201] * TOTAL
+        # Refused before hashing, so nothing was created: the name is still free.
+        assert (await latecomer.register("busy_latecomer")).status == 201
+    finally:
+        for c in [*clients, latecomer]:
             c.http.close()
 
 

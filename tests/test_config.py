@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -476,6 +477,14 @@ def test_unknown_chat_variables_name_the_closest_one() -> None:
     ]
     settings = parse(**environ)
     assert settings_warnings(settings, {"PATH": "/bin", **{n: "1" for n in env_names()}}) == []
+
+
+def test_the_image_environment_draws_no_warning() -> None:
+    """Every CHAT_* variable deploy/Containerfile sets is read by the server or its health check."""
+    containerfile = (REPO / "deploy" / "Containerfile").read_text()
+    names = set(re.findall(r"\b(CHAT_[A-Z_]+)=", containerfile))
+    assert "CHAT_HEALTHCHECK_CAFILE" in names  # the case this guards
+    assert unknown_env_warnings(dict.fromkeys(names, "x")) == []
 
 
 def test_start_up_warns_about_a_misspelt_variable(tmp_path: Path) -> None:

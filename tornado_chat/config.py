@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
@@ -74,6 +74,9 @@ class Settings:
     register_burst: int = 40
     register_per_hour: int = 30
     allow_query_token: bool = True
+    # Who may register (--registration): None picks it from the listening
+    # addresses (registration_mode).
+    registration: str | None = None
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     # Limits
     max_frame_bytes: int = 64 * 1024
@@ -138,6 +141,8 @@ class Settings:
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _LOG_FORMATS = ("text", "json")
 _JWT_ALGORITHMS = ("HS256", "ES256")
+#: --registration: anyone, holders of an invite code, nobody (accounts come from the admin command).
+REGISTRATION_MODES = ("open", "invite", "closed")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 # RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
@@ -523,6 +528,16 @@ _OPTIONS: tuple[_Option, ...] = (
         "auth",
     ),
     _Option(
+        "--registration",
+        "registration",
+        _choice(REGISTRATION_MODES, fold=str.lower),
+        "who may create an account: open (anyone), invite (an invite code is needed) or "
+        "closed (only python -m tornado_chat.admin create-user)",
+        "MODE",
+        "auth",
+        shown_default="open when every listening address is loopback, invite otherwise",
+    ),
+    _Option(
         "--bcrypt-rounds",
         "bcrypt_rounds",
         _int_in(4, 31),
@@ -891,14 +906,41 @@ def validate_settings(settings: Settings) -> None:
         require_extra("asyncpg", "postgres", "--db postgresql+asyncpg://...")
 
 
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` (a normalised host) is a loopback address or ``localhost``."""
-    if host == "localhost" or host.endswith(".localhost"):
+def is_loopback(address: str) -> bool:
+    """Whether a listening address (an IP literal, or the name ``localhost``) is loopback."""
+    host = address.strip().strip("[]").split("%", 1)[0]
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def registration_mode(chosen: str | None, addresses: Collection[str]) -> tuple[str, str]:
+    """The registration mode in force and why, for the start-up line.
+
+    Args:
+        chosen: ``--registration``, or None for the default.
+        addresses: the addresses the server listens on (the bound sockets', or
+            ``--host`` before binding).
+
+    Returns:
+        ``(mode, reason)``: ``chosen`` when given; otherwise ``open`` when every
+        address is loopback (only this machine can reach the server) and
+        ``invite`` when any is not, since then a stranger could register.
+    """
+    if chosen is not None:
+        return chosen, "--registration"
+    if addresses and all(is_loopback(a) for a in addresses):
+        return "open", "every listening address is loopback"
+    return "invite", "a listening address is not loopback; --registration open allows anyone"
+
+
+#: ``CHAT_*`` variables that programs shipped beside the server read from the
+#: same environment: the image's health check (deploy/healthcheck.py) finds
+#: its CA through this one, and deploy/Containerfile sets it for both.
+NEIGHBOUR_ENV_NAMES: Final = frozenset({"CHAT_HEALTHCHECK_CAFILE"})
 
 
 def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
@@ -918,7 +960,7 @@ def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:
     suffixes = [name.removeprefix("CHAT_") for name in known]
     warnings: list[str] = []
     for name in sorted(environ):
-        if not name.startswith("CHAT_") or name in known:
+        if not name.startswith("CHAT_") or name in known or name in NEIGHBOUR_ENV_NAMES:
             continue
         close = difflib.get_close_matches(name.removeprefix("CHAT_"), suffixes, n=1)
         hint = f"did you mean CHAT_{close[0]}?" if close else "see --help for the variables"
@@ -938,7 +980,7 @@ def settings_warnings(settings: Settings, environ: Mapping[str, str] | None = No
         Warning lines, empty when there is nothing to say.
     """
     warnings: list[str] = unknown_env_warnings(environ) if environ is not None else []
-    if settings.metrics_port is not None and not _is_loopback(settings.metrics_host):
+    if settings.metrics_port is not None and not is_loopback(settings.metrics_host):
         warnings.append(
             f"--metrics-host {settings.metrics_host} serves metrics over plain HTTP to "
             "the network, unencrypted and without authentication: firewall the port or "

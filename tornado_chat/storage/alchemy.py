@@ -337,6 +337,18 @@ class AlchemyQueries:
             for r in rows
         ]
 
+    async def deactivated_since(self, since: float) -> list[tuple[int, float]]:
+        """``(user id, deactivated_at)`` of accounts deactivated after ``since``."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(users.c.id, users.c.deactivated_at).where(
+                        users.c.deactivated_at > since
+                    )
+                )
+            ).all()
+        return [(int(r.id), float(r.deactivated_at)) for r in rows]
+
     # -- invites -----------------------------------------------------------------
 
     async def create_invite(
@@ -648,6 +660,16 @@ class AlchemyQueries:
                 )
             ).all()
         return [str(r.name) for r in names]
+
+    async def known_rooms(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` are rooms (of any visibility), in one statement."""
+        if not names:
+            return set()
+        async with self._read() as conn:
+            found = (
+                await conn.execute(sa.select(rooms.c.name).where(rooms.c.name.in_(list(names))))
+            ).all()
+        return {str(r.name) for r in found}
 
     # -- rooms: creation, access, membership ----------------------------------------
 

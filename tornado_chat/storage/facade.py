@@ -268,6 +268,16 @@ class Storage:
             "revoke_user_sessions", self._queries.revoke_user_sessions(user_id, time.time())
         )
 
+    async def deactivated_since(self, since: float) -> list[tuple[int, float]]:
+        """``(user id, deactivated_at)`` of the accounts deactivated after ``since``.
+
+        What each node polls to close the sockets of an account deactivated
+        by another process (``python -m tornado_chat.admin deactivate``),
+        which tells no broker; an index on ``users.deactivated_at`` keeps
+        the poll to the few rows it returns.
+        """
+        return await self._call("deactivated_since", self._queries.deactivated_since(since))
+
     async def reactivate_user(self, user_id: int) -> bool:
         """Let a deactivated account log in again; False if there is no such user."""
         return await self._call("reactivate_user", self._queries.reactivate_user(user_id))
@@ -484,6 +494,15 @@ class Storage:
     async def list_rooms(self) -> list[str]:
         """Names of every public room, sorted; never a private or direct one."""
         return await self._call("list_rooms", self._queries.list_rooms())
+
+    async def known_rooms(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` are rooms of any visibility (the others do not exist yet).
+
+        The room list uses it for rooms that have sockets but no row yet
+        (contract v1 makes one at the first message), without naming a
+        private or direct room to someone who is not in it.
+        """
+        return await self._call("known_rooms", self._queries.known_rooms(names))
 
     # -- rooms: creation, access, membership, moderation ----------------------------
 

@@ -84,6 +84,9 @@ class Queries(Protocol):
     async def list_users(self) -> list[Account]:
         """Every account, by name."""
 
+    async def deactivated_since(self, since: float) -> list[tuple[int, float]]:
+        """``(user id, deactivated_at)`` of accounts deactivated after ``since`` (indexed)."""
+
     async def create_invite(
         self, code_hash: bytes, created_by: int | None, now: float, expires_at: float, uses: int
     ) -> None:
@@ -147,6 +150,9 @@ class Queries(Protocol):
 
     async def list_rooms(self) -> list[str]:
         """Names of every public room, sorted (never a private or direct one)."""
+
+    async def known_rooms(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` are rooms (of any visibility)."""
 
     async def create_room(
         self, name: str, visibility: Visibility, owner_id: int | None, topic: str | None, now: float
