@@ -533,7 +533,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         finally:
             loop.remove_timeout(deadline)
             self._end_pending()
-        metrics.handshake_done(session.decision, self.member is not None)
+            metrics.handshake_done(session.decision, self.member is not None)
         member = self.member
         if last_seq is None or member is None:
             return
