@@ -19,6 +19,10 @@ def section(path: Path) -> str:
     r = json.loads(path.read_text())
     m = r["machine"]
     peer = ", ".join(f"{k} {v}" for k, v in m["peer"].items())
+    baseline = r.get("baseline_chat_args")
+    if baseline is not None:
+        # bench/run.py --baseline-chat-args: tornado_chat in the peer's column.
+        peer = f"a second tornado_chat (the baseline) with flags `{baseline}`"
     out = [
         f"### {r['started']}: `{r['command']}`",
         "",
@@ -31,7 +35,7 @@ def section(path: Path) -> str:
         f" {', '.join(f'{x:.2f}' for x in r.get('loadavg_at_start', []))}",
         f"- elapsed: {r['elapsed_s']:.0f} s; raw figures: `{path.name}`",
         "",
-        table(r["summary"]),
+        table(r["summary"], "peer" if baseline is None else "baseline"),
         "",
         "| server | offered/s | delivered/s | lost | CPU us/delivery | p50 ms | p99 ms"
         " | max ms | server cores | generator cores | other cores |",

@@ -363,8 +363,8 @@ def run_interleaved(benches: list[Bench], phases: list[str]) -> None:
 # -- the whole run -----------------------------------------------------------------------
 
 
-def machine_info(peer_python: Path) -> dict[str, Any]:
-    """What the figures were measured on."""
+def machine_info(peer_python: Path | None) -> dict[str, Any]:
+    """What the figures were measured on (``peer_python`` None: no peer in this run)."""
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -380,10 +380,12 @@ def machine_info(peer_python: Path) -> dict[str, Any]:
             if line.startswith("MemTotal:"):
                 mem_kib = int(line.split()[1])
     ours = servers.package_versions(Path(sys.executable), ["tornado", "tornado_chat"])
-    peer = servers.package_versions(
-        peer_python,
-        ["fastapi", "starlette", "uvicorn", "websockets", "uvloop", "httptools", "pydantic"],
-    )
+    peer = {}
+    if peer_python is not None:
+        peer = servers.package_versions(
+            peer_python,
+            ["fastapi", "starlette", "uvicorn", "websockets", "uvloop", "httptools", "pydantic"],
+        )
     return {
         "nproc": os.cpu_count(),
         "cpu_model": model,
@@ -556,9 +558,9 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table."""
-    head = "| figure | tornado_chat | peer | unit | ratio | target | met |"
+def table(rows: list[dict[str, Any]], peer_label: str = "peer") -> str:
+    """The rows as a Markdown table (the peer's column named ``peer_label``)."""
+    head = f"| figure | tornado_chat | {peer_label} | unit | ratio | target | met |"
     lines = [head, "|" + "---|" * 7]
     for r in rows:
         lines.append(
@@ -651,7 +653,18 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="more tornado_chat flags for this run, e.g. '--write-delay 20ms' (recorded)",
     )
+    parser.add_argument(
+        "--baseline-chat-args",
+        metavar="ARGS",
+        help=(
+            "in the peer's place, run a second tornado_chat with these flags instead of "
+            "--chat-args (may be ''): the table's peer column is then that baseline, so "
+            "the ratios compare two settings of tornado_chat in one interleaved run, e.g. "
+            "--chat-args '--metrics-port 0' --baseline-chat-args ''"
+        ),
+    )
     args = parser.parse_args(argv)
+    baseline = args.baseline_chat_args
     kinds = [k for k in args.servers.split(",") if k]
     for k in kinds:
         if k not in KINDS:
@@ -663,12 +676,19 @@ def main(argv: list[str] | None = None) -> int:
     for p in phases:
         if p not in PHASES:
             parser.error(f"unknown phase {p!r}; choose from {', '.join(PHASES)}")
-    tools_bin = servers.ensure_venv(args.tools_venv, servers.TOOLS_REQUIREMENTS, "matplotlib")
+    # Only what this run uses: the plot's and the profiler's tools, the peer's stack.
+    tools_bin = args.tools_venv / "bin"
+    if args.profile or not args.no_plot:
+        tools_bin = servers.ensure_venv(args.tools_venv, servers.TOOLS_REQUIREMENTS, "matplotlib")
     wsload.raise_fd_limit()
     started = time.monotonic()
 
-    peer_bin = servers.ensure_venv(args.peer_venv, servers.PEER_REQUIREMENTS, "uvicorn")
-    info = machine_info(peer_bin / "python")
+    if baseline is None:
+        peer_bin = servers.ensure_venv(args.peer_venv, servers.PEER_REQUIREMENTS, "uvicorn")
+        info = machine_info(peer_bin / "python")
+    else:
+        peer_bin = Path(sys.executable).parent
+        info = machine_info(None)
     results: dict[str, Any] = {
         "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "plan": plan,
@@ -687,18 +707,30 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results["tornado_chat_commit"] = "working tree"
         results["tornado_chat_args"] = args.chat_args
+        if baseline is not None:
+            results["baseline_chat_args"] = baseline
         with contextlib.ExitStack() as stack:
             benches: list[Bench] = []
             for kind in kinds:
+                protocol = kind
                 if kind == "tornado_chat":
                     server = servers.tornado_chat_server(
                         certs, work, sys.executable, source, shlex.split(args.chat_args)
                     )
                     ready = "/healthz"
+                elif baseline is not None:
+                    # The baseline takes the peer's column: its own data directory.
+                    (work / "baseline").mkdir()
+                    server = servers.tornado_chat_server(
+                        certs, work / "baseline", sys.executable, source, shlex.split(baseline)
+                    )
+                    server.kind = kind
+                    protocol = "tornado_chat"
+                    ready = "/healthz"
                 else:
                     server = servers.peer_server(certs, work, peer_bin)
                     ready = "/docs"
-                target = wsload.Target(kind, server.port, str(certs.ca))
+                target = wsload.Target(protocol, server.port, str(certs.ca))
                 print(f"[{kind}] starting on port {server.port}", file=sys.stderr, flush=True)
                 stack.enter_context(servers.running(server, certs.ca, ready))
                 bench = Bench(server, target, plan)
@@ -736,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_json = args.out / f"results-{'quick' if args.quick else 'full'}-{stamp}.json"
     out_json.write_text(json.dumps(results, indent=1))
-    print(table(rows))
+    print(table(rows, "baseline" if baseline is not None else "peer"))
     print(f"\nresults: {out_json} ({results['elapsed_s']:.0f}s)")
     if not args.no_plot:
         plot_bin = tools_bin

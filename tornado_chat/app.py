@@ -22,7 +22,7 @@ import tornado.routing
 import tornado.web
 from cryptography import x509
 
-from tornado_chat import protocol
+from tornado_chat import metrics, protocol
 from tornado_chat.addresses import AddressCounts
 from tornado_chat.auth import (
     AuthService,
@@ -438,6 +438,7 @@ def make_login_throttle(broker: Broker, settings: Settings | None = None) -> Thr
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """The access log: status, method, redacted URI, address, time. Never headers."""
     status = handler.get_status()
+    metrics.http_request(handler)
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     # Named explicitly: Tornado may log a request outside the task that handled it.
     with bound_context(request_context(handler)):

@@ -103,6 +103,10 @@ class Settings:
     # Logging
     log_level: str = "info"
     log_format: str = "text"
+    # Metrics: Prometheus text format over plain HTTP on their own listener
+    # (SECURITY.md says why loopback is the default); None is off.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     @property
     def db_url(self) -> str:
@@ -405,6 +409,7 @@ _GROUPS = {
     "auth": "authentication",
     "limits": "limits",
     "logging": "logging",
+    "metrics": "metrics (Prometheus text format, plain HTTP on its own listener)",
 }
 
 _OPTIONS: tuple[_Option, ...] = (
@@ -715,6 +720,25 @@ _OPTIONS: tuple[_Option, ...] = (
         "FORMAT",
         "logging",
     ),
+    _Option(
+        "--metrics-port",
+        "metrics_port",
+        _optional_port,
+        "plain-HTTP port serving GET /metrics (Prometheus text format), summed over "
+        "--processes workers; 0 picks a free one",
+        "PORT",
+        "metrics",
+        shown_default="off",
+    ),
+    _Option(
+        "--metrics-host",
+        "metrics_host",
+        _host,
+        "address the metrics port listens on; anything but loopback exposes them "
+        "unencrypted and unauthenticated (SECURITY.md)",
+        "HOST",
+        "metrics",
+    ),
 )
 
 # --no-query-token is the one switch; its variable takes a boolean.
@@ -853,6 +877,12 @@ def validate_settings(settings: Settings) -> None:
         raise ConfigError(
             f"--redirect-port {settings.redirect_port} is the HTTPS port: choose another one"
         )
+    if settings.metrics_port is not None and settings.metrics_port != 0:
+        for what, taken in (("HTTPS", settings.port), ("redirect", settings.redirect_port)):
+            if taken == settings.metrics_port:
+                raise ConfigError(
+                    f"--metrics-port {settings.metrics_port} is the {what} port: choose another one"
+                )
     if settings.access_ttl > settings.refresh_ttl:
         raise ConfigError(
             f"--access-ttl {settings.access_ttl} is longer than --refresh-ttl "
@@ -950,6 +980,12 @@ def settings_warnings(settings: Settings, environ: Mapping[str, str] | None = No
         Warning lines, empty when there is nothing to say.
     """
     warnings: list[str] = unknown_env_warnings(environ) if environ is not None else []
+    if settings.metrics_port is not None and not is_loopback(settings.metrics_host):
+        warnings.append(
+            f"--metrics-host {settings.metrics_host} serves metrics over plain HTTP to "
+            "the network, unencrypted and without authentication: firewall the port or "
+            "keep it on 127.0.0.1 behind a TLS proxy (SECURITY.md)"
+        )
     if settings.bcrypt_rounds < 10:
         warnings.append(
             f"--bcrypt-rounds {settings.bcrypt_rounds} is below 10: password hashes "

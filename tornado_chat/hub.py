@@ -31,7 +31,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tornado_chat import protocol
+from tornado_chat import metrics, protocol
 
 if TYPE_CHECKING:
     from tornado_chat.storage import StoredMessage
@@ -241,6 +241,7 @@ class Hub:
         self.sessions.setdefault(member.session_id, set()).add(member)
         self.users[member.user_id] = self.users.get(member.user_id, 0) + 1
         self.total += 1
+        metrics.socket_joined()
         count = room.online.get(member.username, 0)
         room.online[member.username] = count + 1
         observer = self._observer
@@ -261,6 +262,7 @@ class Hub:
             return False
         room.members.discard(member)
         self.total -= 1
+        metrics.socket_left()
         session = self.sessions.get(member.session_id)
         if session is not None:
             session.discard(member)
@@ -423,6 +425,7 @@ class Hub:
         for m in room.members:
             if m.queue(own if own is not None and m is origin else frame, seq):
                 dirty.append(m)
+        metrics.fanned_out(msg, len(room.members))
         self._schedule_flush()
 
     def _drain_pending(self, room: Room) -> None:
@@ -471,6 +474,7 @@ class Hub:
             if room is not None:
                 self._arm_gap_timer(room)
             return
+        metrics.gap_filled()
         room = self.rooms.get(room_name)
         if room is None:
             return
@@ -555,6 +559,7 @@ class Hub:
         dirty, self._dirty = self._dirty, []
         for m in dirty:
             m.flush()
+        metrics.flushed()
 
     def start_member(self, member: Member, frames: Sequence[tuple[int, bytes]]) -> None:
         """Release a member's set-up frames and held live frames, then flush."""

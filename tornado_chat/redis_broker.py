@@ -65,6 +65,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tornado_chat import metrics
 from tornado_chat.broker import Broker, RoomControl, SharedTokenBucket
 from tornado_chat.errors import ChatError, ConfigError
 from tornado_chat.limits import TokenBucket
@@ -664,6 +665,7 @@ class RedisBroker(Broker):
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("broker: ignored a malformed notification on %r: %s", channel, exc)
             return
+        metrics.broker_received(kind)
         try:
             if kind == "m":
                 for listener in list(self.message_listeners):
@@ -925,6 +927,7 @@ class RedisBroker(Broker):
             for command in commands:
                 if isinstance(command, _PublishCommand):
                     pipe.publish(command.channel, command.payload)
+                    metrics.broker_published()
                 else:
                     keys = command.keys
                     pipe.evalsha(self._shas[command.name], len(keys), *keys, *command.args)

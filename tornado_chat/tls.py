@@ -28,7 +28,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from tornado_chat import compat
+from tornado_chat import compat, metrics
 from tornado_chat.errors import CertificateError
 from tornado_chat.pki.names import (
     client_host,
@@ -333,6 +333,7 @@ class CertificateReloader:
             )
             return False
         self.info = info
+        metrics.certificate_served(info.not_after.timestamp())
         for warning in certificate_warnings(info, self.host):
             log.warning("%s", warning)
         log.info("reloaded certificate %s (expires %s)", self.certfile, _when(info.not_after))
@@ -389,6 +390,7 @@ class HandshakeLogFilter(logging.Filter):
         if not isinstance(args, tuple) or len(args) != 3:
             return True
         fileno, peer, error = args
+        metrics.handshake("tls_failure")
         if isinstance(peer, tuple) and peer:
             address = str(peer[0])
         elif isinstance(fileno, int) and fileno in self.peers:

@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable
 
+from tornado_chat import metrics
 from tornado_chat.auth.invites import INVITE_PREFIX
 from tornado_chat.auth.passwords import PasswordHasher, validate_password
 from tornado_chat.auth.throttle import Throttle
@@ -255,6 +256,7 @@ class AuthService:
                 "invalid_invite", "the invite is unknown, used up or expired"
             ) from error
 
+    @metrics.count_logins
     async def login(self, username: object, password: object, address: str) -> TokenPair:
         """Check credentials and open a new session (refresh family).
 

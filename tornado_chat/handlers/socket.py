@@ -37,7 +37,7 @@ import tornado.web
 import tornado.websocket
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
-from tornado_chat import compat, config, protocol
+from tornado_chat import compat, config, metrics, protocol
 from tornado_chat.addresses import address_group
 from tornado_chat.config import Settings
 from tornado_chat.errors import (
@@ -533,6 +533,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         finally:
             loop.remove_timeout(deadline)
             self._end_pending()
+            metrics.handshake_done(session.decision, self.member is not None)
         member = self.member
         if last_seq is None or member is None:
             return
@@ -760,6 +761,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 # The writer's batch task may start here, and then stores (and
                 # fans out) every socket's messages: it must not inherit this
                 # socket's request id.
+                metrics.message_received()
                 with bound_context(None):
                     await self.services.writer.submit(
                         member.room,
@@ -888,6 +890,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     def _perform_close(self, decision: CloseDecision) -> None:
         """The one close path: flush, leave the room, send the close frame."""
+        metrics.close_sent(decision.code)
         member = self.member
         if member is not None and decision.flush_first:
             # Frames waiting for the hub's next flush (up to --write-delay away)

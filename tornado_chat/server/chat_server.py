@@ -27,7 +27,7 @@ import tornado.web
 from cryptography import x509
 from sqlalchemy.engine import make_url
 
-from tornado_chat import compat
+from tornado_chat import compat, metrics
 from tornado_chat.config import Settings, normalize_host, registration_mode
 from tornado_chat.errors import ChatError
 from tornado_chat.pki.names import WILDCARD_HOSTS, client_host, url_host
@@ -38,6 +38,7 @@ from tornado_chat.server.certificates import (
     resolve_certificate,
 )
 from tornado_chat.server.listeners import bind_listeners, bound_port
+from tornado_chat.server.metrics_listener import start_metrics_server
 from tornado_chat.server.redirect import make_redirect_server
 from tornado_chat.tls import (
     CertificateInfo,
@@ -102,6 +103,7 @@ class ChatServer:
         sockets: pre-bound listening sockets (a forked worker's own); by
             default ``settings.host:settings.port`` is bound in :meth:`start`.
         redirect_sockets: pre-bound sockets for the plain-HTTP redirect.
+        metrics_sockets: pre-bound sockets for ``--metrics-port`` (a forked worker's).
         tls_files: the pair to serve; by default resolved in :meth:`start`.
         renew_certificates: let this server renew a local-CA leaf (off in forked
             workers, where only the supervising parent may write certificates).
@@ -116,6 +118,7 @@ class ChatServer:
         *,
         sockets: Sequence[socket.socket] | None = None,
         redirect_sockets: Sequence[socket.socket] | None = None,
+        metrics_sockets: Sequence[socket.socket] | None = None,
         tls_files: TLSFiles | None = None,
         renew_certificates: bool = True,
         create_services: ServicesFactory | None = None,
@@ -124,6 +127,7 @@ class ChatServer:
         self.settings = settings
         self._sockets = list(sockets) if sockets is not None else None
         self._redirect_sockets = list(redirect_sockets) if redirect_sockets is not None else None
+        self._metrics_sockets = list(metrics_sockets) if metrics_sockets is not None else None
         self.tls_files = tls_files
         self._renew = renew_certificates
         self._create_services = create_services
@@ -131,6 +135,8 @@ class ChatServer:
         self._services: Services | None = None
         self._http: tornado.httpserver.HTTPServer | None = None
         self._redirect: tornado.httpserver.HTTPServer | None = None
+        self._metrics: tornado.httpserver.HTTPServer | None = None
+        self._metrics_port: int | None = None
         self._reloader: CertificateReloader | None = None
         self._renewal: tornado.ioloop.PeriodicCallback | None = None
         self._port: int | None = None
@@ -152,6 +158,11 @@ class ChatServer:
     def redirect_port(self) -> int | None:
         """The plain-HTTP redirect port actually bound, or None without one."""
         return self._redirect_port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The metrics port actually bound, or None without ``--metrics-port``."""
+        return self._metrics_port
 
     @property
     def cert_path(self) -> Path:
@@ -228,6 +239,8 @@ class ChatServer:
             ChatError: the services could not start (database, broker, keys).
         """
         settings = self.settings
+        if settings.metrics_port is not None:
+            metrics.enable()
         if self.tls_files is None:
             self.tls_files = resolve_certificate(settings)
         files = self.tls_files
@@ -241,12 +254,14 @@ class ChatServer:
             context, files.cert_path, files.key_path, settings.host, local_ca=local_ca
         )
         self._reloader.info = info
+        metrics.certificate_served(info.not_after.timestamp())
         handshake_filter = install_handshake_log_filter()
         if files.trust_hint:
             handshake_filter.trust_hint = f"trust the local CA with: {files.trust_hint}"
 
         sockets = self._sockets
         redirect_sockets = self._redirect_sockets
+        metrics_sockets = self._metrics_sockets
         opened: list[socket.socket] = []
         try:
             if sockets is None:
@@ -255,6 +270,9 @@ class ChatServer:
             if redirect_sockets is None and settings.redirect_port is not None:
                 redirect_sockets = bind_listeners(settings.host, settings.redirect_port)
                 opened += redirect_sockets
+            if metrics_sockets is None and settings.metrics_port is not None:
+                metrics_sockets = bind_listeners(settings.metrics_host, settings.metrics_port)
+                opened += metrics_sockets
             self._port = bound_port(sockets)
             services = await self._build_services()
         except BaseException:
@@ -313,6 +331,14 @@ class ChatServer:
                 url_host(settings.host),
                 self._redirect_port,
                 self.https_url(),
+            )
+        if metrics_sockets:
+            self._metrics_port = bound_port(metrics_sockets)
+            self._metrics = start_metrics_server(metrics_sockets)
+            log.info(
+                "metrics on http://%s:%d/metrics",
+                url_host(settings.metrics_host),
+                self._metrics_port,
             )
         if files.ca_cert_path is not None and self._renew:
             self._renewal = tornado.ioloop.PeriodicCallback(
@@ -392,6 +418,9 @@ class ChatServer:
         services, self._services = self._services, None
         if services is not None:
             await self._close_services(services, max(deadline - loop.time(), 0.1))
+        # Last, so that a scrape during the drain still sees the final counts.
+        if self._metrics is not None:
+            self._metrics.stop()
         log.info("stopped")
 
     async def _close_services(self, services: Services, remaining: float) -> None:
@@ -447,6 +476,7 @@ async def serve(
     *,
     sockets: Sequence[socket.socket] | None = None,
     redirect_sockets: Sequence[socket.socket] | None = None,
+    metrics_sockets: Sequence[socket.socket] | None = None,
     tls_files: TLSFiles | None = None,
     worker: int | None = None,
     on_ready: Callable[[], None] | None = None,
@@ -457,6 +487,7 @@ async def serve(
         settings: validated settings.
         sockets: pre-bound sockets (a forked worker's); None binds here.
         redirect_sockets: pre-bound redirect sockets.
+        metrics_sockets: pre-bound metrics sockets.
         tls_files: the pair to serve (a worker's, resolved by the parent).
         worker: the worker number in ``--processes`` mode, None otherwise.
         on_ready: called once the server is listening and handles signals.
@@ -469,6 +500,7 @@ async def serve(
         settings,
         sockets=sockets,
         redirect_sockets=redirect_sockets,
+        metrics_sockets=metrics_sockets,
         tls_files=tls_files,
         renew_certificates=worker is None,
     )

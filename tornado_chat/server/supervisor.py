@@ -12,6 +12,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from tornado_chat import metrics
 from tornado_chat.config import Settings
 from tornado_chat.errors import ChatError
 from tornado_chat.pki.names import url_host
@@ -54,6 +55,11 @@ class Supervisor:
     after it was serving, stops everything when one dies while starting (a
     restart would only repeat the failure), renews the local-CA leaf, and
     exits when every worker has.
+
+    With ``--metrics-port`` the workers share one metrics port too, and their
+    counts through a private directory (:func:`tornado_chat.metrics.prepare_workers`)
+    that the parent removes when it exits: any worker answers a scrape with
+    the sum over all of them.
     """
 
     MAX_RESTARTS = 100
@@ -69,6 +75,7 @@ class Supervisor:
         self.restarts = 0
         self.failed = False
         self.startup_failure: str | None = None
+        self._metrics_sockets: list[socket.socket] | None = None
 
     def run(self) -> int:
         """Prepare, fork, supervise until every worker has exited.
@@ -79,6 +86,16 @@ class Supervisor:
         Raises:
             ChatError: a worker failed while starting (its own error is logged).
         """
+        if self.settings.metrics_port is None:
+            return self._run()
+        # Before anything forks: the workers' metrics go to files here.
+        metrics.prepare_workers()
+        try:
+            return self._run()
+        finally:
+            metrics.cleanup_workers()
+
+    def _run(self) -> int:
         settings = self.settings
         files = resolve_certificate(settings)
         local_ca = files.ca_cert_path is not None and files.can_issue
@@ -92,6 +109,12 @@ class Supervisor:
             redirect_sockets = reserve_listeners(
                 bind_shared_listeners(settings.host, settings.redirect_port)
             )
+        metrics_sockets: list[socket.socket] | None = None
+        if settings.metrics_port is not None:
+            metrics_sockets = reserve_listeners(
+                bind_shared_listeners(settings.metrics_host, settings.metrics_port)
+            )
+        self._metrics_sockets = metrics_sockets
         log.info("%s", state_locations(settings))
         asyncio.run(_prepare_services(settings))
         announce_ca(files)
@@ -122,7 +145,7 @@ class Supervisor:
                         self._signal_all(signal.SIGHUP)
                 continue
             self._reap(pid, status, sockets, redirect_sockets, files)
-        for sock in (*sockets, *(redirect_sockets or ())):
+        for sock in (*sockets, *(redirect_sockets or ()), *(metrics_sockets or ())):
             sock.close()
         if self.startup_failure is not None:
             raise ChatError(self.startup_failure)
@@ -191,13 +214,21 @@ class Supervisor:
                     own_redirect = bind_listeners(
                         host, bound_port(redirect_sockets), reuse_port=True
                     )
-                for held in (*sockets, *(redirect_sockets or ())):
+                own_metrics = None
+                if self._metrics_sockets:
+                    own_metrics = bind_listeners(
+                        self.settings.metrics_host,
+                        bound_port(self._metrics_sockets),
+                        reuse_port=True,
+                    )
+                for held in (*sockets, *(redirect_sockets or ()), *(self._metrics_sockets or ())):
                     held.close()
                 code = asyncio.run(
                     serve(
                         self.settings,
                         sockets=own,
                         redirect_sockets=own_redirect,
+                        metrics_sockets=own_metrics,
                         tls_files=files,
                         worker=number,
                         on_ready=ready,
@@ -232,6 +263,7 @@ class Supervisor:
         files: TLSFiles,
     ) -> None:
         worker = self.children.pop(pid)
+        metrics.worker_exited(pid)
         was_ready = self._was_ready(worker)
         code = os.waitstatus_to_exitcode(status)
         if self.stopping:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tornado_chat import metrics
 from tornado_chat.errors import TicketLimitReached
 from tornado_chat.storage.alchemy import AlchemyQueries
 from tornado_chat.storage.engine import DEFAULT_DB_TIMEOUT, Database, open_database
@@ -161,7 +162,7 @@ class Storage:
 
     async def _call(self, operation: str, call: Coroutine[Any, Any, _T]) -> _T:
         """Await one query: driver errors become StorageError, bounded on PostgreSQL."""
-        with translate(operation):
+        with translate(operation), metrics.db_timer(operation):
             if self._bound_calls:
                 return await within(self.timeout, operation, call)
             return await call
@@ -453,6 +454,7 @@ class Storage:
         stored = await self._call(
             "append_messages", self._queries.append_messages(items, per_room, now, now_ms)
         )
+        metrics.messages_stored(len(stored))
         return [
             stored_message(room, (message_id, seq, username, body, now_ms, client_id))
             for (message_id, seq), (room, _uid, username, body, client_id) in zip(
