@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 from tornado_chat.auth.invites import (
     DEFAULT_INVITE_SECONDS,
@@ -36,6 +36,7 @@ from tornado_chat.auth.invites import (
 )
 from tornado_chat.auth.passwords import PasswordHasher, validate_password
 from tornado_chat.auth.service import validate_username
+from tornado_chat.cli_support import OneLineParser, UsageError
 from tornado_chat.config import Settings, add_options, settings_of, whole_seconds
 from tornado_chat.errors import ApiError, ChatError, UsernameTaken
 from tornado_chat.storage import Storage, User
@@ -54,17 +55,6 @@ PasswordSource = Callable[[str], str]
 """Reads a password, given the prompt to show."""
 
 
-class UsageError(Exception):
-    """A command line the parser refused (reported as one ``ERROR:`` line)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, without the usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
 def _positive_uses(text: str) -> int:
     try:
         value = int(text)
@@ -77,7 +67,7 @@ def _positive_uses(text: str) -> int:
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The command line: one subcommand per operation."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog=prog,
         description=(
             "Manage the accounts and invites of a tornado_chat server's database; "
@@ -89,7 +79,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         ),
     )
     add_options(parser, _SHARED_OPTIONS)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     create = commands.add_parser(
         "create-user", help="create an account (the first one of a database is an admin)"
     )
@@ -292,7 +282,7 @@ def main(
     try:
         args = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
-        print(f"ERROR: {exc}", file=err)
+        print(f"ERROR: {exc.with_help_hint}", file=err)
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
