@@ -292,17 +292,21 @@ def test_route_pattern_helpers() -> None:
 
 
 def test_room_parameter_is_the_protocol_pattern() -> None:
-    """Every ``room`` parameter has exactly the room pattern the routes use."""
-    rooms = [
-        param
-        for item in DOCUMENT["paths"].values()
-        for op in item.values()
-        for param in op.get("parameters", [])
-        if param["name"] == "room"
-    ]
-    assert len(rooms) == 2
-    for param in rooms:
-        assert param["schema"]["pattern"] == f"^{protocol.ROOM_PATTERN}$"
+    """Every ``room`` and ``username`` parameter has exactly the pattern the routes use."""
+    for name in ("room", "username"):
+        params = [
+            param
+            for item in DOCUMENT["paths"].values()
+            for op in item.values()
+            for param in op.get("parameters", [])
+            if param["name"] == name
+        ]
+        with_it = [
+            path for path, item in DOCUMENT["paths"].items() for _ in item if f"{{{name}}}" in path
+        ]
+        assert len(params) == len(with_it) > 0, name
+        for param in params:
+            assert param["schema"]["pattern"] == f"^{protocol.ROOM_PATTERN}$"
 
 
 def test_served_document_is_the_file(api_server: LiveServer, ca_file: Path) -> None:
@@ -518,6 +522,79 @@ async def test_every_success_response_conforms(
     assert [m["body"] for m in history["messages"]] == ["hello"]
     rooms = call("/api/rooms", "GET", 200, token=token).json()
     assert "doc-room" in [r["name"] for r in rooms["rooms"]]
+    # Rooms, membership and moderation (issue 12): each success, and the
+    # refusals a real caller meets.
+    bob = {"username": "doc.bob", "password": PASSWORD}
+    call("/api/register", "POST", 201, body=bob)
+    created = {"name": "doc-private", "visibility": "private", "topic": "docs"}
+    call("/api/rooms", "POST", 201, token=token, body=created)
+    call("/api/rooms", "POST", 409, token=token, body=created)
+    call("/api/rooms", "POST", 400, token=token, body={"name": "x", "visibility": "public"})
+    room = {"room": "doc-private"}
+    member = {**room, "username": "doc.bob"}
+    call(
+        "/api/rooms/{room}/members",
+        "POST",
+        201,
+        token=token,
+        path_parameters=room,
+        body={"username": "doc.bob", "role": "moderator"},
+    )
+    call("/api/rooms/{room}/members", "GET", 200, token=token, path_parameters=room)
+    call(
+        "/api/rooms/{room}/members",
+        "GET",
+        404,
+        token=token,
+        path_parameters={"room": "doc-nowhere"},
+    )
+    call(
+        "/api/rooms/{room}/members",
+        "POST",
+        404,
+        token=token,
+        path_parameters=room,
+        body={"username": "doc.nobody"},
+    )
+    call(
+        "/api/rooms/{room}/mutes",
+        "POST",
+        201,
+        token=token,
+        path_parameters=room,
+        body={"username": "doc.bob", "seconds": 60},
+    )
+    call("/api/rooms/{room}/mutes/{username}", "DELETE", 204, token=token, path_parameters=member)
+    call("/api/rooms/{room}/mutes/{username}", "DELETE", 404, token=token, path_parameters=member)
+    call("/api/rooms/{room}/members/{username}", "DELETE", 204, token=token, path_parameters=member)
+    call(
+        "/api/rooms/{room}/bans",
+        "POST",
+        201,
+        token=token,
+        path_parameters=room,
+        body={"username": "doc.bob", "reason": "docs", "seconds": 60},
+    )
+    call("/api/rooms/{room}/bans/{username}", "DELETE", 204, token=token, path_parameters=member)
+    call("/api/rooms/{room}/bans/{username}", "DELETE", 404, token=token, path_parameters=member)
+    bob_token = call("/api/login", "POST", 200, body=bob).json()["access_token"]
+    call("/api/rooms/{room}/messages", "GET", 404, token=bob_token, path_parameters=room)
+    call(
+        "/api/rooms/{room}/bans",
+        "POST",
+        404,
+        token=bob_token,
+        path_parameters=room,
+        body={"username": "doc.alice"},
+    )
+    call("/api/dms", "POST", 200, token=token, body={"username": "doc.bob"})
+    call("/api/dms", "POST", 404, token=token, body={"username": "doc.nobody"})
+    call("/api/dms", "POST", 400, token=token, body={"username": "doc.alice"})
+    call("/api/invites", "POST", 403, token=bob_token, body={})
+    storage = api_server.services.storage
+    alice = api_server.call(storage.get_user_by_name("doc.alice"))
+    api_server.call(storage.set_admin(alice.id, True))
+    call("/api/invites", "POST", 201, token=token, body={"uses": 2, "expires_in": 3600})
     call("/healthz", "GET", 200)
     call("/readyz", "GET", 200)
     call("/api/openapi.json", "GET", 200)
@@ -564,7 +641,7 @@ def test_schemathesis_catches_a_wrong_document(
     wrong = json.loads(json.dumps(DOCUMENT))
     me = wrong["paths"]["/api/me"]["get"]
     if change == "an extra required field":
-        wrong["components"]["schemas"]["User"]["required"].append("email")
+        wrong["components"]["schemas"]["Me"]["required"].append("email")
     elif change == "no 401 answer":
         del me["responses"]["401"]
     else:

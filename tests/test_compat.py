@@ -265,6 +265,11 @@ async def test_invalid_utf8_ends_the_socket_either_way(
     monkeypatch.setattr(compat, "CLOSE_ON_INVALID_TEXT", enabled)
     token = (await client.user(f"cp_utf_{int(enabled)}"))["access_token"]
     room = f"cp-utf-{int(enabled)}"
+    # Made first, so that its history answers 200 (an unknown room's is 404).
+    made = await client.request(
+        "POST", "/api/rooms", {"name": room, "visibility": "public"}, token=token
+    )
+    assert made.status == 201
     sock = await asyncio.to_thread(raw, pinging, client_ssl, token, room)
     try:
         sock.send_text(b'{"type":"message","body":"\xff"}')

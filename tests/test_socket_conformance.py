@@ -104,6 +104,11 @@ async def test_an_unmasked_client_frame_fails_the_connection_1002(
     """An unmasked frame: close 1002, the socket is gone and its message never stored."""
     caplog.set_level(logging.INFO)
     token = (await client.user("cf_unmasked"))["access_token"]
+    # Made first, so that its history answers 200 (an unknown room's is 404).
+    made = await client.request(
+        "POST", "/api/rooms", {"name": "cf-unmasked", "visibility": "public"}, token=token
+    )
+    assert made.status == 201
     sock = await opened(live, client_ssl, token, "cf-unmasked")
     try:
         send_unmasked(sock, OP_TEXT, b'{"type":"message","body":"sneaky"}')

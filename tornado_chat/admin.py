@@ -26,9 +26,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+from tornado_chat.auth.invites import (
+    DEFAULT_INVITE_SECONDS,
+    INVITE_PREFIX,
+    MAX_INVITE_SECONDS,
+    MAX_INVITE_USES,
+    MIN_INVITE_SECONDS,
+    mint_invite,
+)
 from tornado_chat.auth.passwords import PasswordHasher, validate_password
 from tornado_chat.auth.service import validate_username
-from tornado_chat.auth.tokens import hash_secret, new_secret_token
 from tornado_chat.config import Settings, add_options, settings_of, whole_seconds
 from tornado_chat.errors import ApiError, ChatError, UsernameTaken
 from tornado_chat.storage import Storage, User
@@ -40,11 +47,6 @@ PROG = "python -m tornado_chat.admin"
 CONSOLE_SCRIPT = "tornado-chat-admin"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-#: Invite codes are opaque secrets like refresh tokens and tickets, stored hashed.
-INVITE_PREFIX = "inv_"
-DEFAULT_INVITE_SECONDS = 7 * 86400
-MAX_INVITE_SECONDS = 365 * 86400
-MAX_INVITE_USES = 1_000_000
 # The server's options this command shares (one row each in config.py's table).
 _SHARED_OPTIONS = ("data_dir", "db", "db_timeout", "bcrypt_rounds")
 
@@ -113,7 +115,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     invite.add_argument(
         "--expires",
         metavar="DURATION",
-        type=whole_seconds(60, MAX_INVITE_SECONDS),
+        type=whole_seconds(MIN_INVITE_SECONDS, MAX_INVITE_SECONDS),
         default=DEFAULT_INVITE_SECONDS,
         help="how long it stays valid: seconds, or with m, h or d (default: 7d)",
     )
@@ -226,9 +228,8 @@ async def _list_users(storage: Storage) -> str:
 
 
 async def _invite(storage: Storage, args: argparse.Namespace) -> str:
-    code = new_secret_token(INVITE_PREFIX)
-    expires_at = await storage.create_invite(
-        hash_secret(code), created_by=None, expires_in=args.expires, uses=args.uses
+    code, expires_at = await mint_invite(
+        storage, created_by=None, expires_in=args.expires, uses=args.uses
     )
     # The code alone on the first line, so that scripts can take it with head -n1.
     return f"{code}\nvalid until {_date(expires_at)} for {args.uses} registration(s)"

@@ -32,7 +32,7 @@ from tornado_chat.auth import (
 )
 from tornado_chat.auth.hash_queue import HashQueue
 from tornado_chat.broker import Broker, LocalBroker
-from tornado_chat.config import Settings
+from tornado_chat.config import Settings, registration_mode
 from tornado_chat.handlers.auth import (
     AuthLoginHandler,
     AuthLogoutHandler,
@@ -43,6 +43,16 @@ from tornado_chat.handlers.auth import (
 )
 from tornado_chat.handlers.base import NotFoundHandler, request_context, request_summary
 from tornado_chat.handlers.docs import OpenApiHandler
+from tornado_chat.handlers.moderation import (
+    BanHandler,
+    BansHandler,
+    DirectRoomHandler,
+    InvitesHandler,
+    MemberHandler,
+    MembersHandler,
+    MuteHandler,
+    MutesHandler,
+)
 from tornado_chat.handlers.pages import StaticHandler
 from tornado_chat.handlers.rooms import (
     HealthHandler,
@@ -84,6 +94,9 @@ class Services:
     # server holds it (ChatServer sets this and keeps it current across
     # reloads and renewals); the socket handler's own-origin check uses them.
     served_names: Callable[[], tuple[x509.GeneralName, ...]] = tuple
+    # The registration mode in force (config.registration_mode): from --host
+    # here; ChatServer sets it from the addresses it actually bound.
+    registration: str = "open"
 
     def take_open(self, user_id: int) -> bool:
         """Take a token from the user's socket-open budget; False when it is empty.
@@ -168,6 +181,9 @@ class Services:
         """
         self.hub.close_in_room(room, user_id, protocol.CLOSE_FORBIDDEN, reason)
 
+    def muted(self, room: str, user_id: int, until: float | None) -> None:
+        """``user_id`` was muted in ``room`` until ``until`` (None: unmuted); sockets obey it."""
+
     def deactivated(self, user_id: int) -> None:
         """An account was deactivated: close its sockets with 4401."""
         self.hub.close_user(user_id, protocol.CLOSE_UNAUTHORIZED, "account deactivated")
@@ -247,6 +263,7 @@ async def create_services(settings: Settings) -> Services:
         broker=broker,
         writer=MessageWriter(storage, lambda batch: services.on_stored(batch)),
         executor=executor,
+        registration=registration_mode(settings.registration, [settings.host])[0],
     )
     broker.message_listeners.append(hub.deliver)
     broker.revoke_listeners.append(auth.forget_session)
@@ -321,6 +338,8 @@ def make_app(settings: Settings, services: Services) -> tornado.web.Application:
     """Build the Tornado application and its route table."""
     install_redaction()
     room = protocol.ROOM_PATTERN
+    # User names follow the same rules as room names (auth/service.py).
+    user = protocol.ROOM_PATTERN
     deps = {"services": services, "settings": settings}
     routes: list[tornado.routing.Rule] = [
         tornado.web.url(r"/api/register", AuthRegisterHandler, deps),
@@ -331,6 +350,14 @@ def make_app(settings: Settings, services: Services) -> tornado.web.Application:
         tornado.web.url(r"/api/ws-ticket", AuthTicketHandler, deps),
         tornado.web.url(r"/api/rooms", RoomListHandler, deps),
         tornado.web.url(rf"/api/rooms/({room})/messages", RoomHistoryHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/members", MembersHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/members/({user})", MemberHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/bans", BansHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/bans/({user})", BanHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/mutes", MutesHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/mutes/({user})", MuteHandler, deps),
+        tornado.web.url(r"/api/dms", DirectRoomHandler, deps),
+        tornado.web.url(r"/api/invites", InvitesHandler, deps),
         tornado.web.url(r"/api/openapi\.json", OpenApiHandler, deps),
         tornado.web.url(rf"/ws/({room})", ChatSocketHandler, deps),
         tornado.web.url(r"/healthz", HealthHandler, deps),

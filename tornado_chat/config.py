@@ -74,6 +74,9 @@ class Settings:
     register_burst: int = 40
     register_per_hour: int = 30
     allow_query_token: bool = True
+    # Who may register (--registration): None picks it from the listening
+    # addresses (registration_mode).
+    registration: str | None = None
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     # Limits
     max_frame_bytes: int = 64 * 1024
@@ -134,6 +137,8 @@ class Settings:
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _LOG_FORMATS = ("text", "json")
 _JWT_ALGORITHMS = ("HS256", "ES256")
+#: --registration: anyone, holders of an invite code, nobody (accounts come from the admin command).
+REGISTRATION_MODES = ("open", "invite", "closed")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 # RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
@@ -518,6 +523,16 @@ _OPTIONS: tuple[_Option, ...] = (
         "auth",
     ),
     _Option(
+        "--registration",
+        "registration",
+        _choice(REGISTRATION_MODES, fold=str.lower),
+        "who may create an account: open (anyone), invite (an invite code is needed) or "
+        "closed (only python -m tornado_chat.admin create-user)",
+        "MODE",
+        "auth",
+        shown_default="open when every listening address is loopback, invite otherwise",
+    ),
+    _Option(
         "--bcrypt-rounds",
         "bcrypt_rounds",
         _int_in(4, 31),
@@ -865,6 +880,37 @@ def validate_settings(settings: Settings) -> None:
 #: same environment: the image's health check (deploy/healthcheck.py) finds
 #: its CA through this one, and deploy/Containerfile sets it for both.
 NEIGHBOUR_ENV_NAMES: Final = frozenset({"CHAT_HEALTHCHECK_CAFILE"})
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listening address (an IP literal, or the name ``localhost``) is loopback."""
+    host = address.strip().strip("[]").split("%", 1)[0]
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def registration_mode(chosen: str | None, addresses: Collection[str]) -> tuple[str, str]:
+    """The registration mode in force and why, for the start-up line.
+
+    Args:
+        chosen: ``--registration``, or None for the default.
+        addresses: the addresses the server listens on (the bound sockets', or
+            ``--host`` before binding).
+
+    Returns:
+        ``(mode, reason)``: ``chosen`` when given; otherwise ``open`` when every
+        address is loopback (only this machine can reach the server) and
+        ``invite`` when any is not, since then a stranger could register.
+    """
+    if chosen is not None:
+        return chosen, "--registration"
+    if addresses and all(is_loopback(a) for a in addresses):
+        return "open", "every listening address is loopback"
+    return "invite", "a listening address is not loopback; --registration open allows anyone"
 
 
 def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:

@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable
 
+from tornado_chat.auth.invites import INVITE_PREFIX
 from tornado_chat.auth.passwords import PasswordHasher, validate_password
 from tornado_chat.auth.throttle import Throttle
 from tornado_chat.auth.tokens import (
@@ -28,7 +29,9 @@ from tornado_chat.errors import (
     BadRequest,
     ConfigError,
     Conflict,
+    Forbidden,
     InvalidToken,
+    InviteRefused,
     TicketLimitReached,
     TooManyRequests,
     Unauthorized,
@@ -169,9 +172,20 @@ class AuthService:
                 log.exception("revoke listener %r failed", listener)
 
     async def register(
-        self, username: object, password: object, *, address: str | None = None
+        self,
+        username: object,
+        password: object,
+        *,
+        address: str | None = None,
+        mode: str = "open",
+        invite: object = None,
     ) -> User:
         """Create an account.
+
+        ``mode`` is the registration mode (``--registration``): ``closed``
+        refuses at once; ``invite`` needs ``invite``, a code one use of which
+        the new account spends (in ``open`` mode a code is ignored). Both
+        refusals come before any work, so they cost nothing.
 
         The password is hashed before the name is looked up, so that a
         ``username_taken`` answer costs as much as a login attempt; with
@@ -185,6 +199,8 @@ class AuthService:
         :class:`~tornado_chat.auth.hash_queue.HashQueue`).
 
         Raises:
+            Forbidden: ``registration_closed``, ``invite_required`` (no code
+                given) or ``invalid_invite`` (unknown, used up or expired).
             BadRequest: ``invalid_username`` / ``weak_password`` /
                 ``invalid_password``.
             Conflict: ``username_taken`` (409).
@@ -194,15 +210,29 @@ class AuthService:
             ServerBusy: ``server_busy``: too many password checks in flight.
             StorageError: the database failed.
         """
+        if mode == "closed":
+            raise Forbidden("registration_closed", "registration is closed on this server")
+        invite_hash: bytes | None = None
+        if mode == "invite":
+            if invite is None or invite == "":
+                raise Forbidden("invite_required", "registration needs an invite code")
+            # A malformed code is refused like an unknown one, after the same work.
+            code = invite if is_opaque_token(invite, INVITE_PREFIX) else INVITE_PREFIX
+            invite_hash = hash_secret(code)
         name = validate_username(username)
         secret = validate_password(password)
         if address is None:
             password_hash = await self._passwords.hash(secret, address="")
-            return await self._create_user(name, password_hash)
+            return await self._create_user(name, password_hash, invite_hash)
         await self._throttle.before_register(address)
         try:
             password_hash = await self._passwords.hash(secret, address=address)
-            return await self._create_user(name, password_hash)
+            return await self._create_user(name, password_hash, invite_hash)
+        except Forbidden:
+            # A refused invite: the budget stays spent (the hash was paid
+            # for). It reveals nothing (codes are 256 random bits), so it is
+            # not a failure of the address.
+            raise
         except Conflict:
             # The budget stays spent (the hash was paid for), and the taken
             # name counts as a failure of the address, as a wrong password would.
@@ -213,11 +243,17 @@ class AuthService:
             await self._throttle.register_abandoned(address)
             raise
 
-    async def _create_user(self, name: str, password_hash: bytes) -> User:
+    async def _create_user(
+        self, name: str, password_hash: bytes, invite_hash: bytes | None
+    ) -> User:
         try:
-            return await self._storage.create_user(name, password_hash)
+            return await self._storage.create_user(name, password_hash, invite_hash=invite_hash)
         except UsernameTaken as error:
             raise Conflict("username_taken", "that username is taken") from error
+        except InviteRefused as error:
+            raise Forbidden(
+                "invalid_invite", "the invite is unknown, used up or expired"
+            ) from error
 
     async def login(self, username: object, password: object, address: str) -> TokenPair:
         """Check credentials and open a new session (refresh family).

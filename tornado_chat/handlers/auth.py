@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tornado_chat.auth import TokenPair
+from tornado_chat.errors import Unauthorized
 from tornado_chat.handlers.base import BaseHandler
 
 
@@ -22,7 +23,11 @@ class AuthRegisterHandler(BaseHandler):
         """201 with the new user's id and name."""
         body = self.json_body()
         user = await self.services.auth.register(
-            body.get("username"), body.get("password"), address=self.request.remote_ip or ""
+            body.get("username"),
+            body.get("password"),
+            address=self.request.remote_ip or "",
+            mode=self.services.registration,
+            invite=body.get("invite"),
         )
         self.send_json({"id": user.id, "username": user.username}, status=201)
 
@@ -65,9 +70,13 @@ class AuthMeHandler(BaseHandler):
     """``GET /api/me``: who the token belongs to."""
 
     async def get(self) -> None:
-        """200 with id and username."""
+        """200 with id, username and whether the account is a server admin."""
         claims = await self.authenticate()
-        self.send_json({"id": claims.user_id, "username": claims.username})
+        user = await self.services.storage.get_user(claims.user_id)
+        if user is None or user.deactivated_at is not None:
+            # Deleted or deactivated while the session cache still vouched for it.
+            raise Unauthorized("invalid_token", "access token is invalid or expired")
+        self.send_json({"id": user.id, "username": user.username, "admin": user.is_admin})
 
 
 class AuthTicketHandler(BaseHandler):

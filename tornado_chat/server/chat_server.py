@@ -28,7 +28,7 @@ from cryptography import x509
 from sqlalchemy.engine import make_url
 
 from tornado_chat import compat
-from tornado_chat.config import Settings, normalize_host
+from tornado_chat.config import Settings, normalize_host, registration_mode
 from tornado_chat.errors import ChatError
 from tornado_chat.pki.names import WILDCARD_HOSTS, client_host, url_host
 from tornado_chat.server.certificates import (
@@ -286,6 +286,11 @@ class ChatServer:
             body_timeout=BODY_TIMEOUT,
             decompress_request=False,
         )
+        # Who may register follows from where the server can be reached.
+        mode, why = registration_mode(
+            settings.registration, [str(sock.getsockname()[0]) for sock in sockets]
+        )
+        services.registration = mode
         if before_listening is not None:
             before_listening()
         self._http.add_sockets(sockets)
@@ -298,6 +303,7 @@ class ChatServer:
             info.not_after.strftime("%Y-%m-%d"),
             issuer,
         )
+        log.info("registration is %s (%s)", mode, why)
         if redirect_sockets:
             self._redirect_port = bound_port(redirect_sockets)
             self._redirect = make_redirect_server(self)

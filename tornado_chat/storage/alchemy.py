@@ -649,6 +649,16 @@ class AlchemyQueries:
             ).all()
         return [str(r.name) for r in names]
 
+    async def known_rooms(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` are rooms (of any visibility), in one statement."""
+        if not names:
+            return set()
+        async with self._read() as conn:
+            found = (
+                await conn.execute(sa.select(rooms.c.name).where(rooms.c.name.in_(list(names))))
+            ).all()
+        return {str(r.name) for r in found}
+
     # -- rooms: creation, access, membership ----------------------------------------
 
     async def create_room(

@@ -483,6 +483,15 @@ class Storage:
         """Names of every public room, sorted; never a private or direct one."""
         return await self._call("list_rooms", self._queries.list_rooms())
 
+    async def known_rooms(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` are rooms of any visibility (the others do not exist yet).
+
+        The room list uses it for rooms that have sockets but no row yet
+        (contract v1 makes one at the first message), without naming a
+        private or direct room to someone who is not in it.
+        """
+        return await self._call("known_rooms", self._queries.known_rooms(names))
+
     # -- rooms: creation, access, membership, moderation ----------------------------
 
     async def create_room(

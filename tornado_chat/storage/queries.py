@@ -148,6 +148,9 @@ class Queries(Protocol):
     async def list_rooms(self) -> list[str]:
         """Names of every public room, sorted (never a private or direct one)."""
 
+    async def known_rooms(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` are rooms (of any visibility)."""
+
     async def create_room(
         self, name: str, visibility: Visibility, owner_id: int | None, topic: str | None, now: float
     ) -> Room:
