@@ -881,10 +881,11 @@ def test_every_documented_close_code_is_explained(
     assert nina.refresh_token() not in (None, token)
     assert nina.notices()[shown:] == []
 
-    # 4403: the page stops and says why; nothing more is sent from this room.
-    assert close_from_server(chat_server, "nina", "codes", 4403, "not allowed") >= 1
-    expect(nina.page.locator("#notice-text")).to_have_text("You are not allowed in this room.")
-    expect(nina.page.locator("#conn-status")).to_have_attribute("data-state", "stopped")
+    # 4403 (kicked, banned, removed): the page says so, the room leaves the
+    # list and nothing more is sent from it.
+    assert close_from_server(chat_server, "nina", "codes", 4403, "kicked") >= 1
+    expect(nina.page.locator("#notice-text")).to_have_text("You were removed from #codes (kicked).")
+    expect(nina.page.locator("#joined-rooms li[data-room=codes]")).to_have_count(0)
     expect(nina.page.get_by_role("textbox", name="Message")).to_be_disabled()
     nina.page.wait_for_timeout(200)
     # One socket to start, one after each close but the 4403.
@@ -1069,3 +1070,25 @@ def test_no_token_in_any_url_and_no_page_errors(
         assert not JWT_RE.search(url), url
         assert "token=" not in url, url
         assert "ticket=" not in url, url
+
+
+def test_a_muted_message_is_explained_and_marked_not_sent(
+    open_page: Callable[..., ChatPage], chat_server: LiveServer
+) -> None:
+    """Muted by a moderator (Services.muted, as the mute route does): the page says why."""
+    mia = open_page()
+    mia.register("mia")
+    mia.join("hush")
+
+    async def mute() -> None:
+        services = chat_server.services
+        user = await services.storage.get_user_by_name("mia")
+        services.muted("hush", user.id, time.time() + 600)
+
+    chat_server.call(mute())
+    mia.say("can you hear me")
+    expect(mia.page.locator("#composer-error")).to_have_text(
+        "You are muted in this room: your message was not sent."
+    )
+    expect(mia.page.locator("#messages li.failed").first).to_contain_text("Not sent")
+    assert any('"code":"muted"' in p.replace(" ", "") for _, p in mia.received), "no muted frame"

@@ -13,7 +13,7 @@ from tests.harness import Client, LiveServer
 class CountingStorage:
     """Counts calls of the live server's real Storage read methods (patched on its loop)."""
 
-    NAMES = ("last_seq", "session_active")
+    NAMES = ("last_seq", "session_active", "room_access", "get_user")
 
     def __init__(self, server: LiveServer) -> None:
         self.server = server
@@ -55,7 +55,12 @@ class CountingStorage:
 async def test_joining_a_live_room_takes_last_seq_from_the_hub(
     server: LiveServer, client: Client
 ) -> None:
-    """A second socket in a live room reads only its session; welcome and replay are unchanged."""
+    """A second socket in a live room reads its session and its room access only.
+
+    Welcome and replay are unchanged. The session read is the positive cache's
+    miss (a second open of the same session within its TTL reads nothing);
+    the room access is the one authorization read (``Storage.room_access``).
+    """
     a = await client.user("rd_alice")
     b = await client.user("rd_bob")
     sa, wa = await client.join("rd-room", a["access_token"])
@@ -66,13 +71,15 @@ async def test_joining_a_live_room_takes_last_seq_from_the_hub(
     with CountingStorage(server) as counting:
         sb, wb = await client.join("rd-room", b["access_token"])
         assert wb["last_seq"] == last
-        assert counting.calls == Counter({"session_active": 1})  # no last_seq, no re-read
+        # No last_seq, no re-read, and the account is not read for a plain member.
+        assert counting.calls == Counter({"session_active": 1, "room_access": 1})
         # A reconnect that asks for history after seq 1 gets 2..last, then live ones.
         sc, wc = await client.join("rd-room", b["access_token"], query=f"?since={wa['last_seq']}")
         assert wc["last_seq"] == last
         replay = await sc.messages(3)
         assert [m["body"] for m in replay] == ["m0", "m1", "m2"]
         assert counting.calls["last_seq"] == 0
+        assert (counting.calls["room_access"], counting.calls["get_user"]) == (2, 0)
         # A client that claims to be past the node's cursor makes the node ask the database.
         sd, wd = await client.join("rd-room", b["access_token"], query=f"?since={last + 5}")
         assert wd["last_seq"] == last

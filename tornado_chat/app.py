@@ -12,6 +12,8 @@ import contextlib
 import logging
 import os
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +33,9 @@ from tornado_chat.auth import (
     TokenService,
 )
 from tornado_chat.auth.hash_queue import HashQueue
-from tornado_chat.broker import Broker, LocalBroker
+from tornado_chat.broker import Broker, LocalBroker, RoomControl
 from tornado_chat.config import Settings, registration_mode
+from tornado_chat.errors import StorageError
 from tornado_chat.handlers.auth import (
     AuthLoginHandler,
     AuthLogoutHandler,
@@ -72,6 +75,17 @@ STATIC_DIR = Path(__file__).parent / "static"
 access_log = logging.getLogger("tornado.access")
 log = logging.getLogger("tornado_chat.app")
 
+# Every node looks this often for accounts deactivated by another process
+# (the admin command tells no broker): their sockets close within the 5 s
+# the contract allows, at one indexed read per node every 2 s.
+DEACTIVATION_POLL = 2.0
+# How far back each look reaches: covers the clocks of two hosts disagreeing
+# (deactivated_at is the deactivating process's wall clock) and a slow poll.
+DEACTIVATION_WINDOW = 120.0
+# How long a room control is remembered for sockets still opening (longer
+# than any handshake takes; see Services.controls_since).
+CONTROL_MEMORY = 60.0
+
 
 @dataclass
 class Services:
@@ -90,6 +104,12 @@ class Services:
     # Socket-open budgets per user; full ones are swept when it grows.
     open_buckets: dict[int, TokenBucket] = field(default_factory=dict)
     _open_sweep_at: int = field(default=1024, init=False, repr=False)
+    # Room controls applied here lately, with when (monotonic), for sockets
+    # that read their room access before one and joined after it.
+    _controls: deque[tuple[float, RoomControl]] = field(
+        default_factory=deque, init=False, repr=False
+    )
+    _watch: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     # The subjectAltName entries of the certificate being served, as the
     # server holds it (ChatServer sets this and keeps it current across
     # reloads and renewals); the socket handler's own-origin check uses them.
@@ -177,19 +197,97 @@ class Services:
         """A user lost the right to be in ``room`` (kicked, banned, removed): close with 4403.
 
         The seam every moderation route calls after its database change;
-        this node's sockets close at once.
+        this node's sockets close at once, every other node's when the
+        broker's notice arrives (milliseconds).
         """
-        self.hub.close_in_room(room, user_id, protocol.CLOSE_FORBIDDEN, reason)
-
-    def muted(self, room: str, user_id: int, until: float | None) -> None:
-        """``user_id`` was muted in ``room`` until ``until`` (None: unmuted); sockets obey it."""
+        self._publish(RoomControl("evict", user_id, room=room, reason=reason))
 
     def deactivated(self, user_id: int) -> None:
-        """An account was deactivated: close its sockets with 4401."""
-        self.hub.close_user(user_id, protocol.CLOSE_UNAUTHORIZED, "account deactivated")
+        """An account was deactivated: close its sockets with 4401, here and on every node.
+
+        A deactivation that reaches no broker (the admin command) is found
+        by every node's watch of ``users.deactivated_at`` instead.
+        """
+        self._publish(RoomControl("deactivated", user_id, reason="account deactivated"))
+
+    def muted(self, room: str, user_id: int, until: float | None) -> None:
+        """``user_id`` is muted in ``room`` until ``until`` (wall clock; None: unmuted).
+
+        The seam the mute routes call after their database change: the
+        user's live sockets in the room, on every node, refuse messages
+        with an ``error`` frame ``muted`` until then.
+        """
+        self._publish(RoomControl("mute", user_id, room=room, until=until))
+
+    def _publish(self, control: RoomControl) -> None:
+        self.apply_control(control)
+        self.broker.publish_control(control)
+
+    def apply_control(self, control: RoomControl) -> None:
+        """Apply a room control to this node's sockets (the broker's control listener)."""
+        now = time.monotonic()
+        controls = self._controls
+        controls.append((now, control))
+        while controls and controls[0][0] < now - CONTROL_MEMORY:
+            controls.popleft()
+        hub = self.hub
+        if control.kind == "mute":
+            if control.room is not None:
+                hub.set_muted(control.room, control.user_id, control.until)
+        elif control.kind == "deactivated":
+            # Its sessions were revoked with it: no cached answer may outlive that.
+            self.auth.forget_user(control.user_id)
+            hub.close_user(control.user_id, control.code, control.reason)
+        elif control.room is not None:
+            hub.close_in_room(control.room, control.user_id, control.code, control.reason)
+
+    def controls_since(self, since: float, room: str, user_id: int) -> list[RoomControl]:
+        """The controls about ``user_id`` in ``room`` applied here at or after ``since``.
+
+        A socket reads its room access before it joins the hub; a control
+        applied in between found no socket to act on, so the socket asks
+        once it has joined (``since`` is when it read, monotonic), in order.
+        """
+        found: list[RoomControl] = []
+        for stamp, control in reversed(self._controls):
+            if stamp < since:
+                break
+            if control.concerns(room, user_id):
+                found.append(control)
+        found.reverse()
+        return found
+
+    def start_watch(self) -> None:
+        """Start watching for accounts deactivated by another process (no broker call)."""
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_deactivations())
+
+    async def _watch_deactivations(self) -> None:
+        handled: dict[int, float] = {}  # user id -> the deactivated_at acted on
+        while True:
+            await asyncio.sleep(DEACTIVATION_POLL)
+            since = time.time() - DEACTIVATION_WINDOW
+            try:
+                rows = await self.storage.deactivated_since(since)
+            except StorageError as exc:
+                log.debug("deactivation watch: %s", exc)
+                continue
+            for user_id, at in rows:
+                if handled.get(user_id) != at:
+                    handled[user_id] = at
+                    self.apply_control(
+                        RoomControl("deactivated", user_id, reason="account deactivated")
+                    )
+            for user_id in [u for u, at in handled.items() if at <= since]:
+                del handled[user_id]
 
     async def close(self) -> None:
         """Store pending messages, then close the broker and the database."""
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         await self.writer.close()
         await self.broker.close()
         await self.storage.close()
@@ -270,6 +368,7 @@ async def create_services(settings: Settings) -> Services:
     broker.revoke_listeners.append(services.close_session)
     broker.presence_listeners.append(hub.set_remote)
     broker.catch_up_listeners.append(hub.catch_up)
+    broker.control_listeners.append(services.apply_control)
     auth.add_revoke_listener(services.on_revoked)
     try:
         await broker.start()
@@ -277,6 +376,7 @@ async def create_services(settings: Settings) -> Services:
         await storage.close()
         executor.shutdown(wait=False)
         raise
+    services.start_watch()
     return services
 
 

@@ -12,6 +12,8 @@ application factory:
 
 - ``message_listeners``: another node stored a message (``Hub.deliver``);
 - ``revoke_listeners``: another node revoked a session (close its sockets);
+- ``control_listeners``: another node changed who may be where (a kick, ban
+  or removal, a mute, a deactivated account): apply it to the live sockets;
 - ``presence_listeners``: the users online in a room on *other* nodes changed;
 - ``catch_up_listeners``: notifications may have been missed (a room's
   subscription just became live, or the broker reconnected; ``None`` means
@@ -23,17 +25,52 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Literal
 
 from tornado_chat.limits import TokenBucket
 
 if TYPE_CHECKING:
     from tornado_chat.storage import StoredMessage
 
+# protocol.CLOSE_UNAUTHORIZED and CLOSE_FORBIDDEN, spelled out: this module
+# loads nothing but limits (tests/test_broker_redis.py), and
+# tests/test_authz_socket.py checks they agree.
+_CLOSE_UNAUTHORIZED: Final = 4401
+_CLOSE_FORBIDDEN: Final = 4403
+
+
+@dataclass(frozen=True, slots=True)
+class RoomControl:
+    """A change of who may be where, for every node to apply to its live sockets.
+
+    ``evict``: ``user_id`` lost the right to be in ``room`` (kicked, banned,
+    removed): its sockets there close with 4403. ``deactivated``: the
+    account was deactivated: its sockets everywhere close with 4401.
+    ``mute``: ``user_id`` is muted in ``room`` until ``until`` (None: unmuted).
+    """
+
+    kind: Literal["evict", "deactivated", "mute"]
+    user_id: int
+    room: str | None = None
+    until: float | None = None
+    reason: str = ""
+
+    @property
+    def code(self) -> int:
+        """The close code an ``evict`` or ``deactivated`` control closes sockets with."""
+        return _CLOSE_UNAUTHORIZED if self.kind == "deactivated" else _CLOSE_FORBIDDEN
+
+    def concerns(self, room: str, user_id: int) -> bool:
+        """Whether a socket of ``user_id`` in ``room`` is affected."""
+        return self.user_id == user_id and (self.room is None or self.room == room)
+
+
 MessageListener = Callable[["StoredMessage"], None]
 RevokeListener = Callable[[str], None]
 PresenceListener = Callable[[str, frozenset[str]], None]
 CatchUpListener = Callable[["str | None"], None]
+ControlListener = Callable[[RoomControl], None]
 
 
 class Broker(ABC):
@@ -44,6 +81,7 @@ class Broker(ABC):
         self.revoke_listeners: list[RevokeListener] = []
         self.presence_listeners: list[PresenceListener] = []
         self.catch_up_listeners: list[CatchUpListener] = []
+        self.control_listeners: list[ControlListener] = []
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (no-op for brokers without a connection)."""
@@ -63,6 +101,9 @@ class Broker(ABC):
     @abstractmethod
     def publish_revoke(self, session_id: str) -> None:
         """Tell other nodes a session was revoked (fire and forget)."""
+
+    def publish_control(self, control: RoomControl) -> None:  # noqa: B027 - optional hook
+        """Tell other nodes who may be where changed (fire and forget; no-op with one node)."""
 
     def subscribe_room(self, room: str) -> None:  # noqa: B027 - optional hook
         """Start receiving a room's notifications (its first local member joined)."""

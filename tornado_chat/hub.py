@@ -78,6 +78,7 @@ class Member:
         "_out",
         "held_limit",
         "last_seq",
+        "muted_until",
         "overflowed",
         "peer",
         "room",
@@ -111,6 +112,9 @@ class Member:
         self._held_bytes = 0
         self.held_limit = held_limit
         self.overflowed = False
+        # When the user's mute in this room ends (None: not muted): read once
+        # at open, kept current by Hub.set_muted, so a message needs no read.
+        self.muted_until: float | None = None
 
     @property
     def ready(self) -> bool:
@@ -581,6 +585,19 @@ class Hub:
         members = [m for m in r.members if m.user_id == user_id]
         for m in members:
             m.peer.close_with(code, reason)
+        return len(members)
+
+    def set_muted(self, room: str, user_id: int, until: float | None) -> int:
+        """Mute (until ``until``) or unmute (None) ``user_id``'s sockets in ``room`` here.
+
+        Returns how many sockets were updated.
+        """
+        r = self.rooms.get(room)
+        if r is None:
+            return 0
+        members = [m for m in r.members if m.user_id == user_id]
+        for m in members:
+            m.muted_until = until
         return len(members)
 
     def close_user(self, user_id: int, code: int, reason: str) -> int:

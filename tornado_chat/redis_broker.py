@@ -11,7 +11,12 @@ What travels through Redis, all under one key prefix (``?prefix=``, default
     have members on it.
 ``{prefix}:revoke`` (pub/sub)
     ``{"t": "r", "session": ...}``: a session was revoked; every node closes
-    its sockets.
+    its sockets. ``{"t": "c", "kind", "user", "room", "until", "reason"}``:
+    who may be where changed (a :class:`~tornado_chat.broker.RoomControl`:
+    a kick, ban or removal closes the user's sockets in the room with 4403,
+    a deactivation all of them with 4401, a mute updates them); on the same
+    channel, which every node subscribes to, so no node misses one for a
+    room it has just joined.
 ``{prefix}:nodes`` (sorted set) and ``{prefix}:node:{id}`` (hash room -> users)
     Cluster-wide presence. Each node heartbeats every third of
     ``?presence_ttl=`` (default 15 s); a node that stops (a crash) drops out
@@ -60,7 +65,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tornado_chat.broker import Broker, SharedTokenBucket
+from tornado_chat.broker import Broker, RoomControl, SharedTokenBucket
 from tornado_chat.errors import ChatError, ConfigError
 from tornado_chat.limits import TokenBucket
 from tornado_chat.presence import ClusterPresence, Entry
@@ -277,6 +282,32 @@ def _parse_entry(value: Any) -> Entry | None:
         return None
 
 
+def _control_of(event: dict[str, Any]) -> RoomControl:
+    """The room control of a ``{"t": "c"}`` notification.
+
+    Raises:
+        ValueError, KeyError, TypeError: the notification is malformed.
+    """
+    kind = event["kind"]
+    if kind not in ("evict", "deactivated", "mute"):
+        raise ValueError(f"unknown control {kind!r}")
+    room, until = event.get("room"), event.get("until")
+    if kind == "evict" and not isinstance(room, str):
+        raise ValueError("an evict control names its room")
+    if kind == "mute" and not isinstance(room, str):
+        raise ValueError("a mute control names its room")
+    user = event["user"]
+    if not isinstance(user, int) or isinstance(user, bool):
+        raise TypeError("user must be an integer id")
+    return RoomControl(
+        kind=kind,
+        user_id=user,
+        room=None if room is None else str(room),
+        until=None if until is None else float(until),
+        reason=str(event.get("reason", "")),
+    )
+
+
 # -- the broker ---------------------------------------------------------------------
 
 
@@ -285,12 +316,13 @@ class _Publish:
     """An outbox item: a notification to publish on ``channel``.
 
     ``subject`` is what to keep when it cannot be sent: the stored message
-    (its room is caught up later) or the id of the revoked session (resent).
+    (its room is caught up later), the id of the revoked session or a room
+    control (both resent).
     """
 
     channel: bytes
     payload: bytes
-    subject: StoredMessage | str
+    subject: StoredMessage | str | RoomControl
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +409,7 @@ class RedisBroker(Broker):
         self._beat_now = asyncio.Event()
         self._unsent: dict[str, StoredMessage] = {}  # room -> latest unpublished message
         self._unsent_revokes: list[str] = []
+        self._unsent_controls: list[RoomControl] = []
         self._last_pong = 0.0
         self._warned_send = False
         # Until then, snapshots only add: after a reconnect Redis may have
@@ -510,6 +543,26 @@ class RedisBroker(Broker):
         self._outbox.append(_Publish(self._ch_revoke, payload.encode(), session_id))
         self._wake.set()
 
+    def publish_control(self, control: RoomControl) -> None:
+        """Queue a room control (kick, ban, mute, deactivation) for every other node."""
+        if not self._connected:
+            self._remember_control(control)
+            return
+        payload = json.dumps(
+            {
+                "t": "c",
+                "n": self.node_id,
+                "kind": control.kind,
+                "user": control.user_id,
+                "room": control.room,
+                "until": control.until,
+                "reason": control.reason,
+            },
+            separators=(",", ":"),
+        )
+        self._outbox.append(_Publish(self._ch_revoke, payload.encode(), control))
+        self._wake.set()
+
     def subscribe_room(self, room: str) -> None:
         """Receive the room's notifications (its first local member joined)."""
         self._rooms.add(room)
@@ -571,6 +624,12 @@ class RedisBroker(Broker):
         else:
             log.error("broker: revocation of session %s could not be published", session_id)
 
+    def _remember_control(self, control: RoomControl) -> None:
+        if len(self._unsent_controls) < MAX_UNSENT_REVOKES:
+            self._unsent_controls.append(control)
+        else:
+            log.error("broker: a %s control could not be published", control.kind)
+
     # -- inbound ----------------------------------------------------------------------
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
@@ -598,6 +657,8 @@ class RedisBroker(Broker):
                 node, stamp = str(event["n"]), int(event["stamp"])
             elif kind == "r":
                 session = str(event["session"])
+            elif kind == "c":
+                control = _control_of(event)
             else:
                 raise ValueError(f"unknown kind {kind!r}")
         except (ValueError, KeyError, TypeError) as exc:
@@ -610,6 +671,9 @@ class RedisBroker(Broker):
             elif kind == "p":
                 if self.presence.update(node, room, stamp, users):
                     self._tell_presence(room)
+            elif kind == "c":
+                for apply in list(self.control_listeners):
+                    apply(control)
             else:
                 for revoke in list(self.revoke_listeners):
                     revoke(session)
@@ -666,6 +730,9 @@ class RedisBroker(Broker):
         revokes, self._unsent_revokes = self._unsent_revokes, []
         for session in revokes:
             self.publish_revoke(session)
+        controls, self._unsent_controls = self._unsent_controls, []
+        for control in controls:
+            self.publish_control(control)
         # Redis may have restarted empty: write every room again.
         for room, users in self._local.items():
             self._dirty.setdefault(room, users)
@@ -802,6 +869,8 @@ class RedisBroker(Broker):
                 old = self._unsent.get(msg.room)
                 if old is None or old.seq < msg.seq:
                     self._unsent[msg.room] = msg
+            elif isinstance(item.subject, RoomControl):
+                self._remember_control(item.subject)
             else:
                 self._remember_revoke(item.subject)
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
-from tornado_chat import protocol
+from tornado_chat import authz, protocol
 from tornado_chat.errors import InvalidToken
 from tornado_chat.logs import clip
 from tornado_chat.protocol import ChatMessage, ProtocolError, Reauth
@@ -134,6 +134,78 @@ class Budget(Protocol):
     def exhausted(self) -> bool:
         """Whether the socket has gone over the limit too often and must close."""
         ...
+
+
+class RoomAccessFacts(Protocol):
+    """What storage says a user is to a room (``storage.RoomAccess``; no import here)."""
+
+    @property
+    def visibility(self) -> authz.Visibility | None: ...
+    @property
+    def role(self) -> str | None: ...
+    @property
+    def banned(self) -> bool: ...
+    @property
+    def muted_until(self) -> float | None: ...
+
+
+#: The handshake refusal of a room nobody may see: what an unknown private room looks like.
+ROOM_NOT_FOUND: Final = authz.Answer(False, status=404, at_handshake=True)
+
+
+def _facts(access: RoomAccessFacts) -> tuple[authz.RoomFacts, authz.Relation]:
+    """The policy's view of a room access record.
+
+    A direct room has no moderation, so a ban or mute row there (which no
+    route writes) does not count; an unknown room has no relation at all.
+    """
+    visibility = access.visibility
+    moderated = visibility in ("public", "private")
+    role = None if visibility is None else access.role
+    if visibility == "direct" and role is not None:
+        role = "member"
+    relation = authz.Relation.of(
+        role,
+        banned=moderated and access.banned,
+        muted=moderated and access.muted_until is not None,
+    )
+    return authz.RoomFacts(visibility, has_owner=role == "owner"), relation
+
+
+def authorize_open(access: RoomAccessFacts, *, admin: bool, replay: bool) -> authz.Answer:
+    """May an authenticated, active user open a socket on the room (and replay ``since``)?
+
+    One storage read (``Storage.room_access``) gives ``access``; the answer
+    is :func:`tornado_chat.authz.decide`'s for OPEN_SOCKET or REPLAY_SINCE:
+    allowed, or a status refused at the handshake (404 for a room the user
+    may not see, 403 for a ban from a public room).
+    """
+    room, relation = _facts(access)
+    caller = authz.Caller.ADMIN if admin else authz.Caller.USER
+    action = authz.Action.REPLAY_SINCE if replay else authz.Action.OPEN_SOCKET
+    try:
+        return authz.decide(caller, room, relation, action)
+    except ValueError:
+        # Facts no route writes (a corrupt row): refuse as for a room never seen.
+        log.warning("room access record is inconsistent: %r", access)
+        return ROOM_NOT_FOUND
+
+
+def mute_in_force(access: RoomAccessFacts, *, admin: bool) -> float | None:
+    """When the user's mute in the room ends, if the policy holds it against the user's messages.
+
+    The socket keeps this on its hub member: each message is checked
+    against the clock, without a database read, and the mute ends by itself.
+    """
+    if access.muted_until is None:
+        return None
+    room, relation = _facts(access)
+    caller = authz.Caller.ADMIN if admin else authz.Caller.USER
+    try:
+        answer = authz.decide(caller, room, relation, authz.Action.SEND)
+    except ValueError:
+        return None
+    return access.muted_until if answer.code == "muted" else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,6 +511,22 @@ class Session:
             self.phase = Phase.REAUTHENTICATING
         return frame
 
+    def message_muted(self, until: float, now: float) -> bool:
+        """A message arrived from a user muted in this room: True when it must be dropped.
+
+        Muted (``until`` is later than ``now``): an ``error`` frame ``muted``
+        is queued and the message is neither stored nor delivered.
+        """
+        if until <= now:
+            return False
+        log.info("muted message dropped user=%s room=%s", self.username, self.room)
+        if not self.closing:
+            left = max(1, int(until - now + 0.999))
+            self._frames.append(
+                protocol.error_frame("muted", f"you are muted in this room for {left} more s")
+            )
+        return True
+
     def message_not_stored(self, why: str) -> None:
         """Storing a message failed: the client is told to send it again."""
         log.warning("message not stored user=%s room=%s: %s", self.username, self.room, clip(why))
@@ -518,8 +606,10 @@ class Session:
         """Close with ``code`` for a reason the hub gives.
 
         The hub asks for 4401 "session revoked" (logout, refresh-token reuse,
-        on any node), 1001 "server shutting down" and 4408 "outbound queue
-        overflowed" (the client does not read fast enough).
+        on any node) or "account deactivated", 4403 when the user was
+        removed, kicked or banned from the room (on any node), 1001 "server
+        shutting down" and 4408 "outbound queue overflowed" (the client does
+        not read fast enough).
         """
         self._close(code, reason)
 

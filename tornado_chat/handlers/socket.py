@@ -5,9 +5,14 @@ and with which code the socket closes); this handler does the I/O: it checks
 credentials, joins the hub, writes frames and replays, and carries out the one
 close decision in :meth:`ChatSocketHandler._perform_close`.
 
-Authentication happens in :meth:`ChatSocketHandler.open`: Tornado does not
-read a single frame of a socket until ``open()`` returns, so a socket without
-valid credentials is closed with 4401 before anything it sent is processed.
+Authentication and authorization happen before the upgrade
+(:meth:`ChatSocketHandler.get`): the credential is checked and the room's
+access record read (one storage read, ``Storage.room_access``), so a room the
+user may not see is refused with 404 and a ban from a public room with 403,
+before a socket exists. A credential that is not valid is still answered
+after the upgrade, with 4401 (the contract's v1 behaviour), and Tornado reads
+no frame of a socket until ``open()`` returns, so nothing a client sent is
+processed first.
 
 Each handshake is counted against its client's address group
 (``Services.addresses``) as pending from :meth:`ChatSocketHandler.prepare`
@@ -36,6 +41,7 @@ from tornado_chat import compat, config, protocol
 from tornado_chat.addresses import address_group
 from tornado_chat.config import Settings
 from tornado_chat.errors import (
+    ApiError,
     BadRequest,
     Forbidden,
     InvalidToken,
@@ -57,7 +63,9 @@ from tornado_chat.session import (
     CloseDecision,
     Session,
     SessionLimits,
+    authorize_open,
     choose_credential,
+    mute_in_force,
 )
 
 if TYPE_CHECKING:
@@ -228,6 +236,15 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self._opened = 0.0
         self._replay_task: asyncio.Future[None] | None = None
         self._offered: list[str] | None = None
+        # What the checks before the upgrade established: the claims and
+        # the user's mute in the room, or the session event that ends the
+        # socket once it is open (a refused credential, storage down).
+        self._claims: AccessClaims | None = None
+        self._muted_until: float | None = None
+        self._early: tuple[str, tuple[Any, ...]] | None = None
+        # When the room access was read (monotonic): a moderation change
+        # reported from then on may have missed it (Services.controls_since).
+        self._checked_at = 0.0
         # The client's address group, and what it is counted for in
         # services.addresses (each count is dropped exactly once).
         self._group = ""
@@ -285,13 +302,82 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self._pending = True
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        """Tornado's upgrade; a handshake it refuses stops counting as pending."""
+        """Authenticate and authorize, then Tornado's upgrade.
+
+        A handshake refused here or by Tornado stops counting as pending.
+        """
         try:
+            if args and self._upgrade_asked():
+                await self._before_upgrade(str(args[0]))
             await super().get(*args, **kwargs)
         finally:
             # Normally open() already ended it; this covers a refused upgrade
             # (400, 403, 426) and a client gone before open().
             self._end_pending()
+
+    def _upgrade_asked(self) -> bool:
+        """Whether Tornado will try the upgrade (else it answers 400 without one)."""
+        headers = self.request.headers
+        if headers.get("Upgrade", "").lower() != "websocket":
+            return False
+        return "upgrade" in (p.strip().lower() for p in headers.get("Connection", "").split(","))
+
+    async def _before_upgrade(self, room: str) -> None:
+        """Check the credential and the user's right to the room, within the handshake budget.
+
+        Raises:
+            ApiError: the room is refused to this user (404 or 403 at the handshake).
+        """
+        budget = max(0.0, self.chat_settings.handshake_timeout - self.request.request_time())
+        try:
+            await asyncio.wait_for(self._authorize(room), budget)
+        except asyncio.TimeoutError:
+            self._early = ("handshake_expired", ())
+
+    async def _authorize(self, room: str) -> None:
+        """Authenticate, then one read of the room's access record and the policy's answer."""
+        # The credential travels in a subprotocol: Tornado parses the header
+        # only during the upgrade, so read it the same way here.
+        offered = self.request.headers.get("Sec-WebSocket-Protocol")
+        if offered:
+            self.select_subprotocol([p.strip() for p in offered.split(",")])
+        try:
+            claims = await self._credentials()
+        except InvalidToken as exc:
+            self._early = ("credentials_refused", (str(exc),))
+            return
+        except StorageError as exc:
+            self._early = ("credentials_unavailable", (str(exc),))
+            return
+        log_as_user(self, claims.user_id)
+        storage = self.services.storage
+        self._checked_at = time.monotonic()
+        replay = self._since is not None
+        try:
+            access = await storage.room_access(room, claims.user_id)
+            admin = False
+            answer = authorize_open(access, admin=False, replay=replay)
+            if not answer.allowed or access.muted_until is not None:
+                # Being a server admin changes only a refusal or a mute, so
+                # the account is read in those rare cases alone.
+                user = await storage.get_user(claims.user_id)
+                admin = user is not None and user.is_admin
+                if admin:
+                    answer = authorize_open(access, admin=True, replay=replay)
+        except StorageError as exc:
+            self._early = ("credentials_unavailable", (str(exc),))
+            return
+        if not answer.allowed:
+            if answer.status == 404:
+                # Exactly what a room the user may not see looks like.
+                raise ApiError("room_not_found", "no such room", status=404)
+            if answer.status == 403:
+                raise Forbidden("forbidden", "you are banned from this room")
+            code = answer.close_code or protocol.CLOSE_FORBIDDEN
+            self._early = ("close_requested", (code, "not allowed in this room"))
+            return
+        self._claims = claims
+        self._muted_until = mute_in_force(access, admin=admin)
 
     def on_connection_close(self) -> None:
         """The client went away: a handshake still authenticating is no longer pending."""
@@ -312,7 +398,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Refused handshakes are one info line, never a traceback."""
         enter_context(request_context(self))
-        if isinstance(value, (BadRequest, Forbidden, ServiceUnavailable, tornado.web.HTTPError)):
+        if isinstance(value, (ApiError, tornado.web.HTTPError)):
             log.info("handshake refused %s: %s", request_summary(self), value)
         elif isinstance(value, asyncio.CancelledError):
             # Only the end of the event loop cancels a frame's handler: a
@@ -435,6 +521,11 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         budget = max(0.0, self.chat_settings.handshake_timeout - self.request.request_time())
         deadline = loop.call_later(budget, self._event, session.handshake_expired)
         try:
+            if self._early is not None:
+                # Refused before the upgrade: the socket closes as README says.
+                name, args = self._early
+                self._event(getattr(session, name), *args)
+                return
             last_seq = await self._join(session, room)
         finally:
             loop.remove_timeout(deadline)
@@ -490,17 +581,12 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self.ui = None  # type: ignore[assignment]
 
     async def _join(self, session: Session, room: str) -> int | None:
-        """Authenticate and join the room; the room's last seq, or None if closed."""
+        """Join the room as the checked user; the room's last seq, or None if closed."""
         hub = self.services.hub
-        try:
-            claims = await self._credentials()
-        except InvalidToken as exc:
-            self._event(session.credentials_refused, str(exc))
+        claims = self._claims
+        if claims is None:  # every path that leaves it unset set self._early
+            self._event(session.credentials_refused, "no credentials checked")
             return None
-        except StorageError as exc:
-            self._event(session.credentials_unavailable, str(exc))
-            return None
-        log_as_user(self, claims.user_id)
         conn = self.ws_connection
         if conn is None or conn.is_closing():  # gone or timed out while we checked
             return None
@@ -526,6 +612,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             claims.session_id,
             held_limit=self.chat_settings.outbox_bytes,
         )
+        member.muted_until = self._muted_until
         first = hub.join(member)
         self.member = member
         # Bound what Tornado buffers for this socket: a client that stops
@@ -540,6 +627,14 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             if not await self.services.auth.still_active(claims):
                 self._event(session.revoked_while_opening)
                 return None
+            # The same for a kick, ban, mute or deactivation reported after
+            # the room access was read: it found no socket here to act on.
+            for control in self.services.controls_since(self._checked_at, room, claims.user_id):
+                if control.kind == "mute":
+                    member.muted_until = control.until
+                else:
+                    self._event(session.close_requested, control.code, control.reason)
+                    return None
             # A room already live on this node has a delivery cursor: every
             # message up to it was stored and fanned out here (this member,
             # joined above, gets everything after it), so the welcome can
@@ -650,6 +745,14 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             if isinstance(frame, Reauth):
                 await self._reauth(session, member, frame.token)
                 return
+            until = member.muted_until
+            if until is not None:
+                # The mute was read at open and is kept current by
+                # Services.muted: no database read per message.
+                if session.message_muted(until, time.time()):
+                    self._pump()
+                    return
+                member.muted_until = None  # it ended by itself
             try:
                 # The writer's batch task may start here, and then stores (and
                 # fans out) every socket's messages: it must not inherit this

@@ -56,7 +56,7 @@ const CLOSE_MESSAGES = {
   1009: "Your last message was too large for the server and was not delivered. Reconnecting…",
   1011: "The server hit an internal error. Reconnecting…",
   4401: "Your session needs renewing. Reconnecting…",
-  4403: "You are not allowed in this room.",
+  4403: "You were removed from this room.",
   4408: "The connection fell behind the conversation. Reconnecting…",
   4429: "The server asked this page to slow down. Reconnecting after a pause…",
 };
@@ -158,6 +158,7 @@ const FRAME_ERROR_MESSAGES = {
   store_failed: "The server could not store that message. Please send it again.",
   invalid_token: "Could not renew the session on this connection; it will reconnect.",
   unavailable: "Could not renew the session on this connection just now.",
+  muted: "You are muted in this room: your message was not sent.",
 };
 // Error frames that answer a reauth frame rather than a message.
 const REAUTH_ERROR_CODES = new Set(["invalid_token", "unavailable"]);
@@ -728,14 +729,17 @@ class RoomConnection {
     // In-flight messages whose echo never came are decided after the replay
     // of the next connection (they may have been stored before the drop).
     if (code === 4403) {
+      // Kicked, banned or removed (README): never retried; the room leaves
+      // the list and the notice, which no other room's connection clears,
+      // names it.
       this.stopped = true;
       this.online = [];
-      if (this.isActive()) renderOnline(this);
-      this.setStatus("stopped", "Not allowed");
-      if (this.isActive()) {
-        showNotice(CLOSE_MESSAGES[4403], { sticky: true, tone: "error", kind: "connection" });
-      }
+      this.setStatus("stopped", "Removed");
       for (const id of this.pending.keys()) this.failPending(id);
+      dropRoom(this.name);
+      const why = event.reason ? ` (${event.reason})` : "";
+      showNotice(`You were removed from #${this.name}${why}.`,
+        { sticky: true, tone: "error", kind: "removed" });
       return;
     }
     if (code === 4401) {
@@ -1082,7 +1086,13 @@ function switchRoom(name) {
 
 function leaveRoom() {
   const name = state.active;
-  const room = name && state.rooms.get(name);
+  if (name) dropRoom(name);
+}
+
+// Take a room off the list (left, or removed by a moderator: 4403) and show
+// another one if it was on screen.
+function dropRoom(name) {
+  const room = state.rooms.get(name);
   if (!room) return;
   // Leaving frees a socket slot: rooms refused for having too many retry now.
   room.close().then(() => {
@@ -1091,6 +1101,11 @@ function leaveRoom() {
     }
   });
   state.rooms.delete(name);
+  if (state.active !== name) {
+    renderJoinedRooms();
+    saveRooms();
+    return;
+  }
   const next = state.rooms.keys().next();
   state.active = null;
   if (!next.done) {

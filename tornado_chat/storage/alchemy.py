@@ -337,6 +337,18 @@ class AlchemyQueries:
             for r in rows
         ]
 
+    async def deactivated_since(self, since: float) -> list[tuple[int, float]]:
+        """``(user id, deactivated_at)`` of accounts deactivated after ``since``."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(users.c.id, users.c.deactivated_at).where(
+                        users.c.deactivated_at > since
+                    )
+                )
+            ).all()
+        return [(int(r.id), float(r.deactivated_at)) for r in rows]
+
     # -- invites -----------------------------------------------------------------
 
     async def create_invite(

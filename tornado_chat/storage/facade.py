@@ -267,6 +267,16 @@ class Storage:
             "revoke_user_sessions", self._queries.revoke_user_sessions(user_id, time.time())
         )
 
+    async def deactivated_since(self, since: float) -> list[tuple[int, float]]:
+        """``(user id, deactivated_at)`` of the accounts deactivated after ``since``.
+
+        What each node polls to close the sockets of an account deactivated
+        by another process (``python -m tornado_chat.admin deactivate``),
+        which tells no broker; an index on ``users.deactivated_at`` keeps
+        the poll to the few rows it returns.
+        """
+        return await self._call("deactivated_since", self._queries.deactivated_since(since))
+
     async def reactivate_user(self, user_id: int) -> bool:
         """Let a deactivated account log in again; False if there is no such user."""
         return await self._call("reactivate_user", self._queries.reactivate_user(user_id))

@@ -84,6 +84,9 @@ class Queries(Protocol):
     async def list_users(self) -> list[Account]:
         """Every account, by name."""
 
+    async def deactivated_since(self, since: float) -> list[tuple[int, float]]:
+        """``(user id, deactivated_at)`` of accounts deactivated after ``since`` (indexed)."""
+
     async def create_invite(
         self, code_hash: bytes, created_by: int | None, now: float, expires_at: float, uses: int
     ) -> None:

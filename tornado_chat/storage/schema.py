@@ -51,6 +51,8 @@ users = sa.Table(
     # Set while the account is deactivated: no login, no session is active.
     sa.Column("deactivated_at", sa.Double, nullable=True),
     sa.UniqueConstraint("username_key", name="uq_users_username_key"),
+    # Every node polls for accounts deactivated lately (revision 0003).
+    sa.Index("ix_users_deactivated_at", "deactivated_at"),
     # Never reuse the id of a deleted user on SQLite (PostgreSQL sequences
     # never do): ids appear in tokens, logs and message history.
     sqlite_autoincrement=True,
