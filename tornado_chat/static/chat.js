@@ -390,6 +390,7 @@ function clearSession() {
   ui.joinedRooms.replaceChildren();
   ui.messages.replaceChildren();
   ui.onlineList.replaceChildren();
+  resetAuthzState();
 }
 
 // ---------------------------------------------------------------- helpers
@@ -974,9 +975,11 @@ function renderOnline(room) {
     li.append(avatar(name));
     li.append(el("span", "person-name", name));
     if (state.me && name === state.me.username) li.append(el("span", "person-you", "(you)"));
+    else li.append(directMessageButton(name));
     return li;
   }));
   ui.onlineCount.textContent = people.length ? String(people.length) : "";
+  onOnlineChanged(room);
 }
 
 function renderJoinedRooms() {
@@ -989,8 +992,8 @@ function renderJoinedRooms() {
     li.dataset.state = room.status;
     const button = el("button", "room-button");
     button.type = "button";
-    button.append(el("span", "room-hash", "#"));
-    button.append(el("span", "room-name", name));
+    button.append(el("span", "room-hash", roomMark(name)));
+    button.append(el("span", "room-name", roomLabel(name)));
     if (room.unread > 0) {
       const badge = el("span", "badge", String(room.unread));
       badge.setAttribute("aria-label", `${room.unread} unread`);
@@ -1001,6 +1004,7 @@ function renderJoinedRooms() {
     li.append(button);
     return li;
   }));
+  syncMembersPanel();
 }
 
 // Presence bursts (a restart reconnects everyone) cause one room-list fetch.
@@ -1024,14 +1028,18 @@ async function refreshRoomList() {
     const li = el("li", "room-item");
     const button = el("button", "room-button");
     button.type = "button";
-    button.append(el("span", "room-hash", "#"));
-    button.append(el("span", "room-name", room.name));
+    noteRoom(room);
+    li.dataset.room = room.name;
+    li.dataset.visibility = room.visibility || "public";
+    button.append(el("span", "room-hash", roomMark(room.name)));
+    button.append(el("span", "room-name", roomLabel(room.name)));
     const count = el("span", "room-online", `${room.online} online`);
     button.append(count);
     button.addEventListener("click", () => joinRoom(room.name));
     li.append(button);
     return li;
   }));
+  afterRoomList(rooms);
 }
 
 function saveRooms() {
@@ -1062,7 +1070,7 @@ function switchRoom(name) {
     room.stopped = false;
     room.connect();
   }
-  ui.roomTitle.textContent = `# ${name}`;
+  ui.roomTitle.textContent = `${roomMark(name)} ${roomLabel(name)}`;
   ui.leave.hidden = false;
   const pendingNodes = [...room.pending.values()].map((entry) => entry.li);
   ui.messages.replaceChildren(...room.items, ...pendingNodes);
@@ -1139,6 +1147,7 @@ function setAuthMode(register) {
   ui.authSwitch.textContent = register ? "Log in instead" : "Create an account";
   ui.authPassword.autocomplete = register ? "new-password" : "current-password";
   ui.authError.textContent = "";
+  ux.authInviteField.hidden = !register;
 }
 
 function showAuth(message) {
@@ -1164,6 +1173,7 @@ function showChat() {
   refreshRoomList();
   clearInterval(state.roomsTimer);
   state.roomsTimer = setInterval(refreshRoomList, 30000);
+  renderInvitePanel();
 }
 
 function openSidebar() {
@@ -1222,18 +1232,20 @@ async function onAuthSubmit(event) {
   ui.authError.textContent = "";
   try {
     if (state.registerMode) {
-      await request("POST", "/api/register", { username, password });
+      await request("POST", "/api/register", registerBody(username, password));
     }
     const pair = await request("POST", "/api/login", { username, password });
     storeTokens(pair);
     ui.authPassword.value = "";
-    if (state.registerMode) setAuthMode(false);
+    if (state.registerMode) {
+      ux.authInvite.value = "";
+      setAuthMode(false);
+    }
     await startSession();
   } catch (err) {
     if (err instanceof SessionEnded) return;
     ui.authError.textContent = humanApiError(err);
-    (err.code === "invalid_username" || err.code === "username_taken"
-      ? ui.authUsername : ui.authPassword).focus();
+    authErrorField(err.code).focus();
   } finally {
     ui.authSubmit.disabled = false;
   }
@@ -1276,6 +1288,453 @@ function autosize() {
   const lines = ui.input.value.split("\n").length;
   ui.input.rows = Math.min(Math.max(lines, 1), 8);
 }
+
+// ---------------------------------------------------------------- who may do what
+//
+// Contract v2 (README): room creation, private and direct rooms, members and
+// their roles, moderation, invites. Everything here renders user-provided
+// strings (names, codes) through textContent, like the rest of this file.
+
+Object.assign(HTTP_MESSAGES, {
+  invite_required: "This server registers by invitation only: enter the invite code you were given.",
+  invalid_invite: "That invite code is unknown, used up or expired.",
+  registration_closed: "Registration is closed on this server.",
+  room_exists: "A room of that name already exists.",
+  invalid_room: "Room names are 3–32 characters: letters, digits, _ . or -.",
+  room_not_found: "That room does not exist, or you are not a member of it.",
+  user_not_found: "There is nobody of that name.",
+  not_member: "That person is not a member of this room.",
+  not_banned: "That person is not banned from this room.",
+  not_muted: "That person is not muted in this room.",
+});
+
+const ROLE_RANK = { member: 1, moderator: 2, owner: 3 };
+const ADMIN_RANK = 4; // server admins act as owner (and outrank owners) outside direct rooms
+const INVITE_RE = /^[A-Za-z0-9_-]{1,200}$/;
+
+const ux = {
+  authInviteField: $("auth-invite-field"),
+  authInvite: $("auth-invite"),
+  createRoom: $("create-room"),
+  createForm: $("create-form"),
+  createName: $("create-name"),
+  createTopic: $("create-topic"),
+  createError: $("create-error"),
+  createSubmit: $("create-submit"),
+  roomsRefresh: $("rooms-refresh"),
+  membersPanel: $("members-panel"),
+  membersCount: $("members-count"),
+  myRole: $("my-role"),
+  membersList: $("members-list"),
+  addForm: $("add-member-form"),
+  addName: $("add-member-name"),
+  addRoleField: $("add-member-role-field"),
+  addRole: $("add-member-role"),
+  muteField: $("mute-length-field"),
+  muteLength: $("mute-length"),
+  modStatus: $("moderation-status"),
+  invitePanel: $("invite-panel"),
+  inviteCreate: $("invite-create"),
+  inviteResult: $("invite-result"),
+  inviteLink: $("invite-link"),
+  inviteCopy: $("invite-copy"),
+  inviteStatus: $("invite-status"),
+};
+
+// What GET /api/rooms said about each room: visibility, the caller's role, a
+// direct room's other person. Rooms never listed count as public.
+const roomInfo = new Map();
+// The private and direct rooms of the previous listing (null before the first),
+// to notice one this person was just added to.
+let listedPrivate = null;
+
+function noteRoom(room) {
+  if (!room || typeof room.name !== "string") return;
+  roomInfo.set(room.name, {
+    visibility: room.visibility || "public",
+    role: room.role || null,
+    peer: typeof room.peer === "string" ? room.peer : null,
+  });
+}
+
+function roomMark(name) {
+  const info = roomInfo.get(name);
+  return info && info.visibility === "direct" ? "@" : "#";
+}
+
+// A direct room is shown by the other person's name, not its internal name.
+function roomLabel(name) {
+  const info = roomInfo.get(name);
+  return info && info.visibility === "direct" && info.peer ? info.peer : name;
+}
+
+// After each room listing: mark private rooms, and connect (in the
+// background) to a private or direct room that newly lists this person, so a
+// direct message or an added room reaches them without a reload.
+function afterRoomList(rooms) {
+  for (const item of ui.allRooms.children) {
+    const info = roomInfo.get(item.dataset.room);
+    if (info && info.visibility === "private") {
+      const button = item.querySelector(".room-button");
+      if (button && !button.querySelector(".room-private")) {
+        button.insertBefore(el("span", "room-private", "private"), button.querySelector(".room-online"));
+      }
+    }
+  }
+  const now = new Set(rooms.filter((r) => r.visibility && r.visibility !== "public").map((r) => r.name));
+  if (listedPrivate !== null) {
+    for (const name of now) {
+      if (listedPrivate.has(name) || state.rooms.has(name) || !ROOM_RE.test(name)) continue;
+      const room = new RoomConnection(name);
+      state.rooms.set(name, room);
+      room.connect();
+      const info = roomInfo.get(name);
+      showNotice(info && info.visibility === "direct"
+        ? `${roomLabel(name)} started a direct conversation with you.`
+        : `You were added to #${name}.`);
+    }
+  }
+  listedPrivate = now;
+  renderJoinedRooms();
+  if (state.active) ui.roomTitle.textContent = `${roomMark(state.active)} ${roomLabel(state.active)}`;
+}
+
+// ------------------------------------------------------------ create a room
+
+async function onCreateRoom(event) {
+  event.preventDefault();
+  const name = ux.createName.value.trim().replace(/^#/, "");
+  const checked = ux.createForm.querySelector("input[name=visibility]:checked");
+  const visibility = checked ? checked.value : "public";
+  const topic = ux.createTopic.value.trim();
+  if (!ROOM_RE.test(name)) {
+    ux.createError.textContent = HTTP_MESSAGES.invalid_room;
+    ux.createName.focus();
+    return;
+  }
+  const body = { name, visibility };
+  if (topic) body.topic = topic;
+  ux.createSubmit.disabled = true;
+  ux.createError.textContent = "";
+  try {
+    const created = await api("POST", "/api/rooms", body);
+    noteRoom({ name, visibility: created.visibility, role: created.role });
+    ux.createName.value = "";
+    ux.createTopic.value = "";
+    ux.createRoom.open = false;
+    joinRoom(name);
+    showNotice(`Created the ${visibility} room #${name}. You are its owner.`);
+    refreshRoomList();
+  } catch (err) {
+    if (err instanceof SessionEnded) return;
+    ux.createError.textContent = humanApiError(err);
+    ux.createName.focus();
+  } finally {
+    ux.createSubmit.disabled = false;
+  }
+}
+
+// ------------------------------------------------------------ direct messages
+
+function directMessageButton(name) {
+  const button = el("button", "link-button person-action", "Message");
+  button.type = "button";
+  button.append(el("span", "visually-hidden", ` ${name}`));
+  button.addEventListener("click", () => startDirect(name, button));
+  return button;
+}
+
+async function startDirect(name, button) {
+  button.disabled = true;
+  try {
+    const data = await api("POST", "/api/dms", { username: name });
+    const room = data && data.room;
+    if (typeof room !== "string" || !ROOM_RE.test(room)) throw new ApiError(500, "bad_answer", "");
+    noteRoom({ name: room, visibility: "direct", peer: name });
+    joinRoom(room);
+    refreshRoomList();
+  } catch (err) {
+    if (!(err instanceof SessionEnded)) showNotice(humanApiError(err), { tone: "error" });
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ------------------------------------------------------------ members and moderation
+
+const panel = { room: null, members: [], loaded: false, timer: null, generation: 0 };
+
+// The active room changed (or left): load its members.
+function syncMembersPanel() {
+  const name = state.active && state.rooms.has(state.active) ? state.active : null;
+  if (name === panel.room) return;
+  panel.room = name;
+  panel.members = [];
+  panel.loaded = false;
+  ux.modStatus.textContent = "";
+  ux.membersPanel.hidden = name === null;
+  if (name !== null) loadMembers();
+}
+
+// People came or went: members of a public room may be among them, and an
+// added member's first visit shows here.
+function onOnlineChanged(room) {
+  if (!panel.room || !room || room.name !== panel.room) return;
+  renderMembers();
+  clearTimeout(panel.timer);
+  panel.timer = setTimeout(loadMembers, 1000);
+}
+
+async function loadMembers() {
+  const name = panel.room;
+  if (!name) return;
+  const generation = ++panel.generation;
+  let data;
+  try {
+    data = await api("GET", `/api/rooms/${encodeURIComponent(name)}/members`);
+  } catch (err) {
+    if (generation !== panel.generation || panel.room !== name) return;
+    panel.members = [];
+    panel.loaded = false;
+    renderMembers();
+    return;
+  }
+  if (generation !== panel.generation || panel.room !== name) return;
+  panel.members = ((data && data.members) || []).filter((m) => m && typeof m.username === "string");
+  panel.loaded = true;
+  renderMembers();
+}
+
+function myRank(name) {
+  const info = roomInfo.get(name);
+  const visibility = info ? info.visibility : "public";
+  if (state.me && state.me.admin && visibility !== "direct") return ADMIN_RANK;
+  const me = panel.members.find((m) => state.me && m.username === state.me.username);
+  return me ? ROLE_RANK[me.role] || 0 : 0;
+}
+
+function describeStanding(name, rank) {
+  const info = roomInfo.get(name);
+  const visibility = info ? info.visibility : "public";
+  const kind = { public: "Public room", private: "Private room", direct: "Direct messages" }[visibility] ||
+    "Room";
+  const me = panel.members.find((m) => state.me && m.username === state.me.username);
+  let role = me ? `you are ${me.role === "member" ? "a member" : `its ${me.role}`}` : "you are not a member";
+  if (rank === ADMIN_RANK) role += " (a server admin: you act as its owner)";
+  return `${kind}; ${role}.`;
+}
+
+function renderMembers() {
+  const name = panel.room;
+  if (!name) return;
+  const room = state.rooms.get(name);
+  const info = roomInfo.get(name);
+  const direct = info && info.visibility === "direct";
+  const rank = myRank(name);
+  const moderator = rank >= ROLE_RANK.moderator && !direct;
+  const members = [...panel.members];
+  // In a public room, people online who are not members can still be banned or muted.
+  const known = new Set(members.map((m) => m.username));
+  const visitors = room && !direct ? [...new Set(room.online)].filter((u) => !known.has(u)).sort() : [];
+  const rows = [...members, ...visitors.map((username) => ({ username, role: null }))];
+  ux.membersList.replaceChildren(...rows.map((member) => renderMemberRow(name, member, rank, moderator)));
+  ux.membersCount.textContent = members.length ? String(members.length) : "";
+  ux.myRole.textContent = panel.loaded ? describeStanding(name, rank) : "";
+  ux.addForm.hidden = !moderator;
+  ux.addRoleField.hidden = !(moderator && rank >= ROLE_RANK.owner);
+  ux.muteField.hidden = !moderator;
+}
+
+function renderMemberRow(roomName, member, rank, moderator) {
+  const li = el("li", "person member");
+  li.dataset.username = member.username;
+  li.append(avatar(member.username));
+  li.append(el("span", "person-name", member.username));
+  li.append(el("span", "member-role", member.role || "not a member"));
+  const self = state.me && member.username === state.me.username;
+  const targetRank = ROLE_RANK[member.role] || 0;
+  if (moderator && !self && targetRank < rank) {
+    const actions = el("span", "member-actions");
+    const act = (verb, handler) => {
+      const button = el("button", "link-button member-action", verb);
+      button.type = "button";
+      button.append(el("span", "visually-hidden", ` ${member.username}`));
+      button.addEventListener("click", () => moderate(button, () => handler(roomName, member.username)));
+      actions.append(button);
+    };
+    if (member.role) act("Kick", kickMember);
+    act("Ban", banMember);
+    act("Mute", muteMember);
+    if (rank >= ROLE_RANK.owner && member.role === "member") {
+      act("Make moderator", (r, u) => setRole(r, u, "moderator"));
+    } else if (rank >= ROLE_RANK.owner && member.role === "moderator") {
+      act("Make member", (r, u) => setRole(r, u, "member"));
+    }
+    li.append(actions);
+  }
+  return li;
+}
+
+function roomPath(room, ...parts) {
+  return ["/api/rooms", room, ...parts].map((p, i) => (i ? encodeURIComponent(p) : p)).join("/");
+}
+
+// Run one moderation request; its outcome, good or bad, goes to the status line.
+async function moderate(button, work) {
+  if (button) button.disabled = true;
+  try {
+    ux.modStatus.dataset.tone = "info";
+    ux.modStatus.textContent = await work();
+  } catch (err) {
+    if (err instanceof SessionEnded) return;
+    ux.modStatus.dataset.tone = "error";
+    ux.modStatus.textContent = `Not done: ${humanApiError(err)}`;
+  } finally {
+    if (button) button.disabled = false;
+    if (state.me) loadMembers();
+  }
+}
+
+async function kickMember(room, username) {
+  await api("DELETE", roomPath(room, "members", username));
+  return `Removed ${username} from #${room}.`;
+}
+
+async function banMember(room, username) {
+  await api("POST", roomPath(room, "bans"), { username });
+  return `Banned ${username} from #${room} until the ban is lifted.`;
+}
+
+async function muteMember(room, username) {
+  const seconds = Number(ux.muteLength.value) || 600;
+  await api("POST", roomPath(room, "mutes"), { username, seconds });
+  const label = ux.muteLength.selectedOptions[0] ? ux.muteLength.selectedOptions[0].textContent : `${seconds} s`;
+  return `Muted ${username} in #${room} for ${label}.`;
+}
+
+async function setRole(room, username, role) {
+  await api("POST", roomPath(room, "members"), { username, role });
+  return `${username} is now a ${role} of #${room}.`;
+}
+
+async function onAddMember(event) {
+  event.preventDefault();
+  const room = panel.room;
+  const username = ux.addName.value.trim().replace(/^@/, "");
+  if (!room) return;
+  if (!USERNAME_RE.test(username)) {
+    ux.modStatus.dataset.tone = "error";
+    ux.modStatus.textContent = `Not done: ${HTTP_MESSAGES.invalid_username}`;
+    ux.addName.focus();
+    return;
+  }
+  const role = ux.addRoleField.hidden ? "member" : ux.addRole.value;
+  await moderate(null, async () => {
+    await api("POST", roomPath(room, "members"), { username, role });
+    ux.addName.value = "";
+    return `Added ${username} to #${room} as ${role === "member" ? "a member" : "a moderator"}.`;
+  });
+}
+
+// ------------------------------------------------------------ invites
+
+// Signed out: nothing of the previous account's rooms or powers stays on the page.
+function resetAuthzState() {
+  roomInfo.clear();
+  listedPrivate = null;
+  panel.room = null;
+  panel.members = [];
+  panel.loaded = false;
+  clearTimeout(panel.timer);
+  ux.membersPanel.hidden = true;
+  ux.membersList.replaceChildren();
+  ux.modStatus.textContent = "";
+  ux.invitePanel.hidden = true;
+  ux.inviteResult.hidden = true;
+  ux.inviteLink.value = "";
+  ux.inviteStatus.textContent = "";
+}
+
+function renderInvitePanel() {
+  ux.invitePanel.hidden = !(state.me && state.me.admin);
+}
+
+// An invite link carries the code in the fragment (never sent to the server,
+// so it stays out of access logs and Referer headers); ?invite= works too.
+export function inviteLink(code) {
+  return `${location.origin}/#invite=${encodeURIComponent(code)}`;
+}
+
+async function onCreateInvite() {
+  ux.inviteCreate.disabled = true;
+  ux.inviteStatus.textContent = "";
+  try {
+    const data = await api("POST", "/api/invites", {});
+    const code = data && data.code;
+    if (typeof code !== "string" || !INVITE_RE.test(code)) throw new ApiError(500, "bad_answer", "");
+    ux.inviteLink.value = inviteLink(code);
+    ux.inviteResult.hidden = false;
+    const days = Math.round((Number(data.expires_in) || 0) / 86400);
+    const hours = Math.round((Number(data.expires_in) || 0) / 3600);
+    const valid = days >= 1 ? `${days} day${days === 1 ? "" : "s"}` : `${hours} hour${hours === 1 ? "" : "s"}`;
+    ux.inviteStatus.textContent = `Invite link created: it works once, for ${valid}. It is shown only now.`;
+    ux.inviteLink.focus();
+    ux.inviteLink.select();
+  } catch (err) {
+    if (!(err instanceof SessionEnded)) ux.inviteStatus.textContent = `Not done: ${humanApiError(err)}`;
+  } finally {
+    ux.inviteCreate.disabled = false;
+  }
+}
+
+async function onCopyInvite() {
+  const link = ux.inviteLink.value;
+  if (!link) return;
+  try {
+    await navigator.clipboard.writeText(link);
+    ux.inviteStatus.textContent = "Invite link copied.";
+  } catch (clipboardError) {
+    // No clipboard permission: leave the link selected for Ctrl+C.
+    ux.inviteLink.focus();
+    ux.inviteLink.select();
+    ux.inviteStatus.textContent = "Could not copy: the link is selected, press Ctrl+C to copy it.";
+  }
+}
+
+// Opening an invite link: the registration form, with the code filled in.
+// The code is taken out of the address bar so it is not kept in history.
+function readInviteLink() {
+  const fromHash = new URLSearchParams(location.hash.replace(/^#/, "")).get("invite");
+  const fromQuery = new URLSearchParams(location.search).get("invite");
+  const code = fromHash || fromQuery;
+  if (!code) return;
+  try {
+    history.replaceState(null, "", location.pathname);
+  } catch (historyError) {
+    // the code stays in the address bar
+  }
+  if (!INVITE_RE.test(code)) return;
+  ux.authInvite.value = code;
+  setAuthMode(true);
+  showNotice("You have been invited: pick a username and a password to create your account.");
+}
+
+function registerBody(username, password) {
+  const invite = ux.authInvite.value.trim();
+  return invite ? { username, password, invite } : { username, password };
+}
+
+function authErrorField(code) {
+  if (code === "invalid_username" || code === "username_taken") return ui.authUsername;
+  if (code === "invite_required" || code === "invalid_invite") return ux.authInvite;
+  return ui.authPassword;
+}
+
+ux.createForm.addEventListener("submit", onCreateRoom);
+ux.roomsRefresh.addEventListener("click", () => refreshRoomList());
+ux.addForm.addEventListener("submit", onAddMember);
+ux.inviteCreate.addEventListener("click", onCreateInvite);
+ux.inviteCopy.addEventListener("click", onCopyInvite);
 
 // ---------------------------------------------------------------- wiring
 
@@ -1354,6 +1813,7 @@ document.addEventListener("visibilitychange", () => {
 
 async function boot() {
   setAuthMode(false);
+  readInviteLink();
   if (!storedRefreshToken()) {
     showAuth("");
     return;
