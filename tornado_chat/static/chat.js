@@ -1535,7 +1535,8 @@ function renderMembers() {
   const members = [...panel.members];
   // In a public room, people online who are not members can still be banned or muted.
   const known = new Set(members.map((m) => m.username));
-  const visitors = room && !direct ? [...new Set(room.online)].filter((u) => !known.has(u)).sort() : [];
+  const isPublic = !info || info.visibility === "public";
+  const visitors = room && isPublic ? [...new Set(room.online)].filter((u) => !known.has(u)).sort() : [];
   const rows = [...members, ...visitors.map((username) => ({ username, role: null }))];
   ux.membersList.replaceChildren(...rows.map((member) => renderMemberRow(name, member, rank, moderator)));
   ux.membersCount.textContent = members.length ? String(members.length) : "";
@@ -1632,6 +1633,8 @@ async function onAddMember(event) {
   await moderate(null, async () => {
     await api("POST", roomPath(room, "members"), { username, role });
     ux.addName.value = "";
+    // Back to the safe default: the next person is added as a member unless chosen again.
+    ux.addRole.value = "member";
     return `Added ${username} to #${room} as ${role === "member" ? "a member" : "a moderator"}.`;
   });
 }
