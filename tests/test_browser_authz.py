@@ -21,7 +21,7 @@ from playwright.sync_api import Browser, Playwright, expect, sync_playwright
 from tests.browser import launch_options, make_browser_home
 from tests.conftest import serve
 from tests.harness import PASSWORD, Client, LiveServer
-from tests.test_browser_client import ChatPage, api
+from tests.test_browser_client import ChatPage, api, save_screenshot
 from tornado_chat.auth.tokens import hash_secret, new_secret_token
 from tornado_chat.pki import ServerCertificate
 
@@ -335,6 +335,8 @@ def test_moderator_kicks_mutes_and_bans_and_the_member_sees_it(
     )
     expect(joined(dave).filter(has_text="crew")).to_have_count(0)
     expect(members(bob)).to_have_count(2)
+    save_screenshot(bob.page, "moderation.png")
+    save_screenshot(dave.page, "banned.png")
 
     # The owner may make bob a member again; bob's panel then loses its powers.
     open_room(alice, "crew")
@@ -366,6 +368,7 @@ def test_admin_invite_link_registers_a_new_person(
     page.get_by_role("button", name="Copy link").click()
     expect(page.locator("#invite-status")).to_have_text("Invite link copied.")
     assert page.evaluate("navigator.clipboard.readText()") == url
+    save_screenshot(page, "invite.png")
     assert boss.page.get_by_role("button", name="Create invite link").is_visible()
 
     # Without a code the invite-only server says what is missing.

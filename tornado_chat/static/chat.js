@@ -1495,7 +1495,10 @@ async function loadMembers() {
   } catch (err) {
     if (generation !== panel.generation || panel.room !== name) return;
     panel.members = [];
-    panel.loaded = false;
+    // A public room nobody has posted in is not stored yet: it has no members.
+    const info = roomInfo.get(name);
+    panel.loaded = err instanceof ApiError && err.code === "room_not_found" &&
+      (!info || info.visibility === "public");
     renderMembers();
     return;
   }
@@ -1533,10 +1536,12 @@ function renderMembers() {
   const rank = myRank(name);
   const moderator = rank >= ROLE_RANK.moderator && !direct;
   const members = [...panel.members];
-  // In a public room, people online who are not members can still be banned or muted.
   const known = new Set(members.map((m) => m.username));
+  // In a public room, people online who are not members can still be banned
+  // or muted: a moderator sees them here too (others have the online list).
   const isPublic = !info || info.visibility === "public";
-  const visitors = room && isPublic ? [...new Set(room.online)].filter((u) => !known.has(u)).sort() : [];
+  const visitors = room && isPublic && moderator
+    ? [...new Set(room.online)].filter((u) => !known.has(u)).sort() : [];
   const rows = [...members, ...visitors.map((username) => ({ username, role: null }))];
   ux.membersList.replaceChildren(...rows.map((member) => renderMemberRow(name, member, rank, moderator)));
   ux.membersCount.textContent = members.length ? String(members.length) : "";
