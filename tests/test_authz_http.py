@@ -805,3 +805,74 @@ async def test_invites_over_http(invite_server: LiveServer, client_ssl: Any) -> 
             assert answer(r) == "400 bad_request", bad
     finally:
         client.close()
+
+
+async def test_a_room_with_open_sockets_cannot_be_taken(cast: Cast) -> None:
+    """A v1 room that has sockets but no message yet exists: creating its name is 409."""
+    member = cast.tokens["member"]
+    sock, _ = await cast.client.join("mx-live-only", member)
+    try:
+        r = await cast.client.request(
+            "POST",
+            "/api/rooms",
+            {"name": "mx-live-only", "visibility": "private"},
+            token=cast.tokens["owner"],
+        )
+        assert answer(r) == "409 room_exists"
+        listed = await cast.client.request("GET", "/api/rooms", token=cast.tokens["owner"])
+        entry = {e["name"]: e for e in listed.json["rooms"]}["mx-live-only"]
+        assert entry == {"name": "mx-live-only", "online": 1, "visibility": "public", "role": None}
+    finally:
+        sock.close()
+
+
+async def test_deactivation_is_refused_even_while_the_session_is_cached(
+    matrix_server: LiveServer, client_ssl: Any
+) -> None:
+    """Deactivated behind the node's back (no revoke news): the next request is 401 invalid_token.
+
+    The session check is cached for a few seconds (auth/service.py); the
+    account check of handlers/access.py does not rely on it.
+    """
+    client = Client(matrix_server, client_ssl)
+    try:
+        token = await token_of(client, "mx_cached")
+        for path in ("/api/me", "/api/rooms"):
+            assert (await client.request("GET", path, token=token)).status == 200
+        storage = matrix_server.services.storage
+        user = matrix_server.call(storage.get_user_by_name("mx_cached"))
+        matrix_server.call(storage.deactivate_user(user.id))
+        for method, path, body in (
+            ("GET", "/api/me", None),
+            ("GET", "/api/rooms", None),
+            ("POST", "/api/rooms", {"name": "mx-cached", "visibility": "public"}),
+            ("POST", "/api/dms", {"username": "mx_member"}),
+            ("GET", "/api/rooms/mx-cached/messages", None),
+        ):
+            r = await client.request(method, path, body, token=token)
+            assert answer(r) == "401 invalid_token", path
+        assert answer(await client.login("mx_cached")) == "401 invalid_credentials"
+    finally:
+        client.close()
+
+
+async def test_leaving_closes_sockets_only_in_a_private_room(cast: Cast) -> None:
+    """Leaving a private room ends the socket there (4403); leaving a public one does not."""
+    target = await token_of_existing(cast.client, TARGET)
+    private = await _setup(cast)
+    sock, _ = await cast.client.join(private, target)
+    r = await cast.client.request("DELETE", f"/api/rooms/{private}/members/{TARGET}", token=target)
+    assert r.status == 204
+    assert await sock.closed() == 4403
+    public = await _setup(cast, "public")
+    sock, _ = await cast.client.join(public, target)
+    try:
+        r = await cast.client.request(
+            "DELETE", f"/api/rooms/{public}/members/{TARGET}", token=target
+        )
+        assert r.status == 204
+        await sock.say("still here", client_id="left-1")
+        echo = (await sock.messages(1))[0]
+        assert (echo["body"], echo["client_id"]) == ("still here", "left-1")
+    finally:
+        sock.close()

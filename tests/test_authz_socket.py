@@ -43,6 +43,8 @@ from tests.test_scaleout import (
 from tornado_chat import protocol
 from tornado_chat.broker import RoomControl
 from tornado_chat.pki import ServerCertificate
+from tornado_chat.session import Session, SessionLimits, authorize_open, mute_in_force
+from tornado_chat.storage import RoomAccess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -395,6 +397,19 @@ async def test_kick_closes_only_that_room_within_2s(
     elsewhere.close()
 
 
+async def test_a_long_reason_is_cut_to_fit_the_close_frame(
+    client: Client, authz_server: LiveServer
+) -> None:
+    """A ban reason longer than a close frame holds still closes with 4403, the reason cut."""
+    world = World(authz_server, client, "lr")
+    token = await world.user("member")
+    sock, _ = await client.join("lr-room", token)
+    reason = "é" * 200  # 400 bytes of UTF-8
+    await world.call(world.services.evict, "lr-room", world.ids["member"], reason)
+    assert await sock.closed(timeout=2) == 4403
+    assert sock.conn.close_reason == "é" * 61  # 122 bytes: the 123rd would split a character
+
+
 async def test_deactivation_closes_every_socket_within_5s(
     client: Client, authz_server: LiveServer
 ) -> None:
@@ -537,6 +552,69 @@ def test_readme_says_what_4403_means() -> None:
 
 
 # -- two nodes sharing PostgreSQL and Redis --------------------------------------------------
+
+
+# -- the pure parts: the open decision, the mute, the session's answer -----------------------
+
+
+@pytest.mark.parametrize(
+    ("access", "admin", "answer"),
+    [
+        (RoomAccess(None, None, False, None), False, "allowed"),  # v1: created on open
+        (RoomAccess("public", None, False, None), False, "allowed"),
+        (RoomAccess("public", None, True, None), False, "handshake 403"),
+        (RoomAccess("public", None, True, None), True, "allowed"),
+        (RoomAccess("private", None, False, None), False, "handshake 404"),
+        (RoomAccess("private", None, True, None), False, "handshake 404"),
+        (RoomAccess("private", None, False, None), True, "allowed"),
+        (RoomAccess("private", "owner", False, None), False, "allowed"),
+        (RoomAccess("private", "member", False, 99.0), False, "allowed"),
+        (RoomAccess("direct", None, False, None), True, "handshake 404"),
+        (RoomAccess("direct", "member", False, None), False, "allowed"),
+        # Rows no route writes: a ban or mute in a direct room does not count.
+        (RoomAccess("direct", "member", True, 99.0), False, "allowed"),
+        (RoomAccess("direct", "owner", False, None), False, "allowed"),
+    ],
+)
+@pytest.mark.parametrize("replay", [False, True])
+def test_authorize_open(access: RoomAccess, admin: bool, answer: str, replay: bool) -> None:
+    """The handshake's answer for each room access record, with and without ``since``."""
+    assert str(authorize_open(access, admin=admin, replay=replay)) == answer
+
+
+def test_mute_in_force_only_where_the_policy_holds_it() -> None:
+    """A mute counts for a member of a public or private room; not for an admin, nor in a DM."""
+    assert mute_in_force(RoomAccess("public", None, False, 50.0), admin=False) == 50.0
+    assert mute_in_force(RoomAccess("private", "moderator", False, 50.0), admin=False) == 50.0
+    assert mute_in_force(RoomAccess("public", "member", False, 50.0), admin=True) is None
+    assert mute_in_force(RoomAccess("direct", "member", False, 50.0), admin=False) is None
+    assert mute_in_force(RoomAccess("public", "member", False, None), admin=False) is None
+
+
+def test_session_refuses_a_muted_message_until_the_mute_ends() -> None:
+    """Before ``until``: an ``error`` frame ``muted`` and the message is dropped; after: nothing."""
+    limits = SessionLimits(
+        max_body_chars=100,
+        max_sockets=10,
+        max_sockets_per_user=3,
+        max_sockets_per_address=5,
+        outbox_bytes=4096,
+        max_frame_bytes=8192,
+        handshake_timeout=5.0,
+        reauth_grace=2.0,
+    )
+    session = Session(limits, room="r", addr="-", summary="GET /ws/r", origin="-")
+    assert session.message_muted(100.0, now=90.5) is True
+    (frame,) = session.frames_to_send()
+    payload = json.loads(frame[2:])
+    assert payload == {
+        "type": "error",
+        "code": "muted",
+        "message": "you are muted in this room for 10 more s",
+    }
+    assert session.message_muted(100.0, now=100.0) is False
+    assert session.frames_to_send() == []
+    assert session.take_close() is None
 
 
 # -- the query the deactivation watch polls, on every backend ---------------------------------
@@ -765,3 +843,28 @@ def test_broker_reads_room_controls_and_ignores_malformed_ones(
     assert caplog.text.count("ignored a malformed notification") == 4
     broker._dispatch(channel, json.dumps({"t": "c", "n": "here", "kind": "evict"}).encode())
     assert len(got) == 3  # its own echo
+
+
+def test_broker_keeps_controls_published_while_disconnected_and_resends_them() -> None:
+    """A kick published while Redis is away is sent once the broker is connected again."""
+    from tornado_chat.redis_broker import RedisBroker
+
+    broker = RedisBroker("redis://127.0.0.1:1/0?prefix=ctl", node_id="here")
+    kick = RoomControl("evict", 7, "r", reason="kicked")
+    broker.publish_control(kick)  # not connected: kept
+    assert broker._outbox == []
+    broker._connected = True
+    broker._requeue()
+    (item,) = broker._outbox
+    assert item.subject == kick  # type: ignore[union-attr]
+    assert json.loads(item.payload) == {  # type: ignore[union-attr]
+        "t": "c",
+        "n": "here",
+        "kind": "evict",
+        "user": 7,
+        "room": "r",
+        "until": None,
+        "reason": "kicked",
+    }
+    broker._fail(broker._outbox)  # the send failed: kept again
+    assert broker._unsent_controls == [kick]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -555,13 +556,15 @@ async def test_reconnect_after_restart_catches_up_and_resends() -> None:
 # -- TLS to Redis -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tls_redis(server_cert: ServerCertificate) -> Iterator[int]:
-    """A private redis-server speaking only TLS, with the test CA's localhost certificate."""
+def _start_tls_redis(
+    server_cert: ServerCertificate, log: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a TLS-only redis-server on a free loopback port; its log goes to ``log``."""
     port = free_port()
     proc = subprocess.Popen(
         [
             "redis-server",
+            "--bind", "127.0.0.1", "127.0.0.2",  # the host name test uses both
             "--port", "0",
             "--tls-port", str(port),
             "--tls-cert-file", str(server_cert.cert_path),
@@ -570,19 +573,45 @@ def tls_redis(server_cert: ServerCertificate) -> Iterator[int]:
             "--tls-auth-clients", "no",
             "--save", "",
             "--appendonly", "no",
+            "--logfile", str(log),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while True:
+    return proc, port
+
+
+@pytest.fixture(scope="module")
+def tls_redis(
+    server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[int]:
+    """A private redis-server speaking only TLS, with the test CA's localhost certificate.
+
+    The port is one that was free a moment before; another process on the
+    machine may take it first (redis then logs "Address already in use" and
+    exits), and only that case picks another port.
+    """
+    log_dir = tmp_path_factory.mktemp("tls-redis")
+    for attempt in range(3):
+        log = log_dir / f"redis-{attempt}.log"
+        proc, port = _start_tls_redis(server_cert, log)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail("redis-server with TLS did not start")
             time.sleep(0.05)
+        else:
+            proc.kill()
+            proc.wait(10)
+            text = log.read_text(errors="replace") if log.exists() else "(no log)"
+            if "Address already in use" in text:
+                continue
+            pytest.fail(f"redis-server with TLS did not start:\n{text[-2000:]}")
+        break
+    else:
+        pytest.fail("redis-server with TLS: three free ports were taken before it bound them")
+    try:
         yield port
     finally:
         proc.kill()

@@ -437,7 +437,7 @@ def query_int(raw: str | None) -> int | None:
 
 
 def history_page(count: int, since: int | None, before: int | None, limit: int | None) -> list[int]:
-    """The seqs a page should hold (README, "API (contract v1)"): ascending, at most ``limit``.
+    """The seqs a page should hold (README, "API (contract v2...)"): ascending, at most ``limit``.
 
     After ``since``, the first ones; otherwise (before ``before``, or the
     newest) the last ones.

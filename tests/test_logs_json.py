@@ -417,9 +417,10 @@ async def test_socket_lines_share_the_101_request_id(
     await sock.send({"type": "reauth", "token": "GarbageToken.x.y"})
     assert (await sock.recv_type("error"))["code"] == "invalid_token"
     sock.close()
-    # The 101 is written before open() checks the credentials: no user yet.
+    # The credential and the room are checked before the upgrade (a refused
+    # room is a 404 or 403 there), so the 101 already names the user.
     upgrade = await capture.wait_for("101 GET /ws/json-room", request_id=rid, peer="127.0.0.1")
-    assert "user_id" not in upgrade
+    assert upgrade["user_id"] == me, upgrade
     for what in ("ws connect user=json_ws", "reauth refused user=json_ws"):
         line = await capture.wait_for(what, request_id=rid)
         assert line["peer"] == "127.0.0.1"

@@ -462,3 +462,14 @@ async def test_purge_drops_spent_invites_and_ended_bans_and_mutes(storage: Stora
     assert await storage.purge_expired(time.time() + 120) == 3
     assert (await storage.room_access("team", carol)).banned
     assert (await storage.create_user("erin", HASH, invite_hash=live)).username == "erin"
+
+
+async def test_known_rooms_names_rooms_of_every_visibility(storage: Storage) -> None:
+    """known_rooms: the given names that are rooms, public, private or direct; nothing else."""
+    alice, bob = await _users(storage, "alice", "bob")
+    await storage.create_room("pub", "public", owner_id=None)
+    await storage.create_room("priv", "private", owner_id=alice)
+    direct = await storage.direct_room(alice, bob)
+    names = ["pub", "priv", direct.name, "nowhere"]
+    assert await storage.known_rooms(names) == {"pub", "priv", direct.name}
+    assert await storage.known_rooms([]) == set()

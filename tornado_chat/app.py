@@ -200,7 +200,7 @@ class Services:
         this node's sockets close at once, every other node's when the
         broker's notice arrives (milliseconds).
         """
-        self._publish(RoomControl("evict", user_id, room=room, reason=reason))
+        self._publish(RoomControl("evict", user_id, room=room, reason=close_reason(reason)))
 
     def deactivated(self, user_id: int) -> None:
         """An account was deactivated: close its sockets with 4401, here and on every node.
@@ -292,6 +292,22 @@ class Services:
         await self.broker.close()
         await self.storage.close()
         self.executor.shutdown(wait=False)
+
+
+# RFC 6455 5.5: a close frame's payload is at most 125 bytes, 2 of them the code.
+MAX_CLOSE_REASON_BYTES = 123
+
+
+def close_reason(reason: str) -> str:
+    """``reason`` cut to what a close frame holds, on a character boundary.
+
+    A moderator's ban reason may be long; Tornado refuses a longer close
+    frame with an exception instead of sending it.
+    """
+    raw = reason.encode("utf-8")
+    if len(raw) <= MAX_CLOSE_REASON_BYTES:
+        return reason
+    return raw[:MAX_CLOSE_REASON_BYTES].decode("utf-8", errors="ignore")
 
 
 def _lower_thread_priority() -> None:

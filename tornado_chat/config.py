@@ -876,12 +876,6 @@ def validate_settings(settings: Settings) -> None:
         require_extra("asyncpg", "postgres", "--db postgresql+asyncpg://...")
 
 
-#: ``CHAT_*`` variables that programs shipped beside the server read from the
-#: same environment: the image's health check (deploy/healthcheck.py) finds
-#: its CA through this one, and deploy/Containerfile sets it for both.
-NEIGHBOUR_ENV_NAMES: Final = frozenset({"CHAT_HEALTHCHECK_CAFILE"})
-
-
 def is_loopback(address: str) -> bool:
     """Whether a listening address (an IP literal, or the name ``localhost``) is loopback."""
     host = address.strip().strip("[]").split("%", 1)[0]
@@ -911,6 +905,12 @@ def registration_mode(chosen: str | None, addresses: Collection[str]) -> tuple[s
     if addresses and all(is_loopback(a) for a in addresses):
         return "open", "every listening address is loopback"
     return "invite", "a listening address is not loopback; --registration open allows anyone"
+
+
+#: ``CHAT_*`` variables that programs shipped beside the server read from the
+#: same environment: the image's health check (deploy/healthcheck.py) finds
+#: its CA through this one, and deploy/Containerfile sets it for both.
+NEIGHBOUR_ENV_NAMES: Final = frozenset({"CHAT_HEALTHCHECK_CAFILE"})
 
 
 def unknown_env_warnings(environ: Mapping[str, str]) -> list[str]:

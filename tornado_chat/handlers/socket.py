@@ -333,6 +333,9 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             await asyncio.wait_for(self._authorize(room), budget)
         except asyncio.TimeoutError:
             self._early = ("handshake_expired", ())
+        # wait_for ran the checks in a task of their own, whose log context
+        # (now naming the user) went with it: this task takes it up.
+        enter_context(request_context(self))
 
     async def _authorize(self, room: str) -> None:
         """Authenticate, then one read of the room's access record and the policy's answer."""

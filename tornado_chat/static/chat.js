@@ -907,8 +907,15 @@ class RoomConnection {
   async loadHistory({ before }) {
     const params = new URLSearchParams({ limit: String(HISTORY_PAGE) });
     if (before !== undefined) params.set("before", String(before));
-    const data = await api("GET",
-      `/api/rooms/${encodeURIComponent(this.name)}/messages?${params}`);
+    let data = null;
+    try {
+      data = await api("GET",
+        `/api/rooms/${encodeURIComponent(this.name)}/messages?${params}`);
+    } catch (err) {
+      // A room made by its first socket has no history until its first
+      // message: the server answers 404 room_not_found, an empty page here.
+      if (!(err instanceof ApiError && err.code === "room_not_found")) throw err;
+    }
     const messages = (data && data.messages) || [];
     const scroller = ui.scroller;
     const fromBottom = scroller.scrollHeight - scroller.scrollTop;
