@@ -327,6 +327,12 @@ def test_moderator_kicks_mutes_and_bans_and_the_member_sees_it(
     expect(dave.page.locator("#composer-error")).to_have_text(MUTED_TEXT)
     expect(dave.page.locator("#messages li.failed")).to_have_count(1)
     expect(bob.message("can anyone hear me?")).to_have_count(0)
+    # The status line offers to take the mute back.
+    page.get_by_role("button", name="Unmute dave").click()
+    expect(status(bob)).to_have_text("Unmuted dave in #crew.")
+    expect(page.get_by_role("button", name="Unmute dave")).to_be_hidden()
+    dave.say("hello again")
+    expect(bob.message("hello again")).to_have_count(1)
 
     page.get_by_role("button", name="Ban dave").click()
     expect(status(bob)).to_have_text("Banned dave from #crew until the ban is lifted.")
@@ -337,6 +343,12 @@ def test_moderator_kicks_mutes_and_bans_and_the_member_sees_it(
     expect(members(bob)).to_have_count(2)
     save_screenshot(bob.page, "moderation.png")
     save_screenshot(dave.page, "banned.png")
+    # Lifting the ban lets a moderator add dave back.
+    page.get_by_role("button", name="Lift the ban on dave").click()
+    expect(status(bob)).to_have_text("Lifted the ban on dave in #crew: they may be added again.")
+    add_member(bob, "dave")
+    expect(status(bob)).to_have_text("Added dave to #crew as a member.")
+    expect(members(bob)).to_have_count(3)
 
     # The owner may make bob a member again; bob's panel then loses its powers.
     open_room(alice, "crew")

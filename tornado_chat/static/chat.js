@@ -1340,6 +1340,7 @@ const ux = {
   muteField: $("mute-length-field"),
   muteLength: $("mute-length"),
   modStatus: $("moderation-status"),
+  modUndo: $("moderation-undo"),
   invitePanel: $("invite-panel"),
   inviteCreate: $("invite-create"),
   inviteResult: $("invite-result"),
@@ -1470,6 +1471,7 @@ async function startDirect(name, button) {
 // ------------------------------------------------------------ members and moderation
 
 const panel = { room: null, members: [], loaded: false, timer: null, generation: 0 };
+let undoAction = null; // takes the last ban or mute back (the status line's button)
 
 // The active room changed (or left): load its members.
 function syncMembersPanel() {
@@ -1479,6 +1481,8 @@ function syncMembersPanel() {
   panel.members = [];
   panel.loaded = false;
   ux.modStatus.textContent = "";
+  ux.modUndo.hidden = true;
+  undoAction = null;
   ux.membersPanel.hidden = name === null;
   if (name !== null) loadMembers();
 }
@@ -1592,12 +1596,23 @@ function roomPath(room, ...parts) {
   return ["/api/rooms", room, ...parts].map((p, i) => (i ? encodeURIComponent(p) : p)).join("/");
 }
 
-// Run one moderation request; its outcome, good or bad, goes to the status line.
+// Run one moderation request; its outcome, good or bad, goes to the status
+// line. work() answers the sentence to show, or [sentence, undo] where undo
+// is {label, run} for the button that takes a ban or mute back.
 async function moderate(button, work) {
   if (button) button.disabled = true;
+  ux.modUndo.hidden = true;
+  undoAction = null;
   try {
+    const outcome = await work();
+    const [text, undo] = Array.isArray(outcome) ? outcome : [outcome, null];
     ux.modStatus.dataset.tone = "info";
-    ux.modStatus.textContent = await work();
+    ux.modStatus.textContent = text;
+    if (undo) {
+      undoAction = undo.run;
+      ux.modUndo.textContent = undo.label;
+      ux.modUndo.hidden = false;
+    }
   } catch (err) {
     if (err instanceof SessionEnded) return;
     ux.modStatus.dataset.tone = "error";
@@ -1615,14 +1630,26 @@ async function kickMember(room, username) {
 
 async function banMember(room, username) {
   await api("POST", roomPath(room, "bans"), { username });
-  return `Banned ${username} from #${room} until the ban is lifted.`;
+  return [`Banned ${username} from #${room} until the ban is lifted.`, {
+    label: `Lift the ban on ${username}`,
+    run: async () => {
+      await api("DELETE", roomPath(room, "bans", username));
+      return `Lifted the ban on ${username} in #${room}: they may be added again.`;
+    },
+  }];
 }
 
 async function muteMember(room, username) {
   const seconds = Number(ux.muteLength.value) || 600;
   await api("POST", roomPath(room, "mutes"), { username, seconds });
   const label = ux.muteLength.selectedOptions[0] ? ux.muteLength.selectedOptions[0].textContent : `${seconds} s`;
-  return `Muted ${username} in #${room} for ${label}.`;
+  return [`Muted ${username} in #${room} for ${label}.`, {
+    label: `Unmute ${username}`,
+    run: async () => {
+      await api("DELETE", roomPath(room, "mutes", username));
+      return `Unmuted ${username} in #${room}.`;
+    },
+  }];
 }
 
 async function setRole(room, username, role) {
@@ -1664,6 +1691,8 @@ function resetAuthzState() {
   ux.membersPanel.hidden = true;
   ux.membersList.replaceChildren();
   ux.modStatus.textContent = "";
+  ux.modUndo.hidden = true;
+  undoAction = null;
   ux.invitePanel.hidden = true;
   ux.inviteResult.hidden = true;
   ux.inviteLink.value = "";
@@ -1748,6 +1777,10 @@ function authErrorField(code) {
 ux.createForm.addEventListener("submit", onCreateRoom);
 ux.roomsRefresh.addEventListener("click", () => refreshRoomList());
 ux.addForm.addEventListener("submit", onAddMember);
+ux.modUndo.addEventListener("click", () => {
+  const run = undoAction;
+  if (run) moderate(ux.modUndo, run);
+});
 ux.inviteCreate.addEventListener("click", onCreateInvite);
 ux.inviteCopy.addEventListener("click", onCopyInvite);
 
