@@ -403,6 +403,9 @@ def test_admin_invite_link_registers_a_new_person(
     newcomer.page.get_by_label("Password").fill(PASSWORD)
     newcomer.page.get_by_role("button", name="Create account").click()
     expect(newcomer.page.locator("#me-name")).to_have_text("newbie")
+    # The code travelled only in the registration body: no URL the page
+    # requested (the page itself included) carries it.
+    assert newcomer.urls and not [u for u in newcomer.urls if code in u], newcomer.urls
     expect(newcomer.page.get_by_role("button", name="Create invite link")).to_be_hidden()
 
     # The code was single use: a second registration through it is refused.
