@@ -1487,11 +1487,17 @@ function syncMembersPanel() {
   if (name !== null) loadMembers();
 }
 
-// People came or went: members of a public room may be among them, and an
-// added member's first visit shows here.
+// People came or went. In a private room a newcomer is a member added since
+// the list was read, so it is read again (once per burst); a public room's
+// comings and goings say nothing about membership, and a busy one must not
+// cost a request per presence frame.
 function onOnlineChanged(room) {
   if (!panel.room || !room || room.name !== panel.room) return;
   renderMembers();
+  const info = roomInfo.get(room.name);
+  if (!info || info.visibility !== "private") return;
+  const known = new Set(panel.members.map((m) => m.username));
+  if (room.online.every((name) => known.has(name))) return;
   clearTimeout(panel.timer);
   panel.timer = setTimeout(loadMembers, 1000);
 }
