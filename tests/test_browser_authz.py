@@ -200,6 +200,16 @@ def wait_added(chat: ChatPage, room: str) -> None:
     expect(joined(chat).filter(has_text=room)).to_have_count(1)
 
 
+# Every form control in the document (shown or not, except one hidden itself)
+# that has no name a screen reader could announce: no <label>, no aria-label,
+# and for a button no text.
+UNNAMED_CONTROLS_JS = """() => [...document.querySelectorAll("button, input, select, textarea")]
+    .filter((e) => !e.hidden)
+    .filter((e) => !(e.labels && e.labels.length) && !e.getAttribute("aria-label") &&
+        !(e.tagName === "BUTTON" && e.textContent.trim()))
+    .map((e) => e.id || e.outerHTML.slice(0, 80))"""
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -295,6 +305,9 @@ def test_moderator_kicks_mutes_and_bans_and_the_member_sees_it(
         ("carol", "member"),
         ("dave", "member"),
     ]
+    # The owner's panel (add form with roles, every member action) is fully labelled.
+    expect(alice.page.get_by_role("button", name="Make moderator carol")).to_be_visible()
+    assert alice.page.evaluate(UNNAMED_CONTROLS_JS) == []
 
     for chat in (bob, carol, dave):
         wait_added(chat, "crew")
@@ -381,6 +394,7 @@ def test_admin_invite_link_registers_a_new_person(
     expect(page.locator("#invite-status")).to_have_text("Invite link copied.")
     assert page.evaluate("navigator.clipboard.readText()") == url
     save_screenshot(page, "invite.png")
+    assert page.evaluate(UNNAMED_CONTROLS_JS) == []
     assert boss.page.get_by_role("button", name="Create invite link").is_visible()
 
     # Without a code the invite-only server says what is missing.
