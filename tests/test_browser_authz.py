@@ -356,6 +356,14 @@ def test_moderator_kicks_mutes_and_bans_and_the_member_sees_it(
     expect(members(bob)).to_have_count(2)
     save_screenshot(bob.page, "moderation.png")
     save_screenshot(dave.page, "banned.png")
+    # Trying to join again: the handshake is refused (404, a private room he
+    # is not in) and the page says so instead of retrying for ever.
+    dave.join("crew", wait=False)
+    expect(dave.page.locator("#notice-text")).to_have_text(
+        "#crew is a private room you are not a member of, so it cannot be joined.",
+        timeout=15_000,
+    )
+    expect(joined(dave).filter(has_text="crew")).to_have_count(0)
     # Lifting the ban lets a moderator add dave back.
     page.get_by_role("button", name="Lift the ban on dave").click()
     expect(status(bob)).to_have_text("Lifted the ban on dave in #crew: they may be added again.")
@@ -372,6 +380,33 @@ def test_moderator_kicks_mutes_and_bans_and_the_member_sees_it(
     open_room(bob, "crew")
     expect(bob.page.locator("#my-role")).to_have_text("Private room; you are a member.")
     expect(bob.page.locator("#members-list .member-action")).to_have_count(0)
+
+
+def test_ban_from_a_public_room_is_explained(people: dict[str, ChatPage]) -> None:
+    """A public room's owner bans a visitor (online, not a member); rejoining says "banned"."""
+    alice, carol = people["alice"], people["carol"]
+    create_room(alice, "square", "public")
+    expect(alice.page.locator("#my-role")).to_have_text("Public room; you are its owner.")
+    carol.join("square")
+    # carol is online but not a member: banned or muted, never kicked.
+    visitor = alice.page.locator("#members-list li[data-username=carol]")
+    expect(visitor.locator(".member-role")).to_have_text("not a member")
+    expect(alice.page.get_by_role("button", name="Kick carol")).to_have_count(0)
+    # Members see no visitor rows: the online list already shows who is here.
+    expect(carol.page.locator("#members-list li[data-username=alice]")).to_have_count(1)
+    expect(carol.page.locator("#members-list li[data-username=carol]")).to_have_count(0)
+    alice.page.get_by_role("button", name="Ban carol").click()
+    expect(status(alice)).to_have_text("Banned carol from #square until the ban is lifted.")
+    expect(carol.page.locator("#notice-text")).to_have_text(
+        re.compile(r"^You were removed from #square\b")
+    )
+    expect(joined(carol).filter(has_text="square")).to_have_count(0)
+    # The handshake of a public room answers a ban with 403: the page says so.
+    carol.join("square", wait=False)
+    expect(carol.page.locator("#notice-text")).to_have_text(
+        "You are banned from #square.", timeout=15_000
+    )
+    expect(joined(carol).filter(has_text="square")).to_have_count(0)
 
 
 def test_admin_invite_link_registers_a_new_person(

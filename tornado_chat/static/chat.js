@@ -758,6 +758,8 @@ class RoomConnection {
   }
 
   scheduleReconnect(code, reason) {
+    // A second refused handshake in a row may be a ban or a private room (see checkRefusedRoom).
+    if (code === 1006 && !this.welcomed && this.attempt >= 1) checkRefusedRoom(this);
     const info = describeClose(code, reason);
     this.lastClose = info;
     // 4429 means we were too eager (or the server is full): start the backoff
@@ -1405,6 +1407,39 @@ function afterRoomList(rooms) {
   listedPrivate = now;
   renderJoinedRooms();
   if (state.active) ui.roomTitle.textContent = `${roomMark(state.active)} ${roomLabel(state.active)}`;
+}
+
+// A handshake the server refuses reaches the page only as close 1006, like
+// a network failure: 403 for a user banned from a public room, 404 for a
+// private or direct room the user is not in (README, WebSocket). Retrying
+// those would never end, so after two failed attempts the room's history
+// route is asked, which answers the same for the same person: 403 forbidden
+// (banned) or 404 room_not_found (a room that exists only as a private one,
+// since a public room's socket would have been let in) stop the room with a
+// message instead; any other answer leaves the retries going. A 404 must come
+// twice in a row: a public room nobody has posted in answers 404 too, and its
+// socket may have failed only because the server was restarting.
+async function checkRefusedRoom(room) {
+  if (room.checkingAccess || room.stopped) return;
+  room.checkingAccess = true;
+  try {
+    await api("GET", `/api/rooms/${encodeURIComponent(room.name)}/messages?limit=1`);
+    room.notFoundStreak = 0;
+  } catch (err) {
+    if (room.stopped || room.welcomed || state.rooms.get(room.name) !== room) return;
+    if (!(err instanceof ApiError)) return;
+    let text = null;
+    if (err.code === "forbidden") text = `You are banned from #${room.name}.`;
+    room.notFoundStreak = err.code === "room_not_found" ? (room.notFoundStreak || 0) + 1 : 0;
+    if (room.notFoundStreak >= 2) {
+      text = `#${room.name} is a private room you are not a member of, so it cannot be joined.`;
+    }
+    if (text === null) return;
+    dropRoom(room.name);
+    showNotice(text, { sticky: true, tone: "error", kind: "removed" });
+  } finally {
+    room.checkingAccess = false;
+  }
 }
 
 // ------------------------------------------------------------ create a room
