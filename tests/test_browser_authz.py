@@ -380,6 +380,18 @@ def test_moderator_kicks_mutes_and_bans_and_the_member_sees_it(
     open_room(bob, "crew")
     expect(bob.page.locator("#my-role")).to_have_text("Private room; you are a member.")
     expect(bob.page.locator("#members-list .member-action")).to_have_count(0)
+    # bob leaves for good: the room leaves his lists and alice's members.
+    expect(alice.page.get_by_role("button", name="Leave this private room")).to_be_hidden()
+    bob.page.get_by_role("button", name="Leave this private room").click()
+    expect(bob.page.locator("#notice-text")).to_have_text(
+        "You left #crew; a moderator can add you again."
+    )
+    expect(joined(bob).filter(has_text="crew")).to_have_count(0)
+    expect(all_rooms(bob).filter(has_text="crew")).to_have_count(0)
+    open_room(alice, "lobby")
+    open_room(alice, "crew")
+    expect(members(alice)).to_have_count(2)
+    assert member_roles(alice) == [("alice", "owner"), ("dave", "member")]
 
 
 def test_ban_from_a_public_room_is_explained(people: dict[str, ChatPage]) -> None:

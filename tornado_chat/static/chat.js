@@ -1343,6 +1343,7 @@ const ux = {
   muteLength: $("mute-length"),
   modStatus: $("moderation-status"),
   modUndo: $("moderation-undo"),
+  leaveForGood: $("leave-for-good"),
   invitePanel: $("invite-panel"),
   inviteCreate: $("invite-create"),
   inviteResult: $("invite-result"),
@@ -1601,6 +1602,10 @@ function renderMembers() {
   ux.addForm.hidden = !moderator;
   ux.addRoleField.hidden = !(moderator && rank >= ROLE_RANK.owner);
   ux.muteField.hidden = !moderator;
+  // "Leave room" only closes this page's connection; leaving a private room
+  // for good gives up the membership (the owner hands the room over instead).
+  const me = panel.members.find((m) => state.me && m.username === state.me.username);
+  ux.leaveForGood.hidden = !(info && info.visibility === "private" && me && me.role !== "owner");
 }
 
 function renderMemberRow(roomName, member, rank, moderator) {
@@ -1698,6 +1703,30 @@ async function setRole(room, username, role) {
   return `${username} is now a ${role} of #${room}.`;
 }
 
+// Give up the membership of the active private room. The socket is closed
+// first, so the server's 4403 for it is not mistaken for a removal.
+async function leaveForGood() {
+  const name = panel.room;
+  const room = name && state.rooms.get(name);
+  if (!room || !state.me) return;
+  ux.leaveForGood.disabled = true;
+  await room.close();
+  try {
+    await api("DELETE", roomPath(name, "members", state.me.username));
+    dropRoom(name);
+    showNotice(`You left #${name}; a moderator can add you again.`);
+    refreshRoomList();
+  } catch (err) {
+    if (err instanceof SessionEnded) return;
+    ux.modStatus.dataset.tone = "error";
+    ux.modStatus.textContent = `Not done: ${humanApiError(err)}`;
+    room.stopped = false;
+    room.reconnectNow();
+  } finally {
+    ux.leaveForGood.disabled = false;
+  }
+}
+
 async function onAddMember(event) {
   event.preventDefault();
   const room = panel.room;
@@ -1734,6 +1763,7 @@ function resetAuthzState() {
   ux.modStatus.textContent = "";
   ux.modUndo.hidden = true;
   undoAction = null;
+  ux.leaveForGood.hidden = true;
   ux.invitePanel.hidden = true;
   ux.inviteResult.hidden = true;
   ux.inviteLink.value = "";
@@ -1818,6 +1848,7 @@ function authErrorField(code) {
 ux.createForm.addEventListener("submit", onCreateRoom);
 ux.roomsRefresh.addEventListener("click", () => refreshRoomList());
 ux.addForm.addEventListener("submit", onAddMember);
+ux.leaveForGood.addEventListener("click", leaveForGood);
 ux.modUndo.addEventListener("click", () => {
   const run = undoAction;
   if (run) moderate(ux.modUndo, run);
