@@ -1407,6 +1407,7 @@ function afterRoomList(rooms) {
   }
   listedPrivate = now;
   renderJoinedRooms();
+  saveRooms();
   if (state.active) ui.roomTitle.textContent = `${roomMark(state.active)} ${roomLabel(state.active)}`;
 }
 
