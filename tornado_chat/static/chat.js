@@ -390,6 +390,7 @@ function clearSession() {
   ui.joinedRooms.replaceChildren();
   ui.messages.replaceChildren();
   ui.onlineList.replaceChildren();
+  resetAuthzState();
 }
 
 // ---------------------------------------------------------------- helpers
@@ -757,6 +758,8 @@ class RoomConnection {
   }
 
   scheduleReconnect(code, reason) {
+    // A second refused handshake in a row may be a ban or a private room (see checkRefusedRoom).
+    if (code === 1006 && !this.welcomed && this.attempt >= 1) checkRefusedRoom(this);
     const info = describeClose(code, reason);
     this.lastClose = info;
     // 4429 means we were too eager (or the server is full): start the backoff
@@ -981,9 +984,11 @@ function renderOnline(room) {
     li.append(avatar(name));
     li.append(el("span", "person-name", name));
     if (state.me && name === state.me.username) li.append(el("span", "person-you", "(you)"));
+    else li.append(directMessageButton(name));
     return li;
   }));
   ui.onlineCount.textContent = people.length ? String(people.length) : "";
+  onOnlineChanged(room);
 }
 
 function renderJoinedRooms() {
@@ -996,8 +1001,8 @@ function renderJoinedRooms() {
     li.dataset.state = room.status;
     const button = el("button", "room-button");
     button.type = "button";
-    button.append(el("span", "room-hash", "#"));
-    button.append(el("span", "room-name", name));
+    button.append(el("span", "room-hash", roomMark(name)));
+    button.append(el("span", "room-name", roomLabel(name)));
     if (room.unread > 0) {
       const badge = el("span", "badge", String(room.unread));
       badge.setAttribute("aria-label", `${room.unread} unread`);
@@ -1008,6 +1013,7 @@ function renderJoinedRooms() {
     li.append(button);
     return li;
   }));
+  syncMembersPanel();
 }
 
 // Presence bursts (a restart reconnects everyone) cause one room-list fetch.
@@ -1031,14 +1037,18 @@ async function refreshRoomList() {
     const li = el("li", "room-item");
     const button = el("button", "room-button");
     button.type = "button";
-    button.append(el("span", "room-hash", "#"));
-    button.append(el("span", "room-name", room.name));
+    noteRoom(room);
+    li.dataset.room = room.name;
+    li.dataset.visibility = room.visibility || "public";
+    button.append(el("span", "room-hash", roomMark(room.name)));
+    button.append(el("span", "room-name", roomLabel(room.name)));
     const count = el("span", "room-online", `${room.online} online`);
     button.append(count);
     button.addEventListener("click", () => joinRoom(room.name));
     li.append(button);
     return li;
   }));
+  afterRoomList(rooms);
 }
 
 function saveRooms() {
@@ -1069,7 +1079,7 @@ function switchRoom(name) {
     room.stopped = false;
     room.connect();
   }
-  ui.roomTitle.textContent = `# ${name}`;
+  ui.roomTitle.textContent = `${roomMark(name)} ${roomLabel(name)}`;
   ui.leave.hidden = false;
   const pendingNodes = [...room.pending.values()].map((entry) => entry.li);
   ui.messages.replaceChildren(...room.items, ...pendingNodes);
@@ -1146,6 +1156,7 @@ function setAuthMode(register) {
   ui.authSwitch.textContent = register ? "Log in instead" : "Create an account";
   ui.authPassword.autocomplete = register ? "new-password" : "current-password";
   ui.authError.textContent = "";
+  ux.authInviteField.hidden = !register;
 }
 
 function showAuth(message) {
@@ -1171,6 +1182,7 @@ function showChat() {
   refreshRoomList();
   clearInterval(state.roomsTimer);
   state.roomsTimer = setInterval(refreshRoomList, 30000);
+  renderInvitePanel();
 }
 
 function openSidebar() {
@@ -1229,18 +1241,20 @@ async function onAuthSubmit(event) {
   ui.authError.textContent = "";
   try {
     if (state.registerMode) {
-      await request("POST", "/api/register", { username, password });
+      await request("POST", "/api/register", registerBody(username, password));
     }
     const pair = await request("POST", "/api/login", { username, password });
     storeTokens(pair);
     ui.authPassword.value = "";
-    if (state.registerMode) setAuthMode(false);
+    if (state.registerMode) {
+      ux.authInvite.value = "";
+      setAuthMode(false);
+    }
     await startSession();
   } catch (err) {
     if (err instanceof SessionEnded) return;
     ui.authError.textContent = humanApiError(err);
-    (err.code === "invalid_username" || err.code === "username_taken"
-      ? ui.authUsername : ui.authPassword).focus();
+    authErrorField(err.code).focus();
   } finally {
     ui.authSubmit.disabled = false;
   }
@@ -1283,6 +1297,565 @@ function autosize() {
   const lines = ui.input.value.split("\n").length;
   ui.input.rows = Math.min(Math.max(lines, 1), 8);
 }
+
+// ---------------------------------------------------------------- who may do what
+//
+// Contract v2 (README): room creation, private and direct rooms, members and
+// their roles, moderation, invites. Everything here renders user-provided
+// strings (names, codes) through textContent, like the rest of this file.
+
+Object.assign(HTTP_MESSAGES, {
+  invite_required: "This server registers by invitation only: enter the invite code you were given.",
+  invalid_invite: "That invite code is unknown, used up or expired.",
+  registration_closed: "Registration is closed on this server.",
+  room_exists: "A room of that name already exists.",
+  invalid_room: "Room names are 3–32 characters: letters, digits, _ . or -.",
+  room_not_found: "That room does not exist, or you are not a member of it.",
+  user_not_found: "There is nobody of that name.",
+  not_member: "That person is not a member of this room.",
+  not_banned: "That person is not banned from this room.",
+  not_muted: "That person is not muted in this room.",
+});
+
+const ROLE_RANK = { member: 1, moderator: 2, owner: 3 };
+const ADMIN_RANK = 4; // server admins act as owner (and outrank owners) outside direct rooms
+const INVITE_RE = /^[A-Za-z0-9_-]{1,200}$/;
+
+const ux = {
+  authInviteField: $("auth-invite-field"),
+  authInvite: $("auth-invite"),
+  createRoom: $("create-room"),
+  createForm: $("create-form"),
+  createName: $("create-name"),
+  createTopic: $("create-topic"),
+  createError: $("create-error"),
+  createSubmit: $("create-submit"),
+  roomsRefresh: $("rooms-refresh"),
+  membersPanel: $("members-panel"),
+  membersCount: $("members-count"),
+  myRole: $("my-role"),
+  membersList: $("members-list"),
+  addForm: $("add-member-form"),
+  addName: $("add-member-name"),
+  addRoleField: $("add-member-role-field"),
+  addRole: $("add-member-role"),
+  muteField: $("mute-length-field"),
+  muteLength: $("mute-length"),
+  modStatus: $("moderation-status"),
+  modUndo: $("moderation-undo"),
+  leaveForGood: $("leave-for-good"),
+  invitePanel: $("invite-panel"),
+  inviteCreate: $("invite-create"),
+  inviteResult: $("invite-result"),
+  inviteLink: $("invite-link"),
+  inviteCopy: $("invite-copy"),
+  inviteStatus: $("invite-status"),
+};
+
+// What GET /api/rooms said about each room: visibility, the caller's role, a
+// direct room's other person. Rooms never listed count as public.
+const roomInfo = new Map();
+// The private and direct rooms of the previous listing (null before the first),
+// to notice one this person was just added to.
+let listedPrivate = null;
+
+function noteRoom(room) {
+  if (!room || typeof room.name !== "string") return;
+  roomInfo.set(room.name, {
+    visibility: room.visibility || "public",
+    role: room.role || null,
+    peer: typeof room.peer === "string" ? room.peer : null,
+  });
+}
+
+function roomMark(name) {
+  const info = roomInfo.get(name);
+  return info && info.visibility === "direct" ? "@" : "#";
+}
+
+// A direct room is shown by the other person's name, not its internal name.
+function roomLabel(name) {
+  const info = roomInfo.get(name);
+  return info && info.visibility === "direct" && info.peer ? info.peer : name;
+}
+
+// After each room listing: mark private rooms, and connect (in the
+// background) to a private or direct room that newly lists this person, so a
+// direct message or an added room reaches them without a reload.
+function afterRoomList(rooms) {
+  for (const item of ui.allRooms.children) {
+    const info = roomInfo.get(item.dataset.room);
+    if (info && info.visibility === "private") {
+      const button = item.querySelector(".room-button");
+      if (button && !button.querySelector(".room-private")) {
+        button.insertBefore(el("span", "room-private", "private"), button.querySelector(".room-online"));
+      }
+    }
+  }
+  const now = new Set(rooms.filter((r) => r.visibility && r.visibility !== "public").map((r) => r.name));
+  if (listedPrivate !== null) {
+    for (const name of now) {
+      if (listedPrivate.has(name) || state.rooms.has(name) || !ROOM_RE.test(name)) continue;
+      const room = new RoomConnection(name);
+      state.rooms.set(name, room);
+      room.connect();
+      const info = roomInfo.get(name);
+      showNotice(info && info.visibility === "direct"
+        ? `${roomLabel(name)} started a direct conversation with you.`
+        : `You were added to #${name}.`);
+    }
+  }
+  listedPrivate = now;
+  renderJoinedRooms();
+  saveRooms();
+  if (state.active) ui.roomTitle.textContent = `${roomMark(state.active)} ${roomLabel(state.active)}`;
+}
+
+// A handshake the server refuses reaches the page only as close 1006, like
+// a network failure: 403 for a user banned from a public room, 404 for a
+// private or direct room the user is not in (README, WebSocket). Retrying
+// those would never end, so after two failed attempts the room's history
+// route is asked, which answers the same for the same person: 403 forbidden
+// (banned) or 404 room_not_found (a room that exists only as a private one,
+// since a public room's socket would have been let in) stop the room with a
+// message instead; any other answer leaves the retries going. A 404 must come
+// twice in a row: a public room nobody has posted in answers 404 too, and its
+// socket may have failed only because the server was restarting.
+async function checkRefusedRoom(room) {
+  if (room.checkingAccess || room.stopped) return;
+  room.checkingAccess = true;
+  try {
+    await api("GET", `/api/rooms/${encodeURIComponent(room.name)}/messages?limit=1`);
+    room.notFoundStreak = 0;
+  } catch (err) {
+    if (room.stopped || room.welcomed || state.rooms.get(room.name) !== room) return;
+    if (!(err instanceof ApiError)) return;
+    let text = null;
+    if (err.code === "forbidden") text = `You are banned from #${room.name}.`;
+    room.notFoundStreak = err.code === "room_not_found" ? (room.notFoundStreak || 0) + 1 : 0;
+    if (room.notFoundStreak >= 2) {
+      text = `#${room.name} is a private room you are not a member of, so it cannot be joined.`;
+    }
+    if (text === null) return;
+    dropRoom(room.name);
+    showNotice(text, { sticky: true, tone: "error", kind: "removed" });
+  } finally {
+    room.checkingAccess = false;
+  }
+}
+
+// ------------------------------------------------------------ create a room
+
+async function onCreateRoom(event) {
+  event.preventDefault();
+  const name = ux.createName.value.trim().replace(/^#/, "");
+  const checked = ux.createForm.querySelector("input[name=visibility]:checked");
+  const visibility = checked ? checked.value : "public";
+  const topic = ux.createTopic.value.trim();
+  if (!ROOM_RE.test(name)) {
+    ux.createError.textContent = HTTP_MESSAGES.invalid_room;
+    ux.createName.focus();
+    return;
+  }
+  const body = { name, visibility };
+  if (topic) body.topic = topic;
+  ux.createSubmit.disabled = true;
+  ux.createError.textContent = "";
+  try {
+    const created = await api("POST", "/api/rooms", body);
+    noteRoom({ name, visibility: created.visibility, role: created.role });
+    ux.createName.value = "";
+    ux.createTopic.value = "";
+    ux.createRoom.open = false;
+    joinRoom(name);
+    showNotice(`Created the ${visibility} room #${name}. You are its owner.`);
+    refreshRoomList();
+  } catch (err) {
+    if (err instanceof SessionEnded) return;
+    ux.createError.textContent = humanApiError(err);
+    ux.createName.focus();
+  } finally {
+    ux.createSubmit.disabled = false;
+  }
+}
+
+// ------------------------------------------------------------ direct messages
+
+function directMessageButton(name) {
+  const button = el("button", "link-button person-action", "Message");
+  button.type = "button";
+  button.append(el("span", "visually-hidden", ` ${name}`));
+  button.addEventListener("click", () => startDirect(name, button));
+  return button;
+}
+
+async function startDirect(name, button) {
+  button.disabled = true;
+  try {
+    const data = await api("POST", "/api/dms", { username: name });
+    const room = data && data.room;
+    if (typeof room !== "string" || !ROOM_RE.test(room)) throw new ApiError(500, "bad_answer", "");
+    noteRoom({ name: room, visibility: "direct", peer: name });
+    joinRoom(room);
+    refreshRoomList();
+  } catch (err) {
+    if (!(err instanceof SessionEnded)) showNotice(humanApiError(err), { tone: "error" });
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ------------------------------------------------------------ members and moderation
+
+const panel = { room: null, members: [], loaded: false, timer: null, generation: 0 };
+let undoAction = null; // takes the last ban or mute back (the status line's button)
+
+// The active room changed (or left): load its members.
+function syncMembersPanel() {
+  const name = state.active && state.rooms.has(state.active) ? state.active : null;
+  if (name === panel.room) return;
+  panel.room = name;
+  panel.members = [];
+  panel.loaded = false;
+  ux.modStatus.textContent = "";
+  ux.modUndo.hidden = true;
+  undoAction = null;
+  ux.membersPanel.hidden = name === null;
+  if (name !== null) loadMembers();
+}
+
+// People came or went. In a private room a newcomer is a member added since
+// the list was read, so it is read again (once per burst); a public room's
+// comings and goings say nothing about membership, and a busy one must not
+// cost a request per presence frame.
+function onOnlineChanged(room) {
+  if (!panel.room || !room || room.name !== panel.room) return;
+  renderMembers();
+  const info = roomInfo.get(room.name);
+  if (!info || info.visibility !== "private") return;
+  const known = new Set(panel.members.map((m) => m.username));
+  if (room.online.every((name) => known.has(name))) return;
+  clearTimeout(panel.timer);
+  panel.timer = setTimeout(loadMembers, 1000);
+}
+
+async function loadMembers() {
+  const name = panel.room;
+  if (!name) return;
+  const generation = ++panel.generation;
+  let data;
+  try {
+    data = await api("GET", `/api/rooms/${encodeURIComponent(name)}/members`);
+  } catch (err) {
+    if (generation !== panel.generation || panel.room !== name) return;
+    panel.members = [];
+    // A public room nobody has posted in is not stored yet: it has no members.
+    const info = roomInfo.get(name);
+    panel.loaded = err instanceof ApiError && err.code === "room_not_found" &&
+      (!info || info.visibility === "public");
+    renderMembers();
+    return;
+  }
+  if (generation !== panel.generation || panel.room !== name) return;
+  panel.members = ((data && data.members) || []).filter((m) => m && typeof m.username === "string");
+  panel.loaded = true;
+  renderMembers();
+}
+
+function myRank(name) {
+  const info = roomInfo.get(name);
+  const visibility = info ? info.visibility : "public";
+  if (state.me && state.me.admin && visibility !== "direct") return ADMIN_RANK;
+  const me = panel.members.find((m) => state.me && m.username === state.me.username);
+  return me ? ROLE_RANK[me.role] || 0 : 0;
+}
+
+function describeStanding(name, rank) {
+  const info = roomInfo.get(name);
+  const visibility = info ? info.visibility : "public";
+  const kind = { public: "Public room", private: "Private room", direct: "Direct messages" }[visibility] ||
+    "Room";
+  const me = panel.members.find((m) => state.me && m.username === state.me.username);
+  let role = me ? `you are ${me.role === "member" ? "a member" : `its ${me.role}`}` : "you are not a member";
+  if (rank === ADMIN_RANK) role += " (a server admin: you act as its owner)";
+  return `${kind}; ${role}.`;
+}
+
+function renderMembers() {
+  const name = panel.room;
+  if (!name) return;
+  const room = state.rooms.get(name);
+  const info = roomInfo.get(name);
+  const direct = info && info.visibility === "direct";
+  const rank = myRank(name);
+  const moderator = rank >= ROLE_RANK.moderator && !direct;
+  const members = [...panel.members];
+  const known = new Set(members.map((m) => m.username));
+  // In a public room, people online who are not members can still be banned
+  // or muted: a moderator sees them here too (others have the online list).
+  const isPublic = !info || info.visibility === "public";
+  const visitors = room && isPublic && moderator
+    ? [...new Set(room.online)].filter((u) => !known.has(u)).sort() : [];
+  const rows = [...members, ...visitors.map((username) => ({ username, role: null }))];
+  ux.membersList.replaceChildren(...rows.map((member) => renderMemberRow(name, member, rank, moderator)));
+  ux.membersCount.textContent = members.length ? String(members.length) : "";
+  ux.myRole.textContent = panel.loaded ? describeStanding(name, rank) : "";
+  ux.addForm.hidden = !moderator;
+  ux.addRoleField.hidden = !(moderator && rank >= ROLE_RANK.owner);
+  ux.muteField.hidden = !moderator;
+  // "Leave room" only closes this page's connection; leaving a private room
+  // for good gives up the membership (the owner hands the room over instead).
+  const me = panel.members.find((m) => state.me && m.username === state.me.username);
+  ux.leaveForGood.hidden = !(info && info.visibility === "private" && me && me.role !== "owner");
+}
+
+function renderMemberRow(roomName, member, rank, moderator) {
+  const li = el("li", "person member");
+  li.dataset.username = member.username;
+  li.append(avatar(member.username));
+  li.append(el("span", "person-name", member.username));
+  li.append(el("span", "member-role", member.role || "not a member"));
+  const self = state.me && member.username === state.me.username;
+  const targetRank = ROLE_RANK[member.role] || 0;
+  if (moderator && !self && targetRank < rank) {
+    const actions = el("span", "member-actions");
+    const act = (verb, handler) => {
+      const button = el("button", "link-button member-action", verb);
+      button.type = "button";
+      button.append(el("span", "visually-hidden", ` ${member.username}`));
+      button.addEventListener("click", () => moderate(button, () => handler(roomName, member.username)));
+      actions.append(button);
+    };
+    if (member.role) act("Kick", kickMember);
+    act("Ban", banMember);
+    act("Mute", muteMember);
+    if (rank >= ROLE_RANK.owner && member.role === "member") {
+      act("Make moderator", (r, u) => setRole(r, u, "moderator"));
+    } else if (rank >= ROLE_RANK.owner && member.role === "moderator") {
+      act("Make member", (r, u) => setRole(r, u, "member"));
+    }
+    li.append(actions);
+  }
+  return li;
+}
+
+function roomPath(room, ...parts) {
+  return ["/api/rooms", room, ...parts].map((p, i) => (i ? encodeURIComponent(p) : p)).join("/");
+}
+
+// Run one moderation request; its outcome, good or bad, goes to the status
+// line. work() answers the sentence to show, or [sentence, undo] where undo
+// is {label, run} for the button that takes a ban or mute back.
+async function moderate(button, work) {
+  if (button) button.disabled = true;
+  ux.modUndo.hidden = true;
+  undoAction = null;
+  try {
+    const outcome = await work();
+    const [text, undo] = Array.isArray(outcome) ? outcome : [outcome, null];
+    ux.modStatus.dataset.tone = "info";
+    ux.modStatus.textContent = text;
+    if (undo) {
+      undoAction = undo.run;
+      ux.modUndo.textContent = undo.label;
+      ux.modUndo.hidden = false;
+    }
+  } catch (err) {
+    if (err instanceof SessionEnded) return;
+    ux.modStatus.dataset.tone = "error";
+    ux.modStatus.textContent = `Not done: ${humanApiError(err)}`;
+  } finally {
+    if (button) button.disabled = false;
+    if (state.me) loadMembers();
+  }
+}
+
+async function kickMember(room, username) {
+  await api("DELETE", roomPath(room, "members", username));
+  return `Removed ${username} from #${room}.`;
+}
+
+async function banMember(room, username) {
+  await api("POST", roomPath(room, "bans"), { username });
+  return [`Banned ${username} from #${room} until the ban is lifted.`, {
+    label: `Lift the ban on ${username}`,
+    run: async () => {
+      await api("DELETE", roomPath(room, "bans", username));
+      return `Lifted the ban on ${username} in #${room}: they may be added again.`;
+    },
+  }];
+}
+
+async function muteMember(room, username) {
+  const seconds = Number(ux.muteLength.value) || 600;
+  await api("POST", roomPath(room, "mutes"), { username, seconds });
+  const label = ux.muteLength.selectedOptions[0] ? ux.muteLength.selectedOptions[0].textContent : `${seconds} s`;
+  return [`Muted ${username} in #${room} for ${label}.`, {
+    label: `Unmute ${username}`,
+    run: async () => {
+      await api("DELETE", roomPath(room, "mutes", username));
+      return `Unmuted ${username} in #${room}.`;
+    },
+  }];
+}
+
+async function setRole(room, username, role) {
+  await api("POST", roomPath(room, "members"), { username, role });
+  return `${username} is now a ${role} of #${room}.`;
+}
+
+// Give up the membership of the active private room. The socket is closed
+// first, so the server's 4403 for it is not mistaken for a removal.
+async function leaveForGood() {
+  const name = panel.room;
+  const room = name && state.rooms.get(name);
+  if (!room || !state.me) return;
+  ux.leaveForGood.disabled = true;
+  await room.close();
+  try {
+    await api("DELETE", roomPath(name, "members", state.me.username));
+    dropRoom(name);
+    showNotice(`You left #${name}; a moderator can add you again.`);
+    refreshRoomList();
+  } catch (err) {
+    if (err instanceof SessionEnded) return;
+    ux.modStatus.dataset.tone = "error";
+    ux.modStatus.textContent = `Not done: ${humanApiError(err)}`;
+    room.stopped = false;
+    room.reconnectNow();
+  } finally {
+    ux.leaveForGood.disabled = false;
+  }
+}
+
+async function onAddMember(event) {
+  event.preventDefault();
+  const room = panel.room;
+  const username = ux.addName.value.trim().replace(/^@/, "");
+  if (!room) return;
+  if (!USERNAME_RE.test(username)) {
+    ux.modStatus.dataset.tone = "error";
+    ux.modStatus.textContent = `Not done: ${HTTP_MESSAGES.invalid_username}`;
+    ux.addName.focus();
+    return;
+  }
+  const role = ux.addRoleField.hidden ? "member" : ux.addRole.value;
+  await moderate(null, async () => {
+    await api("POST", roomPath(room, "members"), { username, role });
+    ux.addName.value = "";
+    // Back to the safe default: the next person is added as a member unless chosen again.
+    ux.addRole.value = "member";
+    return `Added ${username} to #${room} as ${role === "member" ? "a member" : "a moderator"}.`;
+  });
+}
+
+// ------------------------------------------------------------ invites
+
+// Signed out: nothing of the previous account's rooms or powers stays on the page.
+function resetAuthzState() {
+  roomInfo.clear();
+  listedPrivate = null;
+  panel.room = null;
+  panel.members = [];
+  panel.loaded = false;
+  clearTimeout(panel.timer);
+  ux.membersPanel.hidden = true;
+  ux.membersList.replaceChildren();
+  ux.modStatus.textContent = "";
+  ux.modUndo.hidden = true;
+  undoAction = null;
+  ux.leaveForGood.hidden = true;
+  ux.invitePanel.hidden = true;
+  ux.inviteResult.hidden = true;
+  ux.inviteLink.value = "";
+  ux.inviteStatus.textContent = "";
+}
+
+function renderInvitePanel() {
+  ux.invitePanel.hidden = !(state.me && state.me.admin);
+}
+
+// An invite link carries the code in the fragment (never sent to the server,
+// so it stays out of access logs and Referer headers); ?invite= works too.
+export function inviteLink(code) {
+  return `${location.origin}/#invite=${encodeURIComponent(code)}`;
+}
+
+async function onCreateInvite() {
+  ux.inviteCreate.disabled = true;
+  ux.inviteStatus.textContent = "";
+  try {
+    const data = await api("POST", "/api/invites", {});
+    const code = data && data.code;
+    if (typeof code !== "string" || !INVITE_RE.test(code)) throw new ApiError(500, "bad_answer", "");
+    ux.inviteLink.value = inviteLink(code);
+    ux.inviteResult.hidden = false;
+    const days = Math.round((Number(data.expires_in) || 0) / 86400);
+    const hours = Math.round((Number(data.expires_in) || 0) / 3600);
+    const valid = days >= 1 ? `${days} day${days === 1 ? "" : "s"}` : `${hours} hour${hours === 1 ? "" : "s"}`;
+    ux.inviteStatus.textContent = `Invite link created: it works once, for ${valid}. It is shown only now.`;
+    ux.inviteLink.focus();
+    ux.inviteLink.select();
+  } catch (err) {
+    if (!(err instanceof SessionEnded)) ux.inviteStatus.textContent = `Not done: ${humanApiError(err)}`;
+  } finally {
+    ux.inviteCreate.disabled = false;
+  }
+}
+
+async function onCopyInvite() {
+  const link = ux.inviteLink.value;
+  if (!link) return;
+  try {
+    await navigator.clipboard.writeText(link);
+    ux.inviteStatus.textContent = "Invite link copied.";
+  } catch (clipboardError) {
+    // No clipboard permission: leave the link selected for Ctrl+C.
+    ux.inviteLink.focus();
+    ux.inviteLink.select();
+    ux.inviteStatus.textContent = "Could not copy: the link is selected, press Ctrl+C to copy it.";
+  }
+}
+
+// Opening an invite link: the registration form, with the code filled in.
+// The code is taken out of the address bar so it is not kept in history.
+function readInviteLink() {
+  const fromHash = new URLSearchParams(location.hash.replace(/^#/, "")).get("invite");
+  const fromQuery = new URLSearchParams(location.search).get("invite");
+  const code = fromHash || fromQuery;
+  if (!code) return;
+  try {
+    history.replaceState(null, "", location.pathname);
+  } catch (historyError) {
+    // the code stays in the address bar
+  }
+  if (!INVITE_RE.test(code)) return;
+  ux.authInvite.value = code;
+  setAuthMode(true);
+  showNotice("You have been invited: pick a username and a password to create your account.");
+}
+
+function registerBody(username, password) {
+  const invite = ux.authInvite.value.trim();
+  return invite ? { username, password, invite } : { username, password };
+}
+
+function authErrorField(code) {
+  if (code === "invalid_username" || code === "username_taken") return ui.authUsername;
+  if (code === "invite_required" || code === "invalid_invite") return ux.authInvite;
+  return ui.authPassword;
+}
+
+ux.createForm.addEventListener("submit", onCreateRoom);
+ux.roomsRefresh.addEventListener("click", () => refreshRoomList());
+ux.addForm.addEventListener("submit", onAddMember);
+ux.leaveForGood.addEventListener("click", leaveForGood);
+ux.modUndo.addEventListener("click", () => {
+  const run = undoAction;
+  if (run) moderate(ux.modUndo, run);
+});
+ux.inviteCreate.addEventListener("click", onCreateInvite);
+ux.inviteCopy.addEventListener("click", onCopyInvite);
 
 // ---------------------------------------------------------------- wiring
 
@@ -1361,6 +1934,7 @@ document.addEventListener("visibilitychange", () => {
 
 async function boot() {
   setAuthMode(false);
+  readInviteLink();
   if (!storedRefreshToken()) {
     showAuth("");
     return;
