@@ -7,6 +7,8 @@ them for the queries, and a test compares the two.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 __all__ = [
@@ -358,6 +360,6 @@ SEARCH_VECTOR_SQL = (
 )
 
 
-def include_name(name: str | None, type_: str, _parents: dict[str, str | None]) -> bool:
+def include_name(name: str | None, type_: str, _parents: Any) -> bool:
     """Alembic's ``include_name`` hook: False for the search objects (not in metadata)."""
     return name not in SEARCH_OBJECTS
