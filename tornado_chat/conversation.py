@@ -2,9 +2,11 @@
 
 The client frames of contract v2 (issue 13) are parsed here into small
 dataclasses by :func:`parse_frame`, and the server frames and API objects are
-built from storage records; like :mod:`tornado_chat.protocol`, nothing here
-touches a socket or the database. :func:`tornado_chat.protocol.parse_client_frame`
-is left as it was: a socket switches to :func:`parse_frame` when it serves v2.
+built from storage records. :func:`mentions`, which the storage counts
+with, lives in :mod:`tornado_chat.search_query` and is re-exported here. Like
+:mod:`tornado_chat.protocol`, nothing here touches a socket or the database.
+:func:`tornado_chat.protocol.parse_client_frame` is left as it was: a socket
+switches to :func:`parse_frame` when it serves v2.
 
 Client frames (on top of ``reauth``, unchanged):
 
@@ -32,13 +34,13 @@ exactly its v1 fields; a deleted message (or an earlier event of it) carries
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from tornado_chat import protocol
 from tornado_chat.protocol import ProtocolError
+from tornado_chat.search_query import mentions
 
 if TYPE_CHECKING:
     from tornado_chat.storage.records import Event, StoredMessage
@@ -66,9 +68,6 @@ __all__ = [
 MAX_ID: Final = 2**63 - 1
 #: A user's typing notices in one room are relayed at most once per this many seconds.
 TYPING_INTERVAL: Final = 2.0
-
-# Characters of a user name (protocol.ROOM_PATTERN: names and rooms share the rule).
-_NAME_CHAR: Final = r"A-Za-z0-9_.\-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,17 +264,3 @@ class TypingGate:
             return False
         self._last[key] = now
         return True
-
-
-# -- mentions ----------------------------------------------------------------------------
-
-
-def mentions(body: str, username: str) -> bool:
-    """Whether ``body`` mentions ``@username`` (ignoring case) as a whole name.
-
-    ``@alice`` counts in "hi @alice", "@Alice:" or "(@alice)" and at a
-    sentence's end ("thanks @alice."), not in "@alicent", "@alice.b" (another
-    name) or "bob@alice.example" (an address).
-    """
-    pattern = rf"(?<![{_NAME_CHAR}])@{re.escape(username)}(?![A-Za-z0-9_\-])(?!\.[{_NAME_CHAR}])"
-    return re.search(pattern, body, re.IGNORECASE) is not None

@@ -19,6 +19,10 @@ operators. An unterminated ``"`` runs to the end of the query.
 
 :func:`parse` raises :class:`QueryError` (a ValueError) and nothing else.
 
+Mentions (:func:`mentions`), the other text matching the storage does
+(mention counts), are here too: this module imports only the standard
+library, so the storage layer may use it.
+
 Highlights (:func:`highlight`): the body with each match wrapped in
 :data:`MARK_START` (U+0002) and :data:`MARK_END` (U+0003); those two
 characters occurring in the body itself are replaced with U+FFFD first, so
@@ -42,6 +46,7 @@ __all__ = [
     "Term",
     "fts5_match",
     "highlight",
+    "mentions",
     "parse",
     "tsquery_text",
     "words_of",
@@ -62,6 +67,8 @@ MARK_END: Final = "\x03"
 # databases' tokenizers (FTS5 unicode61, PostgreSQL's [[:alnum:]]) agree.
 _WORD: Final = re.compile(r"[^\W_]+")
 _MARKS: Final = re.compile("[\x02\x03]")
+# Characters of a user name (protocol.ROOM_PATTERN: names and rooms share the rule).
+_NAME_CHAR: Final = r"A-Za-z0-9_.\-"
 
 
 class QueryError(ValueError):
@@ -209,3 +216,14 @@ def highlight(body: str, query: Query) -> str:
         cursor = end
     out.append(text[cursor:])
     return "".join(out)
+
+
+def mentions(body: str, username: str) -> bool:
+    """Whether ``body`` mentions ``@username`` (ignoring case) as a whole name.
+
+    ``@alice`` counts in "hi @alice", "@Alice:" or "(@alice)" and at a
+    sentence's end ("thanks @alice."), not in "@alicent", "@alice.b" (another
+    name) or "bob@alice.example" (an address).
+    """
+    pattern = rf"(?<![{_NAME_CHAR}])@{re.escape(username)}(?![A-Za-z0-9_\-])(?!\.[{_NAME_CHAR}])"
+    return re.search(pattern, body, re.IGNORECASE) is not None

@@ -20,9 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tornado_chat.conversation import mentions
 from tornado_chat.errors import InviteRefused, RoomNameTaken, StorageError, UsernameTaken
-from tornado_chat.search_query import Query, fts5_match, tsquery_text
+from tornado_chat.search_query import Query, fts5_match, mentions, tsquery_text
 from tornado_chat.storage.queries import EventRow, MessageRow, SearchRow
 from tornado_chat.storage.records import (
     Account,

@@ -606,7 +606,7 @@ class Storage:
 
         ``unread`` counts the messages after the read position not sent by
         the user and not deleted; ``mentions`` those of them mentioning
-        ``@username`` as a whole name (:func:`tornado_chat.conversation.mentions`).
+        ``@username`` as a whole name (:func:`tornado_chat.search_query.mentions`).
         The caller passes the rooms the user may read (its room list).
         """
         return await self._call(
