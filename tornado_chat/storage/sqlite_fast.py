@@ -1,7 +1,8 @@
 """The SQLite fast path: the hot queries on plain ``sqlite3`` connections of their own threads.
 
-On a SQLite file, the hot calls (appending messages, reading history,
-``last_seq``, ``session_active``, ``room_access``) skip SQLAlchemy and aiosqlite: each is one
+On a SQLite file, the hot calls (appending messages, reading history, the
+event log a resuming socket replays, ``last_seq``, ``session_active``,
+``room_access``) skip SQLAlchemy and aiosqlite: each is one
 blocking function on a dedicated thread with its own plain ``sqlite3``
 connection (same pragmas, same statements, ``BEGIN IMMEDIATE`` for the write).
 Through aiosqlite every statement, BEGIN and COMMIT is a separate hop to its
@@ -23,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tornado_chat.storage.alchemy import AlchemyQueries, room_access_of
 from tornado_chat.storage.engine import sqlite_pragmas, timeout_ms
-from tornado_chat.storage.queries import MessageRow
+from tornado_chat.storage.queries import EventRow, MessageRow
 from tornado_chat.storage.records import MessageItem, RoomAccess, message_parts
 
 __all__ = ["SqliteQueries"]
@@ -199,6 +200,27 @@ def _sqlite_messages(
     return db.execute(sql, params).fetchall()
 
 
+# The events of alchemy.AlchemyQueries.events, as one statement: each side
+# walks its (room_id, seq) index for at most LIMIT rows.
+_EVENTS_SQL = (
+    "SELECT * FROM (SELECT 'message' AS kind, m.seq, m.id, m.username, m.body,"
+    " m.created_at_ms, m.client_id, m.reply_to, m.deleted, NULL AS event_ms"
+    " FROM messages AS m WHERE m.room_id = (SELECT id FROM rooms WHERE name = :room)"
+    " AND m.seq > :since ORDER BY m.seq LIMIT :limit)"
+    " UNION ALL SELECT * FROM (SELECT e.kind, e.seq, m.id, m.username, m.body,"
+    " m.created_at_ms, m.client_id, m.reply_to, m.deleted, e.created_at_ms"
+    " FROM message_events AS e JOIN messages AS m ON m.id = e.message_id"
+    " WHERE e.room_id = (SELECT id FROM rooms WHERE name = :room)"
+    " AND e.seq > :since ORDER BY e.seq LIMIT :limit)"
+    " ORDER BY seq LIMIT :limit"
+)
+
+
+def _sqlite_events(db: sqlite3.Connection, room: str, since: int, limit: int) -> list[EventRow]:
+    """The query of :meth:`SqliteQueries.events`, blocking."""
+    return db.execute(_EVENTS_SQL, {"room": room, "since": since, "limit": limit}).fetchall()
+
+
 def _sqlite_last_seq(db: sqlite3.Connection, room: str) -> int | None:
     """The room's ``last_seq`` column, or None for an unknown room."""
     row = db.execute("SELECT last_seq FROM rooms WHERE name = ?", (room,)).fetchone()
@@ -242,7 +264,7 @@ def _sqlite_room_access(
 
 
 class SqliteQueries(AlchemyQueries):
-    """The queries on a SQLite file: the hot five on ``sqlite3`` threads, the rest inherited.
+    """The queries on a SQLite file: the hot six on ``sqlite3`` threads, the rest inherited.
 
     Subclassing keeps the rare statements written once (in SQLAlchemy) while
     the hot ones, which both implementations run, are tested against each
@@ -302,6 +324,11 @@ class SqliteQueries(AlchemyQueries):
         )
         if since is None:
             rows.reverse()
+        return rows
+
+    async def events(self, room: str, since: int, limit: int) -> list[EventRow]:
+        """The room's events after ``since``, on the reader thread (every resuming socket)."""
+        rows: list[EventRow] = await self._reader_thread.run(_sqlite_events, room, since, limit)
         return rows
 
     async def last_seq(self, room: str) -> int:
