@@ -24,8 +24,10 @@ from tornado_chat.storage import (
     ReadMove,
     ReadState,
     Storage,
+    alchemy,
 )
 from tornado_chat.storage.facade import MAX_SEARCH_RESULTS
+from tornado_chat.storage.schema import SEARCH_VECTOR_SQL
 
 HASH = b"$2b$04$hash"
 # The three-backend fixtures of the query suite, used here under their names.
@@ -357,3 +359,33 @@ async def test_search_refusals(storage: Storage) -> None:
         [("lobby", alice, "alice", f"word {i}", None) for i in range(MAX_SEARCH_RESULTS + 5)]
     )
     assert len(await storage.search("word", ["lobby"], limit=10**6)) == MAX_SEARCH_RESULTS
+
+
+async def test_search_uses_the_index(storage: Storage) -> None:
+    """The search statement's vector is the index's expression, so the planner can use it.
+
+    PostgreSQL: the condition alone, sequential scans off (the table is tiny),
+    is answered from the GIN index ``ix_messages_search``; SQLite: the search
+    statement walks the FTS5 table's own index.
+    """
+    (alice,) = await _users(storage, "alice")
+    await storage.append_message("lobby", alice, "alice", "indexed words", None)
+    async with storage._engine.connect() as conn:
+        if storage._engine.dialect.name == "postgresql":
+            await conn.execute(sa.text("SET enable_seqscan = off"))
+            sql = (
+                "EXPLAIN SELECT id FROM messages WHERE "
+                + SEARCH_VECTOR_SQL
+                + " @@ to_tsquery('simple'::regconfig, :match)"
+            )
+            rows = (await conn.execute(sa.text(sql), {"match": "'x'"})).all()
+            expected = "Bitmap Index Scan on ix_messages_search"
+        else:
+            statement = sa.text("EXPLAIN QUERY PLAN " + alchemy._SQLITE_SEARCH_SQL).bindparams(
+                sa.bindparam("rooms", expanding=True)
+            )
+            params = {"match": '"x"', "before": 10, "rooms": [1], "limit": 5}
+            rows = (await conn.execute(statement, params)).all()
+            expected = "SCAN messages_fts VIRTUAL TABLE INDEX"
+    plan = "\n".join(str(row[-1]) for row in rows)
+    assert expected in plan, plan
