@@ -14,7 +14,7 @@ of ``body`` (the expression of ``schema.SEARCH_VECTOR_SQL``, spelled out
 here because a migration must not change when the code does).
 
 Revision ID: 0004
-Revises: 0002 (0003 may come in between; the chain is fixed when merged)
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision: str | None = "0002"
+down_revision: str | None = "0003"
 branch_labels: str | None = None
 depends_on: str | None = None
 
