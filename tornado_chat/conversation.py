@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from tornado_chat import protocol
 from tornado_chat.protocol import ProtocolError
@@ -55,6 +55,7 @@ __all__ = [
     "Read",
     "Typing",
     "TypingGate",
+    "delivery_frames",
     "event_frame",
     "event_payload",
     "history_fields",
@@ -198,6 +199,38 @@ def event_frame(event: Event, *, with_client_id: bool = False) -> bytes:
     return protocol.text_frame(
         protocol.encode_json(event_payload(event, with_client_id=with_client_id))
     )
+
+
+def delivery_frames(item: StoredMessage | Event) -> tuple[bytes, bytes | None]:
+    """The frame every socket of the room gets for ``item``, and the sender's copy if it differs.
+
+    What the hub fans out: a just stored message (``StoredMessage``, from
+    the writer or another node) or an event of the log (an edit, a deletion,
+    or any event fetched again to fill a gap). Only a message with a
+    ``client_id`` has a sender's copy. A plain message without ``reply_to``
+    takes v1's encoder, so replies cost plain messages nothing.
+    """
+    # Duck-typed: this layer imports no storage code (an Event has a kind).
+    if not hasattr(item, "kind"):
+        if item.reply_to is None:
+            own = None
+            if item.client_id is not None:
+                own = protocol.message_frame(item, with_client_id=True)
+            return protocol.message_frame(item), own
+        payload = protocol.message_payload(
+            room=item.room, seq=item.seq, msg_id=item.id, user=item.user, body=item.body, ts=item.ts
+        )
+        payload["reply_to"] = item.reply_to
+        frame = protocol.text_frame(protocol.encode_json(payload))
+        if item.client_id is None:
+            return frame, None
+        payload["client_id"] = item.client_id
+        return frame, protocol.text_frame(protocol.encode_json(payload))
+    item = cast("Event", item)
+    frame = event_frame(item)
+    if item.kind == "message" and item.client_id is not None and not item.deleted:
+        return frame, event_frame(item, with_client_id=True)
+    return frame, None
 
 
 def history_fields(msg: StoredMessage) -> dict[str, Any]:
