@@ -61,8 +61,10 @@ from tornado_chat.handlers.pages import StaticHandler
 from tornado_chat.handlers.rooms import (
     HealthHandler,
     ReadyHandler,
+    RoomEventsHandler,
     RoomHistoryHandler,
     RoomListHandler,
+    SearchHandler,
 )
 from tornado_chat.handlers.socket import ChatSocketHandler
 from tornado_chat.hub import Hub, Member
@@ -497,6 +499,8 @@ def make_app(settings: Settings, services: Services) -> tornado.web.Application:
         tornado.web.url(r"/api/ws-ticket", AuthTicketHandler, deps),
         tornado.web.url(r"/api/rooms", RoomListHandler, deps),
         tornado.web.url(rf"/api/rooms/({room})/messages", RoomHistoryHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/events", RoomEventsHandler, deps),
+        tornado.web.url(r"/api/search", SearchHandler, deps),
         tornado.web.url(rf"/api/rooms/({room})/members", MembersHandler, deps),
         tornado.web.url(rf"/api/rooms/({room})/members/({user})", MemberHandler, deps),
         tornado.web.url(rf"/api/rooms/({room})/bans", BansHandler, deps),
