@@ -336,8 +336,9 @@ read_positions = sa.Table(
 #: The full-text index, made by revision 0004 outside these tables: on
 #: SQLite the FTS5 table ``messages_fts`` (external content: ``messages``,
 #: kept in step by the ``messages_fts_*`` triggers) and its shadow tables; on
-#: PostgreSQL the GIN index ``ix_messages_search`` on
-#: :data:`SEARCH_VECTOR_SQL`. Schema comparisons leave them out (:func:`include_name`).
+#: PostgreSQL the stored generated column ``messages.search_vector`` and its
+#: GIN index ``ix_messages_search``. Schema comparisons leave them out
+#: (:func:`include_name`).
 SEARCH_OBJECTS = frozenset(
     {
         "messages_fts",
@@ -346,20 +347,19 @@ SEARCH_OBJECTS = frozenset(
         "messages_fts_content",
         "messages_fts_docsize",
         "messages_fts_config",
+        "search_vector",
         "ix_messages_search",
     }
 )
 
-#: The PostgreSQL text-search vector of a message (the GIN index's expression;
-#: a query must spell it identically to use the index). Every run of
-#: characters that are not letters or digits becomes a space first, so that
-#: words are split as SQLite's FTS5 ``unicode61`` tokenizer splits them
+#: The PostgreSQL text-search vector of a message, as queries name it: the
+#: generated column of revision 0004, ``to_tsvector('simple', body)`` after
+#: every run of characters that are not letters or digits became a space, so
+#: that words are split as SQLite's FTS5 ``unicode61`` tokenizer splits them
 #: ("example.com" is two words on both backends, where PostgreSQL's parser
-#: alone would keep a host name whole); the ``simple`` configuration
-#: lowercases and neither stems nor drops stop words, as FTS5 here does not.
-SEARCH_VECTOR_SQL = (
-    "to_tsvector('simple'::regconfig, regexp_replace(body, '[^[:alnum:]]+', ' ', 'g'))"
-)
+#: alone keeps a host name whole). ``simple`` lowercases and neither stems
+#: nor drops stop words, as FTS5 here does not.
+SEARCH_VECTOR_SQL = "messages.search_vector"
 
 
 def include_name(name: str | None, type_: str, _parents: Any) -> bool:
