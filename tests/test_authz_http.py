@@ -270,6 +270,11 @@ MATRIX: dict[str, dict[str, str]] = {
     "POST /api/invites": _row(*_NO_TOKEN, *["403 forbidden"] * 6, "201"),
     "GET /api/rooms/{private}/messages": _row(*_NO_TOKEN, *_HIDDEN, *["200"] * 5),
     "GET /api/rooms/{public}/messages": _row(*_NO_TOKEN, "200", "403 forbidden", *["200"] * 5),
+    "GET /api/rooms/{private}/events": _row(*_NO_TOKEN, *_HIDDEN, *["200"] * 5),
+    "GET /api/rooms/{public}/events": _row(*_NO_TOKEN, "200", "403 forbidden", *["200"] * 5),
+    "GET /api/search": _row(*_NO_TOKEN, *["200"] * 7),
+    "GET /api/search?room={private}": _row(*_NO_TOKEN, *_HIDDEN, *["200"] * 5),
+    "GET /api/search?room={public}": _row(*_NO_TOKEN, "200", "403 forbidden", *["200"] * 5),
     "GET /api/rooms/{private}/members": _row(*_NO_TOKEN, *_HIDDEN, *["200"] * 5),
     "GET /api/rooms/{public}/members": _row(*_NO_TOKEN, "200", "403 forbidden", *["200"] * 5),
     "POST /api/rooms/{private}/members": _row(
@@ -361,6 +366,8 @@ class Cast:
             return await self.client.request(method, path, {"username": TARGET}, token=token)
         if path == "/api/invites":
             return await self.client.request(method, path, {}, token=token)
+        if path == "/api/search":
+            return await self.client.request(method, f"{path}?q=hello", token=token)
         visibility = "private" if "{private}" in path else "public"
         target = None
         if path.endswith(("/members/{member}", "/bans", "/mutes")):
@@ -379,6 +386,8 @@ class Cast:
             .replace("{banned}", TARGET)
             .replace("{muted}", TARGET)
         )
+        if path.startswith("/api/search?"):
+            path += "&q=hello"
         body = None
         if method == "POST" and path.endswith("/members"):
             body = {"username": TARGET}

@@ -245,9 +245,7 @@ async def act(world: World, action: str, room: str, who: str) -> str:
         sock.close()
 
 
-async def _change(
-    world: World, sock: Socket, room: str, who: str, action: str, answer: str
-) -> str:
+async def _change(world: World, sock: Socket, room: str, who: str, action: str, answer: str) -> str:
     """Edit a message of ``who``'s own, or delete one of ``peer``'s (stored behind the hub)."""
     author = who if action == "edit own" else "peer"
     target = await world.call(
