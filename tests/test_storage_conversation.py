@@ -389,3 +389,27 @@ async def test_search_uses_the_index(storage: Storage) -> None:
             expected = "SCAN messages_fts VIRTUAL TABLE INDEX"
     plan = "\n".join(str(row[-1]) for row in rows)
     assert expected in plan, plan
+
+
+async def test_deleting_a_user_keeps_the_log_and_drops_its_read_positions(
+    storage: Storage,
+) -> None:
+    """Its messages, edits and deletions stay in the log; its read positions go."""
+    alice, bob = await _users(storage, "alice", "bob")
+    mine = await storage.append_message("lobby", alice, "alice", "mine", None)
+    await storage.edit_message("lobby", mine.id, alice, "mine, edited")
+    await storage.set_read_position("lobby", alice, 2)
+    await storage.set_read_position("lobby", bob, 2)
+    await storage.delete_user(alice)
+    assert [(e.kind, e.body) for e in await storage.events("lobby")] == [
+        ("message", "mine, edited"),
+        ("edit", "mine, edited"),
+    ]
+    assert await _raw(storage, "SELECT user_id, seq FROM read_positions") == [(bob, 2)]
+    assert await _raw(storage, "SELECT actor_id FROM message_events") == [(None,)]
+    # Nobody is the author any more: only a moderator's deletion gets through.
+    assert (await storage.edit_message("lobby", mine.id, bob, "x")).outcome is (
+        ChangeOutcome.FORBIDDEN
+    )
+    deleted = await storage.delete_message("lobby", mine.id, bob, any_author=True)
+    assert deleted.outcome is ChangeOutcome.DONE

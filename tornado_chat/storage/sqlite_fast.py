@@ -1,8 +1,8 @@
 """The SQLite fast path: the hot queries on plain ``sqlite3`` connections of their own threads.
 
 On a SQLite file, the hot calls (appending messages, reading history, the
-event log a resuming socket replays, ``last_seq``, ``session_active``,
-``room_access``) skip SQLAlchemy and aiosqlite: each is one
+event log a resuming socket replays, moving a read position, ``last_seq``,
+``session_active``, ``room_access``) skip SQLAlchemy and aiosqlite: each is one
 blocking function on a dedicated thread with its own plain ``sqlite3``
 connection (same pragmas, same statements, ``BEGIN IMMEDIATE`` for the write).
 Through aiosqlite every statement, BEGIN and COMMIT is a separate hop to its
@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tornado_chat.storage.alchemy import AlchemyQueries, room_access_of
 from tornado_chat.storage.engine import sqlite_pragmas, timeout_ms
 from tornado_chat.storage.queries import EventRow, MessageRow
-from tornado_chat.storage.records import MessageItem, RoomAccess, message_parts
+from tornado_chat.storage.records import MessageItem, ReadMove, RoomAccess, message_parts
 
 __all__ = ["SqliteQueries"]
 
@@ -221,6 +221,43 @@ def _sqlite_events(db: sqlite3.Connection, room: str, since: int, limit: int) ->
     return db.execute(_EVENTS_SQL, {"room": room, "since": since, "limit": limit}).fetchall()
 
 
+def _sqlite_set_read(
+    db: sqlite3.Connection, room: str, user_id: int, seq: int, now: float
+) -> tuple[int, bool] | None:
+    """The transaction of :meth:`SqliteQueries.set_read_position`, blocking.
+
+    ``BEGIN IMMEDIATE`` makes it the only writer, so the read of the old
+    position and the write of the new one cannot interleave with another.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        found = db.execute("SELECT id, last_seq FROM rooms WHERE name = ?", (room,)).fetchone()
+        result: tuple[int, bool] | None = None
+        if found is not None:
+            room_id, last = int(found[0]), int(found[1])
+            row = db.execute(
+                "SELECT seq FROM read_positions WHERE room_id = ? AND user_id = ?",
+                (room_id, user_id),
+            ).fetchone()
+            previous = 0 if row is None else int(row[0])
+            target = min(seq, last)
+            result = (previous, False)
+            if target > previous:
+                db.execute(
+                    "INSERT INTO read_positions (room_id, user_id, seq, updated_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (room_id, user_id)"
+                    " DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
+                    (room_id, user_id, target, now),
+                )
+                result = (target, True)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return result
+
+
 def _sqlite_last_seq(db: sqlite3.Connection, room: str) -> int | None:
     """The room's ``last_seq`` column, or None for an unknown room."""
     row = db.execute("SELECT last_seq FROM rooms WHERE name = ?", (room,)).fetchone()
@@ -264,7 +301,7 @@ def _sqlite_room_access(
 
 
 class SqliteQueries(AlchemyQueries):
-    """The queries on a SQLite file: the hot six on ``sqlite3`` threads, the rest inherited.
+    """The queries on a SQLite file: the hot seven on ``sqlite3`` threads, the rest inherited.
 
     Subclassing keeps the rare statements written once (in SQLAlchemy) while
     the hot ones, which both implementations run, are tested against each
@@ -325,6 +362,15 @@ class SqliteQueries(AlchemyQueries):
         if since is None:
             rows.reverse()
         return rows
+
+    async def set_read_position(
+        self, room: str, user_id: int, seq: int, now: float
+    ) -> ReadMove | None:
+        """Move a read position forward on the writer thread (a ``read`` frame each)."""
+        assert self._write_lock is not None  # always set on SQLite
+        async with self._holding(self._write_lock):
+            moved = await self._writer.run(_sqlite_set_read, room, user_id, seq, now)
+        return None if moved is None else ReadMove(*moved)
 
     async def events(self, room: str, since: int, limit: int) -> list[EventRow]:
         """The room's events after ``since``, on the reader thread (every resuming socket)."""
