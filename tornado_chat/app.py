@@ -203,16 +203,15 @@ class Services:
         """Tell the room's members (every node) and the reader's other sockets here of a read."""
         self.hub.broadcast(room, frame, exclude=origin)
         self.hub.send_user(user_id, frame, skip_room=room)
-        self.broker.publish_notice(room, user_id, frame)
+        self.broker.publish_notice(room, None, frame)
 
-    def on_notice(self, room: str, user_id: int, frame: bytes) -> None:
+    def on_notice(self, room: str, skip_user: int | None, frame: bytes) -> None:
         """A typing or read notice from another node: to this node's sockets in the room.
 
-        The typist's own sockets are left out of a typing notice; a read
-        notice reaches them all (another tab of the reader moves on too).
+        ``skip_user`` (the typist of a typing notice) gets nothing; a read
+        notice reaches every socket (another tab of the reader moves on too).
         """
-        typing = frame.find(b'"type":"typing"') != -1
-        self.hub.broadcast(room, frame, exclude_user=user_id if typing else None)
+        self.hub.broadcast(room, frame, exclude_user=skip_user)
 
     def close_session(self, session_id: str) -> None:
         """Close a revoked session's sockets on this node."""

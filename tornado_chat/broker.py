@@ -67,8 +67,9 @@ class RoomControl:
 
 
 MessageListener = Callable[["StoredMessage | Event"], None]
-# (room, user id, ready frame): a typing or read notice for the room's sockets.
-NoticeListener = Callable[[str, int, bytes], None]
+# (room, user whose sockets are left out or None, ready frame): a typing or
+# read notice for the room's sockets.
+NoticeListener = Callable[[str, "int | None", bytes], None]
 RevokeListener = Callable[[str], None]
 PresenceListener = Callable[[str, frozenset[str]], None]
 CatchUpListener = Callable[["str | None"], None]
@@ -101,8 +102,10 @@ class Broker(ABC):
     def publish_message(self, msg: StoredMessage | Event) -> None:
         """Tell other nodes a message, edit or deletion was stored (fire and forget)."""
 
-    def publish_notice(self, room: str, user_id: int, frame: bytes) -> None:  # noqa: B027
+    def publish_notice(self, room: str, skip_user: int | None, frame: bytes) -> None:  # noqa: B027
         """Relay a typing or read notice to the room's sockets on other nodes (optional hook).
+
+        ``skip_user``: a user whose sockets do not get it (the typist), or None.
 
         Never stored and never resent: a notice lost with the connection is
         stale by the time it could arrive.

@@ -566,14 +566,16 @@ class RedisBroker(Broker):
         self._outbox.append(_Publish(self._room_channel(msg.room), self._payload(msg), msg))
         self._wake.set()
 
-    def publish_notice(self, room: str, user_id: int, frame: bytes) -> None:
+    def publish_notice(self, room: str, skip_user: int | None, frame: bytes) -> None:
         """Queue a typing or read notice for the room's sockets on the other nodes.
+
+        ``skip_user``: the user whose sockets do not get it (the typist), or None.
 
         Dropped when disconnected or the outbox is full: a notice is never resent.
         """
         if not self._connected or len(self._outbox) >= MAX_OUTBOX:
             return
-        head = json.dumps({"t": "e", "n": self.node_id, "room": room, "u": user_id})
+        head = json.dumps({"t": "e", "n": self.node_id, "room": room, "u": skip_user})
         # The ready WebSocket frame's bytes go as latin-1 text: every byte maps to one character.
         payload = json.dumps({"f": frame.decode("latin-1")})
         data = (head[:-1] + "," + payload[1:]).encode()
@@ -692,7 +694,8 @@ class RedisBroker(Broker):
                 msg = _delivery_of(event)
             elif kind == "e":
                 room = str(event["room"])
-                notice_user = int(event["u"])
+                skip = event["u"]
+                notice_user = None if skip is None else int(skip)
                 notice = str(event["f"]).encode("latin-1")
             elif kind == "p":
                 room = str(event["room"])
