@@ -413,3 +413,15 @@ async def test_deleting_a_user_keeps_the_log_and_drops_its_read_positions(
     )
     deleted = await storage.delete_message("lobby", mine.id, bob, any_author=True)
     assert deleted.outcome is ChangeOutcome.DONE
+
+
+async def test_unread_counts_the_latest_window_of_events(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unread and mentions look at the room's latest UNREAD_WINDOW events only."""
+    monkeypatch.setattr(alchemy, "UNREAD_WINDOW", 5)
+    alice, bob = await _users(storage, "alice", "bob")
+    await storage.append_messages([("lobby", bob, "bob", f"@alice {i}", None) for i in range(8)])
+    assert await storage.read_states(alice, "alice", ["lobby"]) == [ReadState("lobby", 0, 5, 5)]
+    await storage.set_read_position("lobby", alice, 6)
+    assert await storage.read_states(alice, "alice", ["lobby"]) == [ReadState("lobby", 6, 2, 2)]

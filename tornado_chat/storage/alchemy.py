@@ -61,11 +61,20 @@ from tornado_chat.storage.schema import (
     users,
 )
 
-__all__ = ["FIRST_USER_LOCK_ID", "PURGE_LOCK_ID", "AlchemyQueries", "direct_room_name"]
+__all__ = [
+    "FIRST_USER_LOCK_ID",
+    "PURGE_LOCK_ID",
+    "UNREAD_WINDOW",
+    "AlchemyQueries",
+    "direct_room_name",
+]
 
 #: The PostgreSQL advisory lock held by the node purging expired rows (an
 #: arbitrary constant, next to the migrations' one in engine.py).
 PURGE_LOCK_ID = 0x7C4A7_0002
+#: Unread and mention counts look at a room's latest this many events only
+#: (``unread`` is then at most this: "1000 or more" for a client).
+UNREAD_WINDOW = 1000
 #: The PostgreSQL advisory lock taken by a registration that finds no user:
 #: of two first registrations racing, the second waits and then sees the
 #: first, so exactly one account of an empty database becomes admin.
@@ -917,9 +926,14 @@ class AlchemyQueries:
             position, sa.and_(position.c.room_id == rooms.c.id, position.c.user_id == user_id)
         )
         last_read = sa.func.coalesce(position.c.seq, 0)
+        # Only the room's latest UNREAD_WINDOW events are looked at: a range of
+        # the (room_id, seq) index, so a room list costs the same however far
+        # behind its reader is.
+        window_start = rooms.c.last_seq - UNREAD_WINDOW
+        counted_from = sa.case((last_read > window_start, last_read), else_=window_start)
         unread_where = (
             rooms.c.name.in_(list(room_names)),
-            messages.c.seq > last_read,
+            messages.c.seq > counted_from,
             messages.c.deleted == sa.false(),
             sa.or_(messages.c.user_id.is_(None), messages.c.user_id != user_id),
         )

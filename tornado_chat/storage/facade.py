@@ -618,6 +618,10 @@ class Storage:
         ``unread`` counts the messages after the read position not sent by
         the user and not deleted; ``mentions`` those of them mentioning
         ``@username`` as a whole name (:func:`tornado_chat.search_query.mentions`).
+        Both look at the room's latest
+        :data:`~tornado_chat.storage.alchemy.UNREAD_WINDOW` (1000) events
+        only, so that a room list costs the same however far behind its
+        reader is: an ``unread`` near 1000 means "that many or more".
         The caller passes the rooms the user may read (its room list).
         """
         return await self._call(

@@ -213,7 +213,8 @@ class ReadState:
 
     ``last_read_seq``: the read position (0 if never set); ``unread``: the
     messages after it not sent by the user and not deleted; ``mentions``:
-    those of them mentioning ``@username``.
+    those of them mentioning ``@username``. Both are counted within the
+    room's latest 1000 events (``alchemy.UNREAD_WINDOW``).
     """
 
     room: str

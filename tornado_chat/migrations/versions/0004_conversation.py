@@ -12,6 +12,11 @@ content, so the text is stored once) kept in step by triggers, filled from
 the existing messages; on PostgreSQL a stored generated column
 ``search_vector`` (the text-search vector of ``body``) with a GIN index.
 
+Cost on an existing database: both backends read every message once
+(SQLite to fill the index; PostgreSQL rewrites ``messages`` to add the
+column, holding its lock meanwhile: about a minute per million messages on
+the 2-core machine of bench/RESULTS.md, during which messages wait).
+
 Revision ID: 0004
 Revises: 0003
 """
