@@ -181,8 +181,17 @@ def test_asyncapi_describes_every_frame_close_code_and_subprotocol() -> None:
                     types.append(frame_type(channel_message["$ref"].rsplit("/", 1)[1]))
         return sorted(types)
 
-    assert frame_types("receive") == ["message", "reauth"]
-    assert frame_types("send") == ["error", "message", "presence", "welcome"]
+    assert frame_types("receive") == ["delete", "edit", "message", "read", "reauth", "typing"]
+    assert frame_types("send") == [
+        "delete",
+        "edit",
+        "error",
+        "message",
+        "presence",
+        "read",
+        "typing",
+        "welcome",
+    ]
 
 
 def frame_schemas() -> dict[str, dict[str, Any]]:
@@ -191,7 +200,16 @@ def frame_schemas() -> dict[str, dict[str, Any]]:
     messages = doc["components"]["messages"]
     return {
         messages[name]["payload"]["properties"]["type"]["const"]: messages[name]["payload"]
-        for name in ("welcome", "serverMessage", "presence", "error")
+        for name in (
+            "welcome",
+            "serverMessage",
+            "presence",
+            "error",
+            "serverEdit",
+            "serverDelete",
+            "serverTyping",
+            "serverRead",
+        )
     }
 
 
@@ -228,6 +246,32 @@ async def test_server_frames_match_the_asyncapi_payloads(
         await first.send({"type": "reauth", "token": "not-a-token"})
         error = await first.recv_type("error")
         assert check_frame(error, schemas) == "error" and error["code"] == "invalid_token"
+        # Contract v2: a reply, an edit, a deletion, typing and a read position.
+        await second.send({"type": "message", "body": "re", "reply_to": mine["id"]})
+        reply = await first.recv_type("message")
+        assert check_frame(reply, schemas) == "message" and reply["reply_to"] == mine["id"]
+        await first.send({"type": "edit", "id": mine["id"], "body": "hello!"})
+        assert check_frame(await second.recv_type("edit"), schemas) == "edit"
+        await second.send({"type": "edit", "id": mine["id"], "body": "x"})
+        error = await second.recv_type("error")
+        assert check_frame(error, schemas) == "error" and error["code"] == "forbidden"
+        await first.send({"type": "delete", "id": mine["id"]})
+        assert check_frame(await second.recv_type("delete"), schemas) == "delete"
+        await first.send({"type": "typing"})
+        assert check_frame(await second.recv_type("typing"), schemas) == "typing"
+        await second.send({"type": "read", "seq": reply["seq"]})
+        assert check_frame(await first.recv_type("read"), schemas) == "read"
+        # A replay after the deletion: the deleted message's frame has no body.
+        third, _ = await client.join("frames-room", bob["access_token"], query="?since=0")
+        replayed = [await third.recv() for _ in range(4)]
+        assert [check_frame(f, schemas) for f in replayed] == [
+            "message",
+            "message",
+            "edit",
+            "delete",
+        ]
+        assert replayed[0] is not None and replayed[0]["deleted"] is True
+        third.close()
         second.close()
         leave = await first.recv_type("presence")
         while leave["event"] != "leave":  # a join frame still queued ahead of it
@@ -292,7 +336,11 @@ def test_route_pattern_helpers() -> None:
 
 
 def test_room_parameter_is_the_protocol_pattern() -> None:
-    """Every ``room`` and ``username`` parameter has exactly the pattern the routes use."""
+    """Every ``room`` and ``username`` parameter has exactly the pattern the routes use.
+
+    Path parameters one per templated path; a query parameter of that name
+    (``/api/search?room=``) has the same pattern.
+    """
     for name in ("room", "username"):
         params = [
             param
@@ -304,7 +352,8 @@ def test_room_parameter_is_the_protocol_pattern() -> None:
         with_it = [
             path for path, item in DOCUMENT["paths"].items() for _ in item if f"{{{name}}}" in path
         ]
-        assert len(params) == len(with_it) > 0, name
+        in_path = [param for param in params if param["in"] == "path"]
+        assert len(in_path) == len(with_it) > 0, name
         for param in params:
             assert param["schema"]["pattern"] == f"^{protocol.ROOM_PATTERN}$"
 

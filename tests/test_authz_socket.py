@@ -59,7 +59,7 @@ CALLERS = (
     "owner",
     "admin",
 )
-ACTIONS = ("open", "replay with since", "send")
+ACTIONS = ("open", "replay with since", "send", "edit own", "delete another's", "read")
 VISIBILITIES = ("public", "private", "direct")
 
 # What each caller gets, per action and room: the words of authz.Answer's str().
@@ -92,6 +92,16 @@ for _vis, _row in (("public", _PUBLIC), ("private", _PRIVATE), ("direct", _DIREC
         who: "frame muted" if who == "muted" and answer == "allowed" else answer
         for who, answer in _row.items()
     }
+    # Contract v2: the author edits (not while muted); another's message is
+    # deleted only by a moderator, the owner or an admin; anyone in may read.
+    EXPECTED[("edit own", _vis)] = dict(EXPECTED[("send", _vis)])
+    EXPECTED[("delete another's", _vis)] = {
+        who: "frame forbidden"
+        if answer == "allowed" and who in ("non-member", "muted", "member")
+        else answer
+        for who, answer in _row.items()
+    }
+    EXPECTED[("read", _vis)] = dict(_row)
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -218,6 +228,10 @@ async def act(world: World, action: str, room: str, who: str) -> str:
             return answer
         if action == "open":
             return answer
+        if action == "read":
+            return await _read(world, sock, room, who, answer)
+        if action in ("edit own", "delete another's"):
+            return await _change(world, sock, room, who, action, answer)
         before = await world.call(world.storage.last_seq, room)
         await sock.say("hello", client_id=f"c-{who}")
         got = await next_frame(sock)
@@ -229,6 +243,40 @@ async def act(world: World, action: str, room: str, who: str) -> str:
         return answer
     finally:
         sock.close()
+
+
+async def _change(world: World, sock: Socket, room: str, who: str, action: str, answer: str) -> str:
+    """Edit a message of ``who``'s own, or delete one of ``peer``'s (stored behind the hub)."""
+    author = who if action == "edit own" else "peer"
+    target = await world.call(
+        world.storage.append_message, room, world.ids[author], world.name(author), "target", None
+    )
+    if action == "edit own":
+        await sock.send({"type": "edit", "id": target.id, "body": "edited"})
+    else:
+        await sock.send({"type": "delete", "id": target.id})
+    while True:
+        got = await next_frame(sock)
+        assert got is not None, sock.close_code
+        if got["type"] == "error":
+            return f"frame {got['code']}"
+        if got["type"] in ("edit", "delete") and got["id"] == target.id:
+            return answer
+
+
+async def _read(world: World, sock: Socket, room: str, who: str, answer: str) -> str:
+    """Move ``who``'s read position to the room's last seq; allowed once storage has it."""
+    last = await world.call(world.storage.last_seq, room)
+    await sock.send({"type": "read", "seq": last})
+    deadline = time.monotonic() + 10
+    while True:
+        (state,) = await world.call(
+            world.storage.read_states, world.ids[who], world.name(who), [room]
+        )
+        if state.last_read_seq == last:
+            return answer
+        assert time.monotonic() < deadline, "the read position never moved"
+        await asyncio.sleep(0.02)
 
 
 async def cast(world: World, public: str, private: str) -> str:

@@ -22,6 +22,7 @@ from tests.netfault import free_port
 from tests.test_hub import FakePeer, FakeStore, add, msg, turn, wait_for
 from tests.test_scaleout import REDIS_URL, broker_url, check_redis, delete_prefix, unique_prefix
 from tests.test_scaleout_redis import RedisServer
+from tornado_chat import conversation
 from tornado_chat.app import make_broker, make_login_throttle
 from tornado_chat.auth import LoginThrottle
 from tornado_chat.auth.throttle_redis import RedisLoginThrottle
@@ -33,7 +34,7 @@ from tornado_chat.limits import TokenBucket
 from tornado_chat.pki import ServerCertificate, ensure_server_certificate
 from tornado_chat.presence import ClusterPresence
 from tornado_chat.redis_broker import RedisBroker, parse_broker_url
-from tornado_chat.storage import StoredMessage
+from tornado_chat.storage import Event, StoredMessage
 
 # -- the URL ----------------------------------------------------------------------------
 
@@ -376,6 +377,36 @@ async def test_published_message_reaches_other_nodes_not_its_own(pair: tuple[Nod
     # The echo is recognised by its first bytes, before any JSON decoding.
     assert a.broker._payload(sent).startswith(a.broker._echo)
     assert not b.broker._payload(sent).startswith(a.broker._echo)
+
+
+@pytest.mark.redis
+async def test_replies_edits_deletions_and_notices_cross_nodes(pair: tuple[Node, Node]) -> None:
+    """A reply keeps reply_to, an edit or deletion arrives as the same Event; notices relay."""
+    a, b = pair
+    notices: list[tuple[str, int, bytes]] = []
+    b.broker.notice_listeners.append(lambda room, user, frame: notices.append((room, user, frame)))
+    await a.subscribed("lobby")
+    await b.subscribed("lobby")
+    reply = StoredMessage(
+        9, "lobby", 5, "alice", "re", "2026-01-01T00:00:00.000Z", None, reply_to=7
+    )
+    edit = Event(
+        kind="edit", room="lobby", seq=6, id=7, user="alice", body="fixed",
+        ts="2026-01-01T00:00:00.000Z", edited_ts="2026-01-01T00:00:02.000Z",
+        reply_to=None, client_id=None, deleted=False,
+    )  # fmt: skip
+    deletion = Event(
+        kind="delete", room="lobby", seq=7, id=9, user="alice", body=None,
+        ts="2026-01-01T00:00:00.000Z", edited_ts=None, reply_to=7, client_id=None,
+        deleted=True,
+    )  # fmt: skip
+    for item in (reply, edit, deletion):
+        a.broker.publish_message(item)
+    await until(lambda: len(b.messages) == 3)
+    assert b.messages == [reply, edit, deletion]
+    frame = conversation.typing_frame("lobby", "alice")
+    a.broker.publish_notice("lobby", 1, frame)
+    await until(lambda: notices == [("lobby", 1, frame)])
 
 
 @pytest.mark.redis

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from tornado_chat import protocol
+from tornado_chat import conversation, protocol
 from tornado_chat.hub import Hub, Member
-from tornado_chat.storage import StoredMessage
+from tornado_chat.storage import Event, StoredMessage
 
 GAP = 0.01  # gap_wait for these tests: long enough to notice, short enough to stay fast
 # gap_wait for tests that assert nothing was fetched YET: wide enough that a
@@ -745,3 +745,110 @@ async def test_remote_presence_is_sent_as_deltas_with_the_count() -> None:
         {"type": "presence", "event": "join", "user": "zed", "count": 101},
     ]
     assert hub.online_count("lobby") == 101 and hub.online_count("nowhere") == 0
+
+
+# -- contract v2: edits, deletions, typing and read notices ------------------------------
+
+
+def event(kind: str, seq: int, target: int, body: str | None = "edited") -> Event:
+    """An edit or deletion event of message ``target`` in the lobby."""
+    return Event(
+        kind=kind,  # type: ignore[arg-type]
+        room="lobby",
+        seq=seq,
+        id=1000 + target,
+        user="alice",
+        body=None if kind == "delete" else body,
+        ts="2026-01-01T00:00:00.000Z",
+        edited_ts="2026-01-01T00:00:01.000Z" if kind == "edit" else None,
+        reply_to=None,
+        client_id=None,
+        deleted=kind == "delete",
+    )
+
+
+async def test_edits_and_deletions_are_delivered_in_seq_order_behind_a_gap() -> None:
+    """An edit that arrives before the message ahead of it waits; the gap fill brings events."""
+    missing = msg(2)
+    store = FakeStore([missing])
+    hub = Hub(store.fetch, gap_wait=GAP)
+    peer = FakePeer()
+    m = Member(peer, "lobby", 1, "bob", "s1")
+    hub.join(m)
+    hub.note_last_seq("lobby", 0)
+    hub.start_member(m, [])
+    hub.deliver(msg(1))
+    hub.deliver(event("edit", 3, 1, "m1 fixed"))  # seq 2 is not here yet
+    hub.deliver(event("delete", 4, 2))
+    await wait_for(lambda: len(peer.frames()) == 4)
+    frames = peer.frames()
+    assert [(f["type"], f["seq"]) for f in frames] == [
+        ("message", 1),
+        ("message", 2),
+        ("edit", 3),
+        ("delete", 4),
+    ]
+    assert frames[2] == {
+        "type": "edit",
+        "room": "lobby",
+        "seq": 3,
+        "id": 1001,
+        "body": "m1 fixed",
+        "edited_ts": "2026-01-01T00:00:01.000Z",
+    }
+    assert frames[3] == {"type": "delete", "room": "lobby", "seq": 4, "id": 1002}
+    # A duplicate notification of an event changes nothing.
+    hub.deliver(event("edit", 3, 1, "m1 fixed"))
+    await turn()
+    assert len(peer.frames()) == 4
+
+
+async def test_a_reply_carries_reply_to_and_the_senders_copy_its_client_id() -> None:
+    """A stored reply's frame has reply_to; only the origin member gets client_id."""
+    hub = Hub()
+    sender, other = FakePeer(), FakePeer()
+    ms = Member(sender, "lobby", 1, "alice", "s1")
+    mo = Member(other, "lobby", 2, "bob", "s2")
+    for m in (ms, mo):
+        hub.join(m)
+        hub.start_member(m, [])
+    hub.note_last_seq("lobby", 0)
+    reply = StoredMessage(
+        id=7, room="lobby", seq=1, user="alice", body="re", ts="2026-01-01T00:00:00.000Z",
+        client_id="c9", reply_to=3,
+    )  # fmt: skip
+    hub.deliver(reply, ms)
+    await turn()
+    (mine,) = sender.frames()
+    (theirs,) = other.frames()
+    assert mine["reply_to"] == theirs["reply_to"] == 3
+    assert mine["client_id"] == "c9" and "client_id" not in theirs
+
+
+async def test_typing_skips_every_socket_of_the_typist_and_reads_reach_other_rooms() -> None:
+    """exclude_user= leaves out all the typist's sockets; send_user reaches its other rooms."""
+    hub = Hub()
+    a1, a2, b, elsewhere = FakePeer(), FakePeer(), FakePeer(), FakePeer()
+    members = [
+        Member(a1, "lobby", 1, "alice", "s1"),
+        Member(a2, "lobby", 1, "alice", "s2"),
+        Member(b, "lobby", 2, "bob", "s3"),
+        Member(elsewhere, "other", 1, "alice", "s4"),
+    ]
+    for m in members:
+        hub.join(m)
+        hub.start_member(m, [])
+    await turn()
+    for p in (a1, a2, b, elsewhere):
+        p.writes.clear()
+    hub.broadcast("lobby", conversation.typing_frame("lobby", "alice"), exclude_user=1)
+    await turn()
+    assert (a1.frames(), a2.frames(), elsewhere.frames()) == ([], [], [])
+    assert b.frames() == [{"type": "typing", "room": "lobby", "user": "alice"}]
+    notice = conversation.read_frame("lobby", "alice", 5)
+    hub.broadcast("lobby", notice, exclude=members[0])
+    hub.send_user(1, notice, skip_room="lobby")
+    await turn()
+    read = {"type": "read", "room": "lobby", "user": "alice", "seq": 5}
+    assert a1.frames() == [] and a2.frames() == [read]
+    assert b.frames()[-1] == read and elsewhere.frames() == [read]

@@ -537,6 +537,132 @@ async def test_killed_node_clients_resume_on_b_missing_nothing(
     assert admin.zscore(f"{prefix}:nodes", node_id) is None
 
 
+# -- conversation (issue 13) across nodes ----------------------------------------------
+
+
+async def test_two_nodes_see_edits_and_deletions_in_order(on_a: Client, on_b: Client) -> None:
+    """Edits and deletions made on A reach B in seq order among messages; typing and reads too."""
+    ta = await user_on(on_a, "sc_ed_a")
+    tb = await user_on(on_b, "sc_ed_b")
+    sa, _ = await on_a.join("sc-edit", ta["access_token"])
+    sb, wb = await on_b.join("sc-edit", tb["access_token"])
+    await until_online(sb, wb["online"], ["sc_ed_a", "sc_ed_b"])
+    await sa.recv_type("presence")
+    for i in range(3):
+        await sa.say(f"m{i}")
+    sent = await read_messages(sa, 3)
+    await sa.send({"type": "edit", "id": sent[0]["id"], "body": "m0 fixed"})
+    await sb.say("from b")
+    await sa.send({"type": "delete", "id": sent[1]["id"]})
+    await sb.send({"type": "message", "body": "re m2", "reply_to": sent[2]["id"]})
+
+    async def log_of(sock: Socket, n: int) -> list[dict[str, Any]]:
+        frames: list[dict[str, Any]] = []
+        while len(frames) < n:
+            frame = await sock.recv(20)
+            assert frame is not None
+            if frame["type"] in ("message", "edit", "delete"):
+                frames.append(frame)
+        return frames
+
+    got_a = await log_of(sa, 4)
+    got_b = await log_of(sb, 7)
+    assert got_b[:3] == [{k: v for k, v in m.items() if k != "client_id"} for m in sent]
+    assert [f["seq"] for f in got_b] == list(range(sent[0]["seq"], sent[0]["seq"] + 7))
+    assert [f["seq"] for f in got_a] == [f["seq"] for f in got_b[3:]]
+    assert got_a == got_b[3:]
+    kinds = {f["type"] for f in got_b[3:]}
+    assert kinds == {"message", "edit", "delete"}
+    edit = next(f for f in got_b if f["type"] == "edit")
+    assert (edit["id"], edit["body"]) == (sent[0]["id"], "m0 fixed")
+    reply = next(f for f in got_b if f.get("reply_to") is not None)
+    assert reply["reply_to"] == sent[2]["id"]
+    # Typing and reads are relayed through Redis, never stored.
+    await sa.send({"type": "typing"})
+    assert await sb.recv_type("typing", 20) == {
+        "type": "typing",
+        "room": "sc-edit",
+        "user": "sc_ed_a",
+    }
+    await sb.send({"type": "read", "seq": got_b[-1]["seq"]})
+    assert (await sa.recv_type("read", 20))["seq"] == got_b[-1]["seq"]
+    r = await on_a.request("GET", "/api/rooms/sc-edit/events", token=ta["access_token"])
+    assert [e["seq"] for e in r.json["events"]] == [f["seq"] for f in got_b]
+    sa.close()
+    sb.close()
+
+
+async def test_kill_9_between_a_message_and_its_edit(
+    cluster: Cluster, on_b: Client, client_ssl: Any
+) -> None:
+    """A node dies by SIGKILL after storing a message, before its edit: the client edits
+    through B, and every reader's log is the message then the edit, once each.
+
+    A second edit is sent to a node killed at once: it is stored entirely or
+    not at all (events and history agree, no seq is skipped).
+    """
+    node_c = cluster.start("c9")
+    on_c = Client(node_c, client_ssl)  # type: ignore[arg-type]
+    try:
+        tc = await user_on(on_c, "sc_k9_c")
+        tb = await user_on(on_b, "sc_k9_b")
+        sc, _ = await on_c.join("sc-k9", tc["access_token"])
+        sb, _ = await on_b.join("sc-k9", tb["access_token"])
+        await sc.say("typo hre")
+        (msg,) = await read_messages(sc, 1)
+        (seen,) = await read_messages(sb, 1)
+        assert seen["id"] == msg["id"]
+        node_c.kill()
+        assert await sc.closed(timeout=10) != 1001
+        sc2, _ = await on_b.join("sc-k9", tc["access_token"], query=f"?since={msg['seq']}")
+        await sc2.send({"type": "edit", "id": msg["id"], "body": "typo here"})
+        for sock in (sc2, sb):
+            edit = await sock.recv_type("edit", 20)
+            assert (edit["seq"], edit["body"]) == (msg["seq"] + 1, "typo here")
+        # A fresh reader replays the whole log: the message (latest body), then the edit.
+        sd, _ = await on_b.join("sc-k9", tb["access_token"], query="?since=0")
+        first = await sd.recv(20)
+        second = await sd.recv(20)
+        assert first is not None and second is not None
+        assert (first["type"], first["seq"], first["body"]) == ("message", msg["seq"], "typo here")
+        assert (second["type"], second["seq"]) == ("edit", msg["seq"] + 1)
+        sd.close()
+        # An edit racing a SIGKILL: all or nothing.
+        node_c2 = cluster.start("c9b")
+        on_c2 = Client(node_c2, client_ssl)  # type: ignore[arg-type]
+        try:
+            login = await on_c2.login("sc_k9_c")
+            se, _ = await on_c2.join("sc-k9", login.json["access_token"])
+            await se.send({"type": "edit", "id": msg["id"], "body": "maybe"})
+            node_c2.kill()
+        finally:
+            on_c2.close()
+            node_c2.stop()
+        r = await on_b.request("GET", "/api/rooms/sc-k9/events", token=tb["access_token"])
+        events = r.json["events"]
+        assert [e["seq"] for e in events] == list(range(msg["seq"], msg["seq"] + len(events)))
+        assert len(events) in (2, 3)
+        h = await on_b.request("GET", "/api/rooms/sc-k9/messages", token=tb["access_token"])
+        body = h.json["messages"][0]["body"]
+        assert body == ("maybe" if len(events) == 3 else "typo here")
+        # B's sockets get the racing edit once, in order, if it was stored
+        # (published, or filled from the database at the next message).
+        await sb.say("after")
+        changes: list[tuple[str, int]] = []
+        while not changes or changes[-1][0] != "message":
+            frame = await sb.recv(20)
+            assert frame is not None
+            if frame["type"] in ("message", "edit", "delete"):
+                changes.append((frame["type"], frame["seq"]))
+        stored = [("edit", msg["seq"] + 2)] if len(events) == 3 else []
+        assert changes == [*stored, ("message", msg["seq"] + len(events))]
+        sc2.close()
+        sb.close()
+    finally:
+        on_c.close()
+        node_c.stop()
+
+
 # -- --processes -----------------------------------------------------------------------
 
 

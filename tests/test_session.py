@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from tornado_chat import protocol
+from tornado_chat.conversation import Message
 from tornado_chat.errors import InvalidToken
 from tornado_chat.limits import TokenBucket
-from tornado_chat.protocol import ChatMessage, Reauth
+from tornado_chat.protocol import Reauth
 from tornado_chat.session import (
     CLOSE_INVALID_DATA,
     CloseDecision,
@@ -257,7 +258,7 @@ def test_messages_are_read_while_live_and_while_replaying(make: Callable[[], Ses
     s = make()
     budget = Budget()
     got = s.frame_received('{"type":"message","body":"hi","client_id":"c1"}', budget)
-    assert got == ChatMessage("hi", "c1") and budget.taken == 1
+    assert got == Message("hi", "c1", None) and budget.taken == 1
     assert s.frames_to_send() == []
 
 

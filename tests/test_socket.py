@@ -120,7 +120,7 @@ async def test_a_socket_closed_during_its_replay_leaves_no_task_behind(
     async def on_loop(fn: Any) -> Any:
         return fn()
 
-    storage.messages = never
+    storage.events = never
     try:
         sb = await client.connect("ws-replay-gone", token=a["access_token"], query="?since=0")
         await sb.recv()  # the welcome: the replay has started
@@ -132,7 +132,7 @@ async def test_a_socket_closed_during_its_replay_leaves_no_task_behind(
             assert time.monotonic() < deadline, "the replay outlived its socket"
             await asyncio.sleep(0.02)
     finally:
-        del storage.messages
+        del storage.events
 
 
 async def _wait_set(event: asyncio.Event) -> None:

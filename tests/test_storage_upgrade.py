@@ -1,4 +1,4 @@
-"""Upgrading a database in place: one made by revision 0001 keeps its data under 0002.
+"""Upgrading a database in place: one made by revision 0001 keeps its data at head (0002, 0004).
 
 Each test runs on SQLite and on PostgreSQL (a fresh scratch database each;
 they fail, never skip, when PostgreSQL is down). The database is built at
@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.netfault import fresh_pg_database
-from tornado_chat.storage import RoomAccess, Storage
+from tornado_chat.storage import ReadState, RoomAccess, Storage
 from tornado_chat.storage.engine import _alembic_config
 
 
@@ -97,5 +97,32 @@ async def test_rooms_of_a_0001_database_become_public_and_ownerless(db_url: str)
         ]
         # The upgraded room keeps counting from where it was.
         assert (await storage.append_message("lobby", alice.id, "alice", "after", None)).seq == 3
+    finally:
+        await storage.close()
+
+
+async def test_messages_of_a_0001_database_join_the_event_log_and_the_index(db_url: str) -> None:
+    """Upgraded through 0004: old messages are events with their seq, searchable, editable."""
+    await _create_at_0001(db_url)
+    storage = await Storage.open(db_url)
+    try:
+        alice = await storage.get_user_by_name("alice")
+        assert alice is not None
+        events = await storage.events("lobby")
+        assert [(e.kind, e.seq, e.body, e.deleted, e.reply_to) for e in events] == [
+            ("message", 1, "lobby 1", False, None),
+            ("message", 2, "lobby 2", False, None),
+        ]
+        # The index was built from the existing messages.
+        hits = await storage.search("1", ["lobby", "general"])
+        assert [(h.room, h.body) for h in hits] == [("general", "general 1"), ("lobby", "lobby 1")]
+        old = await storage.messages("lobby")
+        assert [(m.edited_ts, m.deleted, m.reply_to) for m in old] == [(None, False, None)] * 2
+        edited = await storage.edit_message("lobby", old[0].id, alice.id, "renamed")
+        assert edited.event is not None and edited.event.seq == 3
+        assert [h.seq for h in await storage.search("renamed", ["lobby"])] == [1]
+        assert await storage.read_states(alice.id, "alice", ["lobby"]) == [
+            ReadState("lobby", 0, 0, 0)
+        ]
     finally:
         await storage.close()

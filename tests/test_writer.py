@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
 from tornado_chat.errors import StorageError
-from tornado_chat.storage import StoredMessage
+from tornado_chat.storage import Storage, StoredMessage
 from tornado_chat.writer import MessageWriter
 
-Item = tuple[str, int, str, str, "str | None"]
+Item = tuple[str, int, str, str, "str | None", "int | None"]
 
 
 class MemoryStorage:
@@ -46,7 +47,7 @@ class MemoryStorage:
             exc, self.fail_next = self.fail_next, None
             raise exc
         out = []
-        for room, _user_id, username, body, client_id in items:
+        for room, _user_id, username, body, client_id, _reply_to in items:
             self.seq[room] = self.seq.get(room, 0) + 1
             out.append(
                 StoredMessage(
@@ -116,7 +117,7 @@ async def test_one_turn_is_one_batch(
     results = await asyncio.gather(*(send(writer, events, b) for b in bodies))
     assert len(storage.batches) == 1
     assert [item[3] for item in storage.batches[0]] == bodies
-    assert storage.batches[0][0] == ("lobby", 1, "alice", "m0", "cid-m0")
+    assert storage.batches[0][0] == ("lobby", 1, "alice", "m0", "cid-m0", None)
     assert [m.body for m in results] == bodies
     assert [m.seq for m in results] == list(range(1, 51))
     assert [(m.body, origin) for m, origin in recorder.batches[0]] == [
@@ -336,3 +337,25 @@ async def test_abandon_when_idle_refuses_new_messages(
         await writer.submit("lobby", 1, "alice", "after", None)
     assert [[item[3] for item in b] for b in storage.batches] == [["before"]]
     await asyncio.wait_for(writer.close(), 1)
+
+
+async def test_reply_to_reaches_the_real_storage(tmp_path: Path) -> None:
+    """A reply submitted through the writer is stored with its target (SQLite fast path)."""
+    storage = await Storage.open(f"sqlite+aiosqlite:///{tmp_path}/chat.db")
+    stored: list[StoredMessage] = []
+    writer: MessageWriter[None] = MessageWriter(
+        storage, lambda batch: stored.extend(msg for msg, _ in batch)
+    )
+    try:
+        uid = (await storage.create_user("alice", b"$2b$04$hash")).id
+        first = await writer.submit("lobby", uid, "alice", "question", None)
+        reply, plain = await asyncio.gather(
+            writer.submit("lobby", uid, "alice", "answer", "c1", reply_to=first.id),
+            writer.submit("lobby", uid, "alice", "aside", None),
+        )
+        assert (reply.reply_to, reply.client_id, plain.reply_to) == (first.id, "c1", None)
+        assert [m.reply_to for m in await storage.messages("lobby")] == [None, first.id, None]
+        assert stored == [first, reply, plain]
+    finally:
+        await writer.close()
+        await storage.close()

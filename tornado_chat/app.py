@@ -35,6 +35,7 @@ from tornado_chat.auth import (
 from tornado_chat.auth.hash_queue import HashQueue
 from tornado_chat.broker import Broker, LocalBroker, RoomControl
 from tornado_chat.config import Settings, registration_mode
+from tornado_chat.conversation import TypingGate
 from tornado_chat.errors import StorageError
 from tornado_chat.handlers.auth import (
     AuthLoginHandler,
@@ -60,14 +61,16 @@ from tornado_chat.handlers.pages import StaticHandler
 from tornado_chat.handlers.rooms import (
     HealthHandler,
     ReadyHandler,
+    RoomEventsHandler,
     RoomHistoryHandler,
     RoomListHandler,
+    SearchHandler,
 )
 from tornado_chat.handlers.socket import ChatSocketHandler
 from tornado_chat.hub import Hub, Member
 from tornado_chat.limits import TokenBucket
 from tornado_chat.logs import bound_context, install_redaction
-from tornado_chat.storage import Storage, StoredMessage
+from tornado_chat.storage import Event, Storage, StoredMessage
 from tornado_chat.storage.housekeeping import PURGE_EVERY
 from tornado_chat.writer import MessageWriter
 
@@ -117,6 +120,8 @@ class Services:
     # The registration mode in force (config.registration_mode): from --host
     # here; ChatServer sets it from the addresses it actually bound.
     registration: str = "open"
+    # Which typing notices are relayed: one per user per room per 2 s, per node.
+    typing_gate: TypingGate = field(default_factory=TypingGate)
 
     def take_open(self, user_id: int) -> bool:
         """Take a token from the user's socket-open budget; False when it is empty.
@@ -183,6 +188,30 @@ class Services:
         for msg, origin in batch:
             self.hub.deliver(msg, origin)
             self.broker.publish_message(msg)
+
+    def on_event(self, event: Event) -> None:
+        """Fan an edit or deletion out locally, then tell the other nodes (like a message)."""
+        self.hub.deliver(event)
+        self.broker.publish_message(event)
+
+    def typing(self, room: str, user_id: int, frame: bytes) -> None:
+        """Relay a typing notice to the room's sockets here and on every node, not the typist's."""
+        self.hub.broadcast(room, frame, exclude_user=user_id)
+        self.broker.publish_notice(room, user_id, frame)
+
+    def read_moved(self, room: str, user_id: int, frame: bytes, origin: Member) -> None:
+        """Tell the room's members (every node) and the reader's other sockets here of a read."""
+        self.hub.broadcast(room, frame, exclude=origin)
+        self.hub.send_user(user_id, frame, skip_room=room)
+        self.broker.publish_notice(room, None, frame)
+
+    def on_notice(self, room: str, skip_user: int | None, frame: bytes) -> None:
+        """A typing or read notice from another node: to this node's sockets in the room.
+
+        ``skip_user`` (the typist of a typing notice) gets nothing; a read
+        notice reaches every socket (another tab of the reader moves on too).
+        """
+        self.hub.broadcast(room, frame, exclude_user=skip_user)
 
     def close_session(self, session_id: str) -> None:
         """Close a revoked session's sockets on this node."""
@@ -350,8 +379,9 @@ async def create_services(settings: Settings) -> Services:
         access_ttl=settings.access_ttl,
     )
 
-    async def fetch_since(room: str, seq: int) -> Sequence[StoredMessage]:
-        return await storage.messages(room, since=seq, limit=1000)
+    async def fetch_since(room: str, seq: int) -> Sequence[StoredMessage | Event]:
+        # Events, not messages: an edit or deletion holds a seq too.
+        return await storage.events(room, since=seq, limit=1000)
 
     try:
         broker = make_broker(settings)
@@ -385,6 +415,7 @@ async def create_services(settings: Settings) -> Services:
     broker.presence_listeners.append(hub.set_remote)
     broker.catch_up_listeners.append(hub.catch_up)
     broker.control_listeners.append(services.apply_control)
+    broker.notice_listeners.append(services.on_notice)
     auth.add_revoke_listener(services.on_revoked)
     try:
         await broker.start()
@@ -467,6 +498,8 @@ def make_app(settings: Settings, services: Services) -> tornado.web.Application:
         tornado.web.url(r"/api/ws-ticket", AuthTicketHandler, deps),
         tornado.web.url(r"/api/rooms", RoomListHandler, deps),
         tornado.web.url(rf"/api/rooms/({room})/messages", RoomHistoryHandler, deps),
+        tornado.web.url(rf"/api/rooms/({room})/events", RoomEventsHandler, deps),
+        tornado.web.url(r"/api/search", SearchHandler, deps),
         tornado.web.url(rf"/api/rooms/({room})/members", MembersHandler, deps),
         tornado.web.url(rf"/api/rooms/({room})/members/({user})", MemberHandler, deps),
         tornado.web.url(rf"/api/rooms/({room})/bans", BansHandler, deps),

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from tornado_chat.limits import TokenBucket
 
 if TYPE_CHECKING:
-    from tornado_chat.storage import StoredMessage
+    from tornado_chat.storage import Event, StoredMessage
 
 # protocol.CLOSE_UNAUTHORIZED and CLOSE_FORBIDDEN, spelled out: this module
 # loads nothing but limits (tests/test_broker_redis.py), and
@@ -66,7 +66,10 @@ class RoomControl:
         return self.user_id == user_id and (self.room is None or self.room == room)
 
 
-MessageListener = Callable[["StoredMessage"], None]
+MessageListener = Callable[["StoredMessage | Event"], None]
+# (room, user whose sockets are left out or None, ready frame): a typing or
+# read notice for the room's sockets.
+NoticeListener = Callable[[str, "int | None", bytes], None]
 RevokeListener = Callable[[str], None]
 PresenceListener = Callable[[str, frozenset[str]], None]
 CatchUpListener = Callable[["str | None"], None]
@@ -82,6 +85,7 @@ class Broker(ABC):
         self.presence_listeners: list[PresenceListener] = []
         self.catch_up_listeners: list[CatchUpListener] = []
         self.control_listeners: list[ControlListener] = []
+        self.notice_listeners: list[NoticeListener] = []
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (no-op for brokers without a connection)."""
@@ -95,8 +99,17 @@ class Broker(ABC):
         """Raise when the broker is unreachable."""
 
     @abstractmethod
-    def publish_message(self, msg: StoredMessage) -> None:
-        """Tell other nodes a message was stored (fire and forget)."""
+    def publish_message(self, msg: StoredMessage | Event) -> None:
+        """Tell other nodes a message, edit or deletion was stored (fire and forget)."""
+
+    def publish_notice(self, room: str, skip_user: int | None, frame: bytes) -> None:  # noqa: B027
+        """Relay a typing or read notice to the room's sockets on other nodes (optional hook).
+
+        ``skip_user``: a user whose sockets do not get it (the typist), or None.
+
+        Never stored and never resent: a notice lost with the connection is
+        stale by the time it could arrive.
+        """
 
     @abstractmethod
     def publish_revoke(self, session_id: str) -> None:
@@ -128,7 +141,7 @@ class LocalBroker(Broker):
     async def ping(self) -> None:
         """Always reachable."""
 
-    def publish_message(self, msg: StoredMessage) -> None:
+    def publish_message(self, msg: StoredMessage | Event) -> None:
         """No other node; local delivery already happened."""
 
     def publish_revoke(self, session_id: str) -> None:

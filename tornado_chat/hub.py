@@ -31,14 +31,16 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tornado_chat import metrics, protocol
+from tornado_chat import conversation, metrics, protocol
 
 if TYPE_CHECKING:
-    from tornado_chat.storage import StoredMessage
+    from tornado_chat.storage import Event, StoredMessage
 
 log = logging.getLogger("tornado_chat.hub")
 
-FetchSince = Callable[[str, int], Awaitable[Sequence["StoredMessage"]]]
+# Loads what a room stored after a seq, in order: events of its log (messages,
+# edits, deletions), so a gap left by any of them fills.
+FetchSince = Callable[[str, int], Awaitable[Sequence["StoredMessage | Event"]]]
 
 
 class Peer(Protocol):
@@ -180,7 +182,7 @@ class Room:
         self.online: dict[str, int] = {}
         # Highest seq delivered here; None until the first message or join fixes it.
         self.delivered: int | None = None
-        self.pending: dict[int, tuple[StoredMessage, Member | None]] = {}
+        self.pending: dict[int, tuple[StoredMessage | Event, Member | None]] = {}
         self.gap_timer: asyncio.TimerHandle | None = None
         # A catch-up was asked for before the cursor was known.
         self.catch_up = False
@@ -372,22 +374,39 @@ class Hub:
 
     # -- fan-out ------------------------------------------------------------
 
-    def broadcast(self, room: str, frame: bytes, *, exclude: Member | None = None) -> None:
-        """Queue a non-message frame (presence) for every member of a room."""
+    def broadcast(
+        self,
+        room: str,
+        frame: bytes,
+        *,
+        exclude: Member | None = None,
+        exclude_user: int | None = None,
+    ) -> None:
+        """Queue a frame without seq (presence, typing, read) for every member of a room.
+
+        ``exclude``: one socket left out; ``exclude_user``: all of a user's
+        sockets left out (a typing notice is never shown to its typist).
+        """
         r = self.rooms.get(room)
         if r is None:
             return
         dirty = self._dirty
         for m in r.members:
-            if m is not exclude and m.queue(frame):
+            if m is exclude or m.user_id == exclude_user:
+                continue
+            if m.queue(frame):
                 dirty.append(m)
         self._schedule_flush()
 
-    def deliver(self, msg: StoredMessage, origin: Member | None = None) -> None:
-        """Deliver a stored message to its room, in ``seq`` order.
+    def deliver(self, msg: StoredMessage | Event, origin: Member | None = None) -> None:
+        """Deliver a stored message or event to its room, in ``seq`` order.
+
+        Edits and deletions number in the same ``seq`` as messages, so they
+        take exactly the path of messages: held behind a gap, filled from
+        storage, deduplicated per socket.
 
         Args:
-            msg: the stored message.
+            msg: the stored message or event.
             origin: the sender's member on this node, which gets ``client_id``.
         """
         room = self.rooms.get(msg.room)
@@ -406,7 +425,7 @@ class Hub:
         # else: already delivered (a duplicate notification)
 
     @staticmethod
-    def _hold(room: Room, msg: StoredMessage, origin: Member | None) -> None:
+    def _hold(room: Room, msg: StoredMessage | Event, origin: Member | None) -> None:
         # A duplicate notification of a held message (the broker's copy, which
         # has no origin) must not replace the local sender's entry: only that
         # one gets the client_id echo the sender waits for.
@@ -414,18 +433,18 @@ class Hub:
         if held is None or held[1] is None:
             room.pending[msg.seq] = (msg, origin)
 
-    def _fan_out(self, room: Room, msg: StoredMessage, origin: Member | None) -> None:
+    def _fan_out(self, room: Room, msg: StoredMessage | Event, origin: Member | None) -> None:
         room.delivered = msg.seq
-        frame = protocol.message_frame(msg)
-        own: bytes | None = None
-        if origin is not None and msg.client_id is not None:
-            own = protocol.message_frame(msg, with_client_id=True)
+        frame, own = conversation.delivery_frames(msg)
+        if origin is None:
+            own = None
         dirty = self._dirty
         seq = msg.seq
         for m in room.members:
             if m.queue(own if own is not None and m is origin else frame, seq):
                 dirty.append(m)
-        metrics.fanned_out(msg, len(room.members))
+        if getattr(msg, "kind", "message") == "message":
+            metrics.fanned_out(msg, len(room.members))
         self._schedule_flush()
 
     def _drain_pending(self, room: Room) -> None:
@@ -565,6 +584,25 @@ class Hub:
         """Release a member's set-up frames and held live frames, then flush."""
         member.start(frames)
         self._dirty.append(member)
+        self._schedule_flush()
+
+    def send_user(self, user_id: int, frame: bytes, *, skip_room: str) -> None:
+        """Queue a frame for ``user_id``'s sockets on this node outside ``skip_room``.
+
+        A ``read`` frame reaches the reader's other tabs whatever room they
+        show (the room's own members got it by :meth:`broadcast`).
+        """
+        r = self.rooms.get(skip_room)
+        here = sum(1 for m in r.members if m.user_id == user_id) if r is not None else 0
+        if self.users.get(user_id, 0) <= here:
+            return  # no socket elsewhere: skip the walk over every member
+        dirty = self._dirty
+        for name, room in self.rooms.items():
+            if name == skip_room:
+                continue
+            for m in room.members:
+                if m.user_id == user_id and m.queue(frame):
+                    dirty.append(m)
         self._schedule_flush()
 
     def send(self, member: Member, frame: bytes) -> None:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import tornado.web
 
     from tornado_chat.session import CloseDecision
-    from tornado_chat.storage import StoredMessage
+    from tornado_chat.storage import Event, StoredMessage
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -351,7 +351,7 @@ def messages_stored(count: int) -> None:
         _on.stored.inc(count)
 
 
-def fanned_out(msg: StoredMessage, sockets: int) -> None:
+def fanned_out(msg: StoredMessage | Event, sockets: int) -> None:
     """A message was queued to ``sockets`` local sockets; its latency is taken at the flush."""
     m = _on
     if m is not None:

@@ -98,6 +98,26 @@ def parse_seq(raw: str) -> int:
     return int(raw)
 
 
+def decode_frame(data: str | bytes) -> dict[str, Any]:
+    """The JSON object of one client frame, undispatched.
+
+    Raises:
+        ProtocolError: a binary frame (``bad_frame``), invalid JSON
+            (``invalid_json``) or JSON that is not an object (``bad_frame``).
+    """
+    if isinstance(data, bytes):
+        raise ProtocolError("bad_frame", "binary frames are not supported; send JSON text")
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        # ValueError covers JSONDecodeError and ints beyond the digit limit;
+        # RecursionError covers pathological nesting.
+        raise ProtocolError("invalid_json", "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_frame", "frame must be a JSON object")
+    return obj
+
+
 def parse_client_frame(data: str | bytes, *, max_body_chars: int) -> ClientFrame:
     """Parse and validate one client frame.
 
@@ -111,36 +131,36 @@ def parse_client_frame(data: str | bytes, *, max_body_chars: int) -> ClientFrame
     Raises:
         ProtocolError: with the code of the error frame to send back.
     """
-    if isinstance(data, bytes):
-        raise ProtocolError("bad_frame", "binary frames are not supported; send JSON text")
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):
-        # ValueError covers JSONDecodeError and ints beyond the digit limit;
-        # RecursionError covers pathological nesting.
-        raise ProtocolError("invalid_json", "frame is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("bad_frame", "frame must be a JSON object")
+    obj = decode_frame(data)
     kind = obj.get("type")
     if kind == "message":
-        return _parse_message(obj, max_body_chars)
+        return parse_message(obj, max_body_chars)
     if kind == "reauth":
-        token = obj.get("token")
-        # A lone surrogate would make the JWT library raise UnicodeEncodeError
-        # (not its InvalidTokenError) when it encodes the token to bytes.
-        if (
-            not isinstance(token, str)
-            or not token
-            or len(token) > MAX_TOKEN_CHARS
-            or _FORBIDDEN_CHARS.search(token)
-        ):
-            raise ProtocolError("invalid_token", "reauth needs a token string")
-        return Reauth(token)
+        return parse_reauth(obj)
     raise ProtocolError("unknown_type", "type must be 'message' or 'reauth'")
 
 
-def _parse_message(obj: Mapping[str, Any], max_body_chars: int) -> ChatMessage:
-    body = obj.get("body")
+def parse_reauth(obj: Mapping[str, Any]) -> Reauth:
+    """The ``reauth`` frame of a decoded object (its ``type`` already checked)."""
+    token = obj.get("token")
+    # A lone surrogate would make the JWT library raise UnicodeEncodeError
+    # (not its InvalidTokenError) when it encodes the token to bytes.
+    if (
+        not isinstance(token, str)
+        or not token
+        or len(token) > MAX_TOKEN_CHARS
+        or _FORBIDDEN_CHARS.search(token)
+    ):
+        raise ProtocolError("invalid_token", "reauth needs a token string")
+    return Reauth(token)
+
+
+def check_body(body: object, max_body_chars: int) -> str:
+    """A message body (of a ``message`` or an ``edit``) if acceptable.
+
+    Raises:
+        ProtocolError: ``bad_body``, ``empty_body`` or ``body_too_long``.
+    """
     if not isinstance(body, str):
         raise ProtocolError("bad_body", "body must be a string")
     if not body.strip():
@@ -149,6 +169,12 @@ def _parse_message(obj: Mapping[str, Any], max_body_chars: int) -> ChatMessage:
         raise ProtocolError("body_too_long", f"body is longer than {max_body_chars} characters")
     if _FORBIDDEN_CHARS.search(body):
         raise ProtocolError("bad_body", "body contains NUL or unpaired surrogate characters")
+    return body
+
+
+def parse_message(obj: Mapping[str, Any], max_body_chars: int) -> ChatMessage:
+    """The ``message`` frame of a decoded object (its ``type`` already checked)."""
+    body = check_body(obj.get("body"), max_body_chars)
     client_id = obj.get("client_id")
     if client_id is not None and (
         not isinstance(client_id, str)

@@ -70,7 +70,7 @@ from tornado_chat.broker import Broker, RoomControl, SharedTokenBucket
 from tornado_chat.errors import ChatError, ConfigError
 from tornado_chat.limits import TokenBucket
 from tornado_chat.presence import ClusterPresence, Entry
-from tornado_chat.storage import StoredMessage
+from tornado_chat.storage import Event, StoredMessage
 
 __all__ = ["RedisBroker", "RedisOptions", "parse_broker_url"]
 
@@ -283,6 +283,36 @@ def _parse_entry(value: Any) -> Entry | None:
         return None
 
 
+def _delivery_of(event: dict[str, Any]) -> StoredMessage | Event:
+    """The message or event a ``"t": "m"`` notification carries (KeyError, ValueError if bad)."""
+    client_id = event.get("client_id")
+    reply_to = event.get("reply_to")
+    body = event.get("body")
+    msg_id, room, seq = int(event["id"]), str(event["room"]), int(event["seq"])
+    user, ts = str(event["user"]), str(event["ts"])
+    cid = None if client_id is None else str(client_id)
+    reply = None if reply_to is None else int(reply_to)
+    kind = event.get("k")
+    if kind is None:
+        return StoredMessage(msg_id, room, seq, user, str(body), ts, cid, reply_to=reply)
+    if kind not in ("message", "edit", "delete"):
+        raise ValueError(f"unknown event kind {kind!r}")
+    edited_ts = event.get("edited_ts")
+    return Event(
+        kind=kind,
+        room=room,
+        seq=seq,
+        id=msg_id,
+        user=user,
+        body=None if body is None else str(body),
+        ts=ts,
+        edited_ts=None if edited_ts is None else str(edited_ts),
+        reply_to=reply,
+        client_id=cid,
+        deleted=bool(event.get("deleted")),
+    )
+
+
 def _control_of(event: dict[str, Any]) -> RoomControl:
     """The room control of a ``{"t": "c"}`` notification.
 
@@ -323,7 +353,7 @@ class _Publish:
 
     channel: bytes
     payload: bytes
-    subject: StoredMessage | str | RoomControl
+    subject: StoredMessage | Event | str | RoomControl | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,7 +438,8 @@ class RedisBroker(Broker):
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._beat_now = asyncio.Event()
-        self._unsent: dict[str, StoredMessage] = {}  # room -> latest unpublished message
+        # room -> latest unpublished message or event
+        self._unsent: dict[str, StoredMessage | Event] = {}
         self._unsent_revokes: list[str] = []
         self._unsent_controls: list[RoomControl] = []
         self._last_pong = 0.0
@@ -527,12 +558,28 @@ class RedisBroker(Broker):
 
     # -- hooks from the node -------------------------------------------------------
 
-    def publish_message(self, msg: StoredMessage) -> None:
-        """Queue a stored message's notification for the other nodes."""
+    def publish_message(self, msg: StoredMessage | Event) -> None:
+        """Queue a stored message's (or edit's, deletion's) notification for the other nodes."""
         if not self._connected or len(self._outbox) >= MAX_OUTBOX:
             self._unsent[msg.room] = msg
             return
         self._outbox.append(_Publish(self._room_channel(msg.room), self._payload(msg), msg))
+        self._wake.set()
+
+    def publish_notice(self, room: str, skip_user: int | None, frame: bytes) -> None:
+        """Queue a typing or read notice for the room's sockets on the other nodes.
+
+        ``skip_user``: the user whose sockets do not get it (the typist), or None.
+
+        Dropped when disconnected or the outbox is full: a notice is never resent.
+        """
+        if not self._connected or len(self._outbox) >= MAX_OUTBOX:
+            return
+        head = json.dumps({"t": "e", "n": self.node_id, "room": room, "u": skip_user})
+        # The ready WebSocket frame's bytes go as latin-1 text: every byte maps to one character.
+        payload = json.dumps({"f": frame.decode("latin-1")})
+        data = (head[:-1] + "," + payload[1:]).encode()
+        self._outbox.append(_Publish(self._room_channel(room), data, None))
         self._wake.set()
 
     def publish_revoke(self, session_id: str) -> None:
@@ -602,22 +649,24 @@ class RedisBroker(Broker):
     def _room_channel(self, room: str) -> bytes:
         return (self._room_prefix + room).encode()
 
-    def _payload(self, msg: StoredMessage) -> bytes:
-        return json.dumps(
-            {
-                "t": "m",
-                "n": self.node_id,
-                "room": msg.room,
-                "seq": msg.seq,
-                "id": msg.id,
-                "user": msg.user,
-                "body": msg.body,
-                "ts": msg.ts,
-                "client_id": msg.client_id,
-            },
-            separators=(",", ":"),
-            ensure_ascii=False,
-        ).encode()
+    def _payload(self, msg: StoredMessage | Event) -> bytes:
+        fields: dict[str, Any] = {
+            "t": "m",
+            "n": self.node_id,
+            "room": msg.room,
+            "seq": msg.seq,
+            "id": msg.id,
+            "user": msg.user,
+            "body": msg.body,
+            "ts": msg.ts,
+            "client_id": msg.client_id,
+        }
+        # Only what a v1 message lacks is added, so a plain message's notification is v1's.
+        if msg.reply_to is not None:
+            fields["reply_to"] = msg.reply_to
+        if isinstance(msg, Event):
+            fields.update(k=msg.kind, edited_ts=msg.edited_ts, deleted=msg.deleted)
+        return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
 
     def _remember_revoke(self, session_id: str) -> None:
         if len(self._unsent_revokes) < MAX_UNSENT_REVOKES:
@@ -642,16 +691,12 @@ class RedisBroker(Broker):
             if event.get("n") == self.node_id:
                 return  # our own echo: local delivery already happened
             if kind == "m":
-                client_id = event.get("client_id")
-                msg = StoredMessage(
-                    id=int(event["id"]),
-                    room=str(event["room"]),
-                    seq=int(event["seq"]),
-                    user=str(event["user"]),
-                    body=str(event["body"]),
-                    ts=str(event["ts"]),
-                    client_id=None if client_id is None else str(client_id),
-                )
+                msg = _delivery_of(event)
+            elif kind == "e":
+                room = str(event["room"])
+                skip = event["u"]
+                notice_user = None if skip is None else int(skip)
+                notice = str(event["f"]).encode("latin-1")
             elif kind == "p":
                 room = str(event["room"])
                 users = [str(u) for u in event["users"]]
@@ -676,6 +721,9 @@ class RedisBroker(Broker):
             elif kind == "c":
                 for apply in list(self.control_listeners):
                     apply(control)
+            elif kind == "e":
+                for relay in list(self.notice_listeners):
+                    relay(room, notice_user, notice)
             else:
                 for revoke in list(self.revoke_listeners):
                     revoke(session)
@@ -866,7 +914,9 @@ class RedisBroker(Broker):
         for item in batch:
             if isinstance(item, _RateCharge):
                 item.bucket.settle(None)
-            elif isinstance(item.subject, StoredMessage):
+            elif item.subject is None:
+                continue  # a notice: never resent
+            elif isinstance(item.subject, (StoredMessage, Event)):
                 msg = item.subject
                 old = self._unsent.get(msg.room)
                 if old is None or old.seq < msg.seq:

@@ -35,10 +35,10 @@ import logging
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from tornado_chat import authz, protocol
+from tornado_chat import authz, conversation, protocol
 from tornado_chat.errors import InvalidToken
 from tornado_chat.logs import clip
-from tornado_chat.protocol import ChatMessage, ProtocolError, Reauth
+from tornado_chat.protocol import ProtocolError, Reauth
 
 log = logging.getLogger("tornado_chat.socket")
 
@@ -206,6 +206,24 @@ def mute_in_force(access: RoomAccessFacts, *, admin: bool) -> float | None:
     except ValueError:
         return None
     return access.muted_until if answer.code == "muted" else None
+
+
+def deletes_any(access: RoomAccessFacts, *, admin: bool) -> bool:
+    """May the user delete other users' messages in the room?
+
+    A room moderator or owner, and a server admin in a public or private
+    room (as for every other moderation), may; a muted moderator may not
+    until the mute ends (:class:`tornado_chat.authz.Relation`: a mute wins
+    over the role), and nobody may in a direct room. Anyone may delete their
+    own messages (storage checks the author), muted or not: removing is not
+    speaking.
+    """
+    room, relation = _facts(access)
+    if room.visibility not in ("public", "private"):
+        return False
+    if admin:
+        return True
+    return relation in (authz.Relation.MODERATOR, authz.Relation.OWNER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,15 +488,17 @@ class Session:
 
     # -- frames -------------------------------------------------------------------
 
-    def frame_received(self, message: str | bytes, budget: Budget) -> ChatMessage | Reauth | None:
-        """A client frame arrived.
+    def frame_received(
+        self, message: str | bytes, budget: Budget
+    ) -> conversation.ClientFrame | None:
+        """A client frame arrived (contract v2: message, edit, delete, typing, read, reauth).
 
         Args:
             message: the frame (``bytes`` for a binary frame).
             budget: the user's message-rate budget; every frame takes from it.
 
         Returns:
-            A message for the handler to store, a reauth for it to check (phase
+            A frame for the handler to carry out, a reauth for it to check (phase
             REAUTHENTICATING), or None (an error frame is queued, or the socket
             closes, or it is not reading).
         """
@@ -503,7 +523,7 @@ class Session:
                 self._frames.append(protocol.error_frame("rate_limited", "slow down"))
             return None
         try:
-            frame = protocol.parse_client_frame(message, max_body_chars=self.limits.max_body_chars)
+            frame = conversation.parse_frame(message, max_body_chars=self.limits.max_body_chars)
         except ProtocolError as exc:
             self._frames.append(protocol.error_frame(exc.code, exc.message))
             return None
@@ -526,6 +546,15 @@ class Session:
                 protocol.error_frame("muted", f"you are muted in this room for {left} more s")
             )
         return True
+
+    def frame_refused(self, code: str, message: str) -> None:
+        """An edit, deletion or reply was refused (``forbidden``, ``not_found``, ``bad_reply_to``).
+
+        An ``error`` frame with ``code``; the socket stays open.
+        """
+        log.info("%s refused user=%s room=%s", code, self.username, self.room)
+        if not self.closing:
+            self._frames.append(protocol.error_frame(code, message))
 
     def message_not_stored(self, why: str) -> None:
         """Storing a message failed: the client is told to send it again."""

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tornado_chat.writer")
 
 OriginT = TypeVar("OriginT")
-Item = tuple[str, int, str, str, "str | None"]
+# A message to store: storage.records.MessageItem (reply_to the sixth element).
+Item = tuple[str, int, str, str, "str | None", "int | None"]
 OnStored = Callable[[Sequence[tuple["StoredMessage", OriginT | None]]], None]
 
 
@@ -60,8 +61,12 @@ class MessageWriter(Generic[OriginT]):
         body: str,
         client_id: str | None,
         origin: OriginT | None = None,
+        reply_to: int | None = None,
     ) -> StoredMessage:
         """Store one message (with others in the same turn) and return it.
+
+        ``reply_to``: the id of the message of ``room`` it answers (checked
+        by the caller with ``Storage.get_message``; see ``Storage.append_message``).
 
         Raises:
             StorageError: the message was not stored; it must not be acknowledged.
@@ -69,7 +74,7 @@ class MessageWriter(Generic[OriginT]):
         if self._closed:
             raise StorageError("server is shutting down")
         fut: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
-        self._queue.append(((room, user_id, username, body, client_id), origin, fut))
+        self._queue.append(((room, user_id, username, body, client_id, reply_to), origin, fut))
         if self._task is None:
             self._task = asyncio.ensure_future(self._drain())
         return await fut

@@ -37,7 +37,7 @@ import tornado.web
 import tornado.websocket
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
-from tornado_chat import compat, config, metrics, protocol
+from tornado_chat import compat, config, conversation, metrics, protocol
 from tornado_chat.addresses import address_group
 from tornado_chat.config import Settings
 from tornado_chat.errors import (
@@ -65,8 +65,10 @@ from tornado_chat.session import (
     SessionLimits,
     authorize_open,
     choose_credential,
+    deletes_any,
     mute_in_force,
 )
+from tornado_chat.storage.records import ChangeOutcome, ChangeResult
 
 if TYPE_CHECKING:
     from tornado_chat.app import Services
@@ -682,14 +684,16 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         cursor = since
         while cursor < last_seq:
             try:
-                page = await self.services.storage.messages(room, since=cursor, limit=REPLAY_PAGE)
+                # The event log, not the messages: edits and deletions of
+                # messages older than since are replayed too, in seq order.
+                page = await self.services.storage.events(room, since=cursor, limit=REPLAY_PAGE)
             except StorageError as exc:
                 self._event(session.replay_failed, str(exc))
                 return
-            page = [m for m in page if m.seq <= last_seq]
+            page = [e for e in page if e.seq <= last_seq]
             if not page:
                 break
-            frames = [protocol.message_frame(m, with_client_id=m.user == username) for m in page]
+            frames = [conversation.event_frame(e, with_client_id=e.user == username) for e in page]
             if not await self._write_paced(frames):
                 return
             cursor = page[-1].seq
@@ -737,7 +741,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     # -- frames -------------------------------------------------------------------
 
     async def on_message(self, message: str | bytes) -> None:
-        """Validate, rate-limit, store, fan out."""
+        """Validate, rate-limit, then carry the frame out (store and fan out, or relay)."""
         member, session = self.member, self.session
         if member is None or session is None:
             return
@@ -748,31 +752,138 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 return
             if isinstance(frame, Reauth):
                 await self._reauth(session, member, frame.token)
-                return
-            until = member.muted_until
-            if until is not None:
-                # The mute was read at open and is kept current by
-                # Services.muted: no database read per message.
-                if session.message_muted(until, time.time()):
-                    self._pump()
-                    return
-                member.muted_until = None  # it ended by itself
-            try:
-                # The writer's batch task may start here, and then stores (and
-                # fans out) every socket's messages: it must not inherit this
-                # socket's request id.
-                metrics.message_received()
-                with bound_context(None):
-                    await self.services.writer.submit(
-                        member.room,
-                        member.user_id,
-                        member.username,
-                        frame.body,
-                        frame.client_id,
-                        member,
+            elif isinstance(frame, conversation.Message):
+                await self._message(session, member, frame)
+            elif isinstance(frame, conversation.Edit):
+                await self._edit(session, member, frame)
+            elif isinstance(frame, conversation.Delete):
+                await self._delete(session, member, frame)
+            elif isinstance(frame, conversation.Typing):
+                self._typing(member)
+            else:
+                await self._read(session, member, frame)
+
+    def _muted(self, session: Session, member: Member) -> bool:
+        """Whether the user is muted here now (an ``error`` frame ``muted`` is queued then)."""
+        until = member.muted_until
+        if until is None:
+            return False
+        # The mute was read at open and is kept current by Services.muted:
+        # no database read per frame.
+        if session.message_muted(until, time.time()):
+            self._pump()
+            return True
+        member.muted_until = None  # it ended by itself
+        return False
+
+    async def _message(self, session: Session, member: Member, frame: conversation.Message) -> None:
+        if self._muted(session, member):
+            return
+        try:
+            if frame.reply_to is not None:
+                # One read, replies only: the writer's batch stores a reply to
+                # another room's message as no reply, so refuse it here.
+                target = await self.services.storage.get_message(member.room, frame.reply_to)
+                if target is None:
+                    self._event(
+                        session.frame_refused,
+                        "bad_reply_to",
+                        "reply_to is not a message of this room",
                     )
-            except StorageError as exc:
-                self._event(session.message_not_stored, str(exc))
+                    return
+            # The writer's batch task may start here, and then stores (and
+            # fans out) every socket's messages: it must not inherit this
+            # socket's request id.
+            metrics.message_received()
+            with bound_context(None):
+                await self.services.writer.submit(
+                    member.room,
+                    member.user_id,
+                    member.username,
+                    frame.body,
+                    frame.client_id,
+                    member,
+                    reply_to=frame.reply_to,
+                )
+        except StorageError as exc:
+            self._event(session.message_not_stored, str(exc))
+
+    async def _edit(self, session: Session, member: Member, frame: conversation.Edit) -> None:
+        """The author replaces a body: the room's next event, delivered like a message."""
+        if self._muted(session, member):
+            return
+        try:
+            result = await self.services.storage.edit_message(
+                member.room, frame.id, member.user_id, frame.body
+            )
+        except StorageError as exc:
+            self._event(session.message_not_stored, str(exc))
+            return
+        self._changed(session, result, "only the author may edit a message")
+
+    async def _delete(self, session: Session, member: Member, frame: conversation.Delete) -> None:
+        """The author, a moderator or owner of the room, or a server admin deletes a message.
+
+        The author's own deletion needs no access read: storage checks the
+        author. Only when it is refused as another's message are the room
+        access and the account read, and the deletion tried again as a
+        moderator's when :func:`~tornado_chat.session.deletes_any` allows.
+        """
+        storage = self.services.storage
+        room = member.room
+        try:
+            result = await storage.delete_message(room, frame.id, member.user_id)
+            if result.outcome is ChangeOutcome.FORBIDDEN:
+                access = await storage.room_access(room, member.user_id)
+                user = await storage.get_user(member.user_id)
+                admin = user is not None and user.is_admin
+                if deletes_any(access, admin=admin):
+                    result = await storage.delete_message(
+                        room, frame.id, member.user_id, any_author=True
+                    )
+        except StorageError as exc:
+            self._event(session.message_not_stored, str(exc))
+            return
+        self._changed(session, result, "you may delete only your own messages here")
+
+    def _changed(self, session: Session, result: ChangeResult, forbidden: str) -> None:
+        """Deliver an edit's or deletion's event, or tell the client why there is none."""
+        if result.outcome is ChangeOutcome.DONE and result.event is not None:
+            self.services.on_event(result.event)
+        elif result.outcome is ChangeOutcome.FORBIDDEN:
+            self._event(session.frame_refused, "forbidden", forbidden)
+        else:
+            self._event(session.frame_refused, "not_found", "no such message in this room")
+
+    def _typing(self, member: Member) -> None:
+        """Relay at most one notice per user per room per 2 s; the rest, and a muted user's, drop.
+
+        A muted user cannot send, so telling the room it types would be
+        false: its notices are dropped without an error frame, like any
+        notice over the rate.
+        """
+        until = member.muted_until
+        if until is not None and until > time.time():
+            return
+        services = self.services
+        if not services.typing_gate.allow(member.user_id, member.room, time.monotonic()):
+            return
+        frame = conversation.typing_frame(member.room, member.username)
+        services.typing(member.room, member.user_id, frame)
+
+    async def _read(self, session: Session, member: Member, frame: conversation.Read) -> None:
+        """Store the read position (forward only); tell the room and the reader's other sockets."""
+        try:
+            moved = await self.services.storage.set_read_position(
+                member.room, member.user_id, frame.seq
+            )
+        except StorageError as exc:
+            self._event(session.message_not_stored, str(exc))
+            return
+        if moved is None or not moved.moved:
+            return  # not forward: nobody needs to hear of it
+        notice = conversation.read_frame(member.room, member.username, moved.seq)
+        self.services.read_moved(member.room, member.user_id, notice, member)
 
     async def _reauth(self, session: Session, member: Member, token: str) -> None:
         auth = self.services.auth

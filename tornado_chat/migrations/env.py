@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from tornado_chat.storage.schema import metadata
+from tornado_chat.storage.schema import include_name, metadata
 
 
 def run_migrations_online() -> None:
@@ -23,6 +23,9 @@ def run_migrations_online() -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
+        # The search index lives outside the metadata (schema.SEARCH_OBJECTS):
+        # a comparison must neither report nor drop it.
+        include_name=include_name,
         # SQLite cannot ALTER most things in place; batch mode copies the table.
         render_as_batch=connection.dialect.name == "sqlite",
     )

@@ -19,16 +19,23 @@ One job per module:
 from __future__ import annotations
 
 from tornado_chat.storage.engine import DEFAULT_DB_TIMEOUT
-from tornado_chat.storage.facade import MAX_PAGE_SIZE, Storage
+from tornado_chat.storage.facade import MAX_PAGE_SIZE, MAX_SEARCH_RESULTS, Storage
 from tornado_chat.storage.records import (
     Account,
+    ChangeOutcome,
+    ChangeResult,
+    Event,
+    EventKind,
     Member,
+    ReadMove,
+    ReadState,
     Role,
     Room,
     RoomAccess,
     RoomListing,
     RotateOutcome,
     RotateResult,
+    SearchHit,
     StoredMessage,
     TicketGrant,
     User,
@@ -38,14 +45,22 @@ from tornado_chat.storage.records import (
 __all__ = [
     "DEFAULT_DB_TIMEOUT",
     "MAX_PAGE_SIZE",
+    "MAX_SEARCH_RESULTS",
     "Account",
+    "ChangeOutcome",
+    "ChangeResult",
+    "Event",
+    "EventKind",
     "Member",
+    "ReadMove",
+    "ReadState",
     "Role",
     "Room",
     "RoomAccess",
     "RoomListing",
     "RotateOutcome",
     "RotateResult",
+    "SearchHit",
     "Storage",
     "StoredMessage",
     "TicketGrant",

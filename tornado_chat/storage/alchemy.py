@@ -21,11 +21,16 @@ from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tornado_chat.errors import InviteRefused, RoomNameTaken, StorageError, UsernameTaken
-from tornado_chat.storage.queries import MessageRow
+from tornado_chat.search_query import Query, fts5_match, mentions, tsquery_text
+from tornado_chat.storage.queries import EventRow, MessageRow, SearchRow
 from tornado_chat.storage.records import (
     Account,
+    ChangeOutcome,
+    ChangeResult,
     Member,
     MessageItem,
+    ReadMove,
+    ReadState,
     Role,
     Room,
     RoomAccess,
@@ -35,12 +40,17 @@ from tornado_chat.storage.records import (
     TicketGrant,
     User,
     Visibility,
+    event_of,
+    message_parts,
 )
 from tornado_chat.storage.schema import (
     ROLES,
+    SEARCH_VECTOR_SQL,
     direct_rooms,
     invites,
+    message_events,
     messages,
+    read_positions,
     refresh_tokens,
     room_bans,
     room_members,
@@ -51,11 +61,20 @@ from tornado_chat.storage.schema import (
     users,
 )
 
-__all__ = ["FIRST_USER_LOCK_ID", "PURGE_LOCK_ID", "AlchemyQueries", "direct_room_name"]
+__all__ = [
+    "FIRST_USER_LOCK_ID",
+    "PURGE_LOCK_ID",
+    "UNREAD_WINDOW",
+    "AlchemyQueries",
+    "direct_room_name",
+]
 
 #: The PostgreSQL advisory lock held by the node purging expired rows (an
 #: arbitrary constant, next to the migrations' one in engine.py).
 PURGE_LOCK_ID = 0x7C4A7_0002
+#: Unread and mention counts look at a room's latest this many events only
+#: (``unread`` is then at most this: "1000 or more" for a client).
+UNREAD_WINDOW = 1000
 #: The PostgreSQL advisory lock taken by a registration that finds no user:
 #: of two first registrations racing, the second waits and then sees the
 #: first, so exactly one account of an empty database becomes admin.
@@ -119,6 +138,55 @@ def _room(row: Any) -> Room:
 
 def _room_id_of(name: str) -> sa.ScalarSelect[Any]:
     return sa.select(rooms.c.id).where(rooms.c.name == name).scalar_subquery()
+
+
+#: A history row's columns, in the order :func:`records.stored_message` reads.
+_HISTORY_COLUMNS = (
+    messages.c.id,
+    messages.c.seq,
+    messages.c.username,
+    messages.c.body,
+    messages.c.created_at_ms,
+    messages.c.client_id,
+    messages.c.reply_to,
+    messages.c.edited_at_ms,
+    messages.c.deleted,
+)
+
+
+_SEARCH_COLUMNS_SQL = (
+    "SELECT messages.id, messages.seq, messages.username, messages.body,"
+    " messages.created_at_ms, rooms.name"
+)
+# The rowid conditions and order are FTS5's own: it walks its index newest
+# first and LIMIT stops it, instead of sorting every match.
+_SQLITE_SEARCH_SQL = (
+    _SEARCH_COLUMNS_SQL + " FROM messages_fts JOIN messages ON messages.id = messages_fts.rowid"
+    " JOIN rooms ON rooms.id = messages.room_id"
+    " WHERE messages_fts MATCH :match AND messages_fts.rowid < :before"
+    " AND messages.room_id IN :rooms AND messages.deleted = 0"
+    " ORDER BY messages_fts.rowid DESC LIMIT :limit"
+)
+# Only constants are joined here (the vector must be spelled as the index is).
+_POSTGRES_SEARCH_SQL = (
+    _SEARCH_COLUMNS_SQL + " FROM messages JOIN rooms ON rooms.id = messages.room_id"
+    " WHERE " + SEARCH_VECTOR_SQL + " @@ to_tsquery('simple'::regconfig, :match)"
+    " AND messages.id < :before AND messages.room_id IN :rooms AND NOT messages.deleted"
+    " ORDER BY messages.id DESC LIMIT :limit"
+)
+
+
+class _Refused(Exception):
+    """Raised inside a write transaction to roll it back with an outcome."""
+
+    def __init__(self, outcome: ChangeOutcome) -> None:
+        super().__init__(outcome.value)
+        self.outcome = outcome
+
+
+def _like_escape(text: str) -> str:
+    """``text`` with LIKE's wildcards escaped (``\\`` is the escape character)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class AlchemyQueries:
@@ -557,8 +625,13 @@ class AlchemyQueries:
 
     async def append_messages(
         self, items: Sequence[MessageItem], per_room: dict[str, int], now: float, now_ms: int
-    ) -> list[tuple[int, int]]:
-        """Store ``items`` in one transaction; ``(id, seq)`` of each, in order."""
+    ) -> list[tuple[int, int, int | None]]:
+        """Store ``items`` in one transaction; ``(id, seq, reply_to)`` of each, in order.
+
+        A ``reply_to`` that is not a message of the item's room is stored as
+        None (a reply must not fail everyone's batch; the caller checks the
+        target first, :meth:`get_message`).
+        """
         async with self._write() as conn:
             # Lock (and bump) the rooms in name order: two transactions
             # touching the same rooms then never wait on each other in a
@@ -579,26 +652,30 @@ class AlchemyQueries:
             # whole batch (everyone else's messages) on the foreign key:
             # its message is kept under its name, unlinked. FOR KEY SHARE
             # (PostgreSQL) stops the deletion until this commits.
+            parts = [message_parts(item) for item in items]
             known_users = set(
                 (
                     await conn.execute(
                         sa.select(users.c.id)
-                        .where(users.c.id.in_({item[1] for item in items}))
+                        .where(users.c.id.in_({part[1] for part in parts}))
                         .with_for_update(read=True, key_share=True)
                     )
                 ).scalars()
             )
+            targets = await _reply_targets(conn, parts)
             rows: list[dict[str, Any]] = []
-            for room, user_id, username, body, client_id in items:
+            for room, user_id, username, body, client_id, reply_to in parts:
+                room_id = room_ids[room]
                 rows.append(
                     {
-                        "room_id": room_ids[room],
+                        "room_id": room_id,
                         "seq": next_seq[room],
                         "user_id": user_id if user_id in known_users else None,
                         "username": username,
                         "body": body,
                         "client_id": client_id,
                         "created_at_ms": now_ms,
+                        "reply_to": reply_to if targets.get(reply_to) == room_id else None,
                     }
                 )
                 next_seq[room] += 1
@@ -608,21 +685,14 @@ class AlchemyQueries:
             )
             # Rows may come back in any order; (room_id, seq) is unique.
             ids = {(int(r.room_id), int(r.seq)): int(r.id) for r in result}
-        return [(ids[(row["room_id"], row["seq"])], row["seq"]) for row in rows]
+        return [(ids[(row["room_id"], row["seq"])], row["seq"], row["reply_to"]) for row in rows]
 
     async def message_rows(
         self, room: str, since: int | None, before: int | None, limit: int
     ) -> list[MessageRow]:
         """A page of history rows in ascending ``seq``."""
         query = (
-            sa.select(
-                messages.c.id,
-                messages.c.seq,
-                messages.c.username,
-                messages.c.body,
-                messages.c.created_at_ms,
-                messages.c.client_id,
-            )
+            sa.select(*_HISTORY_COLUMNS)
             .select_from(messages.join(rooms, rooms.c.id == messages.c.room_id))
             .where(rooms.c.name == room)
         )
@@ -648,6 +718,300 @@ class AlchemyQueries:
                 await conn.execute(sa.select(rooms.c.last_seq).where(rooms.c.name == room))
             ).scalar_one_or_none()
         return 0 if value is None else int(value)
+
+    # -- the event log: replies, edits, deletions -------------------------------
+
+    async def get_message(self, room: str, message_id: int) -> MessageRow | None:
+        """The history row of message ``message_id`` if it belongs to ``room``, else None."""
+        query = (
+            sa.select(*_HISTORY_COLUMNS)
+            .select_from(messages.join(rooms, rooms.c.id == messages.c.room_id))
+            .where(rooms.c.name == room, messages.c.id == message_id)
+        )
+        async with self._read() as conn:
+            row: MessageRow | None = (await conn.execute(query)).first()
+        return row
+
+    async def events(self, room: str, since: int, limit: int) -> list[EventRow]:
+        """The room's events after ``since`` in ``seq`` order, at most ``limit``."""
+        room_id = _room_id_of(room)
+        own = (
+            sa.select(
+                sa.literal("message", sa.String).label("kind"),
+                messages.c.seq,
+                messages.c.id,
+                messages.c.username,
+                messages.c.body,
+                messages.c.created_at_ms,
+                messages.c.client_id,
+                messages.c.reply_to,
+                messages.c.deleted,
+                sa.cast(sa.null(), sa.BigInteger).label("event_ms"),
+            )
+            .where(messages.c.room_id == room_id, messages.c.seq > since)
+            .order_by(messages.c.seq)
+            .limit(limit)
+            .subquery()
+        )
+        changes = (
+            sa.select(
+                message_events.c.kind,
+                message_events.c.seq,
+                messages.c.id,
+                messages.c.username,
+                messages.c.body,
+                messages.c.created_at_ms,
+                messages.c.client_id,
+                messages.c.reply_to,
+                messages.c.deleted,
+                message_events.c.created_at_ms.label("event_ms"),
+            )
+            .select_from(
+                message_events.join(messages, messages.c.id == message_events.c.message_id)
+            )
+            .where(message_events.c.room_id == room_id, message_events.c.seq > since)
+            .order_by(message_events.c.seq)
+            .limit(limit)
+            .subquery()
+        )
+        # Each side walks its (room_id, seq) index for at most ``limit`` rows.
+        both = sa.union_all(sa.select(own), sa.select(changes)).subquery()
+        query = sa.select(both).order_by(both.c.seq).limit(limit)
+        async with self._read() as conn:
+            return list((await conn.execute(query)).all())
+
+    async def _change(
+        self,
+        room: str,
+        message_id: int,
+        actor_id: int,
+        any_author: bool,
+        kind: str,
+        values: dict[str, Any],
+        now_ms: int,
+    ) -> ChangeResult:
+        """Edit or delete one message as a new event of its room, in one transaction.
+
+        The room's counter is bumped before the message row is touched, as
+        every writer of a room does (no lock cycle); the UPDATE re-checks
+        ``deleted``, so an edit racing a deletion finds the message gone.
+        """
+        found = (
+            sa.select(messages.c.room_id, messages.c.user_id, messages.c.deleted)
+            .select_from(messages.join(rooms, rooms.c.id == messages.c.room_id))
+            .where(rooms.c.name == room, messages.c.id == message_id)
+        )
+        try:
+            async with self._write() as conn:
+                row = (await conn.execute(found)).first()
+                if row is None or row.deleted:
+                    raise _Refused(ChangeOutcome.NOT_FOUND)
+                if row.user_id != actor_id and not any_author:
+                    raise _Refused(ChangeOutcome.FORBIDDEN)
+                seq = int(
+                    (
+                        await conn.execute(
+                            rooms.update()
+                            .where(rooms.c.id == row.room_id)
+                            .values(last_seq=rooms.c.last_seq + 1)
+                            .returning(rooms.c.last_seq)
+                        )
+                    ).scalar_one()
+                )
+                changed = (
+                    await conn.execute(
+                        messages.update()
+                        .where(messages.c.id == message_id, messages.c.deleted == sa.false())
+                        .values(**values)
+                        .returning(messages.c.id)
+                    )
+                ).first()
+                if changed is None:  # deleted since the first read (PostgreSQL)
+                    raise _Refused(ChangeOutcome.NOT_FOUND)
+                await conn.execute(
+                    message_events.insert().values(
+                        room_id=row.room_id,
+                        seq=seq,
+                        message_id=message_id,
+                        kind=kind,
+                        actor_id=actor_id,
+                        created_at_ms=now_ms,
+                    )
+                )
+                event = (
+                    await conn.execute(
+                        sa.select(
+                            sa.literal(kind, sa.String),
+                            sa.literal(seq, sa.BigInteger),
+                            messages.c.id,
+                            messages.c.username,
+                            messages.c.body,
+                            messages.c.created_at_ms,
+                            messages.c.client_id,
+                            messages.c.reply_to,
+                            messages.c.deleted,
+                            sa.literal(now_ms, sa.BigInteger),
+                        ).where(messages.c.id == message_id)
+                    )
+                ).one()
+        except _Refused as refused:
+            return ChangeResult(refused.outcome)
+        return ChangeResult(ChangeOutcome.DONE, event_of(room, event))
+
+    async def edit_message(
+        self, room: str, message_id: int, actor_id: int, body: str, now_ms: int
+    ) -> ChangeResult:
+        """Replace the body of the actor's own message; the edit event, or why not."""
+        values = {"body": body, "edited_at_ms": now_ms}
+        return await self._change(room, message_id, actor_id, False, "edit", values, now_ms)
+
+    async def delete_message(
+        self, room: str, message_id: int, actor_id: int, any_author: bool, now_ms: int
+    ) -> ChangeResult:
+        """Delete a message (its body emptied); the actor's own unless ``any_author``."""
+        values = {"body": "", "deleted": True}
+        return await self._change(room, message_id, actor_id, any_author, "delete", values, now_ms)
+
+    # -- read positions, unread and mentions -------------------------------------
+
+    async def set_read_position(
+        self, room: str, user_id: int, seq: int, now: float
+    ) -> ReadMove | None:
+        """Move the user's read position forward to ``seq`` (at most the room's last).
+
+        None for an unknown room. The conditional upsert never moves it back,
+        whatever order racing calls commit in.
+        """
+        async with self._write() as conn:
+            found = (
+                await conn.execute(
+                    sa.select(rooms.c.id, rooms.c.last_seq).where(rooms.c.name == room)
+                )
+            ).first()
+            if found is None:
+                return None
+            room_id = int(found.id)
+            target = min(seq, int(found.last_seq))
+            current = sa.select(read_positions.c.seq).where(
+                read_positions.c.room_id == room_id, read_positions.c.user_id == user_id
+            )
+            previous = await conn.scalar(current)
+            if target <= (0 if previous is None else int(previous)):
+                return ReadMove(0 if previous is None else int(previous), False)
+            stmt = self._insert_of(read_positions).values(
+                room_id=room_id, user_id=user_id, seq=target, updated_at=now
+            )
+            moved = (
+                await conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[read_positions.c.room_id, read_positions.c.user_id],
+                        set_={"seq": target, "updated_at": now},
+                        where=read_positions.c.seq < target,
+                    ).returning(read_positions.c.seq)
+                )
+            ).first()
+            if moved is not None:
+                return ReadMove(target, True)
+            # A racing call moved it further meanwhile (PostgreSQL).
+            return ReadMove(int(await conn.scalar(current) or 0), False)
+
+    async def read_states(
+        self, user_id: int, username: str, room_names: Sequence[str]
+    ) -> list[ReadState]:
+        """Read position, unread and mention counts of ``user_id`` in each known room, by name."""
+        if not room_names:
+            return []
+        position = read_positions.alias("position")
+        joined = rooms.outerjoin(
+            position, sa.and_(position.c.room_id == rooms.c.id, position.c.user_id == user_id)
+        )
+        last_read = sa.func.coalesce(position.c.seq, 0)
+        # Only the room's latest UNREAD_WINDOW events are looked at: a range of
+        # the (room_id, seq) index, so a room list costs the same however far
+        # behind its reader is.
+        window_start = rooms.c.last_seq - UNREAD_WINDOW
+        counted_from = sa.case((last_read > window_start, last_read), else_=window_start)
+        unread_where = (
+            rooms.c.name.in_(list(room_names)),
+            messages.c.seq > counted_from,
+            messages.c.deleted == sa.false(),
+            sa.or_(messages.c.user_id.is_(None), messages.c.user_id != user_id),
+        )
+        unread_from = joined.join(messages, messages.c.room_id == rooms.c.id)
+        async with self._read() as conn:
+            positions = (
+                await conn.execute(
+                    sa.select(rooms.c.name, last_read.label("seq"))
+                    .select_from(joined)
+                    .where(rooms.c.name.in_(list(room_names)))
+                )
+            ).all()
+            counts = (
+                await conn.execute(
+                    sa.select(rooms.c.name, sa.func.count(messages.c.id))
+                    .select_from(unread_from)
+                    .where(*unread_where)
+                    .group_by(rooms.c.name)
+                )
+            ).all()
+            # LIKE narrows the candidates; mentions() decides (a whole name).
+            pattern = "%@" + _like_escape(username.lower()) + "%"
+            candidates = (
+                await conn.execute(
+                    sa.select(rooms.c.name, messages.c.body)
+                    .select_from(unread_from)
+                    .where(*unread_where, sa.func.lower(messages.c.body).like(pattern, "\\"))
+                )
+            ).all()
+        unread = {str(name): int(count) for name, count in counts}
+        mentioned: dict[str, int] = {}
+        for name, body in candidates:
+            if mentions(str(body), username):
+                mentioned[str(name)] = mentioned.get(str(name), 0) + 1
+        return sorted(
+            (
+                ReadState(
+                    str(name), int(seq), unread.get(str(name), 0), mentioned.get(str(name), 0)
+                )
+                for name, seq in positions
+            ),
+            key=lambda state: state.room,
+        )
+
+    # -- full-text search ----------------------------------------------------------
+
+    async def search(
+        self, query: Query, room_names: Sequence[str], before: int | None, limit: int
+    ) -> list[SearchRow]:
+        """Messages of ``room_names`` matching ``query``, newest (highest id) first.
+
+        SQLite: the FTS5 table, walked in descending rowid order so that
+        ``LIMIT`` stops it early; PostgreSQL: the GIN index on the vector.
+        """
+        if not room_names:
+            return []
+        async with self._read() as conn:
+            room_ids = list(
+                (
+                    await conn.execute(
+                        sa.select(rooms.c.id).where(rooms.c.name.in_(list(room_names)))
+                    )
+                ).scalars()
+            )
+            if not room_ids:
+                return []
+            # No ``before``: above every id (ids are 64-bit at most).
+            params: dict[str, Any] = {
+                "rooms": room_ids,
+                "limit": limit,
+                "before": 2**63 - 1 if before is None else before,
+            }
+            if self._engine.dialect.name == "sqlite":
+                sql, params["match"] = _SQLITE_SEARCH_SQL, fts5_match(query)
+            else:
+                sql, params["match"] = _POSTGRES_SEARCH_SQL, tsquery_text(query)
+            statement = sa.text(sql).bindparams(sa.bindparam("rooms", expanding=True))
+            return list((await conn.execute(statement, params)).all())
 
     async def list_rooms(self) -> list[str]:
         """Names of every public room, sorted (never a private or direct one)."""
@@ -985,6 +1349,19 @@ class AlchemyQueries:
             ):
                 removed += int((await conn.execute(stmt)).rowcount or 0)
         return removed
+
+
+async def _reply_targets(
+    conn: AsyncConnection, parts: Sequence[tuple[str, int, str, str, str | None, int | None]]
+) -> dict[int | None, int]:
+    """The room id of every message some item replies to (missing ids are absent)."""
+    wanted = {part[5] for part in parts if part[5] is not None}
+    if not wanted:
+        return {}
+    rows = await conn.execute(
+        sa.select(messages.c.id, messages.c.room_id).where(messages.c.id.in_(wanted))
+    )
+    return {int(r.id): int(r.room_id) for r in rows}
 
 
 async def _revoke(conn: AsyncConnection, session_id: str, now: float) -> bool:

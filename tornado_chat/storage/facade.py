@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tornado_chat import metrics
+from tornado_chat import metrics, search_query
 from tornado_chat.errors import TicketLimitReached
 from tornado_chat.storage.alchemy import AlchemyQueries
 from tornado_chat.storage.engine import DEFAULT_DB_TIMEOUT, Database, open_database
@@ -26,22 +26,36 @@ from tornado_chat.storage.housekeeping import Housekeeping
 from tornado_chat.storage.queries import Queries
 from tornado_chat.storage.records import (
     Account,
+    ChangeResult,
+    Event,
     Member,
     MessageItem,
+    ReadMove,
+    ReadState,
     Role,
     Room,
     RoomAccess,
     RoomListing,
     RotateResult,
+    SearchHit,
     StoredMessage,
     TicketGrant,
     User,
     Visibility,
+    event_of,
+    format_ts,
+    message_parts,
     stored_message,
 )
 from tornado_chat.storage.sqlite_fast import SqliteQueries
 
-__all__ = ["MAX_OUTSTANDING_TICKETS", "MAX_PAGE_SIZE", "PING_TIMEOUT", "Storage"]
+__all__ = [
+    "MAX_OUTSTANDING_TICKETS",
+    "MAX_PAGE_SIZE",
+    "MAX_SEARCH_RESULTS",
+    "PING_TIMEOUT",
+    "Storage",
+]
 
 log = logging.getLogger("tornado_chat.storage")
 
@@ -50,6 +64,9 @@ _T = TypeVar("_T")
 #: The largest page :meth:`Storage.messages` returns, whatever ``limit`` asks for:
 #: one request must not be able to make the database read a whole room.
 MAX_PAGE_SIZE = 1000
+
+#: The most results one :meth:`Storage.search` returns (pages continue with ``before``).
+MAX_SEARCH_RESULTS = 100
 
 #: Unused, unexpired ws tickets one user may hold: more than the sockets a
 #: user may have open (``--max-sockets-per-user``, 20 by default), since each
@@ -426,18 +443,31 @@ class Storage:
     # -- rooms and messages ----------------------------------------------------
 
     async def append_message(
-        self, room: str, user_id: int, username: str, body: str, client_id: str | None
+        self,
+        room: str,
+        user_id: int,
+        username: str,
+        body: str,
+        client_id: str | None,
+        reply_to: int | None = None,
     ) -> StoredMessage:
-        """Store one message with the room's next ``seq``; durable on return."""
-        (message,) = await self.append_messages([(room, user_id, username, body, client_id)])
+        """Store one message with the room's next ``seq``; durable on return.
+
+        ``reply_to``: the id of the message of ``room`` it answers; one of
+        another room (or none at all) is stored as None, so check it first
+        with :meth:`get_message` to refuse it.
+        """
+        item: MessageItem = (room, user_id, username, body, client_id, reply_to)
+        (message,) = await self.append_messages([item])
         return message
 
     async def append_messages(self, items: Sequence[MessageItem]) -> list[StoredMessage]:
         """Store many messages in ONE transaction (group commit), in order.
 
         Args:
-            items: ``(room, user_id, username, body, client_id)`` tuples; the
-                messages of one room get consecutive ``seq`` values in the
+            items: ``(room, user_id, username, body, client_id)`` tuples, or
+                with a sixth element ``reply_to`` (see :meth:`append_message`);
+                the messages of one room get consecutive ``seq`` values in the
                 order given.
 
         Returns:
@@ -455,12 +485,12 @@ class Storage:
             "append_messages", self._queries.append_messages(items, per_room, now, now_ms)
         )
         metrics.messages_stored(len(stored))
-        return [
-            stored_message(room, (message_id, seq, username, body, now_ms, client_id))
-            for (message_id, seq), (room, _uid, username, body, client_id) in zip(
-                stored, items, strict=True
-            )
-        ]
+        messages: list[StoredMessage] = []
+        for (message_id, seq, reply_to), item in zip(stored, items, strict=True):
+            room, _uid, username, body, client_id, _wanted = message_parts(item)
+            row = (message_id, seq, username, body, now_ms, client_id, reply_to, None, False)
+            messages.append(stored_message(room, row))
+        return messages
 
     async def messages(
         self,
@@ -470,7 +500,12 @@ class Storage:
         before: int | None = None,
         limit: int = 100,
     ) -> list[StoredMessage]:
-        """A page of a room's history, ascending by ``seq``.
+        """A page of a room's history, ascending by ``seq``: each message once.
+
+        A message carries its latest body and ``edited_ts``; a deleted one
+        has ``deleted`` set and an empty body (the text is gone). Edit and
+        deletion events are not in it (:meth:`events` has them), so ``seq``
+        may skip numbers between messages.
 
         Args:
             room: the room name (an unknown room has no messages).
@@ -490,6 +525,154 @@ class Storage:
     async def last_seq(self, room: str) -> int:
         """The room's latest ``seq``; 0 for a room without messages."""
         return await self._call("last_seq", self._queries.last_seq(room))
+
+    # -- the event log: replies, edits, deletions --------------------------------
+
+    async def get_message(self, room: str, message_id: int) -> StoredMessage | None:
+        """Message ``message_id`` if it belongs to ``room`` (deleted ones too), else None.
+
+        What a handler checks a ``reply_to`` against before storing the reply.
+        """
+        row = await self._call("get_message", self._queries.get_message(room, message_id))
+        return None if row is None else stored_message(room, row)
+
+    async def events(self, room: str, *, since: int = 0, limit: int = 100) -> list[Event]:
+        """The room's log after ``since``, in ``seq`` order: every message, edit and deletion.
+
+        What a resuming client replays, including edits and deletions of
+        messages older than ``since``. At most ``limit`` events (capped at
+        :data:`MAX_PAGE_SIZE`); an unknown room has none. See :class:`Event`
+        for what an event of a deleted message carries (no body).
+        """
+        limit = min(limit, MAX_PAGE_SIZE)
+        if limit <= 0:
+            return []
+        rows = await self._call("events", self._queries.events(room, since, limit))
+        return [event_of(room, row) for row in rows]
+
+    async def edit_message(
+        self, room: str, message_id: int, actor_id: int, body: str
+    ) -> ChangeResult:
+        """Replace the body of a message of ``room``, the author's own only.
+
+        One transaction: the message gets the new body and ``edited_ts``, the
+        room's next ``seq`` goes to the edit event (returned), and the search
+        index follows (the old text is gone from storage).
+
+        Returns:
+            DONE with the ``edit`` event; NOT_FOUND when ``room`` has no such
+            message or it is deleted; FORBIDDEN when ``actor_id`` is not its
+            author (nothing changes then).
+        """
+        return await self._call(
+            "edit_message",
+            self._queries.edit_message(room, message_id, actor_id, body, int(time.time() * 1000)),
+        )
+
+    async def delete_message(
+        self, room: str, message_id: int, actor_id: int, *, any_author: bool = False
+    ) -> ChangeResult:
+        """Delete a message of ``room``: its body is emptied, out of history, replay and search.
+
+        Args:
+            actor_id: who deletes (recorded with the event).
+            any_author: the caller may delete anyone's message (a moderator or
+                owner of the room, or a server admin: :mod:`tornado_chat.authz`
+                decides, the caller says); otherwise only the actor's own.
+
+        Returns:
+            DONE with the ``delete`` event (the room's next ``seq``);
+            NOT_FOUND for no such message in ``room`` or one already deleted;
+            FORBIDDEN for another's message without ``any_author``.
+        """
+        return await self._call(
+            "delete_message",
+            self._queries.delete_message(
+                room, message_id, actor_id, any_author, int(time.time() * 1000)
+            ),
+        )
+
+    # -- read positions ------------------------------------------------------------
+
+    async def set_read_position(self, room: str, user_id: int, seq: int) -> ReadMove | None:
+        """Move ``user_id``'s read position in ``room`` forward to ``seq``.
+
+        It never moves back (an older ``seq`` leaves it as it is, whatever
+        order racing calls commit in) and never past the room's last ``seq``
+        (it is capped there). Returns the position after the call and whether
+        it moved now (the caller tells the room only then); None for an
+        unknown room.
+        """
+        if seq < 0:
+            raise ValueError("a read position is not negative")
+        return await self._call(
+            "set_read_position",
+            self._queries.set_read_position(room, user_id, seq, time.time()),
+        )
+
+    async def read_states(
+        self, user_id: int, username: str, rooms: Sequence[str]
+    ) -> list[ReadState]:
+        """For each of ``rooms`` that exists, by name: the user's read position, unread, mentions.
+
+        ``unread`` counts the messages after the read position not sent by
+        the user and not deleted; ``mentions`` those of them mentioning
+        ``@username`` as a whole name (:func:`tornado_chat.search_query.mentions`).
+        Both look at the room's latest
+        :data:`~tornado_chat.storage.alchemy.UNREAD_WINDOW` (1000) events
+        only, so that a room list costs the same however far behind its
+        reader is: an ``unread`` near 1000 means "that many or more".
+        The caller passes the rooms the user may read (its room list).
+        """
+        return await self._call(
+            "read_states", self._queries.read_states(user_id, username, list(rooms))
+        )
+
+    # -- search ----------------------------------------------------------------------
+
+    async def search(
+        self,
+        text: str,
+        rooms: Sequence[str],
+        *,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[SearchHit]:
+        """Messages of ``rooms`` matching the query ``text``, newest first.
+
+        Args:
+            text: a query in the language of :mod:`tornado_chat.search_query`
+                (words, "phrases", prefix*; all must match).
+            rooms: the rooms the caller may read NOW (the caller decides;
+                nothing outside them is searched).
+            before: only messages with an id below it (the next page: the
+                last result's id).
+            limit: at most this many (capped at :data:`MAX_SEARCH_RESULTS`).
+
+        Raises:
+            QueryError: a ValueError; the query is too long, empty, has too
+                many terms or too short a prefix (HTTP 400 ``bad_request``).
+            StorageError: the database failed.
+        """
+        query = search_query.parse(text)
+        limit = min(limit, MAX_SEARCH_RESULTS)
+        if limit <= 0 or not rooms:
+            return []
+        rows = await self._call("search", self._queries.search(query, list(rooms), before, limit))
+        hits = []
+        for message_id, seq, username, body, created_at_ms, room in rows:
+            hits.append(
+                SearchHit(
+                    room=str(room),
+                    id=int(message_id),
+                    seq=int(seq),
+                    user=str(username),
+                    body=str(body),
+                    ts=format_ts(int(created_at_ms)),
+                    highlight=search_query.highlight(str(body), query),
+                )
+            )
+        return hits
 
     async def list_rooms(self) -> list[str]:
         """Names of every public room, sorted; never a private or direct one."""

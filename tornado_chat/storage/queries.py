@@ -14,10 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from tornado_chat.search_query import Query
 from tornado_chat.storage.records import (
     Account,
+    ChangeResult,
     Member,
     MessageItem,
+    ReadMove,
+    ReadState,
     Role,
     Room,
     RoomAccess,
@@ -28,10 +32,16 @@ from tornado_chat.storage.records import (
     Visibility,
 )
 
-__all__ = ["MessageRow", "Queries"]
+__all__ = ["EventRow", "MessageRow", "Queries", "SearchRow"]
 
-#: A history row: ``(id, seq, username, body, created_at_ms, client_id)``.
+#: A history row: ``(id, seq, username, body, created_at_ms, client_id, reply_to,
+#: edited_at_ms, deleted)`` (see :func:`~tornado_chat.storage.records.stored_message`).
 MessageRow = Sequence[Any]
+#: An event row: ``(kind, seq, id, username, body, created_at_ms, client_id,
+#: reply_to, deleted, event_ms)`` (see :func:`~tornado_chat.storage.records.event_of`).
+EventRow = Sequence[Any]
+#: A search row: ``(id, seq, username, body, created_at_ms, room)``.
+SearchRow = Sequence[Any]
 
 
 class Queries(Protocol):
@@ -133,11 +143,13 @@ class Queries(Protocol):
 
     async def append_messages(
         self, items: Sequence[MessageItem], per_room: dict[str, int], now: float, now_ms: int
-    ) -> list[tuple[int, int]]:
-        """Store ``items`` in one transaction; ``(id, seq)`` of each, in order.
+    ) -> list[tuple[int, int, int | None]]:
+        """Store ``items`` in one transaction; ``(id, seq, reply_to)`` of each, in order.
 
         ``per_room`` counts the items of each room; rooms are locked in name
-        order so two batches never wait on each other in a cycle.
+        order so two batches never wait on each other in a cycle. A
+        ``reply_to`` that is not a message of the item's own room is stored
+        (and returned) as None.
         """
 
     async def message_rows(
@@ -147,6 +159,40 @@ class Queries(Protocol):
 
     async def last_seq(self, room: str) -> int:
         """The room's latest ``seq``; 0 for an unknown room."""
+
+    async def get_message(self, room: str, message_id: int) -> MessageRow | None:
+        """The history row of one message of ``room`` (deleted ones too), or None."""
+
+    async def events(self, room: str, since: int, limit: int) -> list[EventRow]:
+        """The room's events (messages, edits, deletions) with ``seq > since``, ascending."""
+
+    async def edit_message(
+        self, room: str, message_id: int, actor_id: int, body: str, now_ms: int
+    ) -> ChangeResult:
+        """Replace the body of ``actor_id``'s own message of ``room`` as the room's next event."""
+
+    async def delete_message(
+        self, room: str, message_id: int, actor_id: int, any_author: bool, now_ms: int
+    ) -> ChangeResult:
+        """Empty and mark deleted a message of ``room`` as the room's next event.
+
+        Only ``actor_id``'s own message unless ``any_author``.
+        """
+
+    async def set_read_position(
+        self, room: str, user_id: int, seq: int, now: float
+    ) -> ReadMove | None:
+        """Move a read position forward (capped at the room's last seq); None: unknown room."""
+
+    async def read_states(
+        self, user_id: int, username: str, room_names: Sequence[str]
+    ) -> list[ReadState]:
+        """Read position, unread and mentions of ``user_id`` in each existing room named."""
+
+    async def search(
+        self, query: Query, room_names: Sequence[str], before: int | None, limit: int
+    ) -> list[SearchRow]:
+        """Undeleted messages of those rooms matching ``query`` below ``before``, newest first."""
 
     async def list_rooms(self) -> list[str]:
         """Names of every public room, sorted (never a private or direct one)."""

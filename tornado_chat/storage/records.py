@@ -11,19 +11,28 @@ from typing import Any, Literal, TypeAlias
 
 __all__ = [
     "Account",
+    "ChangeOutcome",
+    "ChangeResult",
+    "Event",
+    "EventKind",
     "Member",
     "MessageItem",
+    "ReadMove",
+    "ReadState",
     "Role",
     "Room",
     "RoomAccess",
     "RoomListing",
     "RotateOutcome",
     "RotateResult",
+    "SearchHit",
     "StoredMessage",
     "TicketGrant",
     "User",
     "Visibility",
+    "event_of",
     "format_ts",
+    "message_parts",
     "stored_message",
 ]
 
@@ -32,8 +41,20 @@ Visibility: TypeAlias = Literal["public", "private", "direct"]
 #: A member's role in a room, highest first: owner > moderator > member.
 Role: TypeAlias = Literal["owner", "moderator", "member"]
 
-#: A message to store: ``(room, user_id, username, body, client_id)``.
-MessageItem: TypeAlias = tuple[str, int, str, str, "str | None"]
+#: A message to store: ``(room, user_id, username, body, client_id)``, or with
+#: a sixth element, ``reply_to``: the id of a message of the same room it answers.
+MessageItem: TypeAlias = (
+    tuple[str, int, str, str, "str | None"] | tuple[str, int, str, str, "str | None", "int | None"]
+)
+#: What an event of a room's log is: a message, or an edit or deletion of one.
+EventKind: TypeAlias = Literal["message", "edit", "delete"]
+
+
+def message_parts(item: MessageItem) -> tuple[str, int, str, str, str | None, int | None]:
+    """``(room, user_id, username, body, client_id, reply_to)`` of a message to store."""
+    if len(item) == 5:
+        return (*item, None)
+    return item
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +148,96 @@ class StoredMessage:
     body: str
     ts: str
     client_id: str | None
+    #: The id of the message of the same room this one answers, or None.
+    reply_to: int | None = None
+    #: When the body was last edited (same format as ``ts``), None if never.
+    edited_ts: str | None = None
+    #: Deleted: ``body`` is "" (the text is gone from storage).
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of a room's log, in ``seq`` order: a message, an edit or a deletion.
+
+    ``id`` is the message's id for all three; ``user``, ``ts``, ``reply_to``
+    and ``client_id`` are the message's. ``body`` is the message's CURRENT
+    text (an edit replays with the latest text: a superseded text is not
+    kept), None once the message is deleted (``deleted`` True), for its
+    earlier events too. ``edited_ts`` is the time of an edit event (None for
+    the other kinds).
+    """
+
+    kind: EventKind
+    room: str
+    seq: int
+    id: int
+    user: str
+    body: str | None
+    ts: str
+    edited_ts: str | None
+    reply_to: int | None
+    client_id: str | None
+    deleted: bool
+
+
+class ChangeOutcome(enum.Enum):
+    """What became of an edit or a deletion."""
+
+    DONE = "done"
+    #: No such message in that room, or it is deleted (error code ``not_found``).
+    NOT_FOUND = "not_found"
+    #: The message is someone else's and the caller may not change it (``forbidden``).
+    FORBIDDEN = "forbidden"
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeResult:
+    """The outcome of an edit or a deletion and, when DONE, the event it added."""
+
+    outcome: ChangeOutcome
+    event: Event | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMove:
+    """A user's read position in a room after a ``read``: ``moved`` if it advanced now."""
+
+    seq: int
+    moved: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReadState:
+    """What one user has not read in one room.
+
+    ``last_read_seq``: the read position (0 if never set); ``unread``: the
+    messages after it not sent by the user and not deleted; ``mentions``:
+    those of them mentioning ``@username``. Both are counted within the
+    room's latest 1000 events (``alchemy.UNREAD_WINDOW``).
+    """
+
+    room: str
+    last_read_seq: int
+    unread: int
+    mentions: int
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """A message found by a search; ``highlight`` is ``body`` with the matches marked.
+
+    Marks: :data:`tornado_chat.search_query.MARK_START` (U+0002) before and
+    :data:`~tornado_chat.search_query.MARK_END` (U+0003) after each match.
+    """
+
+    room: str
+    id: int
+    seq: int
+    user: str
+    body: str
+    ts: str
+    highlight: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +278,15 @@ def format_ts(ms: int) -> str:
 
 
 def stored_message(room: str, row: Sequence[Any]) -> StoredMessage:
-    """The message of ``room`` in a row ``(id, seq, username, body, created_at_ms, client_id)``.
+    """The message of ``room`` in a row ``(id, seq, username, body, created_at_ms,
+    client_id[, reply_to, edited_at_ms, deleted])``.
 
     Both query implementations return history rows in this column order, and
-    a freshly stored message is described the same way, so every
-    :class:`StoredMessage` is built here.
+    a freshly stored message is described the same way (without the last
+    three when it is no reply), so every :class:`StoredMessage` is built here.
     """
-    message_id, seq, username, body, created_at_ms, client_id = row
+    message_id, seq, username, body, created_at_ms, client_id, *rest = row
+    reply_to, edited_at_ms, deleted = rest if rest else (None, None, False)
     return StoredMessage(
         id=int(message_id),
         room=room,
@@ -182,4 +295,29 @@ def stored_message(room: str, row: Sequence[Any]) -> StoredMessage:
         body=str(body),
         ts=format_ts(int(created_at_ms)),
         client_id=None if client_id is None else str(client_id),
+        reply_to=None if reply_to is None else int(reply_to),
+        edited_ts=None if edited_at_ms is None else format_ts(int(edited_at_ms)),
+        deleted=bool(deleted),
+    )
+
+
+def event_of(room: str, row: Sequence[Any]) -> Event:
+    """The event of ``room`` in a row ``(kind, seq, id, username, body, created_at_ms,
+    client_id, reply_to, deleted, event_ms)`` (both implementations' event rows)."""
+    kind, seq, message_id, username, body, created_at_ms, client_id, reply_to, deleted, event_ms = (
+        row
+    )
+    gone = bool(deleted)
+    return Event(
+        kind=kind,
+        room=room,
+        seq=int(seq),
+        id=int(message_id),
+        user=str(username),
+        body=None if gone else str(body),
+        ts=format_ts(int(created_at_ms)),
+        edited_ts=format_ts(int(event_ms)) if kind == "edit" else None,
+        reply_to=None if reply_to is None else int(reply_to),
+        client_id=None if client_id is None else str(client_id),
+        deleted=gone,
     )

@@ -7,15 +7,23 @@ them for the queries, and a test compares the two.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 __all__ = [
+    "EVENT_KINDS",
     "ROLES",
+    "SEARCH_OBJECTS",
+    "SEARCH_VECTOR_SQL",
     "VISIBILITIES",
     "direct_rooms",
+    "include_name",
     "invites",
+    "message_events",
     "messages",
     "metadata",
+    "read_positions",
     "refresh_tokens",
     "room_bans",
     "room_members",
@@ -265,6 +273,95 @@ messages = sa.Table(
     sa.Column("client_id", sa.Text, nullable=True),
     # Milliseconds since the epoch (UTC): exact, portable, sortable.
     sa.Column("created_at_ms", sa.BigInteger, nullable=False),
+    # Revision 0004. The message this one answers, always of the same room
+    # (the queries check it when storing). No foreign key: SQLite cannot add
+    # one in place, and messages are never deleted one by one (a deletion
+    # only empties ``body``), so the target always exists.
+    sa.Column("reply_to", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
+    # When the body was last edited (ms since the epoch), None if never.
+    sa.Column("edited_at_ms", sa.BigInteger, nullable=True),
+    # A deleted message keeps its row (its id and seq stay in the log) with
+    # ``body`` emptied: the text is gone from storage and from the index.
+    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
     # Also the index every history query walks (room, seq range).
     sa.UniqueConstraint("room_id", "seq", name="uq_messages_room_id_seq"),
 )
+
+#: The event kinds ``message_events.kind`` may hold (a message's own event is its row).
+EVENT_KINDS = ("edit", "delete")
+
+# Revision 0004: the room is a log of events numbered by ``seq``; a message
+# is the event of its own row, and every edit or deletion is a row here with
+# the room's next ``seq``. No body is kept here: an edit's text is the
+# message's current body, so a superseded text is gone from storage once
+# replaced, and a deletion empties the one place it lives.
+message_events = sa.Table(
+    "message_events",
+    metadata,
+    sa.Column(
+        "room_id",
+        sa.Integer,
+        sa.ForeignKey("rooms.id", ondelete="CASCADE", name="fk_message_events_room_id"),
+        primary_key=True,
+    ),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column(
+        "message_id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        sa.ForeignKey("messages.id", ondelete="CASCADE", name="fk_message_events_message_id"),
+        nullable=False,
+    ),
+    sa.Column("kind", sa.String(8), nullable=False),
+    # Who edited or deleted (a moderator may delete another's message).
+    sa.Column(
+        "actor_id",
+        sa.Integer,
+        sa.ForeignKey("users.id", ondelete="SET NULL", name="fk_message_events_actor_id"),
+        nullable=True,
+    ),
+    sa.Column("created_at_ms", sa.BigInteger, nullable=False),
+    sa.Index("ix_message_events_message_id", "message_id"),
+)
+
+# Revision 0004: how far each user has read each room (an event ``seq``; it
+# only moves forward).
+read_positions = sa.Table(
+    "read_positions",
+    metadata,
+    *_room_user_columns("read_positions"),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+#: The full-text index, made by revision 0004 outside these tables: on
+#: SQLite the FTS5 table ``messages_fts`` (external content: ``messages``,
+#: kept in step by the ``messages_fts_*`` triggers) and its shadow tables; on
+#: PostgreSQL the stored generated column ``messages.search_vector`` and its
+#: GIN index ``ix_messages_search``. Schema comparisons leave them out
+#: (:func:`include_name`).
+SEARCH_OBJECTS = frozenset(
+    {
+        "messages_fts",
+        "messages_fts_data",
+        "messages_fts_idx",
+        "messages_fts_content",
+        "messages_fts_docsize",
+        "messages_fts_config",
+        "search_vector",
+        "ix_messages_search",
+    }
+)
+
+#: The PostgreSQL text-search vector of a message, as queries name it: the
+#: generated column of revision 0004, ``to_tsvector('simple', body)`` after
+#: every run of characters that are not letters or digits became a space, so
+#: that words are split as SQLite's FTS5 ``unicode61`` tokenizer splits them
+#: ("example.com" is two words on both backends, where PostgreSQL's parser
+#: alone keeps a host name whole). ``simple`` lowercases and neither stems
+#: nor drops stop words, as FTS5 here does not.
+SEARCH_VECTOR_SQL = "messages.search_vector"
+
+
+def include_name(name: str | None, type_: str, _parents: Any) -> bool:
+    """Alembic's ``include_name`` hook: False for the search objects (not in metadata)."""
+    return name not in SEARCH_OBJECTS

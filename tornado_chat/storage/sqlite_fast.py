@@ -1,7 +1,8 @@
 """The SQLite fast path: the hot queries on plain ``sqlite3`` connections of their own threads.
 
-On a SQLite file, the hot calls (appending messages, reading history,
-``last_seq``, ``session_active``, ``room_access``) skip SQLAlchemy and aiosqlite: each is one
+On a SQLite file, the hot calls (appending messages, reading history, the
+event log a resuming socket replays, moving a read position, ``last_seq``,
+``session_active``, ``room_access``) skip SQLAlchemy and aiosqlite: each is one
 blocking function on a dedicated thread with its own plain ``sqlite3``
 connection (same pragmas, same statements, ``BEGIN IMMEDIATE`` for the write).
 Through aiosqlite every statement, BEGIN and COMMIT is a separate hop to its
@@ -23,8 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tornado_chat.storage.alchemy import AlchemyQueries, room_access_of
 from tornado_chat.storage.engine import sqlite_pragmas, timeout_ms
-from tornado_chat.storage.queries import MessageRow
-from tornado_chat.storage.records import MessageItem, RoomAccess
+from tornado_chat.storage.queries import EventRow, MessageRow
+from tornado_chat.storage.records import MessageItem, ReadMove, RoomAccess, message_parts
 
 __all__ = ["SqliteQueries"]
 
@@ -98,27 +99,36 @@ _ROOM_UPSERT_SQL = (
     " RETURNING id, last_seq"
 )
 _MESSAGE_INSERT_SQL = (
-    "INSERT INTO messages (room_id, seq, user_id, username, body, client_id, created_at_ms)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id"
+    "INSERT INTO messages"
+    " (room_id, seq, user_id, username, body, client_id, created_at_ms, reply_to)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
 )
+# The columns of records.stored_message, as alchemy._HISTORY_COLUMNS.
 _MESSAGE_COLUMNS_SQL = (
     "SELECT messages.id, messages.seq, messages.username, messages.body,"
-    " messages.created_at_ms, messages.client_id"
+    " messages.created_at_ms, messages.client_id, messages.reply_to,"
+    " messages.edited_at_ms, messages.deleted"
     " FROM messages JOIN rooms ON rooms.id = messages.room_id WHERE rooms.name = ?"
 )
 
 
+def _placeholders(count: int) -> str:
+    """``?, ?, ...``: only placeholders are joined into SQL text; values are bound."""
+    return ", ".join("?" * count)
+
+
 def _sqlite_append(
     db: sqlite3.Connection,
-    items: Sequence[tuple[str, int, str, str, str | None]],
+    items: Sequence[MessageItem],
     per_room: dict[str, int],
     now: float,
     now_ms: int,
-) -> list[tuple[int, int]]:
+) -> list[tuple[int, int, int | None]]:
     """The transaction of :meth:`SqliteQueries.append_messages`, blocking, on ``db``.
 
     Returns:
-        ``(id, seq)`` for each item, in order; committed before returning.
+        ``(id, seq, reply_to)`` for each item, in order; committed before
+        returning. A ``reply_to`` outside the item's room is stored as None.
     """
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -133,27 +143,37 @@ def _sqlite_append(
         # A sender deleted since it authenticated is stored unlinked (see
         # append_messages); the write lock taken by BEGIN IMMEDIATE keeps any
         # deletion out until COMMIT.
-        user_ids = sorted({item[1] for item in items})
-        # Only "?" placeholders are joined into the text; the ids are bound.
-        known_sql = "SELECT id FROM users WHERE id IN (" + ", ".join("?" * len(user_ids)) + ")"  # noqa: S608
+        parts = [message_parts(item) for item in items]
+        user_ids = sorted({part[1] for part in parts})
+        known_sql = f"SELECT id FROM users WHERE id IN ({_placeholders(len(user_ids))})"  # noqa: S608
         known_users = {row[0] for row in db.execute(known_sql, user_ids)}
-        stored: list[tuple[int, int]] = []
-        for room, user_id, username, body, client_id in items:
+        wanted = sorted({part[5] for part in parts if part[5] is not None})
+        targets: dict[int | None, int] = {}
+        if wanted:
+            target_sql = (
+                f"SELECT id, room_id FROM messages WHERE id IN ({_placeholders(len(wanted))})"  # noqa: S608
+            )
+            targets = {int(row[0]): int(row[1]) for row in db.execute(target_sql, wanted)}
+        stored: list[tuple[int, int, int | None]] = []
+        for room, user_id, username, body, client_id, reply_to in parts:
             seq = next_seq[room]
             next_seq[room] = seq + 1
+            room_id = room_ids[room]
+            reply = reply_to if targets.get(reply_to) == room_id else None
             (message_id,) = db.execute(
                 _MESSAGE_INSERT_SQL,
                 (
-                    room_ids[room],
+                    room_id,
                     seq,
                     user_id if user_id in known_users else None,
                     username,
                     body,
                     client_id,
                     now_ms,
+                    reply,
                 ),
             ).fetchone()
-            stored.append((int(message_id), seq))
+            stored.append((int(message_id), seq, reply))
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
@@ -178,6 +198,64 @@ def _sqlite_messages(
     sql += " LIMIT ?"
     params.append(limit)
     return db.execute(sql, params).fetchall()
+
+
+# The events of alchemy.AlchemyQueries.events, as one statement: each side
+# walks its (room_id, seq) index for at most LIMIT rows.
+_EVENTS_SQL = (
+    "SELECT * FROM (SELECT 'message' AS kind, m.seq, m.id, m.username, m.body,"
+    " m.created_at_ms, m.client_id, m.reply_to, m.deleted, NULL AS event_ms"
+    " FROM messages AS m WHERE m.room_id = (SELECT id FROM rooms WHERE name = :room)"
+    " AND m.seq > :since ORDER BY m.seq LIMIT :limit)"
+    " UNION ALL SELECT * FROM (SELECT e.kind, e.seq, m.id, m.username, m.body,"
+    " m.created_at_ms, m.client_id, m.reply_to, m.deleted, e.created_at_ms"
+    " FROM message_events AS e JOIN messages AS m ON m.id = e.message_id"
+    " WHERE e.room_id = (SELECT id FROM rooms WHERE name = :room)"
+    " AND e.seq > :since ORDER BY e.seq LIMIT :limit)"
+    " ORDER BY seq LIMIT :limit"
+)
+
+
+def _sqlite_events(db: sqlite3.Connection, room: str, since: int, limit: int) -> list[EventRow]:
+    """The query of :meth:`SqliteQueries.events`, blocking."""
+    return db.execute(_EVENTS_SQL, {"room": room, "since": since, "limit": limit}).fetchall()
+
+
+def _sqlite_set_read(
+    db: sqlite3.Connection, room: str, user_id: int, seq: int, now: float
+) -> tuple[int, bool] | None:
+    """The transaction of :meth:`SqliteQueries.set_read_position`, blocking.
+
+    ``BEGIN IMMEDIATE`` makes it the only writer, so the read of the old
+    position and the write of the new one cannot interleave with another.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        found = db.execute("SELECT id, last_seq FROM rooms WHERE name = ?", (room,)).fetchone()
+        result: tuple[int, bool] | None = None
+        if found is not None:
+            room_id, last = int(found[0]), int(found[1])
+            row = db.execute(
+                "SELECT seq FROM read_positions WHERE room_id = ? AND user_id = ?",
+                (room_id, user_id),
+            ).fetchone()
+            previous = 0 if row is None else int(row[0])
+            target = min(seq, last)
+            result = (previous, False)
+            if target > previous:
+                db.execute(
+                    "INSERT INTO read_positions (room_id, user_id, seq, updated_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (room_id, user_id)"
+                    " DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
+                    (room_id, user_id, target, now),
+                )
+                result = (target, True)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return result
 
 
 def _sqlite_last_seq(db: sqlite3.Connection, room: str) -> int | None:
@@ -223,7 +301,7 @@ def _sqlite_room_access(
 
 
 class SqliteQueries(AlchemyQueries):
-    """The queries on a SQLite file: the hot five on ``sqlite3`` threads, the rest inherited.
+    """The queries on a SQLite file: the hot seven on ``sqlite3`` threads, the rest inherited.
 
     Subclassing keeps the rare statements written once (in SQLAlchemy) while
     the hot ones, which both implementations run, are tested against each
@@ -265,8 +343,8 @@ class SqliteQueries(AlchemyQueries):
 
     async def append_messages(
         self, items: Sequence[MessageItem], per_room: dict[str, int], now: float, now_ms: int
-    ) -> list[tuple[int, int]]:
-        """Store ``items`` in one transaction on the writer thread; ``(id, seq)`` of each."""
+    ) -> list[tuple[int, int, int | None]]:
+        """Store ``items`` in one transaction on the writer thread; ``(id, seq, reply_to)``."""
         assert self._write_lock is not None  # always set on SQLite
         # The same lock as every other write of this process, so the two
         # connections never wait on each other in SQLite's busy handler;
@@ -283,6 +361,20 @@ class SqliteQueries(AlchemyQueries):
         )
         if since is None:
             rows.reverse()
+        return rows
+
+    async def set_read_position(
+        self, room: str, user_id: int, seq: int, now: float
+    ) -> ReadMove | None:
+        """Move a read position forward on the writer thread (a ``read`` frame each)."""
+        assert self._write_lock is not None  # always set on SQLite
+        async with self._holding(self._write_lock):
+            moved = await self._writer.run(_sqlite_set_read, room, user_id, seq, now)
+        return None if moved is None else ReadMove(*moved)
+
+    async def events(self, room: str, since: int, limit: int) -> list[EventRow]:
+        """The room's events after ``since``, on the reader thread (every resuming socket)."""
+        rows: list[EventRow] = await self._reader_thread.run(_sqlite_events, room, since, limit)
         return rows
 
     async def last_seq(self, room: str) -> int:
