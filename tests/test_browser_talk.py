@@ -168,13 +168,20 @@ def test_delete_removes_the_message_from_both_pages(alice: ChatPage, bob: ChatPa
 def test_typing_indicator_shows_in_the_other_page_only(alice: ChatPage, bob: ChatPage) -> None:
     """While bob types, alice sees "bob is typing…", bob sees nothing; it fades without notices."""
     box = bob.page.get_by_role("textbox", name="Message")
-    box.press_sequentially("half a thought", delay=20)
+    sent_before = len(bob.sent)
+    # Typed over more than 2 s: the page sends a notice at most every 2 s, and
+    # the server drops one that follows bob's previous notice (the reply in an
+    # earlier test, sent by a page since reloaded) within 2 s.
+    box.press_sequentially("half a thought, and more", delay=120)
     expect(alice.page.locator("#typing")).to_have_text("bob is typing…")
     expect(bob.page.locator("#typing")).to_have_text("")
-    # About 5 s after the last notice (the server lets one through per 2 s).
+    typing = [text for _ws, text in bob.sent[sent_before:] if '"typing"' in text]
+    assert typing and set(typing) == {'{"type":"typing"}'}, typing
+    assert len(typing) <= 2, typing  # about 2.9 s of typing
+    # Never echoed: bob's page received no typing notice of his own.
+    assert not [text for _ws, text in bob.received if '"user":"bob"' in text and "typing" in text]
+    # About 5 s after the last notice the line empties by itself.
     expect(alice.page.locator("#typing")).to_have_text("", timeout=12_000)
-    typing = [text for _ws, text in bob.sent if text == '{"type":"typing"}']
-    assert 1 <= len(typing) <= 2, typing
     box.fill("")
 
 
