@@ -114,6 +114,7 @@ def test_reply_shows_the_quote_to_another_person(alice: ChatPage, bob: ChatPage)
     reply = item(alice, "Yes, <b>noon</b> works")
     expect(reply).to_have_count(1)
     expect(reply.locator(".msg-quote")).to_have_text("aliceLunch at noon?")
+    assert reply.locator("b").count() == 0  # the body stayed text
     expect(reply.locator(".msg-quote")).to_have_attribute(
         "aria-label", "In reply to alice: Lunch at noon?"
     )
