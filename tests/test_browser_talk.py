@@ -21,7 +21,7 @@ from playwright.sync_api import Browser, Locator, Playwright, expect, sync_playw
 
 from tests.browser import launch_options, make_browser_home
 from tests.harness import Client, LiveServer
-from tests.test_browser_client import ChatPage, api, post_as
+from tests.test_browser_client import ChatPage, api, post_as, save_screenshot
 
 pytestmark = pytest.mark.browser
 
@@ -145,6 +145,8 @@ def test_edit_shows_new_body_and_mark_in_both_pages(alice: ChatPage, bob: ChatPa
         quote = item(chat, "Yes, <b>noon</b> works").locator(".msg-quote")
         expect(quote).to_have_text("aliceLunch at one?")
     expect(box).to_have_value("")
+    item(bob, "Yes, <b>noon</b> works").hover()
+    save_screenshot(bob.page, "talk-reply-edit.png")
 
 
 def test_delete_removes_the_message_from_both_pages(alice: ChatPage, bob: ChatPage) -> None:
@@ -246,6 +248,7 @@ def test_unread_and_mention_badges_agree_across_two_tabs(
         expect(unread).to_have_attribute("aria-label", "2 unread")
         expect(mentions).to_have_text("@1")
         expect(badges(chat, "talk")[0]).to_have_count(0)
+    save_screenshot(bob2.page, "talk-badges.png")
     bob.page.locator("#joined-rooms li[data-room=news] button").click()
     expect(item(bob, "@bob can you check it?")).to_have_count(1)
     for chat in (bob, bob2):
@@ -278,6 +281,7 @@ def test_search_result_jumps_to_the_message(
     expect(results.locator(".search-result-text")).to_have_text("the <i>zebra</i> escaped again")
     assert results.locator("i").count() == 0  # the body stayed text
     expect(page.locator("#search-status")).to_have_text("1 result")
+    save_screenshot(page, "talk-search.png")
     results.first.click()
     expect(page.locator("#room-title")).to_have_text("# attic")
     target = item(bob, "the <i>zebra</i> escaped again")

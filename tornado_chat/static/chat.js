@@ -751,12 +751,23 @@ class RoomConnection {
     if (this.welcomeSeq !== null && seq === this.welcomeSeq) this.flushPending();
   }
 
-  // A new event arrived: read at once when on screen, else the unread counts
-  // (the server's) need fetching again. Own messages are never unread.
+  // A new event arrived. Another person's message is read at once when the
+  // room is on screen, else the server's counts need fetching again. Own
+  // messages are never unread and edits are not messages: neither costs a
+  // read frame (each takes from the rate budget); the next read covers them.
   seen(seq, user) {
     if (seq > this.maxSeq) this.maxSeq = seq;
-    if (this.isActive() && document.visibilityState === "visible") this.markRead();
-    else if (!state.me || user !== state.me.username) scheduleCounts();
+    if (user === null || (state.me && user === state.me.username)) {
+      if (user === null && !this.isReading()) scheduleCounts();
+      return;
+    }
+    if (this.isReading()) this.markRead();
+    else scheduleCounts();
+  }
+
+  // On screen in a tab the person can see.
+  isReading() {
+    return this.isActive() && document.visibilityState === "visible";
   }
 
   // Tell the server this room has been read up to the latest event seen; at
@@ -768,7 +779,7 @@ class RoomConnection {
       if (!this.readTimer) {
         this.readTimer = setTimeout(() => {
           this.readTimer = null;
-          if (this.isActive() && document.visibilityState === "visible") this.markRead();
+          if (this.isReading()) this.markRead();
         }, wait);
       }
       return;
@@ -799,7 +810,7 @@ class RoomConnection {
       }
     }
     this.advance(seq);
-    this.seen(seq, "");
+    this.seen(seq, null);
   }
 
   onDelete(frame) {
@@ -811,8 +822,7 @@ class RoomConnection {
       this.removeMessage(id);
     }
     this.advance(seq);
-    this.seen(seq, "");
-    scheduleCounts();
+    this.seen(seq, null);
   }
 
   removeMessage(id) {
@@ -1129,7 +1139,7 @@ class RoomConnection {
     const wasAtBottom = isNearBottom();
     for (const frame of messages) this.insert({ ...frame, room: this.name });
     this.historyDone();
-    if (this.isActive() && document.visibilityState === "visible") this.markRead();
+    if (this.isReading()) this.markRead();
     this.hasEarlier = messages.length >= HISTORY_PAGE && (this.oldestSeq ?? 1) > 1;
     if (this.isActive()) {
       ui.earlier.hidden = !this.hasEarlier;
