@@ -41,8 +41,10 @@ const TYPING_SHOW_MS = 5000;
 // per room, however fast messages arrive.
 const READ_SEND_MS = 1000;
 // Unread and mention counts come from the server (GET /api/rooms), fetched
-// shortly after anything that changes them, so every tab shows the same.
+// shortly after anything that changes them, so every tab shows the same; in a
+// busy room no more than one fetch a second.
 const COUNTS_DELAY_MS = 250;
+const COUNTS_INTERVAL_MS = 1000;
 // A search result older than the loaded history is reached page by page, up
 // to this many pages.
 const JUMP_MAX_PAGES = 20;
@@ -1372,14 +1374,18 @@ function scheduleRoomListRefresh() {
   scheduleRoomListRefresh.timer = setTimeout(refreshRoomList, 1000);
 }
 
-// Fetch the server's unread and mention counts soon; a burst of events
-// costs one request, and one started while another is in flight follows it.
+// Fetch the server's unread and mention counts soon: a burst of events costs
+// one request, requests are at least COUNTS_INTERVAL_MS apart, and the last
+// event is always followed by a fetch.
 function scheduleCounts() {
   if (scheduleCounts.timer) return;
+  const since = Date.now() - (scheduleCounts.lastAt || 0);
+  const wait = Math.max(COUNTS_DELAY_MS, COUNTS_INTERVAL_MS - since);
   scheduleCounts.timer = setTimeout(() => {
     scheduleCounts.timer = null;
+    scheduleCounts.lastAt = Date.now();
     refreshRoomList();
-  }, COUNTS_DELAY_MS);
+  }, wait);
 }
 
 async function refreshRoomList() {
