@@ -305,6 +305,20 @@ def test_search_result_older_than_the_loaded_page_is_loaded_and_shown(
     hana = open_page()
     hana.register("hana")
     page = hana.page
+    # 59 matches arrive 20 at a time, newest first, each once.
+    box = page.get_by_label("Search messages")
+    box.fill("later entry")
+    box.press("Enter")
+    found = page.locator("#search-results .search-result")
+    more = page.get_by_role("button", name="More results")
+    for shown in (20, 40):
+        expect(found).to_have_count(shown)
+        expect(page.locator("#search-status")).to_have_text(f"{shown} results")
+        more.click()
+    expect(found).to_have_count(59)
+    expect(more).to_have_count(0)
+    ids = [int(i) for i in found.evaluate_all("items => items.map(b => b.dataset.id)")]
+    assert ids == sorted(set(ids), reverse=True) and len(ids) == 59, ids
     page.get_by_label("Search messages").fill("ancient")
     page.get_by_label("Search messages").press("Enter")
     result = page.locator("#search-results .search-result")

@@ -49,6 +49,7 @@ const COUNTS_INTERVAL_MS = 1000;
 // to this many pages.
 const JUMP_MAX_PAGES = 20;
 const QUOTE_CHARS = 120;
+const SEARCH_PAGE = 20;
 const AVATAR_COLOURS = 8;
 
 // The refresh token lives in sessionStorage: it survives a reload of this tab,
@@ -1725,45 +1726,77 @@ async function onSearch(event) {
   event.preventDefault();
   const q = ui.searchInput.value.trim();
   if (!q) {
+    onSearch.generation = (onSearch.generation || 0) + 1;
     ui.searchResults.hidden = true;
     ui.searchResults.replaceChildren();
     ui.searchStatus.textContent = "";
     return;
   }
+  await runSearch(q, null);
+}
+
+// One page of results for q (older than message id ``before`` when given),
+// appended to the list; a full page ends with a "More results" button.
+async function runSearch(q, before) {
+  const generation = before === null ? (onSearch.generation || 0) + 1 : onSearch.generation;
+  onSearch.generation = generation;
+  const params = new URLSearchParams({ q, limit: String(SEARCH_PAGE) });
+  if (before !== null) params.set("before", String(before));
   ui.searchStatus.textContent = "Searching…";
   let data;
   try {
-    data = await api("GET", `/api/search?${new URLSearchParams({ q, limit: "20" })}`);
+    data = await api("GET", `/api/search?${params}`);
   } catch (err) {
+    if (generation !== onSearch.generation) return;
     ui.searchStatus.textContent = err instanceof ApiError && err.code === "bad_request"
       ? "Search for at least one word (at most 8 terms, 200 characters)."
       : humanApiError(err);
-    ui.searchResults.hidden = true;
+    if (before === null) ui.searchResults.hidden = true;
     return;
   }
+  // A newer search (or a cleared box) replaced this one meanwhile.
+  if (generation !== onSearch.generation) return;
   const results = (data && data.results) || [];
-  ui.searchStatus.textContent = results.length
-    ? `${results.length} result${results.length === 1 ? "" : "s"}`
+  if (before === null) ui.searchResults.replaceChildren();
+  const more = ui.searchResults.querySelector(".search-more");
+  if (more) more.closest("li").remove();
+  ui.searchResults.append(...results.map(renderSearchResult));
+  const shown = ui.searchResults.querySelectorAll(".search-result").length;
+  ui.searchStatus.textContent = shown
+    ? `${shown} result${shown === 1 ? "" : "s"}`
     : "No messages found.";
-  ui.searchResults.replaceChildren(...results.map((result) => {
+  if (results.length >= SEARCH_PAGE) {
     const li = el("li");
-    const button = el("button", "search-result");
+    const button = el("button", "button button-quiet search-more", "More results");
     button.type = "button";
-    button.dataset.room = result.room;
-    button.dataset.id = String(result.id);
-    const when = formatTime(new Date(result.ts));
-    button.append(el("span", "search-result-meta", `#${result.room} · ${result.user} · ${when}`));
-    const text = el("span", "search-result-text");
-    text.append(...highlightNodes(result.highlight ?? result.body ?? ""));
-    button.append(text);
+    const last = Number(results[results.length - 1].id);
     button.addEventListener("click", () => {
-      jumpToMessage(String(result.room), Number(result.id), Number(result.seq))
-        .catch((err) => showNotice(humanApiError(err), { tone: "error" }));
+      button.disabled = true;
+      runSearch(q, last);
     });
     li.append(button);
-    return li;
-  }));
-  ui.searchResults.hidden = results.length === 0;
+    ui.searchResults.append(li);
+  }
+  ui.searchResults.hidden = shown === 0;
+}
+
+function renderSearchResult(result) {
+  const li = el("li");
+  const button = el("button", "search-result");
+  button.type = "button";
+  button.dataset.room = String(result.room);
+  button.dataset.id = String(result.id);
+  const when = formatTime(new Date(result.ts));
+  button.append(el("span", "search-result-meta", `#${result.room} · ${result.user} · ${when}`));
+  const text = el("span", "search-result-text");
+  text.append(...highlightNodes(result.highlight ?? result.body ?? ""));
+  button.append(text);
+  button.addEventListener("click", () => {
+    jumpToMessage(String(result.room), Number(result.id), Number(result.seq))
+      .catch((err) => showNotice(humanApiError(err), { tone: "error" }));
+  });
+  li.append(button);
+  return li;
 }
 
 // Open the result's room (joining it if needed), load history back to the
