@@ -21,7 +21,7 @@ from playwright.sync_api import Browser, Locator, Playwright, expect, sync_playw
 
 from tests.browser import launch_options, make_browser_home
 from tests.harness import Client, LiveServer
-from tests.test_browser_client import ChatPage, api, post_as, save_screenshot
+from tests.test_browser_client import ChatPage, api, close_from_server, post_as, save_screenshot
 
 pytestmark = pytest.mark.browser
 
@@ -190,6 +190,46 @@ def test_typing_indicator_shows_in_the_other_page_only(alice: ChatPage, bob: Cha
     # About 5 s after the last notice the line empties by itself.
     expect(alice.page.locator("#typing")).to_have_text("", timeout=12_000)
     box.fill("")
+
+
+def test_edit_and_delete_while_away_are_replayed_on_reconnect(
+    alice: ChatPage, bob: ChatPage, server: LiveServer
+) -> None:
+    """bob's socket drops; alice edits and deletes meanwhile; bob's resume (since=) applies both."""
+    bob.join("spare")
+    bob.join("talk")
+    alice.say("first draft")
+    alice.say("to be removed")
+    expect(item(bob, "to be removed")).to_have_count(1)
+    sockets_before = len(bob.sockets)
+    # "Too many sockets" makes the page wait 15-30 s, or until one of its own
+    # sockets closes: bob stays away until he leaves #spare below.
+    assert close_from_server(server, "bob", "talk", 4429, "too many sockets for this user") == 1
+    expect(bob.page.locator("#conn-status")).to_have_attribute("data-state", "reconnecting")
+    item(alice, "first draft").get_by_role("button", name="Edit message").click()
+    box = alice.page.get_by_role("textbox", name="Message")
+    box.fill("final draft")
+    box.press("Enter")
+    expect(item(alice, "final draft")).to_have_count(1)
+    removed = item(alice, "to be removed")
+    removed.get_by_role("button", name="Delete message").click()
+    removed.get_by_role("button", name="Confirm delete").click()
+    expect(item(alice, "to be removed")).to_have_count(0)
+    assert len(bob.sockets) == sockets_before  # bob is still away
+    expect(item(bob, "to be removed")).to_have_count(1)
+    bob.page.locator("#joined-rooms li[data-room=spare] button").click()
+    bob.page.get_by_role("button", name="Leave room").click()
+    expect(bob.page.locator("#room-title")).to_have_text("# talk")
+    bob.wait_connected(timeout=20)
+    expect(item(bob, "final draft")).to_have_count(1)
+    expect(item(bob, "final draft").locator(".msg-edited")).to_have_text("(edited)")
+    expect(item(bob, "first draft")).to_have_count(0)
+    expect(item(bob, "to be removed")).to_have_count(0)
+    resumed = bob.sockets[-1]
+    assert "since=" in resumed.url, resumed.url
+    replayed = [text for ws, text in bob.received if ws is resumed]
+    assert any('"type":"edit"' in text for text in replayed), replayed
+    assert any('"type":"delete"' in text for text in replayed), replayed
 
 
 def test_room_owner_deletes_another_persons_message(
