@@ -32,6 +32,24 @@ const BACKOFF_BASE_MIN_MS = 10;
 // lifetime when that is shorter), leaving room for a slow network.
 const REFRESH_MARGIN_S = 60;
 const GROUP_WINDOW_MS = 5 * 60 * 1000;
+// The server drops typing notices closer than 2 s apart (README, contract
+// v2); the page sends none closer than that, and hides a typist it has not
+// heard from for 5 s.
+const TYPING_SEND_MS = 2000;
+const TYPING_SHOW_MS = 5000;
+// Read frames take from the same rate budget as messages: at most one a second
+// per room, however fast messages arrive.
+const READ_SEND_MS = 1000;
+// Unread and mention counts come from the server (GET /api/rooms), fetched
+// shortly after anything that changes them, so every tab shows the same; in a
+// busy room no more than one fetch a second.
+const COUNTS_DELAY_MS = 250;
+const COUNTS_INTERVAL_MS = 1000;
+// A search result older than the loaded history is reached page by page, up
+// to this many pages.
+const JUMP_MAX_PAGES = 20;
+const QUOTE_CHARS = 120;
+const SEARCH_PAGE = 20;
 const AVATAR_COLOURS = 8;
 
 // The refresh token lives in sessionStorage: it survives a reload of this tab,
@@ -159,7 +177,14 @@ const FRAME_ERROR_MESSAGES = {
   invalid_token: "Could not renew the session on this connection; it will reconnect.",
   unavailable: "Could not renew the session on this connection just now.",
   muted: "You are muted in this room: your message was not sent.",
+  forbidden: "You are not allowed to do that.",
+  not_found: "That message no longer exists.",
+  bad_reply_to: "The message you replied to is not in this room any more.",
+  bad_id: "The server did not understand a message from this page.",
+  bad_seq: "The server did not understand a message from this page.",
 };
+// Error frames that answer an edit, delete or read frame, not a message in flight.
+const NON_MESSAGE_ERROR_CODES = new Set(["forbidden", "not_found", "bad_id", "bad_seq"]);
 // Error frames that answer a reauth frame rather than a message.
 const REAUTH_ERROR_CODES = new Set(["invalid_token", "unavailable"]);
 
@@ -207,6 +232,14 @@ const ui = {
   input: $("composer-input"),
   send: $("send-button"),
   composerError: $("composer-error"),
+  composerContext: $("composer-context"),
+  composerContextText: $("composer-context-text"),
+  composerCancel: $("composer-cancel"),
+  typing: $("typing"),
+  searchForm: $("search-form"),
+  searchInput: $("search-input"),
+  searchStatus: $("search-status"),
+  searchResults: $("search-results"),
 };
 
 function el(tag, className, text) {
@@ -229,6 +262,9 @@ const state = {
   active: null,
   registerMode: false,
   roomsTimer: null,
+  roomInfo: new Map(), // name -> {unread, mentions, role, last_read_seq} from GET /api/rooms
+  compose: null, // {mode: "reply" | "edit", room, id, user, body} while replying or editing
+  lastTypingSent: 0,
 };
 
 class ApiError extends Error {
@@ -386,7 +422,10 @@ function clearSession() {
   }
   for (const room of state.rooms.values()) room.close();
   state.rooms.clear();
+  state.roomInfo.clear();
   state.active = null;
+  setCompose(null);
+  ui.typing.textContent = "";
   ui.joinedRooms.replaceChildren();
   ui.messages.replaceChildren();
   ui.onlineList.replaceChildren();
@@ -547,8 +586,17 @@ class RoomConnection {
     this.oldestSeq = null;
     this.hasEarlier = false;
     this.online = [];
-    this.unread = 0;
     this.items = []; // rendered <li> elements in seq order (confirmed messages)
+    this.byId = new Map(); // message id -> {li, user, body}
+    this.maxSeq = 0; // highest event seq seen (messages, edits, deletions)
+    this.readSent = 0; // highest seq sent in a read frame
+    this.readTimer = null;
+    this.lastReadAt = 0;
+    this.typists = new Map(); // username -> Date.now() after which the notice is stale
+    this.typingTimer = null;
+    this.historyReady = new Promise((resolve) => {
+      this.historyDone = resolve;
+    });
     this.pending = new Map(); // client_id -> {body, li, sentOn}
     this.historyLoaded = false;
   }
@@ -637,6 +685,18 @@ class RoomConnection {
       case "presence":
         this.onPresence(frame);
         break;
+      case "edit":
+        this.onEdit(frame);
+        break;
+      case "delete":
+        this.onDelete(frame);
+        break;
+      case "typing":
+        this.onTyping(frame);
+        break;
+      case "read":
+        this.onRead(frame);
+        break;
       case "error":
         this.onErrorFrame(frame);
         break;
@@ -659,7 +719,10 @@ class RoomConnection {
       // First connection: nothing is replayed, so fetch the latest page of history.
       this.historyLoaded = true;
       if (this.resumeSeq === null) this.resumeSeq = this.welcomeSeq;
-      this.loadHistory({ before: this.welcomeSeq + 1 }).catch(() => {});
+      // The history covers every event up to the welcome, edits included.
+      if (this.welcomeSeq > this.maxSeq) this.maxSeq = this.welcomeSeq;
+      this.loadHistory({ before: this.welcomeSeq + 1 }).catch(() => {})
+        .finally(() => this.historyDone());
     }
     if (this.replayDone()) this.flushPending();
     scheduleRoomListRefresh();
@@ -675,14 +738,154 @@ class RoomConnection {
     if (!Number.isInteger(seq)) return;
     const own = frame.client_id ? this.pending.get(frame.client_id) : undefined;
     this.insert(frame);
+    if (this.typists.delete(frame.user)) this.renderTyping();
+    this.seen(seq, frame.user);
     if (own) {
       this.confirmPending(frame.client_id);
       // An error frame was pinned on this message, which was stored after all:
       // the refusal belonged to a later one still in flight.
       if (own.refused) this.refuseOldestInFlight();
     }
+    this.advance(seq);
+  }
+
+  // Every event (message, edit, deletion) moves the replay position.
+  advance(seq) {
     if (this.resumeSeq === null || seq > this.resumeSeq) this.resumeSeq = seq;
     if (this.welcomeSeq !== null && seq === this.welcomeSeq) this.flushPending();
+  }
+
+  // A new event arrived. Another person's message is read at once when the
+  // room is on screen, else the server's counts need fetching again. Own
+  // messages are never unread and edits are not messages: neither costs a
+  // read frame (each takes from the rate budget); the next read covers them.
+  seen(seq, user) {
+    if (seq > this.maxSeq) this.maxSeq = seq;
+    if (user === null || (state.me && user === state.me.username)) {
+      if (user === null && !this.isReading()) scheduleCounts();
+      return;
+    }
+    if (this.isReading()) this.markRead();
+    else scheduleCounts();
+  }
+
+  // On screen in a tab the person can see.
+  isReading() {
+    return this.isActive() && document.visibilityState === "visible";
+  }
+
+  // Tell the server this room has been read up to the latest event seen; at
+  // most one frame per READ_SEND_MS, the last one always sent.
+  markRead() {
+    if (!this.historyLoaded || this.maxSeq <= this.readSent) return;
+    const wait = this.lastReadAt + READ_SEND_MS - Date.now();
+    if (wait > 0) {
+      if (!this.readTimer) {
+        this.readTimer = setTimeout(() => {
+          this.readTimer = null;
+          if (this.isReading()) this.markRead();
+        }, wait);
+      }
+      return;
+    }
+    const seq = this.maxSeq;
+    if (!this.send({ type: "read", seq })) return;
+    this.readSent = seq;
+    this.lastReadAt = Date.now();
+    const info = state.roomInfo.get(this.name);
+    if (info) {
+      info.unread = 0;
+      info.mentions = 0;
+    }
+    renderJoinedRooms();
+  }
+
+  onEdit(frame) {
+    const seq = Number(frame.seq);
+    if (!Number.isInteger(seq)) return;
+    const entry = this.byId.get(Number(frame.id));
+    if (!this.seqs.has(seq)) {
+      this.seqs.add(seq);
+      if (entry && typeof frame.body === "string") {
+        entry.body = frame.body;
+        entry.li.querySelector(".msg-body").textContent = frame.body;
+        markEdited(entry.li, frame.edited_ts);
+        this.refreshQuotes(Number(frame.id));
+      }
+    }
+    this.advance(seq);
+    this.seen(seq, null);
+  }
+
+  onDelete(frame) {
+    const seq = Number(frame.seq);
+    if (!Number.isInteger(seq)) return;
+    const id = Number(frame.id);
+    if (!this.seqs.has(seq)) {
+      this.seqs.add(seq);
+      this.removeMessage(id);
+    }
+    this.advance(seq);
+    this.seen(seq, null);
+  }
+
+  removeMessage(id) {
+    const entry = this.byId.get(id);
+    if (!entry) return;
+    this.byId.delete(id);
+    const index = this.items.indexOf(entry.li);
+    if (index >= 0) this.items.splice(index, 1);
+    const next = entry.li.nextElementSibling;
+    entry.li.remove();
+    if (next) regroup(next);
+    this.refreshQuotes(id);
+    if (state.compose && state.compose.room === this.name && state.compose.id === id) {
+      setCompose(null);
+    }
+    if (this.isActive()) ui.emptyRoom.hidden = this.items.length > 0 || this.pending.size > 0;
+  }
+
+  // Replies quoting message ``id`` show its current body (or that it is gone).
+  refreshQuotes(id) {
+    const entry = this.byId.get(id);
+    for (const li of this.items) {
+      if (Number(li.dataset.replyTo) === id) fillQuote(li.querySelector(".msg-quote"), entry);
+    }
+    for (const pending of this.pending.values()) {
+      if (pending.replyTo === id) fillQuote(pending.li.querySelector(".msg-quote"), entry);
+    }
+  }
+
+  onTyping(frame) {
+    if (typeof frame.user !== "string" || (state.me && frame.user === state.me.username)) return;
+    this.typists.set(frame.user, Date.now() + TYPING_SHOW_MS);
+    this.renderTyping();
+  }
+
+  // Shows who is typing (when on screen) and forgets notices older than
+  // TYPING_SHOW_MS, checking again when the next one goes stale.
+  renderTyping() {
+    clearTimeout(this.typingTimer);
+    const now = Date.now();
+    for (const [user, until] of this.typists) {
+      if (until <= now) this.typists.delete(user);
+    }
+    if (this.typists.size) {
+      const next = Math.min(...this.typists.values()) - now;
+      this.typingTimer = setTimeout(() => this.renderTyping(), Math.max(50, next));
+    }
+    if (this.isActive()) ui.typing.textContent = typingText([...this.typists.keys()]);
+  }
+
+  // Another tab (or this person on another device) read this room: the
+  // server's counts changed.
+  onRead(frame) {
+    if (!state.me || frame.user !== state.me.username) return;
+    const seq = Number(frame.seq);
+    if (frame.room === this.name && Number.isInteger(seq) && seq > this.readSent) {
+      this.readSent = seq;
+    }
+    scheduleCounts();
   }
 
   // Presence frames are deltas: the welcome's list, then who joined or left.
@@ -710,7 +913,9 @@ class RoomConnection {
     // A refused message will never be echoed. Error frames carry no client_id,
     // so the oldest message in flight is marked; if its echo arrives after all,
     // the mark moves on (see onMessage). Reauth answers concern no message.
-    if (!REAUTH_ERROR_CODES.has(frame.code)) this.refuseOldestInFlight();
+    if (!REAUTH_ERROR_CODES.has(frame.code) && !NON_MESSAGE_ERROR_CODES.has(frame.code)) {
+      this.refuseOldestInFlight();
+    }
   }
 
   refuseOldestInFlight() {
@@ -799,10 +1004,27 @@ class RoomConnection {
     const seq = Number(frame.seq);
     if (this.seqs.has(seq)) return false;
     this.seqs.add(seq);
-    const li = renderMessage(frame, state.me && frame.user === state.me.username);
+    if (seq > this.maxSeq) this.maxSeq = seq;
+    if (frame.deleted) {
+      // A deleted message keeps its place in the log but shows nothing.
+      if (this.oldestSeq === null || seq < this.oldestSeq) this.oldestSeq = seq;
+      return false;
+    }
+    const id = Number(frame.id);
+    const replyTo = frame.reply_to === undefined || frame.reply_to === null
+      ? null : Number(frame.reply_to);
+    const li = renderMessage(frame, state.me && frame.user === state.me.username,
+      replyTo === null ? undefined : this.byId.get(replyTo) || null);
     li.dataset.seq = String(seq);
+    li.dataset.id = String(id);
     li.dataset.user = frame.user;
     li.dataset.ts = frame.ts;
+    if (replyTo !== null) li.dataset.replyTo = String(replyTo);
+    if (frame.edited_ts) markEdited(li, frame.edited_ts);
+    this.byId.set(id, { li, user: frame.user, body: frame.body });
+    addActions(this, li);
+    // A reply loaded before the message it quotes (history arrives in pages).
+    this.refreshQuotes(id);
     // Keep the list ordered by seq: live frames append, history prepends.
     let index = this.items.length;
     while (index > 0 && Number(this.items[index - 1].dataset.seq) > seq) index -= 1;
@@ -817,9 +1039,6 @@ class RoomConnection {
       ui.emptyRoom.hidden = true;
       if (stick || (state.me && frame.user === state.me.username)) scrollToBottom();
       else if (index === this.items.length - 1) ui.jump.hidden = false;
-    } else if (this.historyLoaded && seq > (this.welcomeSeq ?? 0)) {
-      this.unread += 1;
-      renderJoinedRooms();
     }
     return true;
   }
@@ -832,19 +1051,20 @@ class RoomConnection {
     if (stick) scrollToBottom();
   }
 
-  addPending(body) {
+  addPending(body, replyTo = null) {
     const clientId = newClientId();
     const frame = {
       user: state.me.username, body, ts: new Date().toISOString(), client_id: clientId,
     };
-    const li = renderMessage(frame, true);
+    const li = renderMessage(frame, true,
+      replyTo === null ? undefined : this.byId.get(replyTo) || null);
     li.classList.add("pending");
     li.dataset.clientId = clientId;
     li.dataset.user = frame.user;
     li.dataset.ts = frame.ts;
     const status = el("span", "msg-state", "Sending…");
     li.querySelector(".msg-meta").append(status);
-    const entry = { body, li, sentOn: null, refused: false };
+    const entry = { body, li, sentOn: null, refused: false, replyTo };
     this.pending.set(clientId, entry);
     if (this.isActive()) {
       ui.messages.append(li);
@@ -858,8 +1078,9 @@ class RoomConnection {
   transmit(clientId) {
     const entry = this.pending.get(clientId);
     if (!entry) return;
-    if (this.status === "connected" && this.replayDone() &&
-        this.send({ type: "message", body: entry.body, client_id: clientId })) {
+    const frame = { type: "message", body: entry.body, client_id: clientId };
+    if (entry.replyTo !== null) frame.reply_to = entry.replyTo;
+    if (this.status === "connected" && this.replayDone() && this.send(frame)) {
       entry.sentOn = this.socket;
       entry.refused = false;
       entry.li.classList.remove("failed");
@@ -923,6 +1144,8 @@ class RoomConnection {
     const fromBottom = scroller.scrollHeight - scroller.scrollTop;
     const wasAtBottom = isNearBottom();
     for (const frame of messages) this.insert({ ...frame, room: this.name });
+    this.historyDone();
+    if (this.isReading()) this.markRead();
     this.hasEarlier = messages.length >= HISTORY_PAGE && (this.oldestSeq ?? 1) > 1;
     if (this.isActive()) {
       ui.earlier.hidden = !this.hasEarlier;
@@ -945,7 +1168,9 @@ function firstPendingNode() {
   return ui.messages.querySelector("li.pending");
 }
 
-function renderMessage(frame, own) {
+// quoted: the message a reply quotes ({user, body}), null when it is not
+// loaded or was deleted, undefined for a message that is no reply.
+function renderMessage(frame, own, quoted) {
   const li = el("li", own ? "msg own" : "msg");
   const date = new Date(frame.ts);
   li.append(avatar(frame.user || "?"));
@@ -959,10 +1184,135 @@ function renderMessage(frame, own) {
   }
   meta.append(time);
   main.append(meta);
+  if (quoted !== undefined) {
+    const quote = el("p", "msg-quote");
+    fillQuote(quote, quoted);
+    main.append(quote);
+  }
   // textContent, never innerHTML: the body is shown exactly as typed.
   main.append(el("p", "msg-body", frame.body));
   li.append(main);
   return li;
+}
+
+function shorten(text) {
+  const chars = Array.from(text);
+  return chars.length > QUOTE_CHARS ? `${chars.slice(0, QUOTE_CHARS).join("")}…` : text;
+}
+
+// The quoted original above a reply: who wrote it and (the start of) its body.
+function fillQuote(quote, quoted) {
+  if (!quote) return;
+  if (!quoted) {
+    quote.replaceChildren(el("span", "msg-quote-text", "Reply to a message not shown here"));
+    quote.removeAttribute("aria-label");
+    return;
+  }
+  quote.replaceChildren(el("span", "msg-quote-user", quoted.user),
+    el("span", "msg-quote-text", shorten(quoted.body)));
+  quote.setAttribute("aria-label", `In reply to ${quoted.user}: ${shorten(quoted.body)}`);
+}
+
+function markEdited(li, editedTs) {
+  let mark = li.querySelector(".msg-edited");
+  if (!mark) {
+    mark = el("span", "msg-edited", "(edited)");
+    li.querySelector(".msg-body").after(mark);
+  }
+  const date = new Date(editedTs);
+  if (!Number.isNaN(date.getTime())) mark.title = `Edited ${fullFormat.format(date)}`;
+}
+
+function canDelete(room, user) {
+  if (!state.me) return false;
+  if (user === state.me.username || state.me.admin) return true;
+  const info = state.roomInfo.get(room.name);
+  return Boolean(info) && (info.role === "moderator" || info.role === "owner");
+}
+
+// Reply for everyone's messages; Edit for one's own; Delete for one's own, or
+// anyone's for the room's moderators and owner and server admins (the server
+// checks again).
+function addActions(room, li) {
+  const old = li.querySelector(".msg-actions");
+  if (old) old.remove();
+  const id = Number(li.dataset.id);
+  const user = li.dataset.user;
+  const own = Boolean(state.me) && user === state.me.username;
+  const bar = el("div", "msg-actions");
+  const button = (label, text, onClick, extra = "") => {
+    const b = el("button", `msg-action ${extra}`.trim(), text);
+    b.type = "button";
+    b.setAttribute("aria-label", label);
+    b.addEventListener("click", onClick);
+    bar.append(b);
+    return b;
+  };
+  button(`Reply to ${user}`, "Reply", () => {
+    const entry = room.byId.get(id);
+    if (entry) setCompose({ mode: "reply", room: room.name, id, user, body: entry.body });
+  });
+  if (own) {
+    button("Edit message", "Edit", () => {
+      const entry = room.byId.get(id);
+      if (entry) setCompose({ mode: "edit", room: room.name, id, user, body: entry.body });
+    });
+  }
+  if (canDelete(room, user)) {
+    const del = button(own ? "Delete message" : `Delete message by ${user}`, "Delete", () => {
+      // A second click confirms; the first only asks.
+      if (del.dataset.confirm !== "1") {
+        del.dataset.confirm = "1";
+        del.textContent = "Confirm delete";
+        del.setAttribute("aria-label", "Confirm delete");
+        setTimeout(() => {
+          if (!del.isConnected) return;
+          del.dataset.confirm = "";
+          del.textContent = "Delete";
+          del.setAttribute("aria-label", own ? "Delete message" : `Delete message by ${user}`);
+        }, 5000);
+        return;
+      }
+      if (!room.send({ type: "delete", id })) {
+        showComposerError("Not connected: the message was not deleted. Try again shortly.");
+      }
+    }, "msg-action-danger");
+  }
+  li.querySelector(".msg-main").append(bar);
+}
+
+function typingText(users) {
+  const names = users.slice().sort((a, b) => a.localeCompare(b));
+  if (names.length === 0) return "";
+  if (names.length === 1) return `${names[0]} is typing…`;
+  if (names.length === 2) return `${names[0]} and ${names[1]} are typing…`;
+  return "Several people are typing…";
+}
+
+// Reply or edit mode of the composer (null: a plain new message).
+function setCompose(compose) {
+  const wasEdit = state.compose && state.compose.mode === "edit";
+  state.compose = compose;
+  if (!compose) {
+    ui.composerContext.hidden = true;
+    ui.composerContextText.textContent = "";
+    if (wasEdit) {
+      ui.input.value = "";
+      autosize();
+    }
+    return;
+  }
+  ui.composerContext.hidden = false;
+  if (compose.mode === "reply") {
+    ui.composerContextText.textContent = `Replying to ${compose.user}: ${shorten(compose.body)}`;
+    ui.composerCancel.textContent = "Cancel reply";
+  } else {
+    ui.composerContextText.textContent = "Editing your message";
+    ui.composerCancel.textContent = "Cancel edit";
+    ui.input.value = compose.body;
+    autosize();
+  }
+  ui.input.focus();
 }
 
 // Consecutive messages from one person within a few minutes share one header.
@@ -1003,9 +1353,18 @@ function renderJoinedRooms() {
     button.type = "button";
     button.append(el("span", "room-hash", roomMark(name)));
     button.append(el("span", "room-name", roomLabel(name)));
-    if (room.unread > 0) {
-      const badge = el("span", "badge", String(room.unread));
-      badge.setAttribute("aria-label", `${room.unread} unread`);
+    // The server's counts; none on the room being read right now.
+    const info = state.roomInfo.get(name);
+    const reading = name === state.active && document.visibilityState === "visible";
+    if (info && !reading && info.unread > 0) {
+      const badge = el("span", "badge", String(info.unread));
+      badge.setAttribute("aria-label", `${info.unread} unread`);
+      button.append(badge);
+    }
+    if (info && !reading && info.mentions > 0) {
+      const badge = el("span", "mention-badge", `@${info.mentions}`);
+      badge.setAttribute("aria-label",
+        `${info.mentions} mention${info.mentions === 1 ? "" : "s"} of you`);
       button.append(badge);
     }
     if (name === state.active) button.setAttribute("aria-current", "true");
@@ -1022,14 +1381,48 @@ function scheduleRoomListRefresh() {
   scheduleRoomListRefresh.timer = setTimeout(refreshRoomList, 1000);
 }
 
+// Fetch the server's unread and mention counts soon: a burst of events costs
+// one request, requests are at least COUNTS_INTERVAL_MS apart, and the last
+// event is always followed by a fetch.
+function scheduleCounts() {
+  if (scheduleCounts.timer) return;
+  const since = Date.now() - (scheduleCounts.lastAt || 0);
+  const wait = Math.max(COUNTS_DELAY_MS, COUNTS_INTERVAL_MS - since);
+  scheduleCounts.timer = setTimeout(() => {
+    scheduleCounts.timer = null;
+    scheduleCounts.lastAt = Date.now();
+    refreshRoomList();
+  }, wait);
+}
+
 async function refreshRoomList() {
   if (!state.me) return;
+  const generation = (refreshRoomList.generation || 0) + 1;
+  refreshRoomList.generation = generation;
   let data;
   try {
     data = await api("GET", "/api/rooms");
   } catch (err) {
     return;
   }
+  // An answer overtaken by a later request is stale.
+  if (generation !== refreshRoomList.generation) return;
+  const roleChanged = [];
+  for (const room of (data && data.rooms) || []) {
+    const old = state.roomInfo.get(room.name);
+    if ((old ? old.role : null) !== (room.role ?? null)) roleChanged.push(room.name);
+    state.roomInfo.set(room.name, {
+      unread: Number(room.unread) || 0,
+      mentions: Number(room.mentions) || 0,
+      role: room.role ?? null,
+      last_read_seq: Number(room.last_read_seq) || 0,
+    });
+  }
+  for (const name of roleChanged) {
+    const joined = state.rooms.get(name);
+    if (joined) for (const li of joined.items) addActions(joined, li);
+  }
+  renderJoinedRooms();
   const rooms = ((data && data.rooms) || []).slice()
     .sort((a, b) => (b.online - a.online) || a.name.localeCompare(b.name));
   ui.allRoomsEmpty.hidden = rooms.length > 0;
@@ -1073,8 +1466,8 @@ function joinRoom(name) {
 function switchRoom(name) {
   const room = state.rooms.get(name);
   if (!room) return;
+  if (state.compose && state.compose.room !== name) setCompose(null);
   state.active = name;
-  room.unread = 0;
   if (room.stopped && room.status !== "stopped") {
     room.stopped = false;
     room.connect();
@@ -1087,9 +1480,11 @@ function switchRoom(name) {
   ui.emptyRoom.hidden = room.items.length > 0 || pendingNodes.length > 0 || !room.historyLoaded;
   ui.earlier.hidden = !room.hasEarlier;
   renderOnline(room);
+  room.renderTyping();
   renderJoinedRooms();
   renderStatus();
   scrollToBottom();
+  if (document.visibilityState === "visible") room.markRead();
   hideNotice("connection");
   if (room.status === "stopped") {
     showNotice(CLOSE_MESSAGES[4403], { sticky: true, tone: "error", kind: "connection" });
@@ -1128,6 +1523,8 @@ function dropRoom(name) {
   if (!next.done) {
     switchRoom(next.value);
   } else {
+    setCompose(null);
+    ui.typing.textContent = "";
     ui.roomTitle.textContent = "No room";
     ui.leave.hidden = true;
     ui.messages.replaceChildren();
@@ -1287,9 +1684,159 @@ function onSend(event) {
   const room = state.active && state.rooms.get(state.active);
   const body = ui.input.value;
   if (!room || !body.trim()) return;
+  const compose = state.compose && state.compose.room === room.name ? state.compose : null;
+  if (compose && compose.mode === "edit") {
+    if (body !== compose.body && !room.send({ type: "edit", id: compose.id, body })) {
+      showComposerError("Not connected: the edit was not saved. Try again shortly.");
+      return;
+    }
+    setCompose(null);
+    return;
+  }
   ui.input.value = "";
   autosize();
-  room.addPending(body);
+  setCompose(null);
+  room.addPending(body, compose ? compose.id : null);
+  state.lastTypingSent = 0;
+}
+
+// A typing notice while the person types a new message or reply, at most one
+// per TYPING_SEND_MS (the server drops the rest anyway).
+function onTypingInput() {
+  const room = state.active && state.rooms.get(state.active);
+  if (!room || !ui.input.value.trim()) return;
+  if (state.compose && state.compose.mode === "edit") return;
+  const now = Date.now();
+  if (now - state.lastTypingSent < TYPING_SEND_MS) return;
+  if (room.status === "connected" && room.send({ type: "typing" })) state.lastTypingSent = now;
+}
+
+// ---------------------------------------------------------------- search
+
+// The server marks each match between U+0002 and U+0003; they become <mark>
+// elements built node by node, the text between them stays text.
+export function highlightNodes(highlight) {
+  const nodes = [];
+  let marked = false;
+  let text = "";
+  const flush = () => {
+    if (!text) return;
+    nodes.push(marked ? el("mark", "", text) : document.createTextNode(text));
+    text = "";
+  };
+  for (const ch of String(highlight)) {
+    if (ch === "\u0002" || ch === "\u0003") {
+      flush();
+      marked = ch === "\u0002";
+    } else {
+      text += ch;
+    }
+  }
+  flush();
+  return nodes;
+}
+
+async function onSearch(event) {
+  event.preventDefault();
+  const q = ui.searchInput.value.trim();
+  if (!q) {
+    onSearch.generation = (onSearch.generation || 0) + 1;
+    ui.searchResults.hidden = true;
+    ui.searchResults.replaceChildren();
+    ui.searchStatus.textContent = "";
+    return;
+  }
+  await runSearch(q, null);
+}
+
+// One page of results for q (older than message id ``before`` when given),
+// appended to the list; a full page ends with a "More results" button.
+async function runSearch(q, before) {
+  const generation = before === null ? (onSearch.generation || 0) + 1 : onSearch.generation;
+  onSearch.generation = generation;
+  const params = new URLSearchParams({ q, limit: String(SEARCH_PAGE) });
+  if (before !== null) params.set("before", String(before));
+  ui.searchStatus.textContent = "Searching…";
+  let data;
+  try {
+    data = await api("GET", `/api/search?${params}`);
+  } catch (err) {
+    if (generation !== onSearch.generation) return;
+    ui.searchStatus.textContent = err instanceof ApiError && err.code === "bad_request"
+      ? "Search for at least one word (at most 8 terms, 200 characters)."
+      : humanApiError(err);
+    if (before === null) ui.searchResults.hidden = true;
+    return;
+  }
+  // A newer search (or a cleared box) replaced this one meanwhile.
+  if (generation !== onSearch.generation) return;
+  const results = (data && data.results) || [];
+  if (before === null) ui.searchResults.replaceChildren();
+  const more = ui.searchResults.querySelector(".search-more");
+  if (more) more.closest("li").remove();
+  ui.searchResults.append(...results.map(renderSearchResult));
+  const shown = ui.searchResults.querySelectorAll(".search-result").length;
+  ui.searchStatus.textContent = shown
+    ? `${shown} result${shown === 1 ? "" : "s"}`
+    : "No messages found.";
+  if (results.length >= SEARCH_PAGE) {
+    const li = el("li");
+    const button = el("button", "button button-quiet search-more", "More results");
+    button.type = "button";
+    const last = Number(results[results.length - 1].id);
+    button.addEventListener("click", () => {
+      button.disabled = true;
+      runSearch(q, last);
+    });
+    li.append(button);
+    ui.searchResults.append(li);
+  }
+  ui.searchResults.hidden = shown === 0;
+}
+
+function renderSearchResult(result) {
+  const li = el("li");
+  const button = el("button", "search-result");
+  button.type = "button";
+  button.dataset.room = String(result.room);
+  button.dataset.id = String(result.id);
+  const when = formatTime(new Date(result.ts));
+  button.append(el("span", "search-result-meta", `#${result.room} · ${result.user} · ${when}`));
+  const text = el("span", "search-result-text");
+  text.append(...highlightNodes(result.highlight ?? result.body ?? ""));
+  button.append(text);
+  button.addEventListener("click", () => {
+    jumpToMessage(String(result.room), Number(result.id), Number(result.seq))
+      .catch((err) => showNotice(humanApiError(err), { tone: "error" }));
+  });
+  li.append(button);
+  return li;
+}
+
+// Open the result's room (joining it if needed), load history back to the
+// message if it is older than what is loaded, then scroll to it and mark it.
+async function jumpToMessage(name, id, seq) {
+  if (!ROOM_RE.test(name)) return;
+  joinRoom(name);
+  const room = state.rooms.get(name);
+  if (!room) return;
+  await room.historyReady;
+  for (let page = 0; !room.byId.has(id) && page < JUMP_MAX_PAGES; page += 1) {
+    if (room.oldestSeq === null || room.oldestSeq <= seq || room.oldestSeq <= 1) break;
+    await room.loadHistory({ before: room.oldestSeq });
+  }
+  if (state.active !== name) return;
+  const entry = room.byId.get(id);
+  if (!entry) {
+    showNotice("That message is no longer in the room.", { tone: "warn" });
+    return;
+  }
+  for (const li of ui.messages.querySelectorAll("li.jumped")) li.classList.remove("jumped");
+  entry.li.classList.add("jumped");
+  entry.li.tabIndex = -1;
+  entry.li.scrollIntoView({ block: "center" });
+  entry.li.focus({ preventScroll: true });
+  closeSidebar();
 }
 
 function autosize() {
@@ -1905,14 +2452,25 @@ ui.input.addEventListener("keydown", (event) => {
     onSend();
   }
 });
-ui.input.addEventListener("input", autosize);
+ui.input.addEventListener("input", () => {
+  autosize();
+  onTypingInput();
+});
+ui.composerCancel.addEventListener("click", () => {
+  setCompose(null);
+  ui.input.focus();
+});
+ui.searchForm.addEventListener("submit", onSearch);
 
 ui.sidebarToggle.addEventListener("click", () => {
   if (document.body.classList.contains("sidebar-open")) closeSidebar();
   else openSidebar();
 });
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape") closeSidebar();
+  if (event.key === "Escape") {
+    closeSidebar();
+    if (state.compose && document.activeElement === ui.input) setCompose(null);
+  }
 });
 // On a phone the sidebar is a drawer over the conversation: a tap outside closes it.
 document.addEventListener("click", (event) => {
@@ -1927,7 +2485,11 @@ window.addEventListener("online", () => {
 // Background tabs have their timers throttled, so the refresh may have been
 // late: on return, refresh now if the token is inside its refresh window.
 document.addEventListener("visibilitychange", () => {
-  if (document.visibilityState !== "visible" || !state.me || !state.accessExpiresAt) return;
+  renderJoinedRooms();
+  if (document.visibilityState !== "visible" || !state.me) return;
+  const active = state.active && state.rooms.get(state.active);
+  if (active) active.markRead();
+  if (!state.accessExpiresAt) return;
   if (Date.now() > state.accessExpiresAt - state.accessLead) refreshTokens().catch(() => {});
   for (const room of state.rooms.values()) room.reconnectNow();
 });
