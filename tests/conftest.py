@@ -7,6 +7,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -14,6 +15,9 @@ from hypothesis import settings as hypothesis_settings
 from tests.harness import Client, LiveServer
 from tornado_chat.config import Settings
 from tornado_chat.pki import ServerCertificate, ensure_server_certificate
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Playwright
 
 SERVER_NAMES = ["localhost", "127.0.0.1", "::1"]
 # A registration budget no test run comes near (see make_settings).
@@ -129,3 +133,28 @@ async def client(server: LiveServer, client_ssl: ssl.SSLContext) -> AsyncIterato
     c = Client(server, client_ssl)
     yield c
     c.close()
+
+
+# -- the browser tests' Chromium ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    """The Playwright driver (the browser is Debian's Chromium, never a download)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        yield pw
+
+
+@pytest.fixture(scope="module")
+def browser(
+    playwright: Playwright, ca_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Browser]:
+    """Chromium whose NSS database trusts the test CA (one per module that asks)."""
+    from tests.browser import launch_options, make_browser_home
+
+    home = make_browser_home(tmp_path_factory.mktemp("chromium"), ca_cert=ca_file)
+    launched = playwright.chromium.launch(**launch_options(home))
+    yield launched
+    launched.close()

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Playwright, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
-from tests.browser import launch_options, make_browser_home
 from tests.conftest import serve
 from tests.harness import PASSWORD, Client, LiveServer
 from tests.test_browser_client import ChatPage, api, save_screenshot
@@ -72,24 +70,6 @@ def accounts(invite_server: LiveServer, client_ssl: Any) -> tuple[str, ...]:
 
     assert api(invite_server, client_ssl, work) == [True, False, False, False, False]
     return PEOPLE
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    """The Playwright driver (the browser is Debian's Chromium, never a download)."""
-    with sync_playwright() as pw:
-        yield pw
-
-
-@pytest.fixture(scope="module")
-def browser(
-    playwright: Playwright, ca_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Browser]:
-    """Chromium whose NSS database trusts the test CA."""
-    home = make_browser_home(tmp_path_factory.mktemp("chromium-authz"), ca_cert=ca_file)
-    browser = playwright.chromium.launch(**launch_options(home))
-    yield browser
-    browser.close()
 
 
 @pytest.fixture(scope="module")

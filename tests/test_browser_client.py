@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Error, Page, Playwright, WebSocket, expect, sync_playwright
+from playwright.sync_api import Browser, Error, Page, Playwright, WebSocket, expect
 
 from tests.browser import launch_options, make_browser_home
 from tests.conftest import serve
@@ -166,24 +166,6 @@ def short_server(
     yield from serve(
         server_cert, tmp_path_factory.mktemp("browser-short"), access_ttl=2, reauth_grace=0.5
     )
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    """The Playwright driver (the browser is Debian's Chromium, never a download)."""
-    with sync_playwright() as pw:
-        yield pw
-
-
-@pytest.fixture(scope="module")
-def browser(
-    playwright: Playwright, ca_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Browser]:
-    """Chromium whose NSS database trusts the test CA."""
-    home = make_browser_home(tmp_path_factory.mktemp("chromium"), ca_cert=ca_file)
-    browser = playwright.chromium.launch(**launch_options(home))
-    yield browser
-    browser.close()
 
 
 @dataclass

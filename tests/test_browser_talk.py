@@ -13,35 +13,15 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Locator, Playwright, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, expect
 
-from tests.browser import launch_options, make_browser_home
 from tests.harness import Client, LiveServer
 from tests.test_browser_client import ChatPage, api, close_from_server, post_as, save_screenshot
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    """The Playwright driver (the browser is Debian's Chromium, never a download)."""
-    with sync_playwright() as pw:
-        yield pw
-
-
-@pytest.fixture(scope="module")
-def browser(
-    playwright: Playwright, ca_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Browser]:
-    """Chromium whose NSS database trusts the test CA."""
-    home = make_browser_home(tmp_path_factory.mktemp("chromium-talk"), ca_cert=ca_file)
-    launched = playwright.chromium.launch(**launch_options(home))
-    yield launched
-    launched.close()
 
 
 @pytest.fixture(scope="module")
