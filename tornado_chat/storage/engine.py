@@ -82,6 +82,12 @@ class Database:
         return self.engine.dialect.name == "sqlite"
 
 
+#: WAL pages after which a commit checkpoints by itself: only when the
+#: checkpointer (storage/checkpoint.py) has fallen this far behind, about
+#: 40 MB of WAL at 4 KiB pages.
+WAL_BACKSTOP_PAGES = 10_000
+
+
 def timeout_ms(timeout: float) -> int:
     """Whole milliseconds, at least 1, for ``timeout`` seconds (SQLite and PostgreSQL timeouts)."""
     return max(1, round(timeout * 1000))
@@ -98,10 +104,17 @@ def sqlite_pragmas(busy_timeout_ms: int) -> tuple[str, ...]:
     embedded default does not pay; deployments needing power-loss durability
     run PostgreSQL. SQLite ignores foreign keys (and ON DELETE CASCADE) unless
     asked, and waits for another connection's lock only with a busy timeout.
+
+    Checkpoints (copying the WAL into the database file, with an fsync) are
+    the job of :mod:`~tornado_chat.storage.checkpoint`'s thread, so that no
+    commit pays for one: by default SQLite runs one inside the COMMIT that
+    takes the WAL past 1,000 pages, a few ms that every message queued behind
+    that commit waits for. The higher limit here is only a backstop.
     """
     return (
         "PRAGMA journal_mode=WAL",
         "PRAGMA synchronous=NORMAL",
+        f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES:d}",
         "PRAGMA foreign_keys=ON",
         f"PRAGMA busy_timeout={busy_timeout_ms:d}",
     )

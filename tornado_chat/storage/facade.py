@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tornado_chat import metrics, search_query
 from tornado_chat.errors import TicketLimitReached
 from tornado_chat.storage.alchemy import AlchemyQueries
+from tornado_chat.storage.checkpoint import CHECKPOINT_EVERY, WalCheckpointer
 from tornado_chat.storage.engine import DEFAULT_DB_TIMEOUT, Database, open_database
 from tornado_chat.storage.failures import translate, within
 from tornado_chat.storage.housekeeping import Housekeeping
@@ -106,6 +107,7 @@ class Storage:
         self._bound_calls = not database.is_sqlite
         self._user_deleted_listeners: list[Callable[[int], None]] = []
         self._housekeeping: Housekeeping | None = None
+        self._checkpointer: WalCheckpointer | None = None
 
     @classmethod
     async def open(
@@ -115,6 +117,7 @@ class Storage:
         timeout: float = DEFAULT_DB_TIMEOUT,
         fast_path: bool = True,
         purge_every: float | None = None,
+        checkpoint_every: float | None = CHECKPOINT_EVERY,
     ) -> Storage:
         """Connect to ``url`` and bring its schema to the newest migration.
 
@@ -131,6 +134,10 @@ class Storage:
                 until :meth:`close` (the server passes
                 :data:`~tornado_chat.storage.housekeeping.PURGE_EVERY`); None
                 never purges on its own.
+            checkpoint_every: on a SQLite file, checkpoint its WAL this often,
+                in seconds, on a thread of its own (see
+                :mod:`~tornado_chat.storage.checkpoint`); None leaves it to
+                the backstop limit and to the last connection's close.
 
         Returns:
             A ready Storage.
@@ -148,6 +155,12 @@ class Storage:
                 database.engine, serialize_all=database.serialize_all, timeout=timeout
             )
         storage = cls(database, queries, timeout=timeout)
+        if database.sqlite_file is not None and checkpoint_every is not None:
+            filename, uri = database.sqlite_file
+            storage._checkpointer = WalCheckpointer(
+                filename, uri=uri, timeout=timeout, interval=checkpoint_every
+            )
+            storage._checkpointer.start()
         if purge_every is not None:
             storage._housekeeping = Housekeeping(storage.purge_expired, purge_every)
             storage._housekeeping.start()
@@ -163,6 +176,8 @@ class Storage:
         try:
             if self._housekeeping is not None:
                 await self._housekeeping.close()
+            if self._checkpointer is not None:
+                await self._checkpointer.close()
             with translate("close"):
                 await self._queries.close()
         finally:
