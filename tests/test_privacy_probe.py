@@ -41,7 +41,7 @@ from tests.test_scaleout import (
     drop_pg_database,
     unique_prefix,
 )
-from tornado_chat import metrics, protocol
+from tornado_chat import authz, metrics, protocol
 from tornado_chat.app import make_app
 from tornado_chat.pki import ServerCertificate
 
@@ -367,6 +367,11 @@ async def test_typing_and_read_notices_stay_inside_the_private_room(client: Clie
         before = await frames_before_marker(sock, marker)
         assert mentions(before, s.room, "something to read") == [], before
         assert [f for f in before if f["type"] in ("typing", "read", "message")] == [], before
+    # While its members are online there, the room list still does not show it to eve
+    # (rooms with sockets and no row are listed as public rooms to be).
+    r = await s.as_("eve", "GET", "/api/rooms")
+    names = {room["name"] for room in r.json["rooms"]}
+    assert s.public in names and s.room not in names and s.dm not in names, names
     for sock in (a_priv, b_priv, b_pub, e_pub, d_pub):
         sock.close()
 
@@ -565,6 +570,27 @@ async def test_a_private_room_created_while_a_socket_opens_on_its_name_closes_it
         pytest.fail(f"eve's socket stayed in the private room {room}: {got}, then {heard}")
     a_sock.close()
     assert got == "close 4403"
+
+
+def test_the_policy_never_creates_a_direct_rooms_name_by_opening_it() -> None:
+    """authz rule 6: an unknown ``dm.`` name is refused as an invisible room, for every
+    caller and surface; any other unknown name is still a public room to be (v1).
+    """
+    for caller in (authz.Caller.USER, authz.Caller.ADMIN):
+        for action, refusal in (
+            (authz.Action.OPEN_SOCKET, "handshake 404"),
+            (authz.Action.REPLAY_SINCE, "handshake 404"),
+            (authz.Action.SEND, "close 4403"),
+            (authz.Action.READ_HISTORY, "404 room_not_found"),
+        ):
+            for name in ("dm.1.2", "dm.1.2.abcdef", "dm.x"):
+                facts = authz.RoomFacts(None, direct_name=authz.direct_room_name(name))
+                got = authz.decide(caller, facts, authz.Relation.NONE, action)
+                assert str(got) == refusal, (caller, action, name)
+            plain = authz.RoomFacts(None, direct_name=authz.direct_room_name("dmx.1.2"))
+            got = authz.decide(caller, plain, authz.Relation.NONE, action)
+            expected = "404 room_not_found" if action is authz.Action.READ_HISTORY else "allowed"
+            assert str(got) == expected, (caller, action)
 
 
 # -- 3. two nodes sharing PostgreSQL and Redis ----------------------------------------------
