@@ -331,6 +331,18 @@ async def test_search_never_returns_a_private_rooms_messages_to_outsiders(client
     assert await found("bob", f"q={word}") == (200, sorted([s.room, s.dm, s.public]))
     assert await found("carol", f"q={word}") == (200, sorted([s.room, s.public]))
     assert await found("bob", f"q={word}&room={s.room}") == (200, [s.room])
+    # A server admin acts as owner in a private room (room= reads it) but searches
+    # without room= only its own rooms, and is a stranger to others' direct rooms.
+    server = client.server
+    await on_server(server, server.services.storage.set_admin, s.ids["dave"], True)
+    assert await found("dave", f"q={word}") == (200, [s.public])
+    assert await found("dave", f"q={word}&room={s.room}") == (200, [s.room])
+    hidden = await s.as_("dave", "GET", f"/api/search?q={word}&room={s.dm}")
+    missing = await s.as_("dave", "GET", f"/api/search?q={word}&room={s.unknown}")
+    assert (hidden.status, hidden.body) == (missing.status, missing.body)
+    assert answer(hidden) == "404 room_not_found"
+    for query in ("/messages?since=0", "/events?since=0"):
+        assert await same_as_unknown(s, "dave", "GET", s.dm, query) == "404 room_not_found"
 
 
 # -- 2. typing and read notices on one node ----------------------------------------------------
