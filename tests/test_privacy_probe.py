@@ -705,6 +705,66 @@ async def test_private_room_events_reach_no_outsider_on_another_node(
         on_b.close()
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_a_private_room_created_on_one_node_closes_a_socket_on_its_name_on_another(
+    two_nodes: tuple[LiveServer, LiveServer, str], client_ssl: ssl.SSLContext
+) -> None:
+    """eve's socket sits on an unused name on node B; node A has not heard of it yet (its
+    presence is still on the way, here: A's online list is held empty), so alice creates the
+    name there as a private room. eve's socket on B closes with 4403 within 2 s.
+    """
+    node_a, node_b, _prefix = two_nodes
+    on_a, on_b = Client(node_a, client_ssl), Client(node_b, client_ssl)
+    services = node_a.services
+    original = services.online_counts
+
+    def nothing_heard() -> dict[str, int]:
+        return {}
+
+    try:
+        s = await scene(on_a)
+        room = f"{s.tag}-claim"
+        eve, _ = await on_b.join(room, s.tokens["eve"])
+        await on_server(node_a, setattr, services, "online_counts", nothing_heard)
+        try:
+            r = await s.as_("alice", "POST", "/api/rooms", {"name": room, "visibility": "private"})
+        finally:
+            await on_server(node_a, setattr, services, "online_counts", original)
+        assert r.status == 201, r.body
+        started = time.monotonic()
+        assert await eve.closed(timeout=2) == 4403
+        assert time.monotonic() - started < 2
+        # And the name is now what every private room is to her.
+        got, _ = await outcome(on_b, room, s.tokens["eve"])
+        assert got == "handshake 404"
+        a_sock, _ = await on_b.join(room, s.tokens["alice"])
+        a_sock.close()
+    finally:
+        on_a.close()
+        on_b.close()
+
+
+def test_a_claimed_control_crosses_redis_and_spares_only_the_owner() -> None:
+    """The ``claimed`` room control: read from Redis like the others; it concerns every
+    socket in the room but the owner's, and no other room.
+    """
+    from tornado_chat.broker import RoomControl
+    from tornado_chat.redis_broker import RedisBroker
+
+    broker = RedisBroker("redis://127.0.0.1:1/0?prefix=ctl", node_id="here")
+    got: list[RoomControl] = []
+    broker.control_listeners.append(got.append)
+    notice = {"t": "c", "n": "there", "kind": "claimed", "user": 7, "room": "r", "reason": "x"}
+    broker._dispatch(b"ctl:revoke", json.dumps(notice).encode())
+    broker._dispatch(b"ctl:revoke", json.dumps({**notice, "room": None}).encode())
+    assert got == [RoomControl("claimed", 7, "r", reason="x")]
+    control = got[0]
+    assert control.code == protocol.CLOSE_FORBIDDEN
+    assert control.concerns("r", 8) and not control.concerns("r", 7)
+    assert not control.concerns("other", 8)
+
+
 # -- 8. metrics labels ------------------------------------------------------------------------
 
 

@@ -630,6 +630,16 @@ class Hub:
             m.peer.close_with(code, reason)
         return len(members)
 
+    def close_others_in_room(self, room: str, keep_user: int, code: int, reason: str) -> int:
+        """Close every socket in ``room`` on this node but ``keep_user``'s; returns how many."""
+        r = self.rooms.get(room)
+        if r is None:
+            return 0
+        members = [m for m in r.members if m.user_id != keep_user]
+        for m in members:
+            m.peer.close_with(code, reason)
+        return len(members)
+
     def set_muted(self, room: str, user_id: int, until: float | None) -> int:
         """Mute (until ``until``) or unmute (None) ``user_id``'s sockets in ``room`` here.
 
