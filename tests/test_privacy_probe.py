@@ -765,6 +765,26 @@ def test_a_claimed_control_crosses_redis_and_spares_only_the_owner() -> None:
     assert not control.concerns("other", 8)
 
 
+def test_a_claim_closes_only_sockets_that_joined_before_the_room_existed() -> None:
+    """On each node the ``claimed`` control closes the sockets that joined the name while
+    it had no row, except the owner's; a member added since (authorized against the
+    private room itself) and other rooms are left alone.
+    """
+    from tests.test_hub import add
+    from tornado_chat.hub import Hub
+
+    hub = Hub()
+    squatter, squatter_peer = add(hub, "claimed", 2, "eve")
+    owner, owner_peer = add(hub, "claimed", 1, "alice")
+    member, member_peer = add(hub, "claimed", 3, "bob")
+    elsewhere, elsewhere_peer = add(hub, "other", 2, "eve")
+    squatter.unknown_room = owner.unknown_room = elsewhere.unknown_room = True
+    assert hub.close_others_in_room("claimed", 1, protocol.CLOSE_FORBIDDEN, "private") == 1
+    assert squatter_peer.closes == [(protocol.CLOSE_FORBIDDEN, "private")]
+    assert owner_peer.closes == member_peer.closes == elsewhere_peer.closes == []
+    assert member.unknown_room is False
+
+
 # -- 8. metrics labels ------------------------------------------------------------------------
 
 

@@ -623,6 +623,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             held_limit=self.chat_settings.outbox_bytes,
         )
         member.muted_until = self._muted_until
+        member.unknown_room = self._room_unknown
         first = hub.join(member)
         self.member = member
         # Bound what Tornado buffers for this socket: a client that stops
@@ -642,6 +643,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             for control in self.services.controls_since(self._checked_at, room, claims.user_id):
                 if control.kind == "mute":
                     member.muted_until = control.until
+                elif control.kind == "claimed" and not self._room_unknown:
+                    continue  # authorized against the private room itself
                 else:
                     self._event(session.close_requested, control.code, control.reason)
                     return None
