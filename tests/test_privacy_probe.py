@@ -596,10 +596,10 @@ def test_the_policy_never_creates_a_direct_rooms_name_by_opening_it() -> None:
             (authz.Action.READ_HISTORY, "404 room_not_found"),
         ):
             for name in ("dm.1.2", "dm.1.2.abcdef", "dm.x"):
-                facts = authz.RoomFacts(None, direct_name=authz.direct_room_name(name))
+                facts = authz.RoomFacts(None, direct_name=authz.is_direct_room_name(name))
                 got = authz.decide(caller, facts, authz.Relation.NONE, action)
                 assert str(got) == refusal, (caller, action, name)
-            plain = authz.RoomFacts(None, direct_name=authz.direct_room_name("dmx.1.2"))
+            plain = authz.RoomFacts(None, direct_name=authz.is_direct_room_name("dmx.1.2"))
             got = authz.decide(caller, plain, authz.Relation.NONE, action)
             expected = "404 room_not_found" if action is authz.Action.READ_HISTORY else "allowed"
             assert str(got) == expected, (caller, action)

@@ -35,7 +35,7 @@ The rules, in the order they are applied:
 6. Opening a socket on (or sending to) a room that does not exist creates
    it as a public room without owner (contract v1); every other route of an
    unknown room is 404 ``room_not_found``. Not so for a direct room's name
-   (``dm.``..., :func:`direct_room_name`): it is predictable from the two
+   (``dm.``..., :func:`is_direct_room_name`): it is predictable from the two
    user ids, and a socket sitting on it would hear the direct room once its
    two people create it, so until then it is refused like an invisible room.
 """
@@ -58,7 +58,7 @@ __all__ = [
     "RoomFacts",
     "Target",
     "decide",
-    "direct_room_name",
+    "is_direct_room_name",
 ]
 
 #: Every direct room's name starts with this (storage names them ``dm.<low id>.<high id>``,
@@ -66,7 +66,7 @@ __all__ = [
 DIRECT_ROOM_PREFIX: Final = "dm."
 
 
-def direct_room_name(room: str) -> bool:
+def is_direct_room_name(room: str) -> bool:
     """Whether ``room`` is a name only a direct room may take by being opened."""
     return room.startswith(DIRECT_ROOM_PREFIX)
 
@@ -155,7 +155,7 @@ _NOT_IN_DIRECT_ROOMS = _TARGETED_ACTIONS | {Action.ADD_MEMBER, Action.LEAVE}
 class RoomFacts:
     """The room asked about: ``visibility`` None when no room has that name.
 
-    ``direct_name``: the name has a direct room's form (:func:`direct_room_name`),
+    ``direct_name``: the name has a direct room's form (:func:`is_direct_room_name`),
     so opening it while it does not exist creates nothing (rule 6).
     """
 

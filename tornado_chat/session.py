@@ -171,7 +171,7 @@ def _facts(
         banned=moderated and access.banned,
         muted=moderated and access.muted_until is not None,
     )
-    direct_name = room is not None and authz.direct_room_name(room)
+    direct_name = room is not None and authz.is_direct_room_name(room)
     facts = authz.RoomFacts(visibility, has_owner=role == "owner", direct_name=direct_name)
     return facts, relation
 
