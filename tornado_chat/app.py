@@ -248,6 +248,16 @@ class Services:
         """
         self._publish(RoomControl("mute", user_id, room=room, until=until))
 
+    def claimed(self, room: str, owner_id: int) -> None:
+        """``room`` was just created as a private room of ``owner_id``: nobody else stays in it.
+
+        ``POST /api/rooms`` refuses a name with sockets in it, as far as this
+        node knows: a socket that opened on the name on another node (whose
+        presence was still on its way) or that joined here after the check
+        closes with 4403, on every node.
+        """
+        self._publish(RoomControl("claimed", owner_id, room=room, reason="this room is private"))
+
     def _publish(self, control: RoomControl) -> None:
         self.apply_control(control)
         self.broker.publish_control(control)
@@ -267,6 +277,11 @@ class Services:
             # Its sessions were revoked with it: no cached answer may outlive that.
             self.auth.forget_user(control.user_id)
             hub.close_user(control.user_id, control.code, control.reason)
+        elif control.kind == "claimed":
+            if control.room is not None:
+                hub.close_others_in_room(
+                    control.room, control.user_id, control.code, control.reason
+                )
         elif control.room is not None:
             hub.close_in_room(control.room, control.user_id, control.code, control.reason)
 

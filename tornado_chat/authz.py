@@ -34,7 +34,10 @@ The rules, in the order they are applied:
    message is not stored.
 6. Opening a socket on (or sending to) a room that does not exist creates
    it as a public room without owner (contract v1); every other route of an
-   unknown room is 404 ``room_not_found``.
+   unknown room is 404 ``room_not_found``. Not so for a direct room's name
+   (``dm.``..., :func:`is_direct_room_name`): it is predictable from the two
+   user ids, and a socket sitting on it would hear the direct room once its
+   two people create it, so until then it is refused like an invisible room.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from tornado_chat.protocol import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
 
 __all__ = [
     "ALLOWED",
+    "DIRECT_ROOM_PREFIX",
     "Action",
     "Answer",
     "Caller",
@@ -54,7 +58,18 @@ __all__ = [
     "RoomFacts",
     "Target",
     "decide",
+    "is_direct_room_name",
 ]
+
+#: Every direct room's name starts with this (storage names them ``dm.<low id>.<high id>``,
+#: with a random suffix when that name is taken).
+DIRECT_ROOM_PREFIX: Final = "dm."
+
+
+def is_direct_room_name(room: str) -> bool:
+    """Whether ``room`` is a name only a direct room may take by being opened."""
+    return room.startswith(DIRECT_ROOM_PREFIX)
+
 
 #: A room's visibility, as storage records it (this layer imports no storage).
 Visibility: TypeAlias = Literal["public", "private", "direct"]
@@ -138,10 +153,15 @@ _NOT_IN_DIRECT_ROOMS = _TARGETED_ACTIONS | {Action.ADD_MEMBER, Action.LEAVE}
 
 @dataclass(frozen=True, slots=True)
 class RoomFacts:
-    """The room asked about: ``visibility`` None when no room has that name."""
+    """The room asked about: ``visibility`` None when no room has that name.
+
+    ``direct_name``: the name has a direct room's form (:func:`is_direct_room_name`),
+    so opening it while it does not exist creates nothing (rule 6).
+    """
 
     visibility: Visibility | None
     has_owner: bool = False
+    direct_name: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +288,9 @@ def decide(
             return Answer(False, status=409, code="room_exists")
         return ALLOWED
     if room.visibility is None:
-        if action in (Action.OPEN_SOCKET, Action.REPLAY_SINCE, Action.SEND):
+        if action in (Action.OPEN_SOCKET, Action.REPLAY_SINCE, Action.SEND) and (
+            not room.direct_name
+        ):
             return ALLOWED  # v1: the first message creates a public room without owner
         return _not_found(action)
     return _decide_in_room(room.visibility, relation, action, target, admin=admin)

@@ -48,9 +48,12 @@ class RoomControl:
     removed): its sockets there close with 4403. ``deactivated``: the
     account was deactivated: its sockets everywhere close with 4401.
     ``mute``: ``user_id`` is muted in ``room`` until ``until`` (None: unmuted).
+    ``claimed``: ``room`` was just created as a private room owned by
+    ``user_id``: every other user's sockets there (opened on the name while
+    nobody had it) close with 4403.
     """
 
-    kind: Literal["evict", "deactivated", "mute"]
+    kind: Literal["evict", "deactivated", "mute", "claimed"]
     user_id: int
     room: str | None = None
     until: float | None = None
@@ -63,6 +66,8 @@ class RoomControl:
 
     def concerns(self, room: str, user_id: int) -> bool:
         """Whether a socket of ``user_id`` in ``room`` is affected."""
+        if self.kind == "claimed":
+            return self.room == room and self.user_id != user_id
         return self.user_id == user_id and (self.room is None or self.room == room)
 
 

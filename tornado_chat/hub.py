@@ -85,6 +85,7 @@ class Member:
         "peer",
         "room",
         "session_id",
+        "unknown_room",
         "user_id",
         "username",
     )
@@ -117,6 +118,9 @@ class Member:
         # When the user's mute in this room ends (None: not muted): read once
         # at open, kept current by Hub.set_muted, so a message needs no read.
         self.muted_until: float | None = None
+        # The room had no row when this socket was authorized (a v1 room to
+        # be): the only kind of socket a new private room does not admit.
+        self.unknown_room = False
 
     @property
     def ready(self) -> bool:
@@ -626,6 +630,21 @@ class Hub:
         if r is None:
             return 0
         members = [m for m in r.members if m.user_id == user_id]
+        for m in members:
+            m.peer.close_with(code, reason)
+        return len(members)
+
+    def close_others_in_room(self, room: str, keep_user: int, code: int, reason: str) -> int:
+        """Close the sockets that joined ``room`` before it existed, but ``keep_user``'s.
+
+        What a new private room does on every node (a ``claimed`` control):
+        a socket authorized against the room itself (a member added since)
+        stays. Returns how many closed.
+        """
+        r = self.rooms.get(room)
+        if r is None:
+            return 0
+        members = [m for m in r.members if m.unknown_room and m.user_id != keep_user]
         for m in members:
             m.peer.close_with(code, reason)
         return len(members)

@@ -14,7 +14,8 @@ What travels through Redis, all under one key prefix (``?prefix=``, default
     its sockets. ``{"t": "c", "kind", "user", "room", "until", "reason"}``:
     who may be where changed (a :class:`~tornado_chat.broker.RoomControl`:
     a kick, ban or removal closes the user's sockets in the room with 4403,
-    a deactivation all of them with 4401, a mute updates them); on the same
+    a deactivation all of them with 4401, a mute updates them, a new private
+    room closes everyone's but its owner's there with 4403); on the same
     channel, which every node subscribes to, so no node misses one for a
     room it has just joined.
 ``{prefix}:nodes`` (sorted set) and ``{prefix}:node:{id}`` (hash room -> users)
@@ -320,11 +321,11 @@ def _control_of(event: dict[str, Any]) -> RoomControl:
         ValueError, KeyError, TypeError: the notification is malformed.
     """
     kind = event["kind"]
-    if kind not in ("evict", "deactivated", "mute"):
+    if kind not in ("evict", "deactivated", "mute", "claimed"):
         raise ValueError(f"unknown control {kind!r}")
     room, until = event.get("room"), event.get("until")
-    if kind == "evict" and not isinstance(room, str):
-        raise ValueError("an evict control names its room")
+    if kind in ("evict", "claimed") and not isinstance(room, str):
+        raise ValueError(f"an {kind} control names its room")
     if kind == "mute" and not isinstance(room, str):
         raise ValueError("a mute control names its room")
     user = event["user"]

@@ -153,8 +153,10 @@ class RoomAccessFacts(Protocol):
 ROOM_NOT_FOUND: Final = authz.Answer(False, status=404, at_handshake=True)
 
 
-def _facts(access: RoomAccessFacts) -> tuple[authz.RoomFacts, authz.Relation]:
-    """The policy's view of a room access record.
+def _facts(
+    access: RoomAccessFacts, room: str | None = None
+) -> tuple[authz.RoomFacts, authz.Relation]:
+    """The policy's view of a room access record (of the room named ``room``, if given).
 
     A direct room has no moderation, so a ban or mute row there (which no
     route writes) does not count; an unknown room has no relation at all.
@@ -169,18 +171,24 @@ def _facts(access: RoomAccessFacts) -> tuple[authz.RoomFacts, authz.Relation]:
         banned=moderated and access.banned,
         muted=moderated and access.muted_until is not None,
     )
-    return authz.RoomFacts(visibility, has_owner=role == "owner"), relation
+    direct_name = room is not None and authz.is_direct_room_name(room)
+    facts = authz.RoomFacts(visibility, has_owner=role == "owner", direct_name=direct_name)
+    return facts, relation
 
 
-def authorize_open(access: RoomAccessFacts, *, admin: bool, replay: bool) -> authz.Answer:
+def authorize_open(
+    access: RoomAccessFacts, *, admin: bool, replay: bool, name: str | None = None
+) -> authz.Answer:
     """May an authenticated, active user open a socket on the room (and replay ``since``)?
 
     One storage read (``Storage.room_access``) gives ``access``; the answer
     is :func:`tornado_chat.authz.decide`'s for OPEN_SOCKET or REPLAY_SINCE:
     allowed, or a status refused at the handshake (404 for a room the user
-    may not see, 403 for a ban from a public room).
+    may not see, 403 for a ban from a public room). ``name``: the room's
+    name, which decides whether an unknown room may be created by the open
+    (never one of a direct room's names).
     """
-    room, relation = _facts(access)
+    room, relation = _facts(access, name)
     caller = authz.Caller.ADMIN if admin else authz.Caller.USER
     action = authz.Action.REPLAY_SINCE if replay else authz.Action.OPEN_SOCKET
     try:

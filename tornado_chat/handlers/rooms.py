@@ -115,6 +115,10 @@ class RoomListHandler(BaseHandler):
         except RoomNameTaken:
             # Lost a race for the name: the same answer as when it was taken before.
             raise Conflict("room_exists", "a room of that name exists") from None
+        if visibility == "private":
+            # A socket this node could not see yet (opened on another node,
+            # or joining here right now) must not stay in the new room.
+            self.services.claimed(name, granted.user.id)
         self.send_json({"name": name, "visibility": visibility, "role": "owner"}, status=201)
 
 

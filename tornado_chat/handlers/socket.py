@@ -247,6 +247,9 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         # When the room access was read (monotonic): a moderation change
         # reported from then on may have missed it (Services.controls_since).
         self._checked_at = 0.0
+        # The room had no row when its access was read (a v1 room to be):
+        # read again once joined (_still_allowed).
+        self._room_unknown = False
         # The client's address group, and what it is counted for in
         # services.addresses (each count is dropped exactly once).
         self._group = ""
@@ -361,14 +364,14 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         try:
             access = await storage.room_access(room, claims.user_id)
             admin = False
-            answer = authorize_open(access, admin=False, replay=replay)
+            answer = authorize_open(access, admin=False, replay=replay, name=room)
             if not answer.allowed or access.muted_until is not None:
                 # Being a server admin changes only a refusal or a mute, so
                 # the account is read in those rare cases alone.
                 user = await storage.get_user(claims.user_id)
                 admin = user is not None and user.is_admin
                 if admin:
-                    answer = authorize_open(access, admin=True, replay=replay)
+                    answer = authorize_open(access, admin=True, replay=replay, name=room)
         except StorageError as exc:
             self._early = ("credentials_unavailable", (str(exc),))
             return
@@ -383,6 +386,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             return
         self._claims = claims
         self._muted_until = mute_in_force(access, admin=admin)
+        self._room_unknown = access.visibility is None
 
     def on_connection_close(self) -> None:
         """The client went away: a handshake still authenticating is no longer pending."""
@@ -619,6 +623,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             held_limit=self.chat_settings.outbox_bytes,
         )
         member.muted_until = self._muted_until
+        member.unknown_room = self._room_unknown
         first = hub.join(member)
         self.member = member
         # Bound what Tornado buffers for this socket: a client that stops
@@ -638,9 +643,16 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             for control in self.services.controls_since(self._checked_at, room, claims.user_id):
                 if control.kind == "mute":
                     member.muted_until = control.until
+                elif control.kind == "claimed" and not self._room_unknown:
+                    continue  # authorized against the private room itself
                 else:
                     self._event(session.close_requested, control.code, control.reason)
                     return None
+            if self._room_unknown and not await self._still_allowed(room, claims.user_id):
+                self._event(
+                    session.close_requested, protocol.CLOSE_FORBIDDEN, "not allowed in this room"
+                )
+                return None
             # A room already live on this node has a delivery cursor: every
             # message up to it was stored and fanned out here (this member,
             # joined above, gets everything after it), so the welcome can
@@ -667,6 +679,28 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             )
         self._shed_upgrade_state()
         return last_seq
+
+    async def _still_allowed(self, room: str, user_id: int) -> bool:
+        """Whether a room that did not exist when the socket was authorized still lets it in.
+
+        POST /api/rooms refuses a name with sockets in it, but this socket
+        was not in the hub yet when it read "no such room": a private room
+        created in between would keep it, hearing everything. Now that it is
+        in the hub (where a creation looks), one more read closes the gap.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        storage = self.services.storage
+        access = await storage.room_access(room, user_id)
+        if access.visibility is None:
+            return True
+        replay = self._since is not None
+        if authorize_open(access, admin=False, replay=replay, name=room).allowed:
+            return True
+        user = await storage.get_user(user_id)
+        admin = user is not None and user.is_admin
+        return admin and authorize_open(access, admin=True, replay=replay, name=room).allowed
 
     async def _replay(self, member: Member, welcome: bytes, since: int, last_seq: int) -> None:
         """Send the welcome and the messages after ``since``, then release live frames.
