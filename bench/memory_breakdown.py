@@ -19,8 +19,9 @@ One run, from the repository root with the project's virtualenv::
    type. Snapshots before and after the sockets give the Python heap per
    socket, by allocation site (innermost frame), by package, by the nearest
    tornado_chat line on the allocation's stack, and by object type.
-4. **Floor**: ``bench/floor.py``'s bare idle TLS 1.3 socket (CPython ``ssl``,
-   the same server context), with the same count, in a forked child.
+4. **Floor** (measured first, before this process grows): ``bench/floor.py``'s
+   bare idle TLS 1.3 socket (CPython ``ssl``, the same server context), with
+   the same count, in a forked child.
 
 What is not on the Python heap is the plain server's RSS per socket minus the
 traced server's heap per socket: OpenSSL's per-connection state, the
@@ -160,12 +161,16 @@ def owner(tb: tracemalloc.Traceback) -> str:
     return package(tb[-1].filename)
 
 
+# The bottom of every stack (asyncio.run(serve())): not what made an allocation.
+ENTRY = ("tornado_chat/__main__.py", "tornado_chat/server/launch.py")
+
+
 def nearest_chat_line(tb: tracemalloc.Traceback) -> str:
     """The innermost tornado_chat frame on the stack (what our code made, directly or not)."""
     for frame in reversed(tb):  # innermost first
-        if "/tornado_chat/" in frame.filename:
+        if "/tornado_chat/" in frame.filename and not frame.filename.endswith(ENTRY):
             return short(frame.filename, frame.lineno)
-    return "(no tornado_chat frame: tornado/asyncio on their own)"
+    return "(none: the event loop calling tornado or asyncio)"
 
 
 def grouped(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, key: Key) -> Counter[str]:
@@ -319,16 +324,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="membreak-") as tmp:
         work = Path(tmp)
         certs = servers.mint_certificates(work / "ca")
-        print(f"plain server: {n} idle sockets ...", file=sys.stderr, flush=True)
-        plain = plain_run(certs, work / "plain", args)
-        print(f"traced server: {n} idle sockets ...", file=sys.stderr, flush=True)
-        traced, before, after = traced_run(certs, work / "traced", args)
+        # First, while this process is small: floor.isolated forks, and a child
+        # of a process that has freed a lot (the snapshots) fills its sockets'
+        # buffers from that freed memory, which RSS does not see.
         floor_kib: dict[str, float] = {}
         if not args.no_floor:
             print(f"floor: {n} bare TLS 1.3 sockets ...", file=sys.stderr, flush=True)
             ctx = make_server_context(str(certs.cert), str(certs.key))
             for mode in ("tls13", "tcp"):
                 floor_kib[mode] = floor.isolated(floor.idle_memory, ctx, certs.ca, n, mode) / 1024
+        print(f"plain server: {n} idle sockets ...", file=sys.stderr, flush=True)
+        plain = plain_run(certs, work / "plain", args)
+        print(f"traced server: {n} idle sockets ...", file=sys.stderr, flush=True)
+        traced, before, after = traced_run(certs, work / "traced", args)
 
     total = traced["heap_per_socket"] * n
     sites = grouped(before, after, innermost)
