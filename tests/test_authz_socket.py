@@ -28,18 +28,10 @@ import pytest
 from tornado.httpclient import HTTPClientError
 
 from tests import test_storage_queries as queries_suite
-from tests.conftest import make_settings, serve
+from tests.conftest import serve
 from tests.harness import Client, LiveServer, Socket
 from tests.test_admin_cli import run_process
-from tests.test_scaleout import (
-    REDIS_URL,
-    broker_url,
-    check_redis,
-    create_pg_database,
-    delete_prefix,
-    drop_pg_database,
-    unique_prefix,
-)
+from tests.test_scaleout import live_pair
 from tornado_chat import protocol
 from tornado_chat.broker import RoomControl
 from tornado_chat.pki import ServerCertificate
@@ -725,30 +717,8 @@ def two_servers(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LiveServer, LiveServer]]:
     """Nodes A and B on one fresh PostgreSQL database and one Redis key prefix."""
-    db = asyncio.run(create_pg_database("chat_authz"))
-    admin = check_redis(REDIS_URL)
-    prefix = unique_prefix()
-    broker = broker_url(REDIS_URL, prefix)
-    nodes: list[LiveServer] = []
-    # One signing key, as every node of a deployment has (docs/deploy.md).
-    keys = tmp_path_factory.mktemp("keys") / "jwt-secret"
-    try:
-        for name in ("a", "b"):
-            settings = make_settings(
-                server_cert,
-                tmp_path_factory.mktemp(f"node-{name}"),
-                db=db,
-                broker=broker,
-                jwt_secret_file=keys,
-            )
-            nodes.append(LiveServer(settings).start())
-        yield nodes[0], nodes[1]
-    finally:
-        for node in nodes:
-            node.stop()
-        asyncio.run(drop_pg_database(db))
-        delete_prefix(admin, prefix)
-        admin.close()
+    with live_pair(server_cert, tmp_path_factory, "chat_authz") as (a, b, _prefix):
+        yield a, b
 
 
 @pytest.fixture

@@ -32,15 +32,7 @@ from tests.conftest import make_settings, serve
 from tests.harness import Client, LiveServer, Socket
 from tests.test_authz_http import answer
 from tests.test_authz_socket import on_server, outcome
-from tests.test_scaleout import (
-    REDIS_URL,
-    broker_url,
-    check_redis,
-    create_pg_database,
-    delete_prefix,
-    drop_pg_database,
-    unique_prefix,
-)
+from tests.test_scaleout import REDIS_URL, check_redis, live_pair
 from tornado_chat import authz, metrics, protocol
 from tornado_chat.app import make_app
 from tornado_chat.pki import ServerCertificate
@@ -613,29 +605,8 @@ def two_nodes(
     server_cert: ServerCertificate, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LiveServer, LiveServer, str]]:
     """Nodes A and B on one fresh PostgreSQL database and one Redis key prefix; the prefix."""
-    db = asyncio.run(create_pg_database("chat_probe"))
-    admin = check_redis(REDIS_URL)
-    prefix = unique_prefix()
-    nodes: list[LiveServer] = []
-    keys = tmp_path_factory.mktemp("keys") / "jwt-secret"
-    try:
-        for name in ("a", "b"):
-            settings = make_settings(
-                server_cert,
-                tmp_path_factory.mktemp(f"probe-{name}"),
-                db=db,
-                broker=broker_url(REDIS_URL, prefix),
-                jwt_secret_file=keys,
-                **_LIFTED,
-            )
-            nodes.append(LiveServer(settings).start())
-        yield nodes[0], nodes[1], prefix
-    finally:
-        for node in nodes:
-            node.stop()
-        asyncio.run(drop_pg_database(db))
-        delete_prefix(admin, prefix)
-        admin.close()
+    with live_pair(server_cert, tmp_path_factory, "chat_probe", **_LIFTED) as nodes:
+        yield nodes
 
 
 @pytest.mark.postgres

@@ -24,7 +24,8 @@ import asyncpg
 import pytest
 import redis
 
-from tests.harness import Client, Socket
+from tests.conftest import make_settings
+from tests.harness import Client, LiveServer, Socket
 from tests.netfault import NO_REGISTER_LIMIT
 from tests.test_server import ChatProcess, child_env
 from tornado_chat.pki import ServerCertificate
@@ -96,6 +97,44 @@ def broker_url(base: str, prefix: str, ttl: float = PRESENCE_TTL) -> str:
     """``base`` with this module's query options."""
     sep = "&" if urlsplit(base).query else "?"
     return f"{base}{sep}prefix={prefix}&presence_ttl={ttl}"
+
+
+@contextlib.contextmanager
+def live_pair(
+    server_cert: ServerCertificate,
+    tmp_path_factory: pytest.TempPathFactory,
+    label: str,
+    **overrides: Any,
+) -> Iterator[tuple[LiveServer, LiveServer, str]]:
+    """In-process nodes A and B on one fresh PostgreSQL database and one Redis key prefix.
+
+    Both sign with one key, as every node of a deployment does
+    (docs/deploy.md). Yields the two nodes and the prefix; ``overrides`` are
+    settings of both.
+    """
+    db = asyncio.run(create_pg_database(label))
+    admin = check_redis(REDIS_URL)
+    prefix = unique_prefix()
+    nodes: list[LiveServer] = []
+    keys = tmp_path_factory.mktemp("keys") / "jwt-secret"
+    try:
+        for name in ("a", "b"):
+            settings = make_settings(
+                server_cert,
+                tmp_path_factory.mktemp(f"{label}-{name}"),
+                db=db,
+                broker=broker_url(REDIS_URL, prefix),
+                jwt_secret_file=keys,
+                **overrides,
+            )
+            nodes.append(LiveServer(settings).start())
+        yield nodes[0], nodes[1], prefix
+    finally:
+        for node in nodes:
+            node.stop()
+        asyncio.run(drop_pg_database(db))
+        delete_prefix(admin, prefix)
+        admin.close()
 
 
 class Node:

@@ -68,11 +68,12 @@ from tornado_chat.session import (
     deletes_any,
     mute_in_force,
 )
-from tornado_chat.storage.records import ChangeOutcome, ChangeResult
+from tornado_chat.storage.records import ChangeOutcome, ChangeResult, RoomAccess
 
 if TYPE_CHECKING:
     from tornado_chat.app import Services
     from tornado_chat.auth import AccessClaims
+    from tornado_chat.authz import Answer
 
 log = logging.getLogger("tornado_chat.socket")
 
@@ -358,20 +359,9 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             self._early = ("credentials_unavailable", (str(exc),))
             return
         log_as_user(self, claims.user_id)
-        storage = self.services.storage
         self._checked_at = time.monotonic()
-        replay = self._since is not None
         try:
-            access = await storage.room_access(room, claims.user_id)
-            admin = False
-            answer = authorize_open(access, admin=False, replay=replay, name=room)
-            if not answer.allowed or access.muted_until is not None:
-                # Being a server admin changes only a refusal or a mute, so
-                # the account is read in those rare cases alone.
-                user = await storage.get_user(claims.user_id)
-                admin = user is not None and user.is_admin
-                if admin:
-                    answer = authorize_open(access, admin=True, replay=replay, name=room)
+            access, answer, admin = await self._room_answer(room, claims.user_id)
         except StorageError as exc:
             self._early = ("credentials_unavailable", (str(exc),))
             return
@@ -680,6 +670,26 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self._shed_upgrade_state()
         return last_seq
 
+    async def _room_answer(self, room: str, user_id: int) -> tuple[RoomAccess, Answer, bool]:
+        """One read of the room's access record, the policy's answer, and whether it took admin.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        storage = self.services.storage
+        replay = self._since is not None
+        access = await storage.room_access(room, user_id)
+        answer = authorize_open(access, admin=False, replay=replay, name=room)
+        admin = False
+        if not answer.allowed or access.muted_until is not None:
+            # Being a server admin changes only a refusal or a mute, so the
+            # account is read in those rare cases alone.
+            user = await storage.get_user(user_id)
+            admin = user is not None and user.is_admin
+            if admin:
+                answer = authorize_open(access, admin=True, replay=replay, name=room)
+        return access, answer, admin
+
     async def _still_allowed(self, room: str, user_id: int) -> bool:
         """Whether a room that did not exist when the socket was authorized still lets it in.
 
@@ -691,16 +701,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         Raises:
             StorageError: the database failed.
         """
-        storage = self.services.storage
-        access = await storage.room_access(room, user_id)
-        if access.visibility is None:
-            return True
-        replay = self._since is not None
-        if authorize_open(access, admin=False, replay=replay, name=room).allowed:
-            return True
-        user = await storage.get_user(user_id)
-        admin = user is not None and user.is_admin
-        return admin and authorize_open(access, admin=True, replay=replay, name=room).allowed
+        _access, answer, _admin = await self._room_answer(room, user_id)
+        return answer.allowed
 
     async def _replay(self, member: Member, welcome: bytes, since: int, last_seq: int) -> None:
         """Send the welcome and the messages after ``since``, then release live frames.
