@@ -24,7 +24,11 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-PEER_DIR = ROOT.parent / "shared" / "peers" / "tutorial_fastapi"
+# The tutorial stack sits beside the checkout (../shared); BENCH_PEER_DIR
+# points elsewhere, so a run works from any checkout or worktree.
+PEER_DIR = Path(
+    os.environ.get("BENCH_PEER_DIR") or ROOT.parent / "shared" / "peers" / "tutorial_fastapi"
+)
 PEER_REQUIREMENTS = ["fastapi", "uvicorn[standard]", "pyjwt", "bcrypt", "sqlalchemy"]
 TOOLS_REQUIREMENTS = ["matplotlib", "py-spy"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
