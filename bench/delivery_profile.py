@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -102,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw stacks here")
     args = parser.parse_args(argv)
-    py_spy = args.tools_venv / "bin" / "py-spy"
     wsload.raise_fd_limit()
     plan = dict(run.PLANS["quick"], run_s=args.seconds)
     with tempfile.TemporaryDirectory(prefix="chat-profile-") as tmp:
@@ -126,23 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.chat_clients()
             # A short unprofiled run first: warm caches, JIT-free but first-call costs.
             bench.chat_run(deliveries_per_sec=args.rate / 4, label="warm-up")
-            spy = subprocess.Popen(
-                [
-                    str(py_spy),
-                    "record",
-                    "--pid",
-                    str(server.pid),
-                    "--format",
-                    "raw",
-                    "--rate",
-                    "250",
-                    "--nonblocking",
-                    "--threads",
-                    "--output",
-                    str(raw),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+            spy = servers.py_spy(
+                args.tools_venv / "bin", server.pid, raw, 250, "--nonblocking", "--threads"
             )
             time.sleep(1.0)
             result = bench.chat_run(deliveries_per_sec=args.rate, label=f"{args.rate:g}/s")

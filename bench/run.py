@@ -819,22 +819,13 @@ def main(argv: list[str] | None = None) -> int:
                 benches.append(bench)
                 if args.profile:
                     args.out.mkdir(parents=True, exist_ok=True)
-                    spy = subprocess.Popen(
-                        [
-                            str(tools_bin / "py-spy"),
-                            "record",
-                            "--pid",
-                            str(server.pid),
-                            "--format",
-                            "raw",
-                            "--rate",
-                            "200",
-                            # Only the thread holding the GIL: Python work, not waits.
-                            "--gil",
-                            "--output",
-                            str(args.out / f"profile-{kind}-{time.strftime('%H%M%S')}.txt"),
-                        ],
-                        stdout=subprocess.DEVNULL,
+                    spy = servers.py_spy(
+                        tools_bin,
+                        server.pid,
+                        args.out / f"profile-{kind}-{time.strftime('%H%M%S')}.txt",
+                        200,
+                        # Only the thread holding the GIL: Python work, not waits.
+                        "--gil",
                     )
                     stack.callback(spy.wait, 30)
                     stack.callback(spy.send_signal, signal.SIGINT)

@@ -363,6 +363,29 @@ def peer_server(certs: Certificates, workdir: Path, peer_bin: Path) -> Server:
     return Server("peer", argv, env, workdir, port)
 
 
+def py_spy(
+    tools_bin: Path, pid: int, output: Path, rate: int, *flags: str
+) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of ``pid`` into ``output`` (raw collapsed stacks); SIGINT ends it."""
+    return subprocess.Popen(
+        [
+            str(tools_bin / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "--rate",
+            str(rate),
+            *flags,
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 @contextlib.contextmanager
 def running(server: Server, ca: Path, ready_path: str) -> Iterator[Server]:
     """Start ``server`` and stop it when the block ends."""
