@@ -24,6 +24,9 @@ keeps behaviour (tests/test_compat.py forces each one):
   server accepts it (a load balancer's health check does) is closed quietly
   (the fallback is Tornado's path: asyncio logs the ``ConnectionResetError``
   as an unhandled exception in the accept callback, with a traceback).
+* :data:`PACED_ACCEPT`: :func:`pause_accepting` and :func:`resume_accepting`
+  stop and restart a server's accepting while ``--max-tls-handshakes`` TLS
+  handshakes are in flight (the fallback accepts as Tornado does, unbounded).
 * :func:`is_tornado_ssl_error`: recognises Tornado's log line for a failed TLS
   handshake by its exact text (the fallback lets the line through as it is).
 """
@@ -42,6 +45,7 @@ from typing import Any, Final
 import tornado
 import tornado.httputil
 import tornado.iostream
+import tornado.netutil
 import tornado.tcpserver
 import tornado.web
 import tornado.websocket
@@ -65,6 +69,8 @@ RELIED_UPON: Final[dict[str, Callable[..., object]]] = {
     "SSLIOStream._do_ssl_handshake": tornado.iostream.SSLIOStream._do_ssl_handshake,
     "TCPServer.add_sockets": tornado.tcpserver.TCPServer.add_sockets,
     "TCPServer._handle_connection": tornado.tcpserver.TCPServer._handle_connection,
+    "TCPServer.__init__": tornado.tcpserver.TCPServer.__init__,
+    "TCPServer.stop": tornado.tcpserver.TCPServer.stop,
     "RequestHandler.clear": tornado.web.RequestHandler.clear,
     "RequestHandler.flush": tornado.web.RequestHandler.flush,
     "WebSocketProtocol13._receive_frame_loop": _ws._receive_frame_loop,
@@ -93,6 +99,8 @@ TESTED: Final[dict[str, dict[str, str]]] = {
         "SSLIOStream._do_ssl_handshake": "23954af3c271952c99b4ebb7f59c1ee1",
         "TCPServer.add_sockets": "4cc159003c60dd83276cdcb0247f274a",
         "TCPServer._handle_connection": "64ab6df184cb62dd5c8bd165dc1a39cd",
+        "TCPServer.__init__": "6944ef23b5d0712235cf38ac89f01101",
+        "TCPServer.stop": "8179afcd78d249000c25d78e92127df0",
         "RequestHandler.clear": "ef381ebe7a488cddedf9aeabba021e50",
         "RequestHandler.flush": "f2cd791ba8a7264f33a7584f2f7b48b8",
         "WebSocketProtocol13._receive_frame_loop": "414a75b9742a87c88f83a663251e7f49",
@@ -113,6 +121,8 @@ TESTED: Final[dict[str, dict[str, str]]] = {
         "SSLIOStream._do_ssl_handshake": "23954af3c271952c99b4ebb7f59c1ee1",
         "TCPServer.add_sockets": "4cc159003c60dd83276cdcb0247f274a",
         "TCPServer._handle_connection": "9c38c32e7f22ee10e42ebda9efec1d1e",
+        "TCPServer.__init__": "dcdd838c32a6d9d41ea27088c54885e8",
+        "TCPServer.stop": "8179afcd78d249000c25d78e92127df0",
         "RequestHandler.clear": "499127e7b6e0b48eef8128879edec40a",
         "RequestHandler.flush": "3ae7fe815121807ec648ec904e132052",
         "WebSocketProtocol13._receive_frame_loop": "f97f48daf51558f491241483ee4565e1",
@@ -168,6 +178,15 @@ INTERNALS: Final[dict[str, tuple[str, ...]]] = {
     # add_sockets registers _handle_connection as the accept callback, which
     # wraps the socket in TLS before any stream exists.
     "QUIET_ACCEPT_RESET": ("TCPServer.add_sockets", "TCPServer._handle_connection"),
+    # add_sockets keeps each listening socket in _sockets and the remover of
+    # its accept handler in _handlers (both by descriptor); stop() calls each
+    # remover once and closes the sockets; __init__ sets _stopped.
+    "PACED_ACCEPT": (
+        "TCPServer.__init__",
+        "TCPServer.add_sockets",
+        "TCPServer._handle_connection",
+        "TCPServer.stop",
+    ),
     # The first read of each _receive_frame is the frame's two header bytes.
     "FAIL_ON_BAD_FRAMING": (
         "WebSocketProtocol13._receive_frame_loop",
@@ -352,6 +371,36 @@ class QuietAcceptReset(tornado.tcpserver.TCPServer):
         except ConnectionResetError:
             log.debug("connection from %s reset before the TLS handshake", address)
             connection.close()
+
+
+# -- accept pacing -------------------------------------------------------------------
+
+PACED_ACCEPT: Final = recorded_for("PACED_ACCEPT")
+
+
+def _already_removed() -> None:
+    """What stop() calls for a paused socket: its handler was removed on pausing."""
+
+
+def pause_accepting(server: tornado.tcpserver.TCPServer) -> None:
+    """Stop accepting on every listening socket of ``server``; the sockets stay open.
+
+    Connections that arrive meanwhile wait in the kernel's listen backlog.
+    Tornado's accept handler checks between two ``accept()`` calls whether its
+    remover was called, so a pause takes effect at the next connection.
+    """
+    for fd, remove in list(server._handlers.items()):
+        remove()
+        # stop() calls every remover once more: let it find a harmless one.
+        server._handlers[fd] = _already_removed
+
+
+def resume_accepting(server: tornado.tcpserver.TCPServer) -> None:
+    """Accept again on every listening socket of a paused ``server`` (not a stopped one)."""
+    if server._stopped:
+        return
+    for fd, sock in server._sockets.items():
+        server._handlers[fd] = tornado.netutil.add_accept_handler(sock, server._handle_connection)
 
 
 # -- log records of Tornado matched by their text ------------------------------------

@@ -96,6 +96,8 @@ class Settings:
     open_rate_per_sec: float = 1.0
     open_burst: int = 20
     handshake_timeout: float = 10.0
+    # TLS handshakes in flight per process before accepting pauses; 0 is no bound.
+    max_tls_handshakes: int = 128
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     outbox_bytes: int = 1024 * 1024
@@ -698,6 +700,15 @@ _OPTIONS: tuple[_Option, ...] = (
         "seconds a new connection has for its TLS handshake and request head, and a "
         "WebSocket for authenticating; also the idle keep-alive limit",
         "SECONDS",
+        "limits",
+    ),
+    _Option(
+        "--max-tls-handshakes",
+        "max_tls_handshakes",
+        _int_in(0, 1_000_000),
+        "TLS handshakes in flight per process; while this many are, new connections wait "
+        "in the listen backlog instead of being accepted (0: no bound)",
+        "N",
         "limits",
     ),
     _Option(

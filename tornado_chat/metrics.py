@@ -80,6 +80,7 @@ _BROKER_KINDS = {"m": "message", "p": "presence", "r": "revoke"}
 # their _total, histograms without a suffix); docs/operations.md explains each.
 METRIC_NAMES = (
     "tornado_chat_open_sockets",
+    "tornado_chat_tls_handshakes_in_flight",
     "tornado_chat_handshakes_total",
     "tornado_chat_messages_received_total",
     "tornado_chat_messages_stored_total",
@@ -122,6 +123,12 @@ class _Metrics:
         self.open_sockets = prom.Gauge(
             "tornado_chat_open_sockets",
             "WebSockets in a room now",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.tls_in_flight = prom.Gauge(
+            "tornado_chat_tls_handshakes_in_flight",
+            "TLS handshakes accepted and not yet completed, failed or closed",
             multiprocess_mode="livesum",
             registry=registry,
         )
@@ -313,6 +320,12 @@ def socket_left() -> None:
     """A socket left its room (``Hub.leave``)."""
     if _on is not None:
         _on.open_sockets.dec()
+
+
+def tls_handshakes_in_flight(change: int) -> None:
+    """A TLS handshake was accepted (+1) or ended (-1) (``listeners.HandshakeBound``)."""
+    if _on is not None:
+        _on.tls_in_flight.inc(change)
 
 
 def handshake(outcome: str) -> None:

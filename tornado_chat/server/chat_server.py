@@ -37,7 +37,7 @@ from tornado_chat.server.certificates import (
     announce_ca,
     resolve_certificate,
 )
-from tornado_chat.server.listeners import bind_listeners, bound_port
+from tornado_chat.server.listeners import HandshakeBound, bind_listeners, bound_port
 from tornado_chat.server.metrics_listener import start_metrics_server
 from tornado_chat.server.redirect import make_redirect_server
 from tornado_chat.tls import (
@@ -79,11 +79,19 @@ class TLSHTTPServer(compat.QuietAcceptReset, tornado.httpserver.HTTPServer):
     """An HTTPServer that tells the handshake log filter who each client is.
 
     A client that resets before it is accepted is closed without a traceback
-    (:class:`~tornado_chat.compat.QuietAcceptReset`).
+    (:class:`~tornado_chat.compat.QuietAcceptReset`). At most
+    ``max_tls_handshakes`` TLS handshakes are in flight (0: no bound; see
+    :class:`~tornado_chat.server.listeners.HandshakeBound`).
     """
 
+    def initialize(self, *args: Any, max_tls_handshakes: int = 0, **kwargs: Any) -> None:
+        """HTTPServer's arguments, plus the bound on TLS handshakes in flight."""
+        super().initialize(*args, **kwargs)
+        self.handshakes = HandshakeBound(self, max_tls_handshakes)
+
     def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
-        """Remember the client's address by descriptor, then serve as usual."""
+        """Count the handshake, remember the client's address by descriptor, then serve."""
+        self.handshakes.started(stream)
         install_handshake_log_filter().remember_peer(stream.socket.fileno(), address)
         super().handle_stream(stream, address)
 
@@ -135,7 +143,7 @@ class ChatServer:
         self._create_services = create_services
         self._make_app = make_app
         self._services: Services | None = None
-        self._http: tornado.httpserver.HTTPServer | None = None
+        self._http: TLSHTTPServer | None = None
         self._redirect: tornado.httpserver.HTTPServer | None = None
         self._metrics: tornado.httpserver.HTTPServer | None = None
         self._metrics_port: int | None = None
@@ -169,6 +177,13 @@ class ChatServer:
     def metrics_port(self) -> int | None:
         """The metrics port actually bound, or None without ``--metrics-port``."""
         return self._metrics_port
+
+    @property
+    def handshake_bound(self) -> HandshakeBound:
+        """The TLS handshakes in flight on the HTTPS/WSS port, and their bound."""
+        if self._http is None:
+            raise RuntimeError("the server is not started")
+        return self._http.handshakes
 
     @property
     def cert_path(self) -> Path:
@@ -313,6 +328,7 @@ class ChatServer:
             idle_connection_timeout=settings.handshake_timeout,
             body_timeout=BODY_TIMEOUT,
             decompress_request=False,
+            max_tls_handshakes=settings.max_tls_handshakes,
         )
         # Who may register follows from where the server can be reached.
         mode, why = registration_mode(

@@ -1,19 +1,34 @@
-"""Listening sockets: bind a host and port, or hold a port for forked workers.
+"""Listening sockets: bind a host and port, hold a port for forked workers, pace accepting.
 
 Every failure to bind is one :class:`~tornado_chat.errors.ConfigError` line,
 e.g. ``cannot listen on 127.0.0.1:8443: address already in use``.
+:class:`HandshakeBound` keeps at most ``--max-tls-handshakes`` TLS handshakes
+in flight per process by not accepting while the bound is reached.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import socket
 from collections.abc import Sequence
 
+import tornado.iostream
 import tornado.netutil
+import tornado.tcpserver
 
+from tornado_chat import compat, metrics
 from tornado_chat.errors import ConfigError
 from tornado_chat.pki.names import url_host
+
+log = logging.getLogger(__name__)
+
+# The kernel queue of connections not yet accepted. While accepting is paused
+# (HandshakeBound) a reconnect storm waits here, so it must hold one: with
+# Tornado's default of 128, SYNs beyond it are dropped and clients retry after
+# a second or more. Linux caps it at net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 4096
 
 
 def bind_listeners(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
@@ -30,7 +45,9 @@ def bind_listeners(host: str, port: int, *, reuse_port: bool = False) -> list[so
     # IPV6_V6ONLY, so binding "::" alone would leave IPv4 clients out.
     address = None if host == "::" else host
     try:
-        return tornado.netutil.bind_sockets(port, address=address, reuse_port=reuse_port)
+        return tornado.netutil.bind_sockets(
+            port, address=address, reuse_port=reuse_port, backlog=LISTEN_BACKLOG
+        )
     except OSError as exc:
         reason = {
             errno.EADDRINUSE: "address already in use (another server is running?)",
@@ -87,3 +104,55 @@ def reserve_listeners(listeners: Sequence[socket.socket]) -> list[socket.socket]
 def bound_port(sockets: Sequence[socket.socket]) -> int:
     """The port the first of ``sockets`` is bound to (they all share it)."""
     return int(sockets[0].getsockname()[1])
+
+
+class HandshakeBound:
+    """At most ``limit`` TLS handshakes in flight on ``server``; 0 is no bound.
+
+    A handshake is in flight from the accept until it completes, fails or its
+    connection closes (``--handshake-timeout`` closes a slow one). While the
+    bound is reached the server stops accepting, so a reconnect storm waits in
+    the listen backlog, where no client-side timer runs out mid-handshake,
+    instead of all handshakes sharing the CPU and most missing their clients'
+    deadlines. Pausing needs Tornado internals (``compat.PACED_ACCEPT``); on an
+    untested Tornado handshakes are only counted, not bounded.
+    """
+
+    def __init__(self, server: tornado.tcpserver.TCPServer, limit: int) -> None:
+        self.server = server
+        self.limit = limit if compat.PACED_ACCEPT else 0
+        self.in_flight = 0
+        # The most in flight at once, and how often accepting paused (tests, bench/scale.py).
+        self.peak = 0
+        self.pauses = 0
+        self.paused = False
+        if limit and not compat.PACED_ACCEPT:
+            log.warning(
+                "--max-tls-handshakes %d is not enforced: accept pacing is not tested on "
+                "Tornado %s",
+                limit,
+                compat.TORNADO_VERSION,
+            )
+
+    def started(self, stream: tornado.iostream.IOStream) -> None:
+        """A connection was accepted (call from ``handle_stream``, before anything else)."""
+        if not isinstance(stream, tornado.iostream.SSLIOStream):
+            return
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        metrics.tls_handshakes_in_flight(1)
+        stream.wait_for_handshake().add_done_callback(self._finished)
+        if self.limit and not self.paused and self.in_flight >= self.limit:
+            self.paused = True
+            self.pauses += 1
+            compat.pause_accepting(self.server)
+
+    def _finished(self, future: asyncio.Future[tornado.iostream.SSLIOStream]) -> None:
+        # A failed or closed handshake ends the same way; Tornado logs failures.
+        if not future.cancelled():
+            future.exception()
+        self.in_flight -= 1
+        metrics.tls_handshakes_in_flight(-1)
+        if self.paused and self.in_flight < self.limit:
+            self.paused = False
+            compat.resume_accepting(self.server)
