@@ -220,6 +220,18 @@ def buffered_bytes(stream: IOStream) -> int:
     return len(stream._write_buffer)
 
 
+def write_within(stream: IOStream, data: bytes, limit: int) -> bool:
+    """:func:`write_without_future` unless the buffer would pass ``limit`` bytes (False then).
+
+    One call per recipient instead of :func:`buffered_bytes` and then
+    :func:`write_without_future` (the fan-out's per-socket write).
+    """
+    if len(stream._write_buffer) + len(data) > limit:
+        return False
+    write_without_future(stream, data)
+    return True
+
+
 def write_without_future(stream: IOStream, data: bytes) -> None:
     """``stream.write(data)`` minus the Future nobody awaits (see above).
 

@@ -967,10 +967,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             # (is_closing() above is also true once the stream is closed.)
             # The same limit as the branch below: the outbox, without the
             # control-frame headroom.
-            if compat.buffered_bytes(stream) + len(data) > self.chat_settings.outbox_bytes:
-                return False
-            compat.write_without_future(stream, data)
-            return True
+            return compat.write_within(stream, data, self.chat_settings.outbox_bytes)
         try:
             self._write_within_outbox(stream, data)
         except StreamBufferFullError:
