@@ -7,12 +7,17 @@ project's toolkit, clients verifying it against that CA):
 - resident memory per idle TLS socket (TLS 1.3 and 1.2), and per plain TCP socket;
 - server CPU per accepted connection and full TLS handshake;
 - server CPU per small application write (one TLS record and one ``send()``),
-  alone and eight to a write.
+  alone and eight to a write, on one hot socket;
+- the fan-out write floor: server CPU per write when one 120-byte write goes to
+  each of ``--fanout-sockets`` idle verified TLS 1.3 sockets in turn (ten rounds),
+  which is what a chat server delivering one message to a room does; cold
+  per-socket state makes it dearer than the hot-socket figure.
 
 Each figure comes from the server side of a pair of processes (the client is a
 forked child), from ``/proc/self/status`` and ``time.process_time()``.
 
     .venv/bin/python bench/floor.py [--sockets 3000] [--json OUT]
+    .venv/bin/python bench/floor.py --only writes   # the write floors alone (~20 s)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import contextlib
 import json
 import os
 import platform
+import selectors
 import socket
 import ssl
 import sys
@@ -199,41 +205,123 @@ def write_cpu(server: ssl.SSLContext, ca: Path, n: int, batch: int) -> float:
         ls.close()
 
 
+def fanout_write_cpu(server: ssl.SSLContext, ca: Path, n: int, rounds: int) -> float:
+    """Server CPU seconds per write: one 120-byte write to each of ``n`` sockets in turn.
+
+    The client child holds ``n`` verified TLS 1.3 sockets and reads whatever
+    arrives on any of them, as the load generator's clients do; the server
+    side is non-blocking with ``TCP_NODELAY``, as Tornado's streams are.
+    """
+    ls = listener()
+    port = ls.getsockname()[1]
+
+    def readers() -> None:
+        ctx = client_context(ca, tls12=False)
+        sel = selectors.DefaultSelector()
+        for _ in range(n):
+            s = ctx.wrap_socket(
+                socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
+            )
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ)
+        while True:
+            for key, _ in sel.select():
+                sock = key.fileobj
+                assert isinstance(sock, ssl.SSLSocket)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    while sock.recv(65536):
+                        pass
+
+    pid = fork_client(readers)
+    socks: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(n):
+            conn, _ = ls.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s = server.wrap_socket(conn, server_side=True)
+            s.setblocking(False)
+            socks.append(s)
+        # One warm round: session tickets and first writes are not the floor.
+        for s in socks:
+            s.send(MESSAGE)
+        time.sleep(0.5)
+        t0 = time.process_time()
+        for _ in range(rounds):
+            for s in socks:
+                if s.send(MESSAGE) != len(MESSAGE):
+                    raise RuntimeError("a short write on an idle socket")
+        spent = time.process_time() - t0
+        return spent / (rounds * n)
+    finally:
+        reap(pid)
+        for s in socks:
+            s.close()
+        ls.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure and print the floors; optionally write them as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sockets", type=int, default=3000, help="idle sockets per figure")
     parser.add_argument("--handshakes", type=int, default=2000)
     parser.add_argument("--writes", type=int, default=100_000)
+    parser.add_argument(
+        "--fanout-sockets", type=int, default=2000, help="sockets for the fan-out write floor"
+    )
+    parser.add_argument("--fanout-rounds", type=int, default=10)
+    parser.add_argument(
+        "--only",
+        choices=("writes",),
+        help="writes: only the write floors (hot socket, batched, fan-out)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args(argv)
+    out = measure(args)
+    print(f"Python {out['python']}, {out['openssl']}")
+    if "idle_kib_tcp" in out:
+        print(f"RSS per idle plain TCP socket      {out['idle_kib_tcp']:6.1f} KiB ({args.sockets})")
+        print(f"RSS per idle TLS 1.3 socket        {out['idle_kib_tls13']:6.1f} KiB")
+        print(f"RSS per idle TLS 1.2 socket        {out['idle_kib_tls12']:6.1f} KiB")
+        print(f"server CPU per TLS 1.3 handshake   {out['handshake_us']:6.0f} us")
+    print(f"server CPU per 120 B write         {out['write_us_batch1']:6.1f} us")
+    print(f"  ... eight to a write, per message{out['write_us_batch8']:6.1f} us")
+    print(
+        f"  ... one to each of {args.fanout_sockets} sockets {out['write_us_fanout']:6.1f} us"
+        " (fan-out floor)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """The figures ``args`` ask for (``args.only``: a subset), each in a child process."""
 
     with tempfile.TemporaryDirectory(prefix="floor-") as tmp:
         cert = ensure_server_certificate(Path(tmp), ["localhost", "127.0.0.1"])
         server = make_server_context(cert.cert_path, cert.key_path)
         ca = cert.ca_cert_path
+        assert ca is not None
         out: dict[str, Any] = {
             "python": platform.python_version(),
             "openssl": ssl.OPENSSL_VERSION,
             "sockets": args.sockets,
+            "fanout_sockets": args.fanout_sockets,
+            "fanout_rounds": args.fanout_rounds,
         }
-        for mode in ("tcp", "tls13", "tls12"):
-            out[f"idle_kib_{mode}"] = isolated(idle_memory, server, ca, args.sockets, mode) / 1024
-        out["handshake_us"] = 1e6 * isolated(handshake_cpu, server, ca, args.handshakes)
+        if args.only is None:
+            for mode in ("tcp", "tls13", "tls12"):
+                out[f"idle_kib_{mode}"] = (
+                    isolated(idle_memory, server, ca, args.sockets, mode) / 1024
+                )
+            out["handshake_us"] = 1e6 * isolated(handshake_cpu, server, ca, args.handshakes)
         for batch in (1, 8):
             per_message = isolated(write_cpu, server, ca, args.writes, batch)
             out[f"write_us_batch{batch}"] = 1e6 * per_message
-
-    print(f"Python {out['python']}, {out['openssl']}; {args.sockets} sockets each")
-    print(f"RSS per idle plain TCP socket      {out['idle_kib_tcp']:6.1f} KiB")
-    print(f"RSS per idle TLS 1.3 socket        {out['idle_kib_tls13']:6.1f} KiB")
-    print(f"RSS per idle TLS 1.2 socket        {out['idle_kib_tls12']:6.1f} KiB")
-    print(f"server CPU per TLS 1.3 handshake   {out['handshake_us']:6.0f} us")
-    print(f"server CPU per 120 B write         {out['write_us_batch1']:6.1f} us")
-    print(f"  ... eight to a write, per message{out['write_us_batch8']:6.1f} us")
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return 0
+        out["write_us_fanout"] = 1e6 * isolated(
+            fanout_write_cpu, server, ca, args.fanout_sockets, args.fanout_rounds
+        )
+    return out
 
 
 if __name__ == "__main__":

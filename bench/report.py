@@ -23,6 +23,9 @@ def section(path: Path) -> str:
     if baseline is not None:
         # bench/run.py --baseline-chat-args: tornado_chat in the peer's column.
         peer = f"a second tornado_chat (the baseline) with flags `{baseline}`"
+        if r.get("baseline_commit"):
+            peer += f" from `{r['baseline_commit']}`"
+    floors = r.get("floors")
     out = [
         f"### {r['started']}: `{r['command']}`",
         "",
@@ -34,6 +37,14 @@ def section(path: Path) -> str:
         f" Python {m['python']}, {m['openssl']}; load average at start"
         f" {', '.join(f'{x:.2f}' for x in r.get('loadavg_at_start', []))}",
         f"- elapsed: {r['elapsed_s']:.0f} s; raw figures: `{path.name}`",
+        (
+            f"- write floors (bench/floor.py, this run): fan-out"
+            f" {floors['write_us_fanout']:.1f} us ({floors['fanout_sockets']} sockets),"
+            f" batched {floors['write_us_batch8']:.2f} us, one hot socket"
+            f" {floors['write_us_batch1']:.1f} us"
+            if floors
+            else "- write floors: not measured (--no-floor)"
+        ),
         "",
         table(r["summary"], "peer" if baseline is None else "baseline"),
         "",

@@ -405,8 +405,40 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The comparison table rows: figure, both values, ratio, target, met."""
+def measure_floors(out_dir: Path) -> dict[str, Any]:
+    """The write floors of this machine now (``bench/floor.py --only writes``, ~20 s).
+
+    Measured at the start of every run, so that the ratios against them come
+    from one run on one machine state, as issue 15's targets are written.
+    """
+    path = out_dir / f"floor-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(servers.BENCH_DIR / "floor.py"),
+            "--only",
+            "writes",
+            "--writes",
+            "40000",
+            "--json",
+            str(path),
+        ],
+        check=True,
+        stdout=sys.stderr,
+    )
+    return dict(json.loads(path.read_text()))
+
+
+def summarize(
+    results: dict[str, dict[str, Any]], floors: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The comparison table rows: figure, both values, ratio, target, met.
+
+    With ``floors`` (:func:`measure_floors`), also CPU per delivery over the
+    write floors: at 30k/s over the fan-out floor (one write to each of many
+    sockets, which is what a delivery is at moderate load) and at saturation
+    over the batched floor (eight messages to a write, as the writer coalesces).
+    """
     tc, peer = results.get("tornado_chat", {}), results.get("peer", {})
 
     def load(r: dict[str, Any], deliveries: int) -> dict[str, Any]:
@@ -470,6 +502,26 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         "us",
     )
     row("deliveries/s @saturation", ts.get("delivered_per_sec"), ps.get("delivered_per_sec"), "/s")
+    if floors:
+        fan, batched = floors.get("write_us_fanout"), floors.get("write_us_batch8")
+        for name, a_us, b_us, floor_us, limit in (
+            (
+                "CPU per delivery @30k/s / fan-out write floor",
+                t30.get("server_cpu_us_per_delivery"),
+                p30.get("server_cpu_us_per_delivery"),
+                fan,
+                1.1,
+            ),
+            (
+                "CPU per delivery @saturation / batched write floor",
+                ts.get("server_cpu_us_per_delivery"),
+                ps.get("server_cpu_us_per_delivery"),
+                batched,
+                1.5,
+            ),
+        ):
+            fa, fb = ratio(a_us, floor_us), ratio(b_us, floor_us)
+            row(name, fa, fb, "x floor", f"<= {limit}x floor", None if fa is None else fa <= limit)
     row("server cores @saturation", ts.get("server_cores"), ps.get("server_cores"), "cores")
     row("p50 latency @8k/s", t8.get("p50_ms"), p8.get("p50_ms"), "ms")
     row("p99 latency @8k/s", t8.get("p99_ms"), p8.get("p99_ms"), "ms")
@@ -663,8 +715,24 @@ def main(argv: list[str] | None = None) -> int:
             "--chat-args '--metrics-port 0' --baseline-chat-args ''"
         ),
     )
+    parser.add_argument(
+        "--baseline-rev",
+        metavar="REV",
+        help=(
+            "in the peer's place, run tornado_chat from git revision REV (e.g. main) with "
+            "--baseline-chat-args (default: the same --chat-args): a same-run A/B of two "
+            "revisions, each taking turns at every step"
+        ),
+    )
+    parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip measuring the write floors (bench/floor.py --only writes) at the start",
+    )
     args = parser.parse_args(argv)
     baseline = args.baseline_chat_args
+    if args.baseline_rev is not None and baseline is None:
+        baseline = args.chat_args
     kinds = [k for k in args.servers.split(",") if k]
     for k in kinds:
         if k not in KINDS:
@@ -682,6 +750,10 @@ def main(argv: list[str] | None = None) -> int:
         tools_bin = servers.ensure_venv(args.tools_venv, servers.TOOLS_REQUIREMENTS, "matplotlib")
     wsload.raise_fd_limit()
     started = time.monotonic()
+    floors: dict[str, Any] | None = None
+    if not args.no_floor:
+        args.out.mkdir(parents=True, exist_ok=True)
+        floors = measure_floors(args.out)
 
     if baseline is None:
         peer_bin = servers.ensure_venv(args.peer_venv, servers.PEER_REQUIREMENTS, "uvicorn")
@@ -696,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "loadavg_at_start": os.getloadavg(),
         "servers": {},
+        "floors": floors,
     }
     with tempfile.TemporaryDirectory(prefix="chat-bench-") as tmp:
         work = Path(tmp)
@@ -709,6 +782,10 @@ def main(argv: list[str] | None = None) -> int:
         results["tornado_chat_args"] = args.chat_args
         if baseline is not None:
             results["baseline_chat_args"] = baseline
+        baseline_source = source
+        if args.baseline_rev is not None:
+            baseline_source = work / "baseline-src"
+            results["baseline_commit"] = servers.export_source(args.baseline_rev, baseline_source)
         with contextlib.ExitStack() as stack:
             benches: list[Bench] = []
             for kind in kinds:
@@ -722,7 +799,11 @@ def main(argv: list[str] | None = None) -> int:
                     # The baseline takes the peer's column: its own data directory.
                     (work / "baseline").mkdir()
                     server = servers.tornado_chat_server(
-                        certs, work / "baseline", sys.executable, source, shlex.split(baseline)
+                        certs,
+                        work / "baseline",
+                        sys.executable,
+                        baseline_source,
+                        shlex.split(baseline),
                     )
                     server.kind = kind
                     protocol = "tornado_chat"
@@ -738,22 +819,13 @@ def main(argv: list[str] | None = None) -> int:
                 benches.append(bench)
                 if args.profile:
                     args.out.mkdir(parents=True, exist_ok=True)
-                    spy = subprocess.Popen(
-                        [
-                            str(tools_bin / "py-spy"),
-                            "record",
-                            "--pid",
-                            str(server.pid),
-                            "--format",
-                            "raw",
-                            "--rate",
-                            "200",
-                            # Only the thread holding the GIL: Python work, not waits.
-                            "--gil",
-                            "--output",
-                            str(args.out / f"profile-{kind}-{time.strftime('%H%M%S')}.txt"),
-                        ],
-                        stdout=subprocess.DEVNULL,
+                    spy = servers.py_spy(
+                        tools_bin,
+                        server.pid,
+                        args.out / f"profile-{kind}-{time.strftime('%H%M%S')}.txt",
+                        200,
+                        # Only the thread holding the GIL: Python work, not waits.
+                        "--gil",
                     )
                     stack.callback(spy.wait, 30)
                     stack.callback(spy.send_signal, signal.SIGINT)
@@ -761,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
             for bench in benches:
                 bench.results["server_log_tail"] = bench.server.log_tail()
                 results["servers"][bench.server.kind] = bench.results
-    rows = summarize(results["servers"])
+    rows = summarize(results["servers"], floors)
     results["summary"] = rows
     results["elapsed_s"] = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
@@ -769,6 +841,12 @@ def main(argv: list[str] | None = None) -> int:
     out_json = args.out / f"results-{'quick' if args.quick else 'full'}-{stamp}.json"
     out_json.write_text(json.dumps(results, indent=1))
     print(table(rows, "baseline" if baseline is not None else "peer"))
+    if floors:
+        print(
+            f"\nwrite floors: fan-out {floors['write_us_fanout']:.1f} us"
+            f" ({floors['fanout_sockets']} sockets), batched {floors['write_us_batch8']:.2f} us,"
+            f" one hot socket {floors['write_us_batch1']:.1f} us"
+        )
     print(f"\nresults: {out_json} ({results['elapsed_s']:.0f}s)")
     if not args.no_plot:
         plot_bin = tools_bin

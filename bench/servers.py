@@ -24,7 +24,11 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-PEER_DIR = ROOT.parent / "shared" / "peers" / "tutorial_fastapi"
+# The tutorial stack sits beside the checkout (../shared); BENCH_PEER_DIR
+# points elsewhere, so a run works from any checkout or worktree.
+PEER_DIR = Path(
+    os.environ.get("BENCH_PEER_DIR") or ROOT.parent / "shared" / "peers" / "tutorial_fastapi"
+)
 PEER_REQUIREMENTS = ["fastapi", "uvicorn[standard]", "pyjwt", "bcrypt", "sqlalchemy"]
 TOOLS_REQUIREMENTS = ["matplotlib", "py-spy"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -357,6 +361,29 @@ def peer_server(certs: Certificates, workdir: Path, peer_bin: Path) -> Server:
     env.pop("PYTHONPATH", None)
     argv = ["sh", str(PEER_DIR / "run.sh"), str(certs.key), str(certs.cert), str(port)]
     return Server("peer", argv, env, workdir, port)
+
+
+def py_spy(
+    tools_bin: Path, pid: int, output: Path, rate: int, *flags: str
+) -> subprocess.Popen[bytes]:
+    """``py-spy record`` of ``pid`` into ``output`` (raw collapsed stacks); SIGINT ends it."""
+    return subprocess.Popen(
+        [
+            str(tools_bin / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "--rate",
+            str(rate),
+            *flags,
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 @contextlib.contextmanager

@@ -80,6 +80,9 @@ UNREAD_WINDOW = 1000
 #: first, so exactly one account of an empty database becomes admin.
 FIRST_USER_LOCK_ID = 0x7C4A7_0003
 
+# asyncio.timeout where there is one (Python 3.11+); Python 3.10 uses wait_for.
+_TIMEOUT_CM: Any = getattr(asyncio, "timeout", None)
+
 _USER_COLUMNS = (
     users.c.id,
     users.c.username,
@@ -223,7 +226,13 @@ class AlchemyQueries:
     async def _holding(self, lock: asyncio.Lock) -> AsyncIterator[None]:
         """Hold this process's SQLite lock, waiting for it at most the timeout."""
         try:
-            await asyncio.wait_for(lock.acquire(), self._timeout)
+            if _TIMEOUT_CM is not None:
+                # asyncio.timeout (3.11+) arms one timer; wait_for runs the
+                # acquire in a task of its own, a task per write.
+                async with _TIMEOUT_CM(self._timeout):
+                    await lock.acquire()
+            else:
+                await asyncio.wait_for(lock.acquire(), self._timeout)
         except asyncio.TimeoutError:
             raise StorageError(
                 f"database busy: this process's other writes held it for {self._timeout:g} s"
