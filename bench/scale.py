@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import base64
 import json
-import multiprocessing
 import os
 import ssl
 import subprocess
@@ -366,7 +365,7 @@ async def storm_clients(
 
 
 def storm_worker(conn: Any, target: wsload.Target) -> None:
-    """A load process: run storms from the pipe, hold the sockets until told to close."""
+    """A load process (run.Fleet's protocol): run storms, hold the sockets until told to close."""
     wsload.raise_fd_limit()
 
     async def main() -> None:
@@ -435,44 +434,6 @@ def storm_summary(clients: list[StormClient], start_at: float, ended: float) -> 
     }
 
 
-class StormFleet:
-    """Storm load processes (:func:`storm_worker`)."""
-
-    def __init__(self, target: wsload.Target, n: int) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.pipes = []
-        self.procs = []
-        for _ in range(n):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=storm_worker, args=(child, target), daemon=True)
-            proc.start()
-            self.pipes.append(parent)
-            self.procs.append(proc)
-
-    def call(self, cmd: str, args: list[Any], timeout: float) -> list[Any]:
-        """``cmd`` with ``args[i]`` to worker i; every answer."""
-        for pipe, a in zip(self.pipes, args, strict=True):
-            pipe.send((cmd, a))
-        answers = []
-        for pipe in self.pipes:
-            if not pipe.poll(timeout):
-                raise RuntimeError(f"storm worker did not answer {cmd} within {timeout:.0f}s")
-            status, result = pipe.recv()
-            if status != "ok":
-                raise RuntimeError(f"storm worker failed: {result}")
-            answers.append(result)
-        return answers
-
-    def close(self) -> None:
-        """Stop the workers."""
-        for pipe in self.pipes:
-            pipe.send(("quit", None))
-        for proc in self.procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-
-
 def merge(answers: list[dict[str, Any]], start_at: float) -> dict[str, Any]:
     """One storm's figures from every worker's summary."""
     outcomes: dict[str, int] = {}
@@ -497,7 +458,7 @@ def storm(
     server: servers.Server, target: wsload.Target, tokens: list[str], args: argparse.Namespace
 ) -> dict[str, Any]:
     """All N clients at once, each giving up ``client_timeout`` after the server answered."""
-    fleet = StormFleet(target, WORKERS)
+    fleet = Fleet(target, WORKERS, storm_worker)
     try:
         specs = [("storm", tokens[i % len(tokens)]) for i in range(args.sockets)]
         start_at = time.monotonic() + 3.0  # every worker is up and waiting by then
@@ -524,7 +485,7 @@ def resumption(
     server: servers.Server, target: wsload.Target, tokens: list[str], args: argparse.Namespace
 ) -> dict[str, Any]:
     """R full set-ups, then R reconnects offering their sessions, in one client process."""
-    fleet = StormFleet(target, 1)
+    fleet = Fleet(target, 1, storm_worker)
     try:
         specs = [("resume", tokens[i % len(tokens)]) for i in range(args.resume)]
         out: dict[str, Any] = {}
