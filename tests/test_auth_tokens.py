@@ -319,3 +319,118 @@ def test_secret_tokens_and_hashes() -> None:
     assert len(token) == 3 + 43
     assert new_secret_token() != new_secret_token()
     assert hash_secret(token) == hashlib.sha256(token.encode()).digest()
+
+
+# -- the verified-signature cache --------------------------------------------------------
+
+
+class DecodeSpy:
+    """Counts PyJWT's signature checks (jwt.decode) made by TokenService."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = jwt.decode
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr("tornado_chat.auth.tokens.jwt.decode", counted)
+
+
+def test_a_token_seen_again_is_not_verified_again_but_its_expiry_is(
+    tokens: TokenService, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second check of the same token skips the signature, never the clock."""
+    spy = DecodeSpy(monkeypatch)
+    token, claims = tokens.issue_access(7, "alice", "s1")
+    assert tokens.verify_access(token) == claims
+    assert tokens.verify_access(token) == claims
+    assert spy.calls == 1 and tokens.verified_count() == 1
+    clock.advance(900 + 5)
+    with pytest.raises(InvalidToken, match="expired"):
+        tokens.verify_access(token)
+    assert spy.calls == 1  # refused from the cached entry, by its claims
+
+
+def test_a_changed_byte_is_verified_and_refused_despite_a_cached_token(
+    keyring: KeyRing, tokens: TokenService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token, _ = tokens.issue_access(7, "alice", "s1")
+    tokens.verify_access(token)
+    spy = DecodeSpy(monkeypatch)
+    head, body, sig = token.split(".")
+    forged = ".".join([head, body, ("A" if sig[0] != "A" else "B") + sig[1:]])
+    with pytest.raises(InvalidToken):
+        tokens.verify_access(forged)
+    assert spy.calls == 1 and tokens.verified_count() == 1
+
+
+def test_a_retired_key_drops_its_cached_tokens(
+    keyring: KeyRing, tokens: TokenService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old_kid = keyring.current_kid
+    old_token, _ = tokens.issue_access(7, "alice", "s1")
+    tokens.verify_access(old_token)
+    keyring.rotate()
+    new_token, _ = tokens.issue_access(8, "bob", "s2")
+    tokens.verify_access(new_token)
+    assert tokens.verified_count() == 2
+    keyring.retire(old_kid)
+    with pytest.raises(InvalidToken, match="unknown or retired key"):
+        tokens.verify_access(old_token)
+    assert tokens.verified_count() == 1
+    spy = DecodeSpy(monkeypatch)
+    assert tokens.verify_access(new_token).user_id == 8
+    assert spy.calls == 0
+
+
+def test_a_key_replaced_under_the_same_kid_is_checked_again(
+    keyring: KeyRing, tokens: TokenService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache holds the key it verified with: another key under the same kid misses."""
+    token, _ = tokens.issue_access(7, "alice", "s1")
+    tokens.verify_access(token)
+    kid = keyring.current_kid
+    other = KeyRing.create(keyring.path.parent / "other-secret")
+    monkeypatch.setattr(
+        keyring, "verification_key", lambda k: other.verification_key(other.current_kid)
+    )
+    spy = DecodeSpy(monkeypatch)
+    with pytest.raises(InvalidToken, match="rejected"):
+        tokens.verify_access(token)
+    assert spy.calls == 1 and kid == keyring.current_kid
+
+
+def test_the_cache_is_bounded(tokens: TokenService, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tornado_chat.auth.tokens.VERIFIED_CACHE_SIZE", 3)
+    issued = [tokens.issue_access(i, f"u{i}", f"s{i}")[0] for i in range(1, 6)]
+    for token in issued:
+        tokens.verify_access(token)
+    assert tokens.verified_count() == 3
+    spy = DecodeSpy(monkeypatch)
+    tokens.verify_access(issued[0])  # the oldest was dropped
+    tokens.verify_access(issued[-1])  # the newest is kept
+    assert spy.calls == 1
+
+
+async def test_a_revoked_session_is_refused_with_a_cached_signature(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AuthService reads the session on every authenticate, cached signature or not."""
+    # tests/test_auth_service.py imports this module: import it only here.
+    from tests.test_auth_service import Env
+
+    env = await Env(tmp_path).start()
+    try:
+        await env.auth.register("alice", PASSWORD)
+        pair = await env.auth.login("alice", PASSWORD, "192.0.2.9")
+        claims = await env.auth.authenticate(pair.access_token)
+        spy = DecodeSpy(monkeypatch)
+        assert (await env.auth.authenticate(pair.access_token)) == claims
+        await env.auth.logout(claims)
+        with pytest.raises(InvalidToken, match="revoked"):
+            await env.auth.authenticate(pair.access_token)
+        assert spy.calls == 0  # both checks used the cached signature
+    finally:
+        await env.storage.close()

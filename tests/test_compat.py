@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import socket
 import ssl
@@ -247,6 +248,58 @@ async def test_a_socket_works_whether_the_101_headers_are_dropped_or_kept(
     await sock.say("still works", client_id="h1")
     assert (await sock.messages(1))[0]["client_id"] == "h1"
     sock.close()
+
+
+def _upgrade_frames(live: LiveServer, room: str, token: str) -> dict[str, bool]:
+    """The suspended coroutines of one socket's handler or protocol: name -> holds ``token``."""
+
+    async def look() -> dict[str, bool]:
+        (member,) = live.services.hub.rooms[room].members
+        handler = member.peer
+        owners = (handler, handler.ws_connection)
+        found: dict[str, bool] = {}
+        for obj in gc.get_objects():
+            if not inspect.iscoroutine(obj) or obj.cr_frame is None or obj.cr_code is own:
+                continue
+            local = obj.cr_frame.f_locals
+            if not any(local.get("self") is o or local.get("handler") is o for o in owners):
+                continue
+            held = any(isinstance(v, str) and token in v for v in local.values())
+            found[obj.cr_code.co_name] = found.get(obj.cr_code.co_name, False) or held
+        return found
+
+    own = look.__code__
+    return live.call(look())
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["detached", "tornado-chain"])
+async def test_the_frame_loop_detached_or_not_and_where_the_spent_token_stays(
+    pinging: LiveServer,
+    client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+    enabled: bool,
+) -> None:
+    """Detached, the upgrade's coroutines have returned and none holds the bearer token;
+    Tornado's chain keeps ``_accept_connection`` suspended with it. Either way the socket
+    talks, and a close ends the frame loop and leaves the room."""
+    monkeypatch.setattr(compat, "DETACHED_FRAME_LOOP", enabled)
+    token = (await client.user(f"cp_loop_{int(enabled)}"))["access_token"]
+    room = f"cp-loop-{int(enabled)}"
+    sock, welcome = await client.join(room, token)
+    assert welcome["type"] == "welcome"
+    await sock.say("over the loop", client_id="d1")
+    assert (await sock.messages(1))[0]["client_id"] == "d1"
+    frames = _upgrade_frames(pinging, room, token)
+    assert "_receive_frame" in frames
+    upgrade = {"get", "_execute", "accept_connection", "_accept_connection"}
+    if enabled:
+        assert upgrade.isdisjoint(frames), frames
+        assert not any(frames.values()), frames
+    else:
+        assert upgrade <= set(frames), frames
+        assert frames["_accept_connection"] is True
+    sock.close()
+    await wait_until(lambda: pinging.call(_sockets_in(pinging, room)) == 0)
 
 
 @pytest.mark.parametrize("enabled", [True, False], ids=["1007", "tornado-drop"])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from typing import Any
 
 from tests.harness import Client, LiveServer
+from tornado_chat.app import CONTROL_MEMORY
 
 
 class CountingStorage:
@@ -92,6 +94,27 @@ async def test_joining_a_live_room_takes_last_seq_from_the_hub(
         sock.close()
 
 
+async def test_a_room_with_no_row_is_read_once_without_a_broker(
+    server: LiveServer, client: Client
+) -> None:
+    """No broker: every claim of a name is this process's own, so the control it records
+    (Services.controls_since) replaces a second read of a room that had no row."""
+    a = await client.user("rd_norow")
+    with CountingStorage(server) as counting:
+        sock, welcome = await client.join("rd-norow", a["access_token"])
+        assert welcome["type"] == "welcome"
+        assert counting.calls["room_access"] == 1
+    assert server.call(_claims_seen(server))
+    sock.close()
+
+
+async def _claims_seen(server: LiveServer) -> bool:
+    services = server.services
+    return services.claims_all_seen_since(time.monotonic() - 1) and not (
+        services.claims_all_seen_since(time.monotonic() - CONTROL_MEMORY - 1)
+    )
+
+
 async def test_an_open_socket_keeps_no_upgrade_state(server: LiveServer, client: Client) -> None:
     """After open(): no upgrade headers or query arguments, no ping task; logs keep the Origin."""
     a = await client.user("rd_lean")
@@ -113,6 +136,7 @@ async def test_an_open_socket_keeps_no_upgrade_state(server: LiveServer, client:
             "ping_timer": conn._ping_timer is not None,
             "origin": handler._origin(),
             "summary_ip": handler.request.remote_ip,
+            "credential": (handler._bearer, handler._ticket, handler._offered),
         }
 
     seen = server.call(inspect())
@@ -124,5 +148,6 @@ async def test_an_open_socket_keeps_no_upgrade_state(server: LiveServer, client:
         "ping_timer": True,
         "origin": server.base_url,
         "summary_ip": "127.0.0.1",
+        "credential": (None, None, None),
     }
     sock.close()

@@ -285,6 +285,16 @@ class Services:
         elif control.room is not None:
             hub.close_in_room(control.room, control.user_id, control.code, control.reason)
 
+    def claims_all_seen_since(self, since: float) -> bool:
+        """Whether every room claimed since ``since`` (monotonic) is among this node's controls.
+
+        With no broker, rooms are created only through this process's
+        ``POST /api/rooms``, which records its ``claimed`` control here, and
+        controls are kept for ``CONTROL_MEMORY``. With a broker, another node
+        may have created it and its control may still be on the way.
+        """
+        return isinstance(self.broker, LocalBroker) and time.monotonic() - since < CONTROL_MEMORY
+
     def controls_since(self, since: float, room: str, user_id: int) -> list[RoomControl]:
         """The controls about ``user_id`` in ``room`` applied here at or after ``since``.
 

@@ -21,6 +21,11 @@ keeps behaviour (tests/test_compat.py forces each one):
   Tornado does).
 * :data:`PING_TIMER`: pings with one timer per socket instead of Tornado's
   task per socket (the fallback is Tornado's ``periodic_ping`` task).
+* :class:`ProtocolHooks` also runs the frame loop in a task of its own
+  (:data:`DETACHED_FRAME_LOOP`), so the upgrade's coroutines return once the
+  socket is open instead of staying suspended for its life with the request's
+  ``Sec-WebSocket-Protocol`` (the bearer token) in a local (the fallback is
+  Tornado's chain, whose frames keep it until the socket closes).
 * :class:`QuietAcceptReset`: a client that resets its connection before the
   server accepts it (a load balancer's health check does) is closed quietly
   (the fallback is Tornado's path: asyncio logs the ``ConnectionResetError``
@@ -40,6 +45,7 @@ import inspect
 import logging
 import socket
 import ssl
+import sys
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -74,6 +80,10 @@ RELIED_UPON: Final[dict[str, Callable[..., object]]] = {
     "TCPServer.stop": tornado.tcpserver.TCPServer.stop,
     "RequestHandler.clear": tornado.web.RequestHandler.clear,
     "RequestHandler.flush": tornado.web.RequestHandler.flush,
+    "RequestHandler._execute": tornado.web.RequestHandler._execute,
+    "WebSocketHandler.get": tornado.websocket.WebSocketHandler.get,
+    "WebSocketProtocol13.accept_connection": _ws.accept_connection,
+    "WebSocketProtocol13._accept_connection": _ws._accept_connection,
     "WebSocketProtocol13._receive_frame_loop": _ws._receive_frame_loop,
     "WebSocketProtocol13._receive_frame": _ws._receive_frame,
     "WebSocketProtocol13._read_bytes": _ws._read_bytes,
@@ -104,6 +114,10 @@ TESTED: Final[dict[str, dict[str, str]]] = {
         "TCPServer.stop": "8179afcd78d249000c25d78e92127df0",
         "RequestHandler.clear": "ef381ebe7a488cddedf9aeabba021e50",
         "RequestHandler.flush": "f2cd791ba8a7264f33a7584f2f7b48b8",
+        "RequestHandler._execute": "894c6829cb7af3859f8f768dceff7d68",
+        "WebSocketHandler.get": "43e636db9879ca582ae8fe0a22223d4b",
+        "WebSocketProtocol13.accept_connection": "6af6098c462d0da7a5cb826b39c31750",
+        "WebSocketProtocol13._accept_connection": "3f09d0144297ce293f3006c8fc7a1de9",
         "WebSocketProtocol13._receive_frame_loop": "414a75b9742a87c88f83a663251e7f49",
         "WebSocketProtocol13._receive_frame": "1f0ef857d4df556b3453d2bf2ac71e3e",
         "WebSocketProtocol13._read_bytes": "e70fe5d156b7ab8bb1bf3463535dc946",
@@ -126,6 +140,10 @@ TESTED: Final[dict[str, dict[str, str]]] = {
         "TCPServer.stop": "8179afcd78d249000c25d78e92127df0",
         "RequestHandler.clear": "499127e7b6e0b48eef8128879edec40a",
         "RequestHandler.flush": "3ae7fe815121807ec648ec904e132052",
+        "RequestHandler._execute": "9b08100bb022ac0d1deccd69d9ac124a",
+        "WebSocketHandler.get": "815184e7ac82b0e92ec8ca1763390082",
+        "WebSocketProtocol13.accept_connection": "6af6098c462d0da7a5cb826b39c31750",
+        "WebSocketProtocol13._accept_connection": "3f09d0144297ce293f3006c8fc7a1de9",
         "WebSocketProtocol13._receive_frame_loop": "f97f48daf51558f491241483ee4565e1",
         "WebSocketProtocol13._receive_frame": "1f0ef857d4df556b3453d2bf2ac71e3e",
         "WebSocketProtocol13._read_bytes": "e70fe5d156b7ab8bb1bf3463535dc946",
@@ -194,6 +212,17 @@ INTERNALS: Final[dict[str, tuple[str, ...]]] = {
         "WebSocketProtocol13._receive_frame",
         "WebSocketProtocol13._read_bytes",
         "WebSocketProtocol13._handle_message",
+    ),
+    # _accept_connection's last step awaits _receive_frame_loop, and nothing
+    # after it up the chain (accept_connection, WebSocketHandler.get,
+    # RequestHandler._execute) needs the socket closed: the handler has
+    # finished its 101 by then.
+    "DETACHED_FRAME_LOOP": (
+        "RequestHandler._execute",
+        "WebSocketHandler.get",
+        "WebSocketProtocol13.accept_connection",
+        "WebSocketProtocol13._accept_connection",
+        "WebSocketProtocol13._receive_frame_loop",
     ),
 }
 
@@ -284,6 +313,15 @@ PING_TIMER: Final = recorded_for("PING_TIMER")
 
 FAIL_ON_BAD_FRAMING: Final = recorded_for("FAIL_ON_BAD_FRAMING")
 
+# Tornado's upgrade runs in the HTTP request's task: our get() ->
+# WebSocketHandler.get -> _execute -> accept_connection -> _accept_connection,
+# which ends by awaiting the frame loop, so all of them stay suspended for the
+# socket's life (about 3 KiB per idle socket: bench/memory_breakdown.py, and
+# _accept_connection's local keeps the Sec-WebSocket-Protocol header with the
+# spent bearer token). Started in a task of its own, the loop leaves that
+# chain free to return once open() has.
+DETACHED_FRAME_LOOP: Final = recorded_for("DETACHED_FRAME_LOOP")
+
 
 class ProtocolHooks(tornado.websocket.WebSocketProtocol13):
     """Tornado's RFC 6455 protocol with hooks where Tornado is laxer than the RFC.
@@ -295,7 +333,36 @@ class ProtocolHooks(tornado.websocket.WebSocketProtocol13):
     with 1002 (:meth:`on_protocol_error`, then the connection is dropped).
     """
 
-    _header_next = False
+    # Slots, not the instance dict: Tornado's protocol already has 28
+    # attributes, and past 30 CPython's shared-key dict becomes a ~1.5 KiB
+    # table of its own (bench/memory_breakdown.py).
+    __slots__ = ("_header_next", "frame_task")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_next = False
+        # The detached frame loop's task (asyncio keeps only a weak reference).
+        self.frame_task: asyncio.Task[None] | None = None
+
+    async def _receive_frame_loop(self) -> None:
+        if not DETACHED_FRAME_LOOP:
+            await super()._receive_frame_loop()
+            return
+        # Called by _accept_connection as its last step: return at once.
+        self.frame_task = asyncio.ensure_future(self._detached_frame_loop())
+
+    async def _detached_frame_loop(self) -> None:
+        """The frame loop, with what accept_connection did around it upstream."""
+        try:
+            await super()._receive_frame_loop()
+        except asyncio.CancelledError:
+            # accept_connection's answer to a cancelled upgrade (the loop ends).
+            self._abort()
+        except Exception:  # noqa: BLE001 - logged as upstream's _execute would
+            # What escaped the loop would have ended the request's _execute,
+            # which logs it through the handler.
+            self.handler.log_exception(*sys.exc_info())
+            self._abort()
 
     def on_invalid_text(self) -> None:
         """A text frame or close reason is not UTF-8 (subclasses close with 1007)."""

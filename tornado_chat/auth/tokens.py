@@ -20,6 +20,7 @@ import hashlib
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -52,6 +53,20 @@ _SUBJECT_RE = re.compile(r"[1-9][0-9]{0,17}")
 MAX_SHOWN_CHARS = 64
 # Claims an access token must carry; each is checked by verify_access.
 _REQUIRED_CLAIMS = ("exp", "iat", "sub", "iss", "aud", "jti")
+# Tokens whose signature was verified, remembered by their SHA-256: every
+# socket open and reauth verifies one, and an HMAC or ECDSA check through
+# PyJWT costs more than the rest of the open's Python (bench/run.py
+# --phases setup). A client reconnecting presents the same token again.
+VERIFIED_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A token's signature checked under ``kid``'s ``key``, and the claims it carried."""
+
+    kid: str
+    key: object
+    claims: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +123,8 @@ class TokenService:
         self._leeway = float(leeway)
         self._max_token_bytes = max_token_bytes
         self._clock = clock
+        self._verified: OrderedDict[bytes, _Verified] = OrderedDict()
+        self._verified_kids = keyring.kids
 
     @property
     def access_ttl(self) -> int:
@@ -174,8 +191,17 @@ class TokenService:
         if not isinstance(kid, str):
             raise InvalidToken("token has no key id")
         key = self._keyring.verification_key(kid)
+        self._forget_retired_keys()
         if key is None:
             raise InvalidToken("unknown or retired key id")
+        digest = hashlib.sha256(token.encode()).digest()
+        seen = self._verified.get(digest)
+        if seen is not None and seen.kid == kid and seen.key == key:
+            # The same bytes under the same key of the same kid: the signature,
+            # issuer and audience hold as before. Times and type are checked
+            # again (_check_claims), and the session by AuthService each time.
+            self._verified.move_to_end(digest)
+            return self._check_claims(seen.claims)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -193,7 +219,26 @@ class TokenService:
             )
         except jwt.PyJWTError as error:
             raise InvalidToken(f"token rejected: {_clipped(str(error))}") from error
-        return self._check_claims(claims)
+        checked = self._check_claims(claims)
+        # Only a token that passed every check is remembered.
+        self._verified[digest] = _Verified(kid, key, claims)
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return checked
+
+    def _forget_retired_keys(self) -> None:
+        """Drop the remembered tokens of keys the ring no longer has (retired, reloaded)."""
+        kids = self._keyring.kids
+        if kids == self._verified_kids:
+            return
+        self._verified_kids = kids
+        kept = set(kids)
+        for digest in [d for d, v in self._verified.items() if v.kid not in kept]:
+            del self._verified[digest]
+
+    def verified_count(self) -> int:
+        """How many tokens' signatures are remembered (for tests and stats)."""
+        return len(self._verified)
 
     def _check_claims(self, claims: Mapping[str, Any]) -> AccessClaims:
         for required in _REQUIRED_CLAIMS:

@@ -37,7 +37,7 @@ import tornado.web
 import tornado.websocket
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
-from tornado_chat import compat, config, conversation, metrics, protocol
+from tornado_chat import compat, config, conversation, metrics, protocol, timer_wheel
 from tornado_chat.addresses import address_group
 from tornado_chat.config import Settings
 from tornado_chat.errors import (
@@ -158,32 +158,36 @@ class ChatWebSocketProtocol(compat.ProtocolHooks):
     """
 
     handler: ChatSocketHandler
-    _ping_timer: object | None = None
-    _pong_due = False
-    pong_seen = False
+    # Slots keep Tornado's 28-key instance dict a shared-key one (compat.ProtocolHooks).
+    __slots__ = ("_ping_timer", "_pong_due", "pong_seen")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ping_timer: timer_wheel.Entry | None = None
+        self._pong_due = False
+        self.pong_seen = False
 
     def start_pinging(self) -> None:
-        """Ping with one timer per socket instead of Tornado's task per socket.
+        """Ping with one timer-wheel entry per socket instead of Tornado's task per socket.
 
         Tornado runs a ``periodic_ping`` coroutine in a task for each socket
         (task, coroutine frame, sleep future and timer: about 1 KiB each idle
-        socket, measured with bench/run.py --phases memory). A timer handle does
-        the same job: ping every ``ping_interval``, and close with "ping timed
-        out" when no pong came within ``ping_timeout``.
+        socket, measured with bench/run.py --phases memory). An entry in the
+        loop's timer wheel (tornado_chat/timer_wheel.py) does the same job: ping
+        every ``ping_interval``, and close with "ping timed out" when no pong
+        came within ``ping_timeout``.
         """
         if not compat.PING_TIMER:
             super().start_pinging()
             return
         if self._ping_timer is None and self.ping_interval > 0:
-            self._ping_timer = tornado.ioloop.IOLoop.current().call_later(
-                self.ping_interval, self._ping_tick
-            )
+            self._ping_timer = timer_wheel.current().call_later(self.ping_interval, self._ping_tick)
 
     def _ping_tick(self) -> None:
         self._ping_timer = None
         if self.is_closing():
             return
-        loop = tornado.ioloop.IOLoop.current()
+        wheel = timer_wheel.current()
         timeout = self.ping_timeout
         if self._pong_due:
             # The ping's timeout has passed (Tornado's order: ping, wait the
@@ -193,12 +197,12 @@ class ChatWebSocketProtocol(compat.ProtocolHooks):
                 self.close(reason="ping timed out")
                 return
             rest = max(0.0, self.ping_interval - timeout)
-            self._ping_timer = loop.call_later(rest, self._ping_tick)
+            self._ping_timer = wheel.call_later(rest, self._ping_tick)
             return
         self.pong_seen = False
         self.write_ping(b"")
         self._pong_due = True
-        self._ping_timer = loop.call_later(timeout, self._ping_tick)
+        self._ping_timer = wheel.call_later(timeout, self._ping_tick)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         """Close, first telling the handler why when the close is Tornado's own."""
@@ -209,7 +213,7 @@ class ChatWebSocketProtocol(compat.ProtocolHooks):
         # Tornado stops its ping task here; stop the timer that replaces it.
         timer, self._ping_timer = self._ping_timer, None
         if timer is not None:
-            tornado.ioloop.IOLoop.current().remove_timeout(timer)
+            timer_wheel.current().cancel(timer)
 
     def on_invalid_text(self) -> None:
         """A text frame is not UTF-8: the handler closes with 1007."""
@@ -225,6 +229,31 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     services: Services
     chat_settings: Settings
+    # Slots, not Tornado's instance dict: its 15 attributes and our ~20
+    # would pass CPython's 30 shared keys, making the dict a ~1.5 KiB table
+    # of its own per socket (bench/memory_breakdown.py).
+    __slots__ = (
+        "_bearer",
+        "_chat_log_context",
+        "_checked_at",
+        "_claims",
+        "_counted",
+        "_early",
+        "_expiry",
+        "_group",
+        "_muted_until",
+        "_offered",
+        "_opened",
+        "_pending",
+        "_replay_task",
+        "_room_unknown",
+        "_since",
+        "_ticket",
+        "chat_settings",
+        "member",
+        "services",
+        "session",
+    )
 
     def initialize(self, services: Services, settings: Settings) -> None:
         """Receive the shared services from the application factory."""
@@ -235,7 +264,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         self._since: int | None = None
         self._bearer: str | None = None
         self._ticket: str | None = None
-        self._expiry: object | None = None
+        self._expiry: timer_wheel.Entry | None = None
         self._opened = 0.0
         self._replay_task: asyncio.Future[None] | None = None
         self._offered: list[str] | None = None
@@ -249,7 +278,8 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         # reported from then on may have missed it (Services.controls_since).
         self._checked_at = 0.0
         # The room had no row when its access was read (a v1 room to be):
-        # read again once joined (_still_allowed).
+        # read again once joined (_still_allowed) unless this node saw
+        # every claim since (Services.claims_all_seen_since).
         self._room_unknown = False
         # The client's address group, and what it is counted for in
         # services.addresses (each count is dropped exactly once).
@@ -638,7 +668,13 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 else:
                     self._event(session.close_requested, control.code, control.reason)
                     return None
-            if self._room_unknown and not await self._still_allowed(room, claims.user_id):
+            # With no broker, a creation in between recorded its claim here,
+            # and controls_since above has acted on it: no second read.
+            if (
+                self._room_unknown
+                and not self.services.claims_all_seen_since(self._checked_at)
+                and not await self._still_allowed(room, claims.user_id)
+            ):
                 self._event(
                     session.close_requested, protocol.CLOSE_FORBIDDEN, "not allowed in this room"
                 )
@@ -948,10 +984,10 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         session = self.session
         if session is None:
             return
-        loop = tornado.ioloop.IOLoop.current()
+        wheel = timer_wheel.current()
         if self._expiry is not None:
-            loop.remove_timeout(self._expiry)
-        self._expiry = loop.call_later(
+            wheel.cancel(self._expiry)
+        self._expiry = wheel.call_later(
             session.expires_in(time.time()), self._event, session.token_expired
         )
 
@@ -1088,7 +1124,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         if replay is not None and not replay.done():
             replay.cancel()
         if self._expiry is not None:
-            tornado.ioloop.IOLoop.current().remove_timeout(self._expiry)
+            timer_wheel.current().cancel(self._expiry)
             self._expiry = None
         if self._counted:
             self._counted = False
