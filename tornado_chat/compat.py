@@ -46,7 +46,7 @@ import logging
 import socket
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import tornado
@@ -375,18 +375,26 @@ class ProtocolHooks(tornado.websocket.WebSocketProtocol13):
         self.on_protocol_error(why)
         self._abort()
 
-    async def _receive_frame(self) -> None:
+    # Plain functions handing back upstream's coroutine, not coroutines of
+    # their own: every inbound frame passes here two or three times, and a
+    # coroutine layer costs a frame object and a resumption each time.
+    def _receive_frame(self) -> Coroutine[Any, Any, None]:
         self._header_next = FAIL_ON_BAD_FRAMING
-        await super()._receive_frame()
+        return super()._receive_frame()
 
-    async def _read_bytes(self, n: int) -> bytes:
-        data = await super()._read_bytes(n)
+    def _read_bytes(self, n: int) -> Coroutine[Any, Any, bytes]:
         if self._header_next:
             self._header_next = False
-            if not data[1] & 0x80:
-                self._fail("client frame is not masked")
-                # Ends _receive_frame; _receive_frame_loop treats it as closed.
-                raise tornado.iostream.StreamClosedError()
+            return self._read_header(n)
+        return super()._read_bytes(n)
+
+    async def _read_header(self, n: int) -> bytes:
+        """A frame's first two bytes: an unmasked client frame fails the connection."""
+        data = await super()._read_bytes(n)
+        if not data[1] & 0x80:
+            self._fail("client frame is not masked")
+            # Ends _receive_frame; _receive_frame_loop treats it as closed.
+            raise tornado.iostream.StreamClosedError()
         return data
 
     def _handle_message(self, opcode: int, data: bytes) -> asyncio.Future[None] | None:
