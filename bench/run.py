@@ -50,15 +50,20 @@ WORKERS = 4
 
 
 class Fleet:
-    """Load-generator processes, each running :func:`wsload.worker_main`."""
+    """Load-generator processes, each running :func:`wsload.worker_main` (or ``worker``)."""
 
-    def __init__(self, target: wsload.Target, n: int) -> None:
+    def __init__(
+        self,
+        target: wsload.Target,
+        n: int,
+        worker: Callable[[Any, wsload.Target], None] = wsload.worker_main,
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.pipes = []
         self.procs = []
         for _ in range(n):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=wsload.worker_main, args=(child, target), daemon=True)
+            proc = ctx.Process(target=worker, args=(child, target), daemon=True)
             proc.start()
             child.close()
             self.pipes.append(parent)
@@ -406,7 +411,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def measure_floors(out_dir: Path) -> dict[str, Any]:
-    """The write floors of this machine now (``bench/floor.py --only writes``, ~20 s).
+    """The write floors of this machine now (``bench/floor.py --only writes``, ~10 s).
 
     Measured at the start of every run, so that the ratios against them come
     from one run on one machine state, as issue 15's targets are written.
@@ -418,8 +423,6 @@ def measure_floors(out_dir: Path) -> dict[str, Any]:
             str(servers.BENCH_DIR / "floor.py"),
             "--only",
             "writes",
-            "--writes",
-            "40000",
             "--json",
             str(path),
         ],

@@ -29,6 +29,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from tornado_chat import __version__
+from tornado_chat.acme import LETS_ENCRYPT_DIRECTORY, LETS_ENCRYPT_STAGING_DIRECTORY
 from tornado_chat.cli_support import OneLineParser, UsageError
 from tornado_chat.errors import ConfigError
 from tornado_chat.extras import require_extra
@@ -109,6 +110,13 @@ class Settings:
     # (SECURITY.md says why loopback is the default); None is off.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # ACME (tornado_chat/acme): public names get their certificate from an ACME CA.
+    acme_domains: tuple[str, ...] = ()
+    acme_email: str = ""
+    acme_directory: str = LETS_ENCRYPT_DIRECTORY
+    acme_staging: bool = False
+    acme_ca_bundle: Path | None = None
+    acme_test_names: tuple[str, ...] = ()
 
     @property
     def db_url(self) -> str:
@@ -121,6 +129,11 @@ class Settings:
     def jwt_secret_path(self) -> Path:
         """Where the HMAC signing secret lives (generated on first run)."""
         return self.jwt_secret_file or self.data_dir / "jwt-secret"
+
+    @property
+    def acme_directory_url(self) -> str:
+        """The ACME directory in use: Let's Encrypt staging with ``--acme-staging``."""
+        return LETS_ENCRYPT_STAGING_DIRECTORY if self.acme_staging else self.acme_directory
 
     @property
     def uses_sqlite(self) -> bool:
@@ -212,6 +225,27 @@ def _path(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("a path cannot be empty")
     return Path(text).expanduser()
+
+
+def _https_url(text: str) -> str:
+    url = text.strip()
+    if urlsplit(url).scheme != "https" or not urlsplit(url).hostname:
+        raise argparse.ArgumentTypeError("the ACME directory must be an https:// URL")
+    return url
+
+
+def _dns_suffix(text: str) -> str:
+    suffix = text.strip().lower().rstrip(".")
+    if not suffix:
+        raise argparse.ArgumentTypeError("a name suffix cannot be empty")
+    return suffix if suffix.startswith(".") else f".{suffix}"
+
+
+def _domain(text: str) -> str:
+    name = text.strip().lower().rstrip(".")
+    if not name:
+        raise argparse.ArgumentTypeError("a domain name cannot be empty")
+    return name
 
 
 def normalize_host(text: str) -> str:
@@ -398,6 +432,9 @@ class _Option:
     group: str = "network"
     # What --help says when the Settings default (None) needs words.
     shown_default: str | None = None
+    # "append": repeatable flag, comma-separated variable, a tuple;
+    # "switch": a flag without a value, a boolean variable.
+    kind: str = "value"
 
     @property
     def env(self) -> str:
@@ -412,6 +449,7 @@ _GROUPS = {
     "limits": "limits",
     "logging": "logging",
     "metrics": "metrics (Prometheus text format, plain HTTP on its own listener)",
+    "acme": "ACME (public names get a certificate from Let's Encrypt or another ACME CA)",
 }
 
 _OPTIONS: tuple[_Option, ...] = (
@@ -750,6 +788,66 @@ _OPTIONS: tuple[_Option, ...] = (
         "HOST",
         "metrics",
     ),
+    _Option(
+        "--acme-domain",
+        "acme_domains",
+        _domain,
+        "public name to get a certificate for from the ACME CA, over HTTP-01 on "
+        "--redirect-port (repeat for more names; needs port 80 to reach --redirect-port)",
+        "NAME",
+        "acme",
+        shown_default="none: the local CA",
+        kind="append",
+    ),
+    _Option(
+        "--acme-email",
+        "acme_email",
+        str.strip,
+        "contact address of the ACME account (expiry notices)",
+        "EMAIL",
+        "acme",
+        shown_default="none",
+    ),
+    _Option(
+        "--acme-directory",
+        "acme_directory",
+        _https_url,
+        "ACME directory URL",
+        "URL",
+        "acme",
+        shown_default="Let's Encrypt production",
+    ),
+    _Option(
+        "--acme-staging",
+        "acme_staging",
+        _boolean,
+        f"use Let's Encrypt's staging directory ({LETS_ENCRYPT_STAGING_DIRECTORY}): "
+        "untrusted certificates, generous rate limits",
+        None,
+        "acme",
+        shown_default="off",
+        kind="switch",
+    ),
+    _Option(
+        "--acme-ca-bundle",
+        "acme_ca_bundle",
+        _path,
+        "PEM CA bundle that verifies the ACME directory's TLS (a test ACME server)",
+        "PATH",
+        "acme",
+        shown_default="the system's trust store",
+    ),
+    _Option(
+        "--acme-test-names",
+        "acme_test_names",
+        _dns_suffix,
+        "tests only: admit names under SUFFIX (.pebble.test) as public; refused with a "
+        "Let's Encrypt directory",
+        "SUFFIX",
+        "acme",
+        shown_default="none",
+        kind="append",
+    ),
 )
 
 # --no-query-token is the one switch; its variable takes a boolean.
@@ -894,6 +992,7 @@ def validate_settings(settings: Settings) -> None:
                 raise ConfigError(
                     f"--metrics-port {settings.metrics_port} is the {what} port: choose another one"
                 )
+    validate_acme(settings)
     if settings.access_ttl > settings.refresh_ttl:
         raise ConfigError(
             f"--access-ttl {settings.access_ttl} is longer than --refresh-ttl "
@@ -915,6 +1014,40 @@ def validate_settings(settings: Settings) -> None:
         # asyncpg is the [postgres] extra. Checked here, before the server
         # writes anything (the data directory, the JWT key file).
         require_extra("asyncpg", "postgres", "--db postgresql+asyncpg://...")
+
+
+def validate_acme(settings: Settings) -> None:
+    """Check the ACME options (the directory itself is asked only at start-up).
+
+    Raises:
+        ConfigError: one line: a name is not public, no --redirect-port for
+            HTTP-01, --certfile given too, test names at Let's Encrypt, or the
+            ``[acme]`` extra is missing.
+    """
+    if not settings.acme_domains:
+        return
+    from tornado_chat.acme.names import check_public, is_lets_encrypt
+
+    if settings.certfile is not None:
+        raise ConfigError(
+            "--acme-domain and --certfile/--keyfile both choose the served certificate: "
+            "give one of them"
+        )
+    if settings.acme_staging and settings.acme_directory != LETS_ENCRYPT_DIRECTORY:
+        raise ConfigError("--acme-staging and --acme-directory both choose the directory: give one")
+    if settings.acme_test_names and is_lets_encrypt(settings.acme_directory_url):
+        raise ConfigError(
+            "--acme-test-names is for a test ACME server: Let's Encrypt never issues "
+            "for those names (set --acme-directory)"
+        )
+    check_public(settings.acme_domains, settings.acme_test_names)
+    if settings.redirect_port is None:
+        raise ConfigError(
+            "--acme-domain needs --redirect-port (80 in production): the ACME CA's "
+            "HTTP-01 challenge is answered on the plain-HTTP listener"
+        )
+    for module in ("acme", "josepy"):
+        require_extra(module, "acme", "--acme-domain")
 
 
 def is_loopback(address: str) -> bool:
@@ -1017,13 +1150,20 @@ def _add_option(parser: Any, option: _Option) -> None:
     Its help states the default and the variable.
     """
     default = option.shown_default or _show_default(_default_of(option.dest))
+    text = f"{option.help} (default: {default}; env {option.env})".replace("%", "%%")
+    if option.kind == "switch":
+        parser.add_argument(
+            option.flag, dest=option.dest, action="store_true", default=argparse.SUPPRESS, help=text
+        )
+        return
     parser.add_argument(
         option.flag,
         dest=option.dest,
         type=option.convert,
         metavar=option.metavar,
         default=argparse.SUPPRESS,
-        help=f"{option.help} (default: {default}; env {option.env})".replace("%", "%%"),
+        action="append" if option.kind == "append" else "store",
+        help=text,
     )
 
 
@@ -1036,7 +1176,13 @@ def _option_values(
         if dests is not None and option.dest not in dests:
             continue
         if option.dest in args:
-            values[option.dest] = args[option.dest]
+            given = args[option.dest]
+            values[option.dest] = tuple(given) if option.kind == "append" else given
+        elif option.env in environ and option.kind == "append":
+            items = [item for item in environ[option.env].split(",") if item.strip()]
+            values[option.dest] = tuple(
+                _from_env(option.env, item, option.convert) for item in items
+            )
         elif option.env in environ:
             values[option.dest] = _from_env(option.env, environ[option.env], option.convert)
     return values

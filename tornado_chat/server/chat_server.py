@@ -50,6 +50,8 @@ from tornado_chat.tls import (
 )
 
 if TYPE_CHECKING:
+    from tornado_chat.acme.manager import AcmeManager
+    from tornado_chat.acme.shared import ChallengeAnswers
     from tornado_chat.app import Services
 
 log = logging.getLogger("tornado_chat.server")
@@ -149,6 +151,10 @@ class ChatServer:
         self._renewal: tornado.ioloop.PeriodicCallback | None = None
         self._port: int | None = None
         self._redirect_port: int | None = None
+        #: HTTP-01 answers the redirect listener serves (``--acme-domain`` only).
+        self.acme_answers: ChallengeAnswers | None = None
+        self.acme: AcmeManager | None = None
+        self._acme_renewal: asyncio.Task[None] | None = None
         self._stopped = False
         #: Message writes the last :meth:`stop` gave up on (its budget ran out).
         self.abandoned_writes = 0
@@ -256,6 +262,13 @@ class ChatServer:
         settings = self.settings
         if settings.metrics_port is not None:
             metrics.enable()
+        opened: list[socket.socket] = []
+        if self.tls_files is None and settings.acme_domains:
+            try:
+                self.tls_files = await self._obtain_acme(opened)
+            except BaseException:
+                await self._close_early(opened)
+                raise
         if self.tls_files is None:
             self.tls_files = resolve_certificate(settings)
         files = self.tls_files
@@ -277,7 +290,6 @@ class ChatServer:
         sockets = self._sockets
         redirect_sockets = self._redirect_sockets
         metrics_sockets = self._metrics_sockets
-        opened: list[socket.socket] = []
         try:
             if sockets is None:
                 sockets = bind_listeners(settings.host, settings.port)
@@ -291,8 +303,7 @@ class ChatServer:
             self._port = bound_port(sockets)
             services = await self._build_services()
         except BaseException:
-            for sock in opened:
-                sock.close()
+            await self._close_early(opened)
             raise
         self._services = services
         # The handlers learn the served certificate's names from here, the
@@ -302,8 +313,7 @@ class ChatServer:
         try:
             app = self._build_app(services)
         except BaseException:
-            for sock in opened:
-                sock.close()
+            await self._close_early(opened)
             await services.close()
             raise
         self._http = TLSHTTPServer(
@@ -339,9 +349,7 @@ class ChatServer:
         )
         log.info("registration is %s (%s)", mode, why)
         if redirect_sockets:
-            self._redirect_port = bound_port(redirect_sockets)
-            self._redirect = make_redirect_server(self)
-            self._redirect.add_sockets(redirect_sockets)
+            self._start_redirect(redirect_sockets)
             log.info(
                 "redirecting http://%s:%d to %s",
                 url_host(settings.host),
@@ -361,6 +369,52 @@ class ChatServer:
                 self._renew_if_due, RENEW_CHECK_SECONDS * 1000
             )
             self._renewal.start()
+        if self.acme is not None and self._renew:
+            self._acme_renewal = asyncio.create_task(
+                self.acme.renew_forever(self.reload_certificate)
+            )
+
+    def _start_redirect(self, redirect_sockets: Sequence[socket.socket]) -> None:
+        """Serve the plain-HTTP listener (once; ACME starts it before the HTTPS one)."""
+        if self._redirect is None:
+            self._redirect_port = bound_port(redirect_sockets)
+            self._redirect = make_redirect_server(self)
+            self._redirect.add_sockets(redirect_sockets)
+
+    async def _close_early(self, opened: Sequence[socket.socket]) -> None:
+        """Undo a start that failed: the redirect listener and the sockets bound here."""
+        if self._redirect is not None:
+            self._redirect.stop()
+            self._redirect = None
+        for sock in opened:
+            sock.close()
+
+    async def _obtain_acme(self, opened: list[socket.socket]) -> TLSFiles:
+        """Bind both ports, serve HTTP-01 on the redirect one, and get the ACME certificate.
+
+        The HTTPS port is bound (not served) first so the redirect listener
+        knows where to send everyone else while the order is pending.
+
+        Raises:
+            AcmeError: the CA refused, rate-limited or could not be reached (one line).
+        """
+        from tornado_chat.acme.manager import AcmeManager
+        from tornado_chat.acme.shared import ChallengeAnswers
+
+        settings = self.settings
+        if self._sockets is None:
+            self._sockets = bind_listeners(settings.host, settings.port)
+            opened += self._sockets
+        if self._redirect_sockets is None and settings.redirect_port is not None:
+            self._redirect_sockets = bind_listeners(settings.host, settings.redirect_port)
+            opened += self._redirect_sockets
+        self._port = bound_port(self._sockets)
+        self.acme_answers = ChallengeAnswers()
+        if self._redirect_sockets:
+            self._start_redirect(self._redirect_sockets)
+        self.acme = AcmeManager(settings, self.acme_answers)
+        served = await asyncio.get_running_loop().run_in_executor(None, self.acme.ensure)
+        return TLSFiles(served.cert_path, served.key_path)
 
     async def _build_services(self) -> Services:
         if self._create_services is not None:
@@ -424,6 +478,8 @@ class ChatServer:
         deadline = loop.time() + budget
         if self._renewal is not None:
             self._renewal.stop()
+        if self._acme_renewal is not None:
+            self._acme_renewal.cancel()
         for server in (self._http, self._redirect):
             if server is not None:
                 server.stop()

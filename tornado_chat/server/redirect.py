@@ -1,8 +1,14 @@
-"""The plain-HTTP listener: every request is answered with a redirect to HTTPS."""
+"""The plain-HTTP listener: every request is answered with a redirect to HTTPS.
+
+With ``--acme-domain`` it also answers the ACME CA's HTTP-01 challenges at
+``/.well-known/acme-challenge/<token>`` (RFC 8555 section 8.3) while an order
+is pending; every other request, an unknown token included, is redirected.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING
 
 import tornado.httpserver
@@ -12,6 +18,10 @@ if TYPE_CHECKING:
     from tornado_chat.server.chat_server import ChatServer
 
 log = logging.getLogger("tornado_chat.server")
+
+#: RFC 8555 8.3: the token is base64url, so nothing else can match.
+CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
 # A redirect-only connection has nothing to wait for.
 REDIRECT_IDLE_TIMEOUT = 10.0
@@ -41,8 +51,21 @@ class RedirectHandler(tornado.web.RequestHandler):
         """Keep the server to ask for its port and certificate names."""
         self.server = server
 
-    def prepare(self) -> None:
-        """Redirect before any method handler runs."""
+    async def prepare(self) -> None:
+        """Answer an HTTP-01 challenge, or redirect, before any method handler runs."""
+        answers = self.server.acme_answers
+        request_path = self.request.path
+        if (
+            answers is not None
+            and self.request.method == "GET"
+            and request_path.startswith(CHALLENGE_PREFIX)
+            and _TOKEN.match(request_path[len(CHALLENGE_PREFIX) :])
+        ):
+            answer = await answers.answer(request_path[len(CHALLENGE_PREFIX) :])
+            if answer is not None:
+                self.set_header("Content-Type", "application/octet-stream")
+                self.finish(answer.encode("ascii"))
+                return
         path = self.request.path if self.request.path.startswith("/") else "/"
         if self.request.query:
             path = f"{path}?{self.request.query}"

@@ -1,0 +1,253 @@
+"""The certificate of the ``--acme-domain`` names: obtained at start-up, renewed in the background.
+
+Files live in ``DATA_DIR/acme/<ca-host>/`` with the local CA's modes
+(keys 0600, certificates 0644), written atomically by
+:func:`tornado_chat.pki.files.write_atomic`. Renewal is due when a third of
+the certificate's lifetime remains, or inside the CA's ARI window when the
+directory offers ``renewalInfo``. A failed renewal is retried with jittered
+exponential back-off; the old certificate keeps serving, and an ERROR line
+with the reason is logged every hour until a renewal succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cryptography import x509
+
+from tornado_chat.acme import AcmeError
+from tornado_chat.acme.client import AcmeClient, new_account_key, new_certificate_key
+from tornado_chat.acme.shared import ChallengeAnswers, order_lock
+from tornado_chat.config import Settings
+from tornado_chat.errors import PKIError
+from tornado_chat.pki.files import CERT_MODE, KEY_MODE, write_atomic
+
+log = logging.getLogger("tornado_chat.acme")
+
+ACCOUNT_KEY_FILE = "account-key.pem"
+CERT_FILE = "cert.pem"
+KEY_FILE = "key.pem"
+#: Renew once this share of the lifetime is left (60 of Let's Encrypt's 90 days served).
+RENEW_REMAINING_SHARE = 1 / 3
+#: Back-off after a failed renewal: BACKOFF_FIRST doubling up to BACKOFF_MAX, ±50% jitter.
+BACKOFF_FIRST = 60.0
+BACKOFF_MAX = 3600.0
+#: A certificate that cannot be renewed is reported at ERROR this often.
+ERROR_INTERVAL = 3600.0
+#: Re-ask the CA's renewal information (ARI) at least this often.
+ARI_RECHECK = 6 * 3600.0
+
+
+def ca_directory(settings: Settings) -> Path:
+    """``DATA_DIR/acme/<ca-host>``: one account and certificate per ACME CA."""
+    parts = urlsplit(settings.acme_directory_url)
+    host = (parts.hostname or "ca").lower()
+    name = f"{host}_{parts.port}" if parts.port else host
+    return settings.data_dir.absolute() / "acme" / name
+
+
+def backoff(failures: int, rng: Callable[[], float] = random.random) -> float:
+    """Seconds before retry number ``failures`` (1, 2, ...): doubling, capped, ±50% jitter."""
+    base = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, failures - 1))
+    return float(base * (0.5 + rng()))
+
+
+def third_left(cert: x509.Certificate) -> datetime.datetime:
+    """When a third of ``cert``'s lifetime remains."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return end - (end - start) * RENEW_REMAINING_SHARE
+
+
+def covers(cert: x509.Certificate, domains: tuple[str, ...]) -> bool:
+    """Whether ``cert`` names exactly-or-more than ``domains`` in its subjectAltName."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    names = {name.lower() for name in san.get_values_for_type(x509.DNSName)}
+    return set(domains) <= names
+
+
+@dataclass(frozen=True)
+class Served:
+    """The certificate on disk: its paths and when it is due."""
+
+    cert_path: Path
+    key_path: Path
+    not_after: datetime.datetime
+    renew_at: datetime.datetime
+
+
+class AcmeManager:
+    """Obtain and renew the certificate for ``settings.acme_domains``.
+
+    Args:
+        settings: the validated settings.
+        answers: where HTTP-01 answers are published for the redirect listener.
+        on_order: called each time an order is placed (tests count them).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        answers: ChallengeAnswers,
+        on_order: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.domains = tuple(settings.acme_domains)
+        self.answers = answers
+        self.on_order = on_order
+        self.directory = ca_directory(settings)
+        self.cert_path = self.directory / CERT_FILE
+        self.key_path = self.directory / KEY_FILE
+        self._client: AcmeClient | None = None
+        self._ari = False
+
+    # -- blocking work (run in an executor) ----------------------------------
+
+    def client(self) -> AcmeClient:
+        """The account at the directory, its key created on first use."""
+        if self._client is None:
+            account_path = self.directory / ACCOUNT_KEY_FILE
+            if not account_path.is_file():
+                with order_lock(self.directory):
+                    if not account_path.is_file():
+                        _write(account_path, new_account_key(), KEY_MODE, "ACME account key")
+            self._client = AcmeClient(
+                self.settings.acme_directory_url,
+                account_path.read_bytes(),
+                self.settings.acme_email,
+                self.settings.acme_ca_bundle,
+            )
+            self._ari = self._client.offers_renewal_info()
+        return self._client
+
+    def served(self) -> Served | None:
+        """The certificate on disk when it covers the names, else None."""
+        if not (self.cert_path.is_file() and self.key_path.is_file()):
+            return None
+        try:
+            cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not covers(cert, self.domains):
+            return None
+        return Served(self.cert_path, self.key_path, cert.not_valid_after_utc, third_left(cert))
+
+    def renewal_time(self, served: Served) -> datetime.datetime:
+        """When to renew ``served``: the CA's ARI suggestion, else a third of its life left."""
+        if self._ari and self._client is not None:
+            try:
+                suggested = self._client.renewal_time(self.cert_path.read_bytes())
+            except AcmeError as exc:
+                log.warning("ACME renewal information unavailable, renewing by lifetime: %s", exc)
+            else:
+                if suggested is not None:
+                    return min(suggested, served.renew_at)
+        return served.renew_at
+
+    def ensure(self, *, force: bool = False) -> Served:
+        """A valid certificate on disk for the names, ordering one when needed.
+
+        Only one process on the machine orders at a time; one that waited for
+        the lock finds the new certificate and orders nothing.
+
+        Args:
+            force: order even when the certificate on disk is not yet due
+                (a renewal whose time has come).
+
+        Raises:
+            AcmeError: the order failed (one line).
+        """
+        before = self.served()
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if before is not None and not force and now < before.renew_at:
+            return before
+        client = self.client()
+        with order_lock(self.directory):
+            current = self.served()
+            if current is not None and current != before and now < current.renew_at:
+                return current  # another process renewed it while we waited
+            if current is not None and not force and now < self.renewal_time(current):
+                return current
+            key_pem = new_certificate_key()
+            chain = client.order(
+                self.domains,
+                key_pem,
+                self.answers.publish,
+                self.answers.withdraw,
+                on_order=self.on_order,
+            )
+            # The key first: a reader that sees the new chain finds its key.
+            _write(self.key_path, key_pem, KEY_MODE, "ACME certificate key")
+            _write(self.cert_path, chain, CERT_MODE, "ACME certificate")
+        issued = self.served()
+        if issued is None:
+            raise AcmeError(f"the ACME CA issued a certificate that does not name {self.domains}")
+        log.info(
+            "the ACME CA %s issued a certificate for %s, valid until %s",
+            urlsplit(self.settings.acme_directory_url).hostname,
+            ", ".join(self.domains),
+            issued.not_after.strftime("%Y-%m-%d %H:%M UTC"),
+        )
+        return issued
+
+    # -- the background renewal loop -----------------------------------------
+
+    async def renew_forever(self, install: Callable[[], bool]) -> None:
+        """Renew when due, install through ``install`` (the SIGHUP path), forever.
+
+        Args:
+            install: reloads the certificate files into the live TLS context;
+                returns False when the new pair was refused (already logged).
+        """
+        loop = asyncio.get_running_loop()
+        failures = 0
+        last_error = -ERROR_INTERVAL
+        while True:
+            if failures:
+                await asyncio.sleep(backoff(failures))
+            else:
+                served = self.served()
+                if served is not None:
+                    due = await loop.run_in_executor(None, self.renewal_time, served)
+                    delay = (due - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+                    if delay > 0:
+                        # With ARI the window may move: ask again now and then.
+                        await asyncio.sleep(min(delay, ARI_RECHECK) if self._ari else delay)
+                        continue
+            try:
+                await loop.run_in_executor(None, lambda: self.ensure(force=True))
+            except AcmeError as exc:
+                failures += 1
+                if loop.time() - last_error < ERROR_INTERVAL:
+                    log.warning("ACME renewal attempt %d failed: %s", failures, exc)
+                    continue
+                last_error = loop.time()
+                served = self.served()
+                expiry = served.not_after.strftime("%Y-%m-%d %H:%M UTC") if served else "never"
+                log.error(
+                    "ACME certificate for %s not renewed, still serving the one that "
+                    "expires %s: %s",
+                    ", ".join(self.domains),
+                    expiry,
+                    exc,
+                )
+                continue
+            failures = 0
+            last_error = -ERROR_INTERVAL
+            install()
+
+
+def _write(path: Path, data: bytes, mode: int, what: str) -> None:
+    try:
+        write_atomic(path, data, mode, what)
+    except PKIError as exc:
+        raise AcmeError(str(exc)) from None
