@@ -47,7 +47,9 @@ BUCKETS: list[tuple[str, re.Pattern[str]]] = [
             r"Semaphore\.release|_chain_future|_copy_future_state|_set_state|"
             r"^SqliteThread\.(_submit|run) |^_settle \(",
         ),
-        ("SQLite statements and commit (own thread)", r"sqlite|storage/"),
+        # The blocking function the SQLite thread runs (any revision's module).
+        ("SQLite statements and commit (own thread)", r"^_sqlite_\w+ \(|sqlite3"),
+        ("storage module (records on the loop; the checkpoint thread)", r"tornado_chat/storage"),
         ("JSON encode/decode", r"json/|^JSON(En|De)coder\.|^(dumps|loads) \("),
         ("websocket frame read/parse (tornado)", r"websocket\.py"),
         ("tornado iostream", r"iostream\.py"),
