@@ -406,7 +406,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def measure_floors(out_dir: Path) -> dict[str, Any]:
-    """The write floors of this machine now (``bench/floor.py --only writes``, ~20 s).
+    """The write floors of this machine now (``bench/floor.py --only writes``, ~10 s).
 
     Measured at the start of every run, so that the ratios against them come
     from one run on one machine state, as issue 15's targets are written.
@@ -418,8 +418,6 @@ def measure_floors(out_dir: Path) -> dict[str, Any]:
             str(servers.BENCH_DIR / "floor.py"),
             "--only",
             "writes",
-            "--writes",
-            "40000",
             "--json",
             str(path),
         ],

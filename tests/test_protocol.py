@@ -459,6 +459,31 @@ def test_message_frame_sender_copy_without_client_id() -> None:
     )
 
 
+@settings(max_examples=200)
+@given(
+    body=st.text(min_size=1, max_size=300),
+    client_id=st.one_of(st.none(), st.text(min_size=1, max_size=64)),
+)
+@example(body='"}\\', client_id='"},\\u00e9\x00')
+def test_message_frames_are_the_frames_encoded_separately(body: str, client_id: str | None) -> None:
+    """message_frames (one encoding, the sender's copy spliced) gives message_frame's bytes."""
+    msg = stored(body=body, client_id=client_id)
+    frame, own = protocol.message_frames(msg)
+    assert frame == protocol.message_frame(msg)
+    if client_id is None:
+        assert own is None
+    else:
+        assert own == protocol.message_frame(msg, with_client_id=True)
+        assert frame_json(own)["client_id"] == client_id
+
+
+def test_with_client_id_appends_the_last_field() -> None:
+    """with_client_id gives what encoding the object with client_id appended gives."""
+    obj = {"type": "message", "reply_to": 4, "body": "x\u2028y"}
+    spliced = protocol.with_client_id(protocol.encode_json(obj), 'c"1')
+    assert spliced == protocol.encode_json({**obj, "client_id": 'c"1'})
+
+
 def test_message_frame_is_compact_utf8() -> None:
     """Frames are compact JSON with raw UTF-8 (no \\u escapes, no spaces after separators)."""
     _, _, payload = decode_frame(protocol.message_frame(stored()))

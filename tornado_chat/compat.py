@@ -9,7 +9,8 @@ matches what was recorded. Every internal has a public-API fallback that
 keeps behaviour (tests/test_compat.py forces each one):
 
 * :func:`write_without_future`: a fan-out write without the Future
-  ``IOStream.write()`` makes (the fallback is ``IOStream.write()``).
+  ``IOStream.write()`` makes, refused past the outbox (the fallback is
+  ``IOStream.write()`` under the same limit).
 * :func:`drop_response_headers`: frees the 101 response's headers of a socket
   that lives for hours (the fallback keeps them: a few hundred bytes).
 * :class:`ProtocolHooks`: tells the socket about a text frame that is not
@@ -45,7 +46,7 @@ import logging
 import socket
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import tornado
@@ -244,33 +245,23 @@ def recorded_for(internal: str, version: str = TORNADO_VERSION) -> bool:
 WRITE_WITHOUT_FUTURE: Final = recorded_for("WRITE_WITHOUT_FUTURE")
 
 
-def buffered_bytes(stream: IOStream) -> int:
-    """Bytes waiting in the stream's write buffer (the internal write path only)."""
-    return len(stream._write_buffer)
+def write_without_future(stream: IOStream, data: bytes, limit: int) -> bool:
+    """``stream.write(data)`` minus the Future nobody awaits (see above), within ``limit``.
 
-
-def write_within(stream: IOStream, data: bytes, limit: int) -> bool:
-    """:func:`write_without_future` unless the buffer would pass ``limit`` bytes (False then).
-
-    One call per recipient instead of :func:`buffered_bytes` and then
-    :func:`write_without_future` (the fan-out's per-socket write).
+    False, and nothing written, when the stream's buffer would hold more than
+    ``limit`` bytes with ``data`` (the socket's outbox; the caller closes a
+    slow consumer). With nothing queued before it (the usual case), the data
+    goes straight to the socket: Tornado's buffer, peek and advance steps cost
+    more Python than the TLS record itself (py-spy at 30k deliveries/s).
+    Whatever the socket does not take goes through Tornado's path, which
+    retries it when the socket is writable and handles errors (closing the
+    stream) as it always does. One call per recipient: the fan-out runs it
+    once for every socket of a room (bench/delivery_profile.py).
     """
-    if len(stream._write_buffer) + len(data) > limit:
+    buffer = stream._write_buffer
+    if len(buffer) + len(data) > limit:
         return False
-    write_without_future(stream, data)
-    return True
-
-
-def write_without_future(stream: IOStream, data: bytes) -> None:
-    """``stream.write(data)`` minus the Future nobody awaits (see above).
-
-    With nothing queued before it (the usual case), the data goes straight to
-    the socket: Tornado's buffer, peek and advance steps cost more Python than
-    the TLS record itself (py-spy at 30k deliveries/s). Whatever the socket
-    does not take goes through Tornado's path, which retries it when the socket
-    is writable and handles errors (closing the stream) as it always does.
-    """
-    if not stream._write_buffer and not stream._connecting:
+    if not buffer and not stream._connecting:
         try:
             sent = stream.socket.send(data)
         except (BlockingIOError, ssl.SSLWantWriteError):
@@ -286,15 +277,16 @@ def write_without_future(stream: IOStream, data: bytes) -> None:
             stream._total_write_index += sent
             stream._total_write_done_index += sent
             if sent == len(data):
-                return
+                return True
             data = data[sent:]
-    stream._write_buffer.append(data)
+    buffer.append(data)
     stream._total_write_index += len(data)
     if not stream._connecting:
         stream._handle_write()
         if stream._write_buffer:
             stream._add_io_state(stream.io_loop.WRITE)
         stream._maybe_add_error_listener()
+    return True
 
 
 # -- the upgrade's response headers ----------------------------------------------
@@ -383,18 +375,26 @@ class ProtocolHooks(tornado.websocket.WebSocketProtocol13):
         self.on_protocol_error(why)
         self._abort()
 
-    async def _receive_frame(self) -> None:
+    # Plain functions handing back upstream's coroutine, not coroutines of
+    # their own: every inbound frame passes here two or three times, and a
+    # coroutine layer costs a frame object and a resumption each time.
+    def _receive_frame(self) -> Coroutine[Any, Any, None]:
         self._header_next = FAIL_ON_BAD_FRAMING
-        await super()._receive_frame()
+        return super()._receive_frame()
 
-    async def _read_bytes(self, n: int) -> bytes:
-        data = await super()._read_bytes(n)
+    def _read_bytes(self, n: int) -> Coroutine[Any, Any, bytes]:
         if self._header_next:
             self._header_next = False
-            if not data[1] & 0x80:
-                self._fail("client frame is not masked")
-                # Ends _receive_frame; _receive_frame_loop treats it as closed.
-                raise tornado.iostream.StreamClosedError()
+            return self._read_header(n)
+        return super()._read_bytes(n)
+
+    async def _read_header(self, n: int) -> bytes:
+        """A frame's first two bytes: an unmasked client frame fails the connection."""
+        data = await super()._read_bytes(n)
+        if not data[1] & 0x80:
+            self._fail("client frame is not masked")
+            # Ends _receive_frame; _receive_frame_loop treats it as closed.
+            raise tornado.iostream.StreamClosedError()
         return data
 
     def _handle_message(self, opcode: int, data: bytes) -> asyncio.Future[None] | None:

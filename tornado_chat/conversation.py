@@ -213,19 +213,16 @@ def delivery_frames(item: StoredMessage | Event) -> tuple[bytes, bytes | None]:
     # Duck-typed: this layer imports no storage code (an Event has a kind).
     if not hasattr(item, "kind"):
         if item.reply_to is None:
-            own = None
-            if item.client_id is not None:
-                own = protocol.message_frame(item, with_client_id=True)
-            return protocol.message_frame(item), own
+            return protocol.message_frames(item)
         payload = protocol.message_payload(
             room=item.room, seq=item.seq, msg_id=item.id, user=item.user, body=item.body, ts=item.ts
         )
         payload["reply_to"] = item.reply_to
-        frame = protocol.text_frame(protocol.encode_json(payload))
+        encoded = protocol.encode_json(payload)
+        frame = protocol.text_frame(encoded)
         if item.client_id is None:
             return frame, None
-        payload["client_id"] = item.client_id
-        return frame, protocol.text_frame(protocol.encode_json(payload))
+        return frame, protocol.text_frame(protocol.with_client_id(encoded, item.client_id))
     item = cast("Event", item)
     frame = event_frame(item)
     if item.kind == "message" and item.client_id is not None and not item.deleted:

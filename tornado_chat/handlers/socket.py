@@ -1003,7 +1003,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             # (is_closing() above is also true once the stream is closed.)
             # The same limit as the branch below: the outbox, without the
             # control-frame headroom.
-            return compat.write_within(stream, data, self.chat_settings.outbox_bytes)
+            return compat.write_without_future(stream, data, self.chat_settings.outbox_bytes)
         try:
             self._write_within_outbox(stream, data)
         except StreamBufferFullError:
