@@ -50,15 +50,20 @@ WORKERS = 4
 
 
 class Fleet:
-    """Load-generator processes, each running :func:`wsload.worker_main`."""
+    """Load-generator processes, each running :func:`wsload.worker_main` (or ``worker``)."""
 
-    def __init__(self, target: wsload.Target, n: int) -> None:
+    def __init__(
+        self,
+        target: wsload.Target,
+        n: int,
+        worker: Callable[[Any, wsload.Target], None] = wsload.worker_main,
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.pipes = []
         self.procs = []
         for _ in range(n):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=wsload.worker_main, args=(child, target), daemon=True)
+            proc = ctx.Process(target=worker, args=(child, target), daemon=True)
             proc.start()
             child.close()
             self.pipes.append(parent)
