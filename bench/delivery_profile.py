@@ -41,12 +41,15 @@ BUCKETS: list[tuple[str, re.Pattern[str]]] = [
     for name, pattern in (
         ("TLS write (SSLSocket.send)", r"^SSLSocket\.(send|write|sendall) \("),
         ("TLS read (SSLSocket.recv)", r"^SSLSocket\.(recv|recv_into|read) \("),
-        ("SQLite statements and commit (own thread)", r"sqlite|storage/"),
         (
             "SQLite thread hop (submit, wake-up)",
             r"ThreadPoolExecutor\.submit|_write_to_self|call_soon_threadsafe|futures/thread|"
-            r"Semaphore\.release|_chain_future|_copy_future_state|_set_state",
+            r"Semaphore\.release|_chain_future|_copy_future_state|_set_state|"
+            r"^SqliteThread\.(_submit|run) |^_settle \(",
         ),
+        # The blocking function the SQLite thread runs (any revision's module).
+        ("SQLite statements and commit (own thread)", r"^_sqlite_\w+ \(|sqlite3"),
+        ("storage module (records on the loop; the checkpoint thread)", r"tornado_chat/storage"),
         ("JSON encode/decode", r"json/|^JSON(En|De)coder\.|^(dumps|loads) \("),
         ("websocket frame read/parse (tornado)", r"websocket\.py"),
         ("tornado iostream", r"iostream\.py"),
@@ -58,7 +61,9 @@ BUCKETS: list[tuple[str, re.Pattern[str]]] = [
 # Leaves that wait rather than work: left out (py-spy cannot always tell).
 WAITS = re.compile(
     r"^(EpollSelector\.select|_worker|Condition\.wait|Event\.wait|Semaphore\.acquire|"
-    r"Thread\._bootstrap\w*|Thread\.run) \("
+    r"Thread\._bootstrap\w*|Thread\.run) \(|"
+    # tornado_chat's SQLite thread waiting on its queue of calls.
+    r"^_serve \(.*sqlite_thread"
 )
 FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^:)]+)(?::\d+)?\)$")
 
@@ -93,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     """Profile one fan-out run; print the split of CPU per delivery."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=30000, help="offered deliveries/s")
+    parser.add_argument(
+        "--saturation",
+        action="store_true",
+        help="closed loop (bench/run.py's saturation: 8 messages in flight per sender)",
+    )
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rev", help="profile tornado_chat from this git revision")
     parser.add_argument("--chat-args", default="", help="more tornado_chat flags")
@@ -128,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.tools_venv / "bin", server.pid, raw, 250, "--nonblocking", "--threads"
             )
             time.sleep(1.0)
-            result = bench.chat_run(deliveries_per_sec=args.rate, label=f"{args.rate:g}/s")
+            result = bench.chat_run(
+                deliveries_per_sec=None if args.saturation else args.rate,
+                label="saturation" if args.saturation else f"{args.rate:g}/s",
+            )
             spy.send_signal(2)
             spy.wait(30)
         buckets, leaves, total = parse(raw)
@@ -139,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "commit": commit,
         "chat_args": args.chat_args,
+        "load": "saturation" if args.saturation else args.rate,
         "run": result,
         "samples": total,
         "us_per_delivery": per_delivery,
