@@ -53,11 +53,20 @@ class Pebble:
         http_port: the port Pebble's HTTP-01 validation connects to (the
             chat server's ``--redirect-port``).
         validity: certificate lifetime in seconds (Pebble's ``certificateValidityPeriod``).
+        require_eab: refuse every new account (a CA that says no), as
+            ``externalAccountBindingRequired`` does without a binding.
     """
 
     def __init__(
-        self, workdir: Path, tls: ServerCertificate, http_port: int, validity: int = 3600
+        self,
+        workdir: Path,
+        tls: ServerCertificate,
+        http_port: int,
+        validity: int = 3600,
+        *,
+        require_eab: bool = False,
     ) -> None:
+        self.require_eab = require_eab
         self.workdir = workdir
         self.tls = tls
         self.http_port = http_port
@@ -107,7 +116,8 @@ class Pebble:
                         "httpPort": self.http_port,
                         "tlsPort": free_port(),
                         "ocspResponderURL": "",
-                        "externalAccountBindingRequired": False,
+                        # True: every new account without a binding is refused.
+                        "externalAccountBindingRequired": self.require_eab,
                         "certificateValidityPeriod": self.validity,
                     }
                 }

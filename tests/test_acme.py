@@ -8,23 +8,38 @@ root, fetched from its management endpoint over TLS verified with the test CA.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import json
+import secrets
 import socket
 import ssl
-from collections.abc import Iterator
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.netutil import DefaultLoopResolver, OverrideResolver
+from tornado.websocket import websocket_connect
 
 from tests.conftest import make_settings
-from tests.harness import LiveServer
+from tests.harness import Client, LiveServer, Socket
 from tests.pebble import Pebble, free_port
-from tornado_chat.acme import LETS_ENCRYPT_DIRECTORY, AcmeError
+from tornado_chat.acme import LETS_ENCRYPT_DIRECTORY, AcmeError, manager
+from tornado_chat.acme.manager import ca_directory
 from tornado_chat.acme.names import check_public, refusal
+from tornado_chat.acme.shared import ChallengeAnswers
 from tornado_chat.config import Settings, parse_settings
 from tornado_chat.errors import ConfigError
 from tornado_chat.pki import ServerCertificate
 from tornado_chat.pki.files import file_mode
+from tornado_chat.server.redirect import make_challenge_server
 
 NAME = "chat.pebble.test"
 SUFFIX = ".pebble.test"
@@ -252,3 +267,323 @@ def test_challenge_route_keeps_redirects(
         assert gone.status == 301
     finally:
         live.stop()
+
+
+# -- renewal -------------------------------------------------------------------
+
+
+def serial_of(port: int, root_pem: str) -> str:
+    """The serial number of the certificate 127.0.0.1:port serves as ``NAME`` (verified)."""
+    return str(served_certificate(port, root_pem)["serialNumber"])
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class NamedServer:
+    """What the harness client needs of a server: its URLs, here under ``NAME``."""
+
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        """``https://NAME:PORT``."""
+        return f"https://{NAME}:{self.port}"
+
+
+class NamedClient(Client):
+    """The harness client, speaking to ``NAME`` (resolved to 127.0.0.1) with Pebble's root."""
+
+    def __init__(self, port: int, root_pem: str) -> None:
+        super().__init__(NamedServer(port), ssl.create_default_context(cadata=root_pem))  # type: ignore[arg-type]
+        self.http = AsyncHTTPClient(force_instance=True, hostname_mapping={NAME: "127.0.0.1"})
+        self.base = f"{NAME}:{port}"
+
+    async def join_named(self, room: str, token: str) -> Socket:
+        """Open wss://NAME:PORT/ws/room, resolving NAME to 127.0.0.1, and read the welcome."""
+        request = HTTPRequest(f"wss://{self.base}/ws/{room}", ssl_options=self.ssl)
+        resolver = OverrideResolver(resolver=DefaultLoopResolver(), mapping={NAME: "127.0.0.1"})
+        conn = await websocket_connect(
+            request, subprotocols=["chat.v1", f"bearer.{token}"], resolver=resolver
+        )
+        sock = Socket(conn)
+        welcome = await sock.recv()
+        assert welcome is not None and welcome["type"] == "welcome", welcome
+        return sock
+
+
+async def test_renewal_keeps_open_connections(
+    server_cert: ServerCertificate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short-lived certificate is renewed in the background; an open WSS connection stays up."""
+    # Renew once 80% of the lifetime is left: 4 s into Pebble's 20 s certificates.
+    monkeypatch.setattr(manager, "RENEW_REMAINING_SHARE", 0.8)
+    pebble = Pebble(tmp_path / "pebble", server_cert, http_port=free_port(), validity=20).start()
+    live = LiveServer(acme_settings(server_cert, tmp_path / "data", pebble)).start()
+    client = None
+    try:
+        root = pebble.root_pem()
+        first = await asyncio.to_thread(serial_of, live.port, root)
+        client = NamedClient(live.port, root)
+        user = await client.user("renewer")
+        sock = await client.join_named("renewal", user["access_token"])
+        await asyncio.to_thread(
+            wait_for,
+            lambda: serial_of(live.port, root) != first,
+            30,
+            "the renewed certificate to be served",
+        )
+        assert pebble.issued() >= 2
+        # The connection opened under the old certificate still carries messages.
+        await sock.say("still here")
+        frame = await sock.recv_type("message")
+        assert frame["body"] == "still here"
+        sock.close()
+    finally:
+        if client is not None:
+            client.close()
+        live.stop()
+        pebble.stop()
+
+
+# -- a CA that refuses, rate-limits or is gone ---------------------------------
+
+
+def run_server(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m tornado_chat`` with ``args`` (expected to refuse at start-up)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tornado_chat", "--port", "0", "--data-dir", str(data_dir),
+         "--caroot", str(data_dir / "certs"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def acme_args(directory: str, ca_bundle: Path, redirect_port: int) -> list[str]:
+    """The ACME flags of a test server ordering ``NAME`` from ``directory``."""
+    return [
+        "--redirect-port", str(redirect_port),
+        "--acme-domain", NAME,
+        "--acme-directory", directory,
+        "--acme-ca-bundle", str(ca_bundle),
+        "--acme-test-names", SUFFIX,
+    ]  # fmt: skip
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str], expected: str) -> str:
+    """Exit 2 with exactly one ``ERROR:`` line containing ``expected``, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR: ")]
+    assert len(errors) == 1, result.stderr
+    assert expected in errors[0], errors[0]
+    assert "Traceback" not in result.stderr
+    return errors[0]
+
+
+def test_directory_gone_refuses_start(server_cert: ServerCertificate, tmp_path: Path) -> None:
+    """No ACME server at the directory URL: one ERROR line, exit 2."""
+    directory = f"https://127.0.0.1:{free_port()}/dir"
+    result = run_server(acme_args(directory, server_cert.ca_cert_path, free_port()), tmp_path)
+    assert_one_error_line(result, f"the ACME directory {directory} is unreachable")
+
+
+def test_refusing_ca_refuses_start(server_cert: ServerCertificate, tmp_path: Path) -> None:
+    """Pebble refusing the account: the CA's own reason in one ERROR line, exit 2."""
+    pebble = Pebble(tmp_path / "pebble", server_cert, free_port(), require_eab=True).start()
+    try:
+        args = acme_args(pebble.directory, server_cert.ca_cert_path, pebble.http_port)
+        result = run_server(args, tmp_path / "data")
+    finally:
+        pebble.stop()
+    assert_one_error_line(result, "the ACME CA refused (externalAccountRequired)")
+    assert pebble.orders() == 0
+
+
+def test_unverified_directory_refuses_start(
+    pebble: Pebble, server_cert: ServerCertificate, tmp_path: Path
+) -> None:
+    """Without --acme-ca-bundle the test CA's TLS is not trusted: refused, never bypassed."""
+    args = acme_args(pebble.directory, server_cert.ca_cert_path, pebble.http_port)
+    args = args[: args.index("--acme-ca-bundle")] + args[args.index("--acme-ca-bundle") + 2 :]
+    result = run_server(args, tmp_path / "data")
+    assert_one_error_line(result, "failed TLS verification")
+
+
+class RateLimitingCA(BaseHTTPRequestHandler):
+    """An ACME directory whose new-account answer is 429 rateLimited with Retry-After."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet."""
+
+    def _send(self, status: int, body: dict[str, object], **headers: str) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", headers.pop("content_type", "application/json"))
+        self.send_header("Replay-Nonce", secrets.token_urlsafe(16))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        base = f"https://127.0.0.1:{self.server.server_address[1]}"
+        self._send(200, {"newNonce": f"{base}/nonce", "newAccount": f"{base}/acct",
+                         "newOrder": f"{base}/order", "revokeCert": f"{base}/revoke",
+                         "keyChange": f"{base}/key"})  # fmt: skip
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("Replay-Nonce", secrets.token_urlsafe(16))
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._send(
+            429,
+            {"type": "urn:ietf:params:acme:error:rateLimited",
+             "detail": "too many new registrations from this address"},
+            content_type="application/problem+json",
+            Retry_After="3720",
+        )  # fmt: skip
+
+
+def test_rate_limit_refuses_with_time_to_wait(
+    server_cert: ServerCertificate, tmp_path: Path
+) -> None:
+    """A rateLimited answer with Retry-After: one line with the CA's reason and the wait."""
+    ca = ThreadingHTTPServer(("127.0.0.1", 0), RateLimitingCA)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server_cert.cert_path, server_cert.key_path)
+    ca.socket = context.wrap_socket(ca.socket, server_side=True)
+    thread = threading.Thread(target=ca.serve_forever, daemon=True)
+    thread.start()
+    try:
+        directory = f"https://127.0.0.1:{ca.server_address[1]}/dir"
+        result = run_server(acme_args(directory, server_cert.ca_cert_path, free_port()), tmp_path)
+    finally:
+        ca.shutdown()
+        ca.server_close()
+    line = assert_one_error_line(result, "the ACME CA rate-limited this request")
+    assert "too many new registrations" in line and "try again in 1h 2m" in line
+
+
+def test_failed_renewal_keeps_serving_and_backs_off(
+    server_cert: ServerCertificate,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the CA gone, the old certificate keeps serving; ERROR lines come once per interval."""
+    # Due 1 s into a 30 s certificate; retries 0.2 s doubling to 0.4 s; an ERROR every 2 s.
+    monkeypatch.setattr(manager, "RENEW_REMAINING_SHARE", 29 / 30)
+    monkeypatch.setattr(manager, "BACKOFF_FIRST", 0.2)
+    monkeypatch.setattr(manager, "BACKOFF_MAX", 0.4)
+    monkeypatch.setattr(manager, "ERROR_INTERVAL", 2.0)
+    caplog.set_level("WARNING", "tornado_chat.acme")
+    pebble = Pebble(tmp_path / "pebble", server_cert, http_port=free_port(), validity=30).start()
+    live = None
+    try:
+        live = LiveServer(acme_settings(server_cert, tmp_path / "data", pebble)).start()
+        root = pebble.root_pem()
+        serial = serial_of(live.port, root)
+        pebble.stop()
+
+        def failures(level: str) -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "tornado_chat.acme" and r.levelname == level
+            ]
+
+        wait_for(lambda: len(failures("ERROR")) >= 2, 20, "a second hourly-style ERROR line")
+        first = failures("ERROR")[0]
+        assert "not renewed, still serving the one that expires" in first
+        assert "is unreachable" in first
+        # Between two ERROR lines the retries are WARNINGs, spaced by the back-off:
+        # 2 s at 0.1-0.6 s apart is at most ~20 attempts, a hot loop thousands.
+        assert 1 <= len(failures("WARNING")) <= 25, failures("WARNING")
+        assert serial_of(live.port, root) == serial
+    finally:
+        if live is not None:
+            live.stop()
+        pebble.stop()
+
+
+# -- two processes racing to order --------------------------------------------
+
+RACER = """
+import sys
+from pathlib import Path
+from tornado_chat.acme.manager import AcmeManager, ca_directory
+from tornado_chat.acme.shared import ChallengeAnswers
+from tornado_chat.config import Settings
+
+settings = Settings(
+    data_dir=Path(sys.argv[1]), redirect_port=int(sys.argv[2]), acme_domains=(sys.argv[3],),
+    acme_directory=sys.argv[4], acme_ca_bundle=Path(sys.argv[5]), acme_test_names=(sys.argv[6],),
+)
+sys.stdin.readline()  # both start ordering together
+served = AcmeManager(settings, ChallengeAnswers(ca_directory(settings))).ensure()
+print(served.cert_path.read_text().split("-----END")[0])
+"""
+
+
+def test_two_processes_racing_order_once(
+    pebble: Pebble, server_cert: ServerCertificate, tmp_path: Path
+) -> None:
+    """Two processes sharing DATA_DIR order at once: one order reaches Pebble, both get its cert."""
+    data_dir = tmp_path / "data"
+    answers = ChallengeAnswers(
+        ca_directory(Settings(data_dir=data_dir, acme_directory=pebble.directory))
+    )
+    # The redirect listener every process of the machine shares: it answers
+    # from the files whichever process ordered wrote.
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        server = make_challenge_server(answers)
+        server.listen(pebble.http_port, "127.0.0.1")
+        ready.set()
+        loop.run_forever()
+        server.stop()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(10)
+    args = [str(data_dir), str(pebble.http_port), NAME, pebble.directory,
+            str(server_cert.ca_cert_path), SUFFIX]  # fmt: skip
+    try:
+        racers = [
+            subprocess.Popen(
+                [sys.executable, "-c", RACER, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        for racer in racers:
+            assert racer.stdin is not None
+            racer.stdin.write("go\n")
+            racer.stdin.flush()
+        outputs = [racer.communicate(timeout=120) for racer in racers]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    for racer, (_out, err) in zip(racers, outputs, strict=True):
+        assert racer.returncode == 0, err
+    assert outputs[0][0] == outputs[1][0] != ""
+    assert pebble.orders() == 1
+    assert pebble.issued() == 1

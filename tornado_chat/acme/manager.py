@@ -109,6 +109,9 @@ class AcmeManager:
         self.key_path = self.directory / KEY_FILE
         self._client: AcmeClient | None = None
         self._ari = False
+        self._failures = 0
+        self._retry_at = datetime.datetime.now(datetime.timezone.utc)
+        self._last_error: datetime.datetime | None = None
 
     # -- blocking work (run in an executor) ----------------------------------
 
@@ -120,13 +123,14 @@ class AcmeManager:
                 with order_lock(self.directory):
                     if not account_path.is_file():
                         _write(account_path, new_account_key(), KEY_MODE, "ACME account key")
-            self._client = AcmeClient(
+            client = AcmeClient(
                 self.settings.acme_directory_url,
                 account_path.read_bytes(),
                 self.settings.acme_email,
                 self.settings.acme_ca_bundle,
             )
-            self._ari = self._client.offers_renewal_info()
+            self._ari = client.offers_renewal_info()
+            self._client = client
         return self._client
 
     def served(self) -> Served | None:
@@ -201,49 +205,65 @@ class AcmeManager:
 
     # -- the background renewal loop -----------------------------------------
 
+    def step(self) -> tuple[bool, float]:
+        """One renewal check (blocking): renew when due, and say when to check next.
+
+        Returns:
+            ``(renewed, seconds)``: whether a new certificate is on disk now
+            (to be installed), and how long to wait before the next call.
+        """
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if not self._failures:
+            served = self.served()
+            if served is not None:
+                delay = (self.renewal_time(served) - now).total_seconds()
+                if delay > 0:
+                    # With ARI the window may move: ask again now and then.
+                    return False, min(delay, ARI_RECHECK) if self._ari else delay
+        elif now < self._retry_at:
+            return False, (self._retry_at - now).total_seconds()
+        try:
+            self.ensure(force=True)
+        except AcmeError as exc:
+            self._failed(exc)
+            return False, (self._retry_at - now).total_seconds()
+        self._failures = 0
+        self._last_error = None
+        return True, 0.0
+
+    def _failed(self, exc: AcmeError) -> None:
+        """Schedule the next try; an ERROR line at most every ERROR_INTERVAL, else a WARNING."""
+        self._failures += 1
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self._retry_at = now + datetime.timedelta(seconds=backoff(self._failures))
+        if self._last_error is not None and (now - self._last_error).total_seconds() < (
+            ERROR_INTERVAL
+        ):
+            log.warning("ACME renewal attempt %d failed: %s", self._failures, exc)
+            return
+        self._last_error = now
+        served = self.served()
+        expiry = served.not_after.strftime("%Y-%m-%d %H:%M UTC") if served else "never"
+        log.error(
+            "ACME certificate for %s not renewed, still serving the one that expires %s: %s",
+            ", ".join(self.domains),
+            expiry,
+            exc,
+        )
+
     async def renew_forever(self, install: Callable[[], bool]) -> None:
-        """Renew when due, install through ``install`` (the SIGHUP path), forever.
+        """Renew when due and install through ``install`` (the SIGHUP path), forever.
 
         Args:
             install: reloads the certificate files into the live TLS context;
                 returns False when the new pair was refused (already logged).
         """
         loop = asyncio.get_running_loop()
-        failures = 0
-        last_error = -ERROR_INTERVAL
         while True:
-            if failures:
-                await asyncio.sleep(backoff(failures))
-            else:
-                served = self.served()
-                if served is not None:
-                    due = await loop.run_in_executor(None, self.renewal_time, served)
-                    delay = (due - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
-                    if delay > 0:
-                        # With ARI the window may move: ask again now and then.
-                        await asyncio.sleep(min(delay, ARI_RECHECK) if self._ari else delay)
-                        continue
-            try:
-                await loop.run_in_executor(None, lambda: self.ensure(force=True))
-            except AcmeError as exc:
-                failures += 1
-                if loop.time() - last_error < ERROR_INTERVAL:
-                    log.warning("ACME renewal attempt %d failed: %s", failures, exc)
-                    continue
-                last_error = loop.time()
-                served = self.served()
-                expiry = served.not_after.strftime("%Y-%m-%d %H:%M UTC") if served else "never"
-                log.error(
-                    "ACME certificate for %s not renewed, still serving the one that "
-                    "expires %s: %s",
-                    ", ".join(self.domains),
-                    expiry,
-                    exc,
-                )
-                continue
-            failures = 0
-            last_error = -ERROR_INTERVAL
-            install()
+            renewed, delay = await loop.run_in_executor(None, self.step)
+            if renewed:
+                install()
+            await asyncio.sleep(delay)
 
 
 def _write(path: Path, data: bytes, mode: int, what: str) -> None:

@@ -271,6 +271,12 @@ class ChatServer:
                 raise
         if self.tls_files is None:
             self.tls_files = resolve_certificate(settings)
+        if settings.acme_domains and self.acme_answers is None:
+            # A --processes worker: the parent orders, any worker may be asked.
+            from tornado_chat.acme.manager import ca_directory
+            from tornado_chat.acme.shared import ChallengeAnswers
+
+            self.acme_answers = ChallengeAnswers(ca_directory(settings))
         files = self.tls_files
         # Only a CA whose key is here can mint a new leaf to replace a bad one.
         local_ca = files.ca_cert_path is not None and files.can_issue
@@ -398,7 +404,7 @@ class ChatServer:
         Raises:
             AcmeError: the CA refused, rate-limited or could not be reached (one line).
         """
-        from tornado_chat.acme.manager import AcmeManager
+        from tornado_chat.acme.manager import AcmeManager, ca_directory
         from tornado_chat.acme.shared import ChallengeAnswers
 
         settings = self.settings
@@ -409,7 +415,7 @@ class ChatServer:
             self._redirect_sockets = bind_listeners(settings.host, settings.redirect_port)
             opened += self._redirect_sockets
         self._port = bound_port(self._sockets)
-        self.acme_answers = ChallengeAnswers()
+        self.acme_answers = ChallengeAnswers(ca_directory(settings))
         if self._redirect_sockets:
             self._start_redirect(self._redirect_sockets)
         self.acme = AcmeManager(settings, self.acme_answers)

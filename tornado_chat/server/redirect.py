@@ -15,6 +15,7 @@ import tornado.httpserver
 import tornado.web
 
 if TYPE_CHECKING:
+    from tornado_chat.acme.shared import ChallengeAnswers
     from tornado_chat.server.chat_server import ChatServer
 
 log = logging.getLogger("tornado_chat.server")
@@ -22,6 +23,7 @@ log = logging.getLogger("tornado_chat.server")
 #: RFC 8555 8.3: the token is base64url, so nothing else can match.
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+CHALLENGE_ROUTE = CHALLENGE_PREFIX + r"([A-Za-z0-9_-]{1,255})"
 
 # A redirect-only connection has nothing to wait for.
 REDIRECT_IDLE_TIMEOUT = 10.0
@@ -76,6 +78,50 @@ class RedirectHandler(tornado.web.RequestHandler):
 
     def data_received(self, chunk: bytes) -> None:
         """Drop any body: the client sends it again to the HTTPS URL."""
+
+
+class ChallengeOnlyHandler(tornado.web.RequestHandler):
+    """HTTP-01 answers while ``--processes N`` starts (the parent orders before forking).
+
+    There is no HTTPS server yet to redirect to: anything but a pending
+    token is 503 with Retry-After.
+    """
+
+    def initialize(self, answers: ChallengeAnswers) -> None:
+        """Keep the answers of the pending order."""
+        self.answers = answers
+
+    async def get(self, token: str) -> None:
+        """The key authorization of ``token``."""
+        answer = await self.answers.answer(token)
+        if answer is None:
+            raise tornado.web.HTTPError(404)
+        self.set_header("Content-Type", "application/octet-stream")
+        self.finish(answer.encode("ascii"))
+
+    def write_error(self, status_code: int, **kwargs: object) -> None:
+        """A bare status: nothing here is worth a page."""
+        self.set_header("Retry-After", "5")
+        self.finish()
+
+
+def make_challenge_server(answers: ChallengeAnswers) -> tornado.httpserver.HTTPServer:
+    """A plain-HTTP server that answers HTTP-01 tokens only (503 for anything else)."""
+    app = tornado.web.Application(
+        [
+            (CHALLENGE_ROUTE, ChallengeOnlyHandler, {"answers": answers}),
+            (r".*", _StartingHandler),
+        ],
+        log_function=_log_redirect,
+    )
+    return tornado.httpserver.HTTPServer(app, max_body_size=0, idle_connection_timeout=10.0)
+
+
+class _StartingHandler(tornado.web.RequestHandler):
+    def prepare(self) -> None:
+        self.set_status(503)
+        self.set_header("Retry-After", "5")
+        self.finish()
 
 
 def make_redirect_server(server: ChatServer) -> tornado.httpserver.HTTPServer:

@@ -11,6 +11,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tornado_chat import metrics
 from tornado_chat.config import Settings
@@ -29,7 +30,11 @@ from tornado_chat.server.listeners import (
     bound_port,
     reserve_listeners,
 )
+from tornado_chat.server.redirect import make_challenge_server
 from tornado_chat.tls import certificate_warnings, inspect_certificate, make_server_context
+
+if TYPE_CHECKING:
+    from tornado_chat.acme.manager import AcmeManager, Served
 
 log = logging.getLogger("tornado_chat.server")
 
@@ -76,6 +81,8 @@ class Supervisor:
         self.failed = False
         self.startup_failure: str | None = None
         self._metrics_sockets: list[socket.socket] | None = None
+        self._acme: AcmeManager | None = None
+        self._acme_next = 0.0
 
     def run(self) -> int:
         """Prepare, fork, supervise until every worker has exited.
@@ -97,7 +104,7 @@ class Supervisor:
 
     def _run(self) -> int:
         settings = self.settings
-        files = resolve_certificate(settings)
+        files = self._obtain_acme() if settings.acme_domains else resolve_certificate(settings)
         local_ca = files.ca_cert_path is not None and files.can_issue
         info = inspect_certificate(files.cert_path, files.key_path, local_ca=local_ca)
         for warning in (*files.warnings, *certificate_warnings(info, settings.host)):
@@ -139,6 +146,13 @@ class Supervisor:
                     self.reload_requested = False
                     self._renew(files)
                     self._signal_all(signal.SIGHUP)
+                elif self._acme is not None and time.monotonic() >= self._acme_next:
+                    # Blocks this loop for one order at most; the workers
+                    # answer the CA's HTTP-01 requests from the shared files.
+                    renewed, delay = self._acme.step()
+                    self._acme_next = time.monotonic() + delay
+                    if renewed:
+                        self._signal_all(signal.SIGHUP)
                 elif time.monotonic() - last_renewal > RENEW_CHECK_SECONDS:
                     last_renewal = time.monotonic()
                     if self._renew(files):
@@ -150,6 +164,21 @@ class Supervisor:
         if self.startup_failure is not None:
             raise ChatError(self.startup_failure)
         return 1 if self.failed else 0
+
+    def _obtain_acme(self) -> TLSFiles:
+        """Order (or find on disk) the ACME certificate before any worker exists.
+
+        Raises:
+            AcmeError: the CA refused or could not be reached (one line).
+        """
+        from tornado_chat.acme.manager import AcmeManager, ca_directory
+        from tornado_chat.acme.shared import ChallengeAnswers
+
+        settings = self.settings
+        self._acme = AcmeManager(settings, ChallengeAnswers(ca_directory(settings)))
+        assert settings.redirect_port is not None  # validate_acme requires it
+        served = asyncio.run(_obtain_before_fork(self._acme, settings.host, settings.redirect_port))
+        return TLSFiles(served.cert_path, served.key_path)
 
     def _kill_if_overdue(self) -> None:
         # Workers bound their own shutdown; this catches one that hangs anyway.
@@ -308,3 +337,20 @@ async def _prepare_services(settings: Settings) -> None:
 
     services = await create_services(settings)
     await services.close()
+
+
+async def _obtain_before_fork(manager: AcmeManager, host: str, redirect_port: int) -> Served:
+    """Order in the parent, answering HTTP-01 on the redirect port meanwhile.
+
+    The workers do not exist yet, so the parent listens on the redirect port
+    itself (``SO_REUSEPORT``, as the workers will) until the order is done.
+    """
+    sockets = bind_listeners(host, redirect_port, reuse_port=True)
+    server = make_challenge_server(manager.answers)
+    server.add_sockets(sockets)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, manager.ensure)
+    finally:
+        server.stop()
+        for sock in sockets:
+            sock.close()
