@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -268,6 +269,19 @@ async def test_metrics_port_answers_only_metrics(node: Node) -> None:
             assert caught.value.code == 404
     finally:
         http.close()
+
+
+async def test_tls_handshakes_in_flight_are_a_gauge(node: Node) -> None:
+    """Connections that never send a ClientHello are in flight until they close, then not."""
+    gauge = "tornado_chat_tls_handshakes_in_flight"
+    await until(node.metrics_port, gauge, 0)
+    silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(3)]
+    try:
+        await until(node.metrics_port, gauge, 3)
+    finally:
+        for sock in silent:
+            sock.close()
+    await until(node.metrics_port, gauge, 0)
 
 
 def test_metrics_listen_on_loopback_by_default(node: Node) -> None:
