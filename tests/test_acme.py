@@ -12,6 +12,7 @@ import asyncio
 import http.client
 import json
 import secrets
+import signal
 import socket
 import ssl
 import subprocess
@@ -30,7 +31,9 @@ from tornado.websocket import websocket_connect
 
 from tests.conftest import make_settings
 from tests.harness import Client, LiveServer, Socket
+from tests.netfault import fresh_pg_database
 from tests.pebble import Pebble, free_port
+from tests.test_server import REDIS_URL, ChatProcess
 from tornado_chat.acme import LETS_ENCRYPT_DIRECTORY, AcmeError, manager
 from tornado_chat.acme.manager import ca_directory
 from tornado_chat.acme.names import check_public, refusal
@@ -587,3 +590,49 @@ def test_two_processes_racing_order_once(
     assert outputs[0][0] == outputs[1][0] != ""
     assert pebble.orders() == 1
     assert pebble.issued() == 1
+
+
+# -- --processes: the parent orders before forking, and renews ----------------
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_processes_parent_orders_and_renews(
+    server_cert: ServerCertificate, tmp_path: Path
+) -> None:
+    """--processes 2: one order before the fork; the parent's renewal reaches every worker."""
+    async with fresh_pg_database() as pg_database:
+        await _processes_order_and_renew(server_cert, tmp_path, pg_database)
+
+
+async def _processes_order_and_renew(
+    server_cert: ServerCertificate, tmp_path: Path, pg_database: str
+) -> None:
+    pebble = Pebble(tmp_path / "pebble", server_cert, http_port=free_port(), validity=9).start()
+    args = acme_args(pebble.directory, server_cert.ca_cert_path, pebble.http_port)
+    process = ChatProcess(
+        ["--processes", "2", "--port", "0", "--db", pg_database, "--broker", REDIS_URL,
+         "--data-dir", str(tmp_path / "data"), "--shutdown-timeout", "5", *args],
+        tmp_path,
+    ).start()  # fmt: skip
+    try:
+        port = int(
+            (await process.wait_for_async(r"starting 2 workers on https://\S+:(\d+)")).group(1)
+        )
+        await process.wait_for_async(r"worker 1 \(pid \d+\) ready")
+        root = pebble.root_pem()
+        first = await asyncio.to_thread(serial_of, port, root)
+        assert pebble.orders() == 1
+        # A third of 9 s left: the parent renews 6 s in; the workers answer HTTP-01
+        # from the shared files and reload on its SIGHUP.
+        await asyncio.to_thread(
+            wait_for, lambda: serial_of(port, root) != first, 30, "the renewed certificate"
+        )
+        assert pebble.orders() >= 2
+        process.send(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 20)
+    finally:
+        process.stop()
+        pebble.stop()
+    assert code == 0, process.stderr
+    assert "Traceback" not in process.stderr
