@@ -9,6 +9,7 @@ root, fetched from its management endpoint over TLS verified with the test CA.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import secrets
@@ -20,11 +21,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import redis
+from cryptography import x509
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.netutil import DefaultLoopResolver, OverrideResolver
 from tornado.websocket import websocket_connect
@@ -37,7 +41,7 @@ from tests.test_server import REDIS_URL, ChatProcess
 from tornado_chat.acme import LETS_ENCRYPT_DIRECTORY, AcmeError, manager
 from tornado_chat.acme.manager import ca_directory
 from tornado_chat.acme.names import check_public, refusal
-from tornado_chat.acme.shared import ChallengeAnswers
+from tornado_chat.acme.shared import ChallengeAnswers, RedisShare
 from tornado_chat.config import Settings, parse_settings
 from tornado_chat.errors import ConfigError
 from tornado_chat.pki import ServerCertificate
@@ -527,7 +531,7 @@ RACER = """
 import sys
 from pathlib import Path
 from tornado_chat.acme.manager import AcmeManager, ca_directory
-from tornado_chat.acme.shared import ChallengeAnswers
+from tornado_chat.acme.shared import ChallengeAnswers, RedisShare
 from tornado_chat.config import Settings
 
 settings = Settings(
@@ -540,6 +544,30 @@ print(served.cert_path.read_text().split("-----END")[0])
 """
 
 
+@contextlib.contextmanager
+def challenge_listener(answers: ChallengeAnswers, port: int) -> Iterator[None]:
+    """Serve HTTP-01 answers from ``answers`` on 127.0.0.1:port in a thread of its own."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        server = make_challenge_server(answers)
+        server.listen(port, "127.0.0.1")
+        ready.set()
+        loop.run_forever()
+        server.stop()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
 def test_two_processes_racing_order_once(
     pebble: Pebble, server_cert: ServerCertificate, tmp_path: Path
 ) -> None:
@@ -548,25 +576,11 @@ def test_two_processes_racing_order_once(
     answers = ChallengeAnswers(
         ca_directory(Settings(data_dir=data_dir, acme_directory=pebble.directory))
     )
-    # The redirect listener every process of the machine shares: it answers
-    # from the files whichever process ordered wrote.
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        server = make_challenge_server(answers)
-        server.listen(pebble.http_port, "127.0.0.1")
-        ready.set()
-        loop.run_forever()
-        server.stop()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    ready.wait(10)
     args = [str(data_dir), str(pebble.http_port), NAME, pebble.directory,
             str(server_cert.ca_cert_path), SUFFIX]  # fmt: skip
-    try:
+    # The redirect listener every process of the machine shares: it answers
+    # from the files whichever process ordered wrote.
+    with challenge_listener(answers, pebble.http_port):
         racers = [
             subprocess.Popen(
                 [sys.executable, "-c", RACER, *args],
@@ -582,9 +596,6 @@ def test_two_processes_racing_order_once(
             racer.stdin.write("go\n")
             racer.stdin.flush()
         outputs = [racer.communicate(timeout=120) for racer in racers]
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
     for racer, (_out, err) in zip(racers, outputs, strict=True):
         assert racer.returncode == 0, err
     assert outputs[0][0] == outputs[1][0] != ""
@@ -636,3 +647,122 @@ async def _processes_order_and_renew(
         pebble.stop()
     assert code == 0, process.stderr
     assert "Traceback" not in process.stderr
+
+
+# -- nodes on several machines: Redis coordinates them ------------------------
+
+
+def accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def redis_prefix() -> Iterator[tuple[str, redis.Redis]]:
+    """A broker URL with a key prefix of its own, and a client; its keys are deleted after."""
+    prefix = f"acme-test-{secrets.token_hex(6)}"
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        yield f"{REDIS_URL}?prefix={prefix}", client
+    finally:
+        for key in client.scan_iter(f"{prefix}:*"):
+            client.delete(key)
+        client.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_nodes_on_two_machines_order_once(
+    pebble: Pebble, server_cert: ServerCertificate, tmp_path: Path
+) -> None:
+    """Node A orders under the Redis lock; node B (its own DATA_DIR) answers HTTP-01 and installs.
+
+    Pebble validates against node B's redirect port, which B starts while A
+    holds the lock: B finds the answer only in Redis. B then serves A's
+    certificate without ordering, and A's server serves the same one.
+    """
+    with redis_prefix() as (broker, _client):
+        async with fresh_pg_database() as pg_database:
+            await _two_nodes(pebble, server_cert, tmp_path, broker, pg_database)
+
+
+async def _two_nodes(
+    pebble: Pebble, server_cert: ServerCertificate, tmp_path: Path, broker: str, pg: str
+) -> None:
+    def node(data_dir: Path, redirect_port: int) -> ChatProcess:
+        args = acme_args(pebble.directory, server_cert.ca_cert_path, redirect_port)
+        return ChatProcess(
+            ["--port", "0", "--db", pg, "--broker", broker, "--data-dir", str(data_dir),
+             "--shutdown-timeout", "5", *args],
+            tmp_path,
+        )  # fmt: skip
+
+    node_b = node(tmp_path / "b", pebble.http_port)
+
+    def start_b() -> None:
+        # Called inside A's order: B comes up while A holds the lock.
+        node_b.start()
+        wait_for(lambda: accepts(pebble.http_port), 60, "node B's redirect listener")
+
+    settings_a = acme_settings(server_cert, tmp_path / "a", pebble, broker=broker)
+    manager_a = manager.AcmeManager(settings_a, manager.answers_for(settings_a), on_order=start_b)
+    node_a = None
+    try:
+        served = await asyncio.to_thread(manager_a.ensure)
+        serial = x509.load_pem_x509_certificate(served.cert_path.read_bytes()).serial_number
+        root = pebble.root_pem()
+        port_b = int((await node_b.wait_for_async(r"listening on https://\S+:(\d+) ")).group(1))
+        assert int(await asyncio.to_thread(serial_of, port_b, root), 16) == serial
+        assert "installed the ACME certificate another node obtained" in node_b.stderr
+        # Node A as a server: the certificate on its own disk, no new order.
+        node_a = node(tmp_path / "a", free_port()).start()
+        port_a = int((await node_a.wait_for_async(r"listening on https://\S+:(\d+) ")).group(1))
+        assert int(await asyncio.to_thread(serial_of, port_a, root), 16) == serial
+        assert pebble.orders() == 1
+        assert pebble.issued() == 1
+    finally:
+        for process in (node_a, node_b):
+            if process is not None:
+                process.stop()
+    for process in (node_a, node_b):
+        assert "Traceback" not in process.stderr
+
+
+@pytest.mark.redis
+def test_lock_of_a_dead_node_expires(
+    pebble: Pebble, server_cert: ServerCertificate, tmp_path: Path
+) -> None:
+    """A lock whose holder died (nobody renews it) lapses, and a waiting node orders."""
+    with redis_prefix() as (broker, client):
+        settings = acme_settings(server_cert, tmp_path / "data", pebble, broker=broker)
+        answers = manager.answers_for(settings)
+        assert answers.cluster is not None
+        lock_key = answers.cluster.lock_key
+        client.set(lock_key, "dead-node", px=2000)
+        holders: list[bytes | None] = []
+        acme = manager.AcmeManager(
+            settings, answers, on_order=lambda: holders.append(client.get(lock_key))
+        )
+        with challenge_listener(answers, pebble.http_port), ThreadPoolExecutor(1) as pool:
+            served = pool.submit(acme.ensure).result(timeout=120)
+        assert served.cert_path.is_file()
+        # It ordered under a token of its own, and released only that.
+        assert len(holders) == 1 and holders[0] not in (None, b"dead-node")
+        assert client.get(lock_key) is None
+        assert pebble.orders() == 1
+
+
+@pytest.mark.redis
+def test_lock_is_released_only_by_its_holder() -> None:
+    """A holder whose lock lapsed and passed to another node leaves that node's lock alone."""
+    with redis_prefix() as (broker, client):
+        share = RedisShare(broker, "https://ca.example/dir", (NAME,))
+        with share.lock():
+            assert client.pttl(share.lock_key) > 0
+            client.set(share.lock_key, "another-node")
+        assert client.get(share.lock_key) == b"another-node"
+        share.close()

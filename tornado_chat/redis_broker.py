@@ -254,6 +254,16 @@ def parse_broker_url(url: str) -> RedisOptions:
     return RedisOptions(url=clean, prefix=prefix, presence_ttl=ttl, display=display)
 
 
+def tls_options(url: str) -> dict[str, Any]:
+    """redis-py options that verify a ``rediss://`` server's certificate and host name.
+
+    Every redis-py version gets them: 5.x does not check the name by default.
+    """
+    if url.startswith("rediss:"):
+        return {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    return {}
+
+
 # URL options that would turn off certificate or host name checks on rediss://.
 _WEAKENING = {
     "ssl_cert_reqs": {"none", "optional", "0", "1", "cert_none", "cert_optional"},
@@ -453,13 +463,6 @@ class RedisBroker(Broker):
 
     # -- lifecycle -------------------------------------------------------------
 
-    def _tls(self) -> dict[str, Any]:
-        # rediss://: verify the certificate and the host name on every
-        # redis-py version (5.x does not check the name by default).
-        if self.options.url.startswith("rediss:"):
-            return {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
-        return {}
-
     def _new_client(self) -> aioredis.Redis:
         # Our own loops reconnect and catch up; redis-py must not reconnect
         # behind our back (a silent pub/sub reconnect would skip the catch-up).
@@ -468,7 +471,7 @@ class RedisBroker(Broker):
             socket_connect_timeout=CONNECT_TIMEOUT,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
-            **self._tls(),
+            **tls_options(self.options.url),
         )
 
     async def start(self) -> None:
@@ -484,7 +487,7 @@ class RedisBroker(Broker):
             socket_timeout=COMMAND_TIMEOUT,
             retry=Retry(NoBackoff(), 1),
             health_check_interval=0,
-            **self._tls(),
+            **tls_options(self.options.url),
         )
         try:
             await asyncio.wait_for(self._client.ping(), CONNECT_TIMEOUT)

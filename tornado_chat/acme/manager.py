@@ -12,6 +12,7 @@ with the reason is logged every hour until a renewal succeeds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import random
@@ -24,7 +25,7 @@ from cryptography import x509
 
 from tornado_chat.acme import AcmeError
 from tornado_chat.acme.client import AcmeClient, new_account_key, new_certificate_key
-from tornado_chat.acme.shared import ChallengeAnswers, order_lock
+from tornado_chat.acme.shared import ChallengeAnswers, RedisShare, order_lock
 from tornado_chat.config import Settings
 from tornado_chat.errors import PKIError
 from tornado_chat.pki.files import CERT_MODE, KEY_MODE, write_atomic
@@ -51,6 +52,16 @@ def ca_directory(settings: Settings) -> Path:
     host = (parts.hostname or "ca").lower()
     name = f"{host}_{parts.port}" if parts.port else host
     return settings.data_dir.absolute() / "acme" / name
+
+
+def answers_for(settings: Settings) -> ChallengeAnswers:
+    """Where this server publishes and finds HTTP-01 answers: files, and Redis when it brokers."""
+    cluster = None
+    if settings.broker is not None:
+        cluster = RedisShare(
+            settings.broker, settings.acme_directory_url, tuple(settings.acme_domains)
+        )
+    return ChallengeAnswers(ca_directory(settings), cluster)
 
 
 def backoff(failures: int, rng: Callable[[], float] = random.random) -> float:
@@ -160,8 +171,9 @@ class AcmeManager:
     def ensure(self, *, force: bool = False) -> Served:
         """A valid certificate on disk for the names, ordering one when needed.
 
-        Only one process on the machine orders at a time; one that waited for
-        the lock finds the new certificate and orders nothing.
+        Only one process on the machine orders at a time, and with a Redis
+        broker one node of the cluster; one that waited for the lock finds the
+        new certificate (on disk, or in Redis) and orders nothing.
 
         Args:
             force: order even when the certificate on disk is not yet due
@@ -170,12 +182,14 @@ class AcmeManager:
         Raises:
             AcmeError: the order failed (one line).
         """
+        self.adopt()
         before = self.served()
         now = datetime.datetime.now(datetime.timezone.utc)
         if before is not None and not force and now < before.renew_at:
             return before
         client = self.client()
-        with order_lock(self.directory):
+        with order_lock(self.directory), self._cluster_lock():
+            self.adopt()
             current = self.served()
             if current is not None and current != before and now < current.renew_at:
                 return current  # another process renewed it while we waited
@@ -192,6 +206,8 @@ class AcmeManager:
             # The key first: a reader that sees the new chain finds its key.
             _write(self.key_path, key_pem, KEY_MODE, "ACME certificate key")
             _write(self.cert_path, chain, CERT_MODE, "ACME certificate")
+            if self.answers.cluster is not None:
+                self.answers.cluster.store(chain, key_pem)
         issued = self.served()
         if issued is None:
             raise AcmeError(f"the ACME CA issued a certificate that does not name {self.domains}")
@@ -202,6 +218,47 @@ class AcmeManager:
             issued.not_after.strftime("%Y-%m-%d %H:%M UTC"),
         )
         return issued
+
+    def _cluster_lock(self) -> contextlib.AbstractContextManager[None]:
+        cluster = self.answers.cluster
+        return cluster.lock() if cluster is not None else contextlib.nullcontext()
+
+    def adopt(self) -> bool:
+        """Install the pair another node stored in Redis when it is newer than the one on disk.
+
+        Returns:
+            whether the files on disk changed.
+
+        Raises:
+            AcmeError: Redis failed, or the files could not be written.
+        """
+        cluster = self.answers.cluster
+        if cluster is None:
+            return False
+        pair = cluster.fetch()
+        if pair is None:
+            return False
+        chain, key = pair
+        try:
+            cert = x509.load_pem_x509_certificate(chain)
+        except ValueError:
+            log.warning("ignoring an unreadable ACME certificate in Redis")
+            return False
+        served = self.served()
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if not covers(cert, self.domains) or cert.not_valid_after_utc <= now:
+            return False
+        if served is not None and cert.not_valid_after_utc <= served.not_after:
+            return False
+        # The key first: a reader that sees the new chain finds its key.
+        _write(self.key_path, key, KEY_MODE, "ACME certificate key")
+        _write(self.cert_path, chain, CERT_MODE, "ACME certificate")
+        log.info(
+            "installed the ACME certificate another node obtained for %s, valid until %s",
+            ", ".join(self.domains),
+            cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC"),
+        )
+        return True
 
     # -- the background renewal loop -----------------------------------------
 

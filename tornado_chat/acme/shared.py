@@ -6,23 +6,34 @@ the new certificate on disk. HTTP-01 answers are written to
 ``DATA_DIR/acme/<ca-host>/challenges/<token>`` too, so whichever process the
 CA's request reaches (``--processes N`` workers share the redirect port)
 can answer it. With ``--processes N`` the parent orders before forking.
+
+With a Redis broker (``--broker redis://...``) nodes on several machines
+coordinate the same way through Redis (:class:`RedisShare`): a lock with
+expiry that only its holder renews and releases, the HTTP-01 answers (with a
+TTL), and the issued chain and key, which the nodes that did not order install.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
+import secrets
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from tornado_chat.acme import AcmeError
 from tornado_chat.errors import PKIError
 from tornado_chat.pki.files import CERT_MODE, write_atomic
 
 LOCK_FILE = ".order.lock"
+_T = TypeVar("_T")
 
 
 CHALLENGES_DIR = "challenges"
@@ -41,12 +52,15 @@ class ChallengeAnswers:
     Args:
         directory: the CA's directory (``DATA_DIR/acme/<ca-host>``); None
             keeps answers in this process only.
+        cluster: with a Redis broker, answers are also published there for
+            the nodes on other machines, and looked up there last.
     """
 
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, cluster: RedisShare | None = None) -> None:
         self._answers: dict[str, str] = {}
         self._lock = threading.Lock()
         self._dir = directory / CHALLENGES_DIR if directory is not None else None
+        self.cluster = cluster
 
     def publish(self, token: str, answer: str) -> None:
         """Answer ``token`` with ``answer`` from now on, in every process."""
@@ -57,6 +71,8 @@ class ChallengeAnswers:
                 write_atomic(self._dir / token, answer.encode("ascii"), CERT_MODE, "challenge")
             except PKIError as exc:
                 raise AcmeError(str(exc)) from None
+        if self.cluster is not None:
+            self.cluster.publish(token, answer)
 
     def withdraw(self, token: str) -> None:
         """Stop answering ``token``."""
@@ -65,18 +81,26 @@ class ChallengeAnswers:
         if self._dir is not None:
             with contextlib.suppress(OSError):
                 (self._dir / token).unlink()
+        if self.cluster is not None:
+            self.cluster.withdraw(token)
 
     async def answer(self, token: str) -> str | None:
         """The key authorization for ``token``, or None when no order asked for it."""
         with self._lock:
             answer = self._answers.get(token)
-        if answer is not None or self._dir is None:
+        if answer is not None:
             return answer
-        try:
-            text = (self._dir / token).read_text("ascii").strip()
-        except (OSError, UnicodeDecodeError):
-            return None
-        return text if _ANSWER.match(text) else None
+        if self._dir is not None:
+            try:
+                text = (self._dir / token).read_text("ascii").strip()
+            except (OSError, UnicodeDecodeError):
+                text = ""
+            if _ANSWER.match(text):
+                return text
+        if self.cluster is not None:
+            # The order may be running on another machine.
+            return await asyncio.to_thread(self.cluster.answer, token)
+        return None
 
 
 @contextlib.contextmanager
@@ -96,3 +120,161 @@ def order_lock(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+# -- several machines: the same through Redis (--broker redis://...) ------------
+
+#: The cluster ordering lock expires this long after its holder stops renewing it.
+LOCK_TTL = 60.0
+#: How often a node waiting for the cluster lock tries again.
+LOCK_POLL = 0.5
+#: An HTTP-01 answer in Redis outlives a crashed orderer by at most this long.
+ANSWER_TTL = 600.0
+
+# Renew or release the lock only while it is still ours (its random token):
+# after an expiry another node may hold it, and its lock must stay.
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisShare:
+    """The ordering lock, HTTP-01 answers and the issued pair, shared through Redis.
+
+    Keys live under ``{prefix}:acme:{id}:`` where ``id`` hashes the directory
+    URL and the names, so deployments and CAs sharing a Redis stay apart.
+    The client is redis-py's blocking one: the manager runs in an executor
+    thread, and the challenge route asks from a thread too.
+
+    Args:
+        broker_url: the ``--broker`` URL (its ``?prefix=`` is honoured).
+        directory_url: the ACME directory URL.
+        domains: the names ordered.
+    """
+
+    def __init__(self, broker_url: str, directory_url: str, domains: tuple[str, ...]) -> None:
+        # Imported here: only deployments with a Redis broker need redis-py.
+        import redis
+
+        from tornado_chat.redis_broker import CONNECT_TIMEOUT, parse_broker_url, tls_options
+
+        options = parse_broker_url(broker_url)
+        ident = hashlib.sha256("\n".join((directory_url, *domains)).encode()).hexdigest()[:16]
+        self.base = f"{options.prefix}:acme:{ident}:"
+        self.lock_key = self.base + "lock"
+        self.pair_key = self.base + "pair"
+        self._redis = redis.Redis.from_url(
+            options.url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=30,
+            **tls_options(options.url),
+        )
+        self._renew = self._redis.register_script(_RENEW_LUA)
+        self._release = self._redis.register_script(_RELEASE_LUA)
+
+    def _call(self, what: str, call: Callable[[], _T]) -> _T:
+        import redis
+
+        try:
+            return call()
+        except redis.RedisError as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise AcmeError(f"Redis failed while {what}: {text}") from None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the cluster-wide ordering lock (blocks until it is free or has expired).
+
+        Raises:
+            AcmeError: Redis failed.
+        """
+        token = secrets.token_hex(16)
+        ttl_ms = int(LOCK_TTL * 1000)
+        while not self._call(
+            "taking the ACME lock",
+            lambda: self._redis.set(self.lock_key, token, nx=True, px=ttl_ms),
+        ):
+            time.sleep(LOCK_POLL)
+        stop = threading.Event()
+
+        def renew() -> None:
+            # A third of the TTL: two renewals may fail before the lock lapses.
+            while not stop.wait(LOCK_TTL / 3):
+                with contextlib.suppress(AcmeError):
+                    self._call(
+                        "renewing the ACME lock",
+                        lambda: self._renew(keys=[self.lock_key], args=[token, ttl_ms]),
+                    )
+
+        renewer = threading.Thread(target=renew, name="acme-lock-renewal", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
+            with contextlib.suppress(AcmeError):
+                self._call(
+                    "releasing the ACME lock",
+                    lambda: self._release(keys=[self.lock_key], args=[token]),
+                )
+
+    def publish(self, token: str, answer: str) -> None:
+        """Publish an HTTP-01 answer for every node (expires after ANSWER_TTL)."""
+        self._call(
+            "publishing an HTTP-01 answer",
+            lambda: self._redis.set(
+                self.base + "answer:" + token, answer, px=int(ANSWER_TTL * 1000)
+            ),
+        )
+
+    def withdraw(self, token: str) -> None:
+        """Withdraw an HTTP-01 answer (best effort: it expires anyway)."""
+        with contextlib.suppress(AcmeError):
+            self._call(
+                "withdrawing an HTTP-01 answer",
+                lambda: self._redis.delete(self.base + "answer:" + token),
+            )
+
+    def answer(self, token: str) -> str | None:
+        """The answer another node published for ``token``, or None (also when Redis fails)."""
+        try:
+            value = self._call(
+                "reading an HTTP-01 answer", lambda: self._redis.get(self.base + "answer:" + token)
+            )
+        except AcmeError:
+            return None
+        if not isinstance(value, bytes):
+            return None
+        text = value.decode("ascii", "replace")
+        return text if _ANSWER.match(text) else None
+
+    def store(self, chain: bytes, key: bytes) -> None:
+        """Keep the issued chain and its key for the other nodes."""
+        self._call(
+            "storing the certificate",
+            lambda: self._redis.hset(self.pair_key, mapping={"chain": chain, "key": key}),
+        )
+
+    def fetch(self) -> tuple[bytes, bytes] | None:
+        """The chain and key another node stored, or None."""
+        values = self._call(
+            "reading the certificate", lambda: self._redis.hmget(self.pair_key, ["chain", "key"])
+        )
+        chain, key = values
+        if not isinstance(chain, bytes) or not isinstance(key, bytes):
+            return None
+        return chain, key
+
+    def close(self) -> None:
+        """Close the connections."""
+        self._redis.close()

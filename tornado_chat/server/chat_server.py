@@ -273,10 +273,9 @@ class ChatServer:
             self.tls_files = resolve_certificate(settings)
         if settings.acme_domains and self.acme_answers is None:
             # A --processes worker: the parent orders, any worker may be asked.
-            from tornado_chat.acme.manager import ca_directory
-            from tornado_chat.acme.shared import ChallengeAnswers
+            from tornado_chat.acme.manager import answers_for
 
-            self.acme_answers = ChallengeAnswers(ca_directory(settings))
+            self.acme_answers = answers_for(settings)
         files = self.tls_files
         # Only a CA whose key is here can mint a new leaf to replace a bad one.
         local_ca = files.ca_cert_path is not None and files.can_issue
@@ -404,8 +403,7 @@ class ChatServer:
         Raises:
             AcmeError: the CA refused, rate-limited or could not be reached (one line).
         """
-        from tornado_chat.acme.manager import AcmeManager, ca_directory
-        from tornado_chat.acme.shared import ChallengeAnswers
+        from tornado_chat.acme.manager import AcmeManager, answers_for
 
         settings = self.settings
         if self._sockets is None:
@@ -415,7 +413,7 @@ class ChatServer:
             self._redirect_sockets = bind_listeners(settings.host, settings.redirect_port)
             opened += self._redirect_sockets
         self._port = bound_port(self._sockets)
-        self.acme_answers = ChallengeAnswers(ca_directory(settings))
+        self.acme_answers = answers_for(settings)
         if self._redirect_sockets:
             self._start_redirect(self._redirect_sockets)
         self.acme = AcmeManager(settings, self.acme_answers)

@@ -171,11 +171,10 @@ class Supervisor:
         Raises:
             AcmeError: the CA refused or could not be reached (one line).
         """
-        from tornado_chat.acme.manager import AcmeManager, ca_directory
-        from tornado_chat.acme.shared import ChallengeAnswers
+        from tornado_chat.acme.manager import AcmeManager, answers_for
 
         settings = self.settings
-        self._acme = AcmeManager(settings, ChallengeAnswers(ca_directory(settings)))
+        self._acme = AcmeManager(settings, answers_for(settings))
         assert settings.redirect_port is not None  # validate_acme requires it
         served = asyncio.run(_obtain_before_fork(self._acme, settings.host, settings.redirect_port))
         return TLSFiles(served.cert_path, served.key_path)
