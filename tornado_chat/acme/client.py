@@ -146,13 +146,33 @@ def _one_line(directory: str, last: _LastResponse) -> Iterator[None]:
         ) from None
     except (requests.exceptions.RequestException, errors.ClientError, ValueError) as exc:
         raise AcmeError(
-            f"the ACME directory {directory} is unreachable: {_first_line(exc)}"
+            f"the ACME directory {directory} is unreachable: {_root_reason(exc)}"
         ) from None
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+def _root_reason(exc: BaseException) -> str:
+    """The operating system's reason under a requests error ("Connection refused").
+
+    requests wraps urllib3's retry error, which wraps the connection error, whose
+    message repeats the whole URL and pool; the reader needs the bottom line.
+    """
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        item = pending.pop(0)
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, OSError) and item.strerror:
+            return item.strerror
+        pending.extend(item.args)
+        pending.extend((getattr(item, "reason", None), item.__cause__, item.__context__))
+    return _first_line(exc)
 
 
 class AcmeClient:

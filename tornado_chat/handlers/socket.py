@@ -30,6 +30,7 @@ import logging
 import re
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import tornado.ioloop
@@ -89,6 +90,12 @@ CONTROL_HEADROOM = 1024
 # Fan-out writes skip IOStream.write()'s Future on the Tornado versions
 # tornado_chat.compat was checked on; any other takes the public path.
 _WRITE_WITHOUT_FUTURE = compat.WRITE_WITHOUT_FUTURE
+
+# asyncio.timeout (Python 3.11+) bounds the checks before the upgrade inside
+# the handler's own task; on 3.10, asyncio.wait_for and its task of their own.
+_TIMEOUT: Callable[[float | None], contextlib.AbstractAsyncContextManager[Any]] | None = getattr(
+    asyncio, "timeout", None
+)
 
 
 # An origin as a browser serialises it (RFC 6454 6.2): a lower-case scheme,
@@ -356,7 +363,9 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         headers = self.request.headers
         if headers.get("Upgrade", "").lower() != "websocket":
             return False
-        return "upgrade" in (p.strip().lower() for p in headers.get("Connection", "").split(","))
+        connection = headers.get("Connection", "").lower()
+        # Nearly every client sends exactly "Upgrade": no list to split then.
+        return connection == "upgrade" or "upgrade" in map(str.strip, connection.split(","))
 
     async def _before_upgrade(self, room: str) -> None:
         """Check the credential and the user's right to the room, within the handshake budget.
@@ -365,6 +374,16 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
             ApiError: the room is refused to this user (404 or 403 at the handshake).
         """
         budget = max(0.0, self.chat_settings.handshake_timeout - self.request.request_time())
+        if _TIMEOUT is not None:
+            # Python 3.11+: the checks run in this task under a deadline, with
+            # no task of their own to create, schedule and copy a context for
+            # (bench/RESULTS.md, 2026-12-06 connection set-up against 441849d).
+            try:
+                async with _TIMEOUT(budget):
+                    await self._authorize(room)
+            except TimeoutError:
+                self._early = ("handshake_expired", ())
+            return
         try:
             await asyncio.wait_for(self._authorize(room), budget)
         except asyncio.TimeoutError:

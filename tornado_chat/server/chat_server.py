@@ -88,11 +88,13 @@ class TLSHTTPServer(compat.QuietAcceptReset, tornado.httpserver.HTTPServer):
         """HTTPServer's arguments, plus the bound on TLS handshakes in flight."""
         super().initialize(*args, **kwargs)
         self.handshakes = HandshakeBound(self, max_tls_handshakes)
+        # Found once, not per connection (it walks the logger's filters).
+        self._handshake_log = install_handshake_log_filter()
 
     def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
         """Count the handshake, remember the client's address by descriptor, then serve."""
         self.handshakes.started(stream)
-        install_handshake_log_filter().remember_peer(stream.socket.fileno(), address)
+        self._handshake_log.remember_peer(stream.socket.fileno(), address)
         super().handle_stream(stream, address)
 
 
