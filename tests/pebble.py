@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -24,11 +25,39 @@ PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
 CHALLTESTSRV = shutil.which("pebble-challtestsrv") or "/usr/bin/pebble-challtestsrv"
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Ports handed out by this process: bind(0) may return the same port twice
+# once the probing socket is closed, and a test starting Pebble asks for six.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now (for the servers that need one in advance)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port nothing listens on right now (for the servers that need one in advance).
+
+    Taken below the kernel's ephemeral range: a port from bind(0) is in that
+    range, where any outgoing connection (to Redis, PostgreSQL, Pebble) may
+    take it as its local port before the server that was meant to bind it
+    does. Never the same port twice in one process.
+    """
+    top = _ephemeral_start()
+    for _ in range(1000):
+        port = random.randrange(max(1024, top - 12000), top)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free TCP port below the ephemeral range")
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
