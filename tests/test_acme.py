@@ -768,3 +768,30 @@ def test_lock_is_released_only_by_its_holder() -> None:
             client.set(share.lock_key, "another-node")
         assert client.get(share.lock_key) == b"another-node"
         share.close()
+
+
+@pytest.mark.redis
+def test_renewal_by_another_node_is_installed(
+    pebble: Pebble, server_cert: ServerCertificate, tmp_path: Path
+) -> None:
+    """A node whose renewal is due installs the newer certificate another node stored in Redis."""
+    with redis_prefix() as (broker, _client):
+        nodes = []
+        for name in ("a", "b"):
+            settings = acme_settings(server_cert, tmp_path / name, pebble, broker=broker)
+            nodes.append(manager.AcmeManager(settings, manager.answers_for(settings)))
+        node_a, node_b = nodes
+
+        def serial(served: manager.Served) -> int:
+            # Read now: every Served of a node names the same file.
+            return x509.load_pem_x509_certificate(served.cert_path.read_bytes()).serial_number
+
+        with challenge_listener(node_a.answers, pebble.http_port):
+            first = serial(node_a.ensure())
+            assert serial(node_b.ensure()) == first  # start-up: installed, not ordered
+            assert pebble.orders() == 1
+            renewed = serial(node_a.ensure(force=True))
+            assert renewed != first
+            # B's renewal (what step() runs when due) finds A's in Redis first.
+            assert serial(node_b.ensure(force=True)) == renewed
+        assert pebble.orders() == 2

@@ -182,17 +182,18 @@ class AcmeManager:
         Raises:
             AcmeError: the order failed (one line).
         """
-        self.adopt()
+        # A certificate another node just stored is the renewal: no order.
+        adopted = self.adopt()
         before = self.served()
         now = datetime.datetime.now(datetime.timezone.utc)
-        if before is not None and not force and now < before.renew_at:
+        if before is not None and (adopted or not force) and now < before.renew_at:
             return before
         client = self.client()
         with order_lock(self.directory), self._cluster_lock():
-            self.adopt()
+            adopted = self.adopt()
             current = self.served()
-            if current is not None and current != before and now < current.renew_at:
-                return current  # another process renewed it while we waited
+            if current is not None and (adopted or current != before) and now < current.renew_at:
+                return current  # another process or node renewed it while we waited
             if current is not None and not force and now < self.renewal_time(current):
                 return current
             key_pem = new_certificate_key()
