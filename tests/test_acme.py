@@ -423,7 +423,38 @@ def test_unverified_directory_refuses_start(
     args = acme_args(pebble.directory, server_cert.ca_cert_path, pebble.http_port)
     args = args[: args.index("--acme-ca-bundle")] + args[args.index("--acme-ca-bundle") + 2 :]
     result = run_server(args, tmp_path / "data")
-    assert_one_error_line(result, "failed TLS verification")
+    line = assert_one_error_line(result, "failed TLS verification")
+    assert "(unable to get local issuer certificate)" in line, line
+
+
+def test_directory_dropping_the_handshake_is_an_outage(
+    server_cert: ServerCertificate, tmp_path: Path
+) -> None:
+    """A directory that closes the connection mid-handshake (a CA going away) is
+    unreachable, not a trust failure that would send the operator to --acme-ca-bundle."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def drop_every_connection() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:  # the listener closed: the test is over
+                    return
+                with conn:
+                    # Read the whole ClientHello record, then close cleanly: the
+                    # client meets EOF mid-handshake (SSLEOFError), as it does
+                    # from an ACME server shutting down; unread bytes would
+                    # make it a reset instead.
+                    header = conn.recv(5, socket.MSG_WAITALL)
+                    if len(header) == 5:
+                        conn.recv(int.from_bytes(header[3:5], "big"), socket.MSG_WAITALL)
+
+        threading.Thread(target=drop_every_connection, daemon=True).start()
+        directory = f"https://127.0.0.1:{port}/dir"
+        result = run_server(acme_args(directory, server_cert.ca_cert_path, free_port()), tmp_path)
+    line = assert_one_error_line(result, f"the ACME directory {directory} is unreachable: ")
+    assert "TLS verification" not in line and "--acme-ca-bundle" not in line, line
 
 
 class RateLimitingCA(BaseHTTPRequestHandler):

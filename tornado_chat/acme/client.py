@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import email.utils
+import ssl
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,8 +141,19 @@ def _one_line(directory: str, last: _LastResponse) -> Iterator[None]:
     except errors.TimeoutError:
         raise AcmeError(f"the ACME order did not complete within {ORDER_TIMEOUT:.0f}s") from None
     except requests.exceptions.SSLError as exc:
+        # requests calls every TLS failure an SSLError; only a certificate check
+        # is about trust. A connection the CA's side drops mid-handshake (an
+        # ACME server going away) is an outage, reported as one.
+        refusal = next(
+            (e for e in _causes(exc) if isinstance(e, ssl.SSLCertVerificationError)), None
+        )
+        if refusal is None:
+            raise AcmeError(
+                f"the ACME directory {directory} is unreachable: {_root_reason(exc)}"
+            ) from None
         raise AcmeError(
-            f"the ACME directory {directory} failed TLS verification ({_first_line(exc)}); "
+            f"the ACME directory {directory} failed TLS verification "
+            f"({refusal.verify_message or _first_line(refusal)}); "
             "a test CA needs --acme-ca-bundle"
         ) from None
     except (requests.exceptions.RequestException, errors.ClientError, ValueError) as exc:
@@ -161,6 +173,14 @@ def _root_reason(exc: BaseException) -> str:
     requests wraps urllib3's retry error, which wraps the connection error, whose
     message repeats the whole URL and pool; the reader needs the bottom line.
     """
+    for item in _causes(exc):
+        if isinstance(item, OSError) and item.strerror:
+            return item.strerror
+    return _first_line(exc)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it wraps: in its args, urllib3's ``reason``, its cause."""
     seen: set[int] = set()
     pending: list[object] = [exc]
     while pending:
@@ -168,11 +188,9 @@ def _root_reason(exc: BaseException) -> str:
         if not isinstance(item, BaseException) or id(item) in seen:
             continue
         seen.add(id(item))
-        if isinstance(item, OSError) and item.strerror:
-            return item.strerror
+        yield item
         pending.extend(item.args)
         pending.extend((getattr(item, "reason", None), item.__cause__, item.__context__))
-    return _first_line(exc)
 
 
 class AcmeClient:
