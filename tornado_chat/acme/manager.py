@@ -29,6 +29,7 @@ from tornado_chat.acme.shared import ChallengeAnswers, RedisShare, order_lock
 from tornado_chat.config import Settings
 from tornado_chat.errors import PKIError
 from tornado_chat.pki.files import CERT_MODE, KEY_MODE, write_atomic
+from tornado_chat.pki.names import subject_alt_names
 
 log = logging.getLogger("tornado_chat.acme")
 
@@ -78,11 +79,9 @@ def third_left(cert: x509.Certificate) -> datetime.datetime:
 
 def covers(cert: x509.Certificate, domains: tuple[str, ...]) -> bool:
     """Whether ``cert`` names exactly-or-more than ``domains`` in its subjectAltName."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return False
-    names = {name.lower() for name in san.get_values_for_type(x509.DNSName)}
+    names = {
+        name.value.lower() for name in subject_alt_names(cert) if isinstance(name, x509.DNSName)
+    }
     return set(domains) <= names
 
 
