@@ -232,6 +232,10 @@ class Client:
         except HTTPClientError as exc:
             assert exc.response is not None, exc
             resp = exc.response
+        except ValueError as exc:
+            if not _closed_before_tls(exc):
+                raise
+            raise ConnectionResetError("connection closed before the TLS handshake") from exc
         return Response(resp.code, resp.headers, resp.body or b"")
 
     async def register(self, username: str, password: str = PASSWORD) -> Response:
@@ -274,7 +278,12 @@ class Client:
             ssl_options=self.ssl,
             request_timeout=30,
         )
-        conn = await websocket_connect(req, subprotocols=protos or None)
+        try:
+            conn = await websocket_connect(req, subprotocols=protos or None)
+        except ValueError as exc:
+            if not _closed_before_tls(exc):
+                raise
+            raise ConnectionResetError("connection closed before the TLS handshake") from exc
         return Socket(conn)
 
     async def join(self, room: str, token: str, query: str = "") -> tuple[Socket, dict[str, Any]]:
@@ -287,6 +296,16 @@ class Client:
     def close(self) -> None:
         """Close the HTTP client."""
         self.http.close()
+
+
+def _closed_before_tls(exc: ValueError) -> bool:
+    """Whether Tornado's ``exc`` means the peer closed before the TLS handshake.
+
+    Tornado's ``start_tls`` refuses a stream the peer closed between the TCP
+    connect and the handshake with ``ValueError("IOStream is not idle")``:
+    the caller met a reset connection, not a bad value.
+    """
+    return "IOStream is not idle" in str(exc)
 
 
 def read_text(path: Path) -> str:

@@ -27,10 +27,10 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -57,6 +57,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
 # The test certificate's name; the nodes are both "localhost" here.
 NODE_NAME = "localhost"
+
+_T = TypeVar("_T")
 
 
 # -- HAProxy -----------------------------------------------------------------------
@@ -215,30 +217,54 @@ class FailoverResult:
     moved: int  # sockets the stopped node closed (each must have got 1001)
     closed_after: list[float]  # per moved socket: seconds from SIGTERM to its close frame
     back_after: list[float]  # per moved socket: seconds from SIGTERM to its new welcome
-    failed_attempts: int  # reconnects refused while HAProxy caught up
+    failed_attempts: int  # reconnects and history reads HAProxy closed while it caught up
     resent: int  # messages a sender sent again after finding they were never stored
     messages_per_room: int
     stopped_exit_code: int
     stopped_after: float  # seconds from SIGTERM to the stopped node's exit
 
 
-async def _join(
-    front: Client, member: Member, query: str = ""
-) -> tuple[Socket, dict[str, Any], int]:
-    """Join through the front, retrying while no node takes the connection."""
+# What a client meets while HAProxy has no node for its connection yet: a
+# connection closed before or during the TLS handshake (tests.harness turns
+# Tornado's "IOStream is not idle" for a connection closed before TLS began
+# into ConnectionResetError), a refused upgrade or no welcome in time.
+_FAILOVER_ERRORS = (
+    OSError,
+    ssl.SSLError,
+    WebSocketClosedError,
+    AssertionError,
+    asyncio.TimeoutError,
+)
+
+
+async def _through_front(attempt: Callable[[], Awaitable[_T]]) -> tuple[_T, int]:
+    """``attempt()`` through HAProxy, again every 50 ms for up to 60 s; the failures.
+
+    HAProxy closes a connection no node took (the stopped one refused it and
+    the retries found none), and a real client backs off and tries again: each
+    socket's reconnect and each sender's history read do.
+    """
     failures = 0
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
     while True:
         try:
-            sock, welcome = await front.join(member.room, member.token, query=query)
-            return sock, welcome, failures
-        except (OSError, ssl.SSLError, WebSocketClosedError, AssertionError, asyncio.TimeoutError):
-            # HAProxy closes a connection no node accepted; a real client backs off too.
+            return await attempt(), failures
+        except _FAILOVER_ERRORS:
             failures += 1
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+async def _join(
+    front: Client, member: Member, query: str = ""
+) -> tuple[Socket, dict[str, Any], int]:
+    """Join through the front, retrying while no node takes the connection."""
+    (sock, welcome), failures = await _through_front(
+        lambda: front.join(member.room, member.token, query=query)
+    )
+    return sock, welcome, failures
 
 
 async def chat_through_failover(
@@ -336,7 +362,7 @@ async def chat_through_failover(
 
     async def settle(member: Member, mine: set[str]) -> None:
         """Resend what a closed socket took and the stopped node never stored."""
-        nonlocal resent
+        nonlocal resent, failed_attempts
         await member.connected.wait()
         orphans = {body for body in mine if sent_on[body] is not member.sock}
         if not orphans:
@@ -344,9 +370,12 @@ async def chat_through_failover(
         # The stopped node may still be storing them; once it has exited,
         # the room's history is the truth.
         await node_gone.wait()
-        r = await front.request(
-            "GET", f"/api/rooms/{member.room}/messages?limit=500", token=member.token
+        r, failures = await _through_front(
+            lambda: front.request(
+                "GET", f"/api/rooms/{member.room}/messages?limit=500", token=member.token
+            )
         )
+        failed_attempts += failures
         assert r.status == 200, r.body
         stored = {m["body"] for m in r.json["messages"]}
         for body in sorted(orphans - stored):
@@ -531,6 +560,12 @@ async def test_node_stopped_mid_chat_loses_nobody(
             result = await chat_through_failover(
                 front, node_a, rooms=10, per_room=20, per_sender=30, interval=0.1
             )
+        except BaseException:
+            # HAProxy's log says why it closed a connection (tcplog's
+            # termination state, e.g. SC: no server took it after the retries).
+            print("HAProxy's log, without the connections that ended normally (--):")
+            print("\n".join(x for x in proxy.output().splitlines() if " -- " not in x))
+            raise
         finally:
             front.close()
         # HAProxy's checks saw the stopped node go and the other one stay.
@@ -543,3 +578,40 @@ async def test_node_stopped_mid_chat_loses_nobody(
     assert len(result.closed_after) == result.moved
     assert result.stopped_exit_code == 0
     assert node_a.process.wait_for(r"\bstopped\b", 1)
+
+
+async def test_connections_right_after_a_node_stops_reach_the_other_node(
+    two_nodes: Cluster, tmp_path: Path, ca_file: Path, client_ssl: Any
+) -> None:
+    """Right after a node has stopped, while HAProxy's checks still count it up, every
+    new connection through HAProxy reaches the node that is up: not one is closed.
+
+    leastconn ranks the stopped node first (its sockets are gone, the other
+    node's stay), so each connection is first sent there and refused;
+    ``retries 3`` with ``option redispatch 1`` must move it to the other node.
+    Without the redispatch every attempt goes to the stopped node and this fails.
+    """
+    node_a, node_b = two_nodes.nodes
+    with haproxy_in_front(tmp_path / "proxy", [node_a.port, node_b.port], ca_file) as proxy:
+        proxy.until_checks("UP", "L7OK")
+        front = Client(proxy.front, client_ssl)  # type: ignore[arg-type]
+        held: list[Socket] = []
+        try:
+            token = (await user_on(front, "stay_u"))["access_token"]
+            for _ in range(6):  # leastconn puts three on each node
+                held.append((await front.join("stay", token))[0])
+            node_a.process.send(signal.SIGTERM)
+            assert await asyncio.to_thread(node_a.process.wait, 30) == 0
+            # Two failed checks a second apart (inter 1s, fall 2) mark it down:
+            # for a second at least HAProxy still sends connections there first.
+            assert proxy.servers()["node1"]["status"].startswith("UP"), proxy.servers()
+            statuses = [(await front.request("GET", "/readyz")).status for _ in range(10)]
+            assert statuses == [200] * 10, statuses
+            redispatched = [
+                line for line in proxy.output().splitlines() if line.endswith("/+1 0/0")
+            ]
+            assert redispatched, proxy.output()  # the stopped node was tried first
+        finally:
+            for sock in held:
+                sock.close()
+            front.close()
