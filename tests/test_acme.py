@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import http.client
 import json
+import os
 import secrets
 import signal
 import socket
@@ -38,7 +40,7 @@ from tests.harness import Client, LiveServer, Socket
 from tests.netfault import fresh_pg_database
 from tests.pebble import Pebble, free_port
 from tests.test_server import REDIS_URL, ChatProcess
-from tornado_chat.acme import LETS_ENCRYPT_DIRECTORY, AcmeError, manager
+from tornado_chat.acme import LETS_ENCRYPT_DIRECTORY, AcmeError, manager, shared
 from tornado_chat.acme.manager import ca_directory
 from tornado_chat.acme.names import check_public, refusal
 from tornado_chat.acme.shared import ChallengeAnswers, RedisShare
@@ -798,6 +800,55 @@ def test_lock_is_released_only_by_its_holder() -> None:
             assert client.pttl(share.lock_key) > 0
             client.set(share.lock_key, "another-node")
         assert client.get(share.lock_key) == b"another-node"
+        share.close()
+
+
+def test_a_stuck_holder_of_the_machine_lock_fails_the_waiter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process waiting for the machine's ordering lock gives up after LOCK_WAIT with one
+    line naming the lock file; once the holder lets go, the lock is taken at once."""
+    monkeypatch.setattr(shared, "LOCK_WAIT", 1.0)
+    monkeypatch.setattr(shared, "LOCK_POLL", 0.05)
+    holder = os.open(tmp_path / shared.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: as another process's
+    started = time.monotonic()
+    with pytest.raises(AcmeError) as caught, shared.order_lock(tmp_path):
+        pytest.fail("took a lock another process holds")
+    waited = time.monotonic() - started
+    assert 1.0 <= waited < 5, waited
+    assert str(caught.value) == (
+        f"another process (lock file {tmp_path / shared.LOCK_FILE}) has held the ACME"
+        " ordering lock for over 1s; its order is stuck: restart it"
+    )
+    # A holder that lets go within the wait hands the lock over.
+    monkeypatch.setattr(shared, "LOCK_WAIT", 30.0)
+    threading.Timer(0.3, os.close, (holder,)).start()
+    started = time.monotonic()
+    with shared.order_lock(tmp_path):
+        assert 0.2 < time.monotonic() - started < 5
+
+
+@pytest.mark.redis
+def test_a_stuck_holder_of_the_cluster_lock_fails_the_waiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node waiting for a cluster lock that its holder keeps renewing (alive, stuck) gives up
+    after LOCK_WAIT with one line naming the key, and leaves the holder's lock alone."""
+    monkeypatch.setattr(shared, "LOCK_WAIT", 1.0)
+    monkeypatch.setattr(shared, "LOCK_POLL", 0.05)
+    with redis_prefix() as (broker, client):
+        share = RedisShare(broker, "https://ca.example/dir", (NAME,))
+        client.set(share.lock_key, "stuck-node", px=60_000)
+        started = time.monotonic()
+        with pytest.raises(AcmeError) as caught, share.lock():
+            pytest.fail("took a lock another node holds")
+        assert 1.0 <= time.monotonic() - started < 5
+        assert str(caught.value) == (
+            f"another node (Redis key {share.lock_key}) has held the ACME ordering lock"
+            " for over 1s; its order is stuck: restart it"
+        )
+        assert client.get(share.lock_key) == b"stuck-node"
         share.close()
 
 

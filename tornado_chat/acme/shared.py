@@ -103,12 +103,31 @@ class ChallengeAnswers:
         return None
 
 
+#: How long a process waits for another's order before giving up. An order
+#: takes ORDER_TIMEOUT plus a few NETWORK_TIMEOUT calls at worst (client.py),
+#: so a holder past this is stuck, not slow: the waiter fails with one line
+#: (at start-up, exit 2; at renewal, the usual back-off) instead of hanging.
+LOCK_WAIT = 600.0
+#: How often a process waiting for an ordering lock tries again.
+LOCK_POLL = 0.5
+
+
+def _held_too_long(where: str) -> AcmeError:
+    return AcmeError(
+        f"{where} has held the ACME ordering lock for over {LOCK_WAIT:.0f}s;"
+        " its order is stuck: restart it"
+    )
+
+
 @contextlib.contextmanager
 def order_lock(directory: Path) -> Iterator[None]:
-    """Hold the machine-wide ordering lock of ``directory`` (blocks until it is free).
+    """Hold the machine-wide ordering lock of ``directory``.
+
+    Waits while another process holds it, for at most :data:`LOCK_WAIT`.
 
     Raises:
-        AcmeError: the lock file cannot be created.
+        AcmeError: the lock file cannot be created, or another process held
+            the lock for longer than LOCK_WAIT.
     """
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -116,7 +135,16 @@ def order_lock(directory: Path) -> Iterator[None]:
     except OSError as exc:
         raise AcmeError(f"cannot create the ACME lock in {directory}: {exc.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    where = f"another process (lock file {directory / LOCK_FILE})"
+                    raise _held_too_long(where) from None
+                time.sleep(LOCK_POLL)
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -126,8 +154,6 @@ def order_lock(directory: Path) -> Iterator[None]:
 
 #: The cluster ordering lock expires this long after its holder stops renewing it.
 LOCK_TTL = 60.0
-#: How often a node waiting for the cluster lock tries again.
-LOCK_POLL = 0.5
 #: An HTTP-01 answer in Redis outlives a crashed orderer by at most this long.
 ANSWER_TTL = 600.0
 
@@ -192,17 +218,25 @@ class RedisShare:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the cluster-wide ordering lock (blocks until it is free or has expired).
+        """Hold the cluster-wide ordering lock.
+
+        Waits while another node holds it, until it is released or lapses
+        (LOCK_TTL after its holder stopped renewing it), for at most
+        :data:`LOCK_WAIT`: a holder that is alive but stuck keeps renewing.
 
         Raises:
-            AcmeError: Redis failed.
+            AcmeError: Redis failed, or another node held the lock for longer
+                than LOCK_WAIT.
         """
         token = secrets.token_hex(16)
         ttl_ms = int(LOCK_TTL * 1000)
+        deadline = time.monotonic() + LOCK_WAIT
         while not self._call(
             "taking the ACME lock",
             lambda: self._redis.set(self.lock_key, token, nx=True, px=ttl_ms),
         ):
+            if time.monotonic() >= deadline:
+                raise _held_too_long(f"another node (Redis key {self.lock_key})")
             time.sleep(LOCK_POLL)
         stop = threading.Event()
 
