@@ -71,13 +71,34 @@ class MessageWriter(Generic[OriginT]):
         Raises:
             StorageError: the message was not stored; it must not be acknowledged.
         """
+        return await self.enqueue(room, user_id, username, body, client_id, origin, reply_to)
+
+    def enqueue(
+        self,
+        room: str,
+        user_id: int,
+        username: str,
+        body: str,
+        client_id: str | None,
+        origin: OriginT | None = None,
+        reply_to: int | None = None,
+    ) -> asyncio.Future[StoredMessage]:
+        """:meth:`submit` without a coroutine: the future the stored message resolves.
+
+        The socket's path for a plain message (handlers/socket.py): no task or
+        coroutine per message. The future fails with StorageError as
+        :meth:`submit` raises it.
+
+        Raises:
+            StorageError: shutting down (nothing was queued).
+        """
         if self._closed:
             raise StorageError("server is shutting down")
         fut: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
         self._queue.append(((room, user_id, username, body, client_id, reply_to), origin, fut))
         if self._task is None:
             self._task = asyncio.ensure_future(self._drain())
-        return await fut
+        return fut
 
     async def _drain(self) -> None:
         try:

@@ -831,16 +831,29 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
 
     # -- frames -------------------------------------------------------------------
 
-    async def on_message(self, message: str | bytes) -> None:
-        """Validate, rate-limit, then carry the frame out (store and fan out, or relay)."""
+    def on_message(self, message: str | bytes) -> asyncio.Future[None] | None:
+        """Validate, rate-limit, then carry the frame out (store and fan out, or relay).
+
+        Tornado reads the socket's next frame once the returned future is done
+        (None: at once). A plain message, the frame that comes by the thousand,
+        is queued for the writer right here, with no task or coroutine of its
+        own; the other frames run as a task (:meth:`_carry_out`).
+        """
         member, session = self.member, self.session
         if member is None or session is None:
-            return
+            return None
         with bound_context(request_context(self)):
             frame = session.frame_received(message, self.services.bucket(member.user_id))
             self._pump()
             if frame is None:
-                return
+                return None
+            if type(frame) is conversation.Message and frame.reply_to is None:
+                return self._store(session, member, frame)
+            return asyncio.ensure_future(self._carry_out(session, member, frame))
+
+    async def _carry_out(self, session: Session, member: Member, frame: Any) -> None:
+        """Every frame but a plain message: a reply, an edit, a deletion, typing, a read, reauth."""
+        with bound_context(request_context(self)):
             if isinstance(frame, Reauth):
                 await self._reauth(session, member, frame.token)
             elif isinstance(frame, conversation.Message):
@@ -853,6 +866,51 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                 self._typing(member)
             else:
                 await self._read(session, member, frame)
+
+    def _store(
+        self, session: Session, member: Member, frame: conversation.Message
+    ) -> asyncio.Future[None] | None:
+        """Queue a plain message for the writer; done once it is stored or refused.
+
+        What :meth:`_message` does for a message that is no reply, without a
+        coroutine: the writer's future is followed by a callback, and the
+        future returned never fails (a StorageError becomes the ``error``
+        frame), so Tornado has nothing to log.
+        """
+        if self._muted(session, member):
+            return None
+        metrics.message_received()
+        try:
+            # The writer's batch task may start here: not under this socket's request id.
+            with bound_context(None):
+                stored = self.services.writer.enqueue(
+                    member.room,
+                    member.user_id,
+                    member.username,
+                    frame.body,
+                    frame.client_id,
+                    member,
+                )
+        except StorageError as exc:
+            self._event(session.message_not_stored, str(exc))
+            return None
+        settled: asyncio.Future[None] = stored.get_loop().create_future()
+
+        def on_stored(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled():
+                settled.cancel()
+                return
+            exc = fut.exception()
+            if isinstance(exc, StorageError):
+                with bound_context(request_context(self)):
+                    self._event(session.message_not_stored, str(exc))
+            elif exc is not None:
+                settled.set_exception(exc)  # Tornado logs it, as for any frame
+                return
+            settled.set_result(None)
+
+        stored.add_done_callback(on_stored)
+        return settled
 
     def _muted(self, session: Session, member: Member) -> bool:
         """Whether the user is muted here now (an ``error`` frame ``muted`` is queued then)."""
