@@ -104,7 +104,7 @@ async def send(
     writer: MessageWriter[object], events: list[str], body: str, room: str = "lobby"
 ) -> StoredMessage:
     """Submit one message and log when the submitter resumes."""
-    msg = await writer.submit(room, 1, "alice", body, f"cid-{body}", origin=f"origin-{body}")
+    msg = await writer.enqueue(room, 1, "alice", body, f"cid-{body}", origin=f"origin-{body}")
     events.append(f"resumed {body}")
     return msg
 
@@ -161,7 +161,7 @@ async def test_max_batch_splits_in_order(storage: MemoryStorage, recorder: Recor
     """A turn with more than max_batch messages becomes several commits, order kept."""
     writer: MessageWriter[object] = MessageWriter(storage, recorder, max_batch=4)  # type: ignore[arg-type]
     results = await asyncio.gather(
-        *(writer.submit("lobby", 1, "alice", f"m{i}", None) for i in range(10))
+        *(writer.enqueue("lobby", 1, "alice", f"m{i}", None) for i in range(10))
     )
     assert [len(b) for b in storage.batches] == [4, 4, 2]
     assert [m.seq for m in results] == list(range(1, 11))
@@ -194,14 +194,14 @@ async def test_unexpected_storage_exception_becomes_storage_error(
     storage.fail_next = RuntimeError("driver exploded")
     with caplog.at_level(logging.ERROR, logger="tornado_chat.writer"):
         results = await asyncio.gather(
-            writer.submit("lobby", 1, "alice", "x", None),
-            writer.submit("lobby", 1, "alice", "y", None),
+            writer.enqueue("lobby", 1, "alice", "x", None),
+            writer.enqueue("lobby", 1, "alice", "y", None),
             return_exceptions=True,
         )
     assert all(isinstance(r, StorageError) for r in results)
     assert "driver exploded" in str(results[0])
     assert any("storing 2 messages failed" in r.getMessage() for r in caplog.records)
-    assert (await writer.submit("lobby", 1, "alice", "z", None)).seq == 1
+    assert (await writer.enqueue("lobby", 1, "alice", "z", None)).seq == 1
 
 
 async def test_failure_affects_only_its_batch(
@@ -210,9 +210,9 @@ async def test_failure_affects_only_its_batch(
     """Messages queued behind a failing commit are still stored by the next one."""
     storage.gate.clear()
     storage.fail_next = StorageError("disk full")
-    first = asyncio.ensure_future(writer.submit("lobby", 1, "alice", "doomed", None))
+    first = asyncio.ensure_future(writer.enqueue("lobby", 1, "alice", "doomed", None))
     await asyncio.wait_for(storage.entered.wait(), 1)
-    second = asyncio.ensure_future(writer.submit("lobby", 1, "alice", "fine", None))
+    second = asyncio.ensure_future(writer.enqueue("lobby", 1, "alice", "fine", None))
     await asyncio.sleep(0)
     storage.gate.set()
     with pytest.raises(StorageError, match="disk full"):
@@ -230,7 +230,7 @@ async def test_on_stored_failure_still_acknowledges(
 
     writer: MessageWriter[object] = MessageWriter(storage, broken)  # type: ignore[arg-type]
     with caplog.at_level(logging.ERROR, logger="tornado_chat.writer"):
-        msg = await writer.submit("lobby", 1, "alice", "x", None)
+        msg = await writer.enqueue("lobby", 1, "alice", "x", None)
     assert msg.seq == 1
     assert any("fan-out of stored messages failed" in r.getMessage() for r in caplog.records)
 
@@ -240,8 +240,8 @@ async def test_cancelled_submitter_does_not_break_the_batch(
 ) -> None:
     """A submitter that goes away (socket closed) mid-commit leaves the others unharmed."""
     storage.gate.clear()
-    gone = asyncio.ensure_future(writer.submit("lobby", 1, "alice", "gone", None))
-    stays = asyncio.ensure_future(writer.submit("lobby", 1, "alice", "stays", None))
+    gone = asyncio.ensure_future(writer.enqueue("lobby", 1, "alice", "gone", None))
+    stays = asyncio.ensure_future(writer.enqueue("lobby", 1, "alice", "stays", None))
     await asyncio.wait_for(storage.entered.wait(), 1)
     gone.cancel()
     storage.gate.set()
@@ -256,16 +256,16 @@ async def test_close_waits_for_pending_and_refuses_new(
 ) -> None:
     """close() waits until queued messages are stored, then refuses new submits."""
     storage.gate.clear()
-    first = asyncio.ensure_future(writer.submit("lobby", 1, "alice", "one", None))
+    first = asyncio.ensure_future(writer.enqueue("lobby", 1, "alice", "one", None))
     await asyncio.wait_for(storage.entered.wait(), 1)
-    queued = asyncio.ensure_future(writer.submit("lobby", 1, "alice", "two", None))
+    queued = asyncio.ensure_future(writer.enqueue("lobby", 1, "alice", "two", None))
     await asyncio.sleep(0)
     closing = asyncio.ensure_future(writer.close())
     for _ in range(5):
         await asyncio.sleep(0)
     assert not closing.done(), "close() must wait for the commit in flight"
     with pytest.raises(StorageError, match="shutting down"):
-        await writer.submit("lobby", 1, "alice", "late", None)
+        await writer.enqueue("lobby", 1, "alice", "late", None)
     storage.gate.set()
     await asyncio.wait_for(closing, 1)
     assert first.done()
@@ -278,16 +278,16 @@ async def test_close_when_idle(writer: MessageWriter[object], storage: MemorySto
     """close() on an idle writer returns at once, and later submits are refused untouched."""
     await asyncio.wait_for(writer.close(), 1)
     with pytest.raises(StorageError):
-        await writer.submit("lobby", 1, "alice", "x", None)
+        await writer.enqueue("lobby", 1, "alice", "x", None)
     assert storage.batches == []
 
 
 async def test_rooms_share_a_batch(writer: MessageWriter[object], storage: MemoryStorage) -> None:
     """Messages to different rooms in one turn share one commit; seq is per room."""
     results = await asyncio.gather(
-        writer.submit("lobby", 1, "alice", "a", None),
-        writer.submit("other", 2, "bob", "b", None),
-        writer.submit("lobby", 2, "bob", "c", None),
+        writer.enqueue("lobby", 1, "alice", "a", None),
+        writer.enqueue("other", 2, "bob", "b", None),
+        writer.enqueue("lobby", 2, "bob", "c", None),
     )
     assert len(storage.batches) == 1
     assert [(m.room, m.seq) for m in results] == [("lobby", 1), ("other", 1), ("lobby", 2)]
@@ -322,7 +322,7 @@ async def test_abandon_fails_pending_submits_and_acknowledges_nothing(
         "the queued messages are never sent to the database"
     )
     with pytest.raises(StorageError, match="shutting down"):
-        await writer.submit("lobby", 1, "alice", "late", None)
+        await writer.enqueue("lobby", 1, "alice", "late", None)
     assert len(storage.batches) == 1
     assert writer.abandon() == 0
 
@@ -331,10 +331,10 @@ async def test_abandon_when_idle_refuses_new_messages(
     writer: MessageWriter[object], storage: MemoryStorage
 ) -> None:
     """abandon() on an idle writer reports 0 pending and refuses later submits untouched."""
-    assert (await writer.submit("lobby", 1, "alice", "before", None)).seq == 1
+    assert (await writer.enqueue("lobby", 1, "alice", "before", None)).seq == 1
     assert writer.abandon() == 0
     with pytest.raises(StorageError, match="shutting down"):
-        await writer.submit("lobby", 1, "alice", "after", None)
+        await writer.enqueue("lobby", 1, "alice", "after", None)
     assert [[item[3] for item in b] for b in storage.batches] == [["before"]]
     await asyncio.wait_for(writer.close(), 1)
 
@@ -348,10 +348,10 @@ async def test_reply_to_reaches_the_real_storage(tmp_path: Path) -> None:
     )
     try:
         uid = (await storage.create_user("alice", b"$2b$04$hash")).id
-        first = await writer.submit("lobby", uid, "alice", "question", None)
+        first = await writer.enqueue("lobby", uid, "alice", "question", None)
         reply, plain = await asyncio.gather(
-            writer.submit("lobby", uid, "alice", "answer", "c1", reply_to=first.id),
-            writer.submit("lobby", uid, "alice", "aside", None),
+            writer.enqueue("lobby", uid, "alice", "answer", "c1", reply_to=first.id),
+            writer.enqueue("lobby", uid, "alice", "aside", None),
         )
         assert (reply.reply_to, reply.client_id, plain.reply_to) == (first.id, "c1", None)
         assert [m.reply_to for m in await storage.messages("lobby")] == [None, first.id, None]

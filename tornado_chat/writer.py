@@ -53,26 +53,6 @@ class MessageWriter(Generic[OriginT]):
         """Messages submitted and not yet stored (or failed): queued plus in flight."""
         return len(self._queue) + len(self._inflight)
 
-    async def submit(
-        self,
-        room: str,
-        user_id: int,
-        username: str,
-        body: str,
-        client_id: str | None,
-        origin: OriginT | None = None,
-        reply_to: int | None = None,
-    ) -> StoredMessage:
-        """Store one message (with others in the same turn) and return it.
-
-        ``reply_to``: the id of the message of ``room`` it answers (checked
-        by the caller with ``Storage.get_message``; see ``Storage.append_message``).
-
-        Raises:
-            StorageError: the message was not stored; it must not be acknowledged.
-        """
-        return await self.enqueue(room, user_id, username, body, client_id, origin, reply_to)
-
     def enqueue(
         self,
         room: str,
@@ -83,11 +63,16 @@ class MessageWriter(Generic[OriginT]):
         origin: OriginT | None = None,
         reply_to: int | None = None,
     ) -> asyncio.Future[StoredMessage]:
-        """:meth:`submit` without a coroutine: the future the stored message resolves.
+        """Queue one message to be stored with the others of the same turn.
 
-        The socket's path for a plain message (handlers/socket.py): no task or
-        coroutine per message. The future fails with StorageError as
-        :meth:`submit` raises it.
+        Not a coroutine: the socket's path for a message (handlers/socket.py)
+        costs no task or coroutine per message. ``reply_to``: the id of the
+        message of ``room`` it answers (checked by the caller with
+        ``Storage.get_message``; see ``Storage.append_message``).
+
+        Returns:
+            The future of the stored message; it fails with StorageError when
+            the message was not stored, which must then not be acknowledged.
 
         Raises:
             StorageError: shutting down (nothing was queued).

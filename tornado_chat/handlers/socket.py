@@ -870,18 +870,24 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
     def _store(
         self, session: Session, member: Member, frame: conversation.Message
     ) -> asyncio.Future[None] | None:
-        """Queue a plain message for the writer; done once it is stored or refused.
-
-        What :meth:`_message` does for a message that is no reply, without a
-        coroutine: the writer's future is followed by a callback, and the
-        future returned never fails (a StorageError becomes the ``error``
-        frame), so Tornado has nothing to log.
-        """
+        """A plain message: queued for the writer unless the user is muted."""
         if self._muted(session, member):
             return None
+        return self._queue(session, member, frame)
+
+    def _queue(
+        self, session: Session, member: Member, frame: conversation.Message
+    ) -> asyncio.Future[None] | None:
+        """Queue a message for the writer; the future is done once it is stored or refused.
+
+        No coroutine: the writer's future is followed by a callback, and the
+        future returned never fails (a StorageError becomes the ``error``
+        frame), so Tornado has nothing to log. None: refused at once.
+        """
         metrics.message_received()
         try:
-            # The writer's batch task may start here: not under this socket's request id.
+            # The writer's batch task may start here, and then stores (and fans
+            # out) every socket's messages: not under this socket's request id.
             with bound_context(None):
                 stored = self.services.writer.enqueue(
                     member.room,
@@ -890,6 +896,7 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
                     frame.body,
                     frame.client_id,
                     member,
+                    frame.reply_to,
                 )
         except StorageError as exc:
             self._event(session.message_not_stored, str(exc))
@@ -926,36 +933,25 @@ class ChatSocketHandler(tornado.websocket.WebSocketHandler):
         return False
 
     async def _message(self, session: Session, member: Member, frame: conversation.Message) -> None:
+        """A reply: its target is read first; then stored as :meth:`_store` stores any message."""
         if self._muted(session, member):
             return
-        try:
-            if frame.reply_to is not None:
-                # One read, replies only: the writer's batch stores a reply to
-                # another room's message as no reply, so refuse it here.
+        if frame.reply_to is not None:
+            # One read, replies only: the writer's batch stores a reply to
+            # another room's message as no reply, so refuse it here.
+            try:
                 target = await self.services.storage.get_message(member.room, frame.reply_to)
-                if target is None:
-                    self._event(
-                        session.frame_refused,
-                        "bad_reply_to",
-                        "reply_to is not a message of this room",
-                    )
-                    return
-            # The writer's batch task may start here, and then stores (and
-            # fans out) every socket's messages: it must not inherit this
-            # socket's request id.
-            metrics.message_received()
-            with bound_context(None):
-                await self.services.writer.submit(
-                    member.room,
-                    member.user_id,
-                    member.username,
-                    frame.body,
-                    frame.client_id,
-                    member,
-                    reply_to=frame.reply_to,
+            except StorageError as exc:
+                self._event(session.message_not_stored, str(exc))
+                return
+            if target is None:
+                self._event(
+                    session.frame_refused, "bad_reply_to", "reply_to is not a message of this room"
                 )
-        except StorageError as exc:
-            self._event(session.message_not_stored, str(exc))
+                return
+        settled = self._queue(session, member, frame)
+        if settled is not None:
+            await settled
 
     async def _edit(self, session: Session, member: Member, frame: conversation.Edit) -> None:
         """The author replaces a body: the room's next event, delivered like a message."""
