@@ -205,6 +205,21 @@ def write_cpu(server: ssl.SSLContext, ca: Path, n: int, batch: int) -> float:
         ls.close()
 
 
+def read_forever(socks: list[ssl.SSLSocket]) -> None:
+    """Read and drop whatever arrives on any of ``socks``, as a load generator's clients do."""
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            assert isinstance(sock, ssl.SSLSocket)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                while sock.recv(65536):
+                    pass
+
+
 def fanout_write_cpu(server: ssl.SSLContext, ca: Path, n: int, rounds: int) -> float:
     """Server CPU seconds per write: one 120-byte write to each of ``n`` sockets in turn.
 
@@ -217,20 +232,14 @@ def fanout_write_cpu(server: ssl.SSLContext, ca: Path, n: int, rounds: int) -> f
 
     def readers() -> None:
         ctx = client_context(ca, tls12=False)
-        sel = selectors.DefaultSelector()
-        for _ in range(n):
-            s = ctx.wrap_socket(
-                socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
-            )
-            s.setblocking(False)
-            sel.register(s, selectors.EVENT_READ)
-        while True:
-            for key, _ in sel.select():
-                sock = key.fileobj
-                assert isinstance(sock, ssl.SSLSocket)
-                with contextlib.suppress(ssl.SSLWantReadError):
-                    while sock.recv(65536):
-                        pass
+        read_forever(
+            [
+                ctx.wrap_socket(
+                    socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
+                )
+                for _ in range(n)
+            ]
+        )
 
     pid = fork_client(readers)
     socks: list[ssl.SSLSocket] = []

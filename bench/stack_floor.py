@@ -10,9 +10,11 @@ chat code at all:
   ``open()`` writes a 40-byte welcome, served by ``HTTPServer(ssl_options=...)``
   with the server context tornado_chat uses. Memory per idle socket (RSS growth
   over ``--sockets`` sockets held open, after a warm-up), server CPU per
-  set-up (TLS handshake, HTTP upgrade, welcome; sequential), and server CPU
+  set-up (TLS handshake, HTTP upgrade, welcome; 16 at a time, as ``bench/run.py``), and server CPU
   per fan-out write (``write_message`` of 120 bytes to each socket in turn,
   ``--fanout-rounds`` rounds; the public API, one write and one future each).
+- the TLS floors of ``bench/floor.py`` (idle TLS 1.3 socket, handshake,
+  fan-out write, batched write), measured in the same run;
 - **storing one message**: the fewest statements that give a message its
   per-room sequence number and store it, on a SQLite file migrated by the
   package (so with migration 0004's full-text trigger), under the server's
@@ -36,7 +38,6 @@ import json
 import os
 import platform
 import random
-import selectors
 import socket
 import sqlite3
 import ssl
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,7 @@ from tornado_chat.tls import make_server_context
 
 WELCOME = b'{"type":"welcome","v":2,"room":"bench"}'
 MESSAGE = b"x" * 120
+SETUP_CONCURRENCY = 16
 
 
 def _upgrade_request(port: int) -> bytes:
@@ -104,20 +107,10 @@ def tornado_figures(server_ctx: ssl.SSLContext, ca: Path, n: int, rounds: int) -
         ctx = floor.client_context(ca, tls12=False)
         held = [_open_wss(ctx, port) for _ in range(floor.WARM)]
         os.read(go_read, 1)  # the server has taken its baseline
-        held += [_open_wss(ctx, port) for _ in range(n)]
-        sel = selectors.DefaultSelector()
-        for s in held:
-            s.setblocking(False)
-            sel.register(s, selectors.EVENT_READ)
-        while True:
-            for key, _ in sel.select():
-                sock = key.fileobj
-                assert isinstance(sock, ssl.SSLSocket)
-                try:
-                    while sock.recv(65536):
-                        pass
-                except ssl.SSLWantReadError:
-                    pass
+        # 16 at a time, as bench/run.py sets up tornado_chat's sockets.
+        with ThreadPoolExecutor(SETUP_CONCURRENCY) as pool:
+            held += list(pool.map(lambda _: _open_wss(ctx, port), range(n)))
+        floor.read_forever(held)
 
     pid = floor.fork_client(clients)
     os.close(go_read)
@@ -243,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sockets", type=int, default=3000)
     parser.add_argument("--handshakes", type=int, default=1000)
     parser.add_argument("--fanout-rounds", type=int, default=10)
+    parser.add_argument("--writes", type=int, default=100_000, help="for the batched write floor")
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args(argv)
@@ -263,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             floor.isolated(floor.idle_memory, ctx, ca, args.sockets, "tls13") / 1024
         )
         out["handshake_us"] = 1e6 * floor.isolated(floor.handshake_cpu, ctx, ca, args.handshakes)
+        out["write_us_batch8"] = 1e6 * floor.isolated(floor.write_cpu, ctx, ca, args.writes, 8)
         out["write_us_fanout"] = 1e6 * floor.isolated(
             floor.fanout_write_cpu, ctx, ca, args.sockets, args.fanout_rounds
         )
@@ -337,6 +332,14 @@ def report(out: dict[str, Any]) -> None:
         f"... over 50 recipients, 1 per commit {per_delivery:7.2f} us per delivery"
         f" = {per_delivery / fan:.2f} of the fan-out floor"
         " (the target leaves 0.10 for all per-message work)"
+    )
+    batched = out["write_us_batch8"]
+    at_saturation = out["store_us_per10_fts"] / 50
+    print(f"batched write, 8 to a write (floor)  {batched:7.2f} us per message")
+    print(
+        f"... store at 10 per commit over 50   {at_saturation:7.2f} us per delivery"
+        f" = {at_saturation / batched:.2f} of the batched floor"
+        " (the target leaves 0.50 for all per-message work)"
     )
 
 
