@@ -314,6 +314,20 @@ class StormClient(asyncio.Protocol):
             self.transport.close()
 
 
+#: Loopback source addresses a storm's clients are spread over, as clients
+#: reconnecting after a restart come from many addresses; one address holds at
+#: most --max-tls-handshakes-per-address of the server's handshake slots.
+STORM_SOURCES = 1000
+
+
+def source_address(target: wsload.Target, i: int) -> tuple[str, int] | None:
+    """Client ``i``'s source address (``127.1.x.y``) on a loopback target; None elsewhere."""
+    if target.host != "127.0.0.1":
+        return None
+    k = (os.getpid() * 7919 + i) % STORM_SOURCES
+    return (f"127.1.{k // 250}.{k % 250 + 1}", 0)
+
+
 async def storm_clients(
     target: wsload.Target,
     specs: list[tuple[str, str]],
@@ -344,7 +358,9 @@ async def storm_clients(
         c = StormClient(ctx, target, room, token, timeout, session, done)
         clients.append(c)
         try:
-            await loop.create_connection(lambda: c, target.host, target.port)
+            await loop.create_connection(
+                lambda: c, target.host, target.port, local_addr=source_address(target, i)
+            )
         except OSError as exc:
             c._finish("dropped", f"connect: {exc!r}")
 

@@ -130,6 +130,86 @@ async def test_zero_means_no_bound(unbounded: LiveServer, client_ssl: ssl.SSLCon
     wait_for(lambda: bound.in_flight == 0, "every handshake counted as ended")
 
 
+def silent_from(live: LiveServer, source: str, count: int) -> list[socket.socket]:
+    """Silent TCP connections (no ClientHello) from the loopback address ``source``."""
+    return [
+        socket.create_connection(("127.0.0.1", live.port), source_address=(source, 0))
+        for _ in range(count)
+    ]
+
+
+def still_open(sock: socket.socket) -> bool:
+    """Whether the server has not closed ``sock`` (nothing to read, no EOF)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+@pytest.fixture
+def shared(server_cert: ServerCertificate, tmp_path: Path) -> Iterator[LiveServer]:
+    """3 handshake slots, at most 2 per address, and a 10 s handshake timeout."""
+    yield from serve(
+        server_cert,
+        tmp_path,
+        max_tls_handshakes=3,
+        max_tls_handshakes_per_address=2,
+        handshake_timeout=10.0,
+    )
+
+
+async def test_one_address_cannot_fill_the_bound(
+    shared: LiveServer, client_ssl: ssl.SSLContext
+) -> None:
+    """Silent clients from one address hold 2 of the 3 slots, so others are still accepted."""
+    bound = bound_of(shared)
+    silent = silent_from(shared, "127.0.0.2", 6)
+    try:
+        wait_for(
+            lambda: bound.in_flight == 2 and bound.unslotted == 4,
+            "two slotted and four unslotted handshakes from 127.0.0.2",
+        )
+        assert not bound.paused
+        await tls_client(shared, client_ssl, timeout=5)
+        # The verified client got in while every silent connection was still
+        # waiting for its ClientHello: it did not wait for their 10 s timeout.
+        assert all(still_open(sock) for sock in silent)
+        # Its own slot was the third: accepting paused for its handshake only.
+        wait_for(lambda: bound.in_flight == 2 and not bound.paused, "the client's slot freed")
+    finally:
+        for sock in silent:
+            sock.close()
+    wait_for(lambda: bound.in_flight == 0 and bound.unslotted == 0, "every handshake ended")
+    assert bound._slots == {}  # no address is remembered once its handshakes end
+
+
+async def test_several_addresses_still_fill_the_bound(
+    shared: LiveServer, client_ssl: ssl.SSLContext
+) -> None:
+    """Two addresses within their shares reach the bound together and accepting pauses."""
+    bound = bound_of(shared)
+    silent = silent_from(shared, "127.0.0.2", 2) + silent_from(shared, "127.0.0.3", 1)
+    late: asyncio.Task[float] | None = None
+    try:
+        wait_for(lambda: bound.in_flight == 3 and bound.paused, "three slots held, paused")
+        assert bound.unslotted == 0
+        late = asyncio.ensure_future(tls_client(shared, client_ssl, timeout=15))
+        await asyncio.sleep(0.5)
+        assert not late.done()  # waiting in the listen backlog
+        for sock in silent:
+            sock.close()
+        await late
+    finally:
+        for sock in silent:
+            sock.close()
+        if late is not None and not late.done():
+            late.cancel()
+    wait_for(lambda: bound.in_flight == 0 and not bound.paused, "every handshake ended")
+
+
 def test_the_listen_backlog_holds_a_storm(bounded: LiveServer) -> None:
     """The listening socket is created with a backlog of 4096 (the kernel caps it at somaxconn)."""
     assert LISTEN_BACKLOG == 4096
@@ -141,20 +221,36 @@ def test_the_listen_backlog_holds_a_storm(bounded: LiveServer) -> None:
     assert int(out[2]) == min(LISTEN_BACKLOG, somaxconn)
 
 
-def test_the_flag_and_variable_are_parsed_and_bad_values_refused_in_one_line() -> None:
-    """Default 128; flag and CHAT_MAX_TLS_HANDSHAKES; 0 allowed; bad values are one line."""
-    assert parse_settings([], {}).max_tls_handshakes == 128
-    assert parse_settings(["--max-tls-handshakes", "5"], {}).max_tls_handshakes == 5
-    assert parse_settings([], {"CHAT_MAX_TLS_HANDSHAKES": "0"}).max_tls_handshakes == 0
-    flag_wins = parse_settings(["--max-tls-handshakes", "7"], {"CHAT_MAX_TLS_HANDSHAKES": "9"})
-    assert flag_wins.max_tls_handshakes == 7
-    for bad in ("-1", "many", "1.5", "2000000"):
+@pytest.mark.parametrize(
+    ("flag", "variable", "default", "bad_values"),
+    [
+        ("--max-tls-handshakes", "CHAT_MAX_TLS_HANDSHAKES", 128, ("-1", "many", "1.5", "2000000")),
+        (
+            "--max-tls-handshakes-per-address",
+            "CHAT_MAX_TLS_HANDSHAKES_PER_ADDRESS",
+            16,
+            ("0", "-1", "many", "1.5", "2000000"),
+        ),
+    ],
+)
+def test_the_flag_and_variable_are_parsed_and_bad_values_refused_in_one_line(
+    flag: str, variable: str, default: int, bad_values: tuple[str, ...]
+) -> None:
+    """The default; the flag and its CHAT_ variable (the flag wins); bad values are one line."""
+    field = flag.removeprefix("--").replace("-", "_")
+    assert getattr(parse_settings([], {}), field) == default
+    assert getattr(parse_settings([flag, "5"], {}), field) == 5
+    assert getattr(parse_settings([], {variable: "1"}), field) == 1
+    assert getattr(parse_settings([flag, "7"], {variable: "9"}), field) == 7
+    if "0" not in bad_values:
+        assert getattr(parse_settings([flag, "0"], {}), field) == 0
+    for bad in bad_values:
         with pytest.raises(ConfigError) as flag_error:
-            parse_settings(["--max-tls-handshakes", bad], {})
-        assert "--max-tls-handshakes" in str(flag_error.value)
+            parse_settings([flag, bad], {})
+        assert flag in str(flag_error.value)
         with pytest.raises(ConfigError) as env_error:
-            parse_settings([], {"CHAT_MAX_TLS_HANDSHAKES": bad})
-        assert "CHAT_MAX_TLS_HANDSHAKES" in str(env_error.value)
+            parse_settings([], {variable: bad})
+        assert variable in str(env_error.value)
         for error in (flag_error, env_error):
             assert "\n" not in str(error.value)
 

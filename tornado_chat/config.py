@@ -98,6 +98,9 @@ class Settings:
     handshake_timeout: float = 10.0
     # TLS handshakes in flight per process before accepting pauses; 0 is no bound.
     max_tls_handshakes: int = 128
+    # Of those slots, how many one address group may hold (the rest of its
+    # handshakes go ahead without one); see server/listeners.HandshakeBound.
+    max_tls_handshakes_per_address: int = 16
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     outbox_bytes: int = 1024 * 1024
@@ -708,6 +711,15 @@ _OPTIONS: tuple[_Option, ...] = (
         _int_in(0, 1_000_000),
         "TLS handshakes in flight per process; while this many are, new connections wait "
         "in the listen backlog instead of being accepted (0: no bound)",
+        "N",
+        "limits",
+    ),
+    _Option(
+        "--max-tls-handshakes-per-address",
+        "max_tls_handshakes_per_address",
+        _int_in(1, 1_000_000),
+        "how many of the --max-tls-handshakes slots one client address (IPv6: prefix) may "
+        "hold; its further handshakes go ahead without one, so it cannot fill the bound",
         "N",
         "limits",
     ),

@@ -84,16 +84,25 @@ class TLSHTTPServer(compat.QuietAcceptReset, tornado.httpserver.HTTPServer):
     :class:`~tornado_chat.server.listeners.HandshakeBound`).
     """
 
-    def initialize(self, *args: Any, max_tls_handshakes: int = 0, **kwargs: Any) -> None:
-        """HTTPServer's arguments, plus the bound on TLS handshakes in flight."""
+    def initialize(
+        self,
+        *args: Any,
+        max_tls_handshakes: int = 0,
+        max_tls_handshakes_per_address: int = 0,
+        ipv6_prefix: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        """HTTPServer's arguments, plus the bound on TLS handshakes in flight and its shares."""
         super().initialize(*args, **kwargs)
-        self.handshakes = HandshakeBound(self, max_tls_handshakes)
+        self.handshakes = HandshakeBound(
+            self, max_tls_handshakes, max_tls_handshakes_per_address, ipv6_prefix
+        )
         # Found once, not per connection (it walks the logger's filters).
         self._handshake_log = install_handshake_log_filter()
 
     def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
         """Count the handshake, remember the client's address by descriptor, then serve."""
-        self.handshakes.started(stream)
+        self.handshakes.started(stream, address)
         self._handshake_log.remember_peer(stream.socket.fileno(), address)
         super().handle_stream(stream, address)
 
@@ -336,6 +345,8 @@ class ChatServer:
             body_timeout=BODY_TIMEOUT,
             decompress_request=False,
             max_tls_handshakes=settings.max_tls_handshakes,
+            max_tls_handshakes_per_address=settings.max_tls_handshakes_per_address,
+            ipv6_prefix=settings.ipv6_prefix,
         )
         # Who may register follows from where the server can be reached.
         mode, why = registration_mode(

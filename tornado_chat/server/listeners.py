@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import tornado.netutil
 import tornado.tcpserver
 
 from tornado_chat import compat, metrics
+from tornado_chat.addresses import address_group
 from tornado_chat.errors import ConfigError
 from tornado_chat.pki.names import url_host
 
@@ -116,12 +118,33 @@ class HandshakeBound:
     instead of all handshakes sharing the CPU and most missing their clients'
     deadlines. Pausing needs Tornado internals (``compat.PACED_ACCEPT``); on an
     untested Tornado handshakes are only counted, not bounded.
+
+    One address group (:func:`~tornado_chat.addresses.address_group`) holds at
+    most ``per_address`` of the ``limit`` slots
+    (``--max-tls-handshakes-per-address``). Its further handshakes go ahead
+    without a slot, as if there were no bound. So a client that opens many
+    connections and never finishes their handshakes cannot fill the bound and
+    stop the server accepting everyone else. A storm from many addresses is
+    still paced, and one from a single address (a large NAT) is served as it
+    would be without the bound.
     """
 
-    def __init__(self, server: tornado.tcpserver.TCPServer, limit: int) -> None:
+    def __init__(
+        self,
+        server: tornado.tcpserver.TCPServer,
+        limit: int,
+        per_address: int = 0,
+        ipv6_prefix: int = 64,
+    ) -> None:
         self.server = server
         self.limit = limit if compat.PACED_ACCEPT else 0
+        self.per_address = per_address
+        self.ipv6_prefix = ipv6_prefix
+        # Handshakes in flight holding a slot (the bound counts these), and
+        # those beyond their address's share, which hold none.
         self.in_flight = 0
+        self.unslotted = 0
+        self._slots: dict[str, int] = {}
         # The most in flight at once, and how often accepting paused (tests, bench/scale.py).
         self.peak = 0
         self.pauses = 0
@@ -134,25 +157,59 @@ class HandshakeBound:
                 compat.TORNADO_VERSION,
             )
 
-    def started(self, stream: tornado.iostream.IOStream) -> None:
-        """A connection was accepted (call from ``handle_stream``, before anything else)."""
+    def started(self, stream: tornado.iostream.IOStream, address: object = None) -> None:
+        """A connection was accepted (call from ``handle_stream``, before anything else).
+
+        Args:
+            stream: the accepted connection's stream.
+            address: the peer address as the server got it (``(ip, port, ...)``).
+        """
         if not isinstance(stream, tornado.iostream.SSLIOStream):
             return
+        metrics.tls_handshakes_in_flight(1)
+        group = self._group(address) if self.limit and self.per_address else None
+        if group is not None:
+            held = self._slots.get(group, 0)
+            if held >= self.per_address:
+                self.unslotted += 1
+                stream.wait_for_handshake().add_done_callback(self._finished_unslotted)
+                return
+            self._slots[group] = held + 1
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
-        metrics.tls_handshakes_in_flight(1)
-        stream.wait_for_handshake().add_done_callback(self._finished)
+        stream.wait_for_handshake().add_done_callback(functools.partial(self._finished, group))
         if self.limit and not self.paused and self.in_flight >= self.limit:
             self.paused = True
             self.pauses += 1
             compat.pause_accepting(self.server)
 
-    def _finished(self, future: asyncio.Future[tornado.iostream.SSLIOStream]) -> None:
-        # A failed or closed handshake ends the same way; Tornado logs failures.
-        if not future.cancelled():
-            future.exception()
+    def _group(self, address: object) -> str:
+        host = address[0] if isinstance(address, tuple) and address else address
+        return address_group(str(host), self.ipv6_prefix)
+
+    def _finished_unslotted(self, future: asyncio.Future[tornado.iostream.SSLIOStream]) -> None:
+        _retrieve(future)
+        self.unslotted -= 1
+        metrics.tls_handshakes_in_flight(-1)
+
+    def _finished(
+        self, group: str | None, future: asyncio.Future[tornado.iostream.SSLIOStream]
+    ) -> None:
+        _retrieve(future)
+        if group is not None:
+            left = self._slots[group] - 1
+            if left:
+                self._slots[group] = left
+            else:
+                del self._slots[group]  # memory follows the addresses handshaking now
         self.in_flight -= 1
         metrics.tls_handshakes_in_flight(-1)
         if self.paused and self.in_flight < self.limit:
             self.paused = False
             compat.resume_accepting(self.server)
+
+
+def _retrieve(future: asyncio.Future[tornado.iostream.SSLIOStream]) -> None:
+    # A failed or closed handshake ends the same way; Tornado logs failures.
+    if not future.cancelled():
+        future.exception()
