@@ -183,7 +183,47 @@ async def test_one_address_cannot_fill_the_bound(
         for sock in silent:
             sock.close()
     wait_for(lambda: bound.in_flight == 0 and bound.unslotted == 0, "every handshake ended")
-    assert bound._slots == {}  # no address is remembered once its handshakes end
+    assert bound._slots == {} and bound._unslotted == {}  # no address is remembered
+
+
+@pytest.fixture
+def allowance(server_cert: ServerCertificate, tmp_path: Path) -> Iterator[LiveServer]:
+    """3 handshake slots, 1 per address, and 2 more handshakes per address without a slot."""
+    yield from serve(
+        server_cert,
+        tmp_path,
+        max_tls_handshakes=3,
+        max_tls_handshakes_per_address=1,
+        max_pending_per_address=2,
+        handshake_timeout=10.0,
+    )
+
+
+async def test_one_address_past_its_allowance_is_closed_at_once(
+    allowance: LiveServer, client_ssl: ssl.SSLContext
+) -> None:
+    """1 slotted and 2 unslotted silent handshakes are kept; the next 3 are closed at once."""
+    bound = bound_of(allowance)
+    kept = silent_from(allowance, "127.0.0.2", 3)
+    try:
+        wait_for(lambda: bound.in_flight == 1 and bound.unslotted == 2, "one slot, two beyond")
+        extra = silent_from(allowance, "127.0.0.2", 3)
+        try:
+            for sock in extra:
+                sock.settimeout(5)  # well before the 10 s handshake timeout
+                assert sock.recv(1) == b""  # closed by the server
+        finally:
+            for sock in extra:
+                sock.close()
+        assert bound.refused == 3
+        assert all(still_open(sock) for sock in kept)
+        # Another address is not affected.
+        await tls_client(allowance, client_ssl, timeout=5)
+    finally:
+        for sock in kept:
+            sock.close()
+    wait_for(lambda: bound.in_flight == 0 and bound.unslotted == 0, "every handshake ended")
+    assert bound._slots == {} and bound._unslotted == {}
 
 
 async def test_several_addresses_still_fill_the_bound(

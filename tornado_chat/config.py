@@ -667,7 +667,8 @@ _OPTIONS: tuple[_Option, ...] = (
         "max_pending_per_address",
         _int_in(1, 10_000_000),
         "WebSocket handshakes per client address and process that have sent their "
-        "upgrade request and are not authenticated yet",
+        "upgrade request and are not authenticated yet; also the TLS handshakes one "
+        "address may have in flight beyond its --max-tls-handshakes-per-address share",
         "N",
         "limits",
     ),
@@ -719,7 +720,8 @@ _OPTIONS: tuple[_Option, ...] = (
         "max_tls_handshakes_per_address",
         _int_in(1, 1_000_000),
         "how many of the --max-tls-handshakes slots one client address (IPv6: prefix) may "
-        "hold; its further handshakes go ahead without one, so it cannot fill the bound",
+        "hold; its further handshakes go ahead without one (up to --max-pending-per-address "
+        "more), so below the bound one address cannot fill it",
         "N",
         "limits",
     ),

@@ -90,19 +90,25 @@ class TLSHTTPServer(compat.QuietAcceptReset, tornado.httpserver.HTTPServer):
         max_tls_handshakes: int = 0,
         max_tls_handshakes_per_address: int = 0,
         ipv6_prefix: int = 64,
+        max_pending_per_address: int = 64,
         **kwargs: Any,
     ) -> None:
         """HTTPServer's arguments, plus the bound on TLS handshakes in flight and its shares."""
         super().initialize(*args, **kwargs)
         self.handshakes = HandshakeBound(
-            self, max_tls_handshakes, max_tls_handshakes_per_address, ipv6_prefix
+            self,
+            max_tls_handshakes,
+            max_tls_handshakes_per_address,
+            ipv6_prefix,
+            max_pending_per_address,
         )
         # Found once, not per connection (it walks the logger's filters).
         self._handshake_log = install_handshake_log_filter()
 
     def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
         """Count the handshake, remember the client's address by descriptor, then serve."""
-        self.handshakes.started(stream, address)
+        if not self.handshakes.started(stream, address):
+            return  # closed: beyond its address's share of handshakes
         self._handshake_log.remember_peer(stream.socket.fileno(), address)
         super().handle_stream(stream, address)
 
@@ -347,6 +353,7 @@ class ChatServer:
             max_tls_handshakes=settings.max_tls_handshakes,
             max_tls_handshakes_per_address=settings.max_tls_handshakes_per_address,
             ipv6_prefix=settings.ipv6_prefix,
+            max_pending_per_address=settings.max_pending_per_address,
         )
         # Who may register follows from where the server can be reached.
         mode, why = registration_mode(

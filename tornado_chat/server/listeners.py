@@ -121,12 +121,13 @@ class HandshakeBound:
 
     One address group (:func:`~tornado_chat.addresses.address_group`) holds at
     most ``per_address`` of the ``limit`` slots
-    (``--max-tls-handshakes-per-address``). Its further handshakes go ahead
-    without a slot, as if there were no bound. So a client that opens many
-    connections and never finishes their handshakes cannot fill the bound and
-    stop the server accepting everyone else. A storm from many addresses is
-    still paced, and one from a single address (a large NAT) is served as it
-    would be without the bound.
+    (``--max-tls-handshakes-per-address``), when that is below ``limit``. Its
+    next ``beyond_share`` handshakes (``--max-pending-per-address``) go ahead
+    without a slot, as if there were no bound, and a connection beyond those
+    is closed at once. So a client that opens many connections and never
+    finishes their handshakes can neither fill the bound and stop the server
+    accepting everyone else, nor hold an unbounded number of descriptors. A
+    storm from many addresses is still paced.
     """
 
     def __init__(
@@ -135,19 +136,25 @@ class HandshakeBound:
         limit: int,
         per_address: int = 0,
         ipv6_prefix: int = 64,
+        beyond_share: int = 64,
     ) -> None:
         self.server = server
         self.limit = limit if compat.PACED_ACCEPT else 0
         self.per_address = per_address
         self.ipv6_prefix = ipv6_prefix
+        self.beyond_share = beyond_share
         # Handshakes in flight holding a slot (the bound counts these), and
-        # those beyond their address's share, which hold none.
+        # those beyond their address's share, which hold none; per group too.
         self.in_flight = 0
         self.unslotted = 0
         self._slots: dict[str, int] = {}
-        # The most in flight at once, and how often accepting paused (tests, bench/scale.py).
+        self._unslotted: dict[str, int] = {}
+        # The most in flight at once, how often accepting paused, and how many
+        # connections were closed for going beyond their address's share
+        # (tests, bench/scale.py).
         self.peak = 0
         self.pauses = 0
+        self.refused = 0
         self.paused = False
         if limit and not compat.PACED_ACCEPT:
             log.warning(
@@ -157,24 +164,37 @@ class HandshakeBound:
                 compat.TORNADO_VERSION,
             )
 
-    def started(self, stream: tornado.iostream.IOStream, address: object = None) -> None:
+    def started(self, stream: tornado.iostream.IOStream, address: object = None) -> bool:
         """A connection was accepted (call from ``handle_stream``, before anything else).
 
         Args:
             stream: the accepted connection's stream.
             address: the peer address as the server got it (``(ip, port, ...)``).
+
+        Returns:
+            False when the connection was closed for going beyond its address's
+            share and allowance; the caller must not serve it.
         """
         if not isinstance(stream, tornado.iostream.SSLIOStream):
-            return
-        metrics.tls_handshakes_in_flight(1)
+            return True
         group = self._group(address) if self.limit and self.per_address else None
         if group is not None:
             held = self._slots.get(group, 0)
             if held >= self.per_address:
+                beyond = self._unslotted.get(group, 0)
+                if beyond >= self.beyond_share:
+                    self.refused += 1
+                    stream.close()
+                    return False
+                self._unslotted[group] = beyond + 1
                 self.unslotted += 1
-                stream.wait_for_handshake().add_done_callback(self._finished_unslotted)
-                return
+                metrics.tls_handshakes_in_flight(1)
+                stream.wait_for_handshake().add_done_callback(
+                    functools.partial(self._finished_unslotted, group)
+                )
+                return True
             self._slots[group] = held + 1
+        metrics.tls_handshakes_in_flight(1)
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         stream.wait_for_handshake().add_done_callback(functools.partial(self._finished, group))
@@ -182,13 +202,17 @@ class HandshakeBound:
             self.paused = True
             self.pauses += 1
             compat.pause_accepting(self.server)
+        return True
 
     def _group(self, address: object) -> str:
         host = address[0] if isinstance(address, tuple) and address else address
         return address_group(str(host), self.ipv6_prefix)
 
-    def _finished_unslotted(self, future: asyncio.Future[tornado.iostream.SSLIOStream]) -> None:
+    def _finished_unslotted(
+        self, group: str, future: asyncio.Future[tornado.iostream.SSLIOStream]
+    ) -> None:
         _retrieve(future)
+        _release(self._unslotted, group)
         self.unslotted -= 1
         metrics.tls_handshakes_in_flight(-1)
 
@@ -197,16 +221,20 @@ class HandshakeBound:
     ) -> None:
         _retrieve(future)
         if group is not None:
-            left = self._slots[group] - 1
-            if left:
-                self._slots[group] = left
-            else:
-                del self._slots[group]  # memory follows the addresses handshaking now
+            _release(self._slots, group)
         self.in_flight -= 1
         metrics.tls_handshakes_in_flight(-1)
         if self.paused and self.in_flight < self.limit:
             self.paused = False
             compat.resume_accepting(self.server)
+
+
+def _release(counts: dict[str, int], group: str) -> None:
+    left = counts[group] - 1
+    if left:
+        counts[group] = left
+    else:
+        del counts[group]  # memory follows the addresses handshaking now
 
 
 def _retrieve(future: asyncio.Future[tornado.iostream.SSLIOStream]) -> None:
