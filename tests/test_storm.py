@@ -151,12 +151,13 @@ def still_open(sock: socket.socket) -> bool:
 
 @pytest.fixture
 def shared(server_cert: ServerCertificate, tmp_path: Path) -> Iterator[LiveServer]:
-    """3 handshake slots, at most 2 per address, and a 10 s handshake timeout."""
+    """3 handshake slots, 2 per address and 4 more per address without one; 10 s timeout."""
     yield from serve(
         server_cert,
         tmp_path,
         max_tls_handshakes=3,
         max_tls_handshakes_per_address=2,
+        max_pending_per_address=4,
         handshake_timeout=10.0,
     )
 
@@ -186,28 +187,15 @@ async def test_one_address_cannot_fill_the_bound(
     assert bound._slots == {} and bound._unslotted == {}  # no address is remembered
 
 
-@pytest.fixture
-def allowance(server_cert: ServerCertificate, tmp_path: Path) -> Iterator[LiveServer]:
-    """3 handshake slots, 1 per address, and 2 more handshakes per address without a slot."""
-    yield from serve(
-        server_cert,
-        tmp_path,
-        max_tls_handshakes=3,
-        max_tls_handshakes_per_address=1,
-        max_pending_per_address=2,
-        handshake_timeout=10.0,
-    )
-
-
 async def test_one_address_past_its_allowance_is_closed_at_once(
-    allowance: LiveServer, client_ssl: ssl.SSLContext
+    shared: LiveServer, client_ssl: ssl.SSLContext
 ) -> None:
-    """1 slotted and 2 unslotted silent handshakes are kept; the next 3 are closed at once."""
-    bound = bound_of(allowance)
-    kept = silent_from(allowance, "127.0.0.2", 3)
+    """2 slotted and 4 unslotted silent handshakes are kept; the next 3 are closed at once."""
+    bound = bound_of(shared)
+    kept = silent_from(shared, "127.0.0.2", 6)
     try:
-        wait_for(lambda: bound.in_flight == 1 and bound.unslotted == 2, "one slot, two beyond")
-        extra = silent_from(allowance, "127.0.0.2", 3)
+        wait_for(lambda: bound.in_flight == 2 and bound.unslotted == 4, "two slots, four beyond")
+        extra = silent_from(shared, "127.0.0.2", 3)
         try:
             for sock in extra:
                 sock.settimeout(5)  # well before the 10 s handshake timeout
@@ -218,7 +206,7 @@ async def test_one_address_past_its_allowance_is_closed_at_once(
         assert bound.refused == 3
         assert all(still_open(sock) for sock in kept)
         # Another address is not affected.
-        await tls_client(allowance, client_ssl, timeout=5)
+        await tls_client(shared, client_ssl, timeout=5)
     finally:
         for sock in kept:
             sock.close()
