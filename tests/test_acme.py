@@ -9,6 +9,7 @@ root, fetched from its management endpoint over TLS verified with the test CA.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import http.client
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,15 +63,17 @@ def acme_settings(
     return make_settings(
         server_cert,
         data_dir,
-        certfile=None,
-        keyfile=None,
-        redirect_port=pebble.http_port,
-        acme_domains=(NAME,),
-        acme_email="ops@chat.pebble.test",
-        acme_directory=pebble.directory,
-        acme_ca_bundle=server_cert.ca_cert_path,
-        acme_test_names=(SUFFIX,),
-        **changes,
+        **{
+            "certfile": None,
+            "keyfile": None,
+            "redirect_port": pebble.http_port,
+            "acme_domains": (NAME,),
+            "acme_email": "ops@chat.pebble.test",
+            "acme_directory": pebble.directory,
+            "acme_ca_bundle": server_cert.ca_cert_path,
+            "acme_test_names": (SUFFIX,),
+            **changes,
+        },
     )
 
 
@@ -360,6 +364,114 @@ async def test_renewal_keeps_open_connections(
             client.close()
         live.stop()
         pebble.stop()
+
+
+class AriPebble(BaseHTTPRequestHandler):
+    """Pebble's directory with ARI added, and the ARI answers (Debian's Pebble 2.4 has none).
+
+    ``GET /dir`` returns Pebble's own directory plus ``renewalInfo`` pointing
+    here, so every other request goes to the real Pebble. The first
+    certificate asked about gets a window ``opens`` seconds after that first
+    question (None: a day away); any later one (the renewed certificate) a
+    window a day away, so one renewal is due, not a loop. ``asked`` records
+    each question: the certificate id and when.
+    """
+
+    pebble: Pebble
+    opens: tuple[float, float] | None
+    asked: list[tuple[str, float]]
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet."""
+
+    def _json(self, body: dict[str, object]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Retry-After", "60")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path == "/dir":
+            context = ssl.create_default_context(cafile=str(self.pebble.tls.ca_cert_path))
+            with urllib.request.urlopen(self.pebble.directory, context=context) as response:
+                directory = json.load(response)
+            port = self.server.server_address[1]
+            directory["renewalInfo"] = f"https://127.0.0.1:{port}/renewal-info"
+            self._json(directory)
+            return
+        cert_id = self.path.removeprefix("/renewal-info/")
+        self.asked.append((cert_id, time.time()))
+        first_id, first_at = self.asked[0]
+        if cert_id == first_id and self.opens is not None:
+            start, end = first_at + self.opens[0], first_at + self.opens[1]
+        else:
+            start = end = time.time() + 86400
+        self._json({"suggestedWindow": {"start": rfc3339(start), "end": rfc3339(end)}})
+
+
+def rfc3339(when: float) -> str:
+    """``when`` (epoch seconds) as an RFC 3339 UTC timestamp."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def serial_in(cert_id: str) -> int:
+    """The serial number in an ARI certificate id (``base64url(AKI).base64url(serial)``)."""
+    encoded = cert_id.split(".")[1]
+    return int.from_bytes(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)), "big")
+
+
+@contextlib.contextmanager
+def ari_directory(
+    pebble: Pebble, server_cert: ServerCertificate, opens: tuple[float, float] | None
+) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+    """An :class:`AriPebble` before ``pebble``: its directory URL and the questions asked."""
+    asked: list[tuple[str, float]] = []
+    handler = type("Ari", (AriPebble,), {"pebble": pebble, "opens": opens, "asked": asked})
+    shim = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server_cert.cert_path, server_cert.key_path)
+    shim.socket = context.wrap_socket(shim.socket, server_side=True)
+    threading.Thread(target=shim.serve_forever, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{shim.server_address[1]}/dir", asked
+    finally:
+        shim.shutdown()
+        shim.server_close()
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["fresh", "after-restart"])
+def test_renewal_information_brings_renewal_forward(
+    pebble: Pebble, server_cert: ServerCertificate, tmp_path: Path, restart: bool
+) -> None:
+    """A CA's ARI window renews an hour-long certificate within seconds, also after a restart.
+
+    Without ARI, Pebble's 3,600 s certificate would be renewed when a third of
+    it is left, 40 minutes on; the window opens 3 s after the server first asks.
+    """
+    data_dir = tmp_path / "data"
+    if restart:
+        # A certificate from an earlier run, ordered through the same directory.
+        with ari_directory(pebble, server_cert, None) as (directory, _):
+            earlier = acme_settings(server_cert, data_dir, pebble, acme_directory=directory)
+            LiveServer(earlier).start().stop()
+        assert pebble.orders() == 1
+    with ari_directory(pebble, server_cert, (3, 5)) as (directory, asked):
+        settings = acme_settings(server_cert, data_dir, pebble, acme_directory=directory)
+        live = LiveServer(settings).start()
+        try:
+            # The server asks about its certificate, then, once renewed, about the new one.
+            wait_for(lambda: len({cert_id for cert_id, _ in asked}) == 2, 40, "the ARI renewal")
+            (first, first_at), (renewed, renewed_at) = asked[0], asked[-1]
+            assert renewed != first
+            assert renewed_at >= first_at + 3  # not before the window opened
+            served = int(str(served_certificate(live.port, pebble.root_pem())["serialNumber"]), 16)
+            assert served == serial_in(renewed) != serial_in(first)
+            assert pebble.orders() == (3 if restart else 2)
+        finally:
+            live.stop()
 
 
 # -- a CA that refuses, rate-limits or is gone ---------------------------------
