@@ -214,6 +214,22 @@ async def test_one_address_past_its_allowance_is_closed_at_once(
     assert bound._slots == {} and bound._unslotted == {}
 
 
+@pytest.mark.parametrize(
+    ("address", "group"),
+    [
+        (("192.0.2.7", 50000), "192.0.2.7"),
+        (("2001:db8:1:2::5", 50000, 0, 0), "2001:db8:1::/48"),
+        (("2001:db8:1:ffff::9", 50001, 0, 0), "2001:db8:1::/48"),
+        (("::ffff:192.0.2.7", 50000, 0, 0), "192.0.2.7"),
+        ("", ""),
+    ],
+)
+def test_slots_are_shared_by_address_group(address: object, group: str) -> None:
+    """Shares follow --ipv6-prefix (here /48), as the per-address socket caps do."""
+    bound = HandshakeBound(None, 128, 16, ipv6_prefix=48)  # type: ignore[arg-type]
+    assert bound._group(address) == group
+
+
 async def test_several_addresses_still_fill_the_bound(
     shared: LiveServer, client_ssl: ssl.SSLContext
 ) -> None:
