@@ -45,7 +45,6 @@ import string
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         out["write_us_fanout"] = 1e6 * floor.isolated(
             floor.fanout_write_cpu, ctx, ca, args.sockets, args.fanout_rounds
         )
-        out.update(_isolated_dict(tornado_figures, ctx, ca, args.sockets, args.fanout_rounds))
+        out.update(floor.isolated_json(tornado_figures, ctx, ca, args.sockets, args.fanout_rounds))
 
         template = tmp / "template.db"
 
@@ -279,24 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
-
-
-def _isolated_dict(fn: Callable[..., dict[str, float]], *args: Any) -> dict[str, float]:
-    """``fn(*args)`` in a forked child (as :func:`floor.isolated`), for several figures."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        try:
-            os.write(write_end, json.dumps(fn(*args)).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as f:
-        answer = f.read()
-    os.waitpid(pid, 0)
-    result: dict[str, float] = json.loads(answer)
-    return result
 
 
 def report(out: dict[str, Any]) -> None:

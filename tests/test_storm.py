@@ -7,6 +7,7 @@ in flight (``ChatServer.handshake_bound``: now, the peak and the pauses).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -162,24 +163,20 @@ def shared(server_cert: ServerCertificate, tmp_path: Path) -> Iterator[LiveServe
     )
 
 
-async def test_one_address_cannot_fill_the_bound(
-    shared: LiveServer, client_ssl: ssl.SSLContext
-) -> None:
-    """Silent clients from one address hold 2 of the 3 slots, so others are still accepted."""
-    bound = bound_of(shared)
-    silent = silent_from(shared, "127.0.0.2", 6)
+@contextlib.contextmanager
+def six_silent_from_one_address(live: LiveServer) -> Iterator[list[socket.socket]]:
+    """6 silent connections from 127.0.0.2 to ``shared``: 2 hold slots, 4 go without.
+
+    Once they close, every handshake has ended and no address is remembered.
+    """
+    bound = bound_of(live)
+    silent = silent_from(live, "127.0.0.2", 6)
     try:
         wait_for(
             lambda: bound.in_flight == 2 and bound.unslotted == 4,
             "two slotted and four unslotted handshakes from 127.0.0.2",
         )
-        assert not bound.paused
-        await tls_client(shared, client_ssl, timeout=5)
-        # The verified client got in while every silent connection was still
-        # waiting for its ClientHello: it did not wait for their 10 s timeout.
-        assert all(still_open(sock) for sock in silent)
-        # Its own slot was the third: accepting paused for its handshake only.
-        wait_for(lambda: bound.in_flight == 2 and not bound.paused, "the client's slot freed")
+        yield silent
     finally:
         for sock in silent:
             sock.close()
@@ -187,14 +184,27 @@ async def test_one_address_cannot_fill_the_bound(
     assert bound._slots == {} and bound._unslotted == {}  # no address is remembered
 
 
+async def test_one_address_cannot_fill_the_bound(
+    shared: LiveServer, client_ssl: ssl.SSLContext
+) -> None:
+    """Silent clients from one address hold 2 of the 3 slots, so others are still accepted."""
+    bound = bound_of(shared)
+    with six_silent_from_one_address(shared) as silent:
+        assert not bound.paused
+        await tls_client(shared, client_ssl, timeout=5)
+        # The verified client got in while every silent connection was still
+        # waiting for its ClientHello: it did not wait for their 10 s timeout.
+        assert all(still_open(sock) for sock in silent)
+        # Its own slot was the third: accepting paused for its handshake only.
+        wait_for(lambda: bound.in_flight == 2 and not bound.paused, "the client's slot freed")
+
+
 async def test_one_address_past_its_allowance_is_closed_at_once(
     shared: LiveServer, client_ssl: ssl.SSLContext
 ) -> None:
     """2 slotted and 4 unslotted silent handshakes are kept; the next 3 are closed at once."""
     bound = bound_of(shared)
-    kept = silent_from(shared, "127.0.0.2", 6)
-    try:
-        wait_for(lambda: bound.in_flight == 2 and bound.unslotted == 4, "two slots, four beyond")
+    with six_silent_from_one_address(shared) as kept:
         extra = silent_from(shared, "127.0.0.2", 3)
         try:
             for sock in extra:
@@ -207,11 +217,6 @@ async def test_one_address_past_its_allowance_is_closed_at_once(
         assert all(still_open(sock) for sock in kept)
         # Another address is not affected.
         await tls_client(shared, client_ssl, timeout=5)
-    finally:
-        for sock in kept:
-            sock.close()
-    wait_for(lambda: bound.in_flight == 0 and bound.unslotted == 0, "every handshake ended")
-    assert bound._slots == {} and bound._unslotted == {}
 
 
 @pytest.mark.parametrize(

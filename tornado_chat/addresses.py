@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["AddressCounts", "address_group"]
+__all__ = ["AddressCounts", "address_group", "count_down", "count_up"]
 
 
 def address_group(addr: str, ipv6_prefix: int = 64) -> str:
@@ -63,26 +63,28 @@ class AddressCounts:
 
     def add_socket(self, group: str) -> None:
         """A socket of ``group`` was admitted."""
-        _add(self._open, group)
+        count_up(self._open, group)
 
     def drop_socket(self, group: str) -> None:
         """An admitted socket of ``group`` closed."""
-        _drop(self._open, group)
+        count_down(self._open, group)
 
     def add_pending(self, group: str) -> None:
         """A handshake of ``group`` started authenticating."""
-        _add(self._pending, group)
+        count_up(self._pending, group)
 
     def drop_pending(self, group: str) -> None:
         """A handshake of ``group`` was admitted, refused or dropped."""
-        _drop(self._pending, group)
+        count_down(self._pending, group)
 
 
-def _add(counts: dict[str, int], group: str) -> None:
+def count_up(counts: dict[str, int], group: str) -> None:
+    """One more of something for ``group``."""
     counts[group] = counts.get(group, 0) + 1
 
 
-def _drop(counts: dict[str, int], group: str) -> None:
+def count_down(counts: dict[str, int], group: str) -> None:
+    """One less for ``group``; a group at zero is forgotten, so memory follows the addresses."""
     left = counts.get(group, 0) - 1
     if left > 0:
         counts[group] = left

@@ -20,7 +20,7 @@ import tornado.netutil
 import tornado.tcpserver
 
 from tornado_chat import compat, metrics
-from tornado_chat.addresses import address_group
+from tornado_chat.addresses import address_group, count_down, count_up
 from tornado_chat.errors import ConfigError
 from tornado_chat.pki.names import url_host
 
@@ -143,10 +143,9 @@ class HandshakeBound:
         self.per_address = per_address
         self.ipv6_prefix = ipv6_prefix
         self.beyond_share = beyond_share
-        # Handshakes in flight holding a slot (the bound counts these), and
-        # those beyond their address's share, which hold none; per group too.
+        # Handshakes in flight holding a slot (the bound counts these); per
+        # group, those and the ones beyond their address's share, which hold none.
         self.in_flight = 0
-        self.unslotted = 0
         self._slots: dict[str, int] = {}
         self._unslotted: dict[str, int] = {}
         # The most in flight at once, how often accepting paused, and how many
@@ -163,6 +162,11 @@ class HandshakeBound:
                 limit,
                 compat.TORNADO_VERSION,
             )
+
+    @property
+    def unslotted(self) -> int:
+        """Handshakes in flight beyond their address's share (holding no slot)."""
+        return sum(self._unslotted.values())
 
     def started(self, stream: tornado.iostream.IOStream, address: object = None) -> bool:
         """A connection was accepted (call from ``handle_stream``, before anything else).
@@ -186,14 +190,13 @@ class HandshakeBound:
                     self.refused += 1
                     stream.close()
                     return False
-                self._unslotted[group] = beyond + 1
-                self.unslotted += 1
+                count_up(self._unslotted, group)
                 metrics.tls_handshakes_in_flight(1)
                 stream.wait_for_handshake().add_done_callback(
                     functools.partial(self._finished_unslotted, group)
                 )
                 return True
-            self._slots[group] = held + 1
+            count_up(self._slots, group)
         metrics.tls_handshakes_in_flight(1)
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
@@ -212,8 +215,7 @@ class HandshakeBound:
         self, group: str, future: asyncio.Future[tornado.iostream.SSLIOStream]
     ) -> None:
         _retrieve(future)
-        _release(self._unslotted, group)
-        self.unslotted -= 1
+        count_down(self._unslotted, group)
         metrics.tls_handshakes_in_flight(-1)
 
     def _finished(
@@ -221,20 +223,12 @@ class HandshakeBound:
     ) -> None:
         _retrieve(future)
         if group is not None:
-            _release(self._slots, group)
+            count_down(self._slots, group)
         self.in_flight -= 1
         metrics.tls_handshakes_in_flight(-1)
         if self.paused and self.in_flight < self.limit:
             self.paused = False
             compat.resume_accepting(self.server)
-
-
-def _release(counts: dict[str, int], group: str) -> None:
-    left = counts[group] - 1
-    if left:
-        counts[group] = left
-    else:
-        del counts[group]  # memory follows the addresses handshaking now
 
 
 def _retrieve(future: asyncio.Future[tornado.iostream.SSLIOStream]) -> None:
