@@ -366,7 +366,40 @@ async def test_renewal_keeps_open_connections(
         pebble.stop()
 
 
-class AriPebble(BaseHTTPRequestHandler):
+class StandInCA(BaseHTTPRequestHandler):
+    """A small HTTPS stand-in for what Pebble cannot be made to do: quiet, answering JSON."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet."""
+
+    def _send(self, status: int, body: dict[str, object], **headers: str) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", headers.pop("content_type", "application/json"))
+        self.send_header("Replay-Nonce", secrets.token_urlsafe(16))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@contextlib.contextmanager
+def stand_in(handler: type[StandInCA], server_cert: ServerCertificate) -> Iterator[str]:
+    """``handler`` served over TLS with the test certificate; yields its directory URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server_cert.cert_path, server_cert.key_path)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}/dir"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class AriPebble(StandInCA):
     """Pebble's directory with ARI added, and the ARI answers (Debian's Pebble 2.4 has none).
 
     ``GET /dir`` returns Pebble's own directory plus ``renewalInfo`` pointing
@@ -381,18 +414,6 @@ class AriPebble(BaseHTTPRequestHandler):
     opens: tuple[float, float] | None
     asked: list[tuple[str, float]]
 
-    def log_message(self, format: str, *args: object) -> None:
-        """Quiet."""
-
-    def _json(self, body: dict[str, object]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Retry-After", "60")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_GET(self) -> None:
         if self.path == "/dir":
             context = ssl.create_default_context(cafile=str(self.pebble.tls.ca_cert_path))
@@ -400,7 +421,7 @@ class AriPebble(BaseHTTPRequestHandler):
                 directory = json.load(response)
             port = self.server.server_address[1]
             directory["renewalInfo"] = f"https://127.0.0.1:{port}/renewal-info"
-            self._json(directory)
+            self._send(200, directory)
             return
         cert_id = self.path.removeprefix("/renewal-info/")
         self.asked.append((cert_id, time.time()))
@@ -409,7 +430,8 @@ class AriPebble(BaseHTTPRequestHandler):
             start, end = first_at + self.opens[0], first_at + self.opens[1]
         else:
             start = end = time.time() + 86400
-        self._json({"suggestedWindow": {"start": rfc3339(start), "end": rfc3339(end)}})
+        window = {"start": rfc3339(start), "end": rfc3339(end)}
+        self._send(200, {"suggestedWindow": window}, Retry_After="60")
 
 
 def rfc3339(when: float) -> str:
@@ -430,16 +452,8 @@ def ari_directory(
     """An :class:`AriPebble` before ``pebble``: its directory URL and the questions asked."""
     asked: list[tuple[str, float]] = []
     handler = type("Ari", (AriPebble,), {"pebble": pebble, "opens": opens, "asked": asked})
-    shim = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(server_cert.cert_path, server_cert.key_path)
-    shim.socket = context.wrap_socket(shim.socket, server_side=True)
-    threading.Thread(target=shim.serve_forever, daemon=True).start()
-    try:
-        yield f"https://127.0.0.1:{shim.server_address[1]}/dir", asked
-    finally:
-        shim.shutdown()
-        shim.server_close()
+    with stand_in(handler, server_cert) as directory:
+        yield directory, asked
 
 
 @pytest.mark.parametrize("restart", [False, True], ids=["fresh", "after-restart"])
@@ -571,22 +585,8 @@ def test_directory_dropping_the_handshake_is_an_outage(
     assert "TLS verification" not in line and "--acme-ca-bundle" not in line, line
 
 
-class RateLimitingCA(BaseHTTPRequestHandler):
+class RateLimitingCA(StandInCA):
     """An ACME directory whose new-account answer is 429 rateLimited with Retry-After."""
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Quiet."""
-
-    def _send(self, status: int, body: dict[str, object], **headers: str) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", headers.pop("content_type", "application/json"))
-        self.send_header("Replay-Nonce", secrets.token_urlsafe(16))
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self) -> None:
         base = f"https://127.0.0.1:{self.server.server_address[1]}"
@@ -614,18 +614,8 @@ def test_rate_limit_refuses_with_time_to_wait(
     server_cert: ServerCertificate, tmp_path: Path
 ) -> None:
     """A rateLimited answer with Retry-After: one line with the CA's reason and the wait."""
-    ca = ThreadingHTTPServer(("127.0.0.1", 0), RateLimitingCA)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(server_cert.cert_path, server_cert.key_path)
-    ca.socket = context.wrap_socket(ca.socket, server_side=True)
-    thread = threading.Thread(target=ca.serve_forever, daemon=True)
-    thread.start()
-    try:
-        directory = f"https://127.0.0.1:{ca.server_address[1]}/dir"
+    with stand_in(RateLimitingCA, server_cert) as directory:
         result = run_server(acme_args(directory, server_cert.ca_cert_path, free_port()), tmp_path)
-    finally:
-        ca.shutdown()
-        ca.server_close()
     line = assert_one_error_line(result, "the ACME CA rate-limited this request")
     assert "too many new registrations" in line and "try again in 1h 2m" in line
 
